@@ -1,11 +1,14 @@
-"""python scripts/bench_adapters.py        (full run, ~15 min on 2 CPU cores; add --quick for a ~3 min smoke run)
+"""python scripts/bench_adapters.py        (full run, ~15 min on 2 idle CPU cores; --quick: ~3 min smoke run)
 
 Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of KaSA's SVD truncation.
 
 1. Train step (forward + backward + AdamW step) on a RoBERTa-base-shaped classifier with random weights, batch 16 x 128
-   tokens, r = 8 on query and value, alpha 16: median step time and peak RSS (`ru_maxrss`, model creation included)
-   for LoRA, KaSA (loss + `kasa.aux_loss(model).total`) and, if peft is installed, PEFT's KaSA (loss +
-   `_get_kasa_loss()`). Only the adapters train (no classifier head), the same for every method.
+   tokens, r = 8 on query and value, alpha 16, for LoRA, KaSA (loss + `kasa.aux_loss(model).total`) and, if peft is
+   installed, PEFT's KaSA (loss + `_get_kasa_loss()`). Only the adapters train (no classifier head), the same for
+   every method. Step time: all methods' models in one process, one step of each in turn, so that the machine's
+   speed drifting between processes (+-5% here) does not decide the comparison; median over all timed steps.
+   Peak memory: `ru_maxrss` of a fresh process per method (model creation included), with glibc's mmap threshold
+   fixed so that the peak is live memory rather than what the allocator happened to keep.
 2. Truncation: `kasa.singular_components(w, 8, "smallest", method="gram", device="cpu")` against
    `torch.linalg.svd(w, full_matrices=False)` for random float32 weights of 768 x 768 and 4096 x 14336 (each worker
    first runs both on a small matrix, so one-time imports and library loads are not timed).
@@ -16,8 +19,8 @@ Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of
    with decomposition (and plain LoRA creation for scale).
 
 Every measurement runs in a fresh process (this script with `--worker ...`) limited to 2 threads, and the methods
-compared are interleaved round by round (lora, kasa, peft-kasa, lora, kasa, ...) so that machine noise hits them
-alike; reported values are medians across processes. A table is printed as results arrive; the last line of stdout
+compared are interleaved (step by step within a process for step times, process by process elsewhere) so that
+machine noise hits them alike; reported values are medians. A table is printed as results arrive; the last line of stdout
 is one JSON object with the ratios, the raw medians (seconds, MiB) and whether each target is met.
 """
 
@@ -65,6 +68,7 @@ class Plan:
     step_rounds: int
     warmup_steps: int
     timed_steps: int
+    memory_rounds: int
     trunc_rounds: int
     trunc_repeats_768: int
     big_rounds: int
@@ -73,9 +77,9 @@ class Plan:
     init_rounds: int
 
 
-FULL = Plan(step_rounds=3, warmup_steps=2, timed_steps=5, trunc_rounds=3, trunc_repeats_768=7, big_rounds=2,
+FULL = Plan(step_rounds=2, warmup_steps=1, timed_steps=6, memory_rounds=2, trunc_rounds=3, trunc_repeats_768=7, big_rounds=2,
             big_svd=True, cache_rounds=2, init_rounds=3)
-QUICK = Plan(step_rounds=1, warmup_steps=1, timed_steps=2, trunc_rounds=1, trunc_repeats_768=3, big_rounds=1,
+QUICK = Plan(step_rounds=1, warmup_steps=1, timed_steps=2, memory_rounds=1, trunc_rounds=1, trunc_repeats_768=3, big_rounds=1,
              big_svd=False, cache_rounds=1, init_rounds=1)
 
 
@@ -122,30 +126,60 @@ def adapt(model: nn.Module, method: str) -> tuple[nn.Module, Callable[[], torch.
     return peft_model, peft_model.base_model._get_kasa_loss
 
 
-def worker_step(method: str, warmup: int, steps: int) -> dict[str, Any]:
+def train_step(model: nn.Module, aux: Callable[[], torch.Tensor] | None, optimizer: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    start = time.perf_counter()
+    loss = model(input_ids=batch[0], labels=batch[1]).loss
+    if aux is not None:
+        loss = loss + aux()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def prepared(method: str) -> tuple[nn.Module, Callable[[], torch.Tensor] | None, torch.optim.Optimizer, float]:
+    """The adapted model in training mode, its aux loss, an AdamW over what trains, and the adapter creation time."""
     model = build_model()
     start = time.perf_counter()
     model, aux = adapt(model, method)
     create_s = time.perf_counter() - start
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model.train(), aux, optimizer, create_s
+
+
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, 50265, (BATCH, SEQ_LEN), generator=generator)
-    labels = torch.randint(0, 2, (BATCH,), generator=generator)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=labels).loss
-        if aux is not None:
-            loss = loss + aux()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "step_times": times, "peak_rss_mib": peak_rss_mib(),
-            "create_s": create_s, "trainable": sum(p.numel() for p in params)}
+    return (torch.randint(3, 50265, (BATCH, SEQ_LEN), generator=generator),
+            torch.randint(0, 2, (BATCH,), generator=generator))
+
+
+def worker_steps(methods: list[str], warmup: int, steps: int) -> dict[str, Any]:
+    """Step times of several methods in ONE process, one step of each in turn (the order rotating every round), so
+    that drifts of the machine's speed hit every method alike."""
+    runs = {method: prepared(method) for method in methods}
+    batch = fixed_batch()
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for round_ in range(warmup + steps):
+        for i in range(len(methods)):
+            method = methods[(round_ + i) % len(methods)]
+            model, aux, optimizer, _ = runs[method]
+            seconds = train_step(model, aux, optimizer, batch)
+            if round_ >= warmup:
+                times[method].append(seconds)
+    trainable = {m: sum(p.numel() for p in run[0].parameters() if p.requires_grad) for m, run in runs.items()}
+    return {"step_times": times, "trainable": trainable}
+
+
+def worker_memory(method: str, steps: int) -> dict[str, Any]:
+    """Peak resident memory of one method: model creation, adaptation and `steps` train steps (the first creates
+    the AdamW state). The driver runs it with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so freed
+    activations go back to the system at once and the peak is the live memory, not what the allocator kept."""
+    model, aux, optimizer, create_s = prepared(method)
+    batch = fixed_batch()
+    for _ in range(steps):
+        train_step(model, aux, optimizer, batch)
+    return {"peak_rss_mib": peak_rss_mib(), "create_s": create_s}
 
 
 def random_weight(shape: str) -> torch.Tensor:
@@ -205,8 +239,10 @@ def worker_save(adapter_dir: str) -> dict[str, Any]:
 
 def run_as_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(THREADS)
-    if args.worker == "step":
-        result = worker_step(args.method, args.warmup, args.steps)
+    if args.worker == "steps":
+        result = worker_steps(args.method.split(","), args.warmup, args.steps)
+    elif args.worker == "memory":
+        result = worker_memory(args.method, args.steps)
     elif args.worker == "trunc":
         result = worker_trunc(args.shape, args.method, args.repeats)
     elif args.worker == "cache":
@@ -221,17 +257,21 @@ def run_as_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------- driver side
 
 
-def child_env() -> dict[str, str]:
+def child_env(malloc_exact: bool) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(THREADS)
+    if malloc_exact:
+        # A fixed threshold turns off glibc's adaptive one, which depends on each process's allocation history (an
+        # SVD's freed buffers raise it) and made peak RSS vary by +-10% between identical runs.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     return env
 
 
-def run_worker(*args: str) -> dict[str, Any]:
+def run_worker(*args: str, malloc_exact: bool = False) -> dict[str, Any]:
     """Run one measurement in a fresh process and return its JSON result."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], env=child_env(), capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], env=child_env(malloc_exact),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -242,26 +282,32 @@ def row(section: str, label: str, round_: int, text: str) -> None:
     print(f"{section:<12} {label:<22} {round_:>5}  {os.getloadavg()[0]:>5.1f}  {text}", flush=True)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-def bench_steps(plan: Plan, methods: list[str]) -> dict[str, dict[str, list[float]]]:
-    results: dict[str, dict[str, list[float]]] = {m: {"step_s": [], "peak_rss_mib": [], "create_s": []} for m in methods}
+def bench_steps(plan: Plan, methods: list[str]) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {method: [] for method in methods}
     for round_ in range(plan.step_rounds):
+        out = run_worker("steps", "--method", ",".join(methods), "--warmup", str(plan.warmup_steps),
+                         "--steps", str(plan.timed_steps))
         for method in methods:
-            out = run_worker("step", "--method", method, "--warmup", str(plan.warmup_steps),
-                             "--steps", str(plan.timed_steps))
+            times[method].extend(out["step_times"][method])
+            steps = " ".join(f"{t:.2f}" for t in out["step_times"][method])
+            row("train step", method, round_, f"median {statistics.median(out['step_times'][method]):.3f} s  "
+                f"[{steps}]  trainable {out['trainable'][method]}")
+    return times
+
+
+def bench_memory(plan: Plan, methods: list[str]) -> dict[str, dict[str, list[float]]]:
+    results = {method: {"peak_rss_mib": [], "create_s": []} for method in methods}
+    for round_ in range(plan.memory_rounds):
+        for method in methods:
+            out = run_worker("memory", "--method", method, "--steps", "2", malloc_exact=True)
             for key in results[method]:
                 results[method][key].append(out[key])
-            steps = " ".join(f"{t:.2f}" for t in out["step_times"])
-            row("train step", method, round_, f"median {out['step_s']:.3f} s  [{steps}]  peak RSS "
-                f"{out['peak_rss_mib']:.0f} MiB  adapter creation {out['create_s']:.2f} s  "
-                f"trainable {out['trainable']}")
+            row("memory", method, round_, f"peak RSS {out['peak_rss_mib']:.0f} MiB  adapter creation "
+                f"{out['create_s']:.2f} s")
     return results
 
 
@@ -279,7 +325,7 @@ def bench_truncation(plan: Plan) -> dict[str, float | None]:
             out = run_worker("trunc", "--shape", "4096x14336", "--method", method, "--repeats", "1")
             times.setdefault(f"4096x14336/{method}", []).append(out["seconds"])
             row("truncation", f"4096x14336 {method}", round_, f"{out['seconds']:.2f} s")
-    medians: dict[str, float | None] = {key: median(values) for key, values in times.items()}
+    medians: dict[str, float | None] = {key: statistics.median(values) for key, values in times.items()}
     medians.setdefault("4096x14336/svd", None)
     return medians
 
@@ -328,20 +374,25 @@ def run_benchmark(quick: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="kasa-bench-") as tmp:
         workdir = Path(tmp)
         steps = bench_steps(plan, methods)
+        memory = bench_memory(plan, methods)
         trunc = bench_truncation(plan)
         cache = bench_cache(plan, workdir)
         init = bench_init(plan, workdir)
 
-    step_s = {m: median(steps[m]["step_s"]) if m in steps else None for m in ("lora", "kasa", "peft-kasa")}
-    mem = {m: median(steps[m]["peak_rss_mib"]) if m in steps else None for m in ("lora", "kasa", "peft-kasa")}
-    create = {m: median(steps[m]["create_s"]) if m in steps else None for m in ("lora", "kasa", "peft-kasa")}
-    init_s = {mode: median(values) for mode, values in init.items()}
+    def per_method(values: dict[str, list[float]]) -> dict[str, float | None]:
+        return {m: statistics.median(values[m]) if m in values else None for m in ("lora", "kasa", "peft-kasa")}
+
+    step_s = per_method(steps)
+    mem = per_method({m: memory[m]["peak_rss_mib"] for m in memory})
+    create = per_method({m: memory[m]["create_s"] for m in memory})
+    init_s = {mode: statistics.median(values) for mode, values in init.items()}
+    cache_s = {phase: statistics.median(values) for phase, values in cache.items()}
     summary: dict[str, Any] = {
         "step_ratio_kasa_lora": ratio(step_s["kasa"], step_s["lora"]),
         "mem_ratio_kasa_lora": ratio(mem["kasa"], mem["lora"]),
         "trunc_ratio_768": ratio(trunc["768/gram"], trunc["768/svd"]),
         "trunc_ratio_4096x14336": ratio(trunc["4096x14336/gram"], trunc["4096x14336/svd"]),
-        "cached_init_ratio": ratio(median(cache["cached"]), median(cache["first"])),
+        "cached_init_ratio": ratio(cache_s["cached"], cache_s["first"]),
         "step_ratio_kasa_peftkasa": ratio(step_s["kasa"], step_s["peft-kasa"]),
         "mem_ratio_kasa_peftkasa": ratio(mem["kasa"], mem["peft-kasa"]),
         "model_cache_ratio": ratio(init_s["kasa-warm"], init_s["kasa-cold"]),
@@ -350,7 +401,7 @@ def run_benchmark(quick: bool) -> None:
         "peak_rss_mib": mem,
         "adapter_creation_s": create,
         "trunc_s": trunc,
-        "svd_cache_4096x14336_s": {"first": median(cache["first"]), "cached": median(cache["cached"])},
+        "svd_cache_4096x14336_s": cache_s,
         "model_init_s": init_s,
         "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "quick": quick,
@@ -380,10 +431,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one process per method, fewer steps, no 4096 x 14336 SVD reference")
     worker = parser.add_argument_group("worker mode (used internally: one measurement in this process)")
-    worker.add_argument("--worker", choices=["step", "trunc", "cache", "init", "save"])
-    worker.add_argument("--method", help="step: lora | kasa | peft-kasa; trunc: gram | svd")
-    worker.add_argument("--warmup", type=int, default=2, help="step: untimed steps")
-    worker.add_argument("--steps", type=int, default=5, help="step: timed steps")
+    worker.add_argument("--worker", choices=["steps", "memory", "trunc", "cache", "init", "save"])
+    worker.add_argument("--method", help="steps: comma-separated, memory: one of lora | kasa | peft-kasa; "
+                        "trunc: gram | svd")
+    worker.add_argument("--warmup", type=int, default=2, help="steps: untimed steps of each method")
+    worker.add_argument("--steps", type=int, default=5, help="steps: timed steps of each method; memory: steps")
     worker.add_argument("--shape", choices=list(SHAPES), help="trunc: weight shape")
     worker.add_argument("--repeats", type=int, default=1, help="trunc: timed calls")
     worker.add_argument("--mode", choices=["lora", "kasa-nocache", "kasa-cold", "kasa-warm", "load"], help="init")

@@ -4,12 +4,16 @@
   optimiser step the same global batch as 1 process with the full batch.
 * DDP: `accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2` (on the CPU:
   ACCELERATE_USE_CPU=1, so accelerate picks gloo) with trainer.batch_size=4 ends with the same adapter as one
-  process with trainer.batch_size=8, to 1e-5 (float32: DDP averages two half-batch gradients where one process
+  process with trainer.batch_size=8, to 1e-5; so does DeepSpeed ZeRO-3 (deepspeed_zero3.yaml, DeepSpeed's CPU
+  accelerator) when deepspeed is installed, and its run resumed from a mid-training checkpoint ends bit for bit
+  like the uninterrupted one (float32: DDP averages two half-batch gradients where one process
   averages the full batch, so the sums run in another order; measured differences are ~3e-7). Dropout is off and
   the tiny BERT is deterministic.
 * FSDP2 (`fully_shard`, what configs/accelerate/fsdp.yaml selects) runs on the CPU with gloo here: with the KaSA
   parameters sharded over 2 processes, the auxiliary loss of a training forward equals the value of an unsharded
-  copy (1e-6 relative), and so do the gradients it produces.
+  copy (1e-6 relative), and so do the gradients it produces. A resumable checkpoint written by the sharded ranks
+  holds the adapter and the optimizer state whole (equal to an unsharded run's), and a sharded model resumed from it
+  takes exactly the same next step as the run that wrote it.
 
 The two runs of the DDP test go concurrently; every process has a time limit, and the ports are chosen free
 (accelerate's --main_process_port 0; a file store for the FSDP workers)."""
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,7 +115,23 @@ def test_sharded_sampler_gives_every_step_the_same_global_batch():
     assert whole != sorted(whole)  # and it is shuffled
 
 
-def test_ddp_two_processes_give_the_same_adapter_as_one(tmp_path):
+def _deepspeed_importable() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # noqa: BLE001 - an install without its build tools fails in many ways
+        return False
+    return True
+
+
+@pytest.mark.parametrize("engine", [
+    "multi_gpu",
+    pytest.param("deepspeed_zero3", marks=pytest.mark.skipif(not _deepspeed_importable(),
+                                                             reason="deepspeed is not installed (pip install kasa[deepspeed])")),
+])
+def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine):
+    """DDP, and DeepSpeed ZeRO-3 (its CPU accelerator, gloo): the run's files match a 1-process run with the same
+    global batch. ZeRO-3 shards the adapter, the head and the optimizer state, so this also checks that the saved
+    adapter is gathered whole, and that a run resumed from a mid-training checkpoint ends bit for bit the same."""
     model = make_deterministic_bert(tmp_path / "model")
     data = write_sentiment_data(tmp_path / "data")  # 32 rows: 4 steps of 8 per epoch, no ragged last batch
     common = [f"model.path={model}", f"task.data_dir={data}", "trainer.epochs=2", "trainer.lr=2e-2",
@@ -119,24 +140,28 @@ def test_ddp_two_processes_give_the_same_adapter_as_one(tmp_path):
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     single = [sys.executable, "-m", "kasa.cli.train", *common, "trainer.batch_size=8", f"hydra.run.dir={one}"]
-    ddp = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"),
-           "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
-           "-m", "kasa.cli.train", *common, "trainer.batch_size=4", f"hydra.run.dir={two}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / f"{engine}.yaml"),
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+              "-m", "kasa.cli.train", *common, "trainer.batch_size=4", "trainer.save_every=3"]
+    # DDP on the CPU needs ACCELERATE_USE_CPU (accelerate then picks gloo); DeepSpeed runs its CPU accelerator.
+    launch_env = {**env, "ACCELERATE_USE_CPU": "1"} if engine == "multi_gpu" else env
     deadline = time.monotonic() + TIMEOUT
-    logs = tmp_path / "single.log", tmp_path / "ddp.log"
-    processes = [_start(single, env, logs[0]), _start(ddp, {**env, "ACCELERATE_USE_CPU": "1"}, logs[1])]
+    logs = tmp_path / "single.log", tmp_path / "multi.log"
+    processes = [_start(single, env, logs[0]), _start([*launch, f"hydra.run.dir={two}"], launch_env, logs[1])]
     for process, log in zip(processes, logs):
         _finish(process, deadline, log)
 
     assert "MULTI_CPU" not in logs[0].read_text()
+    if engine.startswith("deepspeed"):
+        assert "DeepSpeed" in logs[1].read_text(), "the run did not go through DeepSpeed"
     summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
     assert summaries[0]["steps"] == summaries[1]["steps"] == 8
     a = load_file(str(one / "checkpoints" / "last" / "adapter_model.safetensors"))
     b = load_file(str(two / "checkpoints" / "last" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= DDP_TOL, f"DDP adapter differs from the 1-process adapter by {worst:.3g}"
+    assert worst <= DDP_TOL, f"{engine}: the adapter differs from the 1-process adapter by {worst:.3g}"
     moved = max(a[k].abs().max().item() for k in a if k.endswith("delta_u"))  # delta_u starts at zero
     assert moved > 1000 * DDP_TOL, f"training hardly moved the adapter ({moved:.3g}): the comparison proves nothing"
 
@@ -145,6 +170,22 @@ def test_ddp_two_processes_give_the_same_adapter_as_one(tmp_path):
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert (two / ".hydra" / "overrides.yaml").is_file()  # written by rank 0 (rank 1 runs with output_subdir=null)
+    if not engine.startswith("deepspeed"):
+        return
+
+    # Resume from the mid-training checkpoint of step 6, as after a kill right after it was written.
+    assert (two / "checkpoints" / "step-00000006" / "deepspeed").is_dir()  # ZeRO's partitioned optimizer state
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000008")
+    (resumed / "summary.json").unlink()
+    log = tmp_path / "resumed.log"
+    process = _start([*launch, f"hydra.run.dir={resumed}", "resume=auto"], launch_env, log)
+    _finish(process, time.monotonic() + TIMEOUT, log)
+    assert "resumed from" in log.read_text() and "step 6" in log.read_text()
+    c = load_file(str(resumed / "checkpoints" / "last" / "adapter_model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b), "the resumed run ended with another adapter"
+    assert (resumed / "metrics.jsonl").read_text() == (two / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("env, argv, expected", [
@@ -182,17 +223,22 @@ def test_only_rank_zero_writes_hydra_output(monkeypatch):
 # FSDP2 on the CPU: the auxiliary loss from sharded KaSA parameters.
 
 
-def _kasa_bert() -> torch.nn.Module:
-    """A tiny BERT with KaSA on query and value, and adapter values far from their init (non-trivial L3 terms)."""
+def _bert_base() -> torch.nn.Module:
+    """A tiny BERT classifier, always the same random weights, no dropout."""
     import transformers
-
-    import kasa
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
-    model = transformers.BertForSequenceClassification(config)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _kasa_bert() -> torch.nn.Module:
+    """A tiny BERT with KaSA on query and value, and adapter values far from their init (non-trivial L3 terms)."""
+    import kasa
+
+    model = _bert_base()
     kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules=["query", "value"],
                                                   trainable_modules=["classifier"], beta=1e-2, gamma=1e-1,
                                                   svd_cache_dir=None))
@@ -204,50 +250,44 @@ def _kasa_bert() -> torch.nn.Module:
     return model.train()
 
 
-def _fsdp_inputs() -> torch.Tensor:
-    return torch.randint(5, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+def _fsdp_inputs(seed: int = 0) -> torch.Tensor:
+    return torch.randint(5, 50, (2, 7), generator=torch.Generator().manual_seed(seed))
 
 
 def _grad_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and ("delta_" in n)]
 
 
-def _fsdp_worker(rank: int, world_size: int, store: str, results) -> None:
-    """One rank: shard the model with fully_shard (per BertLayer, then the root), run a training forward and
-    backward, and report the aux loss, the local shard shape of one KaSA parameter, and the full gradients."""
+def _shard(model: torch.nn.Module) -> None:
+    """FSDP2 as configs/accelerate/fsdp.yaml sets it up: one unit per BertLayer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _fsdp_worker(rank: int, world_size: int, store: str, results, body, args: tuple) -> None:
+    """One rank: join the gloo group, run `body(rank, *args)` and report what it returns (or why it failed)."""
     try:
         import torch.distributed as dist
-
-        import kasa
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT))
-        model = _kasa_bert()
         try:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.bert.encoder.layer:
-                fully_shard(layer)
-            fully_shard(model)
+            _shard(_kasa_bert())
         except Exception as err:  # noqa: BLE001
             results.put((rank, "cannot-shard", f"{type(err).__name__}: {err}".splitlines()[0]))
             return
-        sharded = dict(model.named_parameters())
-        name = next(n for n in sharded if n.endswith("delta_u"))
-        local_shape = tuple(sharded[name].to_local().shape)
-        logits = model(input_ids=_fsdp_inputs()).logits
-        aux = kasa.aux_loss(model)
-        (logits.square().mean() + aux.total).backward()
-        grads = {n: sharded[n].grad.full_tensor().tolist() for n in _grad_names(model)}  # collective: all ranks call it
-        results.put((rank, "ok", {"total": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item(),
-                                  "param": name, "local_shape": local_shape, "grads": grads}))
+        results.put((rank, "ok", body(rank, *args)))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the test instead of dying silently
         results.put((rank, "error", traceback.format_exc()[-3000:]))
 
 
-def test_aux_loss_under_fsdp_equals_the_unsharded_value(tmp_path):
+def _run_fsdp(tmp_path: Path, body, *args) -> list:
+    """Run `body` on 2 FSDP2 ranks (CPU, gloo) and return each rank's result, rank 0 first."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -257,22 +297,13 @@ def test_aux_loss_under_fsdp_equals_the_unsharded_value(tmp_path):
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as err:
         pytest.skip(f"this torch has no FSDP2 fully_shard ({err})")
-
-    import kasa
-
-    reference = _kasa_bert()
-    logits = reference(input_ids=_fsdp_inputs()).logits
-    aux = kasa.aux_loss(reference)
-    (logits.square().mean() + aux.total).backward()
-    params = dict(reference.named_parameters())
-    want = {"total": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item()}
-
     # forkserver: the server imports torch, transformers and kasa once, then forks both ranks from it.
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "kasa", "torch.distributed.fsdp"])
+    context.set_forkserver_preload(["torch", "transformers", "kasa", "torch.distributed.fsdp", "accelerate"])
     results = context.Queue()
-    store = tmp_path / "store"
-    workers = [context.Process(target=_fsdp_worker, args=(rank, 2, str(store), results)) for rank in range(2)]
+    store = tmp_path / f"store-{body.__name__}"
+    workers = [context.Process(target=_fsdp_worker, args=(rank, 2, str(store), results, body, args))
+               for rank in range(2)]
     for worker in workers:
         worker.start()
     try:
@@ -286,7 +317,38 @@ def test_aux_loss_under_fsdp_equals_the_unsharded_value(tmp_path):
         if status == "cannot-shard":
             pytest.skip(f"FSDP2 cannot shard on the CPU with gloo here: {payload}")
         assert status == "ok", f"rank {rank} failed:\n{payload}"
-    for rank, _, got in reports:
+    return [payload for _, _, payload in reports]
+
+
+def _aux_loss_body(rank: int) -> dict:
+    """A training forward and backward of the sharded model: the aux loss, one KaSA parameter's local shard
+    shape, and the full gradients."""
+    import kasa
+
+    model = _kasa_bert()
+    _shard(model)
+    sharded = dict(model.named_parameters())
+    name = next(n for n in sharded if n.endswith("delta_u"))
+    local_shape = tuple(sharded[name].to_local().shape)
+    logits = model(input_ids=_fsdp_inputs()).logits
+    aux = kasa.aux_loss(model)
+    (logits.square().mean() + aux.total).backward()
+    grads = {n: sharded[n].grad.full_tensor().tolist() for n in _grad_names(model)}  # collective: all ranks call it
+    return {"total": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item(), "param": name,
+            "local_shape": local_shape, "grads": grads}
+
+
+def test_aux_loss_under_fsdp_equals_the_unsharded_value(tmp_path):
+    import kasa
+
+    reference = _kasa_bert()
+    logits = reference(input_ids=_fsdp_inputs()).logits
+    aux = kasa.aux_loss(reference)
+    (logits.square().mean() + aux.total).backward()
+    params = dict(reference.named_parameters())
+    want = {"total": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item()}
+
+    for rank, got in enumerate(_run_fsdp(tmp_path, _aux_loss_body)):
         full_shape = tuple(params[got["param"]].shape)
         assert got["local_shape"][0] == full_shape[0] // 2, f"rank {rank}: {got['param']} is not sharded"
         for key, value in want.items():
@@ -295,6 +357,96 @@ def test_aux_loss_under_fsdp_equals_the_unsharded_value(tmp_path):
             torch.testing.assert_close(torch.tensor(grad), params[name].grad, rtol=1e-5, atol=1e-7)
 
 
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+
+
+def _train(model: torch.nn.Module, optimizer, scheduler, seeds: range) -> None:
+    import kasa
+
+    for seed in seeds:
+        logits = model(input_ids=_fsdp_inputs(seed)).logits
+        (logits.square().mean() + kasa.aux_loss(model).total).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def _scheduler(optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LinearLR(getattr(optimizer, "optimizer", optimizer), 1.0, 0.1, total_iters=4)
+
+
+def _checkpoint_body(rank: int, checkpoint: str) -> dict:
+    """Train the sharded model 2 steps, write a resumable checkpoint with the loop's own function, then resume a
+    fresh sharded model from it; both take a third step. Reports the full trainable tensors of both."""
+    from accelerate import Accelerator
+
+    from kasa.training.checkpoint import load_resumable_weights, restore_training_state, save_training_state
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    accelerator = Accelerator(cpu=True)  # joins the gloo group the worker started: MULTI_CPU, 2 processes
+    assert accelerator.num_processes == 2
+
+    def trainable(model: torch.nn.Module) -> dict[str, list]:
+        return {n: p.full_tensor().tolist() for n, p in model.named_parameters() if p.requires_grad}
+
+    model = _kasa_bert()
+    _shard(model)
+    optimizer = accelerator.prepare_optimizer(_optimizer(model))
+    scheduler = _scheduler(optimizer)
+    _train(model, optimizer, scheduler, range(2))
+    save_training_state(Path(checkpoint), accelerator, model, optimizer, scheduler, {"step": 2})
+
+    resumed = _kasa_bert()
+    load_resumable_weights(Path(checkpoint), resumed)  # before sharding, as the loop does
+    _shard(resumed)
+    resumed_optimizer = accelerator.prepare_optimizer(_optimizer(resumed))
+    resumed_scheduler = _scheduler(resumed_optimizer)
+    state = restore_training_state(Path(checkpoint), accelerator, resumed, resumed_optimizer, resumed_scheduler)
+    _train(model, optimizer, scheduler, range(2, 3))
+    _train(resumed, resumed_optimizer, resumed_scheduler, range(2, 3))
+    return {"state": state, "continued": trainable(model), "resumed": trainable(resumed)}
+
+
+def test_resumable_checkpoint_under_fsdp_is_whole_and_resumes_exactly(tmp_path):
+    """FSDP2 shards the adapter and the optimizer state: the checkpoint still holds them whole (equal to an
+    unsharded run's), loads without kasa's loop (kasa.load_adapter), and a sharded run resumed from it takes the
+    same next step as the run that wrote it."""
+    import kasa
+    from kasa.training.checkpoint import OPTIMIZER_FILE
+
+    checkpoint = tmp_path / "step-00000002"
+    reports = _run_fsdp(tmp_path, _checkpoint_body, str(checkpoint))
+
+    reference = _kasa_bert()
+    optimizer = _optimizer(reference)
+    scheduler = _scheduler(optimizer)
+    _train(reference, optimizer, scheduler, range(2))
+    saved = load_file(str(checkpoint / "adapter_model.safetensors"))
+    params = dict(reference.named_parameters())
+    trained = [n for n, p in params.items() if p.requires_grad]
+    for name in trained:
+        torch.testing.assert_close(saved[name], params[name].detach(), rtol=1e-5, atol=1e-6)
+    moved = max((saved[n] - _kasa_bert().state_dict()[n]).abs().max().item() for n in trained if "delta_u" in n)
+    assert moved > 1e-3, "two steps hardly moved the adapter: the comparison proves nothing"
+
+    whole = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
+    assert sorted(whole["state"]) == sorted(trained)  # keyed by parameter name, every parameter present
+    for name in trained:
+        exp_avg = optimizer.state[params[name]]["exp_avg"]
+        torch.testing.assert_close(whole["state"][name]["exp_avg"], exp_avg, rtol=1e-5, atol=1e-7)
+
+    plain = kasa.load_adapter(_bert_base(), checkpoint)
+    inputs = _fsdp_inputs(9)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(input_ids=inputs).logits, reference.eval()(input_ids=inputs).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+    for rank, report in enumerate(reports):
+        assert report["state"] == {"step": 2}, rank
+        assert sorted(report["resumed"]) == sorted(trained)
+        for name in trained:
+            assert report["resumed"][name] == report["continued"][name], f"rank {rank}: {name} differs after resume"
 # ----------------------------------------------------------------------------------------------------------------
 # The outer sweep for multi-process jobs (scripts/sweep_launch.py): one launch per combination, then the summary.
 

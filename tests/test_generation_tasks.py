@@ -267,7 +267,8 @@ def runs(tiny_gpt2, tiny_llama, data, tmp_path_factory) -> dict[str, Any]:
                         "method.alpha=8", "trainer.epochs=2", "trainer.lr=2e-2", "task.generation.num_beams=1",
                         "task.generation.max_new_tokens=8", *common_args(dirs["commonsense"])],
         "instruction": ["kasa.cli.train", "model=llama3_8b", "task=instruction/coding", f"model.path={tiny_llama}",
-                        "model.dtype=float32", "model.gradient_checkpointing=true", f"task.data_dir={data['instruction']}",
+                        "model.dtype=float32", "model.gradient_checkpointing=true",
+                        f"task.data_dir={data['instruction']}",
                         "task.train_split=train", "task.eval_split=test", "method.rank=4", "trainer.epochs=1",
                         "trainer.lr=1e-2", "task.generation.num_beams=2", "task.generation.num_return_sequences=2",
                         "task.generation.max_new_tokens=6", "task.generation.no_repeat_ngram_size=0",
@@ -386,7 +387,8 @@ def test_instruction_trains_and_is_judged(runs):
     prompts = [r["body"]["messages"][0]["content"] for r in judged]
     for record in records:
         for response, score in zip(record["responses"], record["scores"]):
-            matching = [p for p in prompts if f"Instruction:\n{record['instruction']}\n\nResponse:\n{response}\n\n" in p]
+            shown = f"Instruction:\n{record['instruction']}\n\nResponse:\n{response}\n\n"
+            matching = [p for p in prompts if shown in p]
             assert matching and score == scripted_score(matching[0])
 
 

@@ -5,14 +5,17 @@ from its base weight, so loading onto the original base model rebuilds the train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from kasa.adapters import peft_baselines
 from kasa.adapters.config import AdapterConfig
@@ -36,11 +39,38 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+@contextlib.contextmanager
+def _zero3_gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Under DeepSpeed ZeRO-3, the partitioned parameters among `tensors` whole for the duration (read only)."""
+    partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`adapter_state` whole, detached and on the CPU, whatever holds the parameters: FSDP2 keeps them as DTensor
+    shards and ZeRO-3 as partitions with an empty `.data`. Collective under those engines: every process calls it."""
+    state = adapter_state(model)
+    with _zero3_gathered(list(state.values())):
+        return {
+            name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True).contiguous()
+            for name, t in state.items()
+        }
+
+
+def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter of `model` to `directory`. Under FSDP2 / ZeRO-3, every process computes
+    `tensors = full_adapter_state(model)` and the main process alone passes them here."""
     config = adapter_config(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
+    if tensors is None:
+        tensors = full_adapter_state(model)
     meta = {
         "format": FORMAT,
         "config": config.to_dict(),

@@ -112,7 +112,7 @@ def _gram_components(w: torch.Tensor, rank: int, which: Which) -> tuple[torch.Te
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order], evecs[:, order]
     s = evals.clamp_min(0).sqrt()
-    other = a.T @ evecs  # (l, r) = other-side vectors times s
+    other = (evecs.T @ a).T  # (l, r) = other-side vectors times s (a's rows read in order: no transposed copy)
     # Columns whose singular value is numerically zero carry no weight (u s v^T ignores them): leave them at zero
     # instead of dividing noise by ~0.
     tiny = s <= s.max().clamp_min(1.0) * torch.finfo(torch.float64).eps * max(n, m)
@@ -122,24 +122,30 @@ def _gram_components(w: torch.Tensor, rank: int, which: Which) -> tuple[torch.Te
 
 def _lanczos_eigenpairs(a: torch.Tensor, rank: int, which: Which) -> tuple[torch.Tensor, torch.Tensor]:
     """`rank` extreme eigenpairs of G = a a^T (float64, CPU) without a full eigendecomposition."""
-    from scipy.linalg import blas, cho_factor, cho_solve
+    from scipy.linalg import blas, lapack
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     a_np = np.asfortranarray(a.numpy().T)  # (l, k) column-major: syrk with trans=1 forms a a^T, half a GEMM
-    gram = blas.dsyrk(1.0, a_np, trans=1, lower=0)
-    gram = np.triu(gram) + np.triu(gram, 1).T
+    gram = blas.dsyrk(1.0, a_np, trans=1, lower=0)  # upper triangle only: all that eigsh and potrf below read
     k = gram.shape[0]
     v0 = np.ones(k) / np.sqrt(k)  # fixed start vector: deterministic results
     if which == "largest":
+        gram = np.triu(gram) + np.triu(gram, 1).T
         evals, evecs = eigsh(gram, k=rank, which="LA", v0=v0)
     else:
         # Shift-invert around a point just below the spectrum: the smallest eigenvalues of G become the largest of
         # (G + tau I)^{-1}, and Lanczos converges on them in a few dozen Cholesky solves. tau > 0 keeps the factor
         # positive definite for rank-deficient weights.
-        tau = 1e-10 * float(np.trace(gram)) / k + 1e-300
-        factor = cho_factor(gram + tau * np.eye(k), lower=False, check_finite=False)
-        inv = LinearOperator((k, k), matvec=lambda x: cho_solve(factor, x, check_finite=False), dtype=np.float64)
-        inv_evals, evecs = eigsh(inv, k=rank, which="LA", v0=v0)
+        diagonal = np.diag_indices(k)
+        tau = 1e-10 * float(gram[diagonal].sum()) / k + 1e-300
+        gram[diagonal] += tau
+        factor, info = lapack.dpotrf(gram, lower=0, overwrite_a=1, clean=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"Cholesky factorisation failed (LAPACK info {info}): the weight has "
+                                        "non-finite values")
+        inv = LinearOperator((k, k), matvec=lambda x: lapack.dpotrs(factor, x, lower=0)[0], dtype=np.float64)
+        # tol: Ritz values to 1e-10 relative leave the vectors accurate to ~1e-12, far below the float32 output.
+        inv_evals, evecs = eigsh(inv, k=rank, which="LA", v0=v0, tol=1e-10)
         evals = 1.0 / inv_evals - tau
     return torch.from_numpy(evals), torch.from_numpy(np.ascontiguousarray(evecs))
 

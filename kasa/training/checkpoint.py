@@ -1,11 +1,14 @@
 """Run-directory files: checkpoints written atomically, resumable training state, metrics as JSON lines.
 
 Layout of `<run>/checkpoints/`:
-    step-00000120/   resumable: adapter + heads, optimizer, scheduler, RNG states, counters (the newest N kept)
+    step-00000120/   resumable: adapter + heads, optimizer, scheduler, RNG states, counters (the newest N kept);
+                     the optimizer state is whole and keyed by parameter name (also under FSDP2), except under
+                     DeepSpeed, whose ZeRO partitions only its own checkpoint format (`deepspeed/`) can rebuild
     best/            adapter of the best epoch
     last/            adapter of the last finished epoch
 A checkpoint directory is first written as `.<name>.tmp` and renamed into place, so a kill during a save leaves
-the previous checkpoint complete and usable. Only safetensors and `torch.load(weights_only=True)` read them back.
+the previous checkpoint complete and usable. Under FSDP2 / ZeRO-3 every process takes part in gathering the
+tensors whole; the main process alone writes. Only safetensors and `torch.load(weights_only=True)` read them back.
 """
 
 from __future__ import annotations
@@ -20,16 +23,21 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from kasa.adapters import save_adapter
-from kasa.adapters.io import WEIGHTS_FILE, adapter_state
+from kasa.adapters.io import WEIGHTS_FILE, adapter_state, full_adapter_state
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.safetensors"
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint of its ZeRO optimizer partitions, in place of OPTIMIZER_FILE
+DEEPSPEED_TAG = "state"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -55,14 +63,19 @@ def write_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
     return directory
 
 
-def save_checkpoint(directory: Path, model: nn.Module, state: dict[str, Any]) -> Path:
-    """An adapter checkpoint (best/ or last/): adapter, trained heads and `state`."""
+def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, state: dict[str, Any]) -> None:
+    """An adapter checkpoint (best/ or last/): adapter, trained heads and `state`. Every process calls it (the
+    tensors are gathered whole under FSDP2 / ZeRO-3); the main process writes."""
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = full_adapter_state(unwrapped)
+    if accelerator.is_main_process:
 
-    def fill(tmp: Path) -> None:
-        save_adapter(model, tmp)
-        write_json(tmp / STATE_FILE, state)
+        def fill(tmp: Path) -> None:
+            save_adapter(unwrapped, tmp, tensors)
+            write_json(tmp / STATE_FILE, state)
 
-    return write_atomically(directory, fill)
+        write_atomically(directory, fill)
+    accelerator.wait_for_everyone()
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -95,24 +108,52 @@ def restore_rng(directory: Path) -> None:
         torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
 
 
-def save_training_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any,
-                        state: dict[str, Any]) -> Path:
-    """A resumable checkpoint: everything `restore_training_state` needs to continue bit for bit."""
-
-    def fill(tmp: Path) -> None:
-        save_adapter(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        save_file(_rng_tensors(), str(tmp / RNG_FILE))
-        write_json(tmp / STATE_FILE, state)  # last: its presence marks the checkpoint complete
-
-    return write_atomically(directory, fill)
+def _uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def restore_training_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Load a resumable checkpoint into an already adapted `model` and the optimizer/scheduler; returns its state.
-    The RNG states are left to `restore_rng`."""
-    for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE):
+def _whole_state_dict_options(**kwargs: Any) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
+                        scheduler: Any, state: dict[str, Any]) -> None:
+    """A resumable checkpoint: everything `restore_training_state` needs to continue bit for bit. Every process
+    calls it; the files do not depend on how many processes wrote them, except DeepSpeed's optimizer partitions."""
+    main = accelerator.is_main_process
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = full_adapter_state(unwrapped)
+    deepspeed_staging = directory.with_name(f".{directory.name}.{DEEPSPEED_DIR}")
+    optimizer_state = None
+    if _uses_deepspeed(accelerator):  # every process writes its ZeRO partitions, then they move in with the rest
+        if main:
+            shutil.rmtree(deepspeed_staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        model.save_checkpoint(str(deepspeed_staging), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        accelerator.wait_for_everyone()
+    else:  # keyed by parameter name and whole, also when FSDP2 shards it
+        optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
+                                                   options=_whole_state_dict_options(cpu_offload=True))
+    if main:
+
+        def fill(tmp: Path) -> None:
+            save_adapter(unwrapped, tmp, tensors)
+            if optimizer_state is None:
+                os.replace(deepspeed_staging, tmp / DEEPSPEED_DIR)
+            else:
+                torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            save_file(_rng_tensors(), str(tmp / RNG_FILE))
+            write_json(tmp / STATE_FILE, state)  # last: its presence marks the checkpoint complete
+
+        write_atomically(directory, fill)
+    accelerator.wait_for_everyone()
+
+
+def load_resumable_weights(directory: Path, model: nn.Module) -> None:
+    """The adapter and head weights of a resumable checkpoint, into the adapted `model` before
+    `accelerator.prepare` shards it (and before DeepSpeed copies them into its optimizer)."""
+    for name in (STATE_FILE, SCHEDULER_FILE, RNG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise ValueError(f"checkpoint {directory} is incomplete ({name} missing): resume from another one")
     saved = load_file(str(directory / WEIGHTS_FILE))
@@ -126,8 +167,24 @@ def restore_training_state(directory: Path, model: nn.Module, optimizer: Any, sc
             if key.endswith(("removed_u", "removed_s", "removed_v")):
                 continue  # the base is already truncated by this run's own (identical) decomposition
             tensor.copy_(saved[key])
+
+
+def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
+                           scheduler: Any) -> dict[str, Any]:
+    """The optimizer and schedule of a resumable checkpoint, into the prepared ones; returns its state. Every
+    process calls it. The RNG states are left to `restore_rng`."""
+    deepspeed = _uses_deepspeed(accelerator)
+    needed = directory / (DEEPSPEED_DIR if deepspeed else OPTIMIZER_FILE)
+    if not needed.exists():
+        raise ValueError(f"checkpoint {directory} has no {needed.name}: it was written "
+                         f"{'without' if deepspeed else 'with'} DeepSpeed; resume it under the same engine")
     try:
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+        if deepspeed:
+            model.load_checkpoint(str(needed), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            set_optimizer_state_dict(model, optimizer.optimizer, torch.load(needed, weights_only=True),
+                                     options=_whole_state_dict_options())
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err

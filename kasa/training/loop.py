@@ -8,6 +8,7 @@ same weights, optimiser, schedule, RNG states and data position, so the run ends
 from __future__ import annotations
 
 import math
+import os
 import resource
 import shutil
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -27,6 +28,7 @@ from kasa.evaluation.metrics import main_metric
 from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
+    load_resumable_weights,
     prune_checkpoints,
     restore_rng,
     restore_training_state,
@@ -36,6 +38,7 @@ from kasa.training.checkpoint import (
     write_json,
 )
 from kasa.training.console import Console
+from kasa.training.models import whole_weights
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -89,7 +92,11 @@ def find_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
 
 def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg.output_dir)
+    # DeepSpeed without a GPU (its CPU accelerator, which the tests use) needs the gloo backend named: accelerate
+    # picks none there and would run every process as a world of one.
+    cpu_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
     accelerator = Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else None,
         mixed_precision=cfg.trainer.precision,
         gradient_accumulation_steps=cfg.trainer.grad_accum,
         log_with="tensorboard" if cfg.logging.tensorboard else None,
@@ -112,8 +119,11 @@ def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
 
     # Model and adapters.
     task = build_task(cfg)
-    tokenizer, model = task.load_model()
+    with whole_weights(accelerator):
+        tokenizer, model = task.load_model()
     apply_adapters(model, cfg.method)
+    if resume_from is not None:  # before prepare: sharding engines and DeepSpeed's optimizer copy them from here
+        load_resumable_weights(resume_from, model)
     params = count_parameters(model)
     console.print(f"{cfg.method.method}: {params.adapter:,} adapter parameters, {params.trainable:,} trainable "
                   f"of {params.total:,}")
@@ -130,27 +140,28 @@ def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler(cfg.trainer.scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
+    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from the batch; the loader was prepared above
+        deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     metrics_log = MetricsLog(out / METRICS_FILE, enabled=main)
     module_log = MetricsLog(out / REGULARIZATION_FILE, enabled=main)  # per-module [l2, l3_u, l3_v] (figure 11)
     state = {"epoch": 0, "batches_in_epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "history": []}
     if resume_from is not None:
-        state = restore_training_state(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = restore_training_state(resume_from, accelerator, model, optimizer, scheduler)
         metrics_log.truncate(state["metrics_size"])
         module_log.truncate(state["regularization_size"])
         console.print(f"resumed from {resume_from} (step {state['step']}, epoch {state['epoch'] + 1})")
     if main:  # only now: a resume that does not fit must leave the run's files as they were
         write_json(out / CONFIG_FILE, resolved_config)
 
-    def save_resumable() -> None:
+    def save_resumable() -> None:  # every process takes part: sharded tensors are gathered whole
+        state["metrics_size"], state["regularization_size"] = metrics_log.size(), module_log.size()
+        save_training_state(out / "checkpoints" / f"step-{state['step']:08d}", accelerator, model, optimizer,
+                            scheduler, state)
         if main:
-            state["metrics_size"], state["regularization_size"] = metrics_log.size(), module_log.size()
-            name = f"step-{state['step']:08d}"
-            save_training_state(out / "checkpoints" / name, accelerator.unwrap_model(model), optimizer, scheduler,
-                                state)
             prune_checkpoints(out, cfg.trainer.keep_checkpoints)
-        accelerator.wait_for_everyone()
 
     start, tokens = time.perf_counter(), 0
     progress = console.progress(total_steps, completed=state["step"])
@@ -226,12 +237,10 @@ def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
         if improved:
             state["best"], state["best_epoch"] = score, epoch
         state["last"] = score
-        if main:
-            saved = {"epoch": epoch, "step": state["step"], "metric": task.metric, "score": score, "metrics": metrics}
-            unwrapped = accelerator.unwrap_model(model)
-            if improved and cfg.trainer.save_best:
-                save_checkpoint(out / "checkpoints" / "best", unwrapped, saved)
-            save_checkpoint(out / "checkpoints" / "last", unwrapped, saved)
+        saved = {"epoch": epoch, "step": state["step"], "metric": task.metric, "score": score, "metrics": metrics}
+        if improved and cfg.trainer.save_best:
+            save_checkpoint(out / "checkpoints" / "best", accelerator, model, saved)
+        save_checkpoint(out / "checkpoints" / "last", accelerator, model, saved)
         save_resumable()
     progress.close()
     train_seconds = time.perf_counter() - start

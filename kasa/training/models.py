@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -13,6 +17,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def whole_weights(accelerator: Accelerator) -> Iterator[None]:
+    """Load models with whole weights under DeepSpeed ZeRO-3 too. Accelerate registers its DeepSpeed config with
+    transformers whatever `zero3_init_flag` says, and `from_pretrained` then partitions the weights as it loads them
+    (deepspeed.zero.Init); KaSA's truncation needs each whole matrix, and `accelerator.prepare` shards the model
+    afterwards. The registration comes back on exit: ZeRO-3 generation relies on it (synced_gpus)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def model_source(model: ModelConfig) -> str:
