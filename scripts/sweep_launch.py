@@ -9,7 +9,7 @@ directory) and the ranks of one job would no longer be the same processes for ev
 outside the launcher: this script is that outer loop.
 
     python scripts/sweep_launch.py --sweep-dir runs/sweeps/cola-beta \\
-        --launcher "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m kasa.cli.train" \\
+        --launcher "accelerate launch --config_file configs/accelerate/multi_gpu.json -m kasa.cli.train" \\
         recipe=glue/roberta_base_cola method.beta=1e-4,1e-3 method.gamma=1e-4,1e-3 seed=0,1,2
 
 Every `key=v1,v2,...` argument is a sweep axis (commas inside [...], {...}, (...) or quotes do not split, so
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", default=DEFAULT_LAUNCHER,
                         help=f"command that runs the training module, split like a shell line (default: "
                              f"{DEFAULT_LAUNCHER!r}); e.g. 'accelerate launch --config_file "
-                             "configs/accelerate/multi_gpu.yaml -m kasa.cli.train' or 'python -m kasa.cli.train'")
+                             "configs/accelerate/multi_gpu.json -m kasa.cli.train' or 'python -m kasa.cli.train'")
     parser.add_argument("--sweep-dir", type=Path, default=None,
                         help="where the jobs go, one numbered folder each (default: runs/sweeps/<time>)")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed job")

@@ -2,14 +2,14 @@
 
 * The data order: accelerate's seedable sampler, sharded over 2 processes with half the batch each, gives every
   optimiser step the same global batch as 1 process with the full batch.
-* DDP: `accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2` (on the CPU:
+* DDP: `accelerate launch --config_file configs/accelerate/multi_gpu.json --num_processes 2` (on the CPU:
   ACCELERATE_USE_CPU=1, so accelerate picks gloo) with trainer.batch_size=4 ends with the same adapter as one
   process with trainer.batch_size=8, to 1e-5; so does DeepSpeed ZeRO-3 (deepspeed_zero3.yaml, DeepSpeed's CPU
   accelerator) when deepspeed is installed, and its run resumed from a mid-training checkpoint ends bit for bit
   like the uninterrupted one (float32: DDP averages two half-batch gradients where one process
   averages the full batch, so the sums run in another order; measured differences are ~3e-7). Dropout is off and
   the tiny BERT is deterministic.
-* FSDP2 (`fully_shard`, what configs/accelerate/fsdp.yaml selects) runs on the CPU with gloo here: with the KaSA
+* FSDP2 (`fully_shard`, what configs/accelerate/fsdp.json selects) runs on the CPU with gloo here: with the KaSA
   parameters sharded over 2 processes, the auxiliary loss of a training forward equals the value of an unsharded
   copy (1e-6 relative), and so do the gradients it produces. A resumable checkpoint written by the sharded ranks
   holds the adapter and the optimizer state whole (equal to an unsharded run's), and a sharded model resumed from it
@@ -78,8 +78,9 @@ def test_accelerate_config_files_load_in_accelerate():
     folder = REPO / "configs" / "accelerate"
     expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED",
                 "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}
-    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)
-    configs = {name: load_config_from_file(str(folder / f"{name}.yaml")) for name in expected}
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(expected)
+    assert not list(folder.glob("*.yaml"))  # YAML here would make Hydra list the folder as a kasa-train group
+    configs = {name: load_config_from_file(str(folder / f"{name}.json")) for name in expected}
     for name, config in configs.items():
         assert str(config.distributed_type).split(".")[-1] == expected[name], name
         assert config.mixed_precision == "no" and not config.use_cpu, name  # precision comes from the recipe
@@ -141,7 +142,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine):
     one, two = tmp_path / "one", tmp_path / "two"
     single = [sys.executable, "-m", "kasa.cli.train", *common, "trainer.batch_size=8", f"hydra.run.dir={one}"]
     launch = [sys.executable, "-m", "accelerate.commands.launch",
-              "--config_file", str(REPO / "configs" / "accelerate" / f"{engine}.yaml"),
+              "--config_file", str(REPO / "configs" / "accelerate" / f"{engine}.json"),
               "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
               "-m", "kasa.cli.train", *common, "trainer.batch_size=4", "trainer.save_every=3"]
     # DDP on the CPU needs ACCELERATE_USE_CPU (accelerate then picks gloo); DeepSpeed runs its CPU accelerator.
@@ -259,7 +260,7 @@ def _grad_names(model: torch.nn.Module) -> list[str]:
 
 
 def _shard(model: torch.nn.Module) -> None:
-    """FSDP2 as configs/accelerate/fsdp.yaml sets it up: one unit per BertLayer, then the root."""
+    """FSDP2 as configs/accelerate/fsdp.json sets it up: one unit per BertLayer, then the root."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.bert.encoder.layer:

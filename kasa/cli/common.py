@@ -101,3 +101,22 @@ def run_reporting_errors(function: Callable[[], Any]) -> Any:
         if os.environ.get("KASA_DEBUG"):
             raise
         fail(_describe(err))
+
+
+def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str, ...], example: str) -> dict[str, str]:
+    """The `key=value` arguments of kasa-eval and kasa-export: `--help` prints `usage`; a malformed or missing
+    argument is one error line naming `example`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage.strip())
+        sys.exit(0 if argv else 2)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        fail(f"arguments must be key=value, got {bad[0]!r}: e.g. {example}")
+    args = dict(a.split("=", 1) for a in argv)
+    for key in required:
+        if not args.get(key):
+            fail(f"missing {key}=...: e.g. {example}")
+    register_resolvers()
+    quiet_libraries()
+    return args

@@ -13,14 +13,13 @@ checkpoint directory.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from kasa.adapters.io import CONFIG_FILE
-from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors, validate
+from kasa.cli.common import key_value_arguments, run_reporting_errors, validate
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 
@@ -81,18 +80,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        sys.exit(0 if argv else 2)
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        fail(f"arguments must be key=value, got {bad[0]!r}: e.g. kasa-eval checkpoint=runs/<run dir>")
-    args = dict(a.split("=", 1) for a in argv)
-    if "checkpoint" not in args:
-        fail("missing checkpoint=<run dir or checkpoint dir>")
-    register_resolvers()
-    quiet_libraries()
+    args = key_value_arguments(argv, __doc__, ("checkpoint",), "kasa-eval checkpoint=runs/<run dir>")
     result = run_reporting_errors(lambda: evaluate_checkpoint(args))
     print(f"{result['split']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     reported = result.get("reported_in_training")

@@ -25,13 +25,12 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors, validate
+from kasa.cli.common import key_value_arguments, run_reporting_errors, validate
 
 OWN_KEYS = ("checkpoint", "output", "format", "which", "overwrite")
 FORMATS = ("merged", "peft")
@@ -164,19 +163,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        sys.exit(0 if argv else 2)
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        fail(f"arguments must be key=value, got {bad[0]!r}: e.g. kasa-export checkpoint=runs/<run dir> output=<dir>")
-    args = dict(a.split("=", 1) for a in argv)
-    for key in ("checkpoint", "output"):
-        if not args.get(key):
-            fail(f"missing {key}=...: e.g. kasa-export checkpoint=runs/<run dir> output=exports/<name>")
-    register_resolvers()
-    quiet_libraries()
+    args = key_value_arguments(argv, __doc__, ("checkpoint", "output"),
+                               "kasa-export checkpoint=runs/<run dir> output=exports/<name>")
     result = run_reporting_errors(lambda: export_checkpoint(args))
     print(f"exported {result['format']} model to {result['output']}")
     print(f"load it with: {result['load_with']}")

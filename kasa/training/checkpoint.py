@@ -8,7 +8,8 @@ Layout of `<run>/checkpoints/`:
     last/            adapter of the last finished epoch
 A checkpoint directory is first written as `.<name>.tmp` and renamed into place, so a kill during a save leaves
 the previous checkpoint complete and usable. Under FSDP2 / ZeRO-3 every process takes part in gathering the
-tensors whole; the main process alone writes. Only safetensors and `torch.load(weights_only=True)` read them back.
+tensors whole; the main process alone writes. Only safetensors and `torch.load(weights_only=True)` read them back,
+except DeepSpeed's own `deepspeed/` folder, which DeepSpeed's loader unpickles.
 """
 
 from __future__ import annotations

@@ -141,8 +141,9 @@ def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
     scheduler = get_scheduler(cfg.trainer.scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from the batch; the loader was prepared above
+    if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from these; the loader was prepared above
         deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
+        deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.trainer.grad_accum
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     metrics_log = MetricsLog(out / METRICS_FILE, enabled=main)
