@@ -113,10 +113,6 @@ def _uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def _whole_state_dict_options(**kwargs: Any) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, **kwargs)
-
-
 def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
                         scheduler: Any, state: dict[str, Any]) -> None:
     """A resumable checkpoint: everything `restore_training_state` needs to continue bit for bit. Every process
@@ -134,7 +130,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
         accelerator.wait_for_everyone()
     else:  # keyed by parameter name and whole, also when FSDP2 shards it
         optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
-                                                   options=_whole_state_dict_options(cpu_offload=True))
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if main:
 
         def fill(tmp: Path) -> None:
@@ -185,7 +181,7 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
             set_optimizer_state_dict(model, optimizer.optimizer, torch.load(needed, weights_only=True),
-                                     options=_whole_state_dict_options())
+                                     options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
