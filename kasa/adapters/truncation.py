@@ -80,13 +80,13 @@ def singular_components(
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = weight.detach().to(device=device, dtype=torch.float64)
+    w = weight.detach().to(device=device)
     if method == "svd":
         u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
         keep = slice(k - rank, k) if which == "smallest" else slice(0, rank)
         comps = u[:, keep], s[keep], vh[keep, :].T
     else:
-        comps = _gram_components(w, rank, which)
+        comps = _gram_components(_float64(w), rank, which)
     out = Components(*(t.to(device=weight.device, dtype=torch.float32).contiguous() for t in comps))
 
     if cache_file is not None:
@@ -97,6 +97,14 @@ def singular_components(
     return out
 
 
+def _float64(w: torch.Tensor) -> torch.Tensor:
+    """`w` in float64. On the CPU numpy casts it: after a torch cast, torch's OpenMP threads spin for a while and
+    share the cores with the OpenBLAS calls that follow (the Gram product of a 768 x 768 weight ran ~40% slower)."""
+    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float16):
+        return torch.from_numpy(w.numpy().astype(np.float64))
+    return w.double()
+
+
 def _gram_components(w: torch.Tensor, rank: int, which: Which) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, m = w.shape
     left_side = n <= m  # eigenvectors of the Gram are the left singular vectors when rows are fewer
@@ -105,14 +113,11 @@ def _gram_components(w: torch.Tensor, rank: int, which: Which) -> tuple[torch.Te
     if a.is_cuda or k <= _DENSE_EIGH_MAX_K:
         evals, evecs = torch.linalg.eigh(a @ a.T)  # ascending
         sel = slice(0, rank) if which == "smallest" else slice(k - rank, k)
-        evals, evecs = evals[sel], evecs[:, sel]
+        evals, evecs = evals[sel].flip(0), evecs[:, sel].flip(1)  # descending, as torch.linalg.svd orders them
+        other = (evecs.T @ a).T  # (l, r) = other-side vectors times s (a's rows read in order: no transposed copy)
     else:
-        evals, evecs = _lanczos_eigenpairs(a, rank, which)
-    # Singular values ascending for "smallest", descending for "largest" (torch.linalg.svd order within the slice).
-    order = torch.argsort(evals, descending=True)
-    evals, evecs = evals[order], evecs[:, order]
+        evals, evecs, other = _lanczos_eigenpairs(a, rank, which)
     s = evals.clamp_min(0).sqrt()
-    other = (evecs.T @ a).T  # (l, r) = other-side vectors times s (a's rows read in order: no transposed copy)
     # Columns whose singular value is numerically zero carry no weight (u s v^T ignores them): leave them at zero
     # instead of dividing noise by ~0.
     tiny = s <= s.max().clamp_min(1.0) * torch.finfo(torch.float64).eps * max(n, m)
@@ -120,8 +125,10 @@ def _gram_components(w: torch.Tensor, rank: int, which: Which) -> tuple[torch.Te
     return (evecs, s, other) if left_side else (other, s, evecs)
 
 
-def _lanczos_eigenpairs(a: torch.Tensor, rank: int, which: Which) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rank` extreme eigenpairs of G = a a^T (float64, CPU) without a full eigendecomposition."""
+def _lanczos_eigenpairs(a: torch.Tensor, rank: int, which: Which) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rank` extreme eigenpairs of G = a a^T (float64, CPU) without a full eigendecomposition, eigenvalues
+    descending, and a^T times the eigenvectors. The products and the reordering stay in scipy and numpy: torch's
+    products and index kernels leave its OpenMP threads spinning on the cores that the next Gram product needs."""
     from scipy.linalg import blas, lapack
     from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -143,11 +150,21 @@ def _lanczos_eigenpairs(a: torch.Tensor, rank: int, which: Which) -> tuple[torch
         if info != 0:
             raise np.linalg.LinAlgError(f"Cholesky factorisation failed (LAPACK info {info}): the weight has "
                                         "non-finite values")
-        inv = LinearOperator((k, k), matvec=lambda x: lapack.dpotrs(factor, x, lower=0)[0], dtype=np.float64)
+
+        def solve(x: np.ndarray) -> np.ndarray:
+            # (R^T R)^{-1} x as two triangular solves: dpotrs on one vector goes through a blocked solve whose
+            # set-up costs ~3x these two BLAS-2 calls, and Lanczos makes a few dozen of them.
+            y = blas.dtrsv(factor, x, lower=0, trans=1)
+            return blas.dtrsv(factor, y, lower=0, trans=0, overwrite_x=1)
+
+        inv = LinearOperator((k, k), matvec=solve, dtype=np.float64)
         # tol: Ritz values to 1e-10 relative leave the vectors accurate to ~1e-12, far below the float32 output.
         inv_evals, evecs = eigsh(inv, k=rank, which="LA", v0=v0, tol=1e-10)
         evals = 1.0 / inv_evals - tau
-    return torch.from_numpy(evals), torch.from_numpy(np.ascontiguousarray(evecs))
+    order = np.argsort(evals)[::-1]
+    evals, evecs = evals[order], np.asfortranarray(evecs[:, order])
+    projected = blas.dgemm(1.0, a_np, evecs)  # (l, r)
+    return torch.from_numpy(evals), torch.from_numpy(evecs), torch.from_numpy(projected)
 
 
 def _cache_key(weight: torch.Tensor, rank: int, which: str, method: str) -> str:
