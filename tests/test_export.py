@@ -175,7 +175,8 @@ def test_peft_export_loads_in_peft(trained_run, tmp_path):
     result = run_cli("kasa.cli.export", f"checkpoint={run_dir}", "format=peft", f"output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((output / "adapter_config.json").read_text())
-    assert config["kasa_config"] == {"beta": 1e-4, "gamma": 1e-3} and config["modules_to_save"] == ["classifier"]
+    assert config["kasa_config"] == {"beta": 1e-4, "gamma": 1e-3}
+    assert config["modules_to_save"] == ["classifier", "pooler"]  # BERT's head: the pooler trains too
     assert config["base_model_name_or_path"] == str(model_dir)
 
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
