@@ -2,7 +2,7 @@
 
 BLEU and NIST are worked out by hand below, following mteval-v13a as the official e2e-metrics script runs it
 (lowercased, mteval tokenisation, corpus sums, closest reference length, smoothing of zero matches, NIST
-information weights from all references, the official script's padding of missing references). ROUGE-L is worked
+information weights from all references, NIST's average reference length over the non-empty references). ROUGE-L is worked
 out by hand as pycocoevalcap computes it; METEOR and CIDEr-D get sanity checks (an exact copy of a reference beats a
 paraphrase, which beats an unrelated sentence). Tests that run pycocoevalcap need Java and skip without it."""
 
@@ -129,21 +129,54 @@ def test_nist_by_hand():
     assert nist == pytest.approx(1.042481, abs=1e-6)
 
 
-def test_nist_average_reference_length_uses_the_padded_reference_count():
-    # The official script pads segments with fewer references with empty ones, so mteval divides the total
-    # reference words by the largest reference count: here 8 words / 2 = 4, not the mean per segment 2 + 3 = 5.
-    predictions = ["a b", "c d"]
-    references = [["a b"], ["c d", "c d e f"]]
-    # reference words: a 1, b 1, c 2, d 2, e 1, f 1 (8): info(a) = info(b) = log2 8 = 3, info(c) = info(d) = 2;
-    # bigrams info(a b) = log2(1/1) = 0, info(c d) = log2(2/2) = 0
-    # unigram info (3 + 3 + 2 + 2) / 4 = 2.5, bigrams 0 / 2, no trigrams; ratio 4 / (8 / 2) = 1 -> NIST = 2.5
+def test_nist_length_penalty_uses_the_mean_number_of_references_per_segment():
+    # mteval-v13a-sig.pl (the official script's copy) counts each segment's non-empty references and passes
+    # cum_ref_count / cum_seg_count to nist_score, which divides the total reference words by it: the average
+    # reference length is total reference words / mean non-empty references per segment.
+    references = [
+        ["the cat sat on the mat today"],
+        ["a dog ran in the park", "the dog ran in a park", "a dog was running in the park"],
+    ]
+    predictions = ["the cat sat", "a dog ran"]
+    # reference words 7 + 6 + 6 + 7 = 26: the 5, cat 1, sat 1, on 1, mat 1, today 1, a 3, dog 3, ran 2, in 3,
+    #   park 3, was 1, running 1; bigrams "the cat" 1, "cat sat" 1, "a dog" 2, "dog ran" 2; trigrams "the cat sat" 1,
+    #   "a dog ran" 1
+    # unigrams (all 6 match): log2(26/5) + log2(26/1) + log2(26/1) + log2(26/3) + log2(26/3) + log2(26/2), over 6
+    # bigrams (all 4 match): the cat log2(5/1), cat sat log2(1/1), a dog log2(3/2), dog ran log2(3/2), over 4
+    # trigrams (both match): the cat sat log2(1/1) = 0, a dog ran log2(2/1) = 1, over 2; no 4- or 5-grams: 0
+    information = (
+        (math.log2(26 / 5) + 2 * math.log2(26) + 2 * math.log2(26 / 3) + math.log2(13)) / 6
+        + (math.log2(5) + 2 * math.log2(3 / 2)) / 4
+        + 1 / 2
+    )
+    # average reference length 26 / ((1 + 3) / 2) = 13; system 6 words: ratio 6/13
+    # penalty exp(-beta log(6/13)^2), beta = -log(0.5) / log(1.5)^2
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    nist = information * math.exp(-beta * math.log(6 / 13) ** 2)
     scores = bleu_nist_scores(predictions, references)
-    assert scores["NIST"] == pytest.approx(2.5, rel=1e-12)
-    # BLEU: 4/4 unigrams, 2/2 bigrams, no 3- or 4-grams in the output (precision counted as 1), closest lengths
-    # 2 + 2: BLEU = 1
-    assert scores["BLEU"] == pytest.approx(1.0, rel=1e-12)
-    # explicit empty references are what the padding adds: same scores
-    assert bleu_nist_scores(predictions, [["a b", ""], ["c d", "c d e f"]]) == pytest.approx(scores)
+    assert scores["NIST"] == pytest.approx(nist, rel=1e-12)
+    assert nist == pytest.approx(0.401398, abs=1e-6)  # the official script prints 0.4014 here
+    # (dividing by the largest reference count, 26 / 3, gave ratio 0.69 and NIST 2.8224: short outputs escaped)
+    # BLEU: every 1-, 2- and 3-gram matches (6/6, 4/4, 2/2), no 4-grams (precision counted as 1); closest reference
+    # lengths 7 and 6 (of 6, 6, 7): brevity penalty exp(1 - 13/6)
+    assert scores["BLEU"] == pytest.approx(math.exp(1 - 13 / 6), rel=1e-12)
+    assert scores["BLEU"] == pytest.approx(0.311403, abs=1e-6)
+    # empty references (the official script pads every MR to the largest count with them) are not counted
+    padded = [references[0] + ["", ""], references[1]]
+    assert bleu_nist_scores(predictions, padded) == pytest.approx(scores, rel=1e-12)
+
+
+def test_nist_outputs_as_long_as_the_references_have_no_penalty():
+    # two segments with 1 and 2 references: mean 1.5 references, 9 reference words, average length 9 / 1.5 = 6;
+    # the outputs have 3 + 3 = 6 words: ratio 1, no penalty (with the largest count 2 it would be 6 / 4.5, also
+    # no penalty; longer outputs are never penalised)
+    references = [["x y z"], ["p q r", "p q s"]]
+    # words: x y z p q r p q s; info(x) = info(y) = info(z) = info(r) = info(s) = log2 9, info(p) = info(q) = log2 4.5
+    #   bigrams: x y log2(1/1) = 0, y z 0, p q log2(2/2) = 0, q r log2(2/1) = 1; trigrams x y z 0, p q r log2(2/1) = 1
+    # hyp "x y z": unigrams 3 log2 9; hyp "p q r": 2 log2 4.5 + log2 9; over 6 unigrams
+    # bigrams (0 + 0 + 0 + 1) / 4; trigrams (0 + 1) / 2
+    nist = (4 * math.log2(9) + 2 * math.log2(4.5)) / 6 + 1 / 4 + 1 / 2
+    assert bleu_nist_scores(["x y z", "p q r"], references)["NIST"] == pytest.approx(nist, rel=1e-12)
 
 
 def test_input_checks():
@@ -292,10 +325,21 @@ def test_devset_layouts_agree():
 
 @needs_data
 def test_devset_bleu_nist(devset_first_vs_rest):
-    # Values checked against mteval-v13a's own Perl routines on the same input (padding as the official script).
+    # Values printed by the official script's mteval-v13a-sig.pl on the same input (fed as measure_scores.py does).
     scores = bleu_nist_scores(*devset_first_vs_rest)
     assert scores["BLEU"] == pytest.approx(0.59953459, abs=1e-8)
     assert scores["NIST"] == pytest.approx(8.57890591, abs=1e-7)
+
+
+@needs_data
+def test_testset_shortest_reference_system_nist():
+    # each MR's shortest reference (in characters) as the output: shorter than the average reference, so NIST's
+    # length penalty applies; the official script's mteval-v13a-sig.pl prints BLEU 1 and NIST 11.542771021975 here
+    # (dividing by the largest reference count instead gave 14.2097)
+    _, grouped = group_references(*read_e2e_file(DATA / "e2e" / "testset_w_refs.csv"))
+    scores = bleu_nist_scores([min(refs, key=len) for refs in grouped], grouped)
+    assert scores["BLEU"] == pytest.approx(1.0, abs=1e-12)
+    assert scores["NIST"] == pytest.approx(11.542771021975, abs=1e-9)
 
 
 @pytest.mark.slow

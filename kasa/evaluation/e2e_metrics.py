@@ -6,7 +6,8 @@ caption evaluation code. BLEU and NIST are reimplemented here in plain Python, f
 the official script calls it (lowercasing, its western-language tokenisation, BLEU over 1..4-grams with the
 closest-reference brevity penalty and its smoothing of zero n-gram matches, NIST over 1..5-grams), including how the
 official script hands multi-reference data to mteval: it pads every segment to the largest reference count with
-empty references, which changes the average reference length in NIST's length penalty. METEOR 1.5, ROUGE-L
+empty references, which its mteval-v13a-sig.pl does not count when it averages the reference length for NIST's
+length penalty (total reference words / mean number of non-empty references per segment). METEOR 1.5, ROUGE-L
 (beta 1.2) and CIDEr-D come from the `pycocoevalcap` package, after its Stanford PTB tokenizer (lowercasing,
 punctuation removal), exactly as the official script runs them; those three need a Java runtime.
 
@@ -121,8 +122,9 @@ def bleu_nist_scores(predictions: Sequence[str], references: Sequence[Sequence[s
     default it smooths an order with no match to 1 / (2^k * system n-grams) (k counting such orders) and counts an
     order the system has no n-grams of as precision 1, so it is 0 only for an empty output. NIST sums, per order,
     the information of the matched n-grams over the system n-gram count, times its length penalty on the system
-    length over the average reference length, where the official script's padding makes that average the total
-    reference words divided by the largest reference count of any segment."""
+    length over the average reference length: the total reference words divided by the mean number of non-empty
+    references per segment (mteval-v13a-sig.pl counts a segment's references that are not empty after
+    tokenisation, so the official script's empty padding references do not count)."""
     _check_inputs(predictions, references)
     hyps = [mteval_tokenize(p) for p in predictions]
     refs = [[mteval_tokenize(r) for r in segment_refs] for segment_refs in references]
@@ -148,12 +150,12 @@ def bleu_nist_scores(predictions: Sequence[str], references: Sequence[Sequence[s
         ref_length += _closest_length(len(hyp), [len(ref) for ref in segment_refs])
 
     bleu = _smoothed_bleu(matches, hyp_counts, ref_length)
-    ref_sets = max(len(segment_refs) for segment_refs in refs)
     ref_words = sum(len(ref) for segment_refs in refs for ref in segment_refs)
     if ref_words == 0:
         raise ValueError("the references contain no words")
+    mean_ref_count = sum(1 for segment_refs in refs for ref in segment_refs if ref) / len(refs)
     nist = sum(nist_info[n] / max(hyp_counts[n], 1) for n in range(1, NIST_MAX_N + 1))
-    nist *= _nist_length_penalty(hyp_counts[1] / (ref_words / ref_sets))
+    nist *= _nist_length_penalty(hyp_counts[1] / (ref_words / mean_ref_count))
     return {"BLEU": bleu, "NIST": nist}
 
 
