@@ -20,10 +20,32 @@ from torch.distributed.tensor import DTensor
 from kasa.adapters import peft_baselines
 from kasa.adapters.config import AdapterConfig
 from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters
+from kasa.adapters.quantized import quantize_pending
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "kasa-adapter/1"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file's permissions following the umask like every other file kasa writes
+    (safetensors creates its files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """A checkpoint holding NaN or inf would evaluate silently to chance level: refuse it, naming the tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: tensor {name} holds NaN or inf values (saved after training diverged?): "
+                             "this checkpoint is unusable; use another one")
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,7 +101,7 @@ def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, tor
     }
     # Each file goes in under a temporary name and is renamed, so a crash never leaves a half-written file.
     tmp_weights = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": FORMAT})
+    save_tensors(tensors, tmp_weights, metadata={"format": FORMAT})
     tmp_config = directory / f".{CONFIG_FILE}.tmp"
     tmp_config.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_weights, directory / WEIGHTS_FILE)
@@ -109,6 +131,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as err:
         raise ValueError(f"cannot read {directory / WEIGHTS_FILE} ({err}): the checkpoint is missing or truncated") from err
+    refuse_non_finite(tensors, directory / WEIGHTS_FILE)
     apply_adapters(model, config, initialise=False)
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(tensors))
@@ -133,4 +156,5 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         for key, target in expected.items():
             if ".adapters." not in key:
                 target.copy_(tensors[key])
+    quantize_pending(model, config.method, config.trainable_modules)  # the truncated base, as in training
     return model

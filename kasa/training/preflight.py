@@ -1,0 +1,201 @@
+"""Checks that run before any model loads: everything cheap that could otherwise fail after minutes of loading and
+truncating a large model. Each failure is a ValueError (or OSError) whose message is one line naming the setting
+and the fix; the command line turns it into `error: ...` and exit status 2.
+
+- config values: counts >= 1, learning rates > 0, fractions in range, known names (`check_config_values`);
+- the output folder: a directory we can create and write in (`check_output_dir`);
+- the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
+- a large model with no GPU: stop unless `trainer.allow_cpu=true` (`check_model_size`);
+- resuming with settings that differ from the run's saved config (`config_differences`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from kasa.config import RunConfig
+
+CPU_PARAMETER_LIMIT = 500_000_000
+"""Above this many base-model parameters and without a GPU, a run stops at once (`trainer.allow_cpu=true` proceeds):
+a 7B model's truncation and steps would take hours to days on a CPU."""
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+RESUME_IGNORED = ("resume", "overwrite", "resume_allow_changes", "hydra_overrides", "output_dir", "logging",
+                  "trainer.save_every", "trainer.keep_checkpoints", "trainer.allow_cpu", "method.svd_cache_dir")
+"""Settings that may change between a run and its resumption: they do not change what the run computes (where it
+lives, how often it saves, the progress display, the decomposition cache)."""
+
+
+def _at_least(minimum: float, optional: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (optional and v is None) or (v is not None and v >= minimum)
+
+
+def _positive(optional: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (optional and v is None) or (v is not None and math.isfinite(v) and v > 0)
+
+
+def _fraction(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+# setting -> (test, what it must be)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "trainer.epochs": (_at_least(1), "an integer >= 1"),
+    "trainer.batch_size": (_at_least(1), "an integer >= 1"),
+    "trainer.eval_batch_size": (_at_least(1), "an integer >= 1"),
+    "trainer.grad_accum": (_at_least(1), "an integer >= 1"),
+    "trainer.max_length": (_at_least(1), "an integer >= 1"),
+    "trainer.log_every": (_at_least(1), "an integer >= 1"),
+    "trainer.keep_checkpoints": (_at_least(1), "an integer >= 1 (resume needs a resumable checkpoint)"),
+    "trainer.max_steps": (_at_least(1, optional=True), "null or an integer >= 1"),
+    "trainer.save_every": (_at_least(1, optional=True), "null or an integer >= 1"),
+    "trainer.warmup_steps": (_at_least(0), "an integer >= 0"),
+    "trainer.lr": (_positive(), "a number > 0"),
+    "trainer.head_lr": (_positive(optional=True), "null or a number > 0"),
+    "trainer.max_grad_norm": (_positive(optional=True), "null or a number > 0"),
+    "trainer.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "trainer.warmup_ratio": (_fraction, "in [0, 1)"),
+    "trainer.label_smoothing": (_fraction, "in [0, 1)"),
+    "trainer.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "task.num_labels": (_at_least(1), "an integer >= 1 (1: regression)"),
+    "task.max_train_samples": (_at_least(1, optional=True), "null or an integer >= 1"),
+    "task.max_eval_samples": (_at_least(1, optional=True), "null or an integer >= 1"),
+    "task.generation.max_new_tokens": (_at_least(1), "an integer >= 1"),
+    "task.generation.num_beams": (_at_least(1), "an integer >= 1"),
+    "task.generation.batch_size": (_at_least(1), "an integer >= 1"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_config_values(cfg: RunConfig) -> None:
+    """Values the schema's types allow but a run cannot use (epochs 0, lr -1, ...): the first one found, named."""
+    for key, (test, requirement) in _RULES.items():
+        value = _get(cfg, key)
+        if not test(value):
+            raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
+    from transformers import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.trainer.scheduler not in schedulers:
+        raise ValueError(f"trainer.scheduler={cfg.trainer.scheduler!r} is unknown: choose one of {', '.join(schedulers)}")
+
+
+def check_output_dir(out: Path) -> None:
+    """The run directory must be (or become) a folder this process can write files into."""
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"cannot use hydra.run.dir={out}: {parent} is a file; choose another hydra.run.dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"kasa")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write into hydra.run.dir={out} ({err.strerror}): choose a writable folder "
+                      "with hydra.run.dir=<path>") from None
+
+
+def check_resume_checkpoint(directory: Path) -> None:
+    """A checkpoint to resume from must be complete (its state file is written last), and its tensors readable and
+    finite: a broken one is found now, not after the model has loaded."""
+    from safetensors.torch import load_file
+
+    from kasa.adapters.io import WEIGHTS_FILE, refuse_non_finite
+    from kasa.training.checkpoint import STATE_FILE
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"resume={directory}: no such checkpoint directory")
+    for name in (STATE_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise ValueError(f"checkpoint {directory} is incomplete ({name} missing): resume from another one")
+    try:
+        json.loads((directory / STATE_FILE).read_text())
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types; any failure means unreadable)
+        raise ValueError(f"cannot read checkpoint {directory} ({str(err).splitlines()[0][:120]}): it is corrupt or "
+                         "truncated; resume from another one (resume=<checkpoint dir>) or start again") from None
+    refuse_non_finite(tensors, directory / WEIGHTS_FILE)
+
+
+def _parameter_count(cfg: RunConfig) -> int | None:
+    """Parameters of the base model from its config alone (built on the meta device: no weights, no memory), or None
+    when that cannot be known cheaply (the loader then reports any problem itself)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from kasa.training.models import model_source
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.gguf_file:
+        kwargs["gguf_file"] = cfg.model.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(model_source(cfg.model), **kwargs)
+        factory = AutoModelForSequenceClassification if cfg.task.kind == "glue" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = factory.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 (an estimate only: loading the model itself gives the real error)
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_size(cfg: RunConfig, allow_cpu: bool) -> None:
+    """Without a GPU, a model above CPU_PARAMETER_LIMIT parameters stops here unless allowed explicitly."""
+    import torch
+
+    if allow_cpu or torch.cuda.is_available():
+        return
+    count = _parameter_count(cfg)
+    if count is not None and count > CPU_PARAMETER_LIMIT:
+        raise ValueError(f"{cfg.model.path or cfg.model.name} has {count / 1e9:.2f}B parameters and no GPU is visible: "
+                         "on a CPU it would take hours to days; run on a GPU, or pass trainer.allow_cpu=true to "
+                         "proceed anyway")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat |= _flatten(value, f"{prefix}{key}.")
+        return flat
+    return {prefix[:-1]: data}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings whose value differs between a run's saved config and the one resuming it: {key: (saved, now)}.
+    RESUME_IGNORED settings (and anything under them) may differ."""
+    old, new = _flatten(saved), _flatten(current)
+    ignored = tuple(RESUME_IGNORED)
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not any(key == i or key.startswith(f"{i}.") for i in ignored)}
+
+
+def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
+
+
+def check_resume_config(saved_config: Path, current: dict[str, Any], allow_changes: bool) -> dict[str, tuple[Any, Any]]:
+    """Refuse to continue a run with settings other than its own (the result would match neither), unless
+    `resume_allow_changes=true`; returns the differences so that the run can record them."""
+    if not saved_config.is_file():
+        return {}
+    try:
+        saved = json.loads(saved_config.read_text())
+    except ValueError as err:
+        raise ValueError(f"{saved_config} is corrupt ({err}): cannot tell whether this resume changes settings; "
+                         "pass resume_allow_changes=true to continue anyway") from None
+    differences = config_differences(saved, current)
+    if differences and not allow_changes:
+        raise ValueError(f"resuming {saved_config.parent} with settings that differ from its own "
+                         f"({describe_differences(differences)}): drop those overrides, or pass "
+                         "resume_allow_changes=true to continue with them (the change is recorded in config.json)")
+    return differences
+

@@ -1,0 +1,99 @@
+"""Stop on request without losing work: SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
+`--signal=USR1@<seconds>` warning before preemption).
+
+The first signal asks the training loop to stop: it finishes the optimiser step under way, every process writes its
+part of a resumable checkpoint (as in any save), one line says how to continue, and the process exits with
+INTERRUPTED_EXIT. A second signal exits at once (status 128 + signal number, as a shell reports a signal death),
+without a checkpoint. A signal that arrives before training has started (while the model loads) stops at once: there
+is nothing to save yet.
+
+Exit status 75 (EX_TEMPFAIL in sysexits.h, "temporary failure, retry later") tells a wrapper script or a requeueing
+scheduler that the run saved its state and continues with `resume=auto`; a process killed before it could save exits
+137 / 143 instead."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+INTERRUPTED_EXIT = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class TrainingInterrupted(Exception):
+    """Raised by the loop after a stop signal, once the resumable checkpoint is written (or before training when
+    nothing could be saved yet)."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None, step: int | None = None) -> None:
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        super().__init__(signal.Signals(signum).name)
+
+
+def _say(message: str) -> None:
+    """Write one line from a signal handler: os.write, since print() may be in the middle of a write already."""
+    os.write(sys.stderr.fileno(), f"{message}\n".encode())
+
+
+class StopSignals:
+    """Installs the handlers for the duration of a `with` block (in the main thread), and restores the old ones.
+
+    `checkpointable` is False until the loop can save a resumable checkpoint; until then a signal stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.checkpointable = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            _say(f"{name} again: stopping at once, without a checkpoint")
+            os._exit(128 + signum)
+        self.received = signum
+        if not self.checkpointable:
+            raise TrainingInterrupted(signum)
+        _say(f"{name}: finishing this optimiser step and saving a resumable checkpoint (send it again to stop at once)")
+
+    def stop_requested(self, accelerator: Any) -> bool:
+        """Whether any process got a stop signal. One process: a flag read; several: a one-element all-reduce per
+        call, so that every process stops at the same step and takes part in the checkpoint."""
+        local = self.received is not None
+        if accelerator.num_processes == 1:
+            return local
+        import torch
+
+        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+        stop = bool(accelerator.gather(flag).max().item())
+        if stop and self.received is None:
+            self.received = int(signal.SIGTERM)  # another process was signalled: stop the same way
+        return stop
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command that continues this run: the same arguments with resume=auto and the run directory pinned."""
+    args = [a for a in argv[1:] if not a.startswith(("resume=", "overwrite="))]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir}")
+    return shlex.join(["kasa-train", *args, "resume=auto"])
+
+
+def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path) -> str:
+    name = signal.Signals(err.signum).name
+    where = ("before training started (nothing new to save)" if err.checkpoint is None
+             else f"at step {err.step}: checkpoint saved in {err.checkpoint}")
+    return f"stopped by {name} {where}; continue with: {resume_command(argv, run_dir)}"

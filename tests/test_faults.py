@@ -1,0 +1,186 @@
+"""Never lose or corrupt a run, the parts that need no training: the run-directory lock, the stop-signal handler,
+the checks made before any model loads, and the refusal of non-finite checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kasa.adapters.io import refuse_non_finite, save_tensors
+from kasa.config import RunConfig
+from kasa.training import preflight
+from kasa.training.run_lock import RunDirLocked, RunLock
+from kasa.training.signals import StopSignals, TrainingInterrupted, interrupted_message, resume_command
+
+
+def _standalone(module: str) -> str:
+    """Python that imports one stdlib-only kasa module by its path, without kasa's (slow: torch) package import."""
+    path = Path(__file__).parents[1] / "kasa" / "training" / f"{module}.py"
+    return (f"import importlib.util, sys\nspec = importlib.util.spec_from_file_location({module!r}, {str(path)!r})\n"
+            f"{module} = importlib.util.module_from_spec(spec)\nspec.loader.exec_module({module})\n")
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    first = RunLock(tmp_path / "run").acquire()
+    with pytest.raises(RunDirLocked, match=rf"in use by another kasa run \(pid {os.getpid()} on "):
+        RunLock(tmp_path / "run").acquire()
+    first.release()
+    RunLock(tmp_path / "run").acquire().release()  # free again
+
+
+def test_lock_dies_with_its_process(tmp_path):
+    """A holder killed with SIGKILL leaves nothing stuck: the kernel drops the flock with the process."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _standalone("run_lock") + textwrap.dedent(f"""
+            import time
+            run_lock.RunLock({str(tmp_path / 'run')!r}).acquire()
+            print('locked', flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunDirLocked, match=f"pid {holder.pid}"):
+        RunLock(tmp_path / "run").acquire()
+    holder.kill()
+    holder.wait()
+    RunLock(tmp_path / "run").acquire().release()
+
+
+def test_first_signal_requests_a_stop_second_exits_at_once(tmp_path):
+    script = _standalone("signals") + textwrap.dedent("""
+        import os, signal, time
+        with signals.StopSignals() as stop:
+            stop.checkpointable = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.received == signal.SIGTERM, stop.received
+            print('requested', flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        print('not reached')
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "requested"
+    assert result.returncode == 128 + signal.SIGINT
+    assert "SIGINT again: stopping at once" in result.stderr
+
+
+def test_signal_before_training_stops_at_once():
+    with StopSignals() as stop:
+        with pytest.raises(TrainingInterrupted):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(100):  # the handler runs between bytecodes of the main thread
+                pass
+    assert stop.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the old handler is back
+
+
+def test_resume_command_pins_the_run_dir_and_adds_resume_auto():
+    argv = ["kasa-train", "recipe=glue/roberta_base_cola", "trainer.lr=1e-3", "overwrite=true"]
+    assert resume_command(argv, Path("/runs/a b")) == (
+        "kasa-train recipe=glue/roberta_base_cola trainer.lr=1e-3 'hydra.run.dir=/runs/a b' resume=auto")
+    err = TrainingInterrupted(signal.SIGTERM, Path("/runs/x/checkpoints/step-00000007"), 7)
+    line = interrupted_message(err, ["kasa-train", "hydra.run.dir=/runs/x", "resume=auto"], Path("/runs/x"))
+    assert line == ("stopped by SIGTERM at step 7: checkpoint saved in /runs/x/checkpoints/step-00000007; "
+                    "continue with: kasa-train hydra.run.dir=/runs/x resume=auto")
+
+
+def _config(**trainer) -> RunConfig:
+    cfg = RunConfig()
+    cfg.trainer = replace(cfg.trainer, **trainer)
+    return cfg
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("epochs", 0), ("grad_accum", 0), ("batch_size", 0), ("eval_batch_size", -1), ("lr", -1.0), ("lr", 0.0),
+    ("lr", math.nan), ("head_lr", 0.0), ("warmup_ratio", 1.5), ("max_steps", 0), ("save_every", 0),
+    ("keep_checkpoints", 0), ("log_every", 0), ("label_smoothing", 1.0), ("precision", "fp8"), ("scheduler", "nope"),
+])
+def test_bad_values_are_named(setting, value):
+    with pytest.raises(ValueError, match=rf"trainer\.{setting}="):
+        preflight.check_config_values(_config(**{setting: value}))
+
+
+def test_good_values_pass():
+    preflight.check_config_values(_config(head_lr=None, max_steps=5, save_every=1, max_grad_norm=1.0))
+
+
+def test_output_dir_that_is_a_file_or_unwritable(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        preflight.check_output_dir(afile / "run")
+    with pytest.raises(OSError, match="cannot write into hydra.run.dir=/proc/kasa-run"):
+        preflight.check_output_dir(Path("/proc/kasa-run"))
+    preflight.check_output_dir(tmp_path / "fine" / "run")
+    assert list((tmp_path / "fine" / "run").iterdir()) == []  # the probe file is gone
+
+
+def test_resume_checkpoint_checks(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        preflight.check_resume_checkpoint(tmp_path / "nowhere")
+    ckpt = tmp_path / "step-00000003"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match="incomplete"):
+        preflight.check_resume_checkpoint(ckpt)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        preflight.check_resume_checkpoint(ckpt)
+    save_file({"layer.adapters.sigma": torch.tensor([1.0, math.inf])}, str(ckpt / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="tensor layer.adapters.sigma holds NaN or inf"):
+        preflight.check_resume_checkpoint(ckpt)
+    save_file({"layer.adapters.sigma": torch.ones(2)}, str(ckpt / "adapter_model.safetensors"))
+    preflight.check_resume_checkpoint(ckpt)
+
+
+def test_non_finite_refused_with_the_tensor_name():
+    refuse_non_finite({"a": torch.ones(3), "steps": torch.tensor([1, 2])}, "x")
+    with pytest.raises(ValueError, match="tensor b holds NaN"):
+        refuse_non_finite({"a": torch.ones(3), "b": torch.tensor([0.0, math.nan])}, "x")
+
+
+def test_weight_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_tensors({"a": torch.ones(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_large_model_without_gpu_needs_the_override(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "big"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(folder)
+    cfg = RunConfig()
+    cfg.model = replace(cfg.model, path=str(folder))
+    cfg.task = replace(cfg.task, kind="instruction")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"6\.\d\dB parameters and no GPU.*trainer.allow_cpu=true"):
+        preflight.check_model_size(cfg, allow_cpu=False)
+    preflight.check_model_size(cfg, allow_cpu=True)
+
+
+def test_resume_config_differences(tmp_path):
+    saved = {"trainer": {"lr": 0.001, "epochs": 2, "save_every": 3}, "resume": None, "hydra_overrides": ["a=1"],
+             "logging": {"progress": True}}
+    now = {"trainer": {"lr": 0.5, "epochs": 2, "save_every": 5}, "resume": "auto", "hydra_overrides": ["b=2"],
+           "logging": {"progress": False}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"trainer\.lr: 0\.001 -> 0\.5\): drop those overrides.*resume_allow_changes"):
+        preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=False)
+    assert preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=True) == {
+        "trainer.lr": (0.001, 0.5)}
+    assert preflight.check_resume_config(tmp_path / "config.json", saved | {"resume": "auto"}, False) == {}
