@@ -1,9 +1,13 @@
-"""GLUE metrics against values worked out by hand."""
+"""GLUE metrics against values worked out by hand, and their edge cases against the libraries the GLUE reference
+metric wraps (scikit-learn's matthews_corrcoef and f1_score, scipy's pearsonr and spearmanr)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 from kasa.evaluation.metrics import METRIC_NAMES, compute_metrics, main_metric
 
@@ -32,11 +36,47 @@ def test_perfect_and_inverted_predictions() -> None:
     assert inverted == pytest.approx({"accuracy": 0.0, "matthews": -1.0, "f1": 0.0})
 
 
-def test_constant_prediction_gives_zero_matthews_not_nan() -> None:
-    # all predictions class 1: MCC's denominator has (TN + FN) = 0, so MCC is undefined and reported as 0
-    metrics = compute_metrics(np.ones(4, dtype=int), np.array([0, 1, 1, 0]), 2)
+def test_constant_prediction_gives_zero_matthews_as_scikit_learn() -> None:
+    # all predictions class 1: MCC's denominator has (TN + FN) = 0, so MCC is undefined; scikit-learn returns 0.0
+    predictions, labels = np.ones(4, dtype=int), np.array([0, 1, 1, 0])
+    metrics = compute_metrics(predictions, labels, 2)
     # F1 = 2*2 / (2*2 + 2 + 0) = 2/3
     assert metrics == pytest.approx({"accuracy": 0.5, "matthews": 0.0, "f1": 2 / 3})
+    assert metrics["matthews"] == matthews_corrcoef(labels, predictions)
+    assert metrics["f1"] == f1_score(labels, predictions)
+
+
+def test_single_class_edge_cases_match_scikit_learn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented value, not a warning every epoch
+        # labels and predictions all class 0: MCC 0.0; F1 of class 1 with no positive anywhere: 0.0 (zero_division)
+        only_negative = compute_metrics(np.zeros(3, dtype=int), np.zeros(3, dtype=int), 2)
+        # all class 1 and all right: MCC is still undefined (0.0), F1 = 1
+        only_positive = compute_metrics(np.ones(3, dtype=int), np.ones(3, dtype=int), 2)
+    assert only_negative == {"accuracy": 1.0, "matthews": 0.0, "f1": 0.0}
+    assert only_positive == {"accuracy": 1.0, "matthews": 0.0, "f1": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert only_negative["matthews"] == matthews_corrcoef([0, 0, 0], [0, 0, 0])
+        assert only_negative["f1"] == f1_score([0, 0, 0], [0, 0, 0])
+        assert only_positive["f1"] == f1_score([1, 1, 1], [1, 1, 1])
+
+
+def test_random_predictions_match_scikit_learn_and_scipy() -> None:
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    metrics = compute_metrics(predictions, labels, 2)
+    assert metrics["matthews"] == pytest.approx(matthews_corrcoef(labels, predictions), rel=1e-12)
+    assert metrics["f1"] == pytest.approx(f1_score(labels, predictions), rel=1e-12)
+    labels3, predictions3 = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+    metrics = compute_metrics(predictions3, labels3, 3)
+    assert metrics["matthews"] == pytest.approx(matthews_corrcoef(labels3, predictions3), rel=1e-12)
+    assert metrics["f1"] == pytest.approx(f1_score(labels3, predictions3, average="macro"), rel=1e-12)
+    # STS-B-like scores rounded to 0.2 steps: many ties on both sides
+    scores, targets = np.round(rng.uniform(0, 5, 60) * 5) / 5, np.round(rng.uniform(0, 5, 60) * 5) / 5
+    metrics = compute_metrics(scores, targets, 1)
+    assert metrics["pearson"] == pytest.approx(pearsonr(scores, targets)[0], rel=1e-12)
+    assert metrics["spearman"] == pytest.approx(spearmanr(scores, targets)[0], rel=1e-12)
 
 
 def test_three_classes() -> None:
@@ -65,11 +105,22 @@ def test_spearman_averages_ties() -> None:
     # dx = (-1.5, 0, 0, 1.5), dy = (-1.5, -0.5, 0.5, 1.5): sum dx*dy = 4.5, sum dx^2 = 4.5, sum dy^2 = 5
     metrics = compute_metrics(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0]), 1)
     assert metrics["spearman"] == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert metrics["spearman"] == pytest.approx(spearmanr([1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0])[0], rel=1e-12)
 
 
-def test_constant_regression_predictions_give_zero() -> None:
-    metrics = compute_metrics(np.full(4, 2.5), np.array([1.0, 2.0, 3.0, 5.0]), 1)
-    assert metrics == {"pearson": 0.0, "spearman": 0.0}
+def test_constant_regression_predictions_give_nan_as_scipy() -> None:
+    # a constant side makes both correlations 0/0: scipy (and so the GLUE reference metric) returns nan, no warning
+    # here; fewer than two pairs are undefined too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = compute_metrics(np.full(4, 2.5), np.array([1.0, 2.0, 3.0, 5.0]), 1)
+        single = compute_metrics(np.array([1.0]), np.array([2.0]), 1)
+    assert math.isnan(metrics["pearson"]) and math.isnan(metrics["spearman"])
+    assert math.isnan(single["pearson"]) and math.isnan(single["spearman"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(pearsonr(np.full(4, 2.5), [1.0, 2.0, 3.0, 5.0])[0])
+        assert math.isnan(spearmanr(np.full(4, 2.5), [1.0, 2.0, 3.0, 5.0])[0])
 
 
 def test_bad_inputs() -> None:

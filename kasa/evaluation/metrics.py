@@ -1,12 +1,22 @@
-"""GLUE metrics from predictions and labels, in plain numpy/scipy so that evaluation needs no extra package.
+"""GLUE metrics from predictions and labels, computed with the libraries that the GLUE reference metric itself wraps:
+scikit-learn's `matthews_corrcoef` and `f1_score`, scipy's `pearsonr` and `spearmanr`.
 
 Classification reports accuracy, Matthews correlation (CoLA's metric) and F1 (MRPC/QQP's); regression reports
-Pearson (STS-B's) and Spearman correlation. `main_metric` picks the one that selects the best epoch."""
+Pearson (STS-B's) and Spearman correlation. `main_metric` picks the one that selects the best epoch.
+
+Where a metric is undefined the value is the reference's: Matthews correlation is 0.0 when all predictions or all
+labels are one class (scikit-learn), F1 is 0.0 when the positive class is neither predicted nor present
+(scikit-learn's zero_division), and Pearson and Spearman are nan when either side is constant (scipy) or there are
+fewer than two pairs. A nan epoch never becomes the best one."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 CLASSIFICATION_METRICS = ("accuracy", "matthews", "f1")
 REGRESSION_METRICS = ("pearson", "spearman")
@@ -32,12 +42,7 @@ def compute_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int
     if num_labels == 1:
         scores = predictions.reshape(-1).astype(np.float64)
         _check_lengths(scores, labels)
-        targets = labels.astype(np.float64)
-        return {
-            "pearson": _pearson(scores, targets),
-            # Spearman = Pearson of the ranks (ties get their average rank)
-            "spearman": _pearson(rankdata(scores), rankdata(targets)),
-        }
+        return _correlations(scores, labels.astype(np.float64))
     if num_labels < 1:
         raise ValueError(f"num_labels={num_labels}: use 1 for regression or the number of classes")
     ids = predictions.argmax(axis=-1) if predictions.ndim == 2 else predictions.reshape(-1)
@@ -46,14 +51,13 @@ def compute_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int
     for name, values in (("predicted class", ids), ("label", labels)):
         if values.min() < 0 or values.max() >= num_labels:
             raise ValueError(f"a {name} lies outside 0..{num_labels - 1}; check num_labels and unlabeled rows (-1)")
-    # confusion[i, j]: rows whose true class is i and predicted class is j
-    confusion = np.zeros((num_labels, num_labels), dtype=np.float64)
-    np.add.at(confusion, (labels, ids), 1.0)
-    return {
-        "accuracy": float(np.trace(confusion) / confusion.sum()),
-        "matthews": _matthews(confusion),
-        "f1": _f1(confusion, 1) if num_labels == 2 else float(np.mean([_f1(confusion, c) for c in range(num_labels)])),
-    }
+    with warnings.catch_warnings():
+        # "a single label was found": the value (0.0) is documented above, the warning would repeat every epoch
+        warnings.simplefilter("ignore", UserWarning)
+        matthews = float(matthews_corrcoef(labels, ids))
+    # GLUE's F1 is the positive class's (MRPC, QQP); with more classes, the macro mean over the classes present
+    f1 = f1_score(labels, ids, average="binary" if num_labels == 2 else "macro", zero_division=0.0)
+    return {"accuracy": float(np.mean(ids == labels)), "matthews": matthews, "f1": float(f1)}
 
 
 def main_metric(metrics: dict[str, float], name: str) -> float:
@@ -73,28 +77,11 @@ def _check_lengths(predictions: np.ndarray, labels: np.ndarray) -> None:
         raise ValueError(f"{predictions.shape[0]} predictions for {labels.shape[0]} labels")
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; 0.0 when either side is constant, where the correlation is undefined (0/0 gives nan).
-    A model that predicts one value for everything has learnt nothing, and 0.0 keeps best-epoch selection and
-    averages over seeds finite."""
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = np.sqrt((dx * dx).sum() * (dy * dy).sum())
-    return float((dx * dy).sum() / denominator) if denominator > 0 else 0.0
-
-
-def _matthews(confusion: np.ndarray) -> float:
-    """Matthews correlation of a K x K confusion matrix (Gorodkin's R_K; the usual MCC when K = 2); 0.0 when all
-    predictions or all labels are one class, where it is undefined, as scikit-learn does."""
-    n = confusion.sum()
-    correct = np.trace(confusion)
-    true_counts, predicted_counts = confusion.sum(axis=1), confusion.sum(axis=0)
-    numerator = correct * n - true_counts @ predicted_counts
-    denominator = np.sqrt((n * n - predicted_counts @ predicted_counts) * (n * n - true_counts @ true_counts))
-    return float(numerator / denominator) if denominator > 0 else 0.0
-
-
-def _f1(confusion: np.ndarray, cls: int) -> float:
-    """F1 of class `cls`; 0.0 when it is never predicted nor present (precision and recall both undefined)."""
-    true_positive = confusion[cls, cls]
-    predicted, actual = confusion[:, cls].sum(), confusion[cls, :].sum()
-    return float(2 * true_positive / (predicted + actual)) if predicted + actual > 0 else 0.0
+def _correlations(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman (Pearson of the ranks, ties at their average rank) as scipy computes them; nan when
+    they are undefined (a constant side, or fewer than two pairs), as in the GLUE reference metric."""
+    if scores.size < 2:
+        return {"pearson": math.nan, "spearman": math.nan}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)  # the nan result says it
+        return {"pearson": float(pearsonr(scores, targets)[0]), "spearman": float(spearmanr(scores, targets)[0])}
