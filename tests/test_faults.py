@@ -184,3 +184,23 @@ def test_resume_config_differences(tmp_path):
     assert preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=True) == {
         "trainer.lr": (0.001, 0.5)}
     assert preflight.check_resume_config(tmp_path / "config.json", saved | {"resume": "auto"}, False) == {}
+
+
+def test_compare_and_sweep_skip_and_name_runs_without_a_finite_result(tmp_path, caplog):
+    """A summary with best -Infinity (written by older versions for a run that never evaluated) is no result."""
+    import logging
+
+    from kasa.evaluation import compare, sweep
+
+    for job, best in (("0", 0.7), ("1", -math.inf), ("2", 0.8)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        summary = {"task": "cola", "method": "kasa", "metric": "matthews", "best": best, "seed": int(job),
+                   "rank": 8, "beta": 1e-4, "gamma": 1e-3, "trainable_params": 10, "overrides": []}
+        (tmp_path / job / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level(logging.WARNING):
+        runs, skipped = sweep.load_runs(tmp_path)
+        table = compare.build_table(compare.collect_runs([tmp_path]))
+    assert [r.path.name for r in runs] == ["0", "2"] and [p.name for p in skipped] == ["1"]
+    assert sorted(table.rows[0].cells[("cola", "matthews")].values) == [0.7, 0.8]
+    named = [r.getMessage() for r in caplog.records if "no finite `best`" in r.getMessage()]
+    assert len(named) == 2 and all(str(tmp_path / "1") in m for m in named)

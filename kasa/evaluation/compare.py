@@ -55,15 +55,15 @@ METRIC_NAMES = {"accuracy": "Acc.", "matthews": "Mcc.", "pearson": "Pcc.", "spea
 
 
 def _read_run(directory: Path) -> Run | None:
-    """One run folder with a usable summary.json (a numeric `best`), else None with a warning."""
+    """One run folder with a usable summary.json (a finite `best`), else None with a warning."""
     try:
         summary = json.loads((directory / SUMMARY_FILE).read_text())
     except (OSError, ValueError) as err:
         log.warning("skipping %s: cannot read %s (%s)", directory, SUMMARY_FILE, err)
         return None
     best = summary.get("best") if isinstance(summary, dict) else None
-    if not isinstance(best, (int, float)) or isinstance(best, bool) or math.isnan(float(best)):
-        log.warning("skipping %s: %s has no numeric `best`", directory, SUMMARY_FILE)
+    if not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(float(best)):
+        log.warning("skipping %s: %s has no finite `best` (the run did not evaluate)", directory, SUMMARY_FILE)
         return None
     return Run(directory, summary, parse_overrides(summary.get("overrides") or []))
 
@@ -372,7 +372,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, scale: f
     paths = [Path(p) for p in paths]
     runs = collect_runs(paths)
     if not runs:
-        raise ValueError(f"no finished run ({SUMMARY_FILE} with a numeric `best`) under {', '.join(map(str, paths))}")
+        raise ValueError(f"no finished run ({SUMMARY_FILE} with a finite `best`) under {', '.join(map(str, paths))}")
     table = build_table(runs, by=by, scale=scale, decimals=decimals)
     out = Path(out) if out is not None else (paths[0] if len(paths) == 1 else Path.cwd())
     out.mkdir(parents=True, exist_ok=True)

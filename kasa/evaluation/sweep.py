@@ -130,7 +130,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
-    """The sweep's finished runs, and the run folders skipped (no summary.json, unreadable, or no `best`)."""
+    """The sweep's finished runs, and the run folders skipped (no summary.json, unreadable, or no finite `best`)."""
     runs: list[Run] = []
     skipped: list[Path] = []
     for directory in _run_dirs(sweep_dir):
@@ -146,8 +146,8 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
             skipped.append(directory)
             continue
         best = summary.get("best") if isinstance(summary, dict) else None
-        if not isinstance(best, (int, float)) or isinstance(best, bool) or math.isnan(float(best)):
-            log.warning("skipping %s: %s has no numeric `best`", directory, SUMMARY_FILE)
+        if not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(float(best)):
+            log.warning("skipping %s: %s has no finite `best` (the run did not evaluate)", directory, SUMMARY_FILE)
             skipped.append(directory)
             continue
         runs.append(Run(directory, summary, parse_overrides(summary.get("overrides") or [])))
