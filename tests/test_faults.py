@@ -204,3 +204,14 @@ def test_compare_and_sweep_skip_and_name_runs_without_a_finite_result(tmp_path, 
     assert sorted(table.rows[0].cells[("cola", "matthews")].values) == [0.7, 0.8]
     named = [r.getMessage() for r in caplog.records if "no finite `best`" in r.getMessage()]
     assert len(named) == 2 and all(str(tmp_path / "1") in m for m in named)
+
+
+def test_binary_data_file_names_the_file(tmp_path):
+    from kasa.config import TaskConfig
+    from kasa.data.errors import DataError
+    from kasa.data.glue import load_glue_splits
+
+    (tmp_path / "train.tsv").write_bytes(bytes(range(128, 256)) * 4)  # e.g. a gzip saved under the .tsv name
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nthe movie was good\t1\n")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.tsv'} is not a UTF-8 text file"):
+        load_glue_splits(TaskConfig(name="demo", data_dir=str(tmp_path)))

@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 
 from kasa.config import TaskConfig
-from kasa.data.errors import DataError
+from kasa.data.errors import DataError, not_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -192,7 +192,12 @@ def _read_rows(path: Path, task: TaskConfig) -> tuple[list[str], list[tuple[int,
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        rows = [(reader.line_num, row) for row in reader if row]
+        try:
+            rows = [(reader.line_num, row) for row in reader if row]
+        except UnicodeDecodeError as err:
+            raise not_text(path, err) from None
+        except csv.Error as err:  # e.g. NUL bytes: a binary file that happens to decode
+            raise DataError(f"{path}, line {reader.line_num}: {err}; is it a text TSV / CSV file?") from None
     if not rows:
         raise DataError(f"{path} is empty; the split needs a header and at least one row")
     first = _with_hub_names([cell.strip() for cell in rows[0][1]], [*task.text_fields, task.label_field])
