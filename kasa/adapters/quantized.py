@@ -1,0 +1,209 @@
+"""Quantized frozen bases (QLoRA-style) through bitsandbytes: `nf4` (4-bit NormalFloat, double-quantized
+statistics, as QLoRA) or `int8` (LLM.int8 with outlier threshold 6).
+
+Order matters for the methods that change W0 (the KaSA ladder, svd_lora, PiSSA, MiLoRA): the model is loaded in
+its float dtype, the adapters decompose that full-precision W0 and truncate it, and only then is the *residual*
+W0 - W_removed quantized (`quantize_base`). So the removed components are those of the real weight (the minor
+components of a dequantized NF4 weight are mostly quantization noise), and the frozen base is the quantized image
+of exactly the paper's W_world. Quantizing the residual was chosen over quantizing W0 and keeping -W_removed as a
+frozen low-rank term by measuring both against the unquantized truncated model (scripts/quantized_residual_error.py):
+the residual is as close or closer for every method and costs no extra matmuls. LoRA-family adapters then run in
+float over the bitsandbytes layer's forward, as QLoRA does.
+
+Adapter checkpoints never hold base weights, so save/load stays exact and SVD-free: loading rebuilds the float
+truncated base from the saved triplets and quantizes it the same way. Folding an adapter into a 4-bit or 8-bit
+weight is refused (it would be a second, lossy quantization); `dequantize_base` turns the quantized layers back
+into float layers of the compute dtype first, which is what a merged export writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+QUANTIZATIONS = ("nf4", "int8")
+# Methods that run over a quantized base: kasa's own adapter layers (their frozen base may be any module) and BitFit
+# (biases stay float parameters of the bitsandbytes layers). Full fine-tuning cannot train 4/8-bit weights, and the
+# PEFT-backed methods would wrap kasa's bitsandbytes layers with PEFT's own, untested here.
+QUANTIZABLE_METHODS = ("kasa", "kasa_l2", "kasa_sv", "svd_lora", "lora", "pissa", "milora", "bitfit")
+PENDING_ATTRIBUTE = "kasa_pending_quantization"
+QUANTIZED_ATTRIBUTE = "kasa_quantization"
+NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantization: the absmax values are themselves 8-bit, one float32 scale per 256
+
+
+class _DropKernelHubNotice(logging.Filter):
+    """bitsandbytes' CPU backend tries to fetch an optional kernel from the Hugging Face Hub at import and logs two
+    warnings when it cannot (no network, or the `kernels` package refusing an unverified repository). It then uses
+    its built-in kernels, so the lines tell a user nothing: drop exactly those two."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Failed to load CPU gemm_4bit_forward") or "kernels-community/" in message
+                    or message.startswith("Skipping publisher trust check"))
+
+
+for _logger_name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_logger_name).addFilter(_DropKernelHubNotice())
+
+
+def check_quantization(quantization: str | None, method: str) -> None:
+    """Fail at start for an unknown quantization or a method that cannot run on a quantized base."""
+    if quantization is None:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        raise ValueError(f"model.quantization={quantization} runs on one GPU or under DDP (multi_gpu.json), not "
+                         "under FSDP or DeepSpeed, which would shard the packed 4/8-bit weights")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown model.quantization {quantization!r}; choose one of: null, {', '.join(QUANTIZATIONS)}")
+    if method not in QUANTIZABLE_METHODS:
+        raise ValueError(
+            f"method={method} cannot run on a quantized base (model.quantization={quantization}): use one of "
+            f"{', '.join(QUANTIZABLE_METHODS)}, or model.quantization=null"
+        )
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ValueError(
+            f"model.quantization needs bitsandbytes ({err}): pip install -c constraints.txt 'kasa[quant]'"
+        ) from err
+    return bitsandbytes
+
+
+def mark_for_quantization(model: nn.Module, quantization: str | None) -> nn.Module:
+    """Let `apply_adapters` / `load_adapter` quantize `model`'s base once its adapters have truncated it (what
+    kasa's model loader does when `model.quantization` is set)."""
+    if quantization is not None:
+        check_quantization(quantization, "lora")
+        setattr(model, PENDING_ATTRIBUTE, quantization)
+    return model
+
+
+def quantize_pending(model: nn.Module, method: str, skip: list[str]) -> None:
+    """Quantize the base of a model marked by `mark_for_quantization`, after its adapters are in place."""
+    quantization = getattr(model, PENDING_ATTRIBUTE, None)
+    if quantization is None:
+        return
+    check_quantization(quantization, method)
+    quantize_base(model, quantization, skip=skip)
+    setattr(model, PENDING_ATTRIBUTE, None)
+
+
+def _quantized_layer(layer: nn.Module, quantization: str, device: torch.device) -> nn.Module:
+    bnb = _bitsandbytes()
+    weight = layer.weight.detach()
+    if isinstance(layer, Conv1D):
+        weight = weight.T  # Conv1D stores W^T; the quantized layer is a Linear with the same function
+    out_features, in_features = weight.shape
+    compute_dtype = weight.dtype
+    bias = layer.bias
+    if quantization == "nf4":
+        new = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                                quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, quant_type="nf4")
+    else:
+        new = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                  threshold=6.0, device="meta")
+        new.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    new.kasa_compute_dtype = compute_dtype  # the dtype of the weight it replaced: what dequantizing gives back
+    return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target) or ("." + target + ".") in ("." + name + ".")
+
+
+@torch.no_grad()
+def quantize_base(model: nn.Module, quantization: str, skip: list[str] | tuple[str, ...] = (),
+                  device: str | torch.device | None = None) -> nn.Module:
+    """Replace every frozen nn.Linear / Conv1D of `model` (the base layers inside adapted layers included) by its
+    bitsandbytes `quantization` in the layer's own dtype as compute dtype, in place. Modules named in `skip` (task
+    heads), anything under them, layers with a trainable weight, and the output embedding stay float. `device`:
+    where the quantized layers go (default: this process's GPU when there is one, else the layer's device)."""
+    check_quantization(quantization, "lora")
+    if device is None and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device = PartialState().device
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is output_embedding:
+            continue
+        if module.weight.requires_grad or module.weight.device.type == "meta":
+            continue
+        if any(_matches(name, target) for target in skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        target_device = torch.device(device) if device is not None else module.weight.device
+        setattr(parent, child, _quantized_layer(module, quantization, target_device))
+        replaced += 1
+    if not replaced:
+        raise ValueError(f"model.quantization={quantization}: the model has no frozen linear layer to quantize")
+    setattr(model, QUANTIZED_ATTRIBUTE, quantization)
+    return model
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not torch.is_floating_point(weight) and hasattr(module, "in_features")
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """W (out x in) of a bitsandbytes layer, in its compute dtype."""
+    bnb = _bitsandbytes()
+    weight = layer.weight
+    dtype = getattr(layer, "kasa_compute_dtype", None) or getattr(layer, "compute_dtype", None) or torch.float32
+    if getattr(weight, "quant_state", None) is not None:  # Params4bit
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # Int8Params
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales).to(dtype)
+
+
+@torch.no_grad()
+def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn every bitsandbytes layer back into an nn.Linear holding its dequantized weight, in `dtype` (default:
+    the layer's compute dtype), in place: what the trained model computed, in float, ready to merge or export."""
+    for name, module in list(model.named_modules()):
+        if not is_quantized_layer(module):
+            continue
+        weight = dequantized_weight(module)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=weight.device, dtype=dtype or weight.dtype)
+        linear.weight.copy_(weight)
+        linear.weight.requires_grad_(False)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+            linear.bias.requires_grad_(module.bias.requires_grad)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    setattr(model, QUANTIZED_ATTRIBUTE, None)
+    return model
+
+
+def quantized_bytes(out_features: int, in_features: int, quantization: str) -> int:
+    """Bytes that bitsandbytes stores for one out x in weight (without bias): the packed values and their scales."""
+    numel = out_features * in_features
+    if quantization == "nf4":
+        blocks = -(-numel // NF4_BLOCK)
+        return numel // 2 + blocks + 4 * -(-blocks // NESTED_BLOCK)  # 4-bit values, 8-bit absmax, float32 scales
+    if quantization == "int8":
+        return numel + 4 * out_features  # int8 values and one float32 scale per row
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """The number of weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
