@@ -21,6 +21,7 @@ class ModelConfig:
     fused_modules: dict[str, list[str]] = field(default_factory=dict)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    quantization: Optional[str] = None  # null | nf4 | int8: the frozen base through bitsandbytes (QLoRA-style)
 
 
 @dataclass
@@ -112,3 +113,8 @@ class RunConfig:
     resume: Optional[str] = None  # auto: continue from the newest complete checkpoint of output_dir; or a path
     overwrite: bool = False  # allow an output_dir that already holds a finished run (its files are replaced)
     recipe: Any = None  # the chosen recipe's name, recorded for the run summary
+
+    def __post_init__(self) -> None:
+        from kasa.adapters.quantized import check_quantization  # a method that cannot run quantized fails here
+
+        check_quantization(self.model.quantization, self.method.method)

@@ -52,6 +52,11 @@ class AdaptedLayer(nn.Module):
     def _update_weight(self, sign: int, part: Callable[[RemovedComponents], torch.Tensor]) -> None:
         # Always in float32 whatever the model dtype, written back in the model dtype.
         w = weight_matrix(self.base_layer)
+        if not torch.is_floating_point(w):  # a bitsandbytes 4/8-bit base: an update would be a second quantization
+            raise ValueError(
+                "cannot merge into (or change) a quantized base weight: dequantize it first (kasa.dequantize_base), "
+                "or export with kasa-export format=merged, which writes the merged model in the compute dtype"
+            )
         with torch.no_grad():
             for name, block in self.adapters.items():
                 start, stop = self.slices[name]

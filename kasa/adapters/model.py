@@ -15,6 +15,7 @@ from kasa.adapters.config import AdapterConfig
 from kasa.adapters.kasa import KasaBlock, Regularization
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
 from kasa.adapters.lora import LoraBlock
+from kasa.adapters.quantized import PENDING_ATTRIBUTE, check_quantization, logical_numel, quantize_pending
 from kasa.adapters.truncation import singular_components
 
 CONFIG_ATTRIBUTE = "kasa_adapter_config"
@@ -50,6 +51,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     fills them from a checkpoint instead of decomposing the weights again."""
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already has adapters applied; load a fresh base model")
+    check_quantization(getattr(model, PENDING_ATTRIBUTE, None), config.method)
     for param in model.parameters():
         param.requires_grad_(False)
     if config.method == "full":
@@ -65,6 +67,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
         _inject_layers(model, config, initialise)
     _unfreeze(model, config.trainable_modules)
     setattr(model, CONFIG_ATTRIBUTE, config)
+    if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
+        quantize_pending(model, config.method, config.trainable_modules)
     return model
 
 
@@ -246,4 +250,4 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         head_ids = {id(p) for t in config.trainable_modules for n, m in model.named_modules() if _matches(n, t)
                     for p in m.parameters()}
         adapter = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
-    return ParameterCount(adapter, trainable, sum(p.numel() for p in model.parameters()))
+    return ParameterCount(adapter, trainable, sum(logical_numel(p) for p in model.parameters()))

@@ -89,7 +89,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     import kasa
-    from kasa.adapters import load_adapter, merge_and_unload, read_adapter_config
+    from kasa.adapters import dequantize_base, load_adapter, merge_and_unload, read_adapter_config
     from kasa.adapters.io import WEIGHTS_FILE
     from kasa.adapters.peft_format import MIN_PEFT_VERSION, check_peft_exportable, save_peft_adapter
     from kasa.tasks import build_task
@@ -127,6 +127,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     try:
         base = model_source(run_cfg.model)
         if fmt == "merged":
+            dequantize_base(model)  # a quantized base (model.quantization) merges and saves in its compute dtype
             merge_and_unload(model)
             model.save_pretrained(tmp)  # safetensors
             tokenizer.save_pretrained(tmp)

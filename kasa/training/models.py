@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from kasa.adapters.quantized import mark_for_quantization
 from kasa.config import ModelConfig, TaskConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,9 +63,11 @@ def load_classifier(model: ModelConfig, task: TaskConfig) -> nn.Module:
 
 def load_causal_lm(model: ModelConfig) -> nn.Module:
     """A causal language model, placed on this process's GPU while loading when there is one, so that the
-    adapters' truncation runs there layer by layer and a 7B model never waits on CPU SVDs."""
+    adapters' truncation runs there layer by layer and a 7B model never waits on CPU SVDs. A base to be quantized
+    loads on the CPU instead (a 13B model in bf16 does not fit a 24 GB GPU): the truncation still runs on the GPU,
+    and each layer moves there as it is quantized."""
     kwargs = {}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and model.quantization is None:
         from accelerate import PartialState
 
         kwargs["device_map"] = {"": PartialState().device}
@@ -78,6 +81,8 @@ def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
     loaded = _from_pretrained(factory, model, **kwargs)
+    # Quantized once the adapters have truncated the float weights (apply_adapters / load_adapter).
+    mark_for_quantization(loaded, model.quantization)
     if model.gradient_checkpointing:
         # Non-reentrant checkpointing runs the adapters' forward with gradients, so KaSA records its terms there.
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

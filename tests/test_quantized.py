@@ -1,0 +1,171 @@
+"""Quantized bases (bitsandbytes nf4 / int8 on the CPU): the residual of the float truncation is what gets
+quantized, save/load is exact and SVD-free, merging is explicit, unsupported combinations fail at start."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("bitsandbytes")
+
+import kasa  # noqa: E402
+from kasa.adapters import quantized, truncation  # noqa: E402
+from kasa.adapters.layer import AdaptedLayer  # noqa: E402
+from kasa.adapters.model import adapted_layers  # noqa: E402
+from kasa.config import ModelConfig, RunConfig  # noqa: E402
+from kasa.training.models import load_causal_lm  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def build_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A tiny LLaMA (hidden 64, 2 layers): bitsandbytes' 4-bit blocks hold 64 weights."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def marked(model: torch.nn.Module, quantization: str = "nf4") -> torch.nn.Module:
+    return quantized.mark_for_quantization(model, quantization)
+
+
+def randomise_adapters(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            for param in layer.adapters.parameters():
+                param.normal_(0.0, 0.05)
+
+
+INPUTS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUTS).logits
+
+
+@pytest.mark.parametrize("method", ["kasa", "pissa"])
+def test_the_quantized_base_is_the_float_truncation(method: str) -> None:
+    config = kasa.AdapterConfig(method=method, rank=4, target_modules=TARGETS)
+    reference = kasa.apply_adapters(build_llama(), config)
+    model = kasa.apply_adapters(marked(build_llama()), config)
+    ref_layers, layers = dict(adapted_layers(reference)), dict(adapted_layers(model))
+    for name, layer in layers.items():
+        assert quantized.is_quantized_layer(layer.base_layer)
+        # the removed components are the float weight's, decomposed before quantizing
+        torch.testing.assert_close(layer.adapters["weight"].removed_u, ref_layers[name].adapters["weight"].removed_u)
+        # the frozen base is the quantized image of W0 - removed: its error is NF4's, a few percent of the weight
+        float_base = ref_layers[name].base_layer.weight
+        error = quantized.dequantized_weight(layer.base_layer) - float_base
+        assert error.norm() / float_base.norm() < 0.15
+    # every other linear layer of the blocks is quantized too; the output embedding stays float
+    assert quantized.is_quantized_layer(model.model.layers[0].self_attn.o_proj)
+    assert torch.is_floating_point(model.lm_head.weight)
+    assert model.kasa_quantization == "nf4"
+    # dW = 0 at step 0 (pissa: the adapter holds the removed part), so the model is the quantized truncated one
+    ref, out = logits(reference), logits(model)
+    assert (out - ref).norm() / ref.norm() < 0.25  # NF4 on every linear layer of a random model: ~0.13
+
+
+def test_adapters_train_in_float_over_the_quantized_base() -> None:
+    model = kasa.apply_adapters(marked(build_llama()), kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS))
+    model.train()
+    out = model(input_ids=INPUTS, labels=INPUTS)
+    (out.loss + kasa.aux_loss(model).total).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    count = kasa.count_parameters(model)
+    assert count.total == kasa.count_parameters(kasa.apply_adapters(
+        build_llama(), kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS))).total
+
+
+def test_save_and_load_are_exact_and_svd_free(tmp_path, monkeypatch) -> None:
+    config = kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS)
+    model = kasa.apply_adapters(marked(build_llama()), config)
+    randomise_adapters(model)
+    expected = logits(model)
+    kasa.save_adapter(model, tmp_path / "adapter")
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("load_adapter must not decompose")
+
+    monkeypatch.setattr(truncation, "singular_components", no_svd)
+    monkeypatch.setattr("kasa.adapters.model.singular_components", no_svd)
+    loaded = kasa.load_adapter(marked(build_llama()), tmp_path / "adapter")
+    assert all(quantized.is_quantized_layer(layer.base_layer) for _, layer in adapted_layers(loaded))
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
+
+
+def test_merging_is_explicit_and_dequantized() -> None:
+    model = kasa.apply_adapters(marked(build_llama()), kasa.AdapterConfig(method="lora", rank=4, target_modules=TARGETS))
+    randomise_adapters(model)
+    expected = logits(model)
+    with pytest.raises(ValueError, match="quantized base weight"):
+        kasa.merge_adapters(model)
+    kasa.dequantize_base(model)
+    plain = kasa.merge_and_unload(model)
+    assert not any(isinstance(m, AdaptedLayer) or quantized.is_quantized_layer(m) for m in plain.modules())
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the compute dtype
+    torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_base() -> None:
+    config = kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS)
+    reference = logits(kasa.apply_adapters(build_llama(), config))
+    model = kasa.apply_adapters(marked(build_llama(), "int8"), config)
+    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.int8
+    assert (logits(model) - reference).norm() / reference.norm() < 0.05
+
+
+def test_the_loader_marks_and_adapters_quantize(tmp_path) -> None:
+    build_llama().save_pretrained(tmp_path / "tiny")
+    model = load_causal_lm(ModelConfig(name="tiny", path=str(tmp_path / "tiny"), quantization="nf4"))
+    assert not quantized.is_quantized_layer(model.model.layers[0].self_attn.q_proj)  # float until truncated
+    kasa.apply_adapters(model, kasa.AdapterConfig(method="svd_lora", rank=4, target_modules=TARGETS))
+    assert quantized.is_quantized_layer(model.model.layers[0].self_attn.q_proj.base_layer)
+    assert quantized.is_quantized_layer(model.model.layers[1].mlp.down_proj)
+
+
+@pytest.mark.parametrize("method", ["full", "dora", "vera", "adalora"])
+def test_unsupported_methods_fail_at_start(method: str) -> None:
+    with pytest.raises(ValueError, match=f"method={method} cannot run on a quantized base"):
+        RunConfig(model=ModelConfig(quantization="nf4"), method=kasa.AdapterConfig(method=method))
+    with pytest.raises(ValueError, match="cannot run on a quantized base"):
+        kasa.apply_adapters(marked(build_llama()), kasa.AdapterConfig(method=method, target_modules=TARGETS))
+
+
+def test_unknown_quantization_and_sharding_engines_fail(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="unknown model.quantization 'fp4'"):
+        RunConfig(model=ModelConfig(quantization="fp4"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="not under FSDP or DeepSpeed"):
+        RunConfig(model=ModelConfig(quantization="nf4"))
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_bytes_match_what_bitsandbytes_stores(mode: str) -> None:
+    layer = torch.nn.Linear(192, 128, bias=False)
+    q = quantized._quantized_layer(layer, mode, torch.device("cpu"))
+    weight = q.weight
+    if mode == "nf4":
+        state = weight.quant_state
+        stored = weight.numel() + state.absmax.numel() * state.absmax.element_size()
+        stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    else:
+        stored = weight.numel() + weight.SCB.numel() * weight.SCB.element_size()
+    assert quantized.quantized_bytes(128, 192, mode) == stored
+
+
+def test_kernel_hub_notices_are_dropped(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "offline")
+        logging.getLogger("kernels._internals.hf_hub").warning(
+            "Skipping publisher trust check for 'kernels-community/x' because Hugging Face Hub is in offline mode.")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
