@@ -15,12 +15,14 @@ except DeepSpeed's own `deepspeed/` folder, which DeepSpeed's loader unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +42,34 @@ RNG_FILE = "rng.safetensors"
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint of its ZeRO optimizer partitions, in place of OPTIMIZER_FILE
 DEEPSPEED_TAG = "state"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the counters, the best result so far and the evaluation history. A resumable checkpoint
+    stores it as trainer_state.json; `metrics_size` and `regularization_size` are the byte lengths of the run's
+    JSON-lines logs at the save, so that a resumed run drops what was logged after it."""
+
+    epoch: int = 0  # epochs finished
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already trained
+    step: int = 0  # optimiser steps taken
+    best: float = -math.inf
+    best_epoch: int = -1
+    last: float | None = None  # the last evaluation's score
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation record
+    metrics_size: int = 0
+    regularization_size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.last is None:  # as runs wrote it before their first evaluation
+            del data["last"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -96,8 +126,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def restore_rng(directory: Path) -> None:
-    """Put back the RNG states saved in a resumable checkpoint. The loop calls it at the point where the
-    uninterrupted run saved them: after the epoch's data iterator drew its seed, for a mid-epoch checkpoint."""
+    """Put back the RNG states saved in a resumable checkpoint (`epoch_batches` calls it at the right moment)."""
     tensors = load_file(str(directory / RNG_FILE))
     torch.set_rng_state(tensors["torch"])
     python = tensors["python"].tolist()
@@ -109,12 +138,33 @@ def restore_rng(directory: Path) -> None:
         torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
 
 
+def epoch_batches(accelerator: Accelerator, loader: Any, epoch: int, resumed_from: Path | None = None,
+                  batches_done: int = 0) -> Iterator[Any]:
+    """The batches of one epoch. In the first epoch after a resume (`resumed_from`), the checkpoint's first
+    `batches_done` batches are skipped and its RNG states put back exactly where the uninterrupted run saved them:
+    an end-of-epoch checkpoint before the next epoch's data iterator draws its seed, a mid-epoch one after the
+    iterator has drawn it (it is drawn when the first batch is fetched), before the next batch trains."""
+    loader.set_epoch(epoch)
+    if resumed_from is None:
+        yield from loader
+        return
+    if not batches_done:
+        restore_rng(resumed_from)
+        yield from loader
+        return
+    batches: Iterable[Any] = accelerator.skip_first_batches(loader, batches_done)
+    for index, batch in enumerate(batches):
+        if index == 0:
+            restore_rng(resumed_from)
+        yield batch
+
+
 def _uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
-                        scheduler: Any, state: dict[str, Any]) -> None:
+                        scheduler: Any, state: TrainState) -> None:
     """A resumable checkpoint: everything `restore_training_state` needs to continue bit for bit. Every process
     calls it; the files do not depend on how many processes wrote them, except DeepSpeed's optimizer partitions."""
     main = accelerator.is_main_process
@@ -141,7 +191,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
                 torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
             save_file(_rng_tensors(), str(tmp / RNG_FILE))
-            write_json(tmp / STATE_FILE, state)  # last: its presence marks the checkpoint complete
+            write_json(tmp / STATE_FILE, state.to_json())  # last: its presence marks the checkpoint complete
 
         write_atomically(directory, fill)
     accelerator.wait_for_everyone()
@@ -167,9 +217,9 @@ def load_resumable_weights(directory: Path, model: nn.Module) -> None:
 
 
 def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
-                           scheduler: Any) -> dict[str, Any]:
+                           scheduler: Any) -> TrainState:
     """The optimizer and schedule of a resumable checkpoint, into the prepared ones; returns its state. Every
-    process calls it. The RNG states are left to `restore_rng`."""
+    process calls it. The RNG states are put back later, by `epoch_batches`."""
     deepspeed = _uses_deepspeed(accelerator)
     needed = directory / (DEEPSPEED_DIR if deepspeed else OPTIMIZER_FILE)
     if not needed.exists():
@@ -185,7 +235,7 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
-    return json.loads((directory / STATE_FILE).read_text())
+    return TrainState.from_json(json.loads((directory / STATE_FILE).read_text()))
 
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:

@@ -1,9 +1,14 @@
-"""The training loop, top to bottom: model and adapters, data, optimiser, then epochs of steps (task loss plus
-KaSA's auxiliary loss), an evaluation every epoch, checkpoints and metrics in the run directory.
+"""The training recipe, top to bottom: `setup` (run directory, model and adapters, data, optimiser, resume), then
+epochs of `train_step`s (task loss plus KaSA's auxiliary loss), `evaluate_and_save` after each epoch, and the run
+summary.
 
 Accelerate drives devices, precision, gradient accumulation and multi-process runs; everything that writes files
 happens on the main process only. `resume=auto` continues from the newest complete resumable checkpoint with the
-same weights, optimiser, schedule, RNG states and data position, so the run ends as if never interrupted."""
+same weights, optimiser, schedule, RNG states and data position, so the run ends as if never interrupted.
+
+The host reads the loss from the device only at logging steps (a `.item()` is a device sync): non-finite losses are
+remembered on the device (`NonFiniteLoss`) and checked at every logging step and before every save and evaluation,
+so a run still stops at the first non-finite loss, naming its step, and never saves weights it produced."""
 
 from __future__ import annotations
 
@@ -28,9 +33,10 @@ from kasa.evaluation.metrics import main_metric
 from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
+    TrainState,
+    epoch_batches,
     load_resumable_weights,
     prune_checkpoints,
-    restore_rng,
     restore_training_state,
     resumable_checkpoints,
     save_checkpoint,
@@ -90,187 +96,282 @@ def find_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
     return None
 
 
-def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    # DeepSpeed without a GPU (its CPU accelerator, which the tests use) needs the gloo backend named: accelerate
-    # picks none there and would run every process as a world of one.
-    cpu_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else None,
-        mixed_precision=cfg.trainer.precision,
-        gradient_accumulation_steps=cfg.trainer.grad_accum,
-        log_with="tensorboard" if cfg.logging.tensorboard else None,
-        project_dir=str(out),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        step_scheduler_with_optimizer=False,  # the schedule advances once per optimiser step, below
-    )
-    main = accelerator.is_main_process
-    console = Console(enabled=main, progress_bars=cfg.logging.progress)
-    resume_from = find_resume_checkpoint(cfg, out)
-    set_seed(cfg.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:  # a fresh start (overwrite=true): nothing of an earlier run may be mixed in
-            for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if cfg.logging.tensorboard:
-        accelerator.init_trackers("tensorboard")
+class NonFiniteLoss:
+    """The first non-finite loss of the run and where it happened, kept on the device: observing a loss costs no
+    host-device sync; `check` (a sync, and a gather over the processes) raises for it."""
 
-    # Model and adapters.
-    task = build_task(cfg)
-    with whole_weights(accelerator):
-        tokenizer, model = task.load_model()
-    apply_adapters(model, cfg.method)
-    if resume_from is not None:  # before prepare: sharding engines and DeepSpeed's optimizer copy them from here
-        load_resumable_weights(resume_from, model)
-    params = count_parameters(model)
-    console.print(f"{cfg.method.method}: {params.adapter:,} adapter parameters, {params.trainable:,} trainable "
-                  f"of {params.total:,}")
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(3, device=device)  # step (0: none yet), epoch, loss
 
-    # Data, optimiser, schedule. The loader is prepared first: its length is then per process, which is what the
-    # step counts need.
-    train_loader = accelerator.prepare(DataLoader(task.train_dataset(tokenizer), batch_size=cfg.trainer.batch_size,
-                                                  shuffle=True, collate_fn=task.collator(tokenizer)))
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.trainer.grad_accum)
-    total_steps = steps_per_epoch * cfg.trainer.epochs
-    if cfg.trainer.max_steps:
-        total_steps = min(total_steps, cfg.trainer.max_steps)
-    warmup = cfg.trainer.warmup_steps or int(cfg.trainer.warmup_ratio * total_steps)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = get_scheduler(cfg.trainer.scheduler, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from these; the loader was prepared above
-        deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
-        deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.trainer.grad_accum
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    def observe(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        loss = loss.detach().float()
+        seen = torch.stack([torch.full_like(loss, step), torch.full_like(loss, epoch), loss])
+        self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), seen, self.first)
 
-    metrics_log = MetricsLog(out / METRICS_FILE, enabled=main)
-    module_log = MetricsLog(out / REGULARIZATION_FILE, enabled=main)  # per-module [l2, l3_u, l3_v] (figure 11)
-    state = {"epoch": 0, "batches_in_epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "history": []}
-    if resume_from is not None:
-        state = restore_training_state(resume_from, accelerator, model, optimizer, scheduler)
-        metrics_log.truncate(state["metrics_size"])
-        module_log.truncate(state["regularization_size"])
-        console.print(f"resumed from {resume_from} (step {state['step']}, epoch {state['epoch'] + 1})")
-    if main:  # only now: a resume that does not fit must leave the run's files as they were
-        write_json(out / CONFIG_FILE, resolved_config)
+    def check(self, accelerator: Accelerator) -> None:
+        """Every process calls it at the same points (a collective)."""
+        found = [row for row in accelerator.gather(self.first[None]).tolist() if row[0] > 0]
+        if found:
+            step, epoch, loss = min(found)
+            raise FloatingPointError(
+                f"loss became {loss} at step {int(step)} (epoch {int(epoch) + 1}): lower trainer.lr or set "
+                "trainer.max_grad_norm; the checkpoints written so far are kept"
+            )
 
-    def save_resumable() -> None:  # every process takes part: sharded tensors are gathered whole
-        state["metrics_size"], state["regularization_size"] = metrics_log.size(), module_log.size()
-        save_training_state(out / "checkpoints" / f"step-{state['step']:08d}", accelerator, model, optimizer,
-                            scheduler, state)
-        if main:
-            prune_checkpoints(out, cfg.trainer.keep_checkpoints)
 
-    start, tokens = time.perf_counter(), 0
-    progress = console.progress(total_steps, completed=state["step"])
-    while state["epoch"] < cfg.trainer.epochs and state["step"] < total_steps:
-        epoch = state["epoch"]
-        model.train()
-        batches = train_loader
-        train_loader.set_epoch(epoch)
-        if state["batches_in_epoch"]:
-            batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"])
-        elif resume_from is not None:
-            restore_rng(resume_from)
-            resume_from = None
-        for batch in batches:
-            if resume_from is not None:  # mid-epoch: the data iterator has drawn its seed, as it had before the save
-                restore_rng(resume_from)
-                resume_from = None
-            tokens += int(batch["attention_mask"].sum())
-            with accelerator.accumulate(model):
-                loss_task = task.loss(model, batch)
-                aux = aux_loss(model)
-                loss = loss_task + aux.total if aux is not None else loss_task
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}): lower "
-                        "trainer.lr or set trainer.max_grad_norm; the checkpoints written so far are kept"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.trainer.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    # AdaLoRA's rank budget (PEFT baselines; a no-op for other methods), then the schedule.
-                    after_optimizer_step(model, state["step"], total_steps)
-                    scheduler.step()
-                optimizer.zero_grad()
-            state["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            step = state["step"]
-            progress.advance(f"epoch {epoch + 1}/{cfg.trainer.epochs} loss {loss.item():.4f}")
-            if step % cfg.trainer.log_every == 0 or step == total_steps:
-                # Every process reaches this step: the logged losses are means over all of them.
-                mean_loss, mean_task = accelerator.reduce(torch.stack([loss.detach(), loss_task.detach()]), "mean")
-                record = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss.item(),
-                          "task_loss": mean_task.item(), "lr": scheduler.get_last_lr()[0]}
-                if aux is not None:
-                    record |= {"aux_loss": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item()}
-                    module_log.write({"step": step, "modules": aux.module_values()})
-                metrics_log.write(record)
-                accelerator.log({k: v for k, v in record.items() if k != "type"}, step=step)
-            if step >= total_steps:
-                break
-            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                save_resumable()
+class TrainingRecipe:
+    """One run of `kasa-train`. `run()` = `setup()`, then `train_epoch` for each epoch (each micro-batch through
+    `train_step`, each optimiser step through `after_step`), `evaluate_and_save` at epoch ends, then `finish()`.
 
-        state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
-        finished = state["epoch"] >= cfg.trainer.epochs or state["step"] >= total_steps
-        if not (cfg.trainer.evaluate_every_epoch or finished):
-            save_resumable()
-            continue
+    Everything the loop reads and writes between steps is an attribute set in `setup`; the counters that a
+    checkpoint must restore are in `self.state` (a `TrainState`)."""
 
-        # Evaluate; keep the best and the last adapter.
-        metrics = task.evaluate(model, accelerator, tokenizer, cfg.task.eval_split, out / "generations")
-        score = main_metric(metrics, task.metric)
-        record = {"type": "eval", "epoch": epoch, "step": state["step"], "split": cfg.task.eval_split, **metrics}
-        metrics_log.write(record)
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state["step"])
-        state["history"].append(record)
-        console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        improved = score > state["best"]
+    def __init__(self, cfg: RunConfig, resolved_config: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.resolved_config = resolved_config
+        self.out = Path(cfg.output_dir)
+        self.state = TrainState()
+        self.tokens = 0  # non-padding tokens trained on by this process (tokens/s in the summary)
+        self.progress_text = "training"  # the progress bar's label: epoch and the last logged loss
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Setup
+
+    def setup(self) -> None:
+        """Accelerator and run directory, model and adapters, data, optimiser and schedule, then the resumed state."""
+        self.setup_accelerator()
+        self.resume_from = find_resume_checkpoint(self.cfg, self.out)
+        set_seed(self.cfg.seed)
+        self.prepare_run_dir()
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        self.metrics_log = MetricsLog(self.out / METRICS_FILE, enabled=self.main)
+        # per-module [l2, l3_u, l3_v] at every logging step (paper figure 11)
+        self.module_log = MetricsLog(self.out / REGULARIZATION_FILE, enabled=self.main)
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
+        if self.main:  # only now: a resume that does not fit must leave the run's files as they were
+            write_json(self.out / CONFIG_FILE, self.resolved_config)
+        self.nonfinite = NonFiniteLoss(self.accelerator.device)
+
+    def setup_accelerator(self) -> None:
+        cfg = self.cfg
+        # DeepSpeed without a GPU (its CPU accelerator, which the tests use) needs the gloo backend named:
+        # accelerate picks none there and would run every process as a world of one.
+        cpu_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else None,
+            mixed_precision=cfg.trainer.precision,
+            gradient_accumulation_steps=cfg.trainer.grad_accum,
+            log_with="tensorboard" if cfg.logging.tensorboard else None,
+            project_dir=str(self.out),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            step_scheduler_with_optimizer=False,  # the schedule advances once per optimiser step, in train_step
+        )
+        self.main = self.accelerator.is_main_process
+        self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
+
+    def prepare_run_dir(self) -> None:
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is None:  # a fresh start (overwrite=true): nothing of an earlier run may be mixed in
+                for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
+                    (self.out / name).unlink(missing_ok=True)
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        if self.cfg.logging.tensorboard:
+            self.accelerator.init_trackers("tensorboard")
+
+    def setup_model(self) -> None:
+        """The task, the pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
+        self.task = build_task(self.cfg)
+        with whole_weights(self.accelerator):
+            self.tokenizer, self.model = self.task.load_model()
+        apply_adapters(self.model, self.cfg.method)
+        if self.resume_from is not None:  # before prepare: sharding engines and DeepSpeed's optimizer copy from here
+            load_resumable_weights(self.resume_from, self.model)
+        self.params = count_parameters(self.model)
+        self.console.print(f"{self.cfg.method.method}: {self.params.adapter:,} adapter parameters, "
+                           f"{self.params.trainable:,} trainable of {self.params.total:,}")
+
+    def setup_data(self) -> None:
+        """The training loader, prepared before the model: its length is then per process, what step counts need."""
+        cfg = self.cfg
+        dataset = self.task.train_dataset(self.tokenizer)
+        self.train_loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=cfg.trainer.batch_size, shuffle=True, collate_fn=self.task.collator(self.tokenizer)))
+        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.trainer.grad_accum)
+        self.total_steps = steps_per_epoch * cfg.trainer.epochs
+        if cfg.trainer.max_steps:
+            self.total_steps = min(self.total_steps, cfg.trainer.max_steps)
+
+    def setup_optimizer(self) -> None:
+        cfg = self.cfg
+        warmup = cfg.trainer.warmup_steps or int(cfg.trainer.warmup_ratio * self.total_steps)
+        optimizer = build_optimizer(self.model, cfg)
+        scheduler = get_scheduler(cfg.trainer.scheduler, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=self.total_steps)
+        deepspeed_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from these; the loader was prepared above
+            deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
+            deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.trainer.grad_accum
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+
+    def resume(self, checkpoint: Path) -> None:
+        """Optimiser, schedule and counters from `checkpoint`; the logs lose what was written after it. (Its
+        weights went in before `prepare`, its RNG states go back in `epoch_batches`.)"""
+        self.state = restore_training_state(checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler)
+        self.metrics_log.truncate(self.state.metrics_size)
+        self.module_log.truncate(self.state.regularization_size)
+        self.console.print(f"resumed from {checkpoint} (step {self.state.step}, epoch {self.state.epoch + 1})")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Training
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        start = time.perf_counter()
+        self.progress = self.console.progress(self.total_steps, completed=self.state.step)
+        while self.state.epoch < self.cfg.trainer.epochs and self.state.step < self.total_steps:
+            epoch = self.state.epoch
+            self.train_epoch(epoch)
+            self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
+            finished = self.state.epoch >= self.cfg.trainer.epochs or self.state.step >= self.total_steps
+            if self.cfg.trainer.evaluate_every_epoch or finished:
+                self.evaluate_and_save(epoch)
+            self.save_resumable()
+        self.progress.close()
+        train_seconds = time.perf_counter() - start
+        self.accelerator.wait_for_everyone()
+        return self.finish(train_seconds)
+
+    def train_epoch(self, epoch: int) -> None:
+        """The epoch's batches from where the run stands; returns at the epoch's end or at the last step."""
+        self.model.train()
+        resumed_from, self.resume_from = self.resume_from, None  # only the first epoch after a resume skips
+        for batch in epoch_batches(self.accelerator, self.train_loader, epoch, resumed_from,
+                                   self.state.batches_in_epoch):
+            self.train_step(batch)
+            self.state.batches_in_epoch += 1
+            if not self.accelerator.sync_gradients:
+                continue  # a micro-batch inside gradient accumulation
+            self.state.step += 1
+            self.after_step()
+            if self.state.step >= self.total_steps:
+                return
+            if self.cfg.trainer.save_every and self.state.step % self.cfg.trainer.save_every == 0:
+                self.save_resumable()
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """One micro-batch: forward, backward and, when the gradients are accumulated, the optimiser step."""
+        accelerator = self.accelerator
+        self.tokens += int(batch["attention_mask"].sum())
+        with accelerator.accumulate(self.model):
+            loss_task = self.task.loss(self.model, batch)
+            aux = aux_loss(self.model)
+            loss = loss_task + aux.total if aux is not None else loss_task
+            self.nonfinite.observe(loss, self.state.step + 1, self.state.epoch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.cfg.trainer.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.max_grad_norm)
+            self.optimizer.step()
+            if accelerator.sync_gradients:
+                # AdaLoRA's rank budget (PEFT baselines; a no-op for other methods), then the schedule.
+                after_optimizer_step(self.model, self.state.step, self.total_steps)
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        self.last_losses = (loss.detach(), loss_task.detach(), aux)  # the step's last micro-batch, for logging
+
+    def after_step(self) -> None:
+        """After each optimiser step: the progress bar, and at logging steps the losses (read from the device only
+        here) and the non-finite check."""
+        step = self.state.step
+        if step % self.cfg.trainer.log_every == 0 or step == self.total_steps:
+            self.log_losses(step)
+        self.progress.advance(self.progress_text)
+
+    def log_losses(self, step: int) -> None:
+        """Every process reaches a logging step: the logged losses are means over all of them."""
+        self.nonfinite.check(self.accelerator)
+        loss, loss_task, aux = self.last_losses
+        mean_loss, mean_task = self.accelerator.reduce(torch.stack([loss, loss_task]), "mean")
+        record = {"type": "train", "step": step, "epoch": self.state.epoch, "loss": mean_loss.item(),
+                  "task_loss": mean_task.item(), "lr": self.scheduler.get_last_lr()[0]}
+        if aux is not None:
+            record |= {"aux_loss": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item()}
+            self.module_log.write({"step": step, "modules": aux.module_values()})
+        self.log(record, {k: v for k, v in record.items() if k != "type"})
+        self.progress_text = f"epoch {self.state.epoch + 1}/{self.cfg.trainer.epochs} loss {record['loss']:.4f}"
+
+    def log(self, record: dict[str, Any], tracked: dict[str, Any]) -> None:
+        """`record` into metrics.jsonl, `tracked` (its numbers, named for a dashboard) into the trackers."""
+        self.metrics_log.write(record)
+        self.accelerator.log(tracked, step=record["step"])
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Evaluation and checkpoints
+
+    def evaluate_and_save(self, epoch: int) -> None:
+        """Evaluate on the eval split; keep the best and the last adapter."""
+        self.nonfinite.check(self.accelerator)
+        state, cfg = self.state, self.cfg
+        metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
+                                     self.out / "generations")
+        score = main_metric(metrics, self.task.metric)
+        record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
+        self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
+        state.history.append(record)
+        self.console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        improved = score > state.best
         if improved:
-            state["best"], state["best_epoch"] = score, epoch
-        state["last"] = score
-        saved = {"epoch": epoch, "step": state["step"], "metric": task.metric, "score": score, "metrics": metrics}
+            state.best, state.best_epoch = score, epoch
+        state.last = score
+        saved = {"epoch": epoch, "step": state.step, "metric": self.task.metric, "score": score, "metrics": metrics}
         if improved and cfg.trainer.save_best:
-            save_checkpoint(out / "checkpoints" / "best", accelerator, model, saved)
-        save_checkpoint(out / "checkpoints" / "last", accelerator, model, saved)
-        save_resumable()
-    progress.close()
-    train_seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()
+            save_checkpoint(self.out / "checkpoints" / "best", self.accelerator, self.model, saved)
+        save_checkpoint(self.out / "checkpoints" / "last", self.accelerator, self.model, saved)
 
-    summary = {
-        "task": cfg.task.name,
-        "method": cfg.method.method,
-        "recipe": cfg.recipe,
-        "metric": task.metric,
-        "best": state["best"],
-        "best_epoch": state["best_epoch"],
-        "last": state.get("last"),
-        "epochs_run": state["epoch"],
-        "steps": state["step"],
-        "trainable_params": params.adapter,
-        "trainable_params_with_head": params.trainable,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(tokens * accelerator.num_processes / max(train_seconds, 1e-9), 1),
-        "peak_memory_mib": peak_memory_mib(),
-        "seed": cfg.seed,
-        "rank": cfg.method.rank,
-        "beta": cfg.method.beta,
-        "gamma": cfg.method.gamma,
-        "overrides": resolved_config.get("hydra_overrides", []),
-        "eval_history": state["history"],
-    }
-    if main:
-        write_json(out / SUMMARY_FILE, summary)
-        console.summary_table(summary)
-    accelerator.end_training()
-    return summary
+    def save_resumable(self) -> None:
+        """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
+        self.nonfinite.check(self.accelerator)
+        self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
+        save_training_state(self.out / "checkpoints" / f"step-{self.state.step:08d}", self.accelerator, self.model,
+                            self.optimizer, self.scheduler, self.state)
+        if self.main:
+            prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)
+
+    def finish(self, train_seconds: float) -> dict[str, Any]:
+        """summary.json and the console's table."""
+        cfg, state = self.cfg, self.state
+        summary = {
+            "task": cfg.task.name,
+            "method": cfg.method.method,
+            "recipe": cfg.recipe,
+            "metric": self.task.metric,
+            "best": state.best,
+            "best_epoch": state.best_epoch,
+            "last": state.last,
+            "epochs_run": state.epoch,
+            "steps": state.step,
+            "trainable_params": self.params.adapter,
+            "trainable_params_with_head": self.params.trainable,
+            "train_seconds": round(train_seconds, 2),
+            "tokens_per_second": round(self.tokens * self.accelerator.num_processes / max(train_seconds, 1e-9), 1),
+            "peak_memory_mib": peak_memory_mib(),
+            "seed": cfg.seed,
+            "rank": cfg.method.rank,
+            "beta": cfg.method.beta,
+            "gamma": cfg.method.gamma,
+            "overrides": self.resolved_config.get("hydra_overrides", []),
+            "eval_history": state.history,
+        }
+        if self.main:
+            write_json(self.out / SUMMARY_FILE, summary)
+            self.console.summary_table(summary)
+        self.accelerator.end_training()
+        return summary
+
+
+def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
+    """Train one run as `cfg` describes; `resolved_config` is what config.json records. Returns the run summary."""
+    return TrainingRecipe(cfg, resolved_config).run()
