@@ -22,6 +22,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     quantization: Optional[str] = None  # null | nf4 | int8: the frozen base through bitsandbytes (QLoRA-style)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA, flash-attn) | eager
 
 
 @dataclass
@@ -67,8 +68,16 @@ class TaskConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     eval_sets: list[str] = field(default_factory=list)  # commonsense: test sets, <data_dir>/<set>/test.json
+    prompt_style: str = "clean"  # commonsense: clean (Alpaca template) | llm_adapters (LLM-Adapters' exact bytes)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
+
+    def __post_init__(self) -> None:
+        from kasa.data.prompts import PROMPT_STYLES
+
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown task.prompt_style {self.prompt_style!r}; choose one of: "
+                             f"{', '.join(PROMPT_STYLES)}")
 
 
 @dataclass
@@ -93,6 +102,9 @@ class TrainerConfig:
     save_every: Optional[int] = None  # also write a resumable checkpoint every N optimiser steps
     keep_checkpoints: int = 2  # resumable checkpoints kept (the newest N), besides best/ and last/
     save_best: bool = True
+    packing: bool = False  # causal LMs: several examples per row of max_length, attention kept within each
+    group_by_length: bool = False  # batches of similar lengths (the alternative to packing)
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass

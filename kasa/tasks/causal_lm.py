@@ -1,6 +1,6 @@
 """What the generation tasks (E2E, instruction following, commonsense) share: a causal LM, prompt/response
-examples with the loss on the response only, padding, the shifted cross-entropy, and batched generation spread
-over the processes."""
+examples with the loss on the response only, padded or packed batches, the shifted cross-entropy, and batched
+generation spread over the processes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from kasa.config import RunConfig
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
+from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
 from kasa.training.models import load_causal_lm, load_tokenizer
 
 
@@ -46,13 +47,17 @@ def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, resp
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def training_dataset(rows: list[dict[str, list[int]]], max_length: int) -> Dataset:
-    """The encoded rows that keep at least one labelled token. A prompt of max_length tokens or more leaves none:
-    such a row carries no loss (and a batch of only such rows would make the mean loss NaN), so it is dropped."""
+def training_dataset(rows: list[dict[str, list[int]]], max_length: int, packing: bool = False) -> Dataset:
+    """The encoded rows that keep at least one labelled token, packed into rows of max_length when `packing`. A
+    prompt of max_length tokens or more leaves none: such a row carries no loss (and a batch of only such rows
+    would make the mean loss NaN), so it is dropped."""
     kept = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
     if not kept:
         raise DataError(f"no training example has a response token within trainer.max_length={max_length} "
                         f"(of {len(rows)} examples): raise trainer.max_length")
+    if packing:
+        groups = pack_examples([len(row["input_ids"]) for row in kept], max_length)
+        kept = [packed_row([kept[i] for i in group]) for group in groups]
     return Dataset.from_list(kept)
 
 
@@ -68,6 +73,8 @@ class CausalLMTask:
                 f"task.generation.num_return_sequences={settings.num_return_sequences} needs num_beams >= that "
                 f"(got {settings.num_beams}) or do_sample=true: beam search returns its best beams"
             )
+        if cfg.trainer.packing and cfg.trainer.group_by_length:
+            raise ValueError("trainer.packing and trainer.group_by_length are two ways to avoid padding: set one")
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
@@ -81,8 +88,23 @@ class CausalLMTask:
             model.config.pad_token_id = tokenizer.pad_token_id
         return tokenizer, model
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> PadCollator:
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> PadCollator | PackedCollator:
+        if self.cfg.trainer.packing:
+            return PackedCollator(tokenizer.pad_token_id,
+                                  one_row=self.cfg.model.attn_implementation in FLASH_ATTENTION)
         return PadCollator(tokenizer.pad_token_id)
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's inputs for a padded batch, or for a packed one (it has position_ids): the attention kept
+        within each example as the attention implementation needs it (see kasa.tasks.batching)."""
+        if "position_ids" not in batch:
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        implementation = self.cfg.model.attn_implementation
+        if implementation not in FLASH_ATTENTION:  # flash: one row, split where the positions restart
+            additive = torch.float32 if implementation == "eager" else None
+            inputs["attention_mask"] = block_causal_mask(batch["position_ids"], additive)
+        return inputs
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean token cross-entropy (with trainer.label_smoothing) of the labelled tokens.
@@ -97,7 +119,7 @@ class CausalLMTask:
         kwargs = {}
         if first > 1 and _accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = length - first + 1  # positions first - 1 .. length - 1
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        logits = model(**self.model_inputs(batch), **kwargs).logits
         targets = labels[:, length - logits.shape[1] + 1:]
         keep = targets != IGNORE_INDEX
         return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep],
@@ -111,7 +133,11 @@ class CausalLMTask:
         model = accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
-        indices = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+        # Longest prompts first (a batch that does not fit fails at once), batches of similar lengths (little
+        # padding); every process gets a share of each length. The results are put back in prompt order below.
+        lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+        by_length = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        indices = by_length[accelerator.process_index::accelerator.num_processes]
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"  # generation continues from the last position of every row
         # Stop at the tokenizer's EOS and at any the model's generation config adds (LLaMA-3's <|eot_id|>).

@@ -1,6 +1,8 @@
 """Commonsense reasoning with the LLM-Adapters protocol (paper section 4.4, table 3): train on Commonsense170K
-(Alpaca prompt -> answer sentence), evaluate by generating on each test set and matching the task's answer
-pattern; per-task accuracy and their average. Per-example outputs are saved."""
+(Alpaca-style prompt -> answer sentence), evaluate by generating on each test set and matching the task's answer
+pattern; per-task accuracy and their average. Per-example outputs are saved. `task.prompt_style` picks the prompts:
+`clean` (the Stanford Alpaca template) or `llm_adapters` (LLM-Adapters' exact bytes, training and evaluation each as
+its scripts have them, and its way of cutting the answer out of the decoded text)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kasa.data.errors import DataError
-from kasa.data.prompts import alpaca_prompt
+from kasa.data.prompts import styled_prompt
 from kasa.data.sources import load_hub_split, local_split_file
-from kasa.evaluation.commonsense import COMMONSENSE_TASKS, extract_answer, load_commonsense_file, results_table
+from kasa.evaluation.commonsense import (
+    COMMONSENSE_TASKS,
+    extract_answer,
+    llm_adapters_response,
+    load_commonsense_file,
+    results_table,
+)
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
 
 
@@ -59,17 +67,23 @@ class CommonsenseTask(CausalLMTask):
         for name in self.cfg.task.eval_sets:  # fail now, not after training, if a test set is missing
             self._eval_rows(name, self.cfg.task.eval_split)
         max_length = self.cfg.trainer.max_length
-        return training_dataset([encode_prompt_response(tokenizer, alpaca_prompt(r["instruction"], r.get("input")),
+        style = self.cfg.task.prompt_style
+        return training_dataset([encode_prompt_response(tokenizer,
+                                                        styled_prompt(style, r["instruction"], r.get("input"),
+                                                                      training=True),
                                                         r["output"], max_length) for r in self._train_rows()],
-                                max_length)
+                                max_length, self.cfg.trainer.packing)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        style = self.cfg.task.prompt_style
         for name in self.cfg.task.eval_sets:
             rows = self._eval_rows(name, split)
-            prompts = [alpaca_prompt(r["instruction"], r.get("input")) for r in rows]
+            prompts = [styled_prompt(style, r["instruction"], r.get("input"), training=False) for r in rows]
             generations = [texts[0] for texts in self.generate(model, accelerator, tokenizer, prompts)]
+            if style == "llm_adapters":
+                generations = [llm_adapters_response(p, g) for p, g in zip(prompts, generations)]
             predicted = [extract_answer(name, text) for text in generations]
             metrics[name] = sum(p == r["answer"] for p, r in zip(predicted, rows)) / len(rows)
             if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{name}-{split}.jsonl")):

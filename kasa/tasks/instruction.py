@@ -85,7 +85,7 @@ class InstructionTask(CausalLMTask):
             encoded = [format_instruction_example(row, tokenizer, max_length) for row in rows]
         except ValueError as err:
             raise DataError(f"split '{self.cfg.task.train_split}': {err}") from None
-        return training_dataset(encoded, max_length)
+        return training_dataset(encoded, max_length, self.cfg.trainer.packing)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:

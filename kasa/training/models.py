@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from typing import Iterator
 
 import torch
@@ -14,6 +15,7 @@ from kasa.adapters.quantized import mark_for_quantization
 from kasa.config import ModelConfig, TaskConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 
 class ModelLoadError(ValueError):
@@ -77,7 +79,8 @@ def load_causal_lm(model: ModelConfig) -> nn.Module:
 def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
     if model.dtype not in DTYPES:
         raise ModelLoadError(f"unknown model.dtype {model.dtype!r}; choose one of {', '.join(DTYPES)}")
-    kwargs |= {"dtype": DTYPES[model.dtype], "trust_remote_code": model.trust_remote_code}
+    kwargs |= {"dtype": DTYPES[model.dtype], "trust_remote_code": model.trust_remote_code,
+               "attn_implementation": attention_implementation(model)}
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
     loaded = _from_pretrained(factory, model, **kwargs)
@@ -87,6 +90,18 @@ def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
         # Non-reentrant checkpointing runs the adapters' forward with gradients, so KaSA records its terms there.
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return loaded
+
+
+def attention_implementation(model: ModelConfig) -> str:
+    """model.attn_implementation, checked before a model loads: flash-attention needs its package and a GPU."""
+    if model.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelLoadError(f"unknown model.attn_implementation {model.attn_implementation!r}; choose one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if model.attn_implementation == "flash_attention_2" and not (
+            torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                             "package (pip install flash-attn --no-build-isolation); use sdpa otherwise")
+    return model.attn_implementation
 
 
 def _from_pretrained(factory, model: ModelConfig, **kwargs):
