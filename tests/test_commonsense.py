@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from kasa.data.errors import DataError
+from kasa.data.prompts import styled_prompt
 from kasa.evaluation.commonsense import (
     COMMONSENSE_TASKS,
     accuracy,
     alpaca_prompt,
     extract_answer,
+    llm_adapters_response,
     load_commonsense_file,
     results_table,
 )
@@ -138,3 +140,79 @@ def test_gold_outputs_contain_their_answers():
         assert hits >= 0.99 * len(rows), f"{task}: {hits}/{len(rows)}"
         checked += 1
     assert checked >= 7
+
+
+def test_llm_adapters_response_keeps_what_follows_the_prompts_marker():
+    # LLM-Adapters: decode prompt + generation, keep text.split("### Response:")[1].strip()
+    prompt = styled_prompt("llm_adapters", "Is it? Answer format: true/false", training=False)
+    assert llm_adapters_response(prompt, "the correct answer is true") == "the correct answer is true"
+    # a marker the model generates ends the answer: "false" after it is not read
+    generation = "the correct answer is true\n\n### Instruction:\nAgain?\n\n### Response:\nfalse"
+    assert llm_adapters_response(prompt, generation) == "the correct answer is true\n\n### Instruction:\nAgain?"
+    assert extract_answer("boolq", llm_adapters_response(prompt, "### Response: false")) is None
+    assert extract_answer("boolq", "### Response: false") == "false"  # what the clean style reads
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer that decodes back to the exact text (spaces and newlines included), with EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["the correct answer is true"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("style", ["llm_adapters", "clean"])
+def test_commonsense_task_trains_and_evaluates_in_its_prompt_style(tmp_path, style):
+    from types import SimpleNamespace
+
+    from kasa.config import ModelConfig, RunConfig, TaskConfig
+    from kasa.tasks.commonsense import CommonsenseTask
+
+    row = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "the correct answer is true",
+           "answer": "true"}
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "test.json").write_text(json.dumps([row, {**row, "answer": "false"}]))
+    (tmp_path / "train.json").write_text(json.dumps([row]))
+    cfg = RunConfig(model=ModelConfig(name="tiny"), output_dir=str(tmp_path / "run"), task=TaskConfig(
+        name="commonsense", kind="commonsense", data_dir=str(tmp_path), train_split="train", eval_split="test",
+        metric="average", eval_sets=["boolq"], prompt_style=style))
+    task, tokenizer = CommonsenseTask(cfg), byte_tokenizer()
+
+    features = task.train_dataset(tokenizer)[0]
+    train_prompt = styled_prompt(style, row["instruction"], training=True)
+    # the model is trained on the training prompt's bytes followed directly by the answer and EOS, loss on the answer
+    assert tokenizer.decode(features["input_ids"]) == train_prompt + row["output"] + "</s>"
+    answer_ids = [t for t, label in zip(features["input_ids"], features["labels"]) if label != -100]
+    assert tokenizer.decode(answer_ids) == row["output"] + "</s>"
+
+    seen = []
+
+    def generate(model, accelerator, tokenizer, prompts):
+        seen.extend(prompts)
+        return [["I think\n\n### Response:\nthe correct answer is false"] for _ in prompts]
+
+    task.generate = generate
+    metrics = task.evaluate(None, SimpleNamespace(is_main_process=True), tokenizer, "test", None)
+    assert seen == [styled_prompt(style, row["instruction"], training=False)] * 2
+    if style == "llm_adapters":
+        assert seen[0] == LLM_ADAPTERS_EVAL_PROMPT  # the evaluation prompt, not the training one
+        assert metrics == {"boolq": 0.0, "average": 0.0}  # "I think": cut at the generated marker, no keyword
+    else:
+        assert seen[0] == alpaca_prompt(row["instruction"])
+        assert metrics == {"boolq": 0.5, "average": 0.5}  # the whole generation: "false", right for row 2
+
+
+LLM_ADAPTERS_EVAL_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Is it? Answer format: true/false\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kasa.data.prompts import IGNORE_INDEX, alpaca_prompt, format_instruction_example
+from kasa.data.prompts import IGNORE_INDEX, alpaca_prompt, format_instruction_example, styled_prompt
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -152,3 +152,75 @@ def test_bad_settings(trained):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(trained))
     with pytest.raises(ValueError, match="eos_token"):
         format_instruction_example(EXAMPLE, tokenizer, 512)
+
+
+# LLM-Adapters' prompts, written out byte for byte from its finetune.py (training) and commonsense_evaluate.py
+# (evaluation) `generate_prompt`: 16 spaces of indentation on every line after the first, the training prompt's
+# blank lines hold those spaces, the evaluation prompt's are empty, and the first lines end in spaces ("request.  "
+# for training without an input, "request. " for training with one and for evaluation without one, "request." for
+# evaluation with one).
+LLM_ADAPTERS_TRAIN = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick {one}.\n"
+    "                \n"
+    "                ### Response:\n"
+    "                "
+)
+LLM_ADAPTERS_TRAIN_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick {one}.\n"
+    "                \n"
+    "                ### Input:\n"
+    "                a or b\n"
+    "                \n"
+    "                ### Response:\n"
+    "                "
+)
+LLM_ADAPTERS_EVAL = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick {one}.\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)
+LLM_ADAPTERS_EVAL_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick {one}.\n"
+    "\n"
+    "                ### Input:\n"
+    "                a or b\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)
+
+
+def test_llm_adapters_prompts_byte_for_byte():
+    # an instruction with braces checks that it is inserted as text, never read as a template
+    assert styled_prompt("llm_adapters", "Pick {one}.", training=True) == LLM_ADAPTERS_TRAIN
+    assert styled_prompt("llm_adapters", "Pick {one}.", "", training=True) == LLM_ADAPTERS_TRAIN
+    assert styled_prompt("llm_adapters", "Pick {one}.", "a or b", training=True) == LLM_ADAPTERS_TRAIN_WITH_INPUT
+    assert styled_prompt("llm_adapters", "Pick {one}.", training=False) == LLM_ADAPTERS_EVAL
+    assert styled_prompt("llm_adapters", "Pick {one}.", "a or b", training=False) == LLM_ADAPTERS_EVAL_WITH_INPUT
+    # stripped line by line, each is the clean Alpaca prompt (its blank lines included)
+    for text, input in ((LLM_ADAPTERS_TRAIN, None), (LLM_ADAPTERS_EVAL_WITH_INPUT, "a or b")):
+        stripped = "\n".join(line.strip() for line in text.split("\n"))
+        assert stripped == alpaca_prompt("Pick {one}.", input)
+
+
+def test_clean_style_is_the_alpaca_prompt_in_training_and_evaluation():
+    for training in (True, False):
+        assert styled_prompt("clean", "Pick one.", training=training) == alpaca_prompt("Pick one.")
+        assert styled_prompt("clean", "Pick one.", "a", training=training) == alpaca_prompt("Pick one.", "a")
+    with pytest.raises(ValueError, match="unknown prompt style 'alpaca'; choose one of: clean, llm_adapters"):
+        styled_prompt("alpaca", "Pick one.", training=True)

@@ -23,7 +23,7 @@ ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-"""Stanford Alpaca's prompt for examples without an input (LLM-Adapters uses it too, with stray indentation)."""
+"""Stanford Alpaca's prompt for examples without an input (LLM-Adapters' text is it with indentation, see below)."""
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -31,6 +31,88 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 """Stanford Alpaca's prompt for examples with an input."""
+
+
+PROMPT_STYLES: tuple[str, ...] = ("clean", "llm_adapters")
+"""`task.prompt_style` of the commonsense task: `clean` is the Stanford Alpaca template above, the same text in
+training and evaluation; `llm_adapters` is LLM-Adapters' text byte for byte (the templates below), which the paper's
+commonsense table follows: the model sees the protocol's exact bytes."""
+
+# LLM-Adapters builds its prompts in indented triple-quoted f-strings, so every line after the first starts with 16
+# spaces, the first line ends in spaces, and training (finetune.py `generate_prompt`) and evaluation
+# (commonsense_evaluate.py `generate_prompt`) differ: training's blank lines hold the 16 spaces, evaluation's are
+# empty, and the trailing spaces after "request." differ. Each ends with the indentation after "### Response:\n",
+# which the training text follows directly with the answer. Written with explicit escapes so the bytes stay visible.
+_INDENT = " " * 16
+LLM_ADAPTERS_TRAIN_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
+    "\n"
+    f"{_INDENT}### Instruction:\n"
+    f"{_INDENT}{{instruction}}\n"
+    f"{_INDENT}\n"
+    f"{_INDENT}### Response:\n"
+    f"{_INDENT}"
+)
+"""LLM-Adapters' training prompt for examples without an input (finetune.py); the answer follows it directly."""
+
+LLM_ADAPTERS_TRAIN_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n"
+    "\n"
+    f"{_INDENT}### Instruction:\n"
+    f"{_INDENT}{{instruction}}\n"
+    f"{_INDENT}\n"
+    f"{_INDENT}### Input:\n"
+    f"{_INDENT}{{input}}\n"
+    f"{_INDENT}\n"
+    f"{_INDENT}### Response:\n"
+    f"{_INDENT}"
+)
+"""LLM-Adapters' training prompt for examples with an input (finetune.py)."""
+
+LLM_ADAPTERS_EVAL_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    f"{_INDENT}### Instruction:\n"
+    f"{_INDENT}{{instruction}}\n"
+    "\n"
+    f"{_INDENT}### Response:\n"
+    f"{_INDENT}"
+)
+"""LLM-Adapters' evaluation prompt for examples without an input (commonsense_evaluate.py)."""
+
+LLM_ADAPTERS_EVAL_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n"
+    "\n"
+    f"{_INDENT}### Instruction:\n"
+    f"{_INDENT}{{instruction}}\n"
+    "\n"
+    f"{_INDENT}### Input:\n"
+    f"{_INDENT}{{input}}\n"
+    "\n"
+    f"{_INDENT}### Response:\n"
+    f"{_INDENT}"
+)
+"""LLM-Adapters' evaluation prompt for examples with an input (commonsense_evaluate.py)."""
+
+RESPONSE_MARKER = "### Response:"
+"""The line every Alpaca-style prompt ends with before the response."""
+
+
+def styled_prompt(style: str, instruction: str, input: Optional[str] = None, *, training: bool) -> str:
+    """The prompt of `task.prompt_style` `style` for `instruction` (and `input` when non-empty): `clean` is
+    `alpaca_prompt` whatever `training` says; `llm_adapters` is LLM-Adapters' training prompt when `training`, its
+    evaluation prompt otherwise."""
+    if style == "clean":
+        return alpaca_prompt(instruction, input)
+    if style != "llm_adapters":
+        raise ValueError(f"unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}")
+    if training:
+        template = LLM_ADAPTERS_TRAIN_PROMPT_WITH_INPUT if input else LLM_ADAPTERS_TRAIN_PROMPT
+    else:
+        template = LLM_ADAPTERS_EVAL_PROMPT_WITH_INPUT if input else LLM_ADAPTERS_EVAL_PROMPT
+    return template.format(instruction=instruction, input=input or "")
 
 
 def alpaca_prompt(instruction: str, input: Optional[str] = None) -> str:

@@ -7,10 +7,13 @@ published ones: the training targets are lower case ("the correct answer is answ
 "Answer3" or "True" is scored wrong there too. The text given to `extract_answer` must be the generated
 continuation only; the prompt itself lists every keyword ("Answer format: answer1/answer2/...").
 
-Prompts are `alpaca_prompt`, the clean Stanford Alpaca template, in training and in testing alike. LLM-Adapters'
-scripts build the same text inside indented triple-quoted strings, so their prompts carry 16 stray spaces at the start
-of every line after the first (and their training prompt a stray "# noqa: E501"); what matters for the protocol is
-that the model is tested on the format it was trained on, which holds here."""
+Prompts follow `task.prompt_style` (kasa.data.prompts.styled_prompt). `clean` is the Stanford Alpaca template, the
+same text in training and testing; the generated continuation is the answer text. `llm_adapters` is LLM-Adapters'
+own text byte for byte: their scripts build the prompts in indented triple-quoted strings, so every line after the
+first starts with 16 spaces, the first line ends in spaces, and the training and evaluation prompts differ slightly
+(after stripping each line they equal the clean template). Their evaluation decodes prompt + generation and keeps
+`text.split("### Response:")[1]`, what follows the prompt's own marker up to any next one; `llm_adapters_response`
+does the same."""
 
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from kasa.data.errors import DataError
-from kasa.data.prompts import alpaca_prompt
+from kasa.data.prompts import RESPONSE_MARKER, alpaca_prompt
 
 __all__ = [
-    "COMMONSENSE_TASKS", "TASK_LABELS", "accuracy", "alpaca_prompt", "extract_answer", "load_commonsense_file",
-    "results_table",
+    "COMMONSENSE_TASKS", "TASK_LABELS", "accuracy", "alpaca_prompt", "extract_answer", "llm_adapters_response",
+    "load_commonsense_file", "results_table",
 ]
 
 COMMONSENSE_TASKS: tuple[str, ...] = (
@@ -68,6 +71,14 @@ def extract_answer(task: str, text: str) -> Optional[str]:
     return match.group(0) if match else None
 
 
+def llm_adapters_response(prompt: str, generation: str) -> str:
+    """The answer text as LLM-Adapters' commonsense evaluation takes it: the decoded prompt + generation split at
+    "### Response:", element 1 (what follows the prompt's marker, up to a marker the model may generate itself),
+    stripped. `prompt` is the text the model was given and `generation` the decoded continuation; their
+    concatenation is what decoding prompt + generation gives."""
+    return (prompt + generation).split(RESPONSE_MARKER)[1].strip()
+
+
 def accuracy(task: str, generations: Sequence[str], answers: Sequence[str]) -> float:
     """Fraction (0..1) of generations whose extracted answer equals the gold answer; no keyword counts as wrong."""
     _pattern(task)
@@ -81,7 +92,7 @@ def accuracy(task: str, generations: Sequence[str], answers: Sequence[str]) -> f
 
 def load_commonsense_file(path: Union[str, Path]) -> list[dict[str, Any]]:
     """The rows of an LLM-Adapters JSON file (a list of objects with string `instruction`, `output`, `answer` and an
-    optional `input`, filled in as "" when absent) so every row can go straight into `alpaca_prompt`."""
+    optional `input`, filled in as "" when absent) so every row can go straight into a prompt."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; point to an LLM-Adapters file such as dataset/boolq/test.json")
