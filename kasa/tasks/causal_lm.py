@@ -109,21 +109,19 @@ class CausalLMTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean token cross-entropy (with trainer.label_smoothing) of the labelled tokens.
 
-        The language-model head runs only from the first position that predicts a labelled token (`logits_to_keep`,
-        when the model takes it): prompts carry no loss, and for a 128K-word vocabulary the logits of every prompt
-        position would cost more memory than the rest of the step. Logits go to float32 only at labelled positions."""
+        The language-model head runs only at the columns that predict a labelled token in some row
+        (`logits_to_keep` as indices, when the model takes it): prompts carry no loss, and for a 128K-word
+        vocabulary the logits of every prompt position would cost more memory than the rest of the step (and,
+        for a small model, a third of its compute). Logits go to float32 only at labelled positions."""
         labels = batch["labels"]
-        length = labels.shape[1]
-        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-        first = int(labelled[0]) if len(labelled) else length - 1  # the first labelled column (>= 1: a prompt)
-        kwargs = {}
-        if first > 1 and _accepts_logits_to_keep(model):
-            kwargs["logits_to_keep"] = length - first + 1  # positions first - 1 .. length - 1
-        logits = model(**self.model_inputs(batch), **kwargs).logits
-        targets = labels[:, length - logits.shape[1] + 1:]
+        columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # column c predicts token c + 1
+        if _accepts_logits_to_keep(model):
+            logits = model(**self.model_inputs(batch), logits_to_keep=columns).logits
+        else:
+            logits = model(**self.model_inputs(batch)).logits[:, columns]
+        targets = labels[:, columns + 1]
         keep = targets != IGNORE_INDEX
-        return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep],
-                               label_smoothing=self.cfg.trainer.label_smoothing)
+        return F.cross_entropy(logits[keep].float(), targets[keep], label_smoothing=self.cfg.trainer.label_smoothing)
 
     def generate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  prompts: Sequence[str], add_special_tokens: bool = True) -> list[list[str]]:
