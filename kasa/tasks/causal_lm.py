@@ -175,9 +175,10 @@ class CausalLMTask:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the (possibly DDP- or compile-wrapped) causal LM's forward takes `logits_to_keep`."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    """Whether the (possibly DDP-, compile- or PEFT-wrapped) causal LM's forward takes `logits_to_keep` (PEFT's
+    wrappers pass it on through **kwargs)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod") or hasattr(model, "get_base_model"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model.get_base_model()
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
