@@ -25,6 +25,8 @@ METHODS: dict[str, str] = {
 PEFT_METHODS = ("dora", "adalora", "vera")
 KASA_INITS = ("normal", "principal", "minor", "u_normal")
 ORTH_FORMS = ("paper", "authors")
+TRUNCATING_METHODS = ("kasa", "kasa_l2", "kasa_sv", "svd_lora")  # remove minor components that no adapter holds
+TRUNCATION_BASES = ("weight", "activation")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class AdapterConfig:
     normal), `principal`, `minor`, `u_normal` (dU, dSigma normal; dV = 0).
     svd_method: `gram` (fast, exact) or `svd` (torch.linalg.svd); svd_device: where decompositions run (null:
     a GPU if present); svd_cache_dir: on-disk cache of decompositions (null: off).
+    truncation_basis: `weight` (the paper: W's r smallest singular triplets) or `activation` (the rank-r part whose
+    removal changes the outputs least on calibration inputs; truncating methods only, see kasa.adapters.truncation);
+    calibration_samples: training examples whose inputs give C = E[x x^T]; calibration_damping: C + damping *
+    mean(diag C) I before its Cholesky factor; calibration_memory_gib: bound on the calibration matrices held at once.
     peft_options: extra keyword arguments of the PEFT config of the PEFT-backed methods (dora: LoraConfig, adalora:
     AdaLoraConfig, vera: VeraConfig), e.g. {init_r: 12, tinit: 0.15, tfinal: 0.5} for AdaLoRA; ignored by the others.
     """
@@ -61,6 +67,10 @@ class AdapterConfig:
     svd_method: str = "gram"
     svd_device: str | None = None
     svd_cache_dir: str | None = None
+    truncation_basis: str = "weight"
+    calibration_samples: int = 256
+    calibration_damping: float = 1e-6
+    calibration_memory_gib: float = 4.0
     peft_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +87,14 @@ class AdapterConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.orth_form not in ORTH_FORMS:
             raise ValueError(f"unknown orth_form {self.orth_form!r}; choose one of: {', '.join(ORTH_FORMS)}")
+        if self.truncation_basis not in TRUNCATION_BASES:
+            raise ValueError(f"unknown truncation_basis {self.truncation_basis!r}; choose one of: "
+                             f"{', '.join(TRUNCATION_BASES)}")
+        if self.truncation_basis == "activation" and self.method not in TRUNCATING_METHODS:
+            raise ValueError(f"truncation_basis=activation applies to the methods that truncate "
+                             f"({', '.join(TRUNCATING_METHODS)}), not to {self.method!r}")
+        if self.calibration_samples < 1 or self.calibration_damping < 0 or self.calibration_memory_gib <= 0:
+            raise ValueError("calibration_samples must be >= 1, calibration_damping >= 0, calibration_memory_gib > 0")
         if self.init not in KASA_INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(KASA_INITS)}")
         self.target_modules = list(self.target_modules)
@@ -92,6 +110,11 @@ class AdapterConfig:
     def removed_rank(self) -> int:
         """How many minor singular components the truncating methods (KaSA, svd_lora) remove."""
         return self.truncation_rank or self.rank
+
+    @property
+    def truncates(self) -> bool:
+        """Whether the method removes minor components from W0 that no adapter holds (the truncation damage)."""
+        return self.method in TRUNCATING_METHODS
 
     @property
     def uses_layers(self) -> bool:

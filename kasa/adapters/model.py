@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from kasa.adapters import peft_baselines
+from kasa.adapters.calibration import moment_groups
 from kasa.adapters.config import AdapterConfig
 from kasa.adapters.kasa import KasaBlock, Regularization
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
@@ -44,14 +45,20 @@ def _parse_targets(config: AdapterConfig) -> dict[str, list[str] | None]:
     return targets
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> nn.Module:
+def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = True,
+                   calibration: Sequence[dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Freeze `model` and adapt it in place with `config`; returns the same model.
 
     With `initialise=False` the adapter blocks are created empty and the base weights untouched: `load_adapter`
-    fills them from a checkpoint instead of decomposing the weights again."""
+    fills them from a checkpoint instead of decomposing the weights again. `config.truncation_basis="activation"`
+    needs `calibration`: batches (dicts with input_ids, attention_mask and any other model inputs; labels are
+    ignored) whose inputs to the adapted modules give the second moments (kasa.adapters.calibration)."""
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already has adapters applied; load a fresh base model")
     check_quantization(getattr(model, PENDING_ATTRIBUTE, None), config.method)
+    if initialise and config.truncation_basis == "activation" and not calibration:
+        raise ValueError("truncation_basis=activation needs calibration batches: "
+                         "apply_adapters(model, config, calibration=[batch, ...])")
     for param in model.parameters():
         param.requires_grad_(False)
     if config.method == "full":
@@ -64,7 +71,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     elif config.uses_peft:  # DoRA, AdaLoRA, VeRA through PEFT (always initialised: load_adapter overwrites them)
         peft_baselines.inject(model, config)
     else:
-        _inject_layers(model, config, initialise)
+        _inject_layers(model, config, initialise, calibration)
     _unfreeze(model, config.trainable_modules)
     setattr(model, CONFIG_ATTRIBUTE, config)
     if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
@@ -72,7 +79,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     return model
 
 
-def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool) -> None:
+def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn.Module, list[str] | None]]:
+    """The layers `config.target_modules` select: name -> (layer, fused parts to adapt or None for the whole)."""
     targets = _parse_targets(config)
     # module name -> (module, parts); a module that several targets match (`query` and `self.query`) is adapted once
     matched: dict[str, tuple[nn.Module, list[str] | None]] = {}
@@ -88,21 +96,24 @@ def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool) ->
                 raise ValueError(f"module {name!r} is targeted both as a whole and by its fused parts")
             if known is not None:
                 known.extend(part for part in parts if part not in known)
-    chosen = [(name, module, parts) for name, (module, parts) in matched.items()]
-    if not chosen:
+    if not matched:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
         raise ValueError(
             f"no module matches target_modules {config.target_modules}; linear layers in this model: {linear}"
         )
-    decompose = partial(
-        singular_components, method=config.svd_method, device=config.svd_device, cache_dir=config.svd_cache_dir
-    )
-    block_class = _block_class(config)
-    for name, module, parts in chosen:
+    for name, (module, _) in matched.items():
         if not isinstance(module, SUPPORTED_LAYERS):
             raise ValueError(
                 f"module {name!r} is a {type(module).__name__}; adapters apply to nn.Linear and Conv1D layers only"
             )
+    return matched
+
+
+def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool,
+                   calibration: Sequence[dict[str, torch.Tensor]] | None) -> None:
+    block_class = _block_class(config)
+    layers: dict[str, tuple[nn.Module, dict]] = {}  # name -> (base layer, {part: (start, stop, block)})
+    for name, (module, parts) in target_layers(model, config).items():
         weight = weight_matrix(module)
         n_out, n_in = weight.shape
         ranges = {"weight": (0, n_out)}
@@ -120,15 +131,39 @@ def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool) ->
                     f"rank {largest} (method.rank / method.truncation_rank) must be < min(n, m) = "
                     f"{min(stop - start, n_in)} for {name!r} ({stop - start} x {n_in}): lower it"
                 )
-            block = block_class(stop - start, n_in, config).to(weight.device)
-            if initialise:
-                block.initialise(weight[start:stop], decompose)
-            blocks[part] = (start, stop, block)
+            blocks[part] = (start, stop, block_class(stop - start, n_in, config).to(weight.device))
+        layers[name] = (module, blocks)
+
+    if initialise:
+        decompose = partial(
+            singular_components, method=config.svd_method, device=config.svd_device, cache_dir=config.svd_cache_dir
+        )
+        if config.truncation_basis == "activation":
+            # The model is still untouched here (layers are swapped in below), so every group's calibration pass
+            # sees the original model's inputs.
+            modules = {name: module for name, (module, _) in layers.items()}
+            for moments in moment_groups(model, modules, calibration, config.calibration_memory_gib):
+                for name, input_moments in moments.items():
+                    _initialise(layers[name], partial(decompose, moments=input_moments,
+                                                      damping=config.calibration_damping))
+                del moments, input_moments  # free this group's matrices before the next is gathered
+        else:
+            for layer in layers.values():
+                _initialise(layer, decompose)
+
+    for name, (module, blocks) in layers.items():
         layer = AdaptedLayer(module, blocks, config.dropout)
         if initialise:
             layer.truncate_base()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def _initialise(layer: tuple[nn.Module, dict], decompose) -> None:
+    module, blocks = layer
+    weight = weight_matrix(module)
+    for start, stop, block in blocks.values():
+        block.initialise(weight[start:stop], decompose)
 
 
 def _unfreeze(model: nn.Module, names: list[str]) -> None:

@@ -8,8 +8,14 @@ float32 SVD. On the CPU only the wanted eigenpairs are computed (shift-invert La
 plain Lanczos for the largest), so the cost is the Gram product plus one Cholesky factorisation; on a GPU a dense
 eigh is already fast. `method="svd"` keeps torch.linalg.svd as the reference.
 
-Results are cached on disk, keyed by a hash of the weight's bytes, the rank, the side and the method, so that the
-runs of a sweep pay the decomposition once.
+Activation basis (`moments=`): with the second moment of the layer's inputs C = E[x x^T] = L L^T, the same
+decomposition runs on W L instead of W, and the triplets map back as (U_r, S_r, L^{-T} V_r). Their matrix
+U_r S_r V_r^T L^{-1} is the rank-r part of W whose removal changes the outputs least on those inputs:
+E||W_noise x||^2 = ||W_noise L||_F^2 = sum of the removed S_r^2 (Eckart-Young in the norm that C defines), never
+more than removing W's own r smallest triplets does. C = I gives the weight basis.
+
+Results are cached on disk, keyed by a hash of the weight's bytes, the rank, the side, the method and, in the
+activation basis, the hash of C and the damping, so that the runs of a sweep pay the decomposition once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from kasa.adapters.calibration import InputMoments
 
 Which = Literal["smallest", "largest"]
 METHODS = ("gram", "svd")
@@ -54,10 +62,16 @@ def singular_components(
     method: str = "gram",
     device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
+    moments: InputMoments | None = None,
+    damping: float = 1e-6,
 ) -> Components:
     """The `rank` smallest or largest singular triplets of a 2-D `weight` (any float dtype), as float32 tensors
     on `weight`'s device. `device` is where the decomposition runs: by default a GPU whenever one is available, even
-    if the weight sits on the CPU. With `cache_dir`, results are read from and written to that folder."""
+    if the weight sits on the CPU. With `cache_dir`, results are read from and written to that folder.
+
+    With `moments` (the inputs' second moment, see kasa.adapters.calibration), the triplets are those of the
+    activation basis: of W L with C = L L^T, mapped back so that u diag(s) v^T = U_r S_r V_r^T L^{-1} (v is then
+    not orthonormal). `damping` regularises C (InputMoments.factor)."""
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     n, m = weight.shape
@@ -71,9 +85,12 @@ def singular_components(
     if which not in ("smallest", "largest"):
         raise ValueError(f"which must be 'smallest' or 'largest', not {which!r}")
 
+    if moments is not None and moments.dim != m:
+        raise ValueError(f"input moments of size {moments.dim} do not fit a weight with {m} inputs")
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"{_cache_key(weight, rank, which, method)}.safetensors"
+        basis = "weight" if moments is None else f"activation|{moments.digest()}|{damping!r}"
+        cache_file = Path(cache_dir) / f"{_cache_key(weight, rank, which, method, basis)}.safetensors"
         if cache_file.is_file():
             cached = load_file(str(cache_file), device=str(weight.device))
             return Components(cached["u"], cached["s"], cached["v"])
@@ -81,12 +98,15 @@ def singular_components(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     w = weight.detach().to(device=device)
-    if method == "svd":
-        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
-        keep = slice(k - rank, k) if which == "smallest" else slice(0, rank)
-        comps = u[:, keep], s[keep], vh[keep, :].T
+    if moments is None:
+        comps = _decompose(w, rank, which, method)
     else:
-        comps = _gram_components(_float64(w), rank, which)
+        # Everything in float64: the minor directions of W L are what this basis is about.
+        factor = moments.factor(damping).to(device)
+        u, s, v = _decompose(_float64(w) @ factor, rank, which, method)
+        # L^{-T} V_r: a triangular solve, never an explicit inverse.
+        v = torch.linalg.solve_triangular(factor.T, v.to(torch.float64), upper=True)
+        comps = u, s, v
     out = Components(*(t.to(device=weight.device, dtype=torch.float32).contiguous() for t in comps))
 
     if cache_file is not None:
@@ -95,6 +115,16 @@ def singular_components(
         save_file({"u": out.u.cpu(), "s": out.s.cpu(), "v": out.v.cpu()}, str(tmp))
         os.replace(tmp, cache_file)  # atomic: concurrent sweep jobs never read a half-written file
     return out
+
+
+def _decompose(w: torch.Tensor, rank: int, which: Which, method: str) -> tuple[torch.Tensor, ...]:
+    """(u, s, v) of the `rank` smallest or largest triplets of `w`, descending."""
+    if method == "svd":
+        k = min(w.shape)
+        u, s, vh = torch.linalg.svd(w.float() if w.dtype != torch.float64 else w, full_matrices=False)
+        keep = slice(k - rank, k) if which == "smallest" else slice(0, rank)
+        return u[:, keep], s[keep], vh[keep, :].T
+    return _gram_components(_float64(w), rank, which)
 
 
 def _float64(w: torch.Tensor) -> torch.Tensor:
@@ -167,9 +197,11 @@ def _lanczos_eigenpairs(a: torch.Tensor, rank: int, which: Which) -> tuple[torch
     return torch.from_numpy(evals), torch.from_numpy(evecs), torch.from_numpy(projected)
 
 
-def _cache_key(weight: torch.Tensor, rank: int, which: str, method: str) -> str:
+def _cache_key(weight: torch.Tensor, rank: int, which: str, method: str, basis: str = "weight") -> str:
     digest = hashlib.blake2b(digest_size=20)
     data = weight.detach().contiguous().cpu()
-    digest.update(f"{tuple(data.shape)}|{data.dtype}|{rank}|{which}|{method}|v1".encode())
+    # The weight basis keeps the key it always had, so existing caches stay valid.
+    suffix = "" if basis == "weight" else f"|{basis}"
+    digest.update(f"{tuple(data.shape)}|{data.dtype}|{rank}|{which}|{method}|v1{suffix}".encode())
     digest.update(data.view(torch.uint8).numpy().data)
     return digest.hexdigest()

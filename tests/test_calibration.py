@@ -1,0 +1,248 @@
+"""Activation-aware truncation: the calibration statistics (C = E[x x^T] per adapted input, padding excluded,
+shared by modules reading one tensor, bounded groups) and the activation basis of `singular_components` and
+`apply_adapters` (output damage = the removed squared values, never more than the weight basis's, C = I gives
+the weight basis, exact reload without calibration, cache keys), checked against direct float64 computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import kasa
+from kasa.adapters import truncation
+from kasa.adapters.calibration import InputMoments, collect_input_moments, moment_groups
+from kasa.adapters.truncation import singular_components
+
+
+def anisotropic_inputs(m: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """(tokens, m) float64 inputs whose energy is spread very unevenly over directions (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    scales = torch.logspace(1, -2, m, dtype=torch.float64)
+    return (torch.randn(tokens, m, generator=g, dtype=torch.float64) * scales) @ basis.T
+
+
+def moments_of(x: torch.Tensor) -> InputMoments:
+    return InputMoments(x.T @ x / x.shape[0], x.shape[0])
+
+
+def damage(removed: torch.Tensor, x: torch.Tensor) -> float:
+    """E ||W_noise x||^2 over the rows of x."""
+    return float((x @ removed.double().T).square().sum() / x.shape[0])
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20), (270, 300)], ids=["wide", "tall", "lanczos"])
+@pytest.mark.parametrize("svd_method", ["gram", "svd"])
+def test_activation_damage_is_removed_energy_and_at_most_weight_basis(shape, svd_method):
+    n, m = shape
+    rank = 5
+    w = torch.randn(n, m, generator=torch.Generator().manual_seed(1)) * 0.1
+    x = anisotropic_inputs(m, 4 * m)
+    act = singular_components(w, rank, moments=moments_of(x), damping=0.0, method=svd_method, device="cpu")
+    weight = singular_components(w, rank, method=svd_method, device="cpu")
+    act_damage = damage(act.matrix(), x)
+    assert act_damage == pytest.approx(float(act.s.double().square().sum()), rel=1e-4)
+    assert act_damage <= damage(weight.matrix(), x) * (1 + 1e-6)
+    assert act_damage < 0.5 * damage(weight.matrix(), x)  # these inputs make the difference large
+    # What remains, W - W_noise, has rank k - r: the removed part is a true rank-r truncation in the C-norm.
+    remaining = torch.linalg.svdvals((w.double() - act.matrix().double()) @ torch.linalg.cholesky(moments_of(x).second_moment))
+    assert remaining[min(n, m) - rank:].max() < 1e-4 * remaining[0]
+
+
+def test_identity_moments_give_the_weight_basis():
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(2))
+    identity = InputMoments(torch.eye(40, dtype=torch.float64), 1000)
+    act = singular_components(w, 6, moments=identity, device="cpu")
+    weight = singular_components(w, 6, device="cpu")
+    torch.testing.assert_close(act.matrix(), weight.matrix(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(act.s, weight.s, atol=1e-5, rtol=1e-5)
+
+
+def test_singular_moments_are_damped():
+    """Fewer tokens than features and a dead channel: C is singular, the factor still exists and is finite."""
+    x = anisotropic_inputs(30, 10)
+    x[:, 3] = 0.0
+    moments = moments_of(x)
+    for damping in (0.0, 1e-6):
+        factor = moments.factor(damping)
+        assert torch.isfinite(factor).all()
+        comps = singular_components(torch.randn(16, 30), 4, moments=moments, damping=damping, device="cpu")
+        assert torch.isfinite(comps.matrix()).all()
+    with pytest.raises(ValueError, match="all zero"):
+        InputMoments(torch.zeros(5, 5, dtype=torch.float64), 3).factor(1e-6)
+
+
+def test_cache_key_includes_the_moments(tmp_path, monkeypatch):
+    calls = []
+    original = truncation._gram_components
+    monkeypatch.setattr(truncation, "_gram_components", lambda *a: calls.append(1) or original(*a))
+    w = torch.randn(16, 24)
+    first, second = moments_of(anisotropic_inputs(24, 100, seed=0)), moments_of(anisotropic_inputs(24, 100, seed=1))
+    a = singular_components(w, 3, moments=first, cache_dir=tmp_path, device="cpu")
+    assert len(calls) == 1
+    again = singular_components(w, 3, moments=moments_of(anisotropic_inputs(24, 100, seed=0)), cache_dir=tmp_path,
+                                device="cpu")
+    assert len(calls) == 1  # hit: the same statistics
+    assert torch.equal(a.v, again.v)
+    singular_components(w, 3, moments=second, cache_dir=tmp_path, device="cpu")
+    singular_components(w, 3, moments=first, damping=1e-3, cache_dir=tmp_path, device="cpu")
+    singular_components(w, 3, cache_dir=tmp_path, device="cpu")
+    assert len(calls) == 4  # misses: other statistics, other damping, the weight basis
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+def build_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def calibration_batches(seed: int = 0, count: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of random token ids (pad id 0, some rows shorter)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(1, 64, (4, 12), generator=g)
+        lengths = torch.tensor([12, 9, 5, 12])
+        mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+        batches.append({"input_ids": ids * mask, "attention_mask": mask, "labels": ids})
+    return batches
+
+
+def test_moments_equal_direct_computation_and_are_shared():
+    model = build_llama()
+    layer = model.model.layers[0]
+    modules = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "v": layer.self_attn.v_proj,
+               "up": layer.mlp.up_proj, "down": layer.mlp.down_proj}
+    batches = calibration_batches()
+    moments = collect_input_moments(model, modules, batches)
+    assert moments["q"] is moments["k"] is moments["v"]  # one matrix for the inputs they share
+    assert moments["up"] is not moments["q"] and moments["down"].dim == 48
+
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(args[0]))
+             for n, m in (("q", modules["q"]), ("down", modules["down"]))]
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    for name in ("q", "down"):
+        rows = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen[name], batches)]).double()
+        assert moments[name].tokens == rows.shape[0] == 3 * (12 + 9 + 5 + 12)
+        torch.testing.assert_close(moments[name].second_moment, rows.T @ rows / rows.shape[0])
+
+
+def test_padding_is_excluded():
+    """The same examples, batched alone (no padding) or together (padded): the same statistics."""
+    model = build_llama()
+    module = {"v": model.model.layers[1].self_attn.v_proj}
+    padded = calibration_batches(count=1)
+    single = [{"input_ids": padded[0]["input_ids"][i:i + 1, :length], "attention_mask": torch.ones(1, length).long()}
+              for i, length in enumerate((12, 9, 5, 12))]
+    a = collect_input_moments(model, module, padded)["v"]
+    b = collect_input_moments(model, module, single)["v"]
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.second_moment, b.second_moment, atol=1e-6, rtol=1e-4)  # float32 model: batching noise
+
+
+def test_memory_bound_splits_into_groups_with_the_same_result():
+    model = build_llama()
+    modules = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))}
+    whole = list(moment_groups(model, modules, calibration_batches(), memory_gib=1.0))
+    tiny = list(moment_groups(model, modules, calibration_batches(), memory_gib=1e-6))
+    assert len(whole) == 1 and len(tiny) == 4  # per layer: one (q, v) input and one down_proj input
+    merged = {k: v for group in tiny for k, v in group.items()}
+    for name in modules:
+        torch.testing.assert_close(merged[name].second_moment, whole[0][name].second_moment)
+
+
+def activation_config(**overrides) -> kasa.AdapterConfig:
+    settings = dict(method="kasa", rank=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                    truncation_basis="activation", calibration_damping=1e-6)
+    return kasa.AdapterConfig(**(settings | overrides))
+
+
+def mean_loss(model, batches) -> float:
+    with torch.no_grad():
+        return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+
+@pytest.mark.parametrize("method", ["kasa", "svd_lora"])
+def test_apply_adapters_activation_basis(method):
+    batches = calibration_batches()
+    model = kasa.apply_adapters(build_llama(), activation_config(method=method), calibration=batches)
+    reference = build_llama()
+    modules = {n: m for n, m in reference.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))}
+    moments = collect_input_moments(reference, modules, batches)
+    for name, layer in kasa.adapted_layers(model):
+        block = layer.adapters["weight"]
+        w0 = modules[name].weight.detach()
+        expected = singular_components(w0, 4, moments=moments[name], device="cpu")
+        torch.testing.assert_close(block.removed_matrix(), expected.matrix())
+        torch.testing.assert_close(layer.base_layer.weight + block.removed_matrix(), w0, atol=1e-6, rtol=0)
+    # dW = 0 at step 0: the model is exactly the truncated base
+    assert all(float(b.delta_weight().detach().abs().max()) == 0 for _, l in kasa.adapted_layers(model)
+               for b in l.adapters.values())
+
+
+def test_activation_basis_damages_the_loss_less_than_the_weight_basis():
+    batches, held_out = calibration_batches(seed=0, count=4), calibration_batches(seed=1, count=2)
+    base = mean_loss(build_llama(), held_out)
+    config = dict(rank=12, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    weight = mean_loss(kasa.apply_adapters(build_llama(), kasa.AdapterConfig(method="kasa", **config)), held_out)
+    act = mean_loss(kasa.apply_adapters(build_llama(), activation_config(**config), calibration=batches), held_out)
+    assert abs(act - base) < abs(weight - base)
+
+
+def test_gpt2_conv1d_and_fused_slices():
+    from conftest import build_gpt2
+
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 100, (3, 10), generator=g), "attention_mask": torch.ones(3, 10).long()}]
+    config = kasa.AdapterConfig(method="kasa", rank=3, target_modules=["c_attn.q", "c_attn.v", "c_fc"],
+                                fused_modules={"c_attn": ["q", "k", "v"]}, truncation_basis="activation")
+    reference = build_gpt2()
+    modules = {n: m for n, m in reference.named_modules() if n.endswith(("c_attn", "c_fc"))}
+    moments = collect_input_moments(reference, modules, batches)
+    model = kasa.apply_adapters(build_gpt2(), config, calibration=batches)
+    for name, layer in kasa.adapted_layers(model):
+        w0 = modules[name].weight.detach().T
+        for part, block in layer.adapters.items():
+            start, stop = layer.slices[part]
+            expected = singular_components(w0[start:stop], 3, moments=moments[name], device="cpu")
+            torch.testing.assert_close(block.removed_matrix(), expected.matrix())
+
+
+def test_exact_reload_without_calibration(tmp_path, monkeypatch):
+    from conftest import randomize_adapters
+
+    batches = calibration_batches()
+    model = kasa.apply_adapters(build_llama(), activation_config(), calibration=batches)
+    randomize_adapters(model)
+    kasa.save_adapter(model, tmp_path / "adapter")
+    monkeypatch.setattr(truncation, "_decompose", lambda *a: pytest.fail("reload must not decompose"))
+    reloaded = kasa.load_adapter(build_llama(), tmp_path / "adapter")
+    assert kasa.adapter_config(reloaded).truncation_basis == "activation"
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+def test_bad_configurations():
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        kasa.apply_adapters(build_llama(), activation_config())
+    with pytest.raises(ValueError, match="applies to the methods that truncate"):
+        kasa.AdapterConfig(method="lora", truncation_basis="activation")
+    with pytest.raises(ValueError, match="unknown truncation_basis"):
+        kasa.AdapterConfig(truncation_basis="activations")
+    with pytest.raises(ValueError, match="calibration_samples"):
+        kasa.AdapterConfig(calibration_samples=0)
+    padding_only = [{"input_ids": torch.zeros(2, 5).long(), "attention_mask": torch.zeros(2, 5).long()}]
+    with pytest.raises(ValueError, match="no token outside padding"):
+        kasa.apply_adapters(build_llama(), activation_config(), calibration=padding_only)
