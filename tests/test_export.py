@@ -23,7 +23,13 @@ from torch import nn
 import kasa
 from cli_helpers import ENV, make_tiny_bert, run_cli, train_args, write_sentiment_data
 from conftest import build_gpt2, build_roberta, outputs, randomize_adapters, randomize_trainable
-from kasa.adapters.peft_format import check_peft_exportable, peft_state, save_peft_adapter
+from kasa.adapters.peft_format import (
+    AUTHORS_ORTH_FORM_NOTE,
+    check_peft_exportable,
+    peft_regularizer,
+    peft_state,
+    save_peft_adapter,
+)
 
 SENTENCES = ["the movie was very good", "the food was not bad", "the service was very poor", "the place was sad"]
 MERGED_TOL = 1e-5
@@ -175,7 +181,13 @@ def test_peft_export_loads_in_peft(trained_run, tmp_path):
     result = run_cli("kasa.cli.export", f"checkpoint={run_dir}", "format=peft", f"output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((output / "adapter_config.json").read_text())
-    assert config["kasa_config"] == {"beta": 1e-4, "gamma": 1e-3}
+    from safetensors import safe_open
+
+    with safe_open(str(output / "adapter_model.safetensors"), "pt") as weights:
+        modules = sum(key.endswith("lora_diag") for key in weights.keys())
+    assert modules == 4  # query and value of 2 layers
+    # PEFT sums the loss over the modules where kasa averages it: beta / M and gamma / M give the same loss
+    assert config["kasa_config"] == pytest.approx({"beta": 1e-4 / modules, "gamma": 1e-3 / modules}, rel=1e-15)
     assert config["modules_to_save"] == ["classifier", "pooler"]  # BERT's head: the pooler trains too
     assert config["base_model_name_or_path"] == str(model_dir)
 
@@ -255,6 +267,47 @@ def test_peft_roundtrip_in_process_with_a_classification_head(tmp_path):
     peft_model = PeftModel.from_pretrained(build_roberta(seed=3), tmp_path / "adapter").eval()
     inputs = {"input_ids": torch.randint(3, 100, (3, 11), generator=torch.Generator().manual_seed(1))}
     torch.testing.assert_close(outputs(peft_model, inputs), outputs(model, inputs), atol=PEFT_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["kasa", "kasa_l2"])
+def test_peft_kasa_loss_equals_kasas_aux_loss(tmp_path, method):
+    # PEFT sums beta * L2 + gamma * L3 over the modules, kasa averages it: the export writes beta / M and gamma / M,
+    # so PEFT's loss for the same weights is kasa's (with the paper's orthogonality form, the one PEFT has)
+    _peft_or_skip()
+    from peft import PeftModel
+
+    config = kasa.AdapterConfig(method=method, rank=4, alpha=8, beta=0.3, gamma=0.7, orth_form="paper",
+                                target_modules=["query", "value", "intermediate.dense"],
+                                trainable_modules=["classifier"], svd_method="svd", svd_cache_dir=None)
+    model = kasa.apply_adapters(build_roberta(seed=3), config).eval()
+    randomize_adapters(model, seed=11, scale=0.3)  # far from orthonormal: both terms matter
+    modules = len(list(kasa.adapted_layers(model)))
+    assert modules == 6  # 2 layers x (query, value, intermediate.dense): a wrong M would change the loss 6-fold
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=None)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["kasa_config"]
+    gamma = 0.7 if method == "kasa" else 0.0  # kasa_l2 has no L3 term
+    assert written == pytest.approx({"beta": 0.3 / 6, "gamma": gamma / 6}, rel=1e-15)
+    assert peft_regularizer(model) == {"kasa_config": written, "beta": 0.3, "gamma": gamma, "modules": 6,
+                                       "orth_form": "paper", "note": None}
+
+    peft_model = PeftModel.from_pretrained(build_roberta(seed=3), tmp_path / "adapter")
+    peft_loss = peft_model.base_model._get_kasa_loss()
+    kasa_loss = kasa.aux_loss(model).total
+    assert kasa_loss.item() > 0.05  # a loss of some size, so that the comparison means something
+    torch.testing.assert_close(peft_loss.float(), kasa_loss.float(), rtol=1e-6, atol=0)
+
+
+def test_peft_export_records_the_authors_orthogonality_form():
+    config = kasa.AdapterConfig(method="kasa", rank=2, orth_form="authors", target_modules=["query", "value"],
+                                svd_cache_dir=None)
+    record = peft_regularizer(kasa.apply_adapters(build_roberta(), config))
+    assert record["orth_form"] == "authors" and record["note"] == AUTHORS_ORTH_FORM_NOTE
+    assert "\n" not in AUTHORS_ORTH_FORM_NOTE
+    assert record["kasa_config"] == {"beta": 1e-4 / 4, "gamma": 1e-3 / 4}  # 2 layers x (query, value)
+    # without an L3 term there is nothing PEFT computes differently
+    l2_only = kasa.AdapterConfig(method="kasa_l2", rank=2, orth_form="authors", target_modules=["query"],
+                                 svd_cache_dir=None)
+    assert peft_regularizer(kasa.apply_adapters(build_roberta(), l2_only))["note"] is None
 
 
 def _fused_linear_model() -> nn.Module:

@@ -11,6 +11,12 @@ when it loads the adapter it truncates the base weight again (a full float32 SVD
 components), so the folder must be loaded onto the same base model the run started from, and the result matches
 kasa's model up to float32 rounding of the two decompositions.
 
+The regulariser: PEFT's `_get_kasa_loss()` sums beta * L2 + gamma * L3 over the adapted modules, kasa averages that
+sum over them (paper, appendix A), so the export writes beta / M and gamma / M (M adapted modules): training the
+exported adapter further in PEFT regularises exactly as kasa did. PEFT's L3 has only the paper's r x r form; an
+adapter trained with `orth_form: authors` (the released code's large Grams) gets that form there, which
+`peft_regularizer` records in a note.
+
 Only what PEFT's variant can express is exported: the KaSA methods (kasa, kasa_l2, kasa_sv) on whole nn.Linear
 layers, one rank for every layer, removing exactly r components (truncation_rank null or = rank), without the
 `principal` initialisation (which also moves the r principal components out of the base weight). Anything else
@@ -124,6 +130,29 @@ def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
+AUTHORS_ORTH_FORM_NOTE = (
+    "the run used orth_form=authors (L3 on the large n x n / m x m Grams, which the paper's beta/gamma tables were "
+    "tuned with); PEFT's KaSA loss has only the paper's r x r form, so training further in PEFT uses that form"
+)
+
+
+def peft_regularizer(model: nn.Module) -> dict[str, Any]:
+    """PEFT's `kasa_config` for the adapter of `model` and what it was derived from, for kasa_export.json: kasa's
+    beta and gamma (zero for the terms the method lacks), M (the adapted modules), the orthogonality form, and a
+    note when PEFT cannot express that form (None otherwise)."""
+    config = adapter_config(model)
+    modules = len(list(adapted_layers(model)))
+    beta, gamma = config.effective_beta, config.effective_gamma
+    return {
+        "kasa_config": {"beta": beta / modules, "gamma": gamma / modules},
+        "beta": beta,
+        "gamma": gamma,
+        "modules": modules,
+        "orth_form": config.orth_form,
+        "note": AUTHORS_ORTH_FORM_NOTE if config.orth_form == "authors" and gamma else None,
+    }
+
+
 def peft_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
     """adapter_config.json for peft.LoraConfig with kasa_config, targeting exactly the adapted layers."""
     config = adapter_config(model)
@@ -138,7 +167,7 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[s
         # layers kasa adapted.
         "target_modules": sorted(name for name, _ in adapted_layers(model)),
         "modules_to_save": list(config.trainable_modules) or None,
-        "kasa_config": {"beta": config.effective_beta, "gamma": config.effective_gamma},
+        "kasa_config": peft_regularizer(model)["kasa_config"],  # summed over modules by PEFT: beta / M, gamma / M
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
