@@ -131,6 +131,15 @@ def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool,
                     f"rank {largest} (method.rank / method.truncation_rank) must be < min(n, m) = "
                     f"{min(stop - start, n_in)} for {name!r} ({stop - start} x {n_in}): lower it"
                 )
+            # KaSA's principal init moves the r largest components into the adapter besides removing the k smallest:
+            # the two sets must not overlap (checked here, before any decomposition)
+            if block_class is KasaBlock and config.init == "principal" and (
+                    config.rank + config.removed_rank > min(stop - start, n_in)):
+                raise ValueError(
+                    f"method.init=principal takes rank + truncation_rank = {config.rank} + {config.removed_rank} "
+                    f"singular components out of {name!r} ({stop - start} x {n_in}), more than its min(n, m) = "
+                    f"{min(stop - start, n_in)}: lower method.rank or method.truncation_rank"
+                )
             blocks[part] = (start, stop, block_class(stop - start, n_in, config).to(weight.device))
         layers[name] = (module, blocks)
 
