@@ -122,6 +122,17 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target) or ("." + target + ".") in ("." + name + ".")
 
 
+def quantizable_layers(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """The layers `quantize_base` replaces: frozen nn.Linear / Conv1D layers outside `skip`, except the output
+    embedding (QLoRA keeps the LM head in float; it is often tied to the input embedding)."""
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output_embedding
+        and not module.weight.requires_grad and not any(_matches(name, target) for target in skip)
+    ]
+
+
 @torch.no_grad()
 def quantize_base(model: nn.Module, quantization: str, skip: list[str] | tuple[str, ...] = (),
                   device: str | torch.device | None = None) -> nn.Module:
@@ -134,22 +145,14 @@ def quantize_base(model: nn.Module, quantization: str, skip: list[str] | tuple[s
         from accelerate import PartialState
 
         device = PartialState().device
-    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Conv1D)) or module is output_embedding:
-            continue
-        if module.weight.requires_grad or module.weight.device.type == "meta":
-            continue
-        if any(_matches(name, target) for target in skip):
-            continue
+    layers = quantizable_layers(model, skip)
+    if not layers:
+        raise ValueError(f"model.quantization={quantization}: the model has no frozen linear layer to quantize")
+    for name, module in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         target_device = torch.device(device) if device is not None else module.weight.device
         setattr(parent, child, _quantized_layer(module, quantization, target_device))
-        replaced += 1
-    if not replaced:
-        raise ValueError(f"model.quantization={quantization}: the model has no frozen linear layer to quantize")
     setattr(model, QUANTIZED_ATTRIBUTE, quantization)
     return model
 

@@ -1,0 +1,106 @@
+"""kasa-estimate: will a run fit one GPU? Peak memory per process from the architecture alone (no weights).
+
+    kasa-estimate recipe=commonsense/llama3_8b gpu_memory=24GiB
+    kasa-estimate recipe=instruction/llama2_13b_alpaca model.quantization=nf4 gpu_memory=24GiB
+    kasa-estimate recipe=commonsense/llama3_8b gpu_memory=80GiB num_processes=4 sharding=zero3
+
+Takes the recipe and overrides of kasa-train, plus `gpu_memory` (e.g. 24GiB; default 24GiB), `num_processes`
+(default 1) and `sharding` (none | zero2 | zero3 | fsdp: what the Accelerate config shards; default none). The
+architecture comes from model.path, the config.json kasa ships for its recipes' models (offline), or the Hub.
+Prints parameters, memory per part, peak with and without gradient checkpointing, whether it fits, and overrides
+that would make it fit; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors
+
+OWN_KEYS = ("gpu_memory", "num_processes", "sharding")
+
+
+def compose_run(overrides: list[str]) -> Any:
+    """The validated RunConfig that kasa-train would run with these overrides (no run directory is created)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from kasa.config import validate
+
+    from omegaconf import open_dict
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("kasa.conf", version_base="1.3"):
+        # output_dir is never written: set so that the run directory's time stamp need not be resolved
+        cfg = compose("config", overrides=[*overrides, "output_dir=unused"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return validate(cfg)
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    from kasa.estimate import RESERVE_BYTES, estimate_memory, parse_memory, suggestions
+
+    own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in OWN_KEYS and "=" in a}
+    gpu_bytes = parse_memory(own.get("gpu_memory", "24GiB"))
+    try:
+        processes = int(own.get("num_processes", "1"))
+    except ValueError:
+        raise ValueError(f"num_processes={own['num_processes']!r} is not a whole number: e.g. num_processes=4")
+    sharding = own.get("sharding", "none")
+    cfg = compose_run([a for a in argv if a.split("=", 1)[0] not in OWN_KEYS])
+    quiet_libraries()
+    estimate = estimate_memory(cfg, processes, sharding)
+    parts = estimate["bytes"]
+    quant = f", {estimate['quantization']} base" if estimate["quantization"] else ""
+    print(f"{cfg.model.name} ({estimate['dtype']}{quant}), method {cfg.method.method}, per process of "
+          f"{processes} (sharding {sharding}), batch {estimate['batch_size']} x {estimate['max_length']} tokens")
+    print(f"  parameters            {estimate['parameters']:>16,}")
+    print(f"  trainable parameters  {estimate['trainable_parameters']:>16,}")
+    for label, key in (("weights", "weights"), ("adapters (trainable)", "adapters"),
+                       ("removed components", "removed_components"), ("gradients", "gradients"),
+                       ("AdamW states", "optimizer"), ("activations", "activations"),
+                       ("  with checkpointing", "activations_checkpointed"),
+                       ("backward temporaries", "backward_transient")):
+        print(f"  {label:21s} {_gib(parts[key]):>16}")
+    print(f"  peak without gradient checkpointing {_gib(estimate['peak_bytes_without_checkpointing'])}")
+    print(f"  peak with gradient checkpointing    {_gib(estimate['peak_bytes_with_checkpointing'])}")
+    budget = gpu_bytes - RESERVE_BYTES
+    fits = estimate["peak_bytes"] <= budget
+    checkpointing = "on" if estimate["gradient_checkpointing"] else "off"
+    print(f"peak {_gib(estimate['peak_bytes'])} (gradient checkpointing {checkpointing}) on {_gib(gpu_bytes)} "
+          f"({_gib(RESERVE_BYTES)} kept for the CUDA context): {'fits' if fits else 'does NOT fit'}")
+    found = [] if fits else suggestions(cfg, estimate, gpu_bytes, processes, sharding)
+    for overrides, peak in found:
+        print(f"  fits with {overrides}  (peak {_gib(peak)})")
+    if not fits and not found:
+        print("  no combination of checkpointing, nf4 and smaller micro-batches fits: use more GPUs with "
+              "sharding=zero3 or a larger GPU")
+    return {**estimate, "gpu_memory_bytes": gpu_bytes, "fits": fits,
+            "fit_overrides": [{"overrides": o, "peak_bytes": p} for o, p in found]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        fail(f"arguments must be key=value, got {bad[0]!r}: e.g. kasa-estimate recipe=commonsense/llama3_8b "
+             "gpu_memory=24GiB")
+    result = run_reporting_errors(lambda: run(argv))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

