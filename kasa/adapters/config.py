@@ -25,8 +25,16 @@ METHODS: dict[str, str] = {
 PEFT_METHODS = ("dora", "adalora", "vera")
 KASA_INITS = ("normal", "principal", "minor", "u_normal")
 ORTH_FORMS = ("paper", "authors")
+# The loss weights each method has: beta scales L2 = sum(dSigma^2), gamma scales L3 (orthogonality). No other
+# method has either term, so their beta and gamma settings mean nothing (tables leave them out).
+LOSS_WEIGHTS: dict[str, tuple[str, ...]] = {"kasa": ("beta", "gamma"), "kasa_l2": ("beta",)}
 TRUNCATING_METHODS = ("kasa", "kasa_l2", "kasa_sv", "svd_lora")  # remove minor components that no adapter holds
 TRUNCATION_BASES = ("weight", "activation")
+
+
+def has_loss_weight(method: str, weight: str) -> bool:
+    """Whether `method`'s loss has the term that `weight` ("beta" or "gamma") scales."""
+    return weight in LOSS_WEIGHTS.get(method, ())
 
 
 @dataclass
@@ -127,11 +135,11 @@ class AdapterConfig:
 
     @property
     def effective_beta(self) -> float:
-        return self.beta if self.method in ("kasa", "kasa_l2") else 0.0
+        return self.beta if has_loss_weight(self.method, "beta") else 0.0
 
     @property
     def effective_gamma(self) -> float:
-        return self.gamma if self.method == "kasa" else 0.0
+        return self.gamma if has_loss_weight(self.method, "gamma") else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,8 +4,10 @@
 
 Every folder given is searched recursively for runs (a folder holding `summary.json`, as training writes it; runs
 that crashed are skipped with a warning, like the sweep summary does). Rows are methods (with the model when the runs
-use several, the rank when it varies, and any `--by` keys), each with its number of trainable adapter parameters
-(`trainable_params` of summary.json: the adapters only, not the task head, as the paper counts them, e.g. 0.3M);
+use several, the rank when it varies, and any `--by` keys), each with its number of trained parameters
+(`trainable_params_without_head` of summary.json: the adapters, not the task head, as the paper counts them, e.g.
+0.3M; older summaries call it `trainable_params`); beta and gamma (`--by beta`) show only for the methods whose loss
+has such a term;
 columns are tasks (with their metric); a cell is the median over seeds of `best`, the best validation epoch, which
 is what the paper reports; the best value of each column is in bold (ties at the printed precision all are); the
 Average column is the mean over the tasks, for rows that have every task.
@@ -27,6 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from kasa.adapters.config import has_loss_weight
 from kasa.evaluation.sweep import SUMMARY_FILE, Run, _sort_key, load_runs, parse_overrides
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,9 @@ def setting_value(run: Run, key: str) -> Any:
     the run's overrides, else its config.json."""
     if key == "model":
         return model_name(run)
+    weight = key.removeprefix("method.")
+    if weight in ("beta", "gamma") and not has_loss_weight(str(run.summary.get("method")), weight):
+        return None  # a method without that term: nothing to show or to tell rows apart by
     if key in run.summary:
         return run.summary[key]
     if key in run.overrides:
@@ -218,7 +224,8 @@ class Table:
             "columns": [{"task": t, "metric": m, "label": task_label(t, m)} for t, m in self.columns],
             "rows": [
                 {
-                    "method": row.method, "setting": row.setting, "label": row.label, "trainable_params": row.params,
+                    "method": row.method, "setting": row.setting, "label": row.label,
+                    "trainable_params_without_head": row.params,
                     "cells": {f"{t}:{m}": None if (c := row.cells.get((t, m))) is None else
                               {"median": c.median, "n": c.n, "seeds": c.seeds, "values": c.values}
                               for t, m in self.columns},
@@ -249,7 +256,8 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
     for method, setting in sorted(groups, key=lambda g: (method_sort_key(g[0]), [_sort_key(v) for v in g[1]])):
         cells_runs = groups[(method, setting)]
         values = dict(zip(keys, setting))
-        shown = {k: v for k, v in values.items() if not (k == "rank" and method in ("full", "bitfit"))}
+        shown = {k: v for k, v in values.items()
+                 if v is not None and not (k == "rank" and method in ("full", "bitfit"))}
         label = method_label(method)
         if shown.get("model"):
             label = f"{shown.pop('model')} ({label})"
@@ -257,11 +265,11 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
             shown.pop("model", None)
         if shown:
             label += " " + ", ".join(f"{'r' if k == 'rank' else k}={_fmt(v)}" for k, v in shown.items())
-        counts = Counter(r.summary.get("trainable_params") for rs in cells_runs.values() for r in rs)
+        counts = Counter(r.params_without_head for rs in cells_runs.values() for r in rs)
         counts.pop(None, None)
         params = counts.most_common(1)[0][0] if counts else None
         if len(counts) > 1:
-            log.warning("%s: runs report different trainable_params %s; showing the most common", label,
+            log.warning("%s: runs report different parameter counts %s; showing the most common", label,
                         sorted(counts))
         row = Row(method, values, label, params)
         for column, members in cells_runs.items():
@@ -353,7 +361,8 @@ def write_csv(table: Table, path: Path) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         columns = [f"{t}:{m}" for t, m in table.columns]
-        writer.writerow(["method", "label", "trainable_params", *columns, "average", *(f"{c} n" for c in columns)])
+        writer.writerow(["method", "label", "trainable_params_without_head", *columns, "average",
+                         *(f"{c} n" for c in columns)])
         for row in table.rows:
             values = [table.value(row, c) for c in table.columns]
             average = table.average(row)

@@ -8,7 +8,8 @@ command-line overrides such as `trainer.lr=3e-4`). Runs without a (readable) sum
 with a warning.
 
 Runs are grouped into settings. A setting is identified by
-  * method, rank, beta and gamma (from `summary.json`; always shown), and
+  * method, rank, beta and gamma (from `summary.json`; always shown, beta and gamma left empty for methods whose
+    loss has no such term), and
   * task and recipe, and every key of the `overrides` lists, but only those whose value is not the same in all runs
     (`method.beta=...` and the like are already covered by the fields above and are not repeated).
 The seed is never part of a setting: the runs of a setting are its seeds. Per setting the summary gives the number of
@@ -34,6 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from kasa.adapters.config import has_loss_weight
+
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
@@ -43,6 +46,7 @@ HEATMAP_FILE = "heatmap.png"
 HEATMAP_DATA_FILE = "heatmap.json"
 
 BASE_KEYS = ("method", "rank", "beta", "gamma")  # always part of the setting
+LOSS_WEIGHT_KEYS = ("beta", "gamma")  # empty for the methods without the term (kasa.adapters.config.LOSS_WEIGHTS)
 OPTIONAL_SUMMARY_KEYS = ("task", "recipe")  # part of the setting when they vary
 # Overrides that repeat a summary field (or are the seed) and so never add a column of their own.
 OVERRIDE_ALIASES = {
@@ -68,10 +72,19 @@ class Run:
     overrides: dict[str, str] = field(default_factory=dict)
 
     def value(self, key: str) -> Any:
-        """A setting value: summary fields for BASE_KEYS and OPTIONAL_SUMMARY_KEYS, the overrides for the rest."""
+        """A setting value: summary fields for BASE_KEYS and OPTIONAL_SUMMARY_KEYS, the overrides for the rest.
+        beta and gamma are None (shown empty) for methods whose loss has no such term."""
+        if key in LOSS_WEIGHT_KEYS and not has_loss_weight(str(self.summary.get("method")), key):
+            return None
         if key in BASE_KEYS or key in OPTIONAL_SUMMARY_KEYS:
             return self.summary.get(key)
         return self.overrides.get(key)
+
+    @property
+    def params_without_head(self) -> int | None:
+        """The paper's parameter count: what the method trains, the task head not included (summaries written
+        before it got this name call it `trainable_params`)."""
+        return self.summary.get("trainable_params_without_head", self.summary.get("trainable_params"))
 
 
 @dataclass
@@ -210,8 +223,9 @@ def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[Grid]:
-    """The beta x gamma matrices of median `best` (one per combination of the other setting values), or [] when
-    neither beta nor gamma varies (a sweep over one of them gives a single row or column)."""
+    """The beta x gamma matrices of median `best` (one per combination of the other setting values that has a run
+    with both terms), or [] when neither beta nor gamma varies (a sweep over one of them gives a single row or
+    column)."""
     betas = sorted({row["beta"] for row in rows if row["beta"] is not None}, key=_sort_key)
     gammas = sorted({row["gamma"] for row in rows if row["gamma"] is not None}, key=_sort_key)
     if len(betas) < 2 and len(gammas) < 2:
@@ -228,6 +242,8 @@ def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[G
             if row["beta"] is None or row["gamma"] is None:
                 continue
             matrix[betas.index(row["beta"]), gammas.index(row["gamma"])] = row["median"]
+        if np.isnan(matrix).all():
+            continue  # a method without beta or gamma terms (lora, kasa_l2's gamma): no beta x gamma panel
         values = dict(zip(others, other))
         shown = varying or [k for k in ("method", "rank") if k in values]
         title = ", ".join(f"{k}={_fmt(values[k])}" for k in shown)
