@@ -259,8 +259,10 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         "peak_bytes": int(peak_checkpointed if checkpointing else peak_plain),
         "peak_bytes_without_checkpointing": int(peak_plain),
         "peak_bytes_with_checkpointing": int(peak_checkpointed),
-        "activation_bytes_per_row": {"plain": acts.saved / cfg.trainer.batch_size,
-                                     "checkpointed": acts.saved_checkpointed / cfg.trainer.batch_size},
+        # what grows with the micro-batch (saved activations and backward's temporaries), per row
+        "activation_bytes_per_row": {"plain": (acts.saved + acts.transient) / cfg.trainer.batch_size,
+                                     "checkpointed": (acts.saved_checkpointed + acts.transient)
+                                     / cfg.trainer.batch_size},
     }
 
 

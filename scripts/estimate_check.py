@@ -1,9 +1,14 @@
-"""kasa-estimate against a measured peak on the CPU: MiniLM (the demo recipe) and SmolLM2-135M-Instruct (E2E on
-../shared/data/e2e), a few training steps each through kasa-train.
+"""kasa-estimate against the measured peak of training steps on the CPU, and the peak of a KaSA step on an nf4
+base against the same on a float32 (and bfloat16) base. MiniLM on RTE (../shared/data/rte) and SmolLM2-135M-Instruct
+on E2E (../shared/data/e2e), each in a fresh process.
 
-The measured training peak is the run's peak resident memory (summary.json, `peak_memory_mib.rss`) minus the
-resident memory of a process that has only imported what kasa-train imports (interpreter, torch, transformers,
-datasets: memory that a GPU's allocator would never see). Last line: one JSON object with the relative errors.
+Each process loads the model and applies the adapters exactly as kasa-train does (kasa.tasks), returns freed memory
+to the system, resets the kernel's peak-resident counter (/proc/self/clear_refs), then runs a few AdamW steps on
+real batches. Measured = peak resident memory during the steps minus the resident memory before the model loaded
+(interpreter and libraries, which a GPU's allocator never sees). Loading is left out on purpose: a quantized base
+is loaded in float and quantized layer by layer, on the CPU when a GPU is the target. Every row of the runs below is
+max_length tokens long (max_length is below the examples' lengths), as the estimate assumes. Last line: one JSON
+object with the relative errors and the nf4 / float32 and nf4 / bfloat16 ratios.
 
     python scripts/estimate_check.py [--steps 3]
 """
@@ -11,54 +16,92 @@ datasets: memory that a GPU's allocator would never see). Last line: one JSON ob
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-E2E = ROOT.parent / "shared" / "data" / "e2e"
+DATA = ROOT.parent / "shared" / "data"
+SMOLLM2 = ["model=smollm2_135m", "task=e2e", f"task.data_dir={DATA / 'e2e'}", "task.train_split=devset",
+           "task.max_train_samples=64", "method=kasa", "method.rank=8",
+           "model.target_modules=[q_proj,k_proj,up_proj,down_proj]", "trainer.batch_size=8", "trainer.max_length=48"]
 RUNS = {
-    "minilm": ["trainer.batch_size=32", "trainer.max_length=128"],
-    "smollm2": ["model=smollm2_135m", "task=e2e", f"task.data_dir={E2E}", "task.train_split=devset",
-                "task.max_train_samples=64", "task.eval_split=test", "task.max_eval_samples=2",
-                "task.generation.max_new_tokens=4", "task.generation.batch_size=2", "method.rank=8",
-                "model.target_modules=[q_proj,k_proj,up_proj,down_proj]", "trainer.batch_size=8",
-                "trainer.max_length=128"],
+    "minilm": ["task=glue/rte", f"task.data_dir={DATA / 'rte'}", "task.max_train_samples=256",
+               "trainer.batch_size=32", "trainer.max_length=64"],
+    "smollm2": SMOLLM2,
+    "smollm2_nf4": [*SMOLLM2, "model.quantization=nf4"],
+    "smollm2_bf16": [*SMOLLM2, "model.dtype=bfloat16"],
 }
-BASELINE = ("import resource, kasa.training.loop, kasa.tasks, kasa.cli.train, datasets, transformers, gguf; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measured_peak_mib(overrides: list[str], steps: int, out: Path) -> float:
-    command = [sys.executable, "-m", "kasa.cli.train", *overrides, f"trainer.max_steps={steps}", "trainer.epochs=1",
-               "trainer.save_best=false", "logging.progress=false", f"hydra.run.dir={out}"]
-    subprocess.run(command, check=True, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text())["peak_memory_mib"]["rss"]
+def resident_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
+    """Runs in its own process: the peak of `steps` training steps above the pre-load resident memory."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kasa.adapters import apply_adapters, aux_loss
+    from kasa.cli.estimate import compose_run
+    from kasa.estimate import estimate_memory
+    from kasa.tasks import build_task
+    from kasa.training.loop import build_optimizer
+
+    cfg = compose_run(overrides)
+    estimate = estimate_memory(cfg)
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    before = resident_mib("VmRSS")
+    tokenizer, model = task.load_model()
+    apply_adapters(model, cfg.method)
+    loader = DataLoader(task.train_dataset(tokenizer), batch_size=cfg.trainer.batch_size, shuffle=True,
+                        collate_fn=task.collator(tokenizer))
+    optimizer = build_optimizer(model, cfg)
+    model.train()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give loading's freed memory back before the peak is reset
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    lengths = []
+    for step, batch in zip(range(steps), loader):
+        lengths.append(tuple(batch["input_ids"].shape))
+        loss = task.loss(model, batch)
+        extra = aux_loss(model)
+        (loss + extra.total if extra is not None else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"measured_mib": resident_mib("VmHWM") - before, "estimate_mib": estimate["peak_bytes"] / 2**20,
+            "batch_shapes": lengths}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process
     args = parser.parse_args()
-    from kasa.cli.estimate import compose_run
-    from kasa.estimate import estimate_memory
-
-    baseline = float(subprocess.run([sys.executable, "-c", BASELINE], check=True, env=ENV, capture_output=True,
-                                    text=True).stdout.split()[-1])
-    print(f"resident memory after imports: {baseline:.0f} MiB")
-    results = {"baseline_mib": baseline}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides in RUNS.items():
-            peak = measured_peak_mib(overrides, args.steps, Path(tmp) / name) - baseline
-            estimate = estimate_memory(compose_run(overrides))["peak_bytes"] / 2**20
-            error = abs(estimate - peak) / peak
-            results[name] = {"measured_mib": round(peak, 1), "estimate_mib": round(estimate, 1),
-                             "relative_error": round(error, 3)}
-            print(f"{name}: measured {peak:.0f} MiB, estimated {estimate:.0f} MiB, error {error:.1%}", flush=True)
+    if args.one:
+        print(json.dumps(measure_one(RUNS[args.one], args.steps)))
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    results: dict = {}
+    for name in RUNS:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)], check=True,
+                             env=env, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        row["relative_error"] = abs(row["estimate_mib"] - row["measured_mib"]) / row["measured_mib"]
+        results[name] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+        print(f"{name}: batches {row['batch_shapes']}, measured {row['measured_mib']:.0f} MiB, estimated "
+              f"{row['estimate_mib']:.0f} MiB, error {row['relative_error']:.1%}", flush=True)
+    results["nf4_memory_ratio"] = round(results["smollm2_nf4"]["measured_mib"] / results["smollm2"]["measured_mib"], 3)
+    results["nf4_memory_ratio_vs_bf16"] = round(
+        results["smollm2_nf4"]["measured_mib"] / results["smollm2_bf16"]["measured_mib"], 3)
+    results["estimate_error_max"] = max(r["relative_error"] for k, r in results.items() if isinstance(r, dict))
     print(json.dumps(results))
 
 
