@@ -48,6 +48,7 @@ class AdaptedLayer(nn.Module):
         self.out_features = weight_matrix(base_layer).shape[0]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.adapters_enabled = True  # False: the layer computes with its base weight alone (kasa-inspect)
 
     def _update_weight(self, sign: int, part: Callable[[RemovedComponents], torch.Tensor]) -> None:
         # Always in float32 whatever the model dtype, written back in the model dtype.
@@ -63,6 +64,15 @@ class AdaptedLayer(nn.Module):
                 rows = w[start:stop]
                 update = part(block).to(device=rows.device, dtype=torch.float32)
                 rows.copy_((rows.float() + sign * update).to(rows.dtype))
+
+    def removed_weight(self) -> torch.Tensor:
+        """The whole removed part (out x in, float32): each block's removed matrix in its rows."""
+        w = weight_matrix(self.base_layer)
+        removed = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for name, block in self.adapters.items():
+            start, stop = self.slices[name]
+            removed[start:stop] = block.removed_matrix().to(w.device)
+        return removed
 
     def truncate_base(self) -> None:
         """W_base = W0 - removed part, once, after the blocks hold their removed triplets."""
@@ -83,7 +93,7 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.adapters_enabled:
             return result
         h = self.dropout(x)
         for name, block in self.adapters.items():

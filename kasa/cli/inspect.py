@@ -1,0 +1,228 @@
+"""kasa-inspect: what the configured truncation costs the model, before any training.
+
+    kasa-inspect model=smollm2_135m task=commonsense task.data_dir=../shared/data/commonsense task.train_split=boolq/train
+    kasa-inspect recipe=glue/roberta_base_cola method.truncation_basis=activation threshold=0.02
+    kasa-inspect recipe=... output_dir=runs/inspect/cola held_out=128
+
+Takes the same recipe and overrides as kasa-train, plus `threshold=` (relative loss increase that flags a module,
+default 0.05), `held_out=` (held-out training examples the losses are measured on, default 64) and `output_dir=`
+(default runs/inspect/<time>). It loads the model and the calibration examples of the training split, applies the
+configured truncation and measures, on held-out examples not used for the calibration statistics, the loss with
+nothing truncated, with every target truncated and with each module truncated alone, and per module the share of
+its input energy along the removed directions (against a uniform spread) and the relative change of its output.
+It prints a table, writes truncation_report.json, truncation_report.md and truncation_report.png into output_dir,
+and prints the `model.target_modules=[...]` override that leaves the flagged modules out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kasa.cli.common import quiet_libraries, register_resolvers, run_reporting_errors
+from kasa.config import RunConfig
+
+REPORT = "truncation_report"
+
+
+def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[str, Any]:
+    """The damage report of `cfg`'s truncation (see the module docstring); writes it into cfg.output_dir."""
+    if not cfg.method.truncates:
+        raise ValueError(f"method {cfg.method.method!r} removes nothing from the base weights, so there is nothing "
+                         "to inspect: choose a truncating method (kasa, kasa_l2, kasa_sv, svd_lora)")
+    import torch
+
+    from kasa.adapters import adapted_layers, apply_adapters
+    from kasa.tasks import build_task
+    from kasa.training.calibration import calibration_split, mean_loss, relative_increase
+    from kasa.training.damage import measure_damage
+
+    task = build_task(cfg)
+    tokenizer, model = task.load_model()
+    dataset = task.train_dataset(tokenizer)
+    calibration, held = calibration_split(dataset, task.collator(tokenizer), cfg, held_out)
+    examples = sum(len(b["input_ids"]) for b in held)
+    if examples < held_out:
+        raise ValueError(f"the training split has {len(dataset)} examples: too few calibration examples for "
+                         f"method.calibration_samples={cfg.method.calibration_samples if calibration else 0} plus "
+                         f"held_out={held_out}; lower held_out= or method.calibration_samples")
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")
+    base_loss = mean_loss(task.loss, model, held)
+    apply_adapters(model, cfg.method, calibration=calibration)
+    truncated_loss, modules = measure_damage(model, task.loss, held)
+    rows = []
+    for damage in modules:
+        increase = relative_increase(base_loss, damage.loss)
+        rows.append({
+            "name": damage.name, "type": _module_type(damage.name), "layer": _layer_index(damage.name),
+            "loss": damage.loss, "relative_increase": increase, "energy_share": damage.energy_share,
+            "uniform_share": damage.uniform_share,
+            "energy_ratio": damage.energy_share / damage.uniform_share if damage.uniform_share else None,
+            "output_change": damage.output_change, "flagged": increase > threshold,
+        })
+    parts = {name: list(layer.adapters) for name, layer in adapted_layers(model)}
+    kept = [f"{r['name']}.{p}" if p != "weight" else r["name"] for r in rows if not r["flagged"]
+            for p in parts[r["name"]]]
+    report = {
+        "base_loss": base_loss,
+        "truncated_loss": truncated_loss,
+        "relative_increase": relative_increase(base_loss, truncated_loss),
+        "threshold": threshold,
+        "method": cfg.method.method,
+        "truncation_basis": cfg.method.truncation_basis,
+        "truncation_rank": cfg.method.removed_rank,
+        "target_modules": cfg.method.target_modules,
+        "calibration_examples": sum(len(b["input_ids"]) for b in calibration),
+        "held_out_examples": examples,
+        "output_dir": str(cfg.output_dir),
+        "modules": rows,
+        "flagged": [r["name"] for r in rows if r["flagged"]],
+        "override": f"'model.target_modules=[{','.join(kept)}]'" if any(r["flagged"] for r in rows) else None,
+    }
+    _write_report(Path(cfg.output_dir), report)
+    return report
+
+
+def _layer_index(name: str) -> int | None:
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    return numbers[0] if numbers else None
+
+
+def _module_type(name: str) -> str:
+    return re.sub(r"^.*?\.\d+\.", "", name)  # what follows the layer index: self_attn.q_proj, attention.self.value
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [
+        f"| module | loss alone | increase | input energy along removed | uniform | x uniform | output change | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["modules"]:
+        ratio = "-" if r["energy_ratio"] is None else f"{r['energy_ratio']:.2f}"
+        lines.append(f"| {r['name']} | {r['loss']:.4f} | {r['relative_increase']:+.2%} | {r['energy_share']:.2e} | "
+                     f"{r['uniform_share']:.2e} | {ratio} | {r['output_change']:.2e} | "
+                     f"{'FLAGGED' if r['flagged'] else ''} |")
+    return "\n".join(lines)
+
+
+def _summary_lines(report: dict[str, Any], out: Path) -> list[str]:
+    lines = [
+        f"{report['method']} r {report['truncation_rank']} on {report['target_modules']}, "
+        f"{report['truncation_basis']} basis: loss on {report['held_out_examples']} held-out training examples "
+        f"{report['base_loss']:.4f} untruncated, {report['truncated_loss']:.4f} truncated "
+        f"({report['relative_increase']:+.1%})",
+    ]
+    flagged = report["flagged"]
+    if flagged:
+        lines.append(f"{len(flagged)} module(s) raise the loss by more than {report['threshold']:.0%} alone: "
+                     f"{', '.join(flagged)}")
+        lines.append(f"to leave them out: {report['override']}")
+    else:
+        lines.append(f"no module raises the loss by more than {report['threshold']:.0%} alone")
+    lines.append(f"report: {out / (REPORT + '.json')}, {out / (REPORT + '.md')}, {out / (REPORT + '.png')}")
+    return lines
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    from kasa.training.checkpoint import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{REPORT}.json", report)
+    text = "# Truncation damage\n\n" + "\n\n".join(_summary_lines(report, out)[:-1]) + "\n\n" + _table(report) + "\n"
+    tmp = out / f".{REPORT}.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / f"{REPORT}.md")
+    _plot(report, out / f"{REPORT}.png")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Loss increase of each module truncated alone, by layer, one bar series per module type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["modules"]
+    types = list(dict.fromkeys(r["type"] for r in rows))
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None}) or [0]
+    width = 0.8 / len(types)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) * len(types) + 2), 4))
+    for i, kind in enumerate(types):
+        points = [(r["layer"] or 0, 100 * r["relative_increase"]) for r in rows if r["type"] == kind]
+        ax.bar([layers.index(x) + i * width for x, _ in points], [y for _, y in points], width, label=kind)
+    ax.axhline(100 * report["threshold"], color="red", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [str(x) for x in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("loss increase, this module truncated alone (%)")
+    ax.set_title(f"{report['truncation_basis']} basis, r {report['truncation_rank']}: loss "
+                 f"{report['base_loss']:.3f} -> {report['truncated_loss']:.3f} with all truncated")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def compose_run(overrides: list[str], output_dir: str) -> RunConfig:
+    """The validated RunConfig that kasa-train would compose from these overrides, with `output_dir` (no Hydra run
+    directory is created)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from kasa.config import validate
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("kasa.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return validate(cfg)
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    """kasa-inspect with these arguments; returns the report (raises ValueError on bad input)."""
+    own: dict[str, Any] = {"threshold": 0.05, "held_out": 64,
+                           "output_dir": time.strftime("runs/inspect/%Y-%m-%d_%H-%M-%S")}
+    overrides = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"arguments are key=value, got {arg!r}: e.g. kasa-inspect recipe=glue/roberta_base_cola")
+        if key not in own:
+            overrides.append(arg)
+            continue
+        try:
+            own[key] = type(own[key])(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a number: e.g. {key}={own[key]}") from None
+    if own["threshold"] < 0 or own["held_out"] < 1:
+        raise ValueError("threshold must be >= 0 and held_out >= 1")
+    cfg = compose_run(overrides, own["output_dir"])
+    quiet_libraries()
+    return inspect_truncation(cfg, own["threshold"], own["held_out"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's composition errors are raised, and reported in one line
+    report = run_reporting_errors(lambda: run(argv))
+    print(_table(report))
+    for line in _summary_lines(report, Path(report["output_dir"])):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Calibration examples from a task's training split, and the loss measurements that show what a truncation costs
+(the start-of-training record in summary.json and kasa-inspect).
+
+The examples come from one fixed permutation of the training split (seed 0, whatever the run's seed, so that the
+runs of a sweep gather the same statistics and share the SVD cache): its first `method.calibration_samples`
+examples give the second moments of the activation basis, the next ones are held out to measure losses."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kasa.config import RunConfig
+
+Batch = dict[str, torch.Tensor]
+START_CHECK_EXAMPLES = 32  # held-out examples whose loss the training loop measures before and after truncation
+DAMAGE_THRESHOLD = 0.05  # a relative loss increase above this is reported (kasa-train warns, kasa-inspect flags)
+
+
+def calibration_split(dataset: Dataset, collate: Callable[[list[Any]], Batch], cfg: RunConfig,
+                      held_out: int) -> tuple[list[Batch], list[Batch]]:
+    """(calibration batches, held-out batches) of `cfg.trainer.batch_size` examples. The calibration part is empty
+    unless the method truncates in the activation basis; the held-out part has up to `held_out` examples."""
+    wanted = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
+    if len(dataset) == 0:
+        raise ValueError(f"the training split {cfg.task.train_split!r} is empty: there is nothing to calibrate on")
+    if len(dataset) < wanted:
+        raise ValueError(f"the training split has {len(dataset)} examples, fewer than method.calibration_samples="
+                         f"{wanted}: lower method.calibration_samples")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    calibration = order[:wanted]
+    rest = order[wanted:wanted + held_out]
+    return _batches(dataset, calibration, collate, cfg), _batches(dataset, rest, collate, cfg)
+
+
+def _batches(dataset: Dataset, indices: Sequence[int], collate: Callable, cfg: RunConfig) -> list[Batch]:
+    size = cfg.trainer.batch_size
+    return [collate([dataset[i] for i in indices[start:start + size]]) for start in range(0, len(indices), size)]
+
+
+def mean_loss(loss: Callable[[nn.Module, Batch], torch.Tensor], model: nn.Module, batches: Sequence[Batch]) -> float:
+    """The mean over `batches` of the task loss of each batch, in evaluation mode without gradients."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            total = sum(float(loss(model, {k: v.to(device) for k, v in b.items()})) for b in batches)
+    finally:
+        model.train(was_training)
+    return total / len(batches)
+
+
+def relative_increase(base: float, truncated: float) -> float:
+    return (truncated - base) / abs(base) if base else float("inf") if truncated > base else 0.0
+
+
+def damage_warning(base: float, truncated: float, targets: Sequence[str]) -> str | None:
+    """One line when truncating `targets` raises the loss by more than DAMAGE_THRESHOLD (relative), else None."""
+    increase = relative_increase(base, truncated)
+    if increase <= DAMAGE_THRESHOLD:
+        return None
+    return (f"warning: the truncation of {list(targets)} raises the loss on held-out training examples from "
+            f"{base:.4f} to {truncated:.4f} (+{increase:.0%}): run kasa-inspect with the same arguments to see which "
+            "modules cause it, or set method.truncation_basis=activation")

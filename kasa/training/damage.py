@@ -1,0 +1,110 @@
+"""What a truncation costs an adapted model, measured on held-out examples (kasa-inspect): the loss with every
+adapted module truncated and with each module truncated alone, and per module the share of its input energy that
+lies along the removed directions (against a uniform spread) and the relative change of its output.
+
+"Truncated" is the model as training starts (truncated base, adapters at their initial values); "not truncated"
+is the module's original weight W0 with its adapter switched off."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from kasa.adapters import adapted_layers
+from kasa.adapters.layer import AdaptedLayer, weight_matrix
+from kasa.training.calibration import Batch, mean_loss
+
+
+@dataclass
+class ModuleDamage:
+    name: str
+    loss: float  # held-out loss with this module alone truncated
+    energy_share: float  # share of the input energy along the removed (right) directions
+    uniform_share: float  # the same share if the energy were spread evenly over all directions
+    output_change: float  # ||W_removed x|| / ||W0 x|| over the held-out tokens (root of summed squares)
+
+
+def _set_truncated(layer: AdaptedLayer, truncated: bool) -> None:
+    if truncated and not layer.adapters_enabled:
+        layer.truncate_base()
+        layer.adapters_enabled = True
+    elif not truncated and layer.adapters_enabled:
+        layer.restore_base()
+        layer.adapters_enabled = False
+
+
+@contextlib.contextmanager
+def untruncated(layers: Sequence[AdaptedLayer]) -> Iterator[None]:
+    """The layers compute with W0 alone for the duration, then return to their truncated state."""
+    for layer in layers:
+        _set_truncated(layer, False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            _set_truncated(layer, True)
+
+
+def measure_damage(model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Tensor],
+                   batches: Sequence[Batch]) -> tuple[float, list[ModuleDamage]]:
+    """(loss with every adapted module truncated, each module's damage) of an adapted model on `batches`."""
+    layers = dict(adapted_layers(model))
+    truncated_loss = mean_loss(loss, model, batches)
+    with untruncated(list(layers.values())):
+        statistics = _input_statistics(model, layers, batches)
+        alone = {}
+        for name, layer in layers.items():
+            _set_truncated(layer, True)
+            alone[name] = mean_loss(loss, model, batches)
+            _set_truncated(layer, False)
+    return truncated_loss, [ModuleDamage(name, alone[name], *statistics[name]) for name in layers]
+
+
+def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer],
+                      batches: Sequence[Batch]) -> dict[str, tuple[float, float, float]]:
+    """Per layer (energy share along the removed directions, uniform share, relative output change), from the
+    non-padding tokens of `batches` as they reach the untruncated layers."""
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in layers}  # removed energy, energy, change, output
+    bases, removed, weights = {}, {}, {}
+    for name, layer in layers.items():
+        right = torch.cat([block.removed_v for block in layer.adapters.values()], dim=1).double()
+        bases[name] = torch.linalg.qr(right).Q  # orthonormal basis of the removed input directions
+        removed[name] = layer.removed_weight().double()
+        weights[name] = weight_matrix(layer.base_layer).detach().double()
+    mask: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            rows = x[mask[0].to(x.device)].double() if tuple(x.shape[:-1]) == tuple(mask[0].shape) else \
+                x.reshape(-1, x.shape[-1]).double()
+            sums[name] += torch.stack([
+                (rows @ bases[name]).square().sum(), rows.square().sum(),
+                (rows @ removed[name].T).square().sum(), (rows @ weights[name].T).square().sum(),
+            ]).cpu()
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                mask[:] = [inputs["attention_mask"].bool()]
+                model(**inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for name, (removed_energy, energy, change, output) in ((n, s.tolist()) for n, s in sums.items()):
+        dim = bases[name].shape[0]
+        result[name] = (removed_energy / energy if energy else 0.0, bases[name].shape[1] / dim,
+                        (change / output) ** 0.5 if output else 0.0)
+    return result

@@ -1,0 +1,114 @@
+"""kasa-inspect (in process): the report's losses against a direct computation on a tiny model, its files, the
+flagged modules' override, and each bad input as one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli_helpers import write_tsv
+from kasa.cli import inspect
+from kasa.tasks import build_task
+
+
+def inspect_args(model, data, out, *extra: str) -> list[str]:
+    return [f"model.path={model}", f"task.data_dir={data}", f"output_dir={out}", "trainer.batch_size=8",
+            "trainer.max_length=16", "method.svd_cache_dir=null", "method.rank=6", "held_out=8", *extra]
+
+
+def direct_losses(cfg, names: list[str]) -> tuple[float, float, float]:
+    """Held-out loss of the untouched model, with every target's 6 smallest singular triplets removed (float64 SVD),
+    and with only names[0]'s removed: written out with torch alone."""
+    task = build_task(cfg)
+    tokenizer, model = task.load_model()
+    dataset = task.train_dataset(tokenizer)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    batch = task.collator(tokenizer)([dataset[i] for i in order[:8]])
+
+    def loss() -> float:
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return float(F.cross_entropy(logits.float(), batch["labels"]))
+
+    def truncate(name: str) -> None:
+        weight = model.get_submodule(name).weight
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        with torch.no_grad():
+            weight.copy_(weight.double() - (u[:, -6:] * s[-6:]) @ vh[-6:])
+
+    model.eval()
+    base = loss()
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    truncate(names[0])
+    alone = loss()
+    for name in names[1:]:
+        truncate(name)
+    everything = loss()
+    for name, weight in originals.items():
+        model.get_submodule(name).weight.data.copy_(weight)
+    return base, everything, alone
+
+
+def test_report_losses_equal_a_direct_computation(tiny_model, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    inspect.main(inspect_args(tiny_model, sentiment_dir, out, "threshold=0"))
+    report = json.loads((out / "truncation_report.json").read_text())
+    names = [row["name"] for row in report["modules"]]
+    assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
+    cfg = inspect.compose_run(inspect_args(tiny_model, sentiment_dir, out)[:-1], str(out))
+    base, everything, alone = direct_losses(cfg, names)
+    assert report["base_loss"] == pytest.approx(base, abs=1e-5)
+    assert report["truncated_loss"] == pytest.approx(everything, abs=1e-5)
+    assert report["modules"][0]["loss"] == pytest.approx(alone, abs=1e-5)
+    for row in report["modules"]:
+        assert 0 <= row["energy_share"] <= 1 and row["uniform_share"] == pytest.approx(6 / 32)
+        assert row["output_change"] > 0
+    # threshold 0 flags every module whose truncation raises the loss; the override keeps the others
+    flagged = [r["name"] for r in report["modules"] if r["relative_increase"] > 0]
+    assert report["flagged"] == flagged
+    kept = [n for n in names if n not in flagged]
+    assert report["override"] == (f"'model.target_modules=[{','.join(kept)}]'" if flagged else None)
+    assert (out / "truncation_report.md").read_text().count("| bert.encoder") == 4
+    assert (out / "truncation_report.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "held-out training examples" in printed and str(out / "truncation_report.json") in printed
+
+
+def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
+    out = tmp_path / "act"
+    report = inspect.run(inspect_args(tiny_model, sentiment_dir, out, "method.truncation_basis=activation",
+                                      "method.calibration_samples=16"))
+    assert report["truncation_basis"] == "activation" and report["calibration_examples"] == 16
+    assert report["held_out_examples"] == 8
+    weight = inspect.run(inspect_args(tiny_model, sentiment_dir, tmp_path / "weight"))
+    # the activation basis changes the outputs less (on held-out examples, not only on its calibration inputs)
+    assert sum(r["output_change"] for r in report["modules"]) < sum(r["output_change"] for r in weight["modules"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["method=lora"], "nothing to inspect"),
+    (["held_out=1000"], "too few calibration examples"),
+    (["method.truncation_basis=activation", "method.calibration_samples=1000"], "calibration_samples"),
+    (["threshold=abc"], "not a number"),
+    (["recipe=glue/nonexistent"], "nonexistent"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exit_info:
+        inspect.main(inspect_args(tiny_model, sentiment_dir, out, *extra))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not out.exists()
+
+
+def test_empty_split_is_one_line(tiny_model, tmp_path, capsys):
+    write_tsv(tmp_path / "data" / "train.tsv", ["sentence", "label"], [])
+    write_tsv(tmp_path / "data" / "dev.tsv", ["sentence", "label"], [["the movie was good", 1]])
+    with pytest.raises(SystemExit) as exit_info:
+        inspect.main(inspect_args(tiny_model, tmp_path / "data", tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error:")
