@@ -246,3 +246,11 @@ def test_bad_configurations():
     padding_only = [{"input_ids": torch.zeros(2, 5).long(), "attention_mask": torch.zeros(2, 5).long()}]
     with pytest.raises(ValueError, match="no token outside padding"):
         kasa.apply_adapters(build_llama(), activation_config(), calibration=padding_only)
+
+
+def test_peft_export_refuses_the_activation_basis():
+    from kasa.adapters.peft_format import check_peft_exportable
+
+    model = kasa.apply_adapters(build_llama(), activation_config(), calibration=calibration_batches(count=1))
+    with pytest.raises(ValueError, match="truncation_basis=activation"):
+        check_peft_exportable(model)

@@ -72,6 +72,9 @@ def check_peft_exportable(model: nn.Module) -> None:
             "format=peft cannot express method.init=principal (its base weight also lost the r principal "
             "components, PEFT only removes the r smallest): use format=merged"
         )
+    if config.truncation_basis == "activation":
+        raise ValueError("format=peft cannot express method.truncation_basis=activation (PEFT removes W's own r "
+                         "smallest singular components when it loads the adapter): use format=merged")
     if config.truncation_rank not in (None, config.rank):
         raise ValueError(
             f"format=peft needs method.truncation_rank = rank (PEFT removes exactly r = {config.rank} components, "
