@@ -27,17 +27,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
-import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from kasa.run_dir import SUMMARY_FILE, write_json
+
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
 JOBS_FILE = "sweep_jobs.json"
-SUMMARY_FILE = "summary.json"
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
 
 
@@ -85,12 +84,6 @@ def build_grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     return fixed, jobs
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python scripts/sweep_launch.py",
@@ -134,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if (sweep_dir / str(i) / SUMMARY_FILE).is_file():
             print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}: already finished, skipped", flush=True)
             records.append(record | {"returncode": 0, "skipped": True})
-            _write_json(sweep_dir / JOBS_FILE, records)
+            write_json(sweep_dir / JOBS_FILE, records)
             continue
         print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}", flush=True)
         start = time.perf_counter()
@@ -144,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot run {launcher[0]!r}: {err}", file=sys.stderr)
             return 2
         records.append(record | {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1)})
-        _write_json(sweep_dir / JOBS_FILE, records)
+        write_json(sweep_dir / JOBS_FILE, records)
         if returncode != 0:
             failed += 1
             print(f"job {i} failed with exit status {returncode}: {shlex.join(command)}", file=sys.stderr, flush=True)

@@ -261,4 +261,4 @@ def test_kasa_plot_on_a_run_and_on_a_sweep(ablation_sweep, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot_main([str(tmp_path / "run"), "--kind", "singular-values"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("error: no adapter checkpoint")
+    assert capsys.readouterr().err.startswith("error: no checkpoint at")

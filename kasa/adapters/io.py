@@ -22,8 +22,10 @@ from kasa.adapters.config import AdapterConfig
 from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters
 from kasa.adapters.quantized import quantize_pending
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from kasa.run_dir import ADAPTER_CONFIG_FILE as CONFIG_FILE
+from kasa.run_dir import ADAPTER_WEIGHTS_FILE as WEIGHTS_FILE
+from kasa.run_dir import write_atomically, write_json
+
 FORMAT = "kasa-adapter/1"
 
 
@@ -99,13 +101,9 @@ def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, tor
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
     }
-    # Each file goes in under a temporary name and is renamed, so a crash never leaves a half-written file.
-    tmp_weights = directory / f".{WEIGHTS_FILE}.tmp"
-    save_tensors(tensors, tmp_weights, metadata={"format": FORMAT})
-    tmp_config = directory / f".{CONFIG_FILE}.tmp"
-    tmp_config.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_weights, directory / WEIGHTS_FILE)
-    os.replace(tmp_config, directory / CONFIG_FILE)
+    # Each file goes in atomically, so a crash never leaves a half-written file.
+    write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_tensors(tensors, tmp, metadata={"format": FORMAT}))
+    write_json(directory / CONFIG_FILE, meta)
     return directory
 
 

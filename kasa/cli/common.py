@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import kasa
@@ -78,14 +78,6 @@ def _schema_fields(path: str) -> list[str] | None:
         node = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
         node = type(node) if node is not None and dataclasses.is_dataclass(node) else node
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
-
-
-def validate(cfg: DictConfig) -> RunConfig:
-    """Resolve `cfg` and check it against RunConfig: unknown keys and wrong types raise here, before any work."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
-    return OmegaConf.to_object(merged)
 
 
 def fail(message: str) -> NoReturn:

@@ -16,24 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from kasa.adapters.io import CONFIG_FILE
-from kasa.cli.common import key_value_arguments, run_reporting_errors, validate
+from kasa.cli.common import key_value_arguments, run_reporting_errors
+from kasa.run_dir import GENERATIONS_DIR, STATE_FILE, find_checkpoint, load_run_config, write_json
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
-
-
-def find_checkpoint(path: Path, which: str) -> tuple[Path, Path]:
-    """(checkpoint dir, run dir) for a run directory or a checkpoint directory."""
-    if (path / CONFIG_FILE).is_file():
-        return path, path.parent.parent
-    candidate = path / "checkpoints" / which
-    if (candidate / CONFIG_FILE).is_file():
-        return candidate, path
-    raise FileNotFoundError(
-        f"no checkpoint at {path}: pass a run directory (with checkpoints/{which}/) or a checkpoint directory"
-    )
 
 
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
@@ -42,18 +28,12 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.adapters import load_adapter, merge_adapters
     from kasa.evaluation.metrics import main_metric
     from kasa.tasks import build_task
-    from kasa.training.checkpoint import STATE_FILE, write_json
 
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", "best")))
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: the checkpoint must sit in a kasa run directory")
-    saved = json.loads(config_file.read_text())
-    saved.pop("hydra_overrides", None)
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
     if args.get("batch_size"):
         overrides.append(f"trainer.eval_batch_size={args['batch_size']}")
-    run_cfg = validate(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(overrides)))
+    run_cfg = load_run_config(run_dir, overrides)
     split = str(args.get("split") or run_cfg.task.eval_split)
 
     accelerator = Accelerator()
@@ -63,7 +43,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     if str(args.get("merge", False)).lower() == "true":
         merge_adapters(model)
     model = accelerator.prepare(model)
-    metrics = task.evaluate(model, accelerator, tokenizer, split, checkpoint / "generations")
+    metrics = task.evaluate(model, accelerator, tokenizer, split, checkpoint / GENERATIONS_DIR)
     result = {
         "checkpoint": str(checkpoint),
         "split": split,

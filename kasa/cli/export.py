@@ -23,14 +23,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from kasa.cli.common import key_value_arguments, run_reporting_errors, validate
+from kasa.cli.common import key_value_arguments, run_reporting_errors
+from kasa.run_dir import (
+    ADAPTER_WEIGHTS_FILE,
+    STATE_FILE,
+    find_checkpoint,
+    load_run_config,
+    write_atomically,
+    write_json,
+)
 
 OWN_KEYS = ("checkpoint", "output", "format", "which", "overwrite")
 FORMATS = ("merged", "peft")
@@ -60,22 +64,11 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output={output} is not empty: pass overwrite=true to replace it, or another folder")
 
 
-def replace_directory(tmp: Path, output: Path) -> None:
-    """Swap the finished `tmp` folder in for `output` (two renames: a crash leaves the old folder or the new one)."""
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    if output.exists():
-        os.replace(output, old)
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def is_classifier(model: Any) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
-    from kasa.cli.evaluate import find_checkpoint
-
     # The arguments first, before the heavy imports: a typo fails at once.
     fmt = str(args.get("format", "merged")).lower()
     if fmt not in FORMATS:
@@ -90,22 +83,14 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     import kasa
     from kasa.adapters import dequantize_base, load_adapter, merge_and_unload, read_adapter_config
-    from kasa.adapters.io import WEIGHTS_FILE
     from kasa.adapters.peft_format import MIN_PEFT_VERSION, check_peft_exportable, save_peft_adapter
     from kasa.tasks import build_task
-    from kasa.training.checkpoint import STATE_FILE, write_json
     from kasa.training.models import model_source
 
     checkpoint, run_dir = checkpoint.absolute(), run_dir.absolute()
     if output == checkpoint or output in checkpoint.parents:
         raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: the checkpoint must sit in a kasa run directory")
-    saved = json.loads(config_file.read_text())
-    saved.pop("hydra_overrides", None)
-    overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
-    run_cfg = validate(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(overrides)))
+    run_cfg = load_run_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft" and meta["config"].get("method") not in ("kasa", "kasa_l2", "kasa_sv"):
         raise ValueError(
@@ -120,46 +105,44 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     if fmt == "peft":
         check_peft_exportable(model)  # before anything is written
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        base = model_source(run_cfg.model)
+    base = model_source(run_cfg.model)
+    if fmt == "merged":
+        load_with = f"transformers.{type(model).__name__}.from_pretrained({str(output)!r})"
+    else:
+        labels = f", num_labels={run_cfg.task.num_labels}" if is_classifier(model) else ""
+        load_with = (f"peft.PeftModel.from_pretrained(transformers.{type(model).__name__}.from_pretrained("
+                     f"{base!r}{labels}), {str(output)!r})  # peft >= {MIN_PEFT_VERSION}")
+    state_file = checkpoint / STATE_FILE
+    info = {
+        "format": fmt,
+        "checkpoint": str(checkpoint),
+        "run_dir": str(run_dir),
+        "adapter_sha256": _sha256(checkpoint / ADAPTER_WEIGHTS_FILE),
+        "method": meta["config"].get("method"),
+        "adapter_config": meta["config"],
+        "base_model": base,
+        "model_class": type(model).__name__,
+        "task": run_cfg.task.name,
+        "num_labels": run_cfg.task.num_labels,
+        "training_state": json.loads(state_file.read_text()) if state_file.is_file() else None,
+        "load_with": load_with,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"kasa": getattr(kasa, "__version__", None), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+    def fill(tmp: Path) -> None:
         if fmt == "merged":
             dequantize_base(model)  # a quantized base (model.quantization) merges and saves in its compute dtype
             merge_and_unload(model)
             model.save_pretrained(tmp)  # safetensors
             tokenizer.save_pretrained(tmp)
-            load_with = f"transformers.{type(model).__name__}.from_pretrained({str(output)!r})"
         else:
             save_peft_adapter(model, tmp, base)
-            labels = f", num_labels={run_cfg.task.num_labels}" if is_classifier(model) else ""
-            load_with = (f"peft.PeftModel.from_pretrained(transformers.{type(model).__name__}.from_pretrained("
-                         f"{base!r}{labels}), {str(output)!r})  # peft >= {MIN_PEFT_VERSION}")
-        state_file = checkpoint / STATE_FILE
-        info = {
-            "format": fmt,
-            "checkpoint": str(checkpoint),
-            "run_dir": str(run_dir),
-            "adapter_sha256": _sha256(checkpoint / WEIGHTS_FILE),
-            "method": meta["config"].get("method"),
-            "adapter_config": meta["config"],
-            "base_model": base,
-            "model_class": type(model).__name__,
-            "task": run_cfg.task.name,
-            "num_labels": run_cfg.task.num_labels,
-            "training_state": json.loads(state_file.read_text()) if state_file.is_file() else None,
-            "load_with": load_with,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"kasa": getattr(kasa, "__version__", None), "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-        }
         write_json(tmp / EXPORT_INFO_FILE, info)
-        replace_directory(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(output, fill, directory=True)  # a crash leaves the old folder or the new one, never half
     return {"output": str(output), "format": fmt, "checkpoint": str(checkpoint), "load_with": load_with}
 
 

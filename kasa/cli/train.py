@@ -18,13 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors, validate
+from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors
 
 log = logging.getLogger(__name__)
 
 
 def _run(cfg: DictConfig) -> float:
     def job() -> float:
+        from kasa.config import validate
         from kasa.training.loop import train  # heavy imports after the config is known to be valid
 
         quiet_libraries()

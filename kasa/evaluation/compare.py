@@ -30,7 +30,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kasa.adapters.config import has_loss_weight
-from kasa.evaluation.sweep import SUMMARY_FILE, Run, _sort_key, load_runs, parse_overrides
+from kasa.evaluation.sweep import Run, _sort_key, load_runs, parse_overrides
+from kasa.run_dir import SUMMARY_FILE, read_config
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,7 @@ def run_config(run: Run) -> dict[str, Any]:
     """The run's resolved config.json ({} when absent or unreadable), cached on the Run."""
     cached = getattr(run, "_config", None)
     if cached is None:
-        try:
-            cached = json.loads((run.path / "config.json").read_text())
-        except (OSError, ValueError):
-            cached = {}
-        cached = cached if isinstance(cached, dict) else {}
+        cached = read_config(run.path)
         run._config = cached  # type: ignore[attr-defined]
     return cached
 

@@ -35,14 +35,12 @@ from kasa.evaluation.compare import (
     method_sort_key,
 )
 from kasa.evaluation.sweep import Run
+from kasa.run_dir import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRICS_FILE, REGULARIZATION_FILE, find_checkpoint
 
 log = logging.getLogger(__name__)
 
 LADDER = ("lora", "svd_lora", "kasa_sv", "kasa_l2", "kasa")  # the paper's figure 2, left to right
 TRUNCATING = ("svd_lora", "kasa_sv", "kasa_l2", "kasa")  # methods whose truncation rank k means something
-WEIGHTS_FILE = "adapter_model.safetensors"
-REGULARIZATION_FILE = "regularization.jsonl"
-METRICS_FILE = "metrics.jsonl"
 TERMS = ("l2", "l3_u", "l3_v")
 TERM_LABELS = {"l2": "L2 = sum(dSigma^2)", "l3_u": "||dU^T dU - I||_F", "l3_v": "||dV^T dV - I||_F"}
 
@@ -121,34 +119,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 # Figure 4: knowledge-aware singular values per layer and position
 
 
-def find_checkpoint(path: Path, which: str = "best") -> tuple[Path, Path]:
-    """(checkpoint dir, run dir or the checkpoint dir itself) for a run directory or a checkpoint directory; a run
-    without a `best` checkpoint falls back to `last`."""
-    path = Path(path)
-    if (path / WEIGHTS_FILE).is_file():
-        run = path.parent.parent if path.parent.name == "checkpoints" else path
-        return path, run
-    for name in dict.fromkeys((which, "last")):
-        if (path / "checkpoints" / name / WEIGHTS_FILE).is_file():
-            return path / "checkpoints" / name, path
-    raise FileNotFoundError(f"no adapter checkpoint at {path}: pass a run directory (with checkpoints/{which}/) or a "
-                            f"checkpoint directory holding {WEIGHTS_FILE}")
-
-
 def singular_values(path: str | Path, which: str = "best", out_dir: str | Path | None = None) -> dict[str, Any]:
     """Figure 4: heatmaps of the learned dSigma (raw parameter values; the update is scaled by alpha / r on top), one
     per adapted matrix type, layer index on x and position on y."""
     from safetensors.torch import load_file
 
     checkpoint, run_dir = find_checkpoint(Path(path), which)
-    tensors = load_file(str(checkpoint / WEIGHTS_FILE))
+    tensors = load_file(str(checkpoint / ADAPTER_WEIGHTS_FILE))
     sigmas: dict[str, np.ndarray] = {}
     for key, tensor in tensors.items():
         if key.endswith(".delta_sigma") and ".adapters." in key:
             module, _, part = key[: -len(".delta_sigma")].partition(".adapters.")
             sigmas[module if part == "weight" else f"{module}.{part}"] = tensor.float().numpy()
     if not sigmas:
-        raise ValueError(f"{checkpoint / WEIGHTS_FILE} holds no KaSA singular values (delta_sigma): figure 4 needs a "
+        raise ValueError(f"{checkpoint / ADAPTER_WEIGHTS_FILE} holds no KaSA singular values (delta_sigma): figure 4 needs a "
                          "run of kasa, kasa_l2 or kasa_sv")
     located = {name: split_module(name) for name in sigmas}
     labels = short_labels([matrix for _, matrix in located.values()])
@@ -169,7 +153,7 @@ def singular_values(path: str | Path, which: str = "best", out_dir: str | Path |
         entry["_grid"] = grid
         del entry["sigma"]
     scaling = None
-    config_file = checkpoint / "adapter_config.json"
+    config_file = checkpoint / ADAPTER_CONFIG_FILE
     if config_file.is_file():
         try:
             settings = json.loads(config_file.read_text())["config"]

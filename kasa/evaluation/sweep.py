@@ -36,10 +36,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kasa.adapters.config import has_loss_weight
+from kasa.run_dir import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 MARKDOWN_FILE = "sweep_summary.md"
 CSV_FILE = "sweep_summary.csv"
 HEATMAP_FILE = "heatmap.png"

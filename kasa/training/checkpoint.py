@@ -6,7 +6,7 @@ Layout of `<run>/checkpoints/`:
                      DeepSpeed, whose ZeRO partitions only its own checkpoint format (`deepspeed/`) can rebuild
     best/            adapter of the best epoch
     last/            adapter of the last finished epoch
-A checkpoint directory is first written as `.<name>.tmp` and renamed into place, so a kill during a save leaves
+A checkpoint directory is first written as `.<name>.<pid>.tmp` and renamed into place, so a kill during a save leaves
 the previous checkpoint complete and usable. Under FSDP2 / ZeRO-3 every process takes part in gathering the
 tensors whole; the main process alone writes. Only safetensors and `torch.load(weights_only=True)` read them back,
 except DeepSpeed's own `deepspeed/` folder, which DeepSpeed's loader unpickles.
@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -33,9 +33,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from kasa.adapters import save_adapter
-from kasa.adapters.io import WEIGHTS_FILE, adapter_state, full_adapter_state
+from kasa.adapters.io import adapter_state, full_adapter_state
+from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, write_atomically, write_json
 
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.safetensors"
@@ -72,28 +72,6 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name and rename it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def write_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
-    """Let `fill` write a fresh directory, then swap it in for `directory`."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
 def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, state: dict[str, Any]) -> None:
     """An adapter checkpoint (best/ or last/): adapter, trained heads and `state`. Every process calls it (the
     tensors are gathered whole under FSDP2 / ZeRO-3); the main process writes."""
@@ -105,7 +83,7 @@ def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module,
             save_adapter(unwrapped, tmp, tensors)
             write_json(tmp / STATE_FILE, state)
 
-        write_atomically(directory, fill)
+        write_atomically(directory, fill, directory=True)
     accelerator.wait_for_everyone()
 
 
@@ -193,17 +171,17 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
             save_file(_rng_tensors(), str(tmp / RNG_FILE))
             write_json(tmp / STATE_FILE, state.to_json())  # last: its presence marks the checkpoint complete
 
-        write_atomically(directory, fill)
+        write_atomically(directory, fill, directory=True)
     accelerator.wait_for_everyone()
 
 
 def load_resumable_weights(directory: Path, model: nn.Module) -> None:
     """The adapter and head weights of a resumable checkpoint, into the adapted `model` before
     `accelerator.prepare` shards it (and before DeepSpeed copies them into its optimizer)."""
-    for name in (STATE_FILE, SCHEDULER_FILE, RNG_FILE, WEIGHTS_FILE):
+    for name in (STATE_FILE, SCHEDULER_FILE, RNG_FILE, ADAPTER_WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise ValueError(f"checkpoint {directory} is incomplete ({name} missing): resume from another one")
-    saved = load_file(str(directory / WEIGHTS_FILE))
+    saved = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
     target = adapter_state(model)
     missing = sorted(set(target) - set(saved))
     if missing:
@@ -240,7 +218,7 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:
     """Complete resumable checkpoints of a run, oldest first."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]

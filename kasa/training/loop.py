@@ -30,6 +30,15 @@ from transformers import get_scheduler
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
 from kasa.config import RunConfig
 from kasa.evaluation.metrics import main_metric
+from kasa.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    GENERATIONS_DIR,
+    METRICS_FILE,
+    REGULARIZATION_FILE,
+    SUMMARY_FILE,
+    write_json,
+)
 from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
@@ -41,15 +50,9 @@ from kasa.training.checkpoint import (
     resumable_checkpoints,
     save_checkpoint,
     save_training_state,
-    write_json,
 )
 from kasa.training.console import Console
 from kasa.training.models import whole_weights
-
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
-REGULARIZATION_FILE = "regularization.jsonl"
-CONFIG_FILE = "config.json"
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -178,7 +181,7 @@ class TrainingRecipe:
             if self.resume_from is None:  # a fresh start (overwrite=true): nothing of an earlier run may be mixed in
                 for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
                     (self.out / name).unlink(missing_ok=True)
-                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
         if self.cfg.logging.tensorboard:
             self.accelerator.init_trackers("tensorboard")
 
@@ -316,7 +319,7 @@ class TrainingRecipe:
         self.nonfinite.check(self.accelerator)
         state, cfg = self.state, self.cfg
         metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
-                                     self.out / "generations")
+                                     self.out / GENERATIONS_DIR)
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
         self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
@@ -328,14 +331,14 @@ class TrainingRecipe:
         state.last = score
         saved = {"epoch": epoch, "step": state.step, "metric": self.task.metric, "score": score, "metrics": metrics}
         if improved and cfg.trainer.save_best:
-            save_checkpoint(self.out / "checkpoints" / "best", self.accelerator, self.model, saved)
-        save_checkpoint(self.out / "checkpoints" / "last", self.accelerator, self.model, saved)
+            save_checkpoint(self.out / CHECKPOINTS_DIR / "best", self.accelerator, self.model, saved)
+        save_checkpoint(self.out / CHECKPOINTS_DIR / "last", self.accelerator, self.model, saved)
 
     def save_resumable(self) -> None:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
         self.nonfinite.check(self.accelerator)
         self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
-        save_training_state(self.out / "checkpoints" / f"step-{self.state.step:08d}", self.accelerator, self.model,
+        save_training_state(self.out / CHECKPOINTS_DIR / f"step-{self.state.step:08d}", self.accelerator, self.model,
                             self.optimizer, self.scheduler, self.state)
         if self.main:
             prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)

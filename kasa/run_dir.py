@@ -1,0 +1,135 @@
+"""A run directory: the names of its files, the one way kasa writes a file or folder atomically, finding a run's
+checkpoint, and a run's saved config (with overrides, checked against the schema).
+
+    <run>/config.json             the resolved config, with the command-line overrides (`hydra_overrides`)
+    <run>/metrics.jsonl           per logging step and per evaluation, one JSON object a line
+    <run>/regularization.jsonl    per logging step: each adapted module's L2 and L3 terms
+    <run>/summary.json            written once, when the run finishes
+    <run>/checkpoints/best/, last/, step-XXXXXXXX/   adapter checkpoints (kasa.training.checkpoint)
+
+Light on purpose (no torch): kasa-compare, kasa-plot, the sweep summary and scripts/ read runs with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from kasa.config import RunConfig
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+REGULARIZATION_FILE = "regularization.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)
+LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory: kasa.training.run_lock
+HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
+
+
+def write_atomically(path: str | Path, fill: Callable[[Path], None], directory: bool = False) -> Path:
+    """Let `fill` write a temporary sibling of `path` (a file, or a fresh folder with `directory=True`), then rename
+    it into place: readers never see half a file, and a kill leaves the previous version complete (and at worst a
+    `.<name>.<pid>.tmp` beside it). The process id keeps concurrent writers (sweep jobs) apart; a failed write
+    leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    if directory:
+        tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        if directory and path.exists():  # a folder cannot be renamed over another: move the old one aside first
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+# write_atomically's temporary and moved-aside copies, and the staging folder of a DeepSpeed checkpoint
+_LEFTOVER = re.compile(r"^\.(?P<name>.+?)(\.\d+)?\.(?P<kind>tmp|old|deepspeed)$")
+
+
+def clean_partial_writes(run_dir: str | Path) -> list[Path]:
+    """Remove what interrupted writes left in a run directory and its checkpoints folder (`write_atomically`'s
+    `.<name>.<pid>.tmp`); a `.<name>.<pid>.old` whose `<name>` is missing goes back into place (the kill came
+    between its two renames, and it is the complete previous version). Only while holding the run's lock: another
+    live writer's temporary files look the same. Returns the paths removed."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS_DIR):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            match = _LEFTOVER.match(path.name)
+            if match is None:
+                continue
+            target = folder / match["name"]
+            if match["kind"] == "old" and not target.exists():
+                os.replace(path, target)
+            else:
+                _remove(path)
+                removed.append(path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """JSON, indented, written atomically."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """(checkpoint directory, run directory) for a run directory or a checkpoint directory. A run without the
+    `which` checkpoint falls back to `last` (a run with trainer.save_best=false has no `best`). A checkpoint
+    directory outside a run is its own run directory."""
+    path = Path(path)
+    if (path / ADAPTER_WEIGHTS_FILE).is_file():
+        return path, (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
+    for name in dict.fromkeys((which, "last")):
+        if (path / CHECKPOINTS_DIR / name / ADAPTER_WEIGHTS_FILE).is_file():
+            return path / CHECKPOINTS_DIR / name, path
+    raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{which}/) or a "
+                            f"checkpoint directory holding {ADAPTER_WEIGHTS_FILE}")
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run's config.json as saved ({} when absent or unreadable: for tables that show what they can)."""
+    try:
+        data = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run's saved config with dotted `key=value` overrides (e.g. model.path=...), checked against the schema:
+    what kasa-eval and kasa-export rebuild a run's model and task from."""
+    from omegaconf import OmegaConf
+
+    from kasa.config import validate
+
+    config_file = Path(run_dir) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: the checkpoint must sit in a kasa run directory")
+    saved = json.loads(config_file.read_text())
+    saved.pop("hydra_overrides", None)
+    return validate(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides or []))))
