@@ -84,6 +84,25 @@ def test_adapters_train_in_float_over_the_quantized_base() -> None:
         build_llama(), kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS))).total
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_gradients_survive_an_evaluation_forward(mode: str) -> None:
+    """bitsandbytes' CPU inference repacking must not cut the backward of a later training step."""
+    model = kasa.apply_adapters(marked(build_llama(), mode),
+                                kasa.AdapterConfig(method="lora", rank=4, target_modules=TARGETS))
+    randomise_adapters(model)
+
+    def gradients() -> torch.Tensor:
+        model.train()
+        model.zero_grad()
+        model(input_ids=INPUTS, labels=INPUTS).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    before = gradients()
+    model.eval()
+    logits(model)
+    torch.testing.assert_close(gradients(), before)
+
+
 def test_save_and_load_are_exact_and_svd_free(tmp_path, monkeypatch) -> None:
     config = kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS)
     model = kasa.apply_adapters(marked(build_llama()), config)

@@ -108,6 +108,10 @@ def _quantized_layer(layer: nn.Module, quantization: str, device: torch.device) 
         new = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                                 quant_type="nf4", device="meta")
         new.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, quant_type="nf4")
+        # bitsandbytes 0.50 repacks a CPU layer's weight for its AVX512-BF16 inference kernel at the first forward in
+        # eval mode, and keeps using that kernel, which has no backward, after model.train(): every gradient
+        # through the layer silently vanishes (an evaluation, or the start-of-training loss check, before training).
+        new.support_avx512bf16_for_cpu = False
     else:
         new = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                                   threshold=6.0, device="meta")
