@@ -109,7 +109,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = False
+    trackers: list[str] = field(default_factory=list)  # any of tensorboard, wandb, mlflow (Accelerate trackers)
     progress: bool = True  # rich progress bars
 
 
@@ -130,14 +130,3 @@ class RunConfig:
         from kasa.adapters.quantized import check_quantization  # a method that cannot run quantized fails here
 
         check_quantization(self.model.quantization, self.method.method)
-
-
-def validate(cfg: Any) -> RunConfig:
-    """Resolve a composed config (an OmegaConf DictConfig) and check it against RunConfig: unknown keys and wrong
-    types raise here, before any work."""
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
-    return OmegaConf.to_object(merged)

@@ -69,3 +69,18 @@ def train_args(model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]
             "logging.progress=false", "method.svd_cache_dir=null", *extra]
 
 
+
+
+def tiny_run_config(tmp_path: Path):
+    """A RunConfig for an in-process run: KaSA r 2 on a tiny BERT, the tiny sentiment set, one epoch, no progress
+    bars, output in tmp_path/run."""
+    from kasa.config import RunConfig, TaskConfig
+
+    cfg = RunConfig(task=TaskConfig(name="demo", data_dir=str(write_sentiment_data(tmp_path / "data"))))
+    cfg.model.name = str(make_tiny_bert(tmp_path / "bert"))
+    cfg.method.target_modules, cfg.method.trainable_modules = ["query", "value"], ["classifier", "pooler"]
+    cfg.method.rank, cfg.method.svd_cache_dir = 2, None
+    cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_length, cfg.trainer.log_every = 1, 8, 16, 1
+    cfg.logging.progress = False
+    cfg.output_dir = str(tmp_path / "run")
+    return cfg

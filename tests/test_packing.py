@@ -3,6 +3,7 @@ loss and gradients as the same examples padded, under SDPA and eager attention, 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 
+from cli_helpers import tiny_run_config
 from kasa.config import RunConfig
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import (
@@ -172,3 +174,17 @@ def test_generation_in_length_order_returns_outputs_in_prompt_order() -> None:
     task.cfg.task.generation.batch_size = 3
     assert task.generate(model, accelerator, tokenizer, prompts) == one_by_one
     assert len({texts[0] for texts in one_by_one}) > 1  # the prompts get different answers: the order is tested
+
+
+def test_the_loop_groups_by_length_and_compiles_when_asked(tmp_path) -> None:
+    from kasa.training.loop import TrainingRecipe
+
+    cfg = tiny_run_config(tmp_path)
+    cfg.trainer.group_by_length = cfg.trainer.compile = True
+    recipe = TrainingRecipe(cfg, dataclasses.asdict(cfg))
+    recipe.setup()  # torch.compile is lazy: nothing compiles before the first forward
+    assert isinstance(recipe.train_loader.batch_sampler.sampler, LengthGroupedSampler)
+    model = recipe.accelerator.unwrap_model(recipe.model)
+    assert model._compiled_call_impl is not None  # compiled in place (nn.Module.compile) ...
+    assert not any(name.startswith("_orig_mod") for name, _ in model.named_parameters())  # ... names unchanged
+    recipe.accelerator.end_training()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -30,15 +30,6 @@ from transformers import get_scheduler
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
 from kasa.config import RunConfig
 from kasa.evaluation.metrics import main_metric
-from kasa.run_dir import (
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    GENERATIONS_DIR,
-    METRICS_FILE,
-    REGULARIZATION_FILE,
-    SUMMARY_FILE,
-    write_json,
-)
 from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
@@ -50,9 +41,17 @@ from kasa.training.checkpoint import (
     resumable_checkpoints,
     save_checkpoint,
     save_training_state,
+    write_json,
 )
+from kasa.tasks.batching import LengthGroupedSampler
 from kasa.training.console import Console
 from kasa.training.models import whole_weights
+from kasa.training.trackers import check_trackers, start_trackers
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+REGULARIZATION_FILE = "regularization.jsonl"
+CONFIG_FILE = "config.json"
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -167,8 +166,9 @@ class TrainingRecipe:
             kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else None,
             mixed_precision=cfg.trainer.precision,
             gradient_accumulation_steps=cfg.trainer.grad_accum,
-            log_with="tensorboard" if cfg.logging.tensorboard else None,
-            project_dir=str(self.out),
+            log_with=check_trackers(cfg.logging.trackers) or None,
+            # TensorBoard writes into <run dir>/tensorboard/kasa/
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "tensorboard")),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             step_scheduler_with_optimizer=False,  # the schedule advances once per optimiser step, in train_step
         )
@@ -181,9 +181,8 @@ class TrainingRecipe:
             if self.resume_from is None:  # a fresh start (overwrite=true): nothing of an earlier run may be mixed in
                 for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
                     (self.out / name).unlink(missing_ok=True)
-                shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
-        if self.cfg.logging.tensorboard:
-            self.accelerator.init_trackers("tensorboard")
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out)
 
     def setup_model(self) -> None:
         """The task, the pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
@@ -193,6 +192,8 @@ class TrainingRecipe:
         apply_adapters(self.model, self.cfg.method)
         if self.resume_from is not None:  # before prepare: sharding engines and DeepSpeed's optimizer copy from here
             load_resumable_weights(self.resume_from, self.model)
+        if self.cfg.trainer.compile:  # in place: parameter names, and so checkpoints, stay those of the model
+            self.model.compile()
         self.params = count_parameters(self.model)
         self.console.print(f"{self.cfg.method.method}: {self.params.adapter:,} adapter parameters, "
                            f"{self.params.trainable:,} trainable of {self.params.total:,}")
@@ -201,8 +202,12 @@ class TrainingRecipe:
         """The training loader, prepared before the model: its length is then per process, what step counts need."""
         cfg = self.cfg
         dataset = self.task.train_dataset(self.tokenizer)
+        order: dict[str, Any] = {"shuffle": True}
+        if cfg.trainer.group_by_length:  # batches of similar lengths, in an order fixed by seed and epoch
+            order = {"sampler": LengthGroupedSampler([len(row["input_ids"]) for row in dataset],
+                                                     cfg.trainer.batch_size, cfg.seed)}
         self.train_loader = self.accelerator.prepare(DataLoader(
-            dataset, batch_size=cfg.trainer.batch_size, shuffle=True, collate_fn=self.task.collator(self.tokenizer)))
+            dataset, batch_size=cfg.trainer.batch_size, collate_fn=self.task.collator(self.tokenizer), **order))
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.trainer.grad_accum)
         self.total_steps = steps_per_epoch * cfg.trainer.epochs
         if cfg.trainer.max_steps:
@@ -319,7 +324,7 @@ class TrainingRecipe:
         self.nonfinite.check(self.accelerator)
         state, cfg = self.state, self.cfg
         metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
-                                     self.out / GENERATIONS_DIR)
+                                     self.out / "generations")
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
         self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
@@ -331,14 +336,14 @@ class TrainingRecipe:
         state.last = score
         saved = {"epoch": epoch, "step": state.step, "metric": self.task.metric, "score": score, "metrics": metrics}
         if improved and cfg.trainer.save_best:
-            save_checkpoint(self.out / CHECKPOINTS_DIR / "best", self.accelerator, self.model, saved)
-        save_checkpoint(self.out / CHECKPOINTS_DIR / "last", self.accelerator, self.model, saved)
+            save_checkpoint(self.out / "checkpoints" / "best", self.accelerator, self.model, saved)
+        save_checkpoint(self.out / "checkpoints" / "last", self.accelerator, self.model, saved)
 
     def save_resumable(self) -> None:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
         self.nonfinite.check(self.accelerator)
         self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
-        save_training_state(self.out / CHECKPOINTS_DIR / f"step-{self.state.step:08d}", self.accelerator, self.model,
+        save_training_state(self.out / "checkpoints" / f"step-{self.state.step:08d}", self.accelerator, self.model,
                             self.optimizer, self.scheduler, self.state)
         if self.main:
             prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)

@@ -1,0 +1,73 @@
+"""logging.trackers: one tiny in-process training run logs its config and KaSA's terms to TensorBoard, W&B (offline
+mode) and MLflow (a local SQLite store), all inside the test's folder; no credential from the environment ends up in any
+file written."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import tiny_run_config
+from kasa.training.trackers import check_trackers, hyperparameters
+
+SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",
+           "OPENAI_API_KEY": "sk-tracker-test-secret", "MLFLOW_TRACKING_TOKEN": "mlflow-secret-token"}
+
+
+def test_unknown_or_missing_tracker_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="unknown tracker 'comet'"):
+        check_trackers(["comet"])
+    assert check_trackers(["tensorboard", "tensorboard"]) == ["tensorboard"]
+
+
+def test_hyperparameters_are_flat_scalars() -> None:
+    flat = hyperparameters({"method": {"beta": 1e-4, "target_modules": ["q", "v"], "truncation_rank": None}})
+    assert flat == {"method.beta": 1e-4, "method.target_modules": '["q", "v"]', "method.truncation_rank": "null"}
+
+
+@pytest.mark.slow  # the W&B service and MLflow's database take a while to start
+def test_a_run_logs_config_and_kasa_terms_to_every_tracker_and_writes_no_key(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kasa.training.loop import train
+
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb-dir").mkdir()
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow 3 refuses new file stores; a local database
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.chdir(tmp_path)  # anything a tracker writes into the working directory lands here too
+
+    cfg = tiny_run_config(tmp_path)
+    cfg.logging.trackers = ["tensorboard", "wandb", "mlflow"]
+    train(cfg, dataclasses.asdict(cfg))
+
+    events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss", "task_loss", "l2", "l3", "aux_loss", "eval/accuracy"} <= set(events.Tags()["scalars"])
+
+    offline_runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    logged = b"".join(path.read_bytes() for path in offline_runs[0].rglob("*.wandb"))
+    assert b"method.beta" in logged and b"l3" in logged
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.params["method.method"] == "kasa"
+    assert {"l2", "l3", "loss", "eval/accuracy"} <= set(runs[0].data.metrics)
+
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(written) > 10
+    for path in written:
+        content = path.read_bytes()
+        for name, secret in SECRETS.items():
+            assert secret.encode() not in content, f"{name} was written into {path}"
