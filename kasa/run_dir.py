@@ -132,4 +132,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
         raise FileNotFoundError(f"{config_file} not found: the checkpoint must sit in a kasa run directory")
     saved = json.loads(config_file.read_text())
     saved.pop("hydra_overrides", None)
+    logging = saved.get("logging")
+    if isinstance(logging, dict) and "tensorboard" in logging:  # saved before logging.trackers replaced the flag
+        logging["trackers"] = ["tensorboard"] if logging.pop("tensorboard") else []
     return validate(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides or []))))

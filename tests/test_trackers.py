@@ -5,7 +5,6 @@ file written."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -71,3 +70,15 @@ def test_a_run_logs_config_and_kasa_terms_to_every_tracker_and_writes_no_key(tmp
         content = path.read_bytes()
         for name, secret in SECRETS.items():
             assert secret.encode() not in content, f"{name} was written into {path}"
+
+
+def test_a_run_saved_with_the_old_tensorboard_flag_still_loads(tmp_path) -> None:
+    import json
+
+    from kasa.run_dir import load_run_config
+
+    config = dataclasses.asdict(tiny_run_config(tmp_path))
+    config["logging"] = {"tensorboard": True, "progress": False}  # a config.json written before logging.trackers
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert load_run_config(tmp_path / "run").logging.trackers == ["tensorboard"]
