@@ -105,6 +105,7 @@ class TrainerConfig:
     packing: bool = False  # causal LMs: several examples per row of max_length, attention kept within each
     group_by_length: bool = False  # batches of similar lengths (the alternative to packing)
     compile: bool = False  # torch.compile the model
+    allow_cpu: bool = False  # proceed without a GPU even with a model of more than 500M parameters
 
 
 @dataclass
@@ -124,9 +125,21 @@ class RunConfig:
     output_dir: str = "???"
     resume: Optional[str] = None  # auto: continue from the newest complete checkpoint of output_dir; or a path
     overwrite: bool = False  # allow an output_dir that already holds a finished run (its files are replaced)
+    resume_allow_changes: bool = False  # resume with settings that differ from the run's own (recorded)
     recipe: Any = None  # the chosen recipe's name, recorded for the run summary
 
     def __post_init__(self) -> None:
         from kasa.adapters.quantized import check_quantization  # a method that cannot run quantized fails here
 
         check_quantization(self.model.quantization, self.method.method)
+
+
+def validate(cfg: Any) -> RunConfig:
+    """Resolve a composed config (an OmegaConf DictConfig) and check it against RunConfig: unknown keys and wrong
+    types raise here, before any work."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    return OmegaConf.to_object(merged)

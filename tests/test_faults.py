@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kasa.training.signals import StopSignals, TrainingInterrupted, interrupted_
 
 
 def _standalone(module: str) -> str:
-    """Python that imports one stdlib-only kasa module by its path, without kasa's (slow: torch) package import."""
+    """Python that imports a stdlib-only kasa module by its path, without kasa's (slow: torch) package import."""
     path = Path(__file__).parents[1] / "kasa" / "training" / f"{module}.py"
     return (f"import importlib.util, sys\nspec = importlib.util.spec_from_file_location({module!r}, {str(path)!r})\n"
             f"{module} = importlib.util.module_from_spec(spec)\nspec.loader.exec_module({module})\n")
@@ -41,18 +42,20 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 def test_lock_dies_with_its_process(tmp_path):
     """A holder killed with SIGKILL leaves nothing stuck: the kernel drops the flock with the process."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _standalone("run_lock") + textwrap.dedent(f"""
-            import time
-            run_lock.RunLock({str(tmp_path / 'run')!r}).acquire()
-            print('locked', flush=True)
+    ready, signal_ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: take the lock, say so, wait to be killed
+        try:
+            RunLock(tmp_path / "run").acquire()
+            os.write(signal_ready, b"x")
             time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(RunDirLocked, match=f"pid {holder.pid}"):
+        finally:
+            os._exit(0)
+    assert os.read(ready, 1) == b"x"
+    with pytest.raises(RunDirLocked, match=f"pid {pid}"):
         RunLock(tmp_path / "run").acquire()
-    holder.kill()
-    holder.wait()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
     RunLock(tmp_path / "run").acquire().release()
 
 
@@ -169,8 +172,9 @@ def test_large_model_without_gpu_needs_the_override(tmp_path, monkeypatch):
     cfg.task = replace(cfg.task, kind="instruction")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"6\.\d\dB parameters and no GPU.*trainer.allow_cpu=true"):
-        preflight.check_model_size(cfg, allow_cpu=False)
-    preflight.check_model_size(cfg, allow_cpu=True)
+        preflight.check_model_size(cfg)
+    cfg.trainer = replace(cfg.trainer, allow_cpu=True)
+    preflight.check_model_size(cfg)
 
 
 def test_resume_config_differences(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import importlib.util
 import os
@@ -10,14 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import kasa
 from kasa.config import RunConfig
 
-# Errors that are the user's input, not kasa's bugs: reported in one line with exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OmegaConfBaseException, FloatingPointError)
+# Errors that are the user's input or environment (paths, permissions, a full disk), not kasa's bugs: reported in
+# one line with exit status 2.
+USER_ERRORS = (ValueError, OSError, OmegaConfBaseException, HydraException, FloatingPointError)
 
 
 def _package_model(package: str) -> str:
@@ -58,7 +61,45 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function)
 
 
+def _config_options(group: str) -> list[str]:
+    """Every option of a config group, nested ones included (`glue/roberta_base_cola`; Hydra lists only the top)."""
+    root = Path(list(importlib.util.find_spec("kasa.conf").submodule_search_locations)[0]) / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def _describe_hydra(err: HydraException) -> str:
+    """Hydra's composition errors in one line: an unknown option lists the group's options, a key typo the keys."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    missing = getattr(err, "missing_cfg_file", None) or ""
+    if isinstance(err, MissingConfigException) and "/" in missing:
+        group, name = missing.split("/", 1)
+        return f"unknown {group} {name!r}; choose one of: {', '.join(_config_options(group))}"
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the overrides ({first}): write key=value, and quote lists, e.g. 'model.target_modules=[a,b]'"
+    key = getattr(err.__cause__, "full_key", None)
+    if key:
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        valid = _schema_fields(parent) if parent else [f.name for f in dataclasses.fields(RunConfig)]
+        return f"unknown key {key}" + (f"; valid keys{f' under {parent}' if parent else ''}: {', '.join(valid)}" if valid else "")
+    return first
+
+
+def _describe_os_error(err: OSError) -> str:
+    """A file system error from the OS (it names a path): what could not be done where, and what to do."""
+    where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device of {where}: free space, then continue with resume=auto (every "
+                "complete checkpoint is kept)")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{err.strerror}: {where}: check its permissions, or choose another folder (e.g. hydra.run.dir=...)"
+    return f"{err.strerror}: {where}"
+
+
 def _describe(err: Exception) -> str:
+    if isinstance(err, HydraException):
+        return _describe_hydra(err)
+    if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
+        return _describe_os_error(err)
     if isinstance(err, OmegaConfBaseException):
         message = str(err).splitlines()[0]
         key = getattr(err, "full_key", None)

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from kasa.adapters import save_adapter
-from kasa.adapters.io import adapter_state, full_adapter_state
+from kasa.adapters.io import adapter_state, full_adapter_state, save_tensors
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, write_atomically, write_json
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -168,7 +168,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
             else:
                 torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-            save_file(_rng_tensors(), str(tmp / RNG_FILE))
+            save_tensors(_rng_tensors(), tmp / RNG_FILE)
             write_json(tmp / STATE_FILE, state.to_json())  # last: its presence marks the checkpoint complete
 
         write_atomically(directory, fill, directory=True)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import os
+import socket
+import urllib.parse
 from typing import Iterator
 
 import torch
@@ -104,10 +108,38 @@ def attention_implementation(model: ModelConfig) -> str:
     return model.attn_implementation
 
 
+HUB_PROBE_SECONDS = 5.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub's endpoint accepts a connection within HUB_PROBE_SECONDS. Without network,
+    huggingface_hub retries every file with backoff (a minute and more per model); asking once first lets a model
+    that is not cached fail at once, and one that is cached load offline. Behind a proxy (HTTPS_PROXY / ALL_PROXY)
+    the endpoint is not probed: only the proxy can reach it."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_options(model: ModelConfig) -> dict[str, bool]:
+    """from_pretrained options for `model`: the local cache only, when it comes from an unreachable Hub."""
+    return {} if model.path or hub_reachable() else {"local_files_only": True}
+
+
 def _from_pretrained(factory, model: ModelConfig, **kwargs):
     source = model_source(model)
     try:
-        return factory.from_pretrained(source, **kwargs)
+        return factory.from_pretrained(source, **kwargs, **hub_options(model))
     except OSError as err:
         if model.path:
             raise ModelLoadError(

@@ -6,17 +6,21 @@ and the fix; the command line turns it into `error: ...` and exit status 2.
 - the output folder: a directory we can create and write in (`check_output_dir`);
 - the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
 - a large model with no GPU: stop unless `trainer.allow_cpu=true` (`check_model_size`);
-- resuming with settings that differ from the run's saved config (`config_differences`)."""
+- resuming with settings that differ from the run's saved config (`config_differences`);
+- what the run directory holds: a finished run is never touched unless `overwrite=true` (`find_resume`).
+`check_run_start` runs them all, in that order, and says how the run starts."""
 
 from __future__ import annotations
 
 import json
 import math
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from kasa.config import RunConfig
+from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, SUMMARY_FILE, read_config
 
 CPU_PARAMETER_LIMIT = 500_000_000
 """Above this many base-model parameters and without a GPU, a run stops at once (`trainer.allow_cpu=true` proceeds):
@@ -109,21 +113,20 @@ def check_resume_checkpoint(directory: Path) -> None:
     finite: a broken one is found now, not after the model has loaded."""
     from safetensors.torch import load_file
 
-    from kasa.adapters.io import WEIGHTS_FILE, refuse_non_finite
-    from kasa.training.checkpoint import STATE_FILE
+    from kasa.adapters.io import refuse_non_finite
 
     if not directory.is_dir():
         raise FileNotFoundError(f"resume={directory}: no such checkpoint directory")
-    for name in (STATE_FILE, WEIGHTS_FILE):
+    for name in (STATE_FILE, ADAPTER_WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise ValueError(f"checkpoint {directory} is incomplete ({name} missing): resume from another one")
     try:
         json.loads((directory / STATE_FILE).read_text())
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
     except Exception as err:  # noqa: BLE001 (safetensors raises its own error types; any failure means unreadable)
         raise ValueError(f"cannot read checkpoint {directory} ({str(err).splitlines()[0][:120]}): it is corrupt or "
                          "truncated; resume from another one (resume=<checkpoint dir>) or start again") from None
-    refuse_non_finite(tensors, directory / WEIGHTS_FILE)
+    refuse_non_finite(tensors, directory / ADAPTER_WEIGHTS_FILE)
 
 
 def _parameter_count(cfg: RunConfig) -> int | None:
@@ -132,9 +135,9 @@ def _parameter_count(cfg: RunConfig) -> int | None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from kasa.training.models import model_source
+    from kasa.training.models import hub_options, model_source
 
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code, **hub_options(cfg.model)}
     if cfg.model.gguf_file:
         kwargs["gguf_file"] = cfg.model.gguf_file
     try:
@@ -147,11 +150,11 @@ def _parameter_count(cfg: RunConfig) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_model_size(cfg: RunConfig, allow_cpu: bool) -> None:
-    """Without a GPU, a model above CPU_PARAMETER_LIMIT parameters stops here unless allowed explicitly."""
+def check_model_size(cfg: RunConfig) -> None:
+    """Without a GPU, a model above CPU_PARAMETER_LIMIT parameters stops here unless `trainer.allow_cpu=true`."""
     import torch
 
-    if allow_cpu or torch.cuda.is_available():
+    if cfg.trainer.allow_cpu or torch.cuda.is_available():
         return
     count = _parameter_count(cfg)
     if count is not None and count > CPU_PARAMETER_LIMIT:
@@ -199,3 +202,64 @@ def check_resume_config(saved_config: Path, current: dict[str, Any], allow_chang
                          "resume_allow_changes=true to continue with them (the change is recorded in config.json)")
     return differences
 
+
+
+@dataclass
+class RunStart:
+    """How a run starts: fresh, from a checkpoint, or not at all (`resume=auto` on a run that already finished)."""
+
+    resume_from: Path | None = None
+    finished_summary: dict[str, Any] | None = None  # the finished run's summary.json: nothing to do
+    config_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # allowed by resume_allow_changes
+
+
+def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunStart:
+    """What `out` holds decides how the run starts. A finished run is left exactly as it is unless
+    `overwrite=true`; `resume=auto` takes the newest checkpoint that reads back whole and finite (`say` names the
+    ones it skips), and refuses to start afresh over checkpoints it could not use."""
+    from kasa.training.checkpoint import resumable_checkpoints
+
+    if (out / SUMMARY_FILE).is_file() and not cfg.overwrite:
+        if cfg.resume == "auto":
+            try:
+                return RunStart(finished_summary=json.loads((out / SUMMARY_FILE).read_text()))
+            except ValueError as err:
+                raise ValueError(f"{out / SUMMARY_FILE} is corrupt ({err}): pass overwrite=true to train again") from None
+        raise FileExistsError(f"{out} already holds a finished run: pass overwrite=true to replace it, or choose "
+                              "another hydra.run.dir")
+    if cfg.resume not in (None, "auto"):
+        check_resume_checkpoint(Path(cfg.resume))
+        return RunStart(resume_from=Path(cfg.resume))
+    if cfg.resume == "auto":
+        found = resumable_checkpoints(out)
+        for candidate in reversed(found):
+            try:
+                check_resume_checkpoint(candidate)
+                return RunStart(resume_from=candidate)
+            except ValueError as err:
+                say(f"skipping {candidate.name}: {err}")
+        if found:
+            raise ValueError(f"no checkpoint in {out} can be resumed (see above): pass overwrite=true to start again")
+    elif (out / METRICS_FILE).exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} holds an unfinished run: pass resume=auto to continue it or overwrite=true to "
+                              "start again")
+    return RunStart()
+
+
+def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
+                    say: Callable[[str], None]) -> RunStart:
+    """Every check that needs no model, in order of cost; returns how the run starts."""
+    check_config_values(cfg)
+    check_output_dir(out)
+    start = find_resume(cfg, out, say)
+    if start.finished_summary is not None:  # resume=auto on a finished run: nothing to do, if it is this run
+        differences = config_differences(read_config(out), resolved_config)
+        if differences:
+            raise FileExistsError(f"{out} already holds a finished run, with other settings "
+                                  f"({describe_differences(differences)}): pass overwrite=true to replace it, or "
+                                  "choose another hydra.run.dir")
+        return start
+    if start.resume_from is not None and start.resume_from.parent.parent == out:
+        start.config_changes = check_resume_config(out / CONFIG_FILE, resolved_config, cfg.resume_allow_changes)
+    check_model_size(cfg)
+    return start

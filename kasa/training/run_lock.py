@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-LOCK_FILE = ".kasa.lock"
+from kasa.run_dir import LOCK_FILE
 
 
 class RunDirLocked(FileExistsError):
