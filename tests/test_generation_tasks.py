@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from kasa.data.errors import DataError
-from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer
+from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer, styled_prompt
 from kasa.data.sources import find_split_file, local_split_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -96,6 +96,9 @@ def corpus() -> list[str]:
     texts += [json.dumps(r) for r in INSTRUCTION_TRAIN + INSTRUCTION_TEST + MT_BENCH]
     texts.append("Below is an instruction that describes a task. Write a response that appropriately completes the "
                  "request. ### Instruction: ### Input: ### Response:")
+    # the commonsense task's LLM-Adapters prompts, so that their runs of indentation become single tokens
+    texts += [styled_prompt("llm_adapters", r["instruction"], training=training) for r in BOOLQ for training in
+              (True, False)]
     return texts * 3
 
 
@@ -309,7 +312,7 @@ def test_e2e_trains_generates_and_scores(runs):
     summary = summary_of(run_dir)
     assert summary["task"] == "e2e" and summary["metric"] == "BLEU" and summary["method"] == "kasa"
     # r = 4 KaSA blocks on q and v (32 x 32 slices of the fused c_attn) in 2 layers: 4 * (2 * 32 * 4 + 4)
-    assert summary["trainable_params"] == 4 * (2 * 32 * 4 + 4)
+    assert summary["trainable_params_without_head"] == 4 * (2 * 32 * 4 + 4)
     assert summary["epochs_run"] == 2 and summary["steps"] == 4  # 6 pairs, batch 4: 2 steps an epoch
     [evaluation] = summary["eval_history"]  # evaluate_every_epoch=false: once, after the last epoch
     assert {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} <= set(evaluation) and evaluation["split"] == "test"
@@ -346,7 +349,7 @@ def test_commonsense_trains_and_scores_every_set(runs):
     # KaSA r = 4 on q (32x32), k and v (16x32: 2 KV heads of 8), up (64x32) and down (32x64), 2 layers:
     # each block r * (n + m + 1)
     per_layer = sum(4 * (n + m + 1) for n, m in ((32, 32), (16, 32), (16, 32), (64, 32), (32, 64)))
-    assert summary["trainable_params"] == 2 * per_layer
+    assert summary["trainable_params_without_head"] == 2 * per_layer
     assert [r["epoch"] for r in summary["eval_history"]] == [0, 1]  # evaluate_every_epoch: true by default
     last = summary["eval_history"][-1]
     assert set(last) >= {"boolq", "piqa", "average"}

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from kasa.evaluation.metrics import METRIC_NAMES, compute_metrics, main_metric
+from kasa.evaluation.metrics import METRIC_NAMES, compute_metrics, improves, main_metric
 
 
 def test_binary_from_class_ids() -> None:
@@ -140,3 +140,21 @@ def test_main_metric() -> None:
         main_metric(metrics, "acc")
     with pytest.raises(ValueError, match="'pearson' is not computed.*accuracy, matthews, f1"):
         main_metric(metrics, "pearson")
+
+
+def test_best_epoch_selection_with_undefined_metrics() -> None:
+    nan = math.nan
+    assert improves(nan, None) and improves(0.1, None)  # the first epoch is the best so far, whatever it scored
+    assert improves(0.2, nan)  # a defined score replaces an undefined one
+    assert not improves(nan, 0.2) and not improves(nan, nan)  # an undefined score never replaces the best
+    assert improves(0.3, 0.2) and not improves(0.2, 0.2) and not improves(-1.0, 0.2)
+
+    def best_epoch(scores: list[float]) -> int:
+        best, epoch = None, -1
+        for i, score in enumerate(scores):
+            if improves(score, best):
+                best, epoch = score, i
+        return epoch
+
+    assert best_epoch([nan, 0.1, nan, 0.05]) == 1
+    assert best_epoch([nan, nan]) == 0

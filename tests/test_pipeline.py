@@ -23,11 +23,12 @@ def test_classification_run_writes_every_file(classification_run: Path):
                  "checkpoints/best/adapter_config.json", "checkpoints/last/trainer_state.json"):
         assert (classification_run / name).is_file(), name
     summary = json.loads((classification_run / "summary.json").read_text())
-    for key in ("task", "method", "metric", "best", "best_epoch", "last", "trainable_params", "train_seconds"):
+    for key in ("task", "method", "metric", "best", "best_epoch", "last", "trainable_params_without_head",
+                "trainable_params_with_head", "train_seconds"):
         assert key in summary
     assert summary["method"] == "kasa" and summary["metric"] == "accuracy"
     # KaSA with r = 4 on query and value of 2 layers (32 x 32): 4 * (2 * 32 * 4 + 4)
-    assert summary["trainable_params"] == 4 * (2 * 32 * 4 + 4)
+    assert summary["trainable_params_without_head"] == 4 * (2 * 32 * 4 + 4)
     records = [json.loads(line) for line in (classification_run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["type"] == "train"]
     assert train_records and all({"loss", "task_loss", "l2", "l3", "lr"} <= set(r) for r in train_records)

@@ -7,7 +7,7 @@ Pearson (STS-B's) and Spearman correlation. `main_metric` picks the one that sel
 Where a metric is undefined the value is the reference's: Matthews correlation is 0.0 when all predictions or all
 labels are one class (scikit-learn), F1 is 0.0 when the positive class is neither predicted nor present
 (scikit-learn's zero_division), and Pearson and Spearman are nan when either side is constant (scipy) or there are
-fewer than two pairs. A nan epoch never becomes the best one."""
+fewer than two pairs. `improves` keeps such an epoch from displacing a defined best."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def main_metric(metrics: dict[str, float], name: str) -> float:
     if name not in metrics:
         raise ValueError(f"metric '{name}' is not computed for this task; it computes {', '.join(metrics)}")
     return float(metrics[name])
+
+
+def improves(score: float, best: float | None) -> bool:
+    """Whether an epoch's `score` becomes the best so far (`best` None: no epoch yet). The first score always does,
+    so a run whose metric is never defined still has a best epoch; after that a nan (an undefined metric, e.g. the
+    correlation of a constant prediction) never replaces a number, and a number always replaces a nan."""
+    if best is None:
+        return True
+    if math.isnan(score):
+        return False
+    return math.isnan(best) or score > best
 
 
 def _check_lengths(predictions: np.ndarray, labels: np.ndarray) -> None:

@@ -55,5 +55,6 @@ class Console:
         self.rich.print(table)
         self.rich.print(
             f"best {summary['metric']} {summary['best']:.4f} (epoch {summary['best_epoch'] + 1}), "
-            f"{summary['trainable_params']:,} adapter parameters, {summary['train_seconds']:.0f} s"
+            f"{summary['trainable_params_without_head']:,} trained parameters without the head, "
+            f"{summary['train_seconds']:.0f} s"
         )

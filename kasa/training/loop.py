@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
 from kasa.config import RunConfig
-from kasa.evaluation.metrics import main_metric
+from kasa.evaluation.metrics import improves, main_metric
 from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
@@ -195,7 +195,8 @@ class TrainingRecipe:
         if self.cfg.trainer.compile:  # in place: parameter names, and so checkpoints, stay those of the model
             self.model.compile()
         self.params = count_parameters(self.model)
-        self.console.print(f"{self.cfg.method.method}: {self.params.adapter:,} adapter parameters, "
+        kind = "adapter" if self.cfg.method.uses_layers else "trained"  # full / bitfit train the model's own weights
+        self.console.print(f"{self.cfg.method.method}: {self.params.adapter:,} {kind} parameters, "
                            f"{self.params.trainable:,} trainable of {self.params.total:,}")
 
     def setup_data(self) -> None:
@@ -330,7 +331,7 @@ class TrainingRecipe:
         self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
         state.history.append(record)
         self.console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        improved = score > state.best
+        improved = improves(score, state.best if state.best_epoch >= 0 else None)  # nan-safe
         if improved:
             state.best, state.best_epoch = score, epoch
         state.last = score
@@ -361,7 +362,7 @@ class TrainingRecipe:
             "last": state.last,
             "epochs_run": state.epoch,
             "steps": state.step,
-            "trainable_params": self.params.adapter,
+            "trainable_params_without_head": self.params.adapter,  # the paper's count
             "trainable_params_with_head": self.params.trainable,
             "train_seconds": round(train_seconds, 2),
             "tokens_per_second": round(self.tokens * self.accelerator.num_processes / max(train_seconds, 1e-9), 1),
