@@ -188,6 +188,10 @@ def test_peft_export_loads_in_peft(trained_run, tmp_path):
     assert modules == 4  # query and value of 2 layers
     # PEFT sums the loss over the modules where kasa averages it: beta / M and gamma / M give the same loss
     assert config["kasa_config"] == pytest.approx({"beta": 1e-4 / modules, "gamma": 1e-3 / modules}, rel=1e-15)
+    record = json.loads((output / "kasa_export.json").read_text())["peft_regularizer"]
+    assert record == {"kasa_config": config["kasa_config"], "beta": 1e-4, "gamma": 1e-3, "modules": 4,
+                      "orth_form": "paper", "note": None}
+    assert "note:" not in result.stdout
     assert config["modules_to_save"] == ["classifier", "pooler"]  # BERT's head: the pooler trains too
     assert config["base_model_name_or_path"] == str(model_dir)
 
@@ -220,6 +224,27 @@ def test_peft_export_of_a_lora_run_is_one_clear_line(trained_run, tmp_path, caps
     assert code == 2
     assert last.startswith("error:") and "method=lora" in last and "format=merged" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_peft_export_of_an_authors_form_run_says_so_in_one_line(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    # The same run as if trained with orth_form=authors (the adapter's own config is what the export reads)
+    run = tmp_path / "authors-run"
+    best = run / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (run / "config.json").write_text((run_dir / "config.json").read_text())
+    source = run_dir / "checkpoints" / "best"
+    meta = json.loads((source / "adapter_config.json").read_text())
+    meta["config"]["orth_form"] = "authors"
+    (best / "adapter_config.json").write_text(json.dumps(meta))
+    (best / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    from kasa.cli.export import main
+
+    main([f"checkpoint={run}", "format=peft", f"output={tmp_path / 'out'}"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {AUTHORS_ORTH_FORM_NOTE}"]
+    record = json.loads((tmp_path / "out" / "kasa_export.json").read_text())["peft_regularizer"]
+    assert record["orth_form"] == "authors" and record["note"] == AUTHORS_ORTH_FORM_NOTE
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -10,7 +10,10 @@ no kasa and no peft needed, and gives the adapter model's outputs. Works for eve
 
 format=peft: a PEFT adapter folder (adapter_config.json with `kasa_config`, adapter_model.safetensors) for KaSA on
 nn.Linear layers, loaded with peft >= 0.21 by PeftModel.from_pretrained(<the original base model>, folder). PEFT
-repeats the SVD truncation on load, so it must be the same base model the run trained on.
+repeats the SVD truncation on load, so it must be the same base model the run trained on. PEFT sums KaSA's loss over
+the M adapted modules where kasa averages it, so `kasa_config` holds beta / M and gamma / M: the same loss when the
+adapter trains further in PEFT (kasa_export.json records the run's beta, gamma and M). PEFT has only the paper's
+orthogonality form: for a run with orth_form=authors the export says so in one line, and records it.
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `output` (a new or empty
 folder), `format` (merged | peft), `which` (best | last, for a run directory), `overwrite` (true: replace a
@@ -83,7 +86,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     import kasa
     from kasa.adapters import dequantize_base, load_adapter, merge_and_unload, read_adapter_config
-    from kasa.adapters.peft_format import MIN_PEFT_VERSION, check_peft_exportable, save_peft_adapter
+    from kasa.adapters.peft_format import MIN_PEFT_VERSION, check_peft_exportable, peft_regularizer, save_peft_adapter
     from kasa.tasks import build_task
     from kasa.training.models import model_source
 
@@ -126,6 +129,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         "num_labels": run_cfg.task.num_labels,
         "training_state": json.loads(state_file.read_text()) if state_file.is_file() else None,
         "load_with": load_with,
+        "peft_regularizer": peft_regularizer(model) if fmt == "peft" else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"kasa": getattr(kasa, "__version__", None), "torch": torch.__version__,
                      "transformers": transformers.__version__},
@@ -143,7 +147,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(output, fill, directory=True)  # a crash leaves the old folder or the new one, never half
-    return {"output": str(output), "format": fmt, "checkpoint": str(checkpoint), "load_with": load_with}
+    note = info["peft_regularizer"]["note"] if fmt == "peft" else None
+    return {"output": str(output), "format": fmt, "checkpoint": str(checkpoint), "load_with": load_with, "note": note}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run_reporting_errors(lambda: export_checkpoint(args))
     print(f"exported {result['format']} model to {result['output']}")
     print(f"load it with: {result['load_with']}")
+    if result["note"]:
+        print(f"note: {result['note']}")
     print(json.dumps(result))
 
 
