@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from kasa.training.checkpoint import (
     write_json,
 )
 from kasa.tasks.batching import LengthGroupedSampler
+from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
 from kasa.training.console import Console
 from kasa.training.models import whole_weights
 from kasa.training.trackers import check_trackers, start_trackers
@@ -189,7 +191,7 @@ class TrainingRecipe:
         self.task = build_task(self.cfg)
         with whole_weights(self.accelerator):
             self.tokenizer, self.model = self.task.load_model()
-        apply_adapters(self.model, self.cfg.method)
+        self.apply_method()
         if self.resume_from is not None:  # before prepare: sharding engines and DeepSpeed's optimizer copy from here
             load_resumable_weights(self.resume_from, self.model)
         if self.cfg.trainer.compile:  # in place: parameter names, and so checkpoints, stay those of the model
@@ -198,6 +200,29 @@ class TrainingRecipe:
         kind = "adapter" if self.cfg.method.uses_layers else "trained"  # full / bitfit train the model's own weights
         self.console.print(f"{self.cfg.method.method}: {self.params.adapter:,} {kind} parameters, "
                            f"{self.params.trainable:,} trainable of {self.params.total:,}")
+
+    def apply_method(self) -> None:
+        """The method's adapters. A truncating method is measured on a few held-out training examples before and
+        after its truncation (summary.json's `truncation_loss`, and a warning line when the loss rises by more than
+        5%); the activation basis gathers its calibration statistics here (kasa.training.calibration)."""
+        cfg = self.cfg
+        self.truncation_loss = None
+        if not cfg.method.truncates:
+            apply_adapters(self.model, cfg.method)
+            return
+        dataset = self.task.train_dataset(self.tokenizer)
+        calibration, held_out = calibration_split(dataset, self.task.collator(self.tokenizer), cfg,
+                                                  START_CHECK_EXAMPLES)
+        if next(self.model.parameters()).device.type == "cpu":
+            self.model.to(self.accelerator.device)  # calibration and measurements on the GPU when there is one
+        base = mean_loss(self.task.loss, self.model, held_out) if held_out else None
+        apply_adapters(self.model, cfg.method, calibration=calibration)
+        if held_out:
+            truncated = mean_loss(self.task.loss, self.model, held_out)
+            self.truncation_loss = {"base": base, "truncated": truncated}
+            warning = damage_warning(base, truncated, cfg.method.target_modules)
+            if warning and self.main:
+                print(warning, file=sys.stderr, flush=True)  # one line, never wrapped
 
     def setup_data(self) -> None:
         """The training loader, prepared before the model: its length is then per process, what step counts need."""
@@ -372,6 +397,7 @@ class TrainingRecipe:
             "beta": cfg.method.beta,
             "gamma": cfg.method.gamma,
             "overrides": self.resolved_config.get("hydra_overrides", []),
+            "truncation_loss": self.truncation_loss,  # held-out loss before / after the truncation
             "eval_history": state.history,
         }
         if self.main:

@@ -1,0 +1,60 @@
+"""The start-of-training record of a truncating method: summary.json's truncation_loss {base, truncated} equals the
+held-out losses measured directly, and one warning line appears when the truncation raises the loss by more than
+5% (relative)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kasa.adapters import apply_adapters
+from kasa.cli.inspect import compose_run
+from kasa.tasks import build_task
+from kasa.training import loop
+from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
+
+
+def run_config(model, data, out, *extra: str):
+    return compose_run([f"model.path={model}", f"task.data_dir={data}", "trainer.epochs=1", "trainer.batch_size=8",
+                        "trainer.max_length=16", "trainer.max_steps=1", "logging.progress=false",
+                        "method.svd_cache_dir=null", "method.rank=12", *extra], str(out))
+
+
+def test_summary_records_the_held_out_losses(tiny_model, sentiment_dir, tmp_path):
+    cfg = run_config(tiny_model, sentiment_dir, tmp_path / "run")
+    summary = loop.train(cfg, {"hydra_overrides": []})
+    record = json.loads((tmp_path / "run" / "summary.json").read_text())["truncation_loss"]
+    assert record == summary["truncation_loss"] and set(record) == {"base", "truncated"}
+    task = build_task(cfg)
+    tokenizer, model = task.load_model()
+    _, held = calibration_split(task.train_dataset(tokenizer), task.collator(tokenizer), cfg, START_CHECK_EXAMPLES)
+    assert sum(len(b["labels"]) for b in held) == min(START_CHECK_EXAMPLES, 32)  # the demo set has 32 rows
+    assert record["base"] == pytest.approx(mean_loss(task.loss, model, held), abs=1e-6)
+    apply_adapters(model, cfg.method)
+    assert record["truncated"] == pytest.approx(mean_loss(task.loss, model, held), abs=1e-6)
+    assert record["truncated"] != record["base"]
+
+
+@pytest.mark.parametrize("losses, warned", [((2.0, 2.09), False), ((2.0, 2.2), True)])
+def test_warning_line_above_the_threshold(tiny_model, sentiment_dir, tmp_path, monkeypatch, capsys, losses, warned):
+    """The loop prints damage_warning's line for the losses it measured (here set to straddle the threshold)."""
+    measured = iter(losses)
+    monkeypatch.setattr(loop, "mean_loss", lambda *args: next(measured))
+    summary = loop.train(run_config(tiny_model, sentiment_dir, tmp_path / "run"), {"hydra_overrides": []})
+    assert summary["truncation_loss"] == {"base": losses[0], "truncated": losses[1]}
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: the truncation")]
+    assert len(lines) == int(warned)
+    if warned:
+        assert "2.0000 to 2.2000 (+10%)" in lines[0] and "kasa-inspect" in lines[0]
+
+
+def test_damage_warning_threshold():
+    assert damage_warning(3.0, 3.15, ["v_proj"]) is None  # exactly 5%
+    assert damage_warning(3.0, 2.0, ["v_proj"]) is None  # a lower loss is no damage
+    assert "from 3.0000 to 8.0000" in damage_warning(3.0, 8.0, ["q_proj", "v_proj"])
+
+
+def test_no_record_for_methods_without_truncation(tiny_model, sentiment_dir, tmp_path):
+    cfg = run_config(tiny_model, sentiment_dir, tmp_path / "run", "method=lora")
+    assert loop.train(cfg, {"hydra_overrides": []})["truncation_loss"] is None
