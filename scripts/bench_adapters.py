@@ -17,6 +17,10 @@ Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of
    against a warm `svd_cache_dir` (end to end, imports included).
 4. Adapter loading: `kasa.load_adapter` of a saved KaSA adapter onto a fresh base model, against `apply_adapters`
    with decomposition (and plain LoRA creation for scale).
+5. Activation basis: `apply_adapters` with `truncation_basis="activation"` (the calibration pass over
+   256 x 32 random tokens, i.e. the default 256 calibration examples at a GLUE-like length, plus the decomposition
+   of W L) against the weight basis's `apply_adapters` (both without cache): `activation_init_ratio`; the
+   calibration pass alone is timed too (`activation_calibration_s`).
 
 Every measurement runs in a fresh process (this script with `--worker ...`) limited to 2 threads, and the methods
 compared are interleaved (step by step within a process for step times, process by process elsewhere) so that
@@ -58,7 +62,9 @@ TARGETS = {
     "trunc_ratio_768": 0.3,
     "trunc_ratio_4096x14336": 0.2,
     "cached_init_ratio": 0.05,
+    "activation_init_ratio": 3.0,
 }
+CALIBRATION_EXAMPLES, CALIBRATION_LEN = 256, 32
 
 
 @dataclass
@@ -220,10 +226,30 @@ def worker_cache(cache_dir: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "hit": hit}
 
 
+def calibration_batches() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(4)
+    return [{"input_ids": torch.randint(3, 50265, (BATCH, CALIBRATION_LEN), generator=generator),
+             "attention_mask": torch.ones(BATCH, CALIBRATION_LEN, dtype=torch.long)}
+            for _ in range(CALIBRATION_EXAMPLES // BATCH)]
+
+
 def worker_init(mode: str, cache_dir: str | None, adapter_dir: str | None) -> dict[str, Any]:
     model = build_model()
+    if mode.startswith("activation"):
+        batches = calibration_batches()
+        config = kasa_config("kasa")
+        config.truncation_basis = "activation"
     start = time.perf_counter()
-    if mode == "load":
+    if mode == "activation-calibration":  # the calibration pass alone: statistics of every adapted input
+        from kasa.adapters.calibration import moment_groups
+        from kasa.adapters.model import target_layers
+
+        modules = {name: module for name, (module, _) in target_layers(model, config).items()}
+        for _ in moment_groups(model, modules, batches, config.calibration_memory_gib):
+            pass
+    elif mode == "activation":
+        kasa.apply_adapters(model, config, calibration=batches)
+    elif mode == "load":
         kasa.load_adapter(model, adapter_dir)
     elif mode == "lora":
         kasa.apply_adapters(model, kasa_config("lora"))
@@ -347,7 +373,7 @@ def bench_cache(plan: Plan, workdir: Path) -> dict[str, list[float]]:
 def bench_init(plan: Plan, workdir: Path) -> dict[str, list[float]]:
     adapter_dir = workdir / "adapter"
     run_worker("save", "--adapter-dir", str(adapter_dir))
-    modes = ("lora", "kasa-nocache", "kasa-cold", "kasa-warm", "load")
+    modes = ("lora", "kasa-nocache", "kasa-cold", "kasa-warm", "load", "activation", "activation-calibration")
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(plan.init_rounds):
         cache_dir = workdir / f"model-cache-{round_}"
@@ -397,6 +423,8 @@ def run_benchmark(quick: bool) -> None:
         "mem_ratio_kasa_peftkasa": ratio(mem["kasa"], mem["peft-kasa"]),
         "model_cache_ratio": ratio(init_s["kasa-warm"], init_s["kasa-cold"]),
         "load_vs_decompose_ratio": ratio(init_s["load"], init_s["kasa-nocache"]),
+        "activation_init_ratio": ratio(init_s["activation"], init_s["kasa-nocache"]),
+        "activation_calibration_s": init_s["activation-calibration"],
         "step_s": step_s,
         "peak_rss_mib": mem,
         "adapter_creation_s": create,
@@ -438,7 +466,8 @@ def main() -> None:
     worker.add_argument("--steps", type=int, default=5, help="steps: timed steps of each method; memory: steps")
     worker.add_argument("--shape", choices=list(SHAPES), help="trunc: weight shape")
     worker.add_argument("--repeats", type=int, default=1, help="trunc: timed calls")
-    worker.add_argument("--mode", choices=["lora", "kasa-nocache", "kasa-cold", "kasa-warm", "load"], help="init")
+    worker.add_argument("--mode", choices=["lora", "kasa-nocache", "kasa-cold", "kasa-warm", "load", "activation",
+                                           "activation-calibration"], help="init")
     worker.add_argument("--cache-dir", help="cache, init: SVD cache folder")
     worker.add_argument("--adapter-dir", help="init, save: adapter checkpoint folder")
     args = parser.parse_args()
