@@ -5,10 +5,11 @@ Order matters for the methods that change W0 (the KaSA ladder, svd_lora, PiSSA, 
 its float dtype, the adapters decompose that full-precision W0 and truncate it, and only then is the *residual*
 W0 - W_removed quantized (`quantize_base`). So the removed components are those of the real weight (the minor
 components of a dequantized NF4 weight are mostly quantization noise), and the frozen base is the quantized image
-of exactly the paper's W_world. Quantizing the residual was chosen over quantizing W0 and keeping -W_removed as a
-frozen low-rank term by measuring both against the unquantized truncated model (scripts/quantized_residual_error.py):
-the residual is as close or closer for every method and costs no extra matmuls. LoRA-family adapters then run in
-float over the bitsandbytes layer's forward, as QLoRA does.
+of exactly the paper's W_world. The alternative, quantizing W0 and subtracting W_removed as a frozen low-rank term
+in every forward, was measured against the unquantized truncated model (scripts/quantized_residual_error.py, figures
+in the README): both errors are NF4's own error of nearly the same matrix, and the residual costs no extra matmuls
+and no second code path, so it is the one kasa implements. LoRA-family adapters then run in float over the
+bitsandbytes layer's forward, as QLoRA does.
 
 Adapter checkpoints never hold base weights, so save/load stays exact and SVD-free: loading rebuilds the float
 truncated base from the saved triplets and quantizes it the same way. Folding an adapter into a 4-bit or 8-bit
