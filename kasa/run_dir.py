@@ -11,6 +11,7 @@ Light on purpose (no torch): kasa-compare, kasa-plot, the sweep summary and scri
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -54,10 +55,22 @@ def write_atomically(path: str | Path, fill: Callable[[Path], None], directory: 
             _remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = not isinstance(err, OSError) and isinstance(err, Exception) and _disk_full(path.parent)
         _remove(tmp)
+        if full:  # safetensors and torch.save report a full disk in errors of their own, without the path
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        if isinstance(err, OSError) and err.errno and err.filename is None:  # a bare write error: name the file
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     return path
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
 
 
 # write_atomically's temporary and moved-aside copies, and the staging folder of a DeepSpeed checkpoint

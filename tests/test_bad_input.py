@@ -12,21 +12,27 @@ from cli_helpers import make_tiny_bert, run_cli, train_args, write_tsv
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+    """Exit status 2, one `error:` line holding every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr[-1500:])
-    assert last.startswith("error:") or "Available options" in result.stderr or "Could not" in result.stderr, last
+        assert fragment in errors[0], (fragment, errors[0])
 
 
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
-        (["recipe=glue/no_such_recipe"], ["no_such_recipe", "Available options"]),
-        (["task=no_such_task"], ["no_such_task", "Available options"]),
-        (["method=no_such_method"], ["no_such_method", "Available options"]),
+        (["recipe=glue/no_such_recipe"], ["unknown recipe 'glue/no_such_recipe'", "glue/roberta_base_cola", "demo"]),
+        (["task=no_such_task"], ["unknown task 'no_such_task'", "glue/cola"]),
+        (["method=no_such_method"], ["unknown method 'no_such_method'", "kasa, kasa_l2"]),
         (["method.method=nope"], ["unknown method 'nope'"]),
-        (["trainer.no_such_key=1"], ["no_such_key"]),
+        (["trainer.no_such_key=1"], ["unknown key trainer.no_such_key", "valid keys under trainer: epochs"]),
+        (["method.beta=[1"], ["cannot parse the overrides"]),
+        (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
+        (["trainer.grad_accum=0"], ["trainer.grad_accum=0"]),
+        (["trainer.batch_size=0"], ["trainer.batch_size=0"]),
+        (["trainer.lr=-1"], ["trainer.lr=-1"]),
         (["trainer.epochs=abc"], ["trainer.epochs"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
         (["method.rank=64"], ["must be < min(n, m)"]),
@@ -94,15 +100,25 @@ def test_checkpoint_from_another_base_model(finished_run, tmp_path):
     assert_one_line_error(result, "saved for base model")
 
 
-def test_resume_with_another_method(finished_run, tiny_model, sentiment_dir, tmp_path):
+@pytest.mark.parametrize("allow, fragments", [
+    (False, ["differ from its own", "method.method: 'kasa' -> 'lora'", "resume_allow_changes=true"]),
+    (True, ["does not match this run"]),  # changes allowed: the checkpoint itself does not fit
+])
+def test_resume_with_another_method(finished_run, tiny_model, sentiment_dir, tmp_path, allow, fragments):
     run_copy = tmp_path / "run"
     shutil.copytree(finished_run, run_copy)
+    (run_copy / "summary.json").unlink()  # unfinished
     before = (run_copy / "checkpoints" / "last" / "adapter_model.safetensors").read_bytes()
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_copy, "trainer.epochs=1"),
-                     "resume=auto", "method=lora")
-    assert result.returncode == 2
-    assert_one_line_error(result, "does not match this run")
+                     "resume=auto", "method=lora", f"resume_allow_changes={str(allow).lower()}")
+    assert_one_line_error(result, *fragments)
     assert (run_copy / "checkpoints" / "last" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_finished_run_resumed_with_other_settings(finished_run, tiny_model, sentiment_dir):
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, finished_run, "trainer.epochs=1"),
+                     "resume=auto", "trainer.lr=0.5")
+    assert_one_line_error(result, "already holds a finished run, with other settings (trainer.lr: 0.005 -> 0.5)")
 
 
 def test_missing_checkpoint(tmp_path):

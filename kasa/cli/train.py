@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,12 +28,22 @@ def _run(cfg: DictConfig) -> float:
     def job() -> float:
         from kasa.config import validate
         from kasa.training.loop import train  # heavy imports after the config is known to be valid
+        from kasa.training.signals import INTERRUPTED_EXIT, TrainingInterrupted, interrupted_message
 
         quiet_libraries()
         run_cfg = validate(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved["hydra_overrides"] = list(HydraConfig.get().overrides.task)
-        return train(run_cfg, resolved)["best"]
+        # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
+        # only once the run is accepted, so a refused run leaves a finished run's record untouched.
+        hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),
+                       "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+                       "overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)}
+        try:
+            return train(run_cfg, resolved, hydra_files)["best"]
+        except TrainingInterrupted as err:
+            print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir)), file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT)
 
     return run_reporting_errors(job)
 
@@ -50,7 +61,7 @@ class SweepSummaryCallback(Callback):
 def _prepare_multiprocess_launch(argv: list[str]) -> None:
     """Under a multi-process launcher (accelerate launch, torchrun: WORLD_SIZE > 1) every rank runs Hydra. They must
     agree on one run directory (the default one is time-stamped by each rank on its own), Hydra's multirun cannot
-    sit inside the ranks (scripts/sweep_launch.py is the outer sweep), and only rank 0 writes Hydra's .hydra/."""
+    sit inside the ranks (scripts/sweep_launch.py is the outer sweep)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a in ("--cfg", "-c", "--help", "-h", "--info") for a in argv):
         return
     if any(a in ("--multirun", "-m") for a in argv):
@@ -59,14 +70,25 @@ def _prepare_multiprocess_launch(argv: list[str]) -> None:
     if not any(a.startswith("hydra.run.dir=") for a in argv):
         fail("a multi-process launch needs hydra.run.dir=<run dir> (each rank would time-stamp a directory of its "
              "own): add it after the training module's other overrides")
-    if int(os.environ.get("RANK", "0")) != 0:
-        argv.append("hydra.output_subdir=null")
 
 
 def main() -> None:
     _prepare_multiprocess_launch(sys.argv)
     register_resolvers()
-    hydra.main(config_path="pkg://kasa.conf", config_name="config", version_base="1.3")(_run)()
+    # Hydra raises its composition errors (unknown recipe, key typo, unparsable override, a run directory it cannot
+    # create) instead of printing its own multi-line report with exit status 1: they become one line, status 2.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    run_reporting_errors(_hydra_main)
+
+
+def _hydra_main() -> None:
+    try:
+        hydra.main(config_path="pkg://kasa.conf", config_name="config", version_base="1.3")(_run)()
+    except OSError as err:  # only Hydra's own file operations get here: the job reports its errors itself
+        if isinstance(err, HydraException):  # MissingConfigException is an OSError too
+            raise
+        raise ValueError(f"cannot create the run directory ({err.strerror}: {err.filename}): choose another "
+                         "hydra.run.dir") from err
 
 
 if __name__ == "__main__":

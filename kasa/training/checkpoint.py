@@ -240,8 +240,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: name the file (a resume truncates any partial line)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0

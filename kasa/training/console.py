@@ -33,7 +33,7 @@ class Console:
 
     def print(self, message: str) -> None:
         if self.enabled:
-            self.rich.print(message, highlight=False)
+            self.rich.print(message, highlight=False, soft_wrap=True)  # one line stays one line (paths, logs)
 
     def progress(self, total: int, completed: int = 0) -> _Bar:
         if not (self.enabled and self.progress_bars):

@@ -31,6 +31,19 @@ from transformers import get_scheduler
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
 from kasa.config import RunConfig
 from kasa.evaluation.metrics import improves, main_metric
+from kasa.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    GENERATIONS_DIR,
+    METRICS_FILE,
+    REGULARIZATION_FILE,
+    SUMMARY_FILE,
+    HYDRA_DIR,
+    clean_partial_writes,
+    read_config,
+    write_atomically,
+    write_json,
+)
 from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
@@ -39,21 +52,17 @@ from kasa.training.checkpoint import (
     load_resumable_weights,
     prune_checkpoints,
     restore_training_state,
-    resumable_checkpoints,
     save_checkpoint,
     save_training_state,
-    write_json,
 )
 from kasa.tasks.batching import LengthGroupedSampler
 from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
 from kasa.training.console import Console
-from kasa.training.models import whole_weights
+from kasa.training.models import load_tokenizer, whole_weights
+from kasa.training.preflight import RunStart, check_run_start
+from kasa.training.run_lock import RunLock
+from kasa.training.signals import StopSignals, TrainingInterrupted
 from kasa.training.trackers import check_trackers, start_trackers
-
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
-REGULARIZATION_FILE = "regularization.jsonl"
-CONFIG_FILE = "config.json"
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -76,28 +85,6 @@ def peak_memory_mib() -> dict[str, float]:
     if torch.cuda.is_available():
         peak["gpu"] = torch.cuda.max_memory_allocated() / 2**20
     return {k: round(v, 1) for k, v in peak.items()}
-
-
-def find_resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished run."""
-    if cfg.resume not in (None, "auto"):
-        path = Path(cfg.resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint directory")
-        return path
-    found = resumable_checkpoints(out)
-    if cfg.resume == "auto" and found:
-        return found[-1]
-    if (out / SUMMARY_FILE).exists() and not cfg.overwrite:
-        raise FileExistsError(
-            f"{out} already holds a finished run: pass overwrite=true to replace it, resume=auto to continue it, "
-            "or choose another hydra.run.dir"
-        )
-    if (out / METRICS_FILE).exists() and cfg.resume is None and not cfg.overwrite:
-        raise FileExistsError(
-            f"{out} holds an unfinished run: pass resume=auto to continue it or overwrite=true to start again"
-        )
-    return None
 
 
 class NonFiniteLoss:
@@ -130,9 +117,11 @@ class TrainingRecipe:
     Everything the loop reads and writes between steps is an attribute set in `setup`; the counters that a
     checkpoint must restore are in `self.state` (a `TrainState`)."""
 
-    def __init__(self, cfg: RunConfig, resolved_config: dict[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig, resolved_config: dict[str, Any],
+                 hydra_files: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.resolved_config = resolved_config
+        self.hydra_files = hydra_files or {}  # Hydra's record of the command (.hydra/), written once the run starts
         self.out = Path(cfg.output_dir)
         self.state = TrainState()
         self.tokens = 0  # non-padding tokens trained on by this process (tokens/s in the summary)
@@ -144,7 +133,10 @@ class TrainingRecipe:
     def setup(self) -> None:
         """Accelerator and run directory, model and adapters, data, optimiser and schedule, then the resumed state."""
         self.setup_accelerator()
-        self.resume_from = find_resume_checkpoint(self.cfg, self.out)
+        self.check_start()
+        if self.start.finished_summary is not None:
+            return
+        self.resume_from = self.start.resume_from
         set_seed(self.cfg.seed)
         self.prepare_run_dir()
         self.setup_model()
@@ -156,8 +148,34 @@ class TrainingRecipe:
         if self.resume_from is not None:
             self.resume(self.resume_from)
         if self.main:  # only now: a resume that does not fit must leave the run's files as they were
-            write_json(self.out / CONFIG_FILE, self.resolved_config)
+            self.write_record()
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
+
+    def check_start(self) -> None:
+        """Before anything loads: hold the run directory (main process), check everything cheap (config values,
+        the folder, what it holds, the checkpoint to resume from, the model's size without a GPU), then clean
+        what interrupted writes left behind."""
+        self.lock = RunLock(self.out).acquire() if self.main else None
+        self.start: RunStart = check_run_start(self.cfg, self.out, self.resolved_config, self.console.print)
+        if self.main and self.start.finished_summary is None:
+            clean_partial_writes(self.out)
+            self.console.print(f"run directory: {self.out}")
+
+    def write_record(self) -> None:
+        """config.json and .hydra/ for a fresh start; a resume keeps the run's record, unless settings changed
+        (resume_allow_changes=true), which config.json then lists under `resumed_with_changes`."""
+        changes = self.start.config_changes
+        if self.resume_from is not None and not changes:
+            return
+        config = dict(self.resolved_config)
+        if changes:
+            config["resumed_with_changes"] = [*read_config(self.out).get("resumed_with_changes", []), {
+                "step": self.state.step, "changes": {key: list(values) for key, values in changes.items()}}]
+            self.console.print(f"resuming with changed settings: {', '.join(changes)} (recorded in {CONFIG_FILE})")
+        write_json(self.out / CONFIG_FILE, config)
+        (self.out / HYDRA_DIR).mkdir(exist_ok=True)
+        for name, text in self.hydra_files.items():
+            write_atomically(self.out / HYDRA_DIR / name, lambda tmp, text=text: tmp.write_text(text))
 
     def setup_accelerator(self) -> None:
         cfg = self.cfg
@@ -183,12 +201,14 @@ class TrainingRecipe:
             if self.resume_from is None:  # a fresh start (overwrite=true): nothing of an earlier run may be mixed in
                 for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
                     (self.out / name).unlink(missing_ok=True)
-                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
         start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out)
 
     def setup_model(self) -> None:
         """The task, the pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
         self.task = build_task(self.cfg)
+        # The data first (a tokenizer loads in seconds): a wrong file or column fails before the model loads.
+        self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         with whole_weights(self.accelerator):
             self.tokenizer, self.model = self.task.load_model()
         self.apply_method()
@@ -210,7 +230,7 @@ class TrainingRecipe:
         if not cfg.method.truncates:
             apply_adapters(self.model, cfg.method)
             return
-        dataset = self.task.train_dataset(self.tokenizer)
+        dataset = self.train_dataset
         calibration, held_out = calibration_split(dataset, self.task.collator(self.tokenizer), cfg,
                                                   START_CHECK_EXAMPLES)
         if next(self.model.parameters()).device.type == "cpu":
@@ -227,7 +247,7 @@ class TrainingRecipe:
     def setup_data(self) -> None:
         """The training loader, prepared before the model: its length is then per process, what step counts need."""
         cfg = self.cfg
-        dataset = self.task.train_dataset(self.tokenizer)
+        dataset = self.train_dataset
         order: dict[str, Any] = {"shuffle": True}
         if cfg.trainer.group_by_length:  # batches of similar lengths, in an order fixed by seed and epoch
             order = {"sampler": LengthGroupedSampler([len(row["input_ids"]) for row in dataset],
@@ -263,18 +283,37 @@ class TrainingRecipe:
     # Training
 
     def run(self) -> dict[str, Any]:
-        self.setup()
+        """The run; a stop signal (SIGTERM, SIGINT, SIGUSR1) ends it after a resumable checkpoint by raising
+        TrainingInterrupted. The run directory's lock is held throughout."""
+        with StopSignals() as self.stop:
+            try:
+                self.setup()
+                if self.start.finished_summary is not None:
+                    self.console.print(f"{self.out} already holds a finished run: nothing to do (overwrite=true "
+                                       "trains it again)")
+                    return self.start.finished_summary
+                self.stop.checkpointable = True
+                return self.train_epochs()
+            finally:
+                if getattr(self, "lock", None) is not None:
+                    self.lock.release()
+
+    def train_epochs(self) -> dict[str, Any]:
         start = time.perf_counter()
         self.progress = self.console.progress(self.total_steps, completed=self.state.step)
-        while self.state.epoch < self.cfg.trainer.epochs and self.state.step < self.total_steps:
-            epoch = self.state.epoch
-            self.train_epoch(epoch)
-            self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
-            finished = self.state.epoch >= self.cfg.trainer.epochs or self.state.step >= self.total_steps
-            if self.cfg.trainer.evaluate_every_epoch or finished:
-                self.evaluate_and_save(epoch)
-            self.save_resumable()
-        self.progress.close()
+        try:
+            while self.state.epoch < self.cfg.trainer.epochs and self.state.step < self.total_steps:
+                epoch = self.state.epoch
+                self.train_epoch(epoch)
+                self.state.epoch, self.state.batches_in_epoch = epoch + 1, 0
+                finished = self.state.epoch >= self.cfg.trainer.epochs or self.state.step >= self.total_steps
+                if self.cfg.trainer.evaluate_every_epoch or finished:
+                    self.evaluate_and_save(epoch)
+                checkpoint = self.save_resumable()
+                if not finished and self.stop.stop_requested(self.accelerator):
+                    raise TrainingInterrupted(self.stop.received, checkpoint, self.state.step)
+        finally:
+            self.progress.close()
         train_seconds = time.perf_counter() - start
         self.accelerator.wait_for_everyone()
         return self.finish(train_seconds)
@@ -293,8 +332,14 @@ class TrainingRecipe:
             self.after_step()
             if self.state.step >= self.total_steps:
                 return
-            if self.cfg.trainer.save_every and self.state.step % self.cfg.trainer.save_every == 0:
-                self.save_resumable()
+            # Every process stops at the same step; on the epoch's last one the epoch ends first (evaluation and
+            # the epoch's own checkpoint), so that the resumed run replays exactly what the uninterrupted one did.
+            epoch_end = self.state.batches_in_epoch >= len(self.train_loader)
+            stop = not epoch_end and self.stop.stop_requested(self.accelerator)
+            if stop or (self.cfg.trainer.save_every and self.state.step % self.cfg.trainer.save_every == 0):
+                checkpoint = self.save_resumable()
+                if stop:
+                    raise TrainingInterrupted(self.stop.received, checkpoint, self.state.step)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One micro-batch: forward, backward and, when the gradients are accumulated, the optimiser step."""
@@ -350,7 +395,7 @@ class TrainingRecipe:
         self.nonfinite.check(self.accelerator)
         state, cfg = self.state, self.cfg
         metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
-                                     self.out / "generations")
+                                     self.out / GENERATIONS_DIR)
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
         self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
@@ -362,21 +407,24 @@ class TrainingRecipe:
         state.last = score
         saved = {"epoch": epoch, "step": state.step, "metric": self.task.metric, "score": score, "metrics": metrics}
         if improved and cfg.trainer.save_best:
-            save_checkpoint(self.out / "checkpoints" / "best", self.accelerator, self.model, saved)
-        save_checkpoint(self.out / "checkpoints" / "last", self.accelerator, self.model, saved)
+            save_checkpoint(self.out / CHECKPOINTS_DIR / "best", self.accelerator, self.model, saved)
+        save_checkpoint(self.out / CHECKPOINTS_DIR / "last", self.accelerator, self.model, saved)
 
-    def save_resumable(self) -> None:
+    def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
         self.nonfinite.check(self.accelerator)
         self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
-        save_training_state(self.out / "checkpoints" / f"step-{self.state.step:08d}", self.accelerator, self.model,
-                            self.optimizer, self.scheduler, self.state)
+        directory = self.out / CHECKPOINTS_DIR / f"step-{self.state.step:08d}"
+        save_training_state(directory, self.accelerator, self.model, self.optimizer, self.scheduler, self.state)
         if self.main:
             prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)
+        return directory
 
     def finish(self, train_seconds: float) -> dict[str, Any]:
         """summary.json and the console's table."""
         cfg, state = self.cfg, self.state
+        if not state.history:  # summary.json marks a finished run with a result: never for one that did not evaluate
+            raise ValueError(f"the run in {self.out} ended without an evaluation: no summary written")
         summary = {
             "task": cfg.task.name,
             "method": cfg.method.method,
@@ -403,10 +451,12 @@ class TrainingRecipe:
         if self.main:
             write_json(self.out / SUMMARY_FILE, summary)
             self.console.summary_table(summary)
+            self.console.print(f"run directory: {self.out}")
         self.accelerator.end_training()
         return summary
 
 
-def train(cfg: RunConfig, resolved_config: dict[str, Any]) -> dict[str, Any]:
-    """Train one run as `cfg` describes; `resolved_config` is what config.json records. Returns the run summary."""
-    return TrainingRecipe(cfg, resolved_config).run()
+def train(cfg: RunConfig, resolved_config: dict[str, Any], hydra_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train one run as `cfg` describes; `resolved_config` is what config.json records, `hydra_files` what .hydra/
+    does (file name -> text). Returns the run summary."""
+    return TrainingRecipe(cfg, resolved_config, hydra_files).run()

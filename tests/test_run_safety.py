@@ -1,0 +1,165 @@
+"""Never lose or corrupt a run, across the process boundary: a stop signal saves and exits 75, and resume=auto then
+ends exactly as an uninterrupted run; a second run into a held directory refuses, naming the holder; refused and
+no-op runs leave a finished run's files byte for byte as they were; resuming with other settings is refused unless
+allowed, and then recorded.
+
+The signals are real (delivered to the training process by itself at a chosen optimiser step, through a driver that
+wraps the recipe's `after_step`), so the tests do not race a fast tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cli_helpers import ENV, run_cli, train_args
+
+DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    from kasa.training.loop import TrainingRecipe
+
+    at_step = int(os.environ["AT_STEP"])
+    after_step = TrainingRecipe.after_step
+
+    def after_step_with_fault(self):
+        after_step(self)
+        if self.state.step != at_step:
+            return
+        if "SIGNAL" in os.environ:
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+        else:  # hold the run here until told to go on
+            Path(os.environ["PAUSED"]).touch()
+            while not Path(os.environ["GO_ON"]).exists():
+                time.sleep(0.1)
+
+    TrainingRecipe.after_step = after_step_with_fault
+    from kasa.cli.train import main
+    sys.argv = ["kasa-train", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def args_for(tiny_model: Path, sentiment_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """32 rows, batch 4: 8 steps an epoch, 2 epochs, a resumable checkpoint every 3 steps."""
+    return train_args(tiny_model, sentiment_dir, run_dir, "trainer.epochs=2", "trainer.batch_size=4",
+                      "trainer.save_every=3", "trainer.keep_checkpoints=3", *extra)
+
+
+def driven(args: list[str], at_step: int, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENV, "AT_STEP": str(at_step), **env})
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "checkpoints" / "last" / "adapter_model.safetensors"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    expected, got = adapter(reference), adapter(run_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max() <= 1e-6, key
+    assert metrics(run_dir) == metrics(reference)
+
+
+def record(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a run's record (not its checkpoints) with its bytes and modification time."""
+    files = [run_dir / name for name in ("config.json", "metrics.jsonl", "regularization.jsonl", "summary.json")]
+    files += sorted((run_dir / ".hydra").iterdir())
+    return {str(f.relative_to(run_dir)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, sentiment_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("safety") / "reference"
+    result = run_cli("kasa.cli.train", *args_for(tiny_model, sentiment_dir, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("signal_name, at_step", [("SIGTERM", 5), ("SIGUSR1", 8)])
+def test_stop_signal_saves_and_resume_ends_as_uninterrupted(uninterrupted, tiny_model, sentiment_dir, tmp_path,
+                                                           signal_name, at_step):
+    """Mid-epoch (step 5) and on the epoch's last step (8): exit 75, one line with the command that continues."""
+    run_dir = tmp_path / "run"
+    args = args_for(tiny_model, sentiment_dir, run_dir)
+    stopped = driven(args, at_step, SIGNAL=signal_name)
+    _, stderr = stopped.communicate(timeout=600)
+    assert stopped.returncode == 75, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {signal_name} at step {at_step}: checkpoint saved in "), last
+    assert "; continue with: kasa-train " in last and f"hydra.run.dir={run_dir} " in last, last
+    assert last.endswith(" resume=auto"), last
+    assert "Traceback" not in stderr
+    assert (run_dir / "checkpoints" / f"step-{at_step:08d}" / "trainer_state.json").is_file()
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{at_step:08d}'}" in resumed.stderr.replace("\n", "")
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_second_run_into_a_held_directory_refuses(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+    """The first run, held at step 2, is not disturbed: it ends exactly as the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    args = args_for(tiny_model, sentiment_dir, run_dir)
+    first = driven(args, 2, PAUSED=str(tmp_path / "paused"), GO_ON=str(tmp_path / "go"))
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "paused").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    second = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert second.returncode == 2
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run_dir} is in use by another kasa run (pid {first.pid} on "), last
+    (tmp_path / "go").touch()
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_refused_and_no_op_runs_leave_a_finished_run_as_it_was(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    before = record(run_dir)
+    args = args_for(tiny_model, sentiment_dir, run_dir)
+
+    refused = run_cli("kasa.cli.train", *args, "trainer.lr=0.5")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} already holds a finished run")
+    no_op = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert no_op.returncode == 0, no_op.stderr[-3000:]
+    assert "already holds a finished run: nothing to do" in no_op.stderr
+    assert record(run_dir) == before
+    assert not (run_dir / "train.log").exists()
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "summary.json").unlink()  # unfinished: killed after its last checkpoint
+    args = args_for(tiny_model, sentiment_dir, run_dir, "resume=auto", "trainer.lr=0.5", "seed=3")
+
+    refused = run_cli("kasa.cli.train", *args)
+    assert refused.returncode == 2
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "differ from its own (seed: 0 -> 3, trainer.lr: 0.005 -> 0.5)" in last and "resume_allow_changes" in last
+    allowed = run_cli("kasa.cli.train", *args, "resume_allow_changes=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resumed_with_changes"] == [{"step": 16, "changes": {"seed": [0, 3], "trainer.lr": [0.005, 0.5]}}]
