@@ -1,9 +1,11 @@
-"""Typed schema of a run's configuration. Hydra composes the YAML groups under configs/ (model, task, method,
-trainer, logging) and a recipe; the result is checked against these dataclasses before anything runs, so unknown
-keys and wrong types fail at start."""
+"""Typed schema of a run's configuration. Registered with Hydra's ConfigStore (`register_schema`), it is the root
+that the YAML groups under configs/ (model, task, method, trainer, logging) and a recipe merge into, so each file
+holds only what differs from these defaults and an unknown key or a wrong type fails at composition; `validate`
+then checks the values before anything runs."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -134,12 +136,80 @@ class RunConfig:
         check_quantization(self.model.quantization, self.method.method)
 
 
-def validate(cfg: Any) -> RunConfig:
-    """Resolve a composed config (an OmegaConf DictConfig) and check it against RunConfig: unknown keys and wrong
-    types raise here, before any work."""
+SCHEMA_NAME = "run_schema"  # the first entry of configs/config.yaml's defaults
+# method.<key> is not a setting of its own: the adapted and fully trained modules belong to the model (model.<source>)
+MODEL_MODULES = {"target_modules": "target_modules", "trainable_modules": "head_modules",
+                 "fused_modules": "fused_modules"}
+
+
+def register_schema() -> None:
+    """Register the typed schema with Hydra's ConfigStore: every group file and recipe then merges into it, so a
+    file holds only what differs from these defaults and a misspelt key fails at composition. It is RunConfig with
+    the method's module keys left out: they follow the model, so `method.target_modules=...` is an unknown key."""
+    from hydra.core.config_store import ConfigStore
+
+    method = _dataclass_without(AdapterConfig, "MethodSettings", set(MODEL_MODULES))
+    # output_dir is Hydra's run directory, which `--cfg job --resolve` prints before there is one (null)
+    run = _dataclass_without(RunConfig, "RunSchema", set(), replace={"method": method, "output_dir": Optional[str]})
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=run)
+
+
+def _dataclass_without(cls: type, name: str, drop: set[str], replace: dict[str, type] | None = None) -> type:
+    """A copy of dataclass `cls` without the fields in `drop`, with the types of `replace`'s fields swapped."""
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name in drop:
+            continue
+        if f.name in (replace or {}) and dataclasses.is_dataclass(replace[f.name]):
+            specs.append((f.name, replace[f.name], field(default_factory=replace[f.name])))
+        elif f.name in (replace or {}):
+            specs.append((f.name, replace[f.name], field(default=f.default)))
+        elif f.default is not dataclasses.MISSING:
+            specs.append((f.name, f.type, field(default=f.default)))
+        else:
+            specs.append((f.name, f.type, field(default_factory=f.default_factory)))
+    made = dataclasses.make_dataclass(name, specs)
+    made.__module__ = cls.__module__  # the string annotations resolve in the original's module
+    return made
+
+
+def resolve(cfg: Any) -> dict[str, Any]:
+    """A composed config (DictConfig) or a saved one (dict) as plain data, Hydra's own node dropped and the method's
+    modules taken from the model, where they are set."""
+    import copy
+
     from omegaconf import OmegaConf
 
-    data = OmegaConf.to_container(cfg, resolve=True)
+    data = copy.deepcopy(cfg) if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     data.pop("hydra", None)
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
-    return OmegaConf.to_object(merged)
+    model, method = data.get("model") or {}, data.setdefault("method", {})
+    default = AdapterConfig()
+    for key, source in MODEL_MODULES.items():
+        if key in method and method[key] not in (getattr(default, key), model.get(source)):
+            raise ValueError(f"method.{key} follows the model: set model.{source}=... instead")
+        method[key] = model.get(source, getattr(default, key))
+    return data
+
+
+def validate(cfg: Any) -> RunConfig:
+    """Check a composed or saved config against RunConfig before any work: unknown keys, wrong types and values,
+    a metric that the task does not compute, a setting that the task ignores."""
+    from omegaconf import OmegaConf
+
+    run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolve(cfg)))
+    _check_task(run)
+    return run
+
+
+def _check_task(run: RunConfig) -> None:
+    from kasa.evaluation.metrics import task_metrics
+
+    task = run.task
+    computed = task_metrics(task.kind, task.num_labels, task.eval_sets)
+    if task.metric not in computed:
+        raise ValueError(f"task.metric={task.metric} is not computed by a {task.kind} task"
+                         f"{' with num_labels ' + str(task.num_labels) if task.kind == 'glue' else ''}: choose one "
+                         f"of {', '.join(computed)}")
+    if task.kind != "glue" and run.trainer.eval_batch_size != TrainerConfig.eval_batch_size:
+        raise ValueError(f"trainer.eval_batch_size batches the evaluation of classification tasks; a {task.kind} "
+                         "task generates in batches of task.generation.batch_size: set that instead")

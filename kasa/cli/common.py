@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import kasa
-from kasa.config import RunConfig
+from kasa.config import RunConfig, register_schema
 
 # Errors that are the user's input or environment (paths, permissions, a full disk), not kasa's bugs: reported in
 # one line with exit status 2.
@@ -56,6 +56,8 @@ def quiet_libraries() -> None:
 
 
 def register_resolvers() -> None:
+    """What Hydra needs before it composes kasa's configs: the resolvers above and the typed schema."""
+    register_schema()
     for name, function in (("package_model", _package_model), ("kasa_resource", _kasa_resource)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)

@@ -5,9 +5,10 @@
     kasa-eval checkpoint=... merge=true                                 merge the adapter into the weights first
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
-run directory), `split` (default: the run's evaluation split), `merge` (true | false), `batch_size`, and any
-dotted override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json into the
-checkpoint directory.
+run directory; without `best`, `last`), `split` (default: the run's evaluation split), `merge` (true | false),
+`batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task, task.generation.batch_size of
+a generation task), and any dotted override of the run's saved config (model.path=..., task.data_dir=...). Writes
+eval_<split>.json into the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kasa.cli.common import key_value_arguments, run_reporting_errors
-from kasa.run_dir import GENERATIONS_DIR, STATE_FILE, find_checkpoint, load_run_config, write_json
+from kasa.run_dir import GENERATIONS_DIR, STATE_FILE, find_checkpoint, load_run_config, read_config, write_json
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 
@@ -31,8 +32,10 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", "best")))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
-    if args.get("batch_size"):
-        overrides.append(f"trainer.eval_batch_size={args['batch_size']}")
+    if args.get("batch_size"):  # classification evaluates in batches of its own; generation tasks generate in batches
+        kind = read_config(run_dir).get("task", {}).get("kind", "glue")
+        key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
+        overrides.append(f"{key}={args['batch_size']}")
     run_cfg = load_run_config(run_dir, overrides)
     split = str(args.get("split") or run_cfg.task.eval_split)
 

@@ -1,6 +1,7 @@
 """kasa-train: compose a run with Hydra (recipe + overrides), validate it, train.
 
     kasa-train                                          offline demo (MiniLM-L6, shipped sentiment data)
+    kasa-train task=glue/cola model=roberta_base        no recipe: the trainer's defaults
     kasa-train recipe=glue/roberta_base_cola method.beta=1e-3
     kasa-train --multirun recipe=... method.beta=1e-4,1e-3 method.gamma=1e-4,1e-3 seed=0,1,2
 """
@@ -26,13 +27,13 @@ log = logging.getLogger(__name__)
 
 def _run(cfg: DictConfig) -> float:
     def job() -> float:
-        from kasa.config import validate
+        from kasa.config import resolve, validate
         from kasa.training.loop import train  # heavy imports after the config is known to be valid
         from kasa.training.signals import INTERRUPTED_EXIT, TrainingInterrupted, interrupted_message
 
         quiet_libraries()
-        run_cfg = validate(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = resolve(cfg)
+        run_cfg = validate(resolved)
         resolved["hydra_overrides"] = list(HydraConfig.get().overrides.task)
         # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
         # only once the run is accepted, so a refused run leaves a finished run's record untouched.
@@ -72,8 +73,18 @@ def _prepare_multiprocess_launch(argv: list[str]) -> None:
              "own): add it after the training module's other overrides")
 
 
+def _default_to_demo(argv: list[str]) -> None:
+    """`kasa-train` with no model, task or recipe chosen trains the offline demo recipe. A run composed of a model
+    and a task without a recipe keeps the trainer's own defaults: no recipe's values leak into it (recipe=null
+    composes the default model and task alone)."""
+    chosen = {a.split("=", 1)[0].lstrip("+~") for a in argv[1:] if "=" in a and not a.startswith("-")}
+    if not chosen & {"recipe", "model", "task"}:
+        argv.append("recipe=demo")
+
+
 def main() -> None:
     _prepare_multiprocess_launch(sys.argv)
+    _default_to_demo(sys.argv)
     register_resolvers()
     # Hydra raises its composition errors (unknown recipe, key typo, unparsable override, a run directory it cannot
     # create) instead of printing its own multi-line report with exit status 1: they become one line, status 2.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
@@ -20,13 +21,28 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 CLASSIFICATION_METRICS = ("accuracy", "matthews", "f1")
 REGRESSION_METRICS = ("pearson", "spearman")
-# The generation tasks' metrics: E2E (e2e_metrics.E2E_METRIC_NAMES), commonsense (the mean accuracy over the test sets,
-# or one set's accuracy, commonsense.COMMONSENSE_TASKS) and instruction following (the mean LLM-judge score).
-GENERATION_METRICS = (
-    "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "average", "judge_score",
-    "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
-)
 METRIC_NAMES: tuple[str, ...] = CLASSIFICATION_METRICS + REGRESSION_METRICS
+
+
+def task_metrics(kind: str, num_labels: int, eval_sets: Sequence[str] = ()) -> tuple[str, ...]:
+    """The metrics a task computes (what its `task.metric` may name), checked when a run starts: GLUE's by its
+    number of labels, E2E's official set, the mean LLM-judge score, or each commonsense set's accuracy and their
+    average."""
+    if kind == "glue":
+        return CLASSIFICATION_METRICS if num_labels >= 2 else REGRESSION_METRICS
+    if kind == "e2e":
+        from kasa.evaluation.e2e_metrics import E2E_METRIC_NAMES
+
+        return E2E_METRIC_NAMES
+    if kind == "instruction":
+        return ("judge_score",)
+    if kind == "commonsense":
+        from kasa.evaluation.commonsense import COMMONSENSE_TASKS
+
+        return ("average", *(eval_sets or COMMONSENSE_TASKS))
+    from kasa.tasks import TASK_KINDS
+
+    raise ValueError(f"unknown task.kind {kind!r}; choose one of: {', '.join(TASK_KINDS)}")
 
 
 def compute_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -61,12 +77,9 @@ def compute_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int
 
 
 def main_metric(metrics: dict[str, float], name: str) -> float:
-    """The value of metric `name` in `metrics` (the task's `metric`, which selects the best epoch); an unknown
-    name or one this task does not compute (pearson for a classification task) is an error listing the valid
-    ones, so a typo in a config fails at the first evaluation instead of silently picking the wrong epoch."""
-    valid = METRIC_NAMES + GENERATION_METRICS
-    if name not in valid:
-        raise ValueError(f"unknown metric '{name}'; valid metrics are {', '.join(valid)}")
+    """The value of metric `name` in `metrics` (the task's `metric`, which selects the best epoch). A name that the
+    task cannot compute fails when a run starts (`task_metrics`, checked by kasa.config.validate); this guards the
+    evaluation of an older run's saved config."""
     if name not in metrics:
         raise ValueError(f"metric '{name}' is not computed for this task; it computes {', '.join(metrics)}")
     return float(metrics[name])
