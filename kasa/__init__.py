@@ -3,9 +3,25 @@
     import kasa
     model = kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=8, target_modules=["query", "value"]))
     loss = task_loss + kasa.aux_loss(model).total
+
+The names of kasa.adapters are importable from here; they load on first use, so that `import kasa` (and every
+command's --help) does not import torch.
 """
 
-from kasa.adapters import *  # noqa: F401,F403
-from kasa.adapters import __all__
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    import kasa.adapters
+
+    if name in kasa.adapters.__all__:
+        return getattr(kasa.adapters, name)
+    raise AttributeError(f"module 'kasa' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    import kasa.adapters
+
+    return sorted([*globals(), *kasa.adapters.__all__])

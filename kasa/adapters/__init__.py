@@ -1,27 +1,27 @@
-"""Adapter layers (KaSA and the baselines), their injection into a model, and adapter checkpoints."""
+"""Adapter layers (KaSA and the baselines), their injection into a model, and adapter checkpoints.
 
-from kasa.adapters.config import METHODS, PEFT_METHODS, AdapterConfig
-from kasa.adapters.io import load_adapter, read_adapter_config, save_adapter
-from kasa.adapters.model import (
-    AuxLoss,
-    ParameterCount,
-    adapted_layers,
-    adapter_config,
-    apply_adapters,
-    aux_loss,
-    count_parameters,
-    kasa_blocks,
-    merge_adapters,
-    merge_and_unload,
-    unmerge_adapters,
-)
-from kasa.adapters.peft_baselines import after_optimizer_step, configure_schedule
-from kasa.adapters.quantized import QUANTIZATIONS, dequantize_base, quantize_base
-from kasa.adapters.truncation import Components, singular_components
+The public names load on first use (PEP 562), so that reading the light modules (config, the method table) does not
+import torch."""
 
-__all__ = [
-    "METHODS", "PEFT_METHODS", "QUANTIZATIONS", "AdapterConfig", "AuxLoss", "Components", "ParameterCount",
-    "adapted_layers", "adapter_config", "after_optimizer_step", "apply_adapters", "aux_loss", "configure_schedule",
-    "count_parameters", "dequantize_base", "kasa_blocks", "load_adapter", "merge_adapters", "merge_and_unload",
-    "quantize_base", "read_adapter_config", "save_adapter", "singular_components", "unmerge_adapters",
-]
+from importlib import import_module
+from typing import Any
+
+_WHERE = {  # public name -> the module of kasa.adapters that defines it
+    "METHODS": "config", "PEFT_METHODS": "config", "AdapterConfig": "config",
+    "load_adapter": "io", "read_adapter_config": "io", "save_adapter": "io",
+    "AuxLoss": "model", "ParameterCount": "model", "adapted_layers": "model", "adapter_config": "model",
+    "apply_adapters": "model", "aux_loss": "model", "count_parameters": "model", "kasa_blocks": "model",
+    "merge_adapters": "model", "merge_and_unload": "model", "unmerge_adapters": "model",
+    "after_optimizer_step": "peft_baselines", "configure_schedule": "peft_baselines",
+    "QUANTIZATIONS": "quantized", "dequantize_base": "quantized", "quantize_base": "quantized",
+    "Components": "truncation", "singular_components": "truncation",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'kasa.adapters' has no attribute {name!r}")
+    value = getattr(import_module(f"kasa.adapters.{_WHERE[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
