@@ -15,6 +15,7 @@ next-token loss of the prompts. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -83,18 +84,20 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg)
     inputs = batch(tokenizer, args.samples, args.max_length)
     cache = Path.home() / ".cache" / "kasa" / "svd"
-    _, base_loss = measure(load_causal_lm(cfg), inputs)
+    float_model = load_causal_lm(cfg)  # loaded once; every variant starts from a copy
+    _, base_loss = measure(float_model, inputs)
     print(f"untouched float model: loss {base_loss:.4f}")
     results: dict = {"base_loss": base_loss, "rank": args.rank, "targets": TARGETS}
     for method in args.methods.split(","):
         config = kasa.AdapterConfig(method=method, rank=args.rank, target_modules=TARGETS, svd_cache_dir=str(cache))
-        reference, ref_loss = measure(kasa.apply_adapters(load_causal_lm(cfg), config), inputs)
+        reference, ref_loss = measure(kasa.apply_adapters(copy.deepcopy(float_model), config), inputs)
         results[method] = {"float_loss": ref_loss}
         for mode in args.quantizations.split(","):
-            residual_model = kasa.apply_adapters(quantized.mark_for_quantization(load_causal_lm(cfg), mode), config)
+            residual_model = kasa.apply_adapters(quantized.mark_for_quantization(copy.deepcopy(float_model), mode),
+                                                 config)
             residual, residual_loss = measure(residual_model, inputs)
             del residual_model
-            low_rank_model = kasa.apply_adapters(load_causal_lm(cfg), config)
+            low_rank_model = kasa.apply_adapters(copy.deepcopy(float_model), config)
             for _, layer in adapted_layers(low_rank_model):
                 layer.restore_base()  # back to W0, quantized below; the removed part is subtracted in forward
             quantized.quantize_base(low_rank_model, mode)
