@@ -6,29 +6,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# name -> what the method does; the adapter layers read the flags below.
-METHODS: dict[str, str] = {
-    "kasa": "KaSA: SVD truncation + singular-value adaptation + L2 + L3",
-    "kasa_l2": "ablation: SVD truncation + singular-value adaptation + L2 (gamma ignored)",
-    "kasa_sv": "ablation: SVD truncation + singular-value adaptation (beta and gamma ignored)",
-    "svd_lora": "ablation: SVD truncation + LoRA",
-    "lora": "LoRA (A Kaiming-uniform, B zero)",
-    "pissa": "PiSSA: principal r components in A, B; residual frozen",
-    "milora": "MiLoRA: minor r components in A, B; principal part frozen",
-    "full": "full fine-tuning",
-    "bitfit": "BitFit: biases only",
-    # Run through PEFT (optional extra: pip install 'kasa[peft]'); see kasa/adapters/peft_baselines.py.
-    "dora": "DoRA (PEFT): LoRA plus a trained magnitude vector per output",
-    "adalora": "AdaLoRA (PEFT): SVD-form LoRA, rank budget pruned to method.rank on average during training",
-    "vera": "VeRA (PEFT): frozen shared random projections, trained scaling vectors",
-}
-PEFT_METHODS = ("dora", "adalora", "vera")
+from kasa.adapters.methods import METHOD_TABLE, methods_where
+
+METHODS: dict[str, str] = {name: method.description for name, method in METHOD_TABLE.items()}  # name -> what it is
+PEFT_METHODS = methods_where(peft=True)
 KASA_INITS = ("normal", "principal", "minor", "u_normal")
 ORTH_FORMS = ("paper", "authors")
 # The loss weights each method has: beta scales L2 = sum(dSigma^2), gamma scales L3 (orthogonality). No other
 # method has either term, so their beta and gamma settings mean nothing (tables leave them out).
-LOSS_WEIGHTS: dict[str, tuple[str, ...]] = {"kasa": ("beta", "gamma"), "kasa_l2": ("beta",)}
-TRUNCATING_METHODS = ("kasa", "kasa_l2", "kasa_sv", "svd_lora")  # remove minor components that no adapter holds
+LOSS_WEIGHTS: dict[str, tuple[str, ...]] = {m.name: m.loss_weights for m in METHOD_TABLE.values() if m.loss_weights}
+TRUNCATING_METHODS = methods_where(truncates=True)  # remove minor components that no adapter holds
+CONFIG_ATTRIBUTE = "kasa_adapter_config"  # where an adapted model keeps its AdapterConfig
 TRUNCATION_BASES = ("weight", "activation")
 
 
@@ -86,7 +74,7 @@ class AdapterConfig:
             raise ValueError(f"truncation_rank must be a positive integer or null, got {self.truncation_rank!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.method not in ("full", "bitfit") and (not isinstance(self.rank, int) or self.rank < 1):
+        if METHOD_TABLE[self.method].ranked and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         for name in ("beta", "gamma"):
             if getattr(self, name) < 0:
@@ -126,7 +114,7 @@ class AdapterConfig:
 
     @property
     def uses_layers(self) -> bool:
-        return self.method not in ("full", "bitfit")
+        return METHOD_TABLE[self.method].ranked
 
     @property
     def uses_peft(self) -> bool:

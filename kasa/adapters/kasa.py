@@ -32,6 +32,21 @@ class Regularization:
     l3_v: torch.Tensor
 
 
+@dataclass
+class AuxLoss:
+    """(beta * L2 + gamma * L3) averaged over the adapted modules, the mean raw terms for logging, and each module's
+    own terms (paper figure 11 plots them per layer)."""
+
+    total: torch.Tensor
+    l2: torch.Tensor
+    l3: torch.Tensor
+    modules: dict[str, Regularization]
+
+    def module_values(self) -> dict[str, list[float]]:
+        """{module: [l2, l3_u, l3_v]} as floats (a device sync: call at logging steps only)."""
+        return {name: [t.l2.item(), t.l3_u.item(), t.l3_v.item()] for name, t in self.modules.items()}
+
+
 class KasaBlock(RemovedComponents):
     def __init__(self, n: int, m: int, config: AdapterConfig) -> None:
         r, k = config.rank, config.removed_rank

@@ -12,14 +12,14 @@ from torch import nn
 
 from kasa.adapters import peft_baselines
 from kasa.adapters.calibration import moment_groups
-from kasa.adapters.config import AdapterConfig
-from kasa.adapters.kasa import KasaBlock, Regularization
+from kasa.adapters.config import CONFIG_ATTRIBUTE, AdapterConfig
+from kasa.adapters.kasa import AuxLoss, KasaBlock, Regularization
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
 from kasa.adapters.lora import LoraBlock
+from kasa.adapters.methods import METHOD_TABLE
 from kasa.adapters.quantized import PENDING_ATTRIBUTE, check_quantization, logical_numel, quantize_pending
 from kasa.adapters.truncation import singular_components
 
-CONFIG_ATTRIBUTE = "kasa_adapter_config"
 
 
 def _matches(module_name: str, target: str) -> bool:
@@ -27,7 +27,7 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def _block_class(config: AdapterConfig) -> type:
-    return KasaBlock if config.method.startswith("kasa") else LoraBlock
+    return {"kasa": KasaBlock, "lora": LoraBlock}[METHOD_TABLE[config.method].block]
 
 
 def _parse_targets(config: AdapterConfig) -> dict[str, list[str] | None]:
@@ -205,21 +205,6 @@ def kasa_blocks(model: nn.Module) -> Iterator[tuple[str, KasaBlock]]:
         for part, block in layer.adapters.items():
             if isinstance(block, KasaBlock):
                 yield (name if part == "weight" else f"{name}.{part}"), block
-
-
-@dataclass
-class AuxLoss:
-    """(beta * L2 + gamma * L3) averaged over the adapted modules, the mean raw terms for logging, and each module's
-    own terms (paper figure 11 plots them per layer)."""
-
-    total: torch.Tensor
-    l2: torch.Tensor
-    l3: torch.Tensor
-    modules: dict[str, Regularization]
-
-    def module_values(self) -> dict[str, list[float]]:
-        """{module: [l2, l3_u, l3_v]} as floats (a device sync: call at logging steps only)."""
-        return {name: [t.l2.item(), t.l3_u.item(), t.l3_v.item()] for name, t in self.modules.items()}
 
 
 def aux_loss(model: nn.Module) -> AuxLoss | None:

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasa.adapters.config import PEFT_METHODS, AdapterConfig
-from kasa.adapters.kasa import Regularization
+from kasa.adapters.config import CONFIG_ATTRIBUTE, PEFT_METHODS, AdapterConfig
+from kasa.adapters.kasa import AuxLoss, Regularization
 
 TUNER_ATTRIBUTE = "kasa_peft_tuner"  # the PEFT tuner object, kept in the model's __dict__ (not a submodule)
 ADAPTER_NAME = "default"
@@ -146,8 +146,6 @@ def configure_schedule(model: nn.Module, total_steps: int) -> None:
 
 
 def _options(model: nn.Module) -> dict[str, Any]:
-    from kasa.adapters.model import CONFIG_ATTRIBUTE
-
     for candidate in (model, getattr(model, "module", None)):
         config = getattr(candidate, CONFIG_ATTRIBUTE, None) if isinstance(candidate, nn.Module) else None
         if config is not None:
@@ -175,8 +173,6 @@ def aux_loss(tuner: Any) -> Any | None:
     """AdaLoRA's orthogonal regularisation, orth_reg_weight * mean ||P^T P - I|| + ||Q Q^T - I|| over its matrices,
     as a kasa AuxLoss (per module: l2 = sum(E^2), logged only; l3_u = ||P^T P - I||_F, l3_v = ||Q Q^T - I||_F).
     None for the other PEFT methods, or when orth_reg_weight is 0."""
-    from kasa.adapters.model import AuxLoss
-
     if not hasattr(tuner, "rankallocator"):
         return None
     weight = tuner.peft_config[ADAPTER_NAME].orth_reg_weight

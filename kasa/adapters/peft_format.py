@@ -36,13 +36,14 @@ from torch import nn
 
 from kasa.adapters.io import adapter_state
 from kasa.adapters.kasa import KasaBlock
+from kasa.adapters.methods import methods_where
 from kasa.adapters.model import _matches, adapted_layers, adapter_config
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 MIN_PEFT_VERSION = "0.21.0"  # the first PEFT release with LoraConfig(kasa_config=...)
-KASA_METHODS = ("kasa", "kasa_l2", "kasa_sv")
+KASA_METHODS = methods_where(block="kasa")  # what PEFT's KaSA can express
 
 
 def peft_task_type(model: nn.Module) -> str | None:

@@ -21,7 +21,6 @@ activation basis, the hash of C and the damping, so that the runs of a sweep pay
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kasa.adapters.calibration import InputMoments
+from kasa.run_dir import write_atomically
 
 Which = Literal["smallest", "largest"]
 METHODS = ("gram", "svd")
@@ -49,10 +49,6 @@ class Components:
     def matrix(self) -> torch.Tensor:
         """The rank-r matrix u diag(s) v^T, always computed the same way so that reloads reproduce it bit for bit."""
         return (self.u * self.s) @ self.v.T
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KASA_CACHE_DIR", Path.home() / ".cache" / "kasa")) / "svd"
 
 
 def singular_components(
@@ -111,9 +107,9 @@ def singular_components(
 
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        save_file({"u": out.u.cpu(), "s": out.s.cpu(), "v": out.v.cpu()}, str(tmp))
-        os.replace(tmp, cache_file)  # atomic: concurrent sweep jobs never read a half-written file
+        tensors = {"u": out.u.cpu(), "s": out.s.cpu(), "v": out.v.cpu()}
+        # atomic: concurrent sweep jobs never read a half-written file
+        write_atomically(cache_file, lambda tmp: save_file(tensors, str(tmp)))
     return out
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kasa.adapters.config import has_loss_weight
+from kasa.adapters.methods import METHOD_TABLE
 from kasa.evaluation.sweep import Run, _sort_key, load_runs, parse_overrides
 from kasa.run_dir import SUMMARY_FILE, read_config
 
@@ -39,14 +40,9 @@ MARKDOWN_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"
 LATEX_FILE = "comparison.tex"
 
-# Row order: the paper's tables (baselines first, KaSA last), then the ablation ladder; unknown methods after.
-METHOD_ORDER = ("full", "bitfit", "lora", "adalora", "dora", "vera", "pissa", "milora", "svd_lora", "kasa_sv",
-                "kasa_l2", "kasa")
-METHOD_NAMES = {
-    "full": "FFT", "bitfit": "BitFit", "lora": "LoRA", "adalora": "AdaLoRA", "dora": "DoRA", "vera": "VeRA",
-    "pissa": "PiSSA", "milora": "MiLoRA", "svd_lora": "SVD + LoRA", "kasa_sv": "SVD + SV adaptation",
-    "kasa_l2": "SVD + SV adaptation + L2", "kasa": "KaSA",
-}
+# Row order: the method table's (the paper's baselines first, then the ablation ladder up to KaSA); unknown methods
+# after.
+METHOD_ORDER = tuple(METHOD_TABLE)
 # Column order: the paper's table 1, then the other GLUE tasks; unknown tasks after, alphabetically.
 TASK_ORDER = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb", "mnli", "qqp", "wnli")
 TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "rte": "RTE", "stsb": "STS-B",
@@ -131,6 +127,11 @@ def _number(text: str) -> Any:
     return text
 
 
+def _unranked(method: Any) -> bool:
+    """Full fine-tuning and BitFit have no adapter rank."""
+    return method in METHOD_TABLE and not METHOD_TABLE[method].ranked
+
+
 def method_sort_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
@@ -140,7 +141,7 @@ def task_sort_key(task: str) -> tuple[int, str]:
 
 
 def method_label(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    return METHOD_TABLE[method].label if method in METHOD_TABLE else method
 
 
 def task_label(task: str, metric: str | None = None) -> str:
@@ -239,7 +240,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
     keys = []
     if len({model_name(r) for r in runs}) > 1:
         keys.append("model")
-    if len({r.summary.get("rank") for r in runs if r.summary.get("method") not in ("full", "bitfit")}) > 1:
+    if len({r.summary.get("rank") for r in runs if not _unranked(r.summary.get("method"))}) > 1:
         keys.append("rank")
     keys += [k for k in by if k not in keys and k != "method"]
     groups: dict[tuple, dict[tuple[str, str], list[Run]]] = {}
@@ -254,7 +255,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
         cells_runs = groups[(method, setting)]
         values = dict(zip(keys, setting))
         shown = {k: v for k, v in values.items()
-                 if v is not None and not (k == "rank" and method in ("full", "bitfit"))}
+                 if v is not None and not (k == "rank" and _unranked(method))}
         label = method_label(method)
         if shown.get("model"):
             label = f"{shown.pop('model')} ({label})"

@@ -34,13 +34,14 @@ from kasa.evaluation.compare import (
     task_sort_key,
     method_sort_key,
 )
+from kasa.adapters.methods import ABLATION_LADDER, methods_where
 from kasa.evaluation.sweep import Run
 from kasa.run_dir import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRICS_FILE, REGULARIZATION_FILE, find_checkpoint
 
 log = logging.getLogger(__name__)
 
-LADDER = ("lora", "svd_lora", "kasa_sv", "kasa_l2", "kasa")  # the paper's figure 2, left to right
-TRUNCATING = ("svd_lora", "kasa_sv", "kasa_l2", "kasa")  # methods whose truncation rank k means something
+LADDER = ABLATION_LADDER  # the paper's figure 2, left to right
+TRUNCATING = methods_where(truncates=True)  # methods whose truncation rank k means something
 TERMS = ("l2", "l3_u", "l3_v")
 TERM_LABELS = {"l2": "L2 = sum(dSigma^2)", "l3_u": "||dU^T dU - I||_F", "l3_v": "||dV^T dV - I||_F"}
 

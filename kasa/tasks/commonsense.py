@@ -19,6 +19,7 @@ from kasa.data.prompts import styled_prompt
 from kasa.data.sources import load_hub_split, local_split_file
 from kasa.evaluation.commonsense import (
     COMMONSENSE_TASKS,
+    accuracy,
     extract_answer,
     llm_adapters_response,
     load_commonsense_file,
@@ -85,7 +86,7 @@ class CommonsenseTask(CausalLMTask):
             if style == "llm_adapters":
                 generations = [llm_adapters_response(p, g) for p, g in zip(prompts, generations)]
             predicted = [extract_answer(name, text) for text in generations]
-            metrics[name] = sum(p == r["answer"] for p, r in zip(predicted, rows)) / len(rows)
+            metrics[name] = accuracy(name, generations, [r["answer"] for r in rows])
             if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{name}-{split}.jsonl")):
                 with path.open("w") as f:
                     for row, text, answer in zip(rows, generations, predicted):

@@ -25,7 +25,7 @@ from kasa.data.prompts import (
     reference_answer,
 )
 from kasa.data.sources import load_hub_split, local_split_file
-from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
+from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, load_mt_bench_questions, mean_score
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
 
 
@@ -71,6 +71,8 @@ class InstructionTask(CausalLMTask):
         path = local_split_file(task.data_dir, split, (f"{split}.json", f"{split}.jsonl"))
         if path is not None:
             rows = read_rows(path)
+            if rows and all("turns" in row for row in rows):  # an MT-Bench question file: every question checked now
+                rows = load_mt_bench_questions(path)
         else:
             rows = [dict(row) for row in load_hub_split(task.hub_id, task.hub_config, split)]
             if not rows:
@@ -114,8 +116,8 @@ class InstructionTask(CausalLMTask):
                     if "turns" in record:
                         record["scores"] = judge.judge_mt_bench_answer(record, record["responses"])
                     else:
-                        record["scores"] = [judge.score(record["instruction"], response)
-                                            for response in record["responses"]]
+                        record["scores"] = judge.score_many({"instruction": record["instruction"], "response": r}
+                                                            for r in record["responses"])
             except JudgeError as err:
                 saved = f" (the responses are in {path})" if path is not None else ""
                 raise ValueError(f"judging failed{saved}: {err}") from None
