@@ -196,7 +196,11 @@ class Suite:
         run_dir = self.work / f"broken-{how}"
         at = self.rng.randint(7, STEPS - 1)  # at least two step checkpoints exist
         driven(self.args(run_dir), "SIGKILL", at).communicate(timeout=900)
-        newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "adapter_model.safetensors"
+        found = sorted((run_dir / "checkpoints").glob("step-*"))
+        if not found:
+            self.report_fault(f"{how} newest checkpoint", run_dir, f"killed at step {at} before any checkpoint")
+            return
+        newest = found[-1] / "adapter_model.safetensors"
         if how == "corrupt":
             newest.write_bytes(newest.read_bytes()[:200])
         else:
@@ -274,8 +278,9 @@ class Suite:
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a run but the lock file, which each attempt rewrites with its own pid."""
     return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".kasa.lock"}
 
 
 def poison(weights: Path) -> None:

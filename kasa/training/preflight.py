@@ -174,10 +174,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings whose value differs between a run's saved config and the one resuming it: {key: (saved, now)}.
-    RESUME_IGNORED settings (and anything under them) may differ."""
+    RESUME_IGNORED settings (and anything under them) may differ; settings the saved config does not have (added to
+    kasa since the run was saved) are not differences."""
     old, new = _flatten(saved), _flatten(current)
     ignored = tuple(RESUME_IGNORED)
-    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() & new.keys())
             if old.get(key) != new.get(key) and not any(key == i or key.startswith(f"{i}.") for i in ignored)}
 
 
