@@ -86,11 +86,11 @@ def test_demo_recipe_config_resolves():
         (["method.method=nope"], "unknown method"),
     ],
 )
-def test_bad_config_fails_at_start(args, expected):
-    result = run_cli("kasa.cli.train", *args, "hydra.run.dir=/tmp/kasa-never-written")
+def test_bad_config_fails_at_start(args, expected, tmp_path):
+    result = run_cli("kasa.cli.train", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert expected in result.stderr
-    assert not Path("/tmp/kasa-never-written/summary.json").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_missing_data_dir_is_one_clear_line(tiny_model, tmp_path):
