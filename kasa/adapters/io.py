@@ -21,7 +21,6 @@ from kasa.adapters import peft_baselines
 from kasa.adapters.config import AdapterConfig
 from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters
 from kasa.adapters.quantized import quantize_pending
-
 from kasa.run_dir import ADAPTER_CONFIG_FILE as CONFIG_FILE
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE as WEIGHTS_FILE
 from kasa.run_dir import write_atomically, write_json
