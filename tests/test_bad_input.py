@@ -36,7 +36,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["trainer.epochs=abc"], ["trainer.epochs"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
         (["method.rank=64"], ["must be < min(n, m)"]),
-        (["method.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
+        (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
     ],
 )
 def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
