@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import kasa
 from kasa.config import RunConfig, register_schema
+from kasa.hub import offline_without_hub
 
 # Errors that are the user's input or environment (paths, permissions, a full disk), not kasa's bugs: reported in
 # one line with exit status 2.
@@ -56,7 +57,9 @@ def quiet_libraries() -> None:
 
 
 def register_resolvers() -> None:
-    """What Hydra needs before it composes kasa's configs: the resolvers above and the typed schema."""
+    """What every command does first, before it composes kasa's configs: the offline mode when the Hub cannot be
+    reached (before transformers or peft are imported), the resolvers above and the typed schema."""
+    offline_without_hub()
     register_schema()
     for name, function in (("package_model", _package_model), ("kasa_resource", _kasa_resource)):
         if not OmegaConf.has_resolver(name):

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
-import os
-import socket
-import urllib.parse
 from typing import Iterator
 
 import torch
@@ -17,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from kasa.adapters.quantized import mark_for_quantization
 from kasa.config import ModelConfig, TaskConfig
+from kasa.hub import hub_reachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -106,29 +103,6 @@ def attention_implementation(model: ModelConfig) -> str:
         raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
                              "package (pip install flash-attn --no-build-isolation); use sdpa otherwise")
     return model.attn_implementation
-
-
-HUB_PROBE_SECONDS = 5.0
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the Hugging Face Hub's endpoint accepts a connection within HUB_PROBE_SECONDS. Without network,
-    huggingface_hub retries every file with backoff (a minute and more per model); asking once first lets a model
-    that is not cached fail at once, and one that is cached load offline. Behind a proxy (HTTPS_PROXY / ALL_PROXY)
-    the endpoint is not probed: only the proxy can reach it."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_SECONDS).close()
-        return True
-    except OSError:
-        return False
 
 
 def hub_options(model: ModelConfig) -> dict[str, bool]:

@@ -1,0 +1,48 @@
+"""Whether the Hugging Face Hub can be reached, asked once per process with one short TCP connect.
+
+Without network huggingface_hub retries every request with backoff: a minute and more per model file, and 20-80 s
+just to import peft (it imports bitsandbytes, whose CPU backend asks the Hub for a kernel). This module imports
+nothing heavy, so a command can ask before any of those libraries is imported."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import urllib.parse
+
+HUB_PROBE_SECONDS = 5.0
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hub's endpoint accepts a connection within HUB_PROBE_SECONDS. Behind a proxy (HTTPS_PROXY /
+    ALL_PROXY) the endpoint is not probed: only the proxy can reach it."""
+    from huggingface_hub import constants  # light: reads environment variables only
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_without_hub() -> None:
+    """Put this process in the Hub's offline mode (the local cache only) when the Hub cannot be reached. Call it
+    before anything imports transformers, peft or datasets: they read these variables when imported. A choice the
+    user made (any of the variables set, TRANSFORMERS_OFFLINE included) is left as it is, and nothing is probed."""
+    if any(name in os.environ for name in (*OFFLINE_VARIABLES, "TRANSFORMERS_OFFLINE")):
+        return
+    if hub_reachable():
+        return
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
+    from huggingface_hub import constants  # imported by the probe, before the variable was set
+
+    constants.HF_HUB_OFFLINE = True

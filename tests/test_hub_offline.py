@@ -1,0 +1,76 @@
+"""Every command asks once whether the Hub can be reached, and goes offline before transformers/peft are imported
+(peft imports bitsandbytes, which asks the Hub for a kernel with retries: 20-80 s without network)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from huggingface_hub import constants
+
+from kasa import hub
+from kasa.cli.common import register_resolvers
+
+VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+             "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture
+def online_environment(monkeypatch):
+    """No offline variable set by the user, huggingface_hub not offline; restored afterwards."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub.hub_reachable.cache_clear()
+    yield monkeypatch
+    hub.hub_reachable.cache_clear()
+
+
+def _probe(reachable: bool, calls: list):
+    def create_connection(address, timeout=None):
+        calls.append(address)
+        if not reachable:
+            raise OSError("network unreachable")
+        return socket.socket()
+    return create_connection
+
+
+def test_unreachable_hub_turns_offline_mode_on(online_environment):
+    calls: list = []
+    online_environment.setattr(hub.socket, "create_connection", _probe(False, calls))
+    register_resolvers()  # the first thing every command does
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert constants.HF_HUB_OFFLINE is True
+    register_resolvers()
+    assert len(calls) == 1  # asked once per process
+
+
+def test_reachable_hub_changes_nothing(online_environment):
+    calls: list = []
+    online_environment.setattr(hub.socket, "create_connection", _probe(True, calls))
+    hub.offline_without_hub()
+    assert calls and "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    assert constants.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_users_choice_is_kept_and_nothing_probed(online_environment, name):
+    calls: list = []
+    online_environment.setattr(hub.socket, "create_connection", _probe(False, calls))
+    online_environment.setenv(name, "0")
+    hub.offline_without_hub()
+    assert calls == [] and os.environ[name] == "0"
+    assert all(os.environ.get(other) is None for other in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if other != name)
+
+
+def test_commands_import_no_hub_library_before_main():
+    """The probe works only if nothing has imported transformers, peft or datasets when main() starts."""
+    code = ("import sys\n"
+            "import kasa.cli.train, kasa.cli.evaluate, kasa.cli.export, kasa.cli.estimate, kasa.cli.inspect\n"
+            "print(sorted(m for m in ('transformers', 'peft', 'bitsandbytes', 'datasets', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
