@@ -3,10 +3,16 @@ files written by the tests, and a runner for the real commands."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import logging
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -14,9 +20,70 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
 WORDS = "good great fine nice bad awful poor sad movie food place service the was very not".split()
 
 
-def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli_process(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` in a fresh process: for the tests of the process boundary itself (the wiring of a
+    module to its command, signals, exit statuses seen by a shell)."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env or ENV, timeout=600)
+
+
+def _python_warning_defaults() -> None:
+    """Python's own warning filters and printing (pytest's collect warnings instead of showing them)."""
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` run inside the test process (no new interpreter importing torch): the module runs as
+    __main__ with sys.argv and the environment patched, and its exit status, stdout and stderr are returned as
+    subprocess.run would. What a run leaves in process-wide state (Hydra's singletons, logging handlers, the
+    environment, the working directory) is put back afterwards, so one run cannot leak into the next."""
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    env = env or ENV
+    saved_argv, saved_env, saved_cwd, saved_threads = sys.argv, dict(os.environ), os.getcwd(), torch.get_num_threads()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers = []  # so that logging.basicConfig in the command configures a handler of its own, as in a process
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        # OMP_NUM_THREADS is read when torch starts: set what it would give a process (the same sums as a process's)
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", saved_threads)))
+        sys.argv = [module, *args]
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            _python_warning_defaults()  # warnings are printed on stderr, as in a process, not collected by pytest
+            # runpy warns that the module is already imported: harmless here, the tests import it themselves
+            warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if not isinstance(exit_.code, (int, type(None))):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # what an uncaught exception does to a process: traceback on stderr, status 1
+                traceback.print_exc()
+                status = 1
+    finally:
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers, root.level = saved_handlers, saved_level
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        torch.set_num_threads(saved_threads)
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *args], status, out.getvalue(), err.getvalue())
 
 
 def make_tiny_bert(folder: Path, hidden_size: int = 32) -> Path:

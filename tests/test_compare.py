@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cli_helpers import ENV, run_cli, write_tsv
+from cli_helpers import run_cli, write_tsv
 from kasa.cli.compare import main as compare_main
+from kasa.cli.compare import plot_main
 from kasa.evaluation import compare
 from kasa.evaluation.compare import build_table, collect_runs, format_params
 
@@ -156,8 +155,7 @@ def test_cli_writes_three_files_and_prints_the_table(runs, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "kasa.cli.compare", str(tmp_path)], capture_output=True,
-                            text=True, env=ENV, timeout=300)
+    result = run_cli("kasa.cli.compare", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no finished run")
 
@@ -177,9 +175,7 @@ def test_ablation_recipe_sweeps_the_ladder(tiny_model, tmp_path):
     methods = [json.loads((sweep / str(i) / "summary.json").read_text())["method"] for i in range(5)]
     assert methods == ["lora", "svd_lora", "kasa_sv", "kasa_l2", "kasa"]
     assert not (sweep / "5").exists()
-    plot = subprocess.run([sys.executable, "-c", "from kasa.cli.compare import plot_main; plot_main()", str(sweep)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
-    assert plot.returncode == 0, plot.stderr[-3000:]
+    assert plot_main([str(sweep)]) == 0
     data = json.loads((sweep / "ablation.json").read_text())
     assert data["tasks"]["mrpc"]["methods"] == methods
     assert (sweep / "ablation.png").is_file()
