@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer, styled_prompt
 from kasa.data.sources import find_split_file, local_split_file
@@ -225,7 +225,7 @@ class JudgeServer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CLI runs, in parallel
+# The CLI runs
 
 
 def common_args(run_dir: Path) -> list[str]:
@@ -234,19 +234,8 @@ def common_args(run_dir: Path) -> list[str]:
 
 
 def run_all(commands: dict[str, list[str]], env: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
-    """Run the commands concurrently; their results by name."""
-    procs = {name: subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env)
-             for name, args in commands.items()}
-    results = {}
-    for name, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return results
+    """Run the commands in-process, one after the other; their results by name."""
+    return {name: run_cli(*args, env=env) for name, args in commands.items()}
 
 
 @pytest.fixture(scope="module")
