@@ -13,3 +13,11 @@ def not_text(path: str | Path, err: UnicodeDecodeError) -> DataError:
     """The error for a data file that does not decode as text (compressed, binary, another encoding)."""
     return DataError(f"{path} is not a UTF-8 text file (undecodable byte at offset {err.start}): is it compressed "
                      "or binary? point the task at the extracted TSV / CSV / JSON file")
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The text of a data file; one that does not decode (binary, compressed) is a DataError naming the file."""
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise not_text(path, err) from None

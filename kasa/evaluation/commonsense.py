@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from kasa.data.errors import DataError
+from kasa.data.errors import DataError, read_text
 from kasa.data.prompts import RESPONSE_MARKER, alpaca_prompt
 
 __all__ = [
@@ -97,7 +97,7 @@ def load_commonsense_file(path: Union[str, Path]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist; point to an LLM-Adapters file such as dataset/boolq/test.json")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(rows, list) or not rows:

@@ -25,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from kasa.data.errors import read_text
+
 E2E_METRIC_NAMES: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
 BLEU_MAX_N = 4
@@ -269,7 +271,7 @@ def read_e2e_file(path: str | Path) -> tuple[list[str], list[str]]:
     Surrounding whitespace of each field is stripped, as the official script does. Anything else (for instance
     the MR-only test set) is a ValueError, so a wrong file fails loudly instead of being scored."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    text = read_text(path, encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     first_line = text.split("\n", 1)[0].strip()
     if re.fullmatch(r'"?mr"?\s*,\s*"?ref"?', first_line, flags=re.IGNORECASE):
         return _read_csv_layout(path, text)

@@ -24,7 +24,7 @@ from pathlib import Path
 from string import Template
 from typing import Any, Optional, Union
 
-from kasa.data.errors import DataError
+from kasa.data.errors import DataError, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def load_mt_bench_questions(path: Union[str, Path]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist; point to MT-Bench's question.jsonl")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kasa.config import RunConfig
-from kasa.data.errors import DataError
+from kasa.data.errors import DataError, read_text
 from kasa.data.prompts import (
     conversation_prompt,
     format_instruction_example,
@@ -31,7 +31,7 @@ from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON list file or a JSON-lines file (either suffix)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError:

@@ -1,0 +1,34 @@
+"""A binary or compressed data file given to the JSON / E2E / commonsense / MT-Bench readers is one error line that
+names the file (as the GLUE reader's), not a bare UnicodeDecodeError."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from kasa.data.errors import DataError
+from kasa.evaluation.commonsense import load_commonsense_file
+from kasa.evaluation.e2e_metrics import read_e2e_file
+from kasa.evaluation.judge import load_mt_bench_questions
+
+
+def _instruction_rows(path):
+    from kasa.tasks.instruction import read_rows  # imports transformers: only this case pays for it
+
+    return read_rows(path)
+
+
+@pytest.mark.parametrize("reader, name", [
+    (load_commonsense_file, "test.json"),
+    (read_e2e_file, "testset.csv"),
+    (load_mt_bench_questions, "question.jsonl"),
+    (_instruction_rows, "train.json"),
+])
+def test_binary_file_is_named(tmp_path, reader, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b'[{"instruction": "x", "output": "y", "answer": "y"}]'))
+    with pytest.raises(DataError) as caught:
+        reader(path)
+    message = str(caught.value)
+    assert str(path) in message and "not a UTF-8 text file" in message and "\n" not in message
