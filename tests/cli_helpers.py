@@ -138,6 +138,13 @@ def train_args(model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]
 
 
 
+def checkpointed_args(model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The tiny sentiment set's 32 rows at batch 4: 8 steps an epoch, 2 epochs, a resumable checkpoint every 3 steps
+    (some mid-epoch): the run the resume and run-safety tests stop, kill and continue."""
+    return train_args(model, data, run_dir, "trainer.epochs=2", "trainer.batch_size=4", "trainer.save_every=3",
+                      "trainer.keep_checkpoints=3", *extra)
+
+
 def tiny_run_config(tmp_path: Path):
     """A RunConfig for an in-process run: KaSA r 2 on a tiny BERT, the tiny sentiment set, one epoch, no progress
     bars, output in tmp_path/run."""

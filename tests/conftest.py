@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import kasa
-from cli_helpers import make_tiny_bert, write_sentiment_data, write_similarity_data
+from cli_helpers import checkpointed_args, make_tiny_bert, run_cli, write_sentiment_data, write_similarity_data
 from kasa.adapters.layer import AdaptedLayer
 
 
@@ -129,3 +129,13 @@ def sentiment_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def similarity_dir(tmp_path_factory):
     return write_similarity_data(tmp_path_factory.mktemp("stsb"))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_model, sentiment_dir, tmp_path_factory):
+    """The checkpointed tiny run (cli_helpers.checkpointed_args) trained without a stop: what a stopped, killed or
+    held run must end as. Shared by the resume and run-safety tests; tests copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cli_helpers import ENV, run_cli, train_args
+from cli_helpers import ENV, checkpointed_args, run_cli
 
 KILLING_DRIVER = textwrap.dedent(
     """
@@ -53,12 +53,6 @@ KILLING_DRIVER = textwrap.dedent(
     """
 )
 
-def args_for(tiny_model: Path, sentiment_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    """32 rows, batch 4: 8 steps an epoch, 2 epochs, a resumable checkpoint every 3 steps (some mid-epoch)."""
-    return train_args(tiny_model, sentiment_dir, run_dir, "trainer.epochs=2", "trainer.batch_size=4",
-                      "trainer.save_every=3", "trainer.keep_checkpoints=3", *extra)
-
-
 def killed_run(args: list[str], where: str, after: int) -> subprocess.CompletedProcess:
     env = {**ENV, "KILL_WHERE": where, "KILL_AFTER": str(after)}
     return subprocess.run([sys.executable, "-c", KILLING_DRIVER, *args], capture_output=True, text=True, env=env,
@@ -73,19 +67,11 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model, sentiment_dir, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("resume") / "reference"
-    result = run_cli("kasa.cli.train", *args_for(tiny_model, sentiment_dir, run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
 @pytest.mark.parametrize("where, after", [("after_save", 2), ("during_save", 3)])
 def test_killed_and_resumed_run_equals_uninterrupted(uninterrupted, tiny_model, sentiment_dir, tmp_path, where,
                                                      after):
     run_dir = tmp_path / "run"
-    args = args_for(tiny_model, sentiment_dir, run_dir)
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
     killed = killed_run(args, where, after)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (run_dir / "summary.json").exists()
@@ -109,7 +95,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(uninterrupted, tiny_model, 
 def test_finished_run_is_not_overwritten(uninterrupted, tiny_model, sentiment_dir):
     summary = uninterrupted / "summary.json"
     before = summary.read_bytes(), summary.stat().st_mtime_ns
-    result = run_cli("kasa.cli.train", *args_for(tiny_model, sentiment_dir, uninterrupted))
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, uninterrupted))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and "overwrite=true" in lines[-1]
@@ -118,8 +104,8 @@ def test_finished_run_is_not_overwritten(uninterrupted, tiny_model, sentiment_di
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tiny_model, sentiment_dir, tmp_path):
     run_dir = tmp_path / "nan"
-    result = run_cli("kasa.cli.train", *args_for(tiny_model, sentiment_dir, run_dir, "method=full",
-                                                 "trainer.lr=1e30", "trainer.save_every=1"))
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "method=full",
+                                                          "trainer.lr=1e30", "trainer.save_every=1"))
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss became") and "at step" in last

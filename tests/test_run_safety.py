@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cli_helpers import ENV, run_cli, train_args
+from cli_helpers import ENV, checkpointed_args, run_cli
 
 DRIVER = textwrap.dedent(
     """
@@ -47,12 +47,6 @@ DRIVER = textwrap.dedent(
     main()
     """
 )
-
-
-def args_for(tiny_model: Path, sentiment_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    """32 rows, batch 4: 8 steps an epoch, 2 epochs, a resumable checkpoint every 3 steps."""
-    return train_args(tiny_model, sentiment_dir, run_dir, "trainer.epochs=2", "trainer.batch_size=4",
-                      "trainer.save_every=3", "trainer.keep_checkpoints=3", *extra)
 
 
 def driven(args: list[str], at_step: int, **env: str) -> subprocess.Popen:
@@ -83,20 +77,12 @@ def record(run_dir: Path) -> dict[str, tuple[bytes, int]]:
     return {str(f.relative_to(run_dir)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model, sentiment_dir, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("safety") / "reference"
-    result = run_cli("kasa.cli.train", *args_for(tiny_model, sentiment_dir, run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
 @pytest.mark.parametrize("signal_name, at_step", [("SIGTERM", 5), ("SIGUSR1", 8)])
 def test_stop_signal_saves_and_resume_ends_as_uninterrupted(uninterrupted, tiny_model, sentiment_dir, tmp_path,
                                                            signal_name, at_step):
     """Mid-epoch (step 5) and on the epoch's last step (8): exit 75, one line with the command that continues."""
     run_dir = tmp_path / "run"
-    args = args_for(tiny_model, sentiment_dir, run_dir)
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
     stopped = driven(args, at_step, SIGNAL=signal_name)
     _, stderr = stopped.communicate(timeout=600)
     assert stopped.returncode == 75, stderr[-3000:]
@@ -117,7 +103,7 @@ def test_stop_signal_saves_and_resume_ends_as_uninterrupted(uninterrupted, tiny_
 def test_second_run_into_a_held_directory_refuses(uninterrupted, tiny_model, sentiment_dir, tmp_path):
     """The first run, held at step 2, is not disturbed: it ends exactly as the uninterrupted one."""
     run_dir = tmp_path / "run"
-    args = args_for(tiny_model, sentiment_dir, run_dir)
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
     first = driven(args, 2, PAUSED=str(tmp_path / "paused"), GO_ON=str(tmp_path / "go"))
     deadline = time.monotonic() + 300
     while not (tmp_path / "paused").exists():
@@ -137,7 +123,7 @@ def test_refused_and_no_op_runs_leave_a_finished_run_as_it_was(uninterrupted, ti
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     before = record(run_dir)
-    args = args_for(tiny_model, sentiment_dir, run_dir)
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
 
     refused = run_cli("kasa.cli.train", *args, "trainer.lr=0.5")
     assert refused.returncode == 2
@@ -153,7 +139,7 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(uninterrupted, t
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     (run_dir / "summary.json").unlink()  # unfinished: killed after its last checkpoint
-    args = args_for(tiny_model, sentiment_dir, run_dir, "resume=auto", "trainer.lr=0.5", "seed=3")
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto", "trainer.lr=0.5", "seed=3")
 
     refused = run_cli("kasa.cli.train", *args)
     assert refused.returncode == 2
