@@ -35,6 +35,16 @@ LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory: kasa.
 HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
 
 
+def follow_umask(path: Path) -> None:
+    """Give a file, or every file under a folder, the permissions the umask gives new files, like every other file
+    kasa writes: safetensors (and so transformers' and PEFT's save_pretrained) creates its files 0600."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    for file in (path.rglob("*") if path.is_dir() else [path]):
+        if file.is_file():
+            os.chmod(file, 0o666 & ~mask)
+
+
 def write_atomically(path: str | Path, fill: Callable[[Path], None], directory: bool = False) -> Path:
     """Let `fill` write a temporary sibling of `path` (a file, or a fresh folder with `directory=True`), then rename
     it into place: readers never see half a file, and a kill leaves the previous version complete (and at worst a

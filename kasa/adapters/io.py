@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -23,22 +22,16 @@ from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters
 from kasa.adapters.quantized import quantize_pending
 from kasa.run_dir import ADAPTER_CONFIG_FILE as CONFIG_FILE
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE as WEIGHTS_FILE
-from kasa.run_dir import write_atomically, write_json
+from kasa.run_dir import follow_umask, write_atomically, write_json
 
 FORMAT = "kasa-adapter/1"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, with the file's permissions following the umask like every other file kasa writes
     (safetensors creates its files 0600)."""
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    follow_umask(Path(path))
 
 
 def refuse_non_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:

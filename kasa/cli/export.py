@@ -34,6 +34,7 @@ from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     STATE_FILE,
     find_checkpoint,
+    follow_umask,
     load_run_config,
     write_atomically,
     write_json,
@@ -150,6 +151,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         else:
             save_peft_adapter(model, tmp, base)
         write_json(tmp / EXPORT_INFO_FILE, info)
+        follow_umask(tmp)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(output, fill, directory=True)  # a crash leaves the old folder or the new one, never half
