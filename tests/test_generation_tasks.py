@@ -339,7 +339,7 @@ def test_commonsense_trains_and_scores_every_set(runs):
     # each block r * (n + m + 1)
     per_layer = sum(4 * (n + m + 1) for n, m in ((32, 32), (16, 32), (16, 32), (64, 32), (32, 64)))
     assert summary["trainable_params_without_head"] == 2 * per_layer
-    assert [r["epoch"] for r in summary["eval_history"]] == [0, 1]  # evaluate_every_epoch: true by default
+    assert [r["epoch"] for r in summary["eval_history"]] == [1, 2]  # evaluate_every_epoch: true by default
     last = summary["eval_history"][-1]
     assert set(last) >= {"boolq", "piqa", "average"}
     assert last["average"] == pytest.approx((last["boolq"] + last["piqa"]) / 2)

@@ -51,10 +51,10 @@ class Console:
             table.add_column(name, justify="right")
         for record in summary["eval_history"]:
             marker = " *" if record["epoch"] == summary["best_epoch"] else ""
-            table.add_row(f"{record['epoch'] + 1}{marker}", *(f"{record[n]:.4f}" for n in metric_names))
+            table.add_row(f"{record['epoch']}{marker}", *(f"{record[n]:.4f}" for n in metric_names))
         self.rich.print(table)
         self.rich.print(
-            f"best {summary['metric']} {summary['best']:.4f} (epoch {summary['best_epoch'] + 1}), "
+            f"best {summary['metric']} {summary['best']:.4f} (epoch {summary['best_epoch'] or 'none'}), "
             f"{summary['trainable_params_without_head']:,} trained parameters without the head, "
             f"{summary['train_seconds']:.0f} s"
         )

@@ -431,7 +431,9 @@ class TrainingRecipe:
             "recipe": cfg.recipe,
             "metric": self.task.metric,
             "best": state.best,
-            "best_epoch": state.best_epoch,
+            # Epochs count from 1 here, as on the console (metrics.jsonl's `epoch` is the 0-based index); no best
+            # epoch (null) when no evaluation gave a defined score.
+            "best_epoch": state.best_epoch + 1 if state.best_epoch >= 0 else None,
             "last": state.last,
             "epochs_run": state.epoch,
             "steps": state.step,
@@ -446,7 +448,7 @@ class TrainingRecipe:
             "gamma": cfg.method.gamma,
             "overrides": self.resolved_config.get("hydra_overrides", []),
             "truncation_loss": self.truncation_loss,  # held-out loss before / after the truncation
-            "eval_history": state.history,
+            "eval_history": [{**record, "epoch": record["epoch"] + 1} for record in state.history],
         }
         if self.main:
             write_json(self.out / SUMMARY_FILE, summary)
