@@ -140,8 +140,20 @@ def task_sort_key(task: str) -> tuple[int, str]:
     return (TASK_ORDER.index(task), "") if task in TASK_ORDER else (len(TASK_ORDER), task)
 
 
-def method_label(method: str) -> str:
-    return METHOD_TABLE[method].label if method in METHOD_TABLE else method
+def method_label(method: str, truncation_basis: str = "weight") -> str:
+    """The method's name in tables and plots; a truncation in another basis than the paper's says so, e.g.
+    "KaSA (activation)"."""
+    label = METHOD_TABLE[method].label if method in METHOD_TABLE else method
+    return label if truncation_basis == "weight" else f"{label} ({truncation_basis})"
+
+
+def truncation_basis(run: Run) -> str:
+    """The basis a truncating run's SVD truncation used (method.truncation_basis): `weight`, the paper's and what
+    runs saved before the setting existed used, or `activation`. Runs of other methods: `weight`."""
+    method = METHOD_TABLE.get(str(run.summary.get("method")))
+    if method is None or not method.truncates:
+        return "weight"
+    return str(setting_value(run, "method.truncation_basis") or "weight")
 
 
 def task_label(task: str, metric: str | None = None) -> str:
@@ -242,21 +254,24 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
         keys.append("model")
     if len({r.summary.get("rank") for r in runs if not _unranked(r.summary.get("method"))}) > 1:
         keys.append("rank")
-    keys += [k for k in by if k not in keys and k != "method"]
+    keys += [k for k in by if k not in keys and k not in ("method", "method.truncation_basis")]
     groups: dict[tuple, dict[tuple[str, str], list[Run]]] = {}
     for run in runs:
         method = str(run.summary.get("method"))
         setting = tuple(setting_value(run, k) for k in keys)
         column = (str(run.summary.get("task")), str(run.summary.get("metric")))
-        groups.setdefault((method, setting), {}).setdefault(column, []).append(run)
+        groups.setdefault((method, truncation_basis(run), setting), {}).setdefault(column, []).append(run)
     columns = sorted({c for cells in groups.values() for c in cells}, key=lambda c: (task_sort_key(c[0]), c[1]))
     rows = []
-    for method, setting in sorted(groups, key=lambda g: (method_sort_key(g[0]), [_sort_key(v) for v in g[1]])):
-        cells_runs = groups[(method, setting)]
+    for method, basis, setting in sorted(groups, key=lambda g: (method_sort_key(g[0]), g[1] != "weight", g[1],
+                                                                [_sort_key(v) for v in g[2]])):
+        cells_runs = groups[(method, basis, setting)]
         values = dict(zip(keys, setting))
         shown = {k: v for k, v in values.items()
                  if v is not None and not (k == "rank" and _unranked(method))}
-        label = method_label(method)
+        label = method_label(method, basis)
+        if basis != "weight":
+            values["method.truncation_basis"] = basis
         if shown.get("model"):
             label = f"{shown.pop('model')} ({label})"
         else:

@@ -33,6 +33,7 @@ from kasa.evaluation.compare import (
     task_label,
     task_sort_key,
     method_sort_key,
+    truncation_basis,
 )
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
 from kasa.evaluation.sweep import Run
@@ -288,9 +289,15 @@ def truncation_rank(run: Run) -> int | None:
     return int(rank) if rank is not None else None
 
 
+def _series_name(method: str, basis: str) -> str:
+    """A series' key in the plotted data: the method, and the truncation basis when it is not the paper's."""
+    return method if basis == "weight" else f"{method} ({basis})"
+
+
 def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str] | None) -> dict[str, Any]:
-    """{task: {metric, series: {method: {x: [...], median: [...], n: [...], seeds: [...]}}}} over `runs`."""
-    grouped: dict[str, dict[str, dict[Any, list[Run]]]] = {}
+    """{task: {metric, series: {name: {method, truncation_basis, label, x: [...], median: [...], n: [...],
+    seeds: [...]}}}} over `runs`; runs of one method truncated in different bases are different series."""
+    grouped: dict[str, dict[tuple[str, str], dict[Any, list[Run]]]] = {}
     metrics: dict[str, set] = {}
     for run in runs:
         method = str(run.summary.get("method"))
@@ -301,22 +308,26 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
             continue
         task = str(run.summary.get("task"))
         metrics.setdefault(task, set()).add(str(run.summary.get("metric")))
-        grouped.setdefault(task, {}).setdefault(method, {}).setdefault(value, []).append(run)
-    for task, per_method in grouped.items():
-        for method, points in per_method.items():
+        variant = (method, truncation_basis(run))
+        grouped.setdefault(task, {}).setdefault(variant, {}).setdefault(value, []).append(run)
+    for task, per_variant in grouped.items():
+        for variant, points in per_variant.items():
             for value, members in points.items():
                 seeds = [r.summary.get("seed") for r in members]
                 if len(set(seeds)) < len(seeds):
                     log.warning("%s, %s at %s: the median pools runs with the same seed (runs of different "
-                                "settings?)", task, method, value)
+                                "settings?)", task, method_label(*variant), value)
     tasks: dict[str, Any] = {}
     for task in sorted(grouped, key=task_sort_key):
         series = {}
-        order = methods if methods is not None else sorted(grouped[task], key=method_sort_key)
-        for method in [m for m in order if m in grouped[task]]:
-            points = grouped[task][method]
+        order = list(methods) if methods is not None else sorted({m for m, _ in grouped[task]}, key=method_sort_key)
+        for method, basis in sorted(grouped[task], key=lambda v: (order.index(v[0]), v[1] != "weight", v[1])):
+            points = grouped[task][(method, basis)]
             xs = sorted(points, key=lambda v: (isinstance(v, str), v))
-            series[method] = {
+            series[_series_name(method, basis)] = {
+                "method": method,
+                "truncation_basis": basis,
+                "label": method_label(method, basis),
                 "x": xs,
                 "median": [float(np.median([float(r.summary["best"]) for r in points[v]])) for v in xs],
                 "n": [len(points[v]) for v in xs],
@@ -347,7 +358,9 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
         bars[task] = {
             "metric": entry["metric"],
             "methods": methods,
-            "labels": [method_label(m) for m in methods],
+            "labels": [entry["series"][m]["label"] for m in methods],
+            "ladder_steps": [LADDER.index(entry["series"][m]["method"]) + 1 for m in methods],
+            "truncation_bases": [entry["series"][m]["truncation_basis"] for m in methods],
             "median": [entry["series"][m]["median"][0] * scale for m in methods],
             "n": [entry["series"][m]["n"][0] for m in methods],
             "seeds": [entry["series"][m]["seeds"][0] for m in methods],
@@ -357,19 +370,28 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
     fig, axes = plt.subplots(1, len(bars), figsize=(4.2 * len(bars), 4.0), squeeze=False)
     for ax, (task, entry) in zip(axes[0], bars.items()):
         positions = range(len(entry["methods"]))
-        colors = [f"C{LADDER.index(m)}" for m in entry["methods"]]
-        ax.bar(positions, entry["median"], color=colors)
+        colors = [f"C{step - 1}" for step in entry["ladder_steps"]]
+        # Another truncation basis than the paper's: the rung's colour, hatched (the legend lists the variant).
+        hatches = ["" if basis == "weight" else "//" for basis in entry["truncation_bases"]]
+        ax.bar(positions, entry["median"], color=colors, hatch=hatches)
         low, high = min(entry["median"]), max(entry["median"])
         margin = (high - low) * 0.5 or abs(high) * 0.02 or 0.01
         ax.set_ylim(low - margin, high + margin * 0.6)
         for p, v in zip(positions, entry["median"]):
             ax.text(p, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(list(positions), [str(i + 1) for i in positions])
+        ax.set_xticks(list(positions), [str(step) + ("*" if basis != "weight" else "") for step, basis in
+                                        zip(entry["ladder_steps"], entry["truncation_bases"])])
         ax.set_title(task_label(task, entry["metric"]))
         ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
     handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(LADDER))]
-    fig.legend(handles, [f"{i + 1}: {method_label(m)}" for i, m in enumerate(LADDER)], loc="lower center",
-               ncol=len(LADDER), fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    names = [f"{i + 1}: {method_label(m)}" for i, m in enumerate(LADDER)]
+    variants = sorted({(step, label) for e in bars.values() for step, label, basis in
+                       zip(e["ladder_steps"], e["labels"], e["truncation_bases"]) if basis != "weight"})
+    for step, label in variants:
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor=f"C{step - 1}", hatch="//"))
+        names.append(f"{step}*: {label}")
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), len(LADDER)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.08 * (1 + (len(names) > len(LADDER)))))
     fig.suptitle("components ablation (median over seeds)")
     fig.tight_layout()
     return _save(fig, {"scale": scale, "tasks": bars}, _out_dir(source, out_dir), "ablation")
@@ -390,7 +412,7 @@ def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict
     for ax, (task, entry) in zip(axes[0], tasks.items()):
         ticks: set = set()
         for method, series in entry["series"].items():
-            ax.plot(series[key], series["median"], marker="o", label=method_label(method))
+            ax.plot(series[key], series["median"], marker="o", label=series["label"])
             ticks.update(series[key])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
@@ -416,7 +438,7 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
         for method, series in entry["series"].items():
             values = dict(zip(series["rank"], series["median"]))
             cells = [f"{values[r]:.{2 if scale >= 100 else 4}f}" if r in values else "" for r in ranks]
-            lines.append(f"| {task_label(task, entry['metric'])} | {method_label(method)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {task_label(task, entry['metric'])} | {series['label']} | " + " | ".join(cells) + " |")
     (_out_dir(source, out_dir) / "rank_table.md").write_text(
         "\n".join(lines) + "\n\nMedian over seeds of `best`" + (f" x {scale:g}" if scale != 1 else "") + ".\n"
     )
