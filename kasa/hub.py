@@ -7,12 +7,16 @@ nothing heavy, so a command can ask before any of those libraries is imported.""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import urllib.parse
 
 HUB_PROBE_SECONDS = 5.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+# Offline, importing peft makes bitsandbytes ask the Hub (through `kernels`) for an optional CPU kernel; it falls back
+# to its own CPU code, but these loggers print three lines about it at every command's start.
+KERNEL_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
 @functools.cache
@@ -37,12 +41,12 @@ def offline_without_hub() -> None:
     """Put this process in the Hub's offline mode (the local cache only) when the Hub cannot be reached. Call it
     before anything imports transformers, peft or datasets: they read these variables when imported. A choice the
     user made (any of the variables set, TRANSFORMERS_OFFLINE included) is left as it is, and nothing is probed."""
-    if any(name in os.environ for name in (*OFFLINE_VARIABLES, "TRANSFORMERS_OFFLINE")):
-        return
-    if hub_reachable():
-        return
-    for name in OFFLINE_VARIABLES:
-        os.environ[name] = "1"
-    from huggingface_hub import constants  # imported by the probe, before the variable was set
+    from huggingface_hub import constants  # light; reads the variables when first imported
 
-    constants.HF_HUB_OFFLINE = True
+    if not any(name in os.environ for name in (*OFFLINE_VARIABLES, "TRANSFORMERS_OFFLINE")) and not hub_reachable():
+        for name in OFFLINE_VARIABLES:
+            os.environ[name] = "1"
+        constants.HF_HUB_OFFLINE = True  # already imported, before the variable was set
+    if constants.HF_HUB_OFFLINE:
+        for name in KERNEL_LOOKUP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)

@@ -74,3 +74,20 @@ def test_commands_import_no_hub_library_before_main():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_offline_mode_quiets_the_optional_kernel_lookup(online_environment):
+    """Offline, bitsandbytes' search for an optional CPU kernel (it falls back to its own code) prints nothing."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in hub.KERNEL_LOOKUP_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.NOTSET)
+    online_environment.setattr(hub.socket, "create_connection", _probe(False, []))
+    try:
+        hub.offline_without_hub()
+        assert all(not logger.isEnabledFor(logging.WARNING) for logger in loggers)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
