@@ -152,7 +152,10 @@ def tiny_run_config(tmp_path: Path):
 
     cfg = RunConfig(task=TaskConfig(name="demo", data_dir=str(write_sentiment_data(tmp_path / "data"))))
     cfg.model.name = str(make_tiny_bert(tmp_path / "bert"))
-    cfg.method.target_modules, cfg.method.trainable_modules = ["query", "value"], ["classifier", "pooler"]
+    # Set on the model, as a composed config has them (the method follows the model), and on the method, which
+    # the loop reads.
+    cfg.model.target_modules, cfg.model.head_modules = ["query", "value"], ["classifier", "pooler"]
+    cfg.method.target_modules, cfg.method.trainable_modules = cfg.model.target_modules, cfg.model.head_modules
     cfg.method.rank, cfg.method.svd_cache_dir = 2, None
     cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_length, cfg.trainer.log_every = 1, 8, 16, 1
     cfg.logging.progress = False

@@ -170,7 +170,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine):
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert (two / ".hydra" / "overrides.yaml").is_file()  # written by rank 0 (rank 1 runs with output_subdir=null)
+    assert (two / ".hydra" / "overrides.yaml").is_file()  # written by kasa on the main process
     if not engine.startswith("deepspeed"):
         return
 
@@ -205,15 +205,17 @@ def test_multiprocess_launch_guards_are_one_clear_line(monkeypatch, capsys, env,
     assert last.startswith("error:") and expected in last
 
 
-def test_only_rank_zero_writes_hydra_output(monkeypatch):
+def test_a_multi_process_launch_keeps_every_ranks_arguments(monkeypatch):
+    """Hydra writes no .hydra/ of its own (hydra.output_subdir is null): kasa writes it on the main process once the
+    run is accepted (the launch test above checks that it is there), so no rank needs extra arguments."""
     from kasa.cli.train import _prepare_multiprocess_launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, extra in (("0", []), ("1", ["hydra.output_subdir=null"])):
+    for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
         argv = ["train.py", "hydra.run.dir=runs/x"]
         _prepare_multiprocess_launch(argv)
-        assert argv == ["train.py", "hydra.run.dir=runs/x", *extra]
+        assert argv == ["train.py", "hydra.run.dir=runs/x"]
     monkeypatch.setenv("WORLD_SIZE", "1")
     argv = ["train.py"]
     _prepare_multiprocess_launch(argv)  # one process: nothing required
@@ -276,11 +278,8 @@ def _fsdp_worker(rank: int, world_size: int, store: str, results, body, args: tu
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT))
-        try:
-            _shard(_kasa_bert())
-        except Exception as err:  # noqa: BLE001
-            results.put((rank, "cannot-shard", f"{type(err).__name__}: {err}".splitlines()[0]))
-            return
+        # A sharding failure is a failure of the test, never a skip: the only skip is the checked absence of
+        # fully_shard in this torch (in _run_fsdp).
         results.put((rank, "ok", body(rank, *args)))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the test instead of dying silently
@@ -315,8 +314,6 @@ def _run_fsdp(tmp_path: Path, body, *args) -> list:
             if worker.is_alive():
                 worker.kill()
     for rank, status, payload in reports:
-        if status == "cannot-shard":
-            pytest.skip(f"FSDP2 cannot shard on the CPU with gloo here: {payload}")
         assert status == "ok", f"rank {rank} failed:\n{payload}"
     return [payload for _, _, payload in reports]
 
