@@ -134,6 +134,7 @@ def _parameter_count(cfg: RunConfig) -> int | None:
     when that cannot be known cheaply (the loader then reports any problem itself)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto.auto_factory import _get_model_class
 
     from kasa.training.models import hub_options, model_source
 
@@ -143,8 +144,11 @@ def _parameter_count(cfg: RunConfig) -> int | None:
     try:
         config = AutoConfig.from_pretrained(model_source(cfg.model), **kwargs)
         factory = AutoModelForSequenceClassification if cfg.task.kind == "glue" else AutoModelForCausalLM
+        # The class itself, not from_config: under a DeepSpeed ZeRO-3 launch from_config partitions the model
+        # with a collective that the other processes, which do not run this check, would never join.
+        model_class = _get_model_class(config, factory._model_mapping)
         with torch.device("meta"):
-            model = factory.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+            model = model_class(config)
     except Exception:  # noqa: BLE001 (an estimate only: loading the model itself gives the real error)
         return None
     return sum(p.numel() for p in model.parameters())
