@@ -14,9 +14,28 @@ import urllib.parse
 
 HUB_PROBE_SECONDS = 5.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-# Offline, importing peft makes bitsandbytes ask the Hub (through `kernels`) for an optional CPU kernel; it falls back
-# to its own CPU code, but these loggers print three lines about it at every command's start.
+# Importing peft makes bitsandbytes ask the Hub (through `kernels`) for an optional CPU kernel; when it cannot have it
+# (offline, or `kernels` refusing an unverified repository) it falls back to its own CPU code, but these loggers print
+# lines about it at every command's start.
 KERNEL_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+class _DropKernelLookupNotice(logging.Filter):
+    """Drops exactly the kernel-lookup notices; anything else these loggers say still reaches the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Failed to load CPU gemm_4bit_forward") or "kernels-community/" in message
+                    or message.startswith("Skipping publisher trust check"))
+
+
+_KERNEL_LOOKUP_FILTER = _DropKernelLookupNotice()
+
+
+def quiet_kernel_lookup() -> None:
+    """Keep bitsandbytes' kernel-lookup notices off the console (idempotent: one filter object per logger)."""
+    for name in KERNEL_LOOKUP_LOGGERS:
+        logging.getLogger(name).addFilter(_KERNEL_LOOKUP_FILTER)
 
 
 @functools.cache
@@ -47,6 +66,4 @@ def offline_without_hub() -> None:
         for name in OFFLINE_VARIABLES:
             os.environ[name] = "1"
         constants.HF_HUB_OFFLINE = True  # already imported, before the variable was set
-    if constants.HF_HUB_OFFLINE:
-        for name in KERNEL_LOOKUP_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_kernel_lookup()

@@ -31,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from cli_helpers import ENV, make_tiny_bert, run_cli, write_sentiment_data  # noqa: E402 (the tests' tiny model)
+# Every command in a process of its own: the cases run in threads, and a fault is a process's death.
+from cli_helpers import ENV, make_tiny_bert, write_sentiment_data  # noqa: E402 (the tests' tiny model)
+from cli_helpers import run_cli_process as run_cli  # noqa: E402
 
 STEPS = 16  # 2 epochs of 8 steps
 DRIVER = textwrap.dedent(

@@ -19,12 +19,13 @@ into float layers of the compute dtype first, which is what a merged export writ
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from kasa.hub import quiet_kernel_lookup
 
 QUANTIZATIONS = ("nf4", "int8")
 # Methods that run over a quantized base: kasa's own adapter layers (their frozen base may be any module) and BitFit
@@ -37,19 +38,7 @@ NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: the absmax values are themselves 8-bit, one float32 scale per 256
 
 
-class _DropKernelHubNotice(logging.Filter):
-    """bitsandbytes' CPU backend tries to fetch an optional kernel from the Hugging Face Hub at import and logs two
-    warnings when it cannot (no network, or the `kernels` package refusing an unverified repository). It then uses
-    its built-in kernels, so the lines tell a user nothing: drop exactly those two."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not (message.startswith("Failed to load CPU gemm_4bit_forward") or "kernels-community/" in message
-                    or message.startswith("Skipping publisher trust check"))
-
-
-for _logger_name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    logging.getLogger(_logger_name).addFilter(_DropKernelHubNotice())
+quiet_kernel_lookup()  # before anything here imports bitsandbytes
 
 
 def check_quantization(quantization: str | None, method: str) -> None:
