@@ -50,7 +50,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from kasa.adapters import apply_adapters, aux_loss
-    from kasa.cli.estimate import compose_run
+    from kasa.cli.common import compose_run
     from kasa.estimate import estimate_memory
     from kasa.tasks import build_task
     from kasa.training.loop import build_optimizer

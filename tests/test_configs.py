@@ -27,7 +27,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from kasa.adapters.config import METHODS, AdapterConfig
-from kasa.cli.train import _default_to_demo
+from kasa.cli.common import default_to_demo
 from kasa.config import LoggingConfig, ModelConfig, RunConfig, TaskConfig, TrainerConfig, register_schema, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,10 +302,9 @@ def test_method_files_cover_methods():
 
 
 def test_no_argument_trains_the_demo_recipe(config_source, tmp_path):
-    for argv, recipe in ((["kasa-train"], "demo"), (["kasa-train", "method=lora", "seed=1"], "demo"),
-                         (["kasa-train", "task=glue/cola"], None), (["kasa-train", "recipe=glue/roberta_base_rte"], None)):
-        _default_to_demo(argv)
-        assert (argv[-1] == "recipe=demo") == (recipe == "demo"), argv
+    for args, recipe in (([], "demo"), (["method=lora", "seed=1"], "demo"), (["--multirun", "seed=0,1"], "demo"),
+                         (["task=glue/cola"], None), (["recipe=glue/roberta_base_rte"], None)):
+        assert (default_to_demo(args)[-1:] == ["recipe=demo"]) == (recipe == "demo"), args
     run = _validate(_compose(config_source, ["recipe=demo", "method=lora"], tmp_path))
     demo = OmegaConf.load(RECIPES / "demo.yaml")
     assert (run.trainer.lr, run.trainer.epochs, run.trainer.max_length) == (

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cli_helpers import write_tsv
 from kasa.cli import inspect
+from kasa.cli.common import compose_run
 from kasa.tasks import build_task
 
 
@@ -58,7 +59,7 @@ def test_report_losses_equal_a_direct_computation(tiny_model, sentiment_dir, tmp
     report = json.loads((out / "truncation_report.json").read_text())
     names = [row["name"] for row in report["modules"]]
     assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
-    cfg = inspect.compose_run(inspect_args(tiny_model, sentiment_dir, out)[:-1], str(out))
+    cfg = compose_run(inspect_args(tiny_model, sentiment_dir, out)[:-1], str(out))
     base, everything, alone = direct_losses(cfg, names)
     assert report["base_loss"] == pytest.approx(base, abs=1e-5)
     assert report["truncated_loss"] == pytest.approx(everything, abs=1e-5)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kasa.adapters import apply_adapters
-from kasa.cli.inspect import compose_run
+from kasa.cli.common import compose_run
 from kasa.tasks import build_task
 from kasa.training import loop
 from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss

@@ -158,3 +158,32 @@ def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str,
     register_resolvers()
     quiet_libraries()
     return args
+
+
+def default_to_demo(args: list[str]) -> list[str]:
+    """The arguments of a command that composes a run, with `recipe=demo` added when no model, task or recipe is
+    chosen: the bare command is the offline demo. A model and a task without a recipe keep the trainer's own
+    defaults (no recipe's values leak into them)."""
+    chosen = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a and not a.startswith("-")}
+    return args if chosen & {"recipe", "model", "task"} else [*args, "recipe=demo"]
+
+
+def compose_run(overrides: list[str], output_dir: str = "unused") -> RunConfig:
+    """The validated RunConfig that kasa-train would run with these overrides, without a Hydra run directory (for
+    the commands that only look at a run: kasa-estimate, kasa-inspect). `output_dir` is recorded, never created."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from kasa.config import validate
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("kasa.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*default_to_demo(overrides), f"output_dir={output_dir}"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return validate(cfg)

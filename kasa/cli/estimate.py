@@ -17,30 +17,9 @@ import json
 import sys
 from typing import Any
 
-from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors
+from kasa.cli.common import compose_run, fail, quiet_libraries, run_reporting_errors
 
 OWN_KEYS = ("gpu_memory", "num_processes", "sharding")
-
-
-def compose_run(overrides: list[str]) -> Any:
-    """The validated RunConfig that kasa-train would run with these overrides (no run directory is created)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from kasa.config import validate
-
-    from omegaconf import open_dict
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("kasa.conf", version_base="1.3"):
-        # output_dir is never written: set so that the run directory's time stamp need not be resolved
-        cfg = compose("config", overrides=[*overrides, "output_dir=unused"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return validate(cfg)
 
 
 def _gib(value: float) -> str:

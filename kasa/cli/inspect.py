@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kasa.cli.common import quiet_libraries, register_resolvers, run_reporting_errors
+from kasa.cli.common import compose_run, quiet_libraries, run_reporting_errors
 from kasa.config import RunConfig
 
 REPORT = "truncation_report"
@@ -167,26 +167,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
-
-
-def compose_run(overrides: list[str], output_dir: str) -> RunConfig:
-    """The validated RunConfig that kasa-train would compose from these overrides, with `output_dir` (no Hydra run
-    directory is created)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from kasa.config import validate
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("kasa.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"output_dir={output_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return validate(cfg)
 
 
 def run(argv: list[str]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from kasa.cli.common import fail, quiet_libraries, register_resolvers, run_reporting_errors
+from kasa.cli.common import default_to_demo, fail, quiet_libraries, register_resolvers, run_reporting_errors
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,9 @@ def _prepare_multiprocess_launch(argv: list[str]) -> None:
              "own): add it after the training module's other overrides")
 
 
-def _default_to_demo(argv: list[str]) -> None:
-    """`kasa-train` with no model, task or recipe chosen trains the offline demo recipe. A run composed of a model
-    and a task without a recipe keeps the trainer's own defaults: no recipe's values leak into it (recipe=null
-    composes the default model and task alone)."""
-    chosen = {a.split("=", 1)[0].lstrip("+~") for a in argv[1:] if "=" in a and not a.startswith("-")}
-    if not chosen & {"recipe", "model", "task"}:
-        argv.append("recipe=demo")
-
-
 def main() -> None:
     _prepare_multiprocess_launch(sys.argv)
-    _default_to_demo(sys.argv)
+    sys.argv[1:] = default_to_demo(sys.argv[1:])
     register_resolvers()
     # Hydra raises its composition errors (unknown recipe, key typo, unparsable override, a run directory it cannot
     # create) instead of printing its own multi-line report with exit status 1: they become one line, status 2.
