@@ -33,7 +33,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["trainer.grad_accum=0"], ["trainer.grad_accum=0"]),
         (["trainer.batch_size=0"], ["trainer.batch_size=0"]),
         (["trainer.lr=-1"], ["trainer.lr=-1"]),
-        (["trainer.epochs=abc"], ["trainer.epochs"]),
+        (["trainer.epochs=abc"], ["wrong value for trainer.epochs", "could not be converted"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
         (["method.rank=64"], ["must be < min(n, m)"]),
         (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),

@@ -13,7 +13,7 @@ from typing import Any, Callable, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 import kasa
 from kasa.config import RunConfig, register_schema
@@ -82,6 +82,8 @@ def _describe_hydra(err: HydraException) -> str:
     if isinstance(err, OverrideParseException):
         return f"cannot parse the overrides ({first}): write key=value, and quote lists, e.g. 'model.target_modules=[a,b]'"
     key = getattr(err.__cause__, "full_key", None)
+    if key and isinstance(err.__cause__, ValidationError):  # a known key with a value of the wrong type
+        return f"wrong value for {key}: {str(err.__cause__).strip().splitlines()[0]}"
     if key:
         parent = key.rsplit(".", 1)[0] if "." in key else None
         valid = _schema_fields(parent) if parent else [f.name for f in dataclasses.fields(RunConfig)]
