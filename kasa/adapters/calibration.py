@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -142,7 +142,11 @@ def _model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]
     return {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
 
 
-def _run(model: nn.Module, hooks: _InputHooks, batches: Iterable[Batch]) -> None:
+def forward_batches(model: nn.Module, batches: Iterable[Batch],
+                    start_batch: Callable[[torch.Tensor], None]) -> None:
+    """Forward passes of `model` over `batches` in eval mode without gradients (its training mode restored after),
+    calling `start_batch(attention_mask)` before each, for hooks that read the non-padding tokens; a hook may end a
+    pass early by raising _StopForward."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -151,14 +155,20 @@ def _run(model: nn.Module, hooks: _InputHooks, batches: Iterable[Batch]) -> None
             for batch in batches:
                 inputs = _model_inputs(batch, device)
                 if "attention_mask" not in inputs:
-                    raise ValueError("calibration batches need an attention_mask (padding is excluded by it)")
-                hooks.start_batch(inputs["attention_mask"].bool())
+                    raise ValueError("these batches need an attention_mask (padding is excluded by it)")
+                start_batch(inputs["attention_mask"].bool())
                 try:
                     model(**inputs)
                 except _StopForward:
                     pass
     finally:
         model.train(was_training)
+
+
+def _run(model: nn.Module, hooks: _InputHooks, batches: Iterable[Batch]) -> None:
+    try:
+        forward_batches(model, batches, hooks.start_batch)
+    finally:
         hooks.remove()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kasa.adapters import adapted_layers
+from kasa.adapters.calibration import forward_batches
 from kasa.adapters.layer import AdaptedLayer, weight_matrix
 from kasa.training.calibration import Batch, mean_loss
 
@@ -89,17 +90,9 @@ def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer],
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                mask[:] = [inputs["attention_mask"].bool()]
-                model(**inputs)
+        forward_batches(model, batches, lambda attention_mask: mask.__setitem__(slice(None), [attention_mask]))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     result = {}
