@@ -17,10 +17,15 @@ training (`apply_adapters(..., initialise=False)`), so parameter counts are exac
   transient     backward's largest temporaries: twice the largest saved tensor (the logits' gradient next to the
                 saved log-probabilities for a causal LM)
 
+The causal-LM loss is traced as kasa computes it: the language-model head runs only at the columns that predict a
+labelled token (`logits_to_keep`), and the float32 log-probabilities cover those columns. How many columns that is
+depends on the data (prompts carry no loss): `loss_share` is the share of the max_length columns counted, 1.0 by
+default (every column: an upper bound); the response share of the data makes the estimate close (e.g. 0.35 for
+Alpaca rows of 256 tokens, where about a third of the columns predict a response token).
+
 ZeRO-2 shards gradients and optimizer states over the processes, ZeRO-3 and FSDP also the weights. Not counted:
 evaluation and generation (smaller than a training step), the CUDA context and allocator slack, which the fit
-verdict leaves as a reserve (RESERVE_BYTES). The loss of the causal-LM tasks is counted over every position (an upper
-bound: kasa computes the logits of response tokens only).
+verdict leaves as a reserve (RESERVE_BYTES).
 """
 
 from __future__ import annotations
@@ -107,15 +112,20 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _saved_bytes(model: nn.Module, batch: int, length: int, causal: bool) -> tuple[int, int]:
-    """(total, largest) bytes of the distinct tensors autograd saves for backward in one training forward."""
+def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | None) -> tuple[int, int]:
+    """(total, largest) bytes of the distinct tensors autograd saves for backward in one training forward:
+    a classifier's (loss_columns None) or a causal LM's with its head and loss at `loss_columns` columns."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     sizes: dict[int, int] = {}
+    # A layer saves its weight for backward too; weights are counted once, as weights, not as activations.
+    weights = {StorageWeakRef(t.untyped_storage()).cdata for t in [*model.parameters(), *model.buffers()]}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        sizes[StorageWeakRef(storage).cdata] = storage.nbytes()
+        key = StorageWeakRef(storage).cdata
+        if key not in weights:
+            sizes[key] = storage.nbytes()
         return tensor
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -127,7 +137,6 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, causal: bool) -> tup
         return _FusedAttention.apply(query, key, value)
 
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
-    labels = ids if causal else torch.zeros(batch, dtype=torch.long, device="meta")
     model.train()
     model.config.pad_token_id = None  # no padding check: it would read the (absent) token values
     torch.nn.functional.scaled_dot_product_attention = fused
@@ -136,7 +145,12 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, causal: bool) -> tup
     try:  # DeBERTa's relative positions call nonzero(), whose size the meta device cannot know: all count
         with fx_config.patch(meta_nonzero_assume_all_nonzero=True), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(input_ids=ids, labels=labels)
+            if loss_columns is None:
+                model(input_ids=ids, labels=torch.zeros(batch, dtype=torch.long, device="meta"))
+            else:  # kasa's causal-LM loss (kasa.tasks.causal_lm): float32 cross-entropy of the kept columns
+                columns = torch.arange(loss_columns, device="meta")
+                logits = model(input_ids=ids, logits_to_keep=columns).logits
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, :loss_columns].flatten())
     except (RuntimeError, NotImplementedError) as err:
         raise ValueError(f"cannot trace {type(model).__name__} on the meta device ({str(err).splitlines()[0]}): "
                          "its activations cannot be estimated") from err
@@ -152,14 +166,15 @@ class Activations:
     transient: int  # backward's temporaries on top of either
 
 
-def activation_bytes(cfg, architecture, batch: int, length: int) -> Activations:
-    """Saved activations of batch x length from traces of a 1- and a 2-layer copy of the architecture."""
-    causal = cfg.task.kind != "glue"
+def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: float = 1.0) -> Activations:
+    """Saved activations of batch x length from traces of a 1- and a 2-layer copy of the architecture; a causal
+    LM's loss over `loss_share` of the columns."""
+    loss_columns = None if cfg.task.kind == "glue" else max(1, round(loss_share * length))
     totals, largest = [], 0
     for layers in (1, 2):
         small = copy.deepcopy(architecture)
         small.num_hidden_layers = layers
-        total, big = _saved_bytes(_meta_model(cfg, small), batch, length, causal)
+        total, big = _saved_bytes(_meta_model(cfg, small), batch, length, loss_columns)
         totals.append(total)
         largest = max(largest, big)
     per_layer = totals[1] - totals[0]
@@ -211,10 +226,15 @@ def static_bytes(model: nn.Module, cfg) -> dict[str, int]:
             "gradients": trainable, "optimizer": 2 * trainable, "trainable_params": trainable_params}
 
 
-def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", architecture: Any = None) -> dict[str, Any]:
-    """Peak memory of one training process of the run `cfg` (a validated kasa.config.RunConfig), in bytes."""
+def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", architecture: Any = None,
+                    loss_share: float = 1.0) -> dict[str, Any]:
+    """Peak memory of one training process of the run `cfg` (a validated kasa.config.RunConfig), in bytes; a causal
+    LM's loss counted over `loss_share` of the columns (module docstring)."""
     from kasa.adapters.model import count_parameters
 
+    if not 0 < loss_share <= 1:
+        raise ValueError(f"loss_share must be in (0, 1], got {loss_share}: the share of the columns that predict a "
+                         "labelled token, e.g. loss_share=0.35")
     if sharding not in SHARDINGS:
         raise ValueError(f"unknown sharding={sharding!r}; choose one of: {', '.join(SHARDINGS)}")
     if num_processes < 1:
@@ -230,7 +250,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
     if sharding == "none" and num_processes > 1:
         gradients *= 2  # DDP's communication buckets hold a second copy of the gradients
     optimizer = parts["optimizer"] / shards
-    acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length)
+    acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length, loss_share)
     static = weights + trainable + parts["removed"] + gradients + optimizer
     peak_plain = static + acts.saved + acts.transient
     peak_checkpointed = static + acts.saved_checkpointed + acts.transient
@@ -246,6 +266,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         "batch_size": cfg.trainer.batch_size,
         "max_length": cfg.trainer.max_length,
         "gradient_checkpointing": checkpointing,
+        "loss_share": loss_share,
         "bytes": {
             "weights": int(weights),
             "adapters": int(trainable),
@@ -267,7 +288,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
 
 
 def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: int = 1,
-                sharding: str = "none") -> list[tuple[str, int]]:
+                sharding: str = "none", loss_share: float = 1.0) -> list[tuple[str, int]]:
     """Overrides that would make the run fit `gpu_bytes`, each with its estimated peak: gradient checkpointing,
     an nf4 base, smaller micro-batches with gradient accumulation (same global batch), and their combinations."""
     from kasa.adapters.quantized import QUANTIZABLE_METHODS
@@ -281,7 +302,8 @@ def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: in
     found = []
     architecture = load_architecture(cfg.model)
     for overrides, option in options:
-        result = estimate if not overrides else estimate_memory(option, num_processes, sharding, architecture)
+        result = estimate if not overrides else estimate_memory(option, num_processes, sharding, architecture,
+                                                                loss_share)
         batch, accum = cfg.trainer.batch_size, cfg.trainer.grad_accum
         per_row = result["activation_bytes_per_row"]["checkpointed" if option.model.gradient_checkpointing
                                                        else "plain"]

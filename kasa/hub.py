@@ -16,15 +16,21 @@ HUB_PROBE_SECONDS = 5.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 # Importing peft makes bitsandbytes ask the Hub (through `kernels`) for an optional CPU kernel; when it cannot have it
 # (offline, or `kernels` refusing an unverified repository) it falls back to its own CPU code, but these loggers print
-# lines about it at every command's start.
-KERNEL_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+# lines about it at every command's start. DeepSpeed, imported by Accelerate when a run saves, says at WARNING level
+# that it found no GPU: on a machine without one that is no news.
+KERNEL_LOOKUP_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub", "DeepSpeed")
 
 
 class _DropKernelLookupNotice(logging.Filter):
-    """Drops exactly the kernel-lookup notices; anything else these loggers say still reaches the user."""
+    """Drops exactly the kernel-lookup notices (and DeepSpeed's CPU fallback notice when torch sees no GPU);
+    anything else these loggers say still reaches the user."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
+        if message.startswith("Setting accelerator to CPU"):
+            import torch  # already imported: DeepSpeed is asking which accelerator torch has
+
+            return torch.cuda.is_available()
         return not (message.startswith("Failed to load CPU gemm_4bit_forward") or "kernels-community/" in message
                     or message.startswith("Skipping publisher trust check"))
 

@@ -16,7 +16,8 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
    fresh process: the peak resident memory while stepping (Linux VmHWM, reset after loading) minus the process's
    resident memory before the model loaded (torch and the libraries), with glibc's mmap threshold fixed so that
    freed memory leaves the process at once.
-4. `kasa-estimate`'s peak for the same float32 and nf4 runs against the measured peaks (when kasa ships it).
+4. `kasa-estimate`'s peak for the same float32, bfloat16 and nf4 runs against the measured peaks, given the share
+   of the columns that carry the loss in the measured batch (`loss_share`).
 
 The last line of stdout is one JSON object: the ratios, the raw medians and whether each goal is met.
 """
@@ -216,7 +217,10 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
         from kasa.estimate import estimate_memory
 
         cfg.task.kind, cfg.method, cfg.trainer.batch_size = "instruction", adapter_config("kasa"), MEMORY_BATCH
-        result["estimate_mib"] = estimate_memory(cfg)["peak_bytes"] / 2**20
+        # the columns that carry the loss in this batch (kasa computes the logits there only)
+        share = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum().item() / MAX_LENGTH
+        result["estimate_mib"] = estimate_memory(cfg, loss_share=share)["peak_bytes"] / 2**20
+        result["loss_share"] = share
     return result
 
 

@@ -7,8 +7,9 @@ to the system, resets the kernel's peak-resident counter (/proc/self/clear_refs)
 real batches. Measured = peak resident memory during the steps minus the resident memory before the model loaded
 (interpreter and libraries, which a GPU's allocator never sees). Loading is left out on purpose: a quantized base
 is loaded in float and quantized layer by layer, on the CPU when a GPU is the target. Every row of the runs below is
-max_length tokens long (max_length is below the examples' lengths), as the estimate assumes. Last line: one JSON
-object with the relative errors and the nf4 / float32 and nf4 / bfloat16 ratios.
+max_length tokens long (max_length is below the examples' lengths), as the estimate assumes; the estimate is given
+the share of the columns that carry the causal-LM loss in these batches (`loss_share`). Last line: one JSON object
+with the relative errors and the nf4 / float32 and nf4 / bfloat16 ratios.
 
     python scripts/estimate_check.py [--steps 3]
 """
@@ -51,12 +52,12 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
 
     from kasa.adapters import apply_adapters, aux_loss
     from kasa.cli.common import compose_run
+    from kasa.data.prompts import IGNORE_INDEX
     from kasa.estimate import estimate_memory
     from kasa.tasks import build_task
     from kasa.training.loop import build_optimizer
 
     cfg = compose_run(overrides)
-    estimate = estimate_memory(cfg)
     torch.manual_seed(0)
     task = build_task(cfg)
     before = resident_mib("VmRSS")
@@ -64,12 +65,17 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     apply_adapters(model, cfg.method)
     loader = DataLoader(task.train_dataset(tokenizer), batch_size=cfg.trainer.batch_size, shuffle=True,
                         collate_fn=task.collator(tokenizer))
+    batches = [batch for _, batch in zip(range(steps), loader)]
+    # The causal-LM loss covers the columns that predict a labelled token: the estimate is told their share.
+    share = 1.0 if cfg.task.kind == "glue" else max(
+        (b["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum().item() for b in batches) / cfg.trainer.max_length
+    estimate = estimate_memory(cfg, loss_share=share)
     optimizer = build_optimizer(model, cfg)
     model.train()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give loading's freed memory back before the peak is reset
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     lengths = []
-    for step, batch in zip(range(steps), loader):
+    for batch in batches:
         lengths.append(tuple(batch["input_ids"].shape))
         loss = task.loss(model, batch)
         extra = aux_loss(model)
@@ -77,7 +83,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {"measured_mib": resident_mib("VmHWM") - before, "estimate_mib": estimate["peak_bytes"] / 2**20,
-            "batch_shapes": lengths}
+            "batch_shapes": lengths, "loss_share": share}
 
 
 def main() -> None:

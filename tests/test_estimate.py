@@ -56,25 +56,42 @@ def test_counts_and_weight_bytes_equal_the_real_model(tmp_path) -> None:
     assert result["bytes"]["optimizer"] == 2 * result["bytes"]["adapters"] == 8 * counts.trainable
 
 
-def test_activations_match_what_a_real_forward_saves(tmp_path) -> None:
+@pytest.mark.parametrize("loss_share", [1.0, 0.5])
+def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float) -> None:
+    """Against a real training forward with kasa's causal-LM loss (the head and the float32 cross-entropy at the
+    kept columns only); the weights a layer saves for backward are weights, not activations."""
     cfg = tiny_run(tmp_path)
-    traced = estimate.activation_bytes(cfg, estimate.load_architecture(cfg.model), 4, 32)
+    traced = estimate.activation_bytes(cfg, estimate.load_architecture(cfg.model), 4, 32, loss_share)
     real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path),
                                                          attn_implementation="sdpa")
     kasa.apply_adapters(real, cfg.method)
     real.train()
+    weights = {t.untyped_storage().data_ptr() for t in [*real.parameters(), *real.buffers()]}
     sizes = {}
 
     def pack(tensor):
-        sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.untyped_storage().data_ptr() not in weights:
+            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     ids = torch.randint(0, 512, (4, 32))
+    columns = torch.arange(int(32 * loss_share))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        real(input_ids=ids, labels=ids)
+        logits = real(input_ids=ids, logits_to_keep=columns).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, columns].flatten())
     measured = sum(sizes.values())
     assert abs(traced.saved - measured) / measured < 0.1
     assert traced.saved_checkpointed < traced.saved
+
+
+def test_the_loss_share_shrinks_only_the_causal_lm_head(tmp_path) -> None:
+    cfg = tiny_run(tmp_path)
+    full, half = (estimate.estimate_memory(cfg, loss_share=share) for share in (1.0, 0.5))
+    head = 4 * 16 * 512 * 4  # batch x the 16 columns left out x vocabulary x float32
+    assert full["bytes"]["weights"] == half["bytes"]["weights"]
+    assert head <= full["bytes"]["activations"] - half["bytes"]["activations"] <= 3 * head
+    with pytest.raises(ValueError, match="loss_share must be in"):
+        estimate.estimate_memory(cfg, loss_share=0.0)
 
 
 def test_nf4_and_sharding_shrink_what_they_should(tmp_path) -> None:
@@ -101,6 +118,8 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     (["gpu_memory=lots"], "gpu_memory='lots' is not a memory size"),
     (["sharding=zero9"], "unknown sharding='zero9'"),
     (["num_processes=two"], "num_processes='two' is not a whole number"),
+    (["loss_share=most"], "loss_share='most' is not a number"),
+    (["loss_share=2"], "loss_share must be in (0, 1]"),
     (["recipe"], "arguments must be key=value"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys) -> None:

@@ -90,3 +90,19 @@ def test_every_command_start_quiets_the_optional_kernel_lookup(online_environmen
             "Skipping publisher trust check for 'kernels-community/x' because Hugging Face Hub is in offline mode.")
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_deepspeeds_cpu_fallback_notice_shows_only_where_there_is_a_gpu(monkeypatch, gpu):
+    """DeepSpeed says it found no GPU whenever a run saves; said on a machine with a GPU, it is news and stays."""
+    import logging
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    hub.quiet_kernel_lookup()
+    logger = logging.getLogger("DeepSpeed")
+    record = logger.makeRecord("DeepSpeed", logging.WARNING, "real_accelerator.py", 213,
+                               "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+                               "detect it.", (), None)
+    assert bool(logger.filter(record)) is gpu

@@ -5,8 +5,10 @@
     kasa-estimate recipe=commonsense/llama3_8b gpu_memory=80GiB num_processes=4 sharding=zero3
 
 Takes the recipe and overrides of kasa-train, plus `gpu_memory` (e.g. 24GiB; default 24GiB), `num_processes`
-(default 1) and `sharding` (none | zero2 | zero3 | fsdp: what the Accelerate config shards; default none). The
-architecture comes from model.path, the config.json kasa ships for its recipes' models (offline), or the Hub.
+(default 1), `sharding` (none | zero2 | zero3 | fsdp: what the Accelerate config shards; default none) and, for the
+causal-LM tasks, `loss_share` (the share of the max_length columns that predict a response token, where kasa
+computes the logits; default 1.0, an upper bound; e.g. 0.35 for Alpaca rows of 256 tokens). The architecture comes
+from model.path, the config.json kasa ships for its recipes' models (offline), or the Hub.
 Prints parameters, memory per part, peak with and without gradient checkpointing, whether it fits, and overrides
 that would make it fit; the last line is one JSON object.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 from kasa.cli.common import compose_run, fail, quiet_libraries, run_reporting_errors
 
-OWN_KEYS = ("gpu_memory", "num_processes", "sharding")
+OWN_KEYS = ("gpu_memory", "num_processes", "sharding", "loss_share")
 
 
 def _gib(value: float) -> str:
@@ -35,10 +37,14 @@ def run(argv: list[str]) -> dict[str, Any]:
         processes = int(own.get("num_processes", "1"))
     except ValueError:
         raise ValueError(f"num_processes={own['num_processes']!r} is not a whole number: e.g. num_processes=4")
+    try:
+        loss_share = float(own.get("loss_share", "1.0"))
+    except ValueError:
+        raise ValueError(f"loss_share={own['loss_share']!r} is not a number: e.g. loss_share=0.35")
     sharding = own.get("sharding", "none")
     cfg = compose_run([a for a in argv if a.split("=", 1)[0] not in OWN_KEYS])
     quiet_libraries()
-    estimate = estimate_memory(cfg, processes, sharding)
+    estimate = estimate_memory(cfg, processes, sharding, loss_share=loss_share)
     parts = estimate["bytes"]
     quant = f", {estimate['quantization']} base" if estimate["quantization"] else ""
     print(f"{cfg.model.name} ({estimate['dtype']}{quant}), method {cfg.method.method}, per process of "
@@ -58,7 +64,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     checkpointing = "on" if estimate["gradient_checkpointing"] else "off"
     print(f"peak {_gib(estimate['peak_bytes'])} (gradient checkpointing {checkpointing}) on {_gib(gpu_bytes)} "
           f"({_gib(RESERVE_BYTES)} kept for the CUDA context): {'fits' if fits else 'does NOT fit'}")
-    found = [] if fits else suggestions(cfg, estimate, gpu_bytes, processes, sharding)
+    found = [] if fits else suggestions(cfg, estimate, gpu_bytes, processes, sharding, loss_share)
     for overrides, peak in found:
         print(f"  fits with {overrides}  (peak {_gib(peak)})")
     if not fits and not found:
