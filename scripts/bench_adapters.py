@@ -18,7 +18,7 @@ Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of
 4. Adapter loading: `kasa.load_adapter` of a saved KaSA adapter onto a fresh base model, against `apply_adapters`
    with decomposition (and plain LoRA creation for scale).
 5. Activation basis: `apply_adapters` with `truncation_basis="activation"` (the calibration pass over
-   256 x 32 random tokens, i.e. the default 256 calibration examples at a GLUE-like length, plus the decomposition
+   the default method.calibration_samples (128) x 32 random tokens, a GLUE-like length, plus the decomposition
    of W L) against the weight basis's `apply_adapters` (both without cache): `activation_init_ratio`; the
    calibration pass alone is timed too (`activation_calibration_s`).
 
@@ -64,7 +64,7 @@ TARGETS = {
     "cached_init_ratio": 0.05,
     "activation_init_ratio": 3.0,
 }
-CALIBRATION_EXAMPLES, CALIBRATION_LEN = 256, 32
+CALIBRATION_EXAMPLES, CALIBRATION_LEN = kasa.AdapterConfig().calibration_samples, 32
 
 
 @dataclass

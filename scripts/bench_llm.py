@@ -12,7 +12,8 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
    batches (`trainer.group_by_length`), with KaSA; one pass of each mode in turn, repeated; median tokens/s.
    Packed batches hold about as many real tokens per step as padded ones.
 3. Peak memory of a KaSA step (two steps, the first creating the AdamW state, gradient checkpointing on, batch of
-   padded examples) on the float32 base, the bfloat16 base and the nf4 base (`model.quantization=nf4`), each in a
+   padded examples) on the float32 base, the bfloat16 base and the nf4 base (`model.quantization=nf4`) computing in
+   float32 (`nf4_memory_ratio`) and in bfloat16 as QLoRA and the 24 GB recipes do (`nf4_bf16_memory_ratio`), each in a
    fresh process: the peak resident memory while stepping (Linux VmHWM, reset after loading) minus the process's
    resident memory before the model loaded (torch and the libraries), with glibc's mmap threshold fixed so that
    freed memory leaves the process at once.
@@ -268,7 +269,7 @@ def run(quick: bool, data: Path) -> None:
 
     memory = {}
     for name, dtype, quantization in (("float32", "float32", None), ("bfloat16", "bfloat16", None),
-                                      ("nf4", "float32", "nf4")):
+                                      ("nf4", "float32", "nf4"), ("nf4_bf16", "bfloat16", "nf4")):
         memory[name] = run_memory_worker(dtype, quantization, data)
         print(f"memory      {name:<10}       load {os.getloadavg()[0]:5.1f}  peak {memory[name]['peak_mib']:.0f} MiB "
               f"(weights and adapters {memory[name]['weights_loaded_mib']:.0f} MiB)", flush=True)
@@ -280,6 +281,7 @@ def run(quick: bool, data: Path) -> None:
         "step_ratio_kasa_peft_lora": step["kasa"] / step["peft-lora"],
         "nf4_memory_ratio": memory["nf4"]["peak_mib"] / memory["float32"]["peak_mib"],
         "bf16_memory_ratio": memory["bfloat16"]["peak_mib"] / memory["float32"]["peak_mib"],
+        "nf4_bf16_memory_ratio": memory["nf4_bf16"]["peak_mib"] / memory["float32"]["peak_mib"],
         "estimate_error": max((abs(m["estimate_mib"] - m["peak_mib"]) / m["peak_mib"] for m in memory.values()
                                if "estimate_mib" in m), default=None),
         "estimate_mib": {k: round(v["estimate_mib"], 1) for k, v in memory.items() if "estimate_mib" in v},

@@ -200,11 +200,12 @@ def moment_groups(model: nn.Module, modules: dict[str, nn.Module], batches: Sequ
     """The modules' input moments, group by group in the order the modules run, each group's matrices within
     `memory_gib` (one group always holds at least one input); a group is freed once the caller drops it (`del` it before asking for the next).
 
-    A first forward of one batch finds the order and which modules share an input."""
+    A first forward of one example finds the order and which modules share an input."""
     if not batches:
         raise ValueError("no calibration batch: raise method.calibration_samples or check the training split")
     probe = _InputHooks(modules, accumulate=False)
-    _run(model, probe, batches[:1])
+    first_example = {k: v[:1] if torch.is_tensor(v) else v for k, v in batches[0].items()}
+    _run(model, probe, [first_example])
     _check_all_ran(modules, probe)
     budget = memory_gib * 2**30
     groups, group, used = [], [], 0.0

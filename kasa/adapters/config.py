@@ -64,7 +64,7 @@ class AdapterConfig:
     svd_device: str | None = None
     svd_cache_dir: str | None = None
     truncation_basis: str = "weight"
-    calibration_samples: int = 256
+    calibration_samples: int = 128
     calibration_damping: float = 1e-6
     calibration_memory_gib: float = 4.0
     peft_options: dict[str, Any] = field(default_factory=dict)
