@@ -78,7 +78,7 @@ def _meta_model(cfg, architecture) -> nn.Module:
     import transformers
 
     from kasa.adapters import apply_adapters
-    from kasa.training.models import DTYPES
+    from kasa.tasks.models import DTYPES
 
     dtype = DTYPES.get(cfg.model.dtype)
     if dtype is None:
@@ -188,7 +188,7 @@ def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: flo
 
 
 def _dtype(cfg) -> torch.dtype:
-    from kasa.training.models import DTYPES
+    from kasa.tasks.models import DTYPES
 
     return DTYPES[cfg.model.dtype]
 

@@ -52,7 +52,7 @@ from kasa.config import ModelConfig, RunConfig  # noqa: E402
 from kasa.data.prompts import IGNORE_INDEX, format_instruction_example  # noqa: E402
 from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
-from kasa.training.models import load_causal_lm, load_tokenizer  # noqa: E402
+from kasa.tasks.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parents[1]

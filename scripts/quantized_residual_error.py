@@ -32,7 +32,7 @@ from kasa.adapters import quantized
 from kasa.adapters.model import adapted_layers
 from kasa.cli.common import register_resolvers
 from kasa.config import ModelConfig
-from kasa.training.models import load_causal_lm, load_tokenizer, model_source
+from kasa.tasks.models import load_causal_lm, load_tokenizer, model_source
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

@@ -16,7 +16,7 @@ Every `key=v1,v2,...` argument is a sweep axis (commas inside [...], {...}, (...
 `model.target_modules=[query,value]` is one value); `key=value` is passed to every job. The grid is the product of
 the axes in the order given, the last one varying fastest (the order of Hydra's multirun), and job i runs with
 `hydra.run.dir=<sweep dir>/<i>`. Written into the sweep directory: sweep_jobs.json (each job's overrides, command,
-exit status and seconds, updated as jobs finish) and, from kasa.evaluation.sweep.summarize_sweep, sweep_summary.md,
+exit status and seconds, updated as jobs finish) and, from kasa.analysis.sweep.summarize_sweep, sweep_summary.md,
 sweep_summary.csv and the beta x gamma heatmap. A job whose folder already holds summary.json is skipped, so an
 interrupted sweep continues where it stopped when run again with the same --sweep-dir. A failed job is reported and
 the sweep goes on (--stop-on-error to stop); the exit status is 1 if any job failed.
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stop_on_error:
                 break
 
-    from kasa.evaluation.sweep import summarize_sweep
+    from kasa.analysis.sweep import summarize_sweep
 
     summary = summarize_sweep(sweep_dir)
     print(f"sweep summary: {summary} ({len(jobs) - failed} of {len(jobs)} jobs finished)")

@@ -28,9 +28,9 @@ import kasa
 from kasa.cli.common import fail, register_resolvers
 from kasa.config import ModelConfig
 from kasa.data.prompts import IGNORE_INDEX, alpaca_prompt
-from kasa.evaluation.commonsense import load_commonsense_file
+from kasa.data.files import load_commonsense_file
 from kasa.tasks.causal_lm import PadCollator, encode_prompt_response
-from kasa.training.models import load_causal_lm, load_tokenizer
+from kasa.tasks.models import load_causal_lm, load_tokenizer
 
 DEFAULT_ROWS = (
     "q_proj,v_proj:4",

@@ -8,22 +8,14 @@ import gzip
 import pytest
 
 from kasa.data.errors import DataError
-from kasa.evaluation.commonsense import load_commonsense_file
-from kasa.evaluation.e2e_metrics import read_e2e_file
-from kasa.evaluation.judge import load_mt_bench_questions
-
-
-def _instruction_rows(path):
-    from kasa.tasks.instruction import read_rows  # imports transformers: only this case pays for it
-
-    return read_rows(path)
+from kasa.data.files import load_commonsense_file, load_mt_bench_questions, read_e2e_file, read_rows
 
 
 @pytest.mark.parametrize("reader, name", [
     (load_commonsense_file, "test.json"),
     (read_e2e_file, "testset.csv"),
     (load_mt_bench_questions, "question.jsonl"),
-    (_instruction_rows, "train.json"),
+    (read_rows, "train.json"),
 ])
 def test_binary_file_is_named(tmp_path, reader, name):
     path = tmp_path / name

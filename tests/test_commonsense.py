@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kasa.data.errors import DataError
+from kasa.data.files import load_commonsense_file
 from kasa.data.prompts import styled_prompt
 from kasa.evaluation.commonsense import (
     COMMONSENSE_TASKS,
@@ -15,7 +16,6 @@ from kasa.evaluation.commonsense import (
     alpaca_prompt,
     extract_answer,
     llm_adapters_response,
-    load_commonsense_file,
     results_table,
 )
 

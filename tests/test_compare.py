@@ -12,9 +12,9 @@ import pytest
 
 from cli_helpers import run_cli, write_tsv
 from kasa.cli.compare import main as compare_main
-from kasa.cli.compare import plot_main
-from kasa.evaluation import compare
-from kasa.evaluation.compare import build_table, collect_runs, format_params
+from kasa.cli.plot import main as plot_main
+from kasa.analysis import compare
+from kasa.analysis.compare import build_table, collect_runs, format_params
 
 TASKS = {"mrpc": "accuracy", "cola": "matthews", "rte": "accuracy"}
 PARAMS = {"lora": 294_912, "pissa": 294_912, "kasa": 295_104, "full": 124_647_170}

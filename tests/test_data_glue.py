@@ -184,7 +184,7 @@ def test_missing_data_dir(tmp_path: Path) -> None:
 
 
 def test_missing_split_file_lists_files(sst2: Path) -> None:
-    with pytest.raises(DataError, match="no file for split 'validation_mismatched'.*files present: \\['dev.tsv', "
+    with pytest.raises(DataError, match="no file for split 'validation_mismatched'.*found \\['dev.tsv', "
                                         "'train.tsv'\\].*task.train_split / task.eval_split"):
         load_glue_splits(task(sst2, eval_split="validation_mismatched"))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kasa.evaluation import e2e_metrics
+from kasa.data.files import read_e2e_file
 from kasa.evaluation.e2e_metrics import (
     E2E_METRIC_NAMES,
     bleu_nist_scores,
@@ -22,7 +23,6 @@ from kasa.evaluation.e2e_metrics import (
     e2e_scores,
     group_references,
     mteval_tokenize,
-    read_e2e_file,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -194,7 +194,7 @@ def test_compare_and_sweep_skip_and_name_runs_without_a_finite_result(tmp_path, 
     """A summary with best -Infinity (written by older versions for a run that never evaluated) is no result."""
     import logging
 
-    from kasa.evaluation import compare, sweep
+    from kasa.analysis import compare, sweep
 
     for job, best in (("0", 0.7), ("1", -math.inf), ("2", 0.8)):
         (tmp_path / job / ".hydra").mkdir(parents=True)

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from kasa.data.errors import DataError
+from kasa.data.files import load_mt_bench_questions
 from kasa.evaluation.judge import (
     Judge,
     JudgeConfig,
     JudgeError,
     build_judge_prompt,
-    load_mt_bench_questions,
     mean_score,
     parse_score,
 )

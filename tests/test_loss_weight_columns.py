@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kasa.adapters.config import METHODS, AdapterConfig, has_loss_weight
-from kasa.evaluation import compare
-from kasa.evaluation.sweep import summarize_sweep
+from kasa.analysis import compare
+from kasa.analysis.sweep import summarize_sweep
 
 
 def write_run(directory: Path, method: str, beta: float, gamma: float, seed: int, best: float, **extra) -> None:

@@ -1,4 +1,4 @@
-"""kasa.evaluation.plots from small saved files written by the tests: the data each figure plotted (returned and
+"""kasa.analysis.plots from small saved files written by the tests: the data each figure plotted (returned and
 written as JSON next to the PNG), not its pixels."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import kasa
-from kasa.cli.compare import plot_main
-from kasa.evaluation import plots
+from kasa.cli.plot import main as plot_main
+from kasa.analysis import plots
 
 
 def check_files(data: dict, folder: Path, stem: str) -> dict:

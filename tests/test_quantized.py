@@ -14,7 +14,7 @@ from kasa.adapters import quantized, truncation  # noqa: E402
 from kasa.adapters.layer import AdaptedLayer  # noqa: E402
 from kasa.adapters.model import adapted_layers  # noqa: E402
 from kasa.config import ModelConfig, RunConfig  # noqa: E402
-from kasa.training.models import load_causal_lm  # noqa: E402
+from kasa.tasks.models import load_causal_lm  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 

@@ -1,4 +1,4 @@
-"""kasa.evaluation.sweep on fake Hydra multirun directories (no training involved)."""
+"""kasa.analysis.sweep on fake Hydra multirun directories (no training involved)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kasa.evaluation import sweep
-from kasa.evaluation.sweep import summarize_sweep
+from kasa.analysis import sweep
+from kasa.cli import sweep as sweep_cli
+from kasa.analysis.sweep import summarize_sweep
 
 BETAS = [1e-4, 1e-2]
 GAMMAS = [1e-3, 1e-1]
@@ -112,7 +113,7 @@ def test_runs_without_summary_are_skipped_with_a_warning(grid_sweep, caplog):
     broken = sweep_dir / "13"
     broken.mkdir()
     (broken / "summary.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="kasa.evaluation.sweep"):
+    with caplog.at_level(logging.WARNING, logger="kasa.analysis.sweep"):
         md = summarize_sweep(sweep_dir)
     assert any("12" in r.getMessage() and "summary.json" in r.getMessage() for r in caplog.records)
     assert any("13" in r.getMessage() for r in caplog.records)
@@ -180,10 +181,10 @@ def test_methods_split_heatmap_into_panels(tmp_path):
 
 def test_main_prints_the_table(grid_sweep, capsys):
     sweep_dir, _ = grid_sweep
-    assert sweep.main([str(sweep_dir)]) == 0
+    assert sweep_cli.main([str(sweep_dir)]) == 0
     out = capsys.readouterr().out
     assert "| method | rank | beta | gamma |" in out
-    assert sweep.main([str(sweep_dir / "missing")]) == 2
+    assert sweep_cli.main([str(sweep_dir / "missing")]) == 2
 
 
 def test_empty_sweep_still_writes_a_summary(tmp_path):

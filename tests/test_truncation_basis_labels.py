@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kasa.evaluation.compare import build_table, collect_runs
-from kasa.evaluation.plots import ablation
+from kasa.analysis.compare import build_table, collect_runs
+from kasa.analysis.plots import ablation
 
 
 def _run(directory: Path, method: str, seed: int, best: float, basis: str | None) -> None:

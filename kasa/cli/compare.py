@@ -1,12 +1,7 @@
-"""kasa-compare and kasa-plot: the paper's tables and figures from finished runs (their saved files only).
+"""kasa-compare: the paper's comparison tables from finished runs (their saved files only).
 
     kasa-compare runs/sweeps/mrpc/... runs/sweeps/cola/... --metric-scale 100 [--out DIR] [--plots]
-        table 1 style comparison: comparison.md, comparison.csv, comparison.tex (see kasa.evaluation.compare)
-    kasa-plot runs/cola/kasa/2026-01-01_10-00-00 [--layer 11] [--checkpoint best]
-        one run: singular values per layer and position (figure 4), regularisation terms and loss (figure 11)
-    kasa-plot runs/sweeps/ablation_mrpc/... [more sweeps] [--out DIR] [--metric-scale 100]
-        runs of sweeps: ablation bars (figure 2), metric vs rank r (figure 3 / table 13), metric vs truncation
-        rank k (figure 9), whichever the runs support; --kind picks plots explicitly
+        table 1 style comparison: comparison.md, comparison.csv, comparison.tex (see kasa.analysis.compare)
 """
 
 from __future__ import annotations
@@ -15,18 +10,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-RUN_KINDS = ("singular-values", "regularization")
-SWEEP_KINDS = ("ablation", "rank", "truncation")
-
-
-def _report_errors(function: Callable[[], Any]) -> Any:
-    try:
-        return function()
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+from kasa.cli.common import run_reporting_errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,82 +37,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
-    from kasa.evaluation.compare import compare, to_markdown
+    from kasa.analysis.compare import compare, to_markdown
 
-    table, files = _report_errors(lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by))
+    table, files = run_reporting_errors(lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by))
     print(to_markdown(table, args.dirs), end="")
     written = list(files.values())
     if args.plots:
-        from kasa.evaluation.plots import plot_sweep
+        from kasa.analysis.plots import plot_sweep
 
         out = files["markdown"].parent
-        done = _report_errors(lambda: plot_sweep(args.dirs, out, args.metric_scale))
+        done = run_reporting_errors(lambda: plot_sweep(args.dirs, out, args.metric_scale))
         written += [data["png"] for data in done.values()]
     print("\nwritten: " + ", ".join(str(p) for p in written))
-    return 0
-
-
-def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("summary.json", "regularization.jsonl", "adapter_model.safetensors",
-                                                   "checkpoints"))
-
-
-def plot_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kasa-plot",
-        description="The paper's analysis plots (PNG + the plotted data as JSON) from saved run files. One run "
-        "directory: singular values per layer and position (figure 4) and the regularisation terms with the loss "
-        "(figure 11). Sweep directories: ablation bars (figure 2), metric vs rank r (figure 3), metric vs "
-        "truncation rank k (figure 9), whichever the runs support.",
-    )
-    parser.add_argument("dirs", nargs="+", type=Path, help="a run directory (or checkpoint), or sweep directories")
-    parser.add_argument("--kind", action="append", choices=RUN_KINDS + SWEEP_KINDS, default=None,
-                        help="draw only these plots (repeatable; default: all that apply)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: the run or sweep directory; required for several sweeps)")
-    parser.add_argument("--layer", type=int, default=None, help="figure 11's layer (default: the last)")
-    parser.add_argument("--checkpoint", default="best", help="figure 4's checkpoint: best (default) or last")
-    parser.add_argument("--metric-scale", type=float, default=1.0, help="multiply the scores (e.g. 100)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-
-    from kasa.evaluation import plots
-
-    kinds = args.kind
-    single = len(args.dirs) == 1 and _is_run_dir(args.dirs[0])
-    if kinds is None:
-        kinds = list(RUN_KINDS if single else SWEEP_KINDS)
-        automatic = True
-    else:
-        automatic = False
-    run_kinds = [k for k in kinds if k in RUN_KINDS]
-    sweep_kinds = [k for k in kinds if k in SWEEP_KINDS]
-    if run_kinds and len(args.dirs) != 1:
-        print("error: singular-values and regularization plots take one run directory", file=sys.stderr)
-        return 2
-
-    def draw() -> dict[str, dict[str, Any]]:
-        done: dict[str, dict[str, Any]] = {}
-        if automatic and single:
-            return plots.plot_run(args.dirs[0], args.layer, args.checkpoint, args.out)
-        if automatic:
-            return plots.plot_sweep(args.dirs, args.out, args.metric_scale)
-        for kind in run_kinds:
-            if kind == "singular-values":
-                done[kind] = plots.singular_values(args.dirs[0], args.checkpoint, args.out)
-            else:
-                done[kind] = plots.regularization(args.dirs[0], args.layer, args.out)
-        for kind in sweep_kinds:
-            done[kind] = getattr(plots, kind)(args.dirs, args.out, args.metric_scale)
-        return done
-
-    done = _report_errors(draw)
-    if not done:
-        print("error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
-              "truncation sweep among the runs (sweeps)", file=sys.stderr)
-        return 2
-    for kind, data in done.items():
-        print(f"{kind}: {data['png']}")
     return 0
 
 

@@ -95,7 +95,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         save_peft_adapter,
     )
     from kasa.tasks import build_task
-    from kasa.training.models import model_source
+    from kasa.tasks.models import model_source
 
     checkpoint, run_dir = checkpoint.absolute(), run_dir.absolute()
     if output == checkpoint or output in checkpoint.parents:

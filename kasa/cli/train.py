@@ -53,7 +53,7 @@ class SweepSummaryCallback(Callback):
     """After a --multirun finishes, write the sweep summary (markdown, CSV, beta x gamma heatmap)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from kasa.evaluation.sweep import summarize_sweep
+        from kasa.analysis.sweep import summarize_sweep
 
         path = summarize_sweep(Path(config.hydra.sweep.dir))
         log.info("sweep summary: %s", path)

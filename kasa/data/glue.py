@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict, Features, Value
 
 from kasa.config import TaskConfig
 from kasa.data.errors import DataError, not_text
+from kasa.data.sources import find_split_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -157,20 +158,13 @@ def _load_local(task: TaskConfig, splits: Sequence[str]) -> dict[str, Dataset]:
 
 def _split_file(data_dir: Path, split: str) -> Path:
     """The file holding `split`: its GLUE name (train.tsv, dev.tsv, dev_matched.tsv, test.tsv) or `<split>.tsv`,
-    with .csv accepted in place of .tsv."""
-    candidates = [
-        data_dir / f"{stem}{suffix}"
-        for stem in dict.fromkeys((*_SPLIT_STEMS.get(split, ()), split))
-        for suffix in _DELIMITERS
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    present = sorted(path.name for path in data_dir.iterdir() if path.is_file())
-    raise DataError(
-        f"no file for split '{split}' in {data_dir} (looked for {', '.join(path.name for path in candidates)}); "
-        f"files present: {present or 'none'}; set task.train_split / task.eval_split to one of their stems"
-    )
+    with .csv accepted in place of .tsv (kasa.data.sources.find_split_file)."""
+    stems = dict.fromkeys((*_SPLIT_STEMS.get(split, ()), split))
+    path = find_split_file(data_dir, split, [f"{stem}{suffix}" for stem in stems for suffix in _DELIMITERS],
+                           suffixes=tuple(_DELIMITERS))
+    if path.suffix not in _DELIMITERS:
+        raise DataError(f"{path} is not a GLUE table: give a .tsv or .csv file")
+    return path
 
 
 def _with_hub_names(header: list[str], wanted: list[str]) -> list[str]:

@@ -14,15 +14,16 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 """File name endings that mark a split value as a file rather than a Hub split name."""
 
 
-def find_split_file(data_dir: str | Path, split: str, candidates: Sequence[str]) -> Path:
+def find_split_file(data_dir: str | Path, split: str, candidates: Sequence[str],
+                    suffixes: Sequence[str] = DATA_SUFFIXES) -> Path:
     """The first of `candidates` (file names) that exists in `data_dir`; `split` itself may also name a file
     relative to data_dir, with or without its extension (`devset` finds devset.csv, `boolq/train` finds
-    boolq/train.json), or be the path of a file anywhere."""
+    boolq/train.json), or be the path of a file anywhere. `suffixes`: the file types the caller reads."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DataError(f"task.data_dir={data_dir} is not a directory: point it at the folder with the data files")
-    suffixes = dict.fromkeys(Path(name).suffix for name in candidates if Path(name).suffix)
-    names = (*candidates, split, *(f"{split}{suffix}" for suffix in (*suffixes, *DATA_SUFFIXES)))
+    own = dict.fromkeys(Path(name).suffix for name in candidates if Path(name).suffix)
+    names = (*candidates, split, *(f"{split}{suffix}" for suffix in (*own, *suffixes)))
     for name in names:
         if (folder / name).is_file():
             return folder / name

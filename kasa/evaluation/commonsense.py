@@ -17,18 +17,15 @@ does the same."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional
 
-from kasa.data.errors import DataError, read_text
 from kasa.data.prompts import RESPONSE_MARKER, alpaca_prompt
 
 __all__ = [
     "COMMONSENSE_TASKS", "TASK_LABELS", "accuracy", "alpaca_prompt", "extract_answer", "llm_adapters_response",
-    "load_commonsense_file", "results_table",
+    "results_table",
 ]
 
 COMMONSENSE_TASKS: tuple[str, ...] = (
@@ -54,7 +51,6 @@ _ANSWER_PATTERNS: dict[str, re.Pattern[str]] = {
     "openbookqa": _CHOICES,
 }
 
-_REQUIRED_FIELDS = ("instruction", "output", "answer")
 
 
 def _pattern(task: str) -> re.Pattern[str]:
@@ -88,32 +84,6 @@ def accuracy(task: str, generations: Sequence[str], answers: Sequence[str]) -> f
         raise ValueError("accuracy of no examples is undefined; the test set is empty")
     correct = sum(extract_answer(task, text) == answer for text, answer in zip(generations, answers))
     return correct / len(answers)
-
-
-def load_commonsense_file(path: Union[str, Path]) -> list[dict[str, Any]]:
-    """The rows of an LLM-Adapters JSON file (a list of objects with string `instruction`, `output`, `answer` and an
-    optional `input`, filled in as "" when absent) so every row can go straight into a prompt."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; point to an LLM-Adapters file such as dataset/boolq/test.json")
-    try:
-        rows = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(rows, list) or not rows:
-        raise DataError(f"{path} must hold a non-empty JSON list of objects, one per example")
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise DataError(f"{path}: row {i} is a {type(row).__name__}, not an object")
-        missing = [field for field in _REQUIRED_FIELDS if not isinstance(row.get(field), str)]
-        if missing:
-            raise DataError(
-                f"{path}: row {i} lacks string field(s) {', '.join(missing)}; an LLM-Adapters row has "
-                "instruction, input, output and answer"
-            )
-        if not isinstance(row.get("input", ""), str):
-            raise DataError(f"{path}: row {i} has a non-string 'input'")
-    return [{**row, "input": row.get("input", "")} for row in rows]
 
 
 def results_table(per_task: Mapping[str, float]) -> str:

@@ -16,16 +16,12 @@ CIDEr around 2 on E2E."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 import shutil
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
-from kasa.data.errors import read_text
 
 E2E_METRIC_NAMES: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -260,51 +256,3 @@ def group_references(mrs: Sequence[str], refs: Sequence[str]) -> tuple[list[str]
     for mr, ref in zip(mrs, refs):
         grouped.setdefault(mr, []).append(ref)
     return list(grouped), list(grouped.values())
-
-
-def read_e2e_file(path: str | Path) -> tuple[list[str], list[str]]:
-    """(MRs, references), one pair per row, from either E2E layout:
-
-    - the official release CSV: a `mr,ref` header, then quoted `"MR","reference"` rows;
-    - the LoRA paper's text layout: `name : X | area : Y||reference`, one pair per line (tokenised text).
-
-    Surrounding whitespace of each field is stripped, as the official script does. Anything else (for instance
-    the MR-only test set) is a ValueError, so a wrong file fails loudly instead of being scored."""
-    path = Path(path)
-    text = read_text(path, encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
-    first_line = text.split("\n", 1)[0].strip()
-    if re.fullmatch(r'"?mr"?\s*,\s*"?ref"?', first_line, flags=re.IGNORECASE):
-        return _read_csv_layout(path, text)
-    if "||" in first_line:
-        return _read_lora_layout(path, text)
-    raise ValueError(
-        f"{path}: unknown E2E layout (first line {first_line[:80]!r}); expected the official CSV with a 'mr,ref' "
-        "header or the LoRA layout 'name : X | area : Y||reference' per line"
-    )
-
-
-def _read_csv_layout(path: Path, text: str) -> tuple[list[str], list[str]]:
-    mrs, refs = [], []
-    reader = csv.reader(io.StringIO(text, newline=""))
-    next(reader)  # the mr,ref header
-    for row in reader:
-        if not row:
-            continue
-        if len(row) != 2:
-            raise ValueError(f"{path}, line {reader.line_num}: expected 2 fields (mr, ref), got {len(row)}")
-        mrs.append(row[0].strip())
-        refs.append(row[1].strip())
-    return mrs, refs
-
-
-def _read_lora_layout(path: Path, text: str) -> tuple[list[str], list[str]]:
-    mrs, refs = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if "||" not in line:
-            raise ValueError(f"{path}, line {line_number}: no '||' between the MR and the reference")
-        mr, ref = line.split("||", 1)
-        mrs.append(mr.strip())
-        refs.append(ref.strip())
-    return mrs, refs

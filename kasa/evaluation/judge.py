@@ -20,16 +20,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from string import Template
-from typing import Any, Optional, Union
-
-from kasa.data.errors import DataError, read_text
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "JUDGE_PROMPT", "Judge", "JudgeConfig", "JudgeError", "build_judge_prompt", "load_mt_bench_questions",
+    "JUDGE_PROMPT", "Judge", "JudgeConfig", "JudgeError", "build_judge_prompt",
     "mean_score", "parse_score",
 ]
 
@@ -279,33 +276,3 @@ def _follow_up(questions: Sequence[str], answers: Sequence[str], question: str) 
     )
 
 
-def load_mt_bench_questions(path: Union[str, Path]) -> list[dict[str, Any]]:
-    """The questions of an MT-Bench question.jsonl file (one JSON object a line with an int `question_id`, a
-    `category` and a list of string `turns`, plus an optional `reference` list), checked so that a malformed line
-    fails here, naming its line, rather than midway through a paid judging run."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; point to MT-Bench's question.jsonl")
-    questions = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            question = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where} is not valid JSON ({err})") from None
-        if not isinstance(question, dict):
-            raise DataError(f"{where} is not a JSON object")
-        turns = question.get("turns")
-        if not isinstance(question.get("question_id"), int) or not isinstance(question.get("category"), str):
-            raise DataError(f"{where} needs an integer 'question_id' and a string 'category'")
-        if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
-            raise DataError(f"{where} needs 'turns', a non-empty list of strings")
-        reference = question.get("reference")
-        if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
-            raise DataError(f"{where} has a 'reference' that is not a list of strings")
-        questions.append(question)
-    if not questions:
-        raise DataError(f"{path} holds no questions")
-    return questions

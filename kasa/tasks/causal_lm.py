@@ -20,7 +20,7 @@ from kasa.config import RunConfig
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
-from kasa.training.models import load_causal_lm, load_tokenizer
+from kasa.tasks.models import load_causal_lm, load_tokenizer
 
 
 class PadCollator:

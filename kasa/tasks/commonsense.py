@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kasa.data.errors import DataError
+from kasa.data.files import load_commonsense_file
 from kasa.data.prompts import styled_prompt
 from kasa.data.sources import load_hub_split, local_split_file
 from kasa.evaluation.commonsense import (
@@ -22,7 +23,6 @@ from kasa.evaluation.commonsense import (
     accuracy,
     extract_answer,
     llm_adapters_response,
-    load_commonsense_file,
     results_table,
 )
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset

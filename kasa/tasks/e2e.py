@@ -16,13 +16,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kasa.data.errors import DataError
+from kasa.data.files import read_e2e_file
 from kasa.data.sources import load_hub_split, local_split_file
 from kasa.evaluation.e2e_metrics import (
     JAVA_HINT,
     PYCOCOEVALCAP_HINT,
     e2e_scores,
     group_references,
-    read_e2e_file,
 )
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
 

@@ -15,7 +15,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from kasa.config import RunConfig
 from kasa.data.glue import encode_glue, load_glue_splits
 from kasa.evaluation.evaluate import evaluate_classifier
-from kasa.training.models import load_classifier, load_tokenizer
+from kasa.tasks.models import load_classifier, load_tokenizer
 
 
 class GlueTask:

@@ -16,7 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kasa.config import RunConfig
-from kasa.data.errors import DataError, read_text
+from kasa.data.errors import DataError
+from kasa.data.files import load_mt_bench_questions, read_rows
 from kasa.data.prompts import (
     conversation_prompt,
     format_instruction_example,
@@ -25,28 +26,8 @@ from kasa.data.prompts import (
     reference_answer,
 )
 from kasa.data.sources import load_hub_split, local_split_file
-from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, load_mt_bench_questions, mean_score
+from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON list file or a JSON-lines file (either suffix)."""
-    text = read_text(path)
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} is neither a JSON list nor JSON lines ({err})") from None
-    if isinstance(rows, dict):
-        rows = [rows]
-    if not isinstance(rows, list) or not rows:
-        raise DataError(f"{path} holds no examples")
-    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise DataError(f"{path}: example {bad} is not a JSON object")
-    return rows
 
 
 class InstructionTask(CausalLMTask):

@@ -58,7 +58,7 @@ from kasa.training.checkpoint import (
 from kasa.tasks.batching import LengthGroupedSampler
 from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
 from kasa.training.console import Console
-from kasa.training.models import load_tokenizer, whole_weights
+from kasa.tasks.models import load_tokenizer, whole_weights
 from kasa.training.preflight import RunStart, check_run_start
 from kasa.training.run_lock import RunLock
 from kasa.training.signals import StopSignals, TrainingInterrupted

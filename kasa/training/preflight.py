@@ -136,7 +136,7 @@ def _parameter_count(cfg: RunConfig) -> int | None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto.auto_factory import _get_model_class
 
-    from kasa.training.models import hub_options, model_source
+    from kasa.tasks.models import hub_options, model_source
 
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code, **hub_options(cfg.model)}
     if cfg.model.gguf_file:

@@ -1,6 +1,6 @@
 """Summarise a Hydra multirun (e.g. `kasa-train -m recipe=... method.beta=1e-4,1e-3 method.gamma=1e-4,1e-3 seed=0,1,2`).
 
-    python -m kasa.evaluation.sweep runs/sweeps/cola/2025-01-01_12-00-00
+    python -m kasa.cli.sweep runs/sweeps/cola/2025-01-01_12-00-00   (kasa-train writes it after every multirun)
 
 Every run of the sweep is a folder under the sweep directory holding the `summary.json` that training writes
 (keys used: task, method, metric, best, seed, rank, beta, gamma and, when present, `overrides`, the run's Hydra
@@ -23,12 +23,10 @@ Table 15; one panel per combination of the other setting values) plus heatmap.js
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -326,7 +324,7 @@ def write_markdown(
         "",
         f"- task: {', '.join(tasks) or '?'}; metric: {', '.join(metrics) or '?'} (`best` = best validation epoch)",
         f"- runs summarised: {len(runs)}; skipped (no usable {SUMMARY_FILE}): {len(skipped)}",
-        f"- statistics over the seeds of each setting; std is the sample standard deviation (ddof 1)",
+        "- statistics over the seeds of each setting; std is the sample standard deviation (ddof 1)",
     ]
     if skipped:
         lines.append(f"- skipped: {', '.join(str(p.relative_to(sweep_dir)) for p in skipped)}")
@@ -372,26 +370,3 @@ def summarize_sweep(sweep_dir: Path) -> Path:
         )
         (sweep_dir / HEATMAP_DATA_FILE).write_text(json.dumps([g.to_dict() for g in grids], indent=2) + "\n")
     return write_markdown(rows, keys, runs, skipped, sweep_dir, heatmap, sweep_dir / MARKDOWN_FILE)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kasa.evaluation.sweep",
-        description="Summarise a Hydra multirun directory: median/min/max/std of the best score per setting over "
-        "seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma heatmap when either varies.",
-    )
-    parser.add_argument("sweep_dir", type=Path, help="the multirun directory (hydra.sweep.dir)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        path = summarize_sweep(args.sweep_dir)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path.read_text(), end="")
-    print(f"\nwritten: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kasa.evaluation.compare import (
+from kasa.analysis.compare import (
     collect_runs,
     method_label,
     run_config,
@@ -36,7 +36,7 @@ from kasa.evaluation.compare import (
     truncation_basis,
 )
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
-from kasa.evaluation.sweep import Run
+from kasa.analysis.sweep import Run
 from kasa.run_dir import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRICS_FILE, REGULARIZATION_FILE, find_checkpoint
 
 log = logging.getLogger(__name__)

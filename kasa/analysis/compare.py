@@ -31,7 +31,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.evaluation.sweep import Run, _sort_key, load_runs, parse_overrides
+from kasa.analysis.sweep import Run, _sort_key, load_runs, parse_overrides
 from kasa.run_dir import SUMMARY_FILE, read_config
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,41 @@
+"""Re-summarise a Hydra multirun directory (kasa-train writes the summary after every --multirun itself):
+
+    python -m kasa.cli.sweep runs/sweeps/cola/2025-01-01_12-00-00
+
+Median/min/max/std of the best score per setting over seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma
+heatmap when either varies; see kasa.analysis.sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kasa.cli.sweep",
+        description="Summarise a Hydra multirun directory: median/min/max/std of the best score per setting over "
+        "seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma heatmap when either varies.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the multirun directory (hydra.sweep.dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    from kasa.analysis.sweep import summarize_sweep
+
+    try:
+        path = summarize_sweep(args.sweep_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path.read_text(), end="")
+    print(f"\nwritten: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
