@@ -1,4 +1,5 @@
-"""python scripts/bench_adapters.py        (full run, ~15 min on 2 idle CPU cores; --quick: ~3 min smoke run)
+"""python scripts/bench_adapters.py        (full run, ~15 min on 2 idle CPU cores; --quick: ~3 min smoke run;
+                                          --sections init: only the apply_adapters and load_adapter timings)
 
 Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of KaSA's SVD truncation.
 
@@ -385,7 +386,10 @@ def bench_init(plan: Plan, workdir: Path) -> dict[str, list[float]]:
     return times
 
 
-def run_benchmark(quick: bool) -> None:
+SECTIONS = ("steps", "memory", "trunc", "cache", "init")
+
+
+def run_benchmark(quick: bool, sections: tuple[str, ...] = SECTIONS) -> None:
     plan = QUICK if quick else FULL
     try:
         import peft  # noqa: F401
@@ -399,11 +403,12 @@ def run_benchmark(quick: bool) -> None:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="kasa-bench-") as tmp:
         workdir = Path(tmp)
-        steps = bench_steps(plan, methods)
-        memory = bench_memory(plan, methods)
-        trunc = bench_truncation(plan)
-        cache = bench_cache(plan, workdir)
-        init = bench_init(plan, workdir)
+        # a section left out gives no figures: its ratios are null in the summary
+        steps = bench_steps(plan, methods) if "steps" in sections else {}
+        memory = bench_memory(plan, methods) if "memory" in sections else {}
+        trunc = bench_truncation(plan) if "trunc" in sections else {}
+        cache = bench_cache(plan, workdir) if "cache" in sections else {}
+        init = bench_init(plan, workdir) if "init" in sections else {}
 
     def per_method(values: dict[str, list[float]]) -> dict[str, float | None]:
         return {m: statistics.median(values[m]) if m in values else None for m in ("lora", "kasa", "peft-kasa")}
@@ -416,15 +421,15 @@ def run_benchmark(quick: bool) -> None:
     summary: dict[str, Any] = {
         "step_ratio_kasa_lora": ratio(step_s["kasa"], step_s["lora"]),
         "mem_ratio_kasa_lora": ratio(mem["kasa"], mem["lora"]),
-        "trunc_ratio_768": ratio(trunc["768/gram"], trunc["768/svd"]),
-        "trunc_ratio_4096x14336": ratio(trunc["4096x14336/gram"], trunc["4096x14336/svd"]),
-        "cached_init_ratio": ratio(cache_s["cached"], cache_s["first"]),
+        "trunc_ratio_768": ratio(trunc.get("768/gram"), trunc.get("768/svd")),
+        "trunc_ratio_4096x14336": ratio(trunc.get("4096x14336/gram"), trunc.get("4096x14336/svd")),
+        "cached_init_ratio": ratio(cache_s.get("cached"), cache_s.get("first")),
         "step_ratio_kasa_peftkasa": ratio(step_s["kasa"], step_s["peft-kasa"]),
         "mem_ratio_kasa_peftkasa": ratio(mem["kasa"], mem["peft-kasa"]),
-        "model_cache_ratio": ratio(init_s["kasa-warm"], init_s["kasa-cold"]),
-        "load_vs_decompose_ratio": ratio(init_s["load"], init_s["kasa-nocache"]),
-        "activation_init_ratio": ratio(init_s["activation"], init_s["kasa-nocache"]),
-        "activation_calibration_s": init_s["activation-calibration"],
+        "model_cache_ratio": ratio(init_s.get("kasa-warm"), init_s.get("kasa-cold")),
+        "load_vs_decompose_ratio": ratio(init_s.get("load"), init_s.get("kasa-nocache")),
+        "activation_init_ratio": ratio(init_s.get("activation"), init_s.get("kasa-nocache")),
+        "activation_calibration_s": init_s.get("activation-calibration"),
         "step_s": step_s,
         "peak_rss_mib": mem,
         "adapter_creation_s": create,
@@ -433,6 +438,7 @@ def run_benchmark(quick: bool) -> None:
         "model_init_s": init_s,
         "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "quick": quick,
+        "sections": list(sections),
         "threads": THREADS,
     }
     summary["targets"] = {
@@ -458,6 +464,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one process per method, fewer steps, no 4096 x 14336 SVD reference")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}); the others' "
+                        "figures are null")
     worker = parser.add_argument_group("worker mode (used internally: one measurement in this process)")
     worker.add_argument("--worker", choices=["steps", "memory", "trunc", "cache", "init", "save"])
     worker.add_argument("--method", help="steps: comma-separated, memory: one of lora | kasa | peft-kasa; "
@@ -474,7 +483,11 @@ def main() -> None:
     if args.worker:
         run_as_worker(args)
     else:
-        run_benchmark(args.quick)
+        sections = tuple(args.sections.split(","))
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            parser.error(f"unknown section(s) {unknown}: choose from {', '.join(SECTIONS)}")
+        run_benchmark(args.quick, sections)
 
 
 if __name__ == "__main__":
