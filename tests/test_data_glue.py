@@ -262,7 +262,7 @@ def test_hub_splits_are_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
         "validation": datasets.Dataset.from_dict({"sentence": ["d"], "label": [0], "idx": [0]}, features=features),
         "test": datasets.Dataset.from_dict({"sentence": ["e"], "label": [-1], "idx": [0]}, features=features),
     })
-    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config: glue)
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config: glue)  # loaded once, all splits
     splits = load_glue_splits(hub_task(max_train_samples=2))
     assert splits["train"].column_names == ["sentence", "label"]
     assert len(splits["train"]) == 2 and splits["validation"].to_list() == [{"sentence": "d", "label": 0}]

@@ -11,13 +11,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 
 from kasa.config import TaskConfig
 from kasa.data.errors import DataError, not_text
-from kasa.data.sources import find_split_file
+from kasa.data.sources import find_split_file, load_hub_splits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -107,33 +106,15 @@ def encode_glue(
 
 
 def _load_hub(task: TaskConfig, splits: Sequence[str]) -> dict[str, Dataset]:
-    """The splits from `datasets.load_dataset(hub_id, hub_config)`; an unreachable Hub (no network, or
-    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set with nothing cached) becomes a DataError pointing at local files."""
+    """The splits from the Hub (`task.hub_id`, `task.hub_config`), normalised to GLUE's columns."""
     if not task.hub_id:
         raise DataError(
             f"task '{task.name}' sets neither task.hub_id nor task.data_dir; set task.data_dir=<folder with "
             "train.tsv/dev.tsv> (local GLUE files) or task.hub_id=<datasets Hub id>"
         )
     hub = task.hub_id if task.hub_config is None else f"{task.hub_id}/{task.hub_config}"
-    try:
-        loaded = datasets.load_dataset(task.hub_id, task.hub_config)
-    except (ConnectionError, TimeoutError) as err:  # datasets reports an unreachable or offline Hub so
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(
-            f"could not reach the Hugging Face Hub for '{hub}' ({reason}); pass task.data_dir=<folder with "
-            "train.tsv/dev.tsv> to use local GLUE files instead"
-        ) from err
-    except datasets.exceptions.DatasetNotFoundError as err:
-        raise DataError(
-            f"'{task.hub_id}' was not found on the Hugging Face Hub (or is gated); check task.hub_id, or pass "
-            "task.data_dir=<folder with train.tsv/dev.tsv> to use local GLUE files"
-        ) from err
-    result = {}
-    for split in splits:
-        if split not in loaded:
-            raise DataError(f"'{hub}' has no split '{split}'; its splits are {sorted(loaded)}")
-        result[split] = _normalise(loaded[split], task, split, f"Hub '{hub}'")
-    return result
+    loaded = load_hub_splits(task.hub_id, task.hub_config, splits, local_files="train.tsv/dev.tsv")
+    return {split: _normalise(loaded[split], task, split, f"Hub '{hub}'") for split in splits}
 
 
 def _load_local(task: TaskConfig, splits: Sequence[str]) -> dict[str, Dataset]:

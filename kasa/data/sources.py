@@ -51,14 +51,30 @@ def local_split_file(data_dir: Optional[str | Path], split: str, candidates: Seq
     return None
 
 
-def load_hub_split(hub_id: str | None, hub_config: str | None, split: str) -> datasets.Dataset:
-    """One split of a Hub data set, with a clear error when the Hub cannot be reached."""
+def load_hub_splits(hub_id: str | None, hub_config: str | None, splits: Sequence[str],
+                    local_files: str = "local files") -> dict[str, datasets.Dataset]:
+    """Splits of a Hub data set, loaded once. An unreachable Hub (no network, or HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE set with nothing cached), an unknown or gated data set and a missing split each become one
+    DataError line saying what to pass instead; `local_files` names what task.data_dir should hold."""
+    local = f"task.data_dir=<folder with {local_files}>"
     if not hub_id:
-        raise DataError("neither task.data_dir nor task.hub_id is set: pass task.data_dir=<folder with the files>")
+        raise DataError(f"neither task.data_dir nor task.hub_id is set: pass {local} or task.hub_id=<datasets Hub id>")
+    name = hub_id if hub_config is None else f"{hub_id}/{hub_config}"
     try:
-        return datasets.load_dataset(hub_id, hub_config, split=split)
-    except (ConnectionError, OSError, ValueError) as err:
-        raise DataError(
-            f"cannot load split '{split}' of {hub_id!r} from the Hugging Face Hub ({str(err).splitlines()[0][:160]}): "
-            "without network, pass task.data_dir=<folder with local files>"
-        ) from err
+        loaded = datasets.load_dataset(hub_id, hub_config)
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise DataError(f"'{hub_id}' was not found on the Hugging Face Hub (or is gated): check task.hub_id, or pass "
+                        f"{local}") from err
+    except (ConnectionError, TimeoutError, OSError) as err:  # how datasets reports an unreachable or offline Hub
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise DataError(f"could not reach the Hugging Face Hub for '{name}' ({reason}): pass {local} to use them "
+                        "instead") from err
+    missing = [split for split in splits if split not in loaded]
+    if missing:
+        raise DataError(f"'{name}' has no split '{missing[0]}'; its splits are {sorted(loaded)}")
+    return {split: loaded[split] for split in splits}
+
+
+def load_hub_split(hub_id: str | None, hub_config: str | None, split: str) -> datasets.Dataset:
+    """One split of a Hub data set (load_hub_splits)."""
+    return load_hub_splits(hub_id, hub_config, [split])[split]
