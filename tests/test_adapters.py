@@ -402,30 +402,58 @@ def test_methods_without_aux_loss(method):
     assert kasa.aux_loss(model) is None
 
 
-def test_training_forward_records_terms_and_aux_loss_clears_them(roberta_inputs):
+@pytest.mark.parametrize("distributed", [False, True])
+def test_aux_loss_from_forward_records_or_batched_equals_each_blocks_terms(roberta_inputs, monkeypatch, distributed):
+    """Under torch.distributed a training forward records each block's terms (FSDP / ZeRO-3 hold the full parameters
+    only then); a single process records nothing and computes all blocks at once after forward. Either way the
+    terms equal KasaBlock.regularization's and reading them clears the records."""
+    from kasa.adapters import kasa as kasa_block
+
+    monkeypatch.setattr(kasa_block, "_distributed", lambda: distributed)
     model = kasa_model(beta=0.3, gamma=0.7)
     blocks = [b for _, b in kasa.kasa_blocks(model)]
+    for b in blocks:  # away from the initial dU = 0, so that every term is exercised
+        torch.nn.init.normal_(b.delta_u)
     model.eval()
     with torch.no_grad():
         model(**roberta_inputs)
     assert all(b.last_regularization is None for b in blocks)  # nothing recorded outside training
-    direct = kasa.aux_loss(model)
+    expected = [b.regularization() for b in blocks]
+    total = sum(b.weighted_regularization(t) for b, t in zip(blocks, expected)) / len(blocks)
 
     model.train()
     out = model(**roberta_inputs)
-    assert all(b.last_regularization is not None for b in blocks)
-    recorded = [b.last_regularization for b in blocks]
-    for terms, block in zip(recorded, blocks):
-        fresh = block.regularization()
-        for a, b in ((terms.l2, fresh.l2), (terms.l3_u, fresh.l3_u), (terms.l3_v, fresh.l3_v)):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert all((b.last_regularization is not None) is distributed for b in blocks)
     aux = kasa.aux_loss(model)
     assert all(b.last_regularization is None for b in blocks)
-    torch.testing.assert_close(aux.total, direct.total, atol=0, rtol=1e-6)
-    torch.testing.assert_close(aux.l2, direct.l2, atol=0, rtol=1e-6)
-    torch.testing.assert_close(aux.l3, direct.l3, atol=0, rtol=1e-6)
+    for terms, fresh in zip(aux.modules.values(), expected):
+        for a, b in ((terms.l2, fresh.l2), (terms.l3_u, fresh.l3_u), (terms.l3_v, fresh.l3_v)):
+            torch.testing.assert_close(a, b, atol=0, rtol=1e-6)
+    torch.testing.assert_close(aux.total, total, atol=0, rtol=1e-6)
     (out.logits.sum() + aux.total).backward()
-    assert all(b.delta_sigma.grad is not None for b in blocks)
+    assert all(b.delta_sigma.grad is not None and b.delta_u.grad is not None for b in blocks)
+
+
+@pytest.mark.parametrize("orth_form", ["paper", "authors"])
+def test_batched_terms_and_gradients_equal_each_blocks(orth_form):
+    from kasa.adapters.kasa import batched_regularization
+
+    model = kasa.apply_adapters(build_roberta(), kasa.AdapterConfig(
+        rank=4, target_modules=["query", "value", "intermediate.dense"], orth_form=orth_form))
+    blocks = [b for _, b in kasa.kasa_blocks(model)]
+    for b in blocks:
+        torch.nn.init.normal_(b.delta_u)
+    def grads(terms_list):
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+        sum(t.l2 + 2 * t.l3_u + 3 * t.l3_v for t in terms_list).backward()
+        return [p.grad.clone() for b in blocks for p in (b.delta_u, b.delta_sigma, b.delta_v)]
+    single, batched = [b.regularization() for b in blocks], batched_regularization(blocks)
+    for a, b in zip(single, batched):
+        for x, y in ((a.l2, b.l2), (a.l3_u, b.l3_u), (a.l3_v, b.l3_v)):
+            torch.testing.assert_close(x, y, atol=0, rtol=1e-6)
+    for x, y in zip(grads(single), grads(batched_regularization(blocks))):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------

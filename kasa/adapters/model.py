@@ -13,7 +13,7 @@ from torch import nn
 from kasa.adapters import peft_baselines
 from kasa.adapters.calibration import moment_groups
 from kasa.adapters.config import CONFIG_ATTRIBUTE, AdapterConfig
-from kasa.adapters.kasa import AuxLoss, KasaBlock, Regularization
+from kasa.adapters.kasa import AuxLoss, KasaBlock, Regularization, batched_regularization
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
 from kasa.adapters.lora import LoraBlock
 from kasa.adapters.methods import METHOD_TABLE
@@ -210,9 +210,10 @@ def kasa_blocks(model: nn.Module) -> Iterator[tuple[str, KasaBlock]]:
 def aux_loss(model: nn.Module) -> AuxLoss | None:
     """KaSA's auxiliary loss for the last training forward pass (None for methods without one).
 
-    Each KaSA block records its terms during forward, so the loss is built from the full parameters even when
-    FSDP / ZeRO-3 shard them outside forward. Blocks that did not run a forward with gradients (evaluation, or a
-    reentrant activation checkpoint) are computed from their parameters directly. Reading the terms clears them.
+    Under torch.distributed each KaSA block records its terms during forward, so the loss is built from the full
+    parameters even when FSDP / ZeRO-3 shard them outside forward; reading the terms clears them. Blocks without a
+    record (a single process, evaluation, a reentrant activation checkpoint) are computed from their parameters, all
+    at once (batched_regularization).
     For AdaLoRA (PEFT) it is AdaLoRA's orthogonal regularisation."""
     tuner = peft_baselines.tuner_of(model)
     if tuner is not None:
@@ -220,9 +221,11 @@ def aux_loss(model: nn.Module) -> AuxLoss | None:
     blocks = [(name, block) for name, block in kasa_blocks(model) if block.beta or block.gamma]
     if not blocks:
         return None
+    unrecorded = [block for _, block in blocks if block.last_regularization is None]
+    computed = iter(batched_regularization(unrecorded))
     weighted, modules = [], {}
     for name, block in blocks:
-        terms: Regularization = block.last_regularization or block.regularization()
+        terms: Regularization = block.last_regularization or next(computed)
         block.last_regularization = None
         weighted.append(block.weighted_regularization(terms))
         modules[name] = terms
