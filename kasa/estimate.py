@@ -73,6 +73,14 @@ def load_architecture(model_cfg) -> Any:
                          "pass model.path=<folder with its config.json>") from err
 
 
+def loss_share_of(labels: torch.Tensor, max_length: int) -> float:
+    """`loss_share` of a causal-LM batch: its columns that predict a labelled token (where kasa.tasks.causal_lm
+    runs the head), over max_length."""
+    from kasa.data.prompts import IGNORE_INDEX
+
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).sum().item() / max_length
+
+
 def _meta_model(cfg, architecture) -> nn.Module:
     """The run's model with its adapters, on the meta device."""
     import transformers

@@ -220,11 +220,10 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
               "process_peak_mib": (peak - before) / 1024, "weights_loaded_mib": (loaded - before) / 1024,
               "batch_shape": list(batch["input_ids"].shape)}
     if importlib.util.find_spec("kasa.estimate") is not None:  # kasa-estimate's figure for this very run
-        from kasa.estimate import estimate_memory
+        from kasa.estimate import estimate_memory, loss_share_of
 
         cfg.task.kind, cfg.method, cfg.trainer.batch_size = "instruction", adapter_config("kasa"), MEMORY_BATCH
-        # the columns that carry the loss in this batch (kasa computes the logits there only)
-        share = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum().item() / MAX_LENGTH
+        share = loss_share_of(batch["labels"], MAX_LENGTH)  # kasa computes the logits at these columns only
         result["estimate_mib"] = estimate_memory(cfg, loss_share=share)["peak_bytes"] / 2**20
         result["loss_share"] = share
     return result

@@ -57,8 +57,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
 
     from kasa.adapters import apply_adapters, aux_loss
     from kasa.cli.common import compose_run
-    from kasa.data.prompts import IGNORE_INDEX
-    from kasa.estimate import estimate_memory
+    from kasa.estimate import estimate_memory, loss_share_of
     from kasa.tasks import build_task
     from kasa.training.loop import build_optimizer
 
@@ -73,7 +72,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     batches = [batch for _, batch in zip(range(steps), loader)]
     # The causal-LM loss covers the columns that predict a labelled token: the estimate is told their share.
     share = 1.0 if cfg.task.kind == "glue" else max(
-        (b["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum().item() for b in batches) / cfg.trainer.max_length
+        loss_share_of(b["labels"], cfg.trainer.max_length) for b in batches)
     estimate = estimate_memory(cfg, loss_share=share)
     optimizer = build_optimizer(model, cfg)
     model.train()

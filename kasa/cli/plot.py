@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kasa.cli.common import run_reporting_errors
+from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, REGULARIZATION_FILE, SUMMARY_FILE
 
 RUN_KINDS = ("singular-values", "regularization")
 SWEEP_KINDS = ("ablation", "rank", "truncation")
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("summary.json", "regularization.jsonl", "adapter_model.safetensors",
-                                                   "checkpoints"))
+    return any((path / name).exists() for name in (SUMMARY_FILE, REGULARIZATION_FILE, ADAPTER_WEIGHTS_FILE,
+                                                   CHECKPOINTS_DIR))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

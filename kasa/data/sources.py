@@ -65,7 +65,7 @@ def load_hub_splits(hub_id: str | None, hub_config: str | None, splits: Sequence
     except datasets.exceptions.DatasetNotFoundError as err:
         raise DataError(f"'{hub_id}' was not found on the Hugging Face Hub (or is gated): check task.hub_id, or pass "
                         f"{local}") from err
-    except (ConnectionError, TimeoutError, OSError) as err:  # how datasets reports an unreachable or offline Hub
+    except OSError as err:  # ConnectionError, TimeoutError: how datasets reports an unreachable or offline Hub
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise DataError(f"could not reach the Hugging Face Hub for '{name}' ({reason}): pass {local} to use them "
                         "instead") from err
