@@ -4,12 +4,10 @@ generation spread over the processes."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
@@ -20,6 +18,7 @@ from kasa.config import RunConfig
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
+from kasa.tasks.lm_loss import labelled_token_loss
 from kasa.tasks.models import load_causal_lm, load_tokenizer
 
 
@@ -109,19 +108,13 @@ class CausalLMTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean token cross-entropy (with trainer.label_smoothing) of the labelled tokens.
 
-        The language-model head runs only at the columns that predict a labelled token in some row
-        (`logits_to_keep` as indices, when the model takes it): prompts carry no loss, and for a 128K-word
-        vocabulary the logits of every prompt position would cost more memory than the rest of the step (and,
-        for a small model, a third of its compute). Logits go to float32 only at labelled positions."""
+        The language-model head runs only at the columns that predict a labelled token in some row (prompts
+        carry no loss: for a 128K-word vocabulary the logits of every prompt position would cost more memory than
+        the rest of the step), and for most models a chunk of tokens at a time (kasa.tasks.lm_loss)."""
         labels = batch["labels"]
         columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # column c predicts token c + 1
-        if _accepts_logits_to_keep(model):
-            logits = model(**self.model_inputs(batch), logits_to_keep=columns).logits
-        else:
-            logits = model(**self.model_inputs(batch)).logits[:, columns]
-        targets = labels[:, columns + 1]
-        keep = targets != IGNORE_INDEX
-        return F.cross_entropy(logits[keep].float(), targets[keep], label_smoothing=self.cfg.trainer.label_smoothing)
+        return labelled_token_loss(model, self.model_inputs(batch), columns, labels[:, columns + 1],
+                                   self.cfg.trainer.label_smoothing, chunked=not self.cfg.trainer.compile)
 
     def generate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  prompts: Sequence[str], add_special_tokens: bool = True) -> list[list[str]]:
@@ -172,17 +165,6 @@ class CausalLMTask:
             model.train(was_training)
         gathered = gather_object(results) if accelerator.num_processes > 1 else results
         return [texts for _, texts in sorted(gathered, key=lambda item: item[0])]
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the (possibly DDP-, compile- or PEFT-wrapped) causal LM's forward takes `logits_to_keep` (PEFT's
-    wrappers pass it on through **kwargs)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod") or hasattr(model, "get_base_model"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model.get_base_model()
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def output_file(output_dir: Path | None, name: str) -> Path | None:

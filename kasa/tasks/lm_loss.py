@@ -1,0 +1,131 @@
+"""The causal-LM training loss: mean token cross-entropy of the labelled tokens, without the vocabulary-sized logits.
+
+The plain way runs the language-model head over every kept position and hands the logits to cross-entropy, which
+keeps float32 log-probabilities of N x vocabulary for backward, next to the logits and, in backward, their gradient:
+for LLaMA-3's 128K words and 4K labelled tokens that is 2 GiB each, more than a 24 GB card can spare. For the
+models whose logits are exactly `lm_head(hidden)` (no soft-capping or scaling after the head, no bias, a frozen
+head), kasa instead computes the loss a chunk of tokens at a time and, in the same pass, the gradient with respect
+to the hidden states, d loss / d hidden = (softmax - target distribution) W / N; backward only scales it. Peak
+extra memory is one chunk of logits instead of three full copies, and the arithmetic is the same as the plain
+way's (the head's matmul forward, its input-gradient matmul backward). Any other model, a trainable or adapted
+head, and torch.compile'd models take the plain way.
+
+The head is applied inside a forward pre-hook on the model's output embedding, where sharded (FSDP, ZeRO-3)
+weights are gathered, so the model is still called through its wrappers (DDP's gradient synchronisation) and the
+head itself then runs on zero columns.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kasa.data.prompts import IGNORE_INDEX
+
+# Model types whose causal-LM forward computes `logits = lm_head(hidden_states[:, logits_to_keep])` and nothing
+# after it (Gemma-2's soft-capping, Cohere's logit_scale or Granite's logits_scaling would be skipped by the chunked
+# loss). Each is checked against the plain loss in tests/test_lm_loss.py.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "phi3"})
+MIN_CHUNK_ROWS = 256  # fewer rows per matmul would re-read the head's weight too often
+
+
+def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk: a chunk's logits about the size of all the tokens' hidden states, at least MIN_CHUNK_ROWS."""
+    return max(MIN_CHUNK_ROWS, -(-tokens * hidden_size // vocab_size))
+
+
+def chunk_workspace_bytes(tokens: int, hidden_size: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """The chunked loss's temporaries at their largest: a chunk's logits in the compute dtype and in float32."""
+    rows = min(tokens, chunk_rows(tokens, hidden_size, vocab_size))
+    return rows * vocab_size * (torch.empty(0, dtype=dtype).element_size() + 4)
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i W^T, target_i) with label smoothing, chunk by chunk; forward also computes the gradient
+    with respect to `hidden` (the head's weight is frozen), which backward scales by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                label_smoothing: float) -> torch.Tensor:
+        tokens, vocab = hidden.shape[0], weight.shape[0]
+        rows = chunk_rows(tokens, hidden.shape[1], vocab)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, tokens, rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows, None]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            nll = lse - logits.gather(1, t)
+            if label_smoothing:  # F.cross_entropy's: (1 - e) nll + e * mean over the words of -log p
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=1, keepdim=True))
+            total += nll.sum()
+            if grad_hidden is not None:
+                probs = logits.sub_(lse).exp_()  # in place: one chunk of float32 logits at a time
+                probs.scatter_add_(1, t, torch.full_like(t, -(1 - label_smoothing), dtype=probs.dtype))
+                if label_smoothing:
+                    probs.sub_(label_smoothing / vocab)
+                grad_hidden[start:start + rows] = probs.to(weight.dtype) @ weight
+        if grad_hidden is not None:
+            ctx.save_for_backward(grad_hidden.div_(tokens))
+        return total / tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP, torch.compile and PEFT wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod") or hasattr(model, "get_base_model"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model.get_base_model()
+    return model
+
+
+def chunkable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output embedding when the chunked loss computes exactly its logits (module docstring)."""
+    inner = unwrapped(model)
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or type(head) is not nn.Linear:
+        return None
+    return head if head.bias is None and not head.weight.requires_grad else None
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (PEFT's wrappers pass it on through **kwargs)."""
+    try:
+        return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def labelled_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor], columns: torch.Tensor,
+                        targets: torch.Tensor, label_smoothing: float = 0.0, chunked: bool = True) -> torch.Tensor:
+    """Mean cross-entropy of the tokens `targets` (batch x len(columns), IGNORE_INDEX where none) predicted at
+    sequence positions `columns`; the head runs at those columns only, chunked where `chunkable_head` allows."""
+    keep = targets != IGNORE_INDEX
+    slice_inside = _accepts_logits_to_keep(model)
+    extra = {"logits_to_keep": columns} if slice_inside else {}
+    head = chunkable_head(model) if chunked else None
+    if head is None:
+        logits = model(**inputs, **extra).logits
+        logits = logits if slice_inside else logits[:, columns]
+        return F.cross_entropy(logits[keep].float(), targets[keep], label_smoothing=label_smoothing)
+
+    losses: list[torch.Tensor] = []
+
+    def chunked_loss(module: nn.Linear, args: tuple) -> tuple:
+        hidden = args[0] if slice_inside else args[0][:, columns]
+        losses.append(ChunkedHeadCrossEntropy.apply(hidden[keep], module.weight, targets[keep], label_smoothing))
+        return (hidden[:, :0],)  # the head itself runs on no column
+
+    handle = head.register_forward_pre_hook(chunked_loss)
+    try:
+        model(**inputs, **extra)
+    finally:
+        handle.remove()
+    return losses[0]
