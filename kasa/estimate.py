@@ -12,15 +12,18 @@ training (`apply_adapters(..., initialise=False)`), so parameter counts are exac
   optimizer     AdamW's two moments per trainable parameter
   activations   what autograd saves for backward, traced on the meta device through one and two decoder layers
                 (the rest is linear in the depth) for batch x max_length; fused attention (SDPA) saves q, k, v,
-                the output and the log-sum-exp, as the CPU and CUDA kernels do. With gradient checkpointing each
-                layer keeps its input and one layer is recomputed at a time.
-  transient     backward's largest temporaries: twice the largest saved tensor (the logits' gradient next to the
-                saved log-probabilities for a causal LM)
+                the output and the log-sum-exp, as the CUDA kernels do. The CPU's fused kernel cannot drop out:
+                with attention dropout in training, SDPA on the CPU takes the math path, which saves the
+                batch x heads x length x length probabilities and dropout mask (`device="cpu"` counts those).
+                With gradient checkpointing each layer keeps its input and one layer is recomputed at a time.
+  transient     the largest temporaries on top of what is saved: backward's, twice the largest saved tensor, or
+                the chunked causal-LM loss's one chunk of logits (kasa.tasks.lm_loss) at the end of forward
 
-The causal-LM loss is traced as kasa computes it: the language-model head runs only at the columns that predict a
-labelled token (`logits_to_keep`), and the float32 log-probabilities cover those columns. How many columns that is
-depends on the data (prompts carry no loss): `loss_share` is the share of the max_length columns counted, 1.0 by
-default (every column: an upper bound); the response share of the data makes the estimate close (e.g. 0.35 for
+The causal-LM loss is traced as kasa computes it (the same function): the language-model head runs only at the
+columns that predict a labelled token, chunked where the model allows it (kasa.tasks.lm_loss: what it keeps is the
+gradient with respect to the hidden states), else with float32 log-probabilities of those columns. How many columns
+that is depends on the data (prompts carry no loss): `loss_share` is the share of the max_length columns counted, 1.0
+by default (every column: an upper bound); the response share of the data makes the estimate close (e.g. 0.35 for
 Alpaca rows of 256 tokens, where about a third of the columns predict a response token).
 
 ZeRO-2 shards gradients and optimizer states over the processes, ZeRO-3 and FSDP also the weights. Not counted:
@@ -120,10 +123,14 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | None) -> tuple[int, int]:
+def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | None,
+                 chunked: bool = True, device: str = "cuda") -> tuple[int, int]:
     """(total, largest) bytes of the distinct tensors autograd saves for backward in one training forward:
-    a classifier's (loss_columns None) or a causal LM's with its head and loss at `loss_columns` columns."""
+    a classifier's (loss_columns None) or a causal LM's with its head and loss at `loss_columns` columns, with the
+    attention kernels of `device` (module docstring)."""
     from torch.multiprocessing.reductions import StorageWeakRef
+
+    from kasa.tasks.lm_loss import labelled_token_loss
 
     sizes: dict[int, int] = {}
     # A layer saves its weight for backward too; weights are counted once, as weights, not as activations.
@@ -138,7 +145,10 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def fused(query, key, value, *args, **kwargs):
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if device == "cpu" and dropout_p > 0:  # the math path, as the CPU runs it
+            return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p,
+                                                                     is_causal, None, **kwargs)[0]
         if key.shape[1] != query.shape[1] and kwargs.get("enable_gqa"):
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
@@ -155,10 +165,9 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             if loss_columns is None:
                 model(input_ids=ids, labels=torch.zeros(batch, dtype=torch.long, device="meta"))
-            else:  # kasa's causal-LM loss (kasa.tasks.causal_lm): float32 cross-entropy of the kept columns
+            else:  # kasa's causal-LM loss, by kasa's code: every row labelled at the first loss_columns columns
                 columns = torch.arange(loss_columns, device="meta")
-                logits = model(input_ids=ids, logits_to_keep=columns).logits
-                torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, :loss_columns].flatten())
+                labelled_token_loss(model, {"input_ids": ids}, columns, ids[:, :loss_columns], chunked=chunked)
     except (RuntimeError, NotImplementedError) as err:
         raise ValueError(f"cannot trace {type(model).__name__} on the meta device ({str(err).splitlines()[0]}): "
                          "its activations cannot be estimated") from err
@@ -171,20 +180,28 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
 class Activations:
     saved: int  # without checkpointing
     saved_checkpointed: int  # with gradient checkpointing
-    transient: int  # backward's temporaries on top of either
+    transient: int  # the largest temporaries on top of either
 
 
-def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: float = 1.0) -> Activations:
+def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: float = 1.0,
+                     device: str = "cuda") -> Activations:
     """Saved activations of batch x length from traces of a 1- and a 2-layer copy of the architecture; a causal
-    LM's loss over `loss_share` of the columns."""
+    LM's loss over `loss_share` of the columns; `device`'s attention kernels."""
+    from kasa.tasks.lm_loss import chunk_workspace_bytes, chunkable_head
+
     loss_columns = None if cfg.task.kind == "glue" else max(1, round(loss_share * length))
-    totals, largest = [], 0
+    chunked = not cfg.trainer.compile
+    totals, largest, workspace = [], 0, 0
     for layers in (1, 2):
         small = copy.deepcopy(architecture)
         small.num_hidden_layers = layers
-        total, big = _saved_bytes(_meta_model(cfg, small), batch, length, loss_columns)
+        model = _meta_model(cfg, small)
+        total, big = _saved_bytes(model, batch, length, loss_columns, chunked, device)
         totals.append(total)
         largest = max(largest, big)
+        if loss_columns is not None and chunked and chunkable_head(model) is not None:
+            workspace = chunk_workspace_bytes(batch * loss_columns, architecture.hidden_size,
+                                              model.get_output_embeddings().weight.shape[0], _dtype(cfg))
     per_layer = totals[1] - totals[0]
     outside = totals[0] - per_layer
     depth = architecture.num_hidden_layers
@@ -192,7 +209,7 @@ def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: flo
     layer_input = batch * length * architecture.hidden_size * dtype_size
     return Activations(saved=outside + depth * per_layer,
                        saved_checkpointed=outside + depth * layer_input + per_layer,
-                       transient=2 * largest)
+                       transient=max(2 * largest, workspace))
 
 
 def _dtype(cfg) -> torch.dtype:
@@ -235,9 +252,10 @@ def static_bytes(model: nn.Module, cfg) -> dict[str, int]:
 
 
 def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", architecture: Any = None,
-                    loss_share: float = 1.0) -> dict[str, Any]:
+                    loss_share: float = 1.0, device: str = "cuda") -> dict[str, Any]:
     """Peak memory of one training process of the run `cfg` (a validated kasa.config.RunConfig), in bytes; a causal
-    LM's loss counted over `loss_share` of the columns (module docstring)."""
+    LM's loss counted over `loss_share` of the columns; on a GPU, or with `device="cpu"` as the CPU runs attention
+    (module docstring)."""
     from kasa.adapters.model import count_parameters
 
     if not 0 < loss_share <= 1:
@@ -247,6 +265,8 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         raise ValueError(f"unknown sharding={sharding!r}; choose one of: {', '.join(SHARDINGS)}")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
     architecture = architecture if architecture is not None else load_architecture(cfg.model)
     model = _meta_model(cfg, architecture)
     counts = count_parameters(model)
@@ -258,7 +278,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
     if sharding == "none" and num_processes > 1:
         gradients *= 2  # DDP's communication buckets hold a second copy of the gradients
     optimizer = parts["optimizer"] / shards
-    acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length, loss_share)
+    acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length, loss_share, device)
     static = weights + trainable + parts["removed"] + gradients + optimizer
     peak_plain = static + acts.saved + acts.transient
     peak_checkpointed = static + acts.saved_checkpointed + acts.transient

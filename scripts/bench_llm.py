@@ -224,7 +224,7 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
 
         cfg.task.kind, cfg.method, cfg.trainer.batch_size = "instruction", adapter_config("kasa"), MEMORY_BATCH
         share = loss_share_of(batch["labels"], MAX_LENGTH)  # kasa computes the logits at these columns only
-        result["estimate_mib"] = estimate_memory(cfg, loss_share=share)["peak_bytes"] / 2**20
+        result["estimate_mib"] = estimate_memory(cfg, loss_share=share, device="cpu")["peak_bytes"] / 2**20
         result["loss_share"] = share
     return result
 

@@ -73,7 +73,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     # The causal-LM loss covers the columns that predict a labelled token: the estimate is told their share.
     share = 1.0 if cfg.task.kind == "glue" else max(
         loss_share_of(b["labels"], cfg.trainer.max_length) for b in batches)
-    estimate = estimate_memory(cfg, loss_share=share)
+    estimate = estimate_memory(cfg, loss_share=share, device="cpu")
     optimizer = build_optimizer(model, cfg)
     model.train()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give loading's freed memory back before the peak is reset

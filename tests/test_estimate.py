@@ -13,6 +13,7 @@ import kasa
 from kasa import estimate
 from kasa.cli import estimate as estimate_cli
 from kasa.config import ModelConfig, RunConfig, TaskConfig, TrainerConfig
+from kasa.tasks.lm_loss import labelled_token_loss
 
 # Published totals of the recipes' models (with their LM heads; Gemma and GPT-2 tie it to the embedding).
 KNOWN_TOTALS = {
@@ -58,8 +59,8 @@ def test_counts_and_weight_bytes_equal_the_real_model(tmp_path) -> None:
 
 @pytest.mark.parametrize("loss_share", [1.0, 0.5])
 def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float) -> None:
-    """Against a real training forward with kasa's causal-LM loss (the head and the float32 cross-entropy at the
-    kept columns only); the weights a layer saves for backward are weights, not activations."""
+    """Against a real training forward with kasa's causal-LM loss (the chunked head at the kept columns only);
+    the weights a layer saves for backward are weights, not activations."""
     cfg = tiny_run(tmp_path)
     traced = estimate.activation_bytes(cfg, estimate.load_architecture(cfg.model), 4, 32, loss_share)
     real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path),
@@ -77,8 +78,7 @@ def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float
     ids = torch.randint(0, 512, (4, 32))
     columns = torch.arange(int(32 * loss_share))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = real(input_ids=ids, logits_to_keep=columns).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, columns].flatten())
+        labelled_token_loss(real, {"input_ids": ids}, columns, ids[:, columns])
     measured = sum(sizes.values())
     assert abs(traced.saved - measured) / measured < 0.1
     assert traced.saved_checkpointed < traced.saved
@@ -87,9 +87,13 @@ def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float
 def test_the_loss_share_shrinks_only_the_causal_lm_head(tmp_path) -> None:
     cfg = tiny_run(tmp_path)
     full, half = (estimate.estimate_memory(cfg, loss_share=share) for share in (1.0, 0.5))
-    head = 4 * 16 * 512 * 4  # batch x the 16 columns left out x vocabulary x float32
     assert full["bytes"]["weights"] == half["bytes"]["weights"]
-    assert head <= full["bytes"]["activations"] - half["bytes"]["activations"] <= 3 * head
+    # the 16 columns left out: the chunked loss kept their hidden states' gradient, the plain one their logits
+    grad_hidden, logits = 4 * 16 * 64 * 4, 4 * 16 * 512 * 4  # batch x columns x hidden size or vocabulary x float32
+    assert grad_hidden <= full["bytes"]["activations"] - half["bytes"]["activations"] < logits
+    cfg.trainer.compile = True  # the plain loss
+    full, half = (estimate.estimate_memory(cfg, loss_share=share) for share in (1.0, 0.5))
+    assert logits <= full["bytes"]["activations"] - half["bytes"]["activations"] <= 3 * logits
     with pytest.raises(ValueError, match="loss_share must be in"):
         estimate.estimate_memory(cfg, loss_share=0.0)
 
@@ -105,7 +109,7 @@ def test_nf4_and_sharding_shrink_what_they_should(tmp_path) -> None:
 
 
 def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
-    estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=24GiB"])
+    estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=16GiB"])
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["parameters"] > 8e9 and not result["fits"]
@@ -128,3 +132,36 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_cpu_attention_with_dropout_is_counted_as_the_cpu_runs_it(tmp_path) -> None:
+    """A BERT classifier in training, attention dropout 0.1: on the CPU, SDPA's math path keeps the probabilities and
+    the dropout mask (device="cpu" counts them, as a real CPU forward saves them); the GPU's fused kernels do not."""
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    config.save_pretrained(tmp_path)
+    cfg = RunConfig(model=ModelConfig(name="tiny-bert", path=str(tmp_path)), task=TaskConfig(name="t", kind="glue"),
+                    method=kasa.AdapterConfig(method="kasa", rank=4, target_modules=["query", "value"]),
+                    trainer=TrainerConfig(batch_size=4, max_length=64), output_dir=str(tmp_path))
+    architecture = estimate.load_architecture(cfg.model)
+    on_cpu = estimate.activation_bytes(cfg, architecture, 4, 64, device="cpu")
+    on_gpu = estimate.activation_bytes(cfg, architecture, 4, 64, device="cuda")
+    real = transformers.AutoModelForSequenceClassification.from_config(architecture, attn_implementation="sdpa")
+    kasa.apply_adapters(real, cfg.method)
+    real.train()
+    weights = {t.untyped_storage().data_ptr() for t in [*real.parameters(), *real.buffers()]}
+    sizes = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        real(input_ids=torch.randint(0, 128, (4, 64)), labels=torch.zeros(4, dtype=torch.long))
+    measured = sum(sizes.values())
+    assert abs(on_cpu.saved - measured) / measured < 0.1
+    probabilities = 2 * 4 * 4 * 64 * 64 * 4  # layers x batch x heads x length^2 x float32, for each kept copy
+    assert on_cpu.saved - on_gpu.saved >= 2 * probabilities
+    with pytest.raises(ValueError, match="device must be cuda or cpu"):
+        estimate.estimate_memory(cfg, device="tpu")
