@@ -58,3 +58,20 @@ def test_damage_warning_threshold():
 def test_no_record_for_methods_without_truncation(tiny_model, sentiment_dir, tmp_path):
     cfg = run_config(tiny_model, sentiment_dir, tmp_path / "run", "method=lora")
     assert loop.train(cfg, {"hydra_overrides": []})["truncation_loss"] is None
+
+
+def test_calibration_batches_group_similar_lengths():
+    """The calibration examples are the permutation's first ones, batched shortest first (little padding); the
+    held-out ones keep the permutation's order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
+    dataset = [{"input_ids": [1] * n} for n in lengths]
+    cfg = SimpleNamespace(method=SimpleNamespace(calibration_samples=6, truncation_basis="activation"),
+                          task=SimpleNamespace(train_split="train"), trainer=SimpleNamespace(batch_size=2))
+    calibration, held = calibration_split(dataset, lambda rows: [len(r["input_ids"]) for r in rows], cfg, held_out=4)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    assert [n for batch in calibration for n in batch] == sorted(lengths[i] for i in order[:6])
+    assert [n for batch in held for n in batch] == [lengths[i] for i in order[6:]]

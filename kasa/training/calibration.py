@@ -31,7 +31,10 @@ def calibration_split(dataset: Dataset, collate: Callable[[list[Any]], Batch], c
         raise ValueError(f"the training split has {len(dataset)} examples, fewer than method.calibration_samples="
                          f"{wanted}: lower method.calibration_samples")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    calibration = order[:wanted]
+    # Calibration batches of similar lengths: the statistics are sums over tokens, so the order is free, and the
+    # forward pass computes on little padding. The held-out batches keep the permutation's order (their mean loss
+    # is a mean over batches).
+    calibration = sorted(order[:wanted], key=lambda i: len(dataset[i]["input_ids"]))
     rest = order[wanted:wanted + held_out]
     return _batches(dataset, calibration, collate, cfg), _batches(dataset, rest, collate, cfg)
 
