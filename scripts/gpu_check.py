@@ -10,6 +10,10 @@ tiny dimensions on whatever device there is, the CPU included (the test suite do
 4. Peak memory (torch.cuda.max_memory_allocated, or None on the CPU) of KaSA steps on the bf16 base and on the nf4
    base (`model.quantization=nf4`, bitsandbytes), with their step times, and `kasa.estimate.estimate_memory`'s peak
    for the same runs.
+5. The activation basis's cost at initialisation on the step model's layers: `apply_adapters` with
+   `truncation_basis="activation"` (the calibration pass over the default method.calibration_samples examples of
+   CALIBRATION_LENGTH random tokens, then the decompositions of W L) against the weight basis
+   (`activation_init_ratio`).
 
 The last line of stdout is one JSON object."""
 
@@ -53,6 +57,7 @@ class Sizes:
         self.batch, self.length = (2, 64) if tiny else (4, 2048)
         self.warmup, self.steps = (1, 2) if tiny else (2, 5)
         self.examples = 24 if tiny else 64
+        self.calibration_length = 16 if tiny else 256
 
 
 def synchronize(device: torch.device) -> None:
@@ -143,6 +148,28 @@ def bench_truncation(sizes: Sizes, device: torch.device) -> float:
     synchronize(device)
     seconds = time.perf_counter() - start
     del model
+    return seconds
+
+
+def bench_activation_init(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str, float]:
+    """Seconds of apply_adapters with the weight basis and with the activation basis (calibration included)."""
+    generator = torch.Generator().manual_seed(2)
+    examples = AdapterConfig().calibration_samples
+    batches = [{"input_ids": torch.randint(3, sizes.shape["vocab_size"], (sizes.batch, sizes.calibration_length),
+                                           generator=generator),
+                "attention_mask": torch.ones(sizes.batch, sizes.calibration_length, dtype=torch.long)}
+               for _ in range(examples // sizes.batch)]
+    seconds = {}
+    for basis in ("weight", "activation"):
+        model = copy.deepcopy(base)
+        config = adapter_config("kasa", device)
+        config.truncation_basis = basis
+        synchronize(device)
+        start = time.perf_counter()
+        apply_adapters(model, config, calibration=batches if basis == "activation" else None)
+        synchronize(device)
+        seconds[basis] = time.perf_counter() - start
+        del model
     return seconds
 
 
@@ -242,8 +269,13 @@ def main() -> None:
     rates = bench_packing(sizes, base, device)
     report["real_tokens_per_second"] = rates
     report["packing_speedup"] = rates["packed"] / rates["padded"]
-    del base
     done("packing", start)
+    start = time.perf_counter()
+    init = bench_activation_init(sizes, base, device)
+    report["init_seconds_step_layers"] = init
+    report["activation_init_ratio"] = init["activation"] / init["weight"]
+    del base
+    done("activation basis", start)
     start = time.perf_counter()
     report["kasa_bf16"] = bench_memory(sizes, device, None)
     if importlib.util.find_spec("bitsandbytes") is not None:

@@ -25,6 +25,7 @@ def test_gpu_check_runs_with_tiny_dimensions(tmp_path) -> None:
     assert report["truncation_seconds_all_layers"] > 0
     assert set(report["step_seconds"]) == {"kasa", "lora", "peft-kasa"}
     assert report["step_ratio_kasa_lora"] > 0 and report["packing_speedup"] > 0
+    assert set(report["init_seconds_step_layers"]) == {"weight", "activation"} and report["activation_init_ratio"] > 0
     for variant in ("kasa_bf16", "kasa_nf4"):
         assert report[variant]["step_seconds"] > 0 and report[variant]["peak_mib"] is None
         if importlib.util.find_spec("kasa.estimate") is not None:

@@ -74,3 +74,14 @@ def test_the_plain_loss_where_the_logits_are_not_just_the_head() -> None:
 def test_chunk_rows_bound_the_logits_by_the_hidden_states() -> None:
     assert lm_loss.chunk_rows(tokens=8192, hidden_size=4096, vocab_size=128256) == 262
     assert lm_loss.chunk_rows(tokens=100, hidden_size=576, vocab_size=49152) == lm_loss.MIN_CHUNK_ROWS
+
+
+def test_chunked_loss_under_bfloat16_autocast_is_the_plain_loss() -> None:
+    """Accelerate's bf16 mixed precision: the head's matmuls run in bfloat16 on both ways, the softmax in float32."""
+    model = tiny_model("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = loss_and_grads(model, chunked=False, smoothing=0.0)
+        chunked, chunked_grads = loss_and_grads(model, chunked=True, smoothing=0.0)
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-3)
+    for got, expected in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-3)
