@@ -181,6 +181,7 @@ class Activations:
     saved: int  # without checkpointing
     saved_checkpointed: int  # with gradient checkpointing
     transient: int  # the largest temporaries on top of either
+    loss: str | None = None  # a causal LM's loss: "chunked" or "plain" (kasa.tasks.lm_loss); None for a classifier
 
 
 def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: float = 1.0,
@@ -191,7 +192,7 @@ def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: flo
 
     loss_columns = None if cfg.task.kind == "glue" else max(1, round(loss_share * length))
     chunked = not cfg.trainer.compile
-    totals, largest, workspace = [], 0, 0
+    totals, largest, workspace, loss = [], 0, 0, None
     for layers in (1, 2):
         small = copy.deepcopy(architecture)
         small.num_hidden_layers = layers
@@ -199,7 +200,9 @@ def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: flo
         total, big = _saved_bytes(model, batch, length, loss_columns, chunked, device)
         totals.append(total)
         largest = max(largest, big)
-        if loss_columns is not None and chunked and chunkable_head(model) is not None:
+        if loss_columns is not None:
+            loss = "chunked" if chunked and chunkable_head(model) is not None else "plain"
+        if loss == "chunked":
             workspace = chunk_workspace_bytes(batch * loss_columns, architecture.hidden_size,
                                               model.get_output_embeddings().weight.shape[0], _dtype(cfg))
     per_layer = totals[1] - totals[0]
@@ -209,7 +212,7 @@ def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: flo
     layer_input = batch * length * architecture.hidden_size * dtype_size
     return Activations(saved=outside + depth * per_layer,
                        saved_checkpointed=outside + depth * layer_input + per_layer,
-                       transient=max(2 * largest, workspace))
+                       transient=max(2 * largest, workspace), loss=loss)
 
 
 def _dtype(cfg) -> torch.dtype:
@@ -295,6 +298,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         "max_length": cfg.trainer.max_length,
         "gradient_checkpointing": checkpointing,
         "loss_share": loss_share,
+        "loss": acts.loss,
         "bytes": {
             "weights": int(weights),
             "adapters": int(trainable),

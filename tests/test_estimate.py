@@ -91,8 +91,10 @@ def test_the_loss_share_shrinks_only_the_causal_lm_head(tmp_path) -> None:
     # the 16 columns left out: the chunked loss kept their hidden states' gradient, the plain one their logits
     grad_hidden, logits = 4 * 16 * 64 * 4, 4 * 16 * 512 * 4  # batch x columns x hidden size or vocabulary x float32
     assert grad_hidden <= full["bytes"]["activations"] - half["bytes"]["activations"] < logits
+    assert full["loss"] == "chunked"
     cfg.trainer.compile = True  # the plain loss
     full, half = (estimate.estimate_memory(cfg, loss_share=share) for share in (1.0, 0.5))
+    assert full["loss"] == "plain"
     assert logits <= full["bytes"]["activations"] - half["bytes"]["activations"] <= 3 * logits
     with pytest.raises(ValueError, match="loss_share must be in"):
         estimate.estimate_memory(cfg, loss_share=0.0)
@@ -113,7 +115,7 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["parameters"] > 8e9 and not result["fits"]
-    assert "does NOT fit" in out and "model.quantization=nf4" in out
+    assert "does NOT fit" in out and "model.quantization=nf4" in out and "causal-LM loss: chunked" in out
     estimate_cli.main(["recipe=commonsense/llama3_8b_24gb", "gpu_memory=24GiB"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"]
 
@@ -160,7 +162,7 @@ def test_cpu_attention_with_dropout_is_counted_as_the_cpu_runs_it(tmp_path) -> N
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         real(input_ids=torch.randint(0, 128, (4, 64)), labels=torch.zeros(4, dtype=torch.long))
     measured = sum(sizes.values())
-    assert abs(on_cpu.saved - measured) / measured < 0.1
+    assert abs(on_cpu.saved - measured) / measured < 0.1 and on_cpu.loss is None
     probabilities = 2 * 4 * 4 * 64 * 64 * 4  # layers x batch x heads x length^2 x float32, for each kept copy
     assert on_cpu.saved - on_gpu.saved >= 2 * probabilities
     with pytest.raises(ValueError, match="device must be cuda or cpu"):

@@ -22,6 +22,8 @@ from typing import Any
 from kasa.cli.common import compose_run, fail, quiet_libraries, run_reporting_errors
 
 OWN_KEYS = ("gpu_memory", "num_processes", "sharding", "loss_share")
+LOSS_WAYS = {"chunked": "chunked (one chunk of labelled tokens' logits at a time)",
+             "plain": "plain (the logits of every labelled column: torch.compile, or logits not exactly the head's)"}
 
 
 def _gib(value: float) -> str:
@@ -55,8 +57,10 @@ def run(argv: list[str]) -> dict[str, Any]:
                        ("removed components", "removed_components"), ("gradients", "gradients"),
                        ("AdamW states", "optimizer"), ("activations", "activations"),
                        ("  with checkpointing", "activations_checkpointed"),
-                       ("backward temporaries", "backward_transient")):
+                       ("largest temporaries", "backward_transient")):
         print(f"  {label:21s} {_gib(parts[key]):>16}")
+    if estimate["loss"] is not None:
+        print(f"  causal-LM loss: {LOSS_WAYS[estimate['loss']]}")
     print(f"  peak without gradient checkpointing {_gib(estimate['peak_bytes_without_checkpointing'])}")
     print(f"  peak with gradient checkpointing    {_gib(estimate['peak_bytes_with_checkpointing'])}")
     budget = gpu_bytes - RESERVE_BYTES

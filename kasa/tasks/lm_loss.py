@@ -38,9 +38,11 @@ def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
 
 
 def chunk_workspace_bytes(tokens: int, hidden_size: int, vocab_size: int, dtype: torch.dtype) -> int:
-    """The chunked loss's temporaries at their largest: a chunk's logits in the compute dtype and in float32."""
+    """The chunked loss's temporaries at their largest: a chunk's logits in the compute dtype and, unless that is
+    float32 already, their float32 copy (the softmax then runs in place)."""
     rows = min(tokens, chunk_rows(tokens, hidden_size, vocab_size))
-    return rows * vocab_size * (torch.empty(0, dtype=dtype).element_size() + 4)
+    size = torch.empty(0, dtype=dtype).element_size()
+    return rows * vocab_size * (size + (4 if size != 4 else 0))
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -57,13 +59,18 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, rows):
             h, t = hidden[start:start + rows], targets[start:start + rows, None]
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            nll = lse - logits.gather(1, t)
+            target_logit = logits.gather(1, t)
+            mean_logit = logits.mean(dim=1, keepdim=True) if label_smoothing else None
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: one chunk of float32 values at a time, never two
+            partition = probs.sum(dim=1, keepdim=True)
+            lse = top + partition.log()
+            nll = lse - target_logit
             if label_smoothing:  # F.cross_entropy's: (1 - e) nll + e * mean over the words of -log p
-                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=1, keepdim=True))
+                nll = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
             total += nll.sum()
             if grad_hidden is not None:
-                probs = logits.sub_(lse).exp_()  # in place: one chunk of float32 logits at a time
+                probs.div_(partition)
                 probs.scatter_add_(1, t, torch.full_like(t, -(1 - label_smoothing), dtype=probs.dtype))
                 if label_smoothing:
                     probs.sub_(label_smoothing / vocab)
