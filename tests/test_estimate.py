@@ -57,14 +57,9 @@ def test_counts_and_weight_bytes_equal_the_real_model(tmp_path) -> None:
     assert result["bytes"]["optimizer"] == 2 * result["bytes"]["adapters"] == 8 * counts.trainable
 
 
-@pytest.mark.parametrize("loss_share", [1.0, 0.5])
-def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float) -> None:
-    """Against a real training forward with kasa's causal-LM loss (the chunked head at the kept columns only);
-    the weights a layer saves for backward are weights, not activations."""
-    cfg = tiny_run(tmp_path)
-    traced = estimate.activation_bytes(cfg, estimate.load_architecture(cfg.model), 4, 32, loss_share)
-    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path),
-                                                         attn_implementation="sdpa")
+def saved_by_a_real_forward(real: torch.nn.Module, cfg: RunConfig, forward) -> int:
+    """Bytes of the distinct tensors that `forward()` of `real`, adapted by cfg.method and in training mode, saves for
+    backward, its weights left out (they are weights, not activations)."""
     kasa.apply_adapters(real, cfg.method)
     real.train()
     weights = {t.untyped_storage().data_ptr() for t in [*real.parameters(), *real.buffers()]}
@@ -75,11 +70,23 @@ def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float
             sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(sizes.values())
+
+
+@pytest.mark.parametrize("loss_share", [1.0, 0.5])
+def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float) -> None:
+    """Against a real training forward with kasa's causal-LM loss (the chunked head at the kept columns only);
+    the weights a layer saves for backward are weights, not activations."""
+    cfg = tiny_run(tmp_path)
+    traced = estimate.activation_bytes(cfg, estimate.load_architecture(cfg.model), 4, 32, loss_share)
+    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path),
+                                                         attn_implementation="sdpa")
     ids = torch.randint(0, 512, (4, 32))
     columns = torch.arange(int(32 * loss_share))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        labelled_token_loss(real, {"input_ids": ids}, columns, ids[:, columns])
-    measured = sum(sizes.values())
+    measured = saved_by_a_real_forward(real, cfg, lambda: labelled_token_loss(real, {"input_ids": ids}, columns,
+                                                                              ids[:, columns]))
     assert abs(traced.saved - measured) / measured < 0.1
     assert traced.saved_checkpointed < traced.saved
 
@@ -149,19 +156,8 @@ def test_cpu_attention_with_dropout_is_counted_as_the_cpu_runs_it(tmp_path) -> N
     on_cpu = estimate.activation_bytes(cfg, architecture, 4, 64, device="cpu")
     on_gpu = estimate.activation_bytes(cfg, architecture, 4, 64, device="cuda")
     real = transformers.AutoModelForSequenceClassification.from_config(architecture, attn_implementation="sdpa")
-    kasa.apply_adapters(real, cfg.method)
-    real.train()
-    weights = {t.untyped_storage().data_ptr() for t in [*real.parameters(), *real.buffers()]}
-    sizes = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in weights:
-            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        real(input_ids=torch.randint(0, 128, (4, 64)), labels=torch.zeros(4, dtype=torch.long))
-    measured = sum(sizes.values())
+    measured = saved_by_a_real_forward(real, cfg, lambda: real(input_ids=torch.randint(0, 128, (4, 64)),
+                                                               labels=torch.zeros(4, dtype=torch.long)))
     assert abs(on_cpu.saved - measured) / measured < 0.1 and on_cpu.loss is None
     probabilities = 2 * 4 * 4 * 64 * 64 * 4  # layers x batch x heads x length^2 x float32, for each kept copy
     assert on_cpu.saved - on_gpu.saved >= 2 * probabilities
