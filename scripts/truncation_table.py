@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print("| targets | r | " + " | ".join(f"loss, {b} basis" for b in bases) + " |")
     print("|---|---:|" + "---:|" * len(bases))
-    print(f"| none (base model) | 0 | " + " | ".join(f"{base_loss:.2f}" for _ in bases) + " |")
+    print("| none (base model) | 0 | " + " | ".join(f"{base_loss:.2f}" for _ in bases) + " |")
     for entry in result["rows"]:
         cells = [f"{entry[b]['loss']:.2f} ({entry[b]['ratio']:.2f}x)" for b in bases]
         print(f"| {', '.join(entry['targets'])} | {entry['rank']} | " + " | ".join(cells) + " |")

@@ -99,7 +99,7 @@ def _module_type(name: str) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     lines = [
-        f"| module | loss alone | increase | input energy along removed | uniform | x uniform | output change | |",
+        "| module | loss alone | increase | input energy along removed | uniform | x uniform | output change | |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["modules"]:
