@@ -12,7 +12,8 @@
 * FSDP2 (`fully_shard`, what configs/accelerate/fsdp.json selects) runs on the CPU with gloo here: with the KaSA
   parameters sharded over 2 processes, the auxiliary loss of a training forward equals the value of an unsharded
   copy (1e-6 relative), and so do the gradients it produces; so do the chunked causal-LM loss of a sharded tiny
-  LLaMA and its gradients against the plain loss of the unsharded model. A resumable checkpoint written by the sharded ranks
+  LLaMA and its gradients against the plain loss of the unsharded model. Under ZeRO-3, two ranks training that LLaMA
+  with the chunked loss (tests/lm_loss_worker.py) end with the adapter of one process with the plain loss. A resumable checkpoint written by the sharded ranks
   holds the adapter and the optimizer state whole (equal to an unsharded run's), and a sharded model resumed from it
   takes exactly the same next step as the run that wrote it.
 
@@ -37,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import ENV, WORDS, write_sentiment_data
+from lm_loss_worker import STEPS, loss_inputs, optimizer, tiny_kasa_llama
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_TOL = 1e-5
@@ -506,44 +508,18 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path):
     assert again.stdout.count("already finished, skipped") == 2
 
 
-def _kasa_llama() -> torch.nn.Module:
-    """A tiny LLaMA with KaSA on q_proj and v_proj, untied embeddings and a frozen head."""
-    import transformers
-
-    import kasa
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(config)
-    kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules=["q_proj", "v_proj"],
-                                                  svd_cache_dir=None))
-    return model.train()
-
-
-def _lm_loss_inputs() -> tuple[dict, torch.Tensor, torch.Tensor]:
-    from kasa.data.prompts import IGNORE_INDEX
-
-    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
-    labels = ids.clone()
-    labels[0, :4], labels[1, :6] = IGNORE_INDEX, IGNORE_INDEX
-    columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    return {"input_ids": ids}, columns, labels[:, columns + 1]
-
-
 def _chunked_loss_body(rank: int) -> dict:
     """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward)."""
     from torch.distributed.fsdp import fully_shard
 
     from kasa.tasks.lm_loss import chunkable_head, labelled_token_loss
 
-    model = _kasa_llama()
+    model = tiny_kasa_llama()
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
     assert chunkable_head(model) is model.lm_head  # the sharded model takes the chunked loss
-    loss = labelled_token_loss(model, *_lm_loss_inputs(), chunked=True)
+    loss = labelled_token_loss(model, *loss_inputs(0, 0), chunked=True)
     loss.backward()
     grads = {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters() if p.grad is not None}
     return {"loss": loss.item(), "grads": grads}
@@ -552,8 +528,8 @@ def _chunked_loss_body(rank: int) -> dict:
 def test_chunked_lm_loss_under_fsdp_equals_the_plain_unsharded_loss(tmp_path):
     from kasa.tasks.lm_loss import labelled_token_loss
 
-    reference = _kasa_llama()
-    loss = labelled_token_loss(reference, *_lm_loss_inputs(), chunked=False)
+    reference = tiny_kasa_llama()
+    loss = labelled_token_loss(reference, *loss_inputs(0, 0), chunked=False)
     loss.backward()
     params = dict(reference.named_parameters())
     for rank, got in enumerate(_run_fsdp(tmp_path, _chunked_loss_body)):
@@ -561,3 +537,34 @@ def test_chunked_lm_loss_under_fsdp_equals_the_plain_unsharded_loss(tmp_path):
         assert set(got["grads"]) == {n for n, p in params.items() if p.grad is not None}
         for name, grad in got["grads"].items():
             torch.testing.assert_close(torch.tensor(grad), params[name].grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not installed (pip install kasa[deepspeed])")
+def test_chunked_lm_loss_under_deepspeed_zero3_trains_like_one_process(tmp_path):
+    """Two ranks under ZeRO-3 (DeepSpeed's CPU accelerator, gloo), each on its own batch, with the chunked loss: the
+    losses of rank 0 and the adapter after two AdamW steps equal one process's plain loss on the mean of both."""
+    from kasa.tasks.lm_loss import labelled_token_loss
+
+    out, log = tmp_path / "zero3.json", tmp_path / "zero3.log"
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / "deepspeed_zero3.json"),
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+              str(Path(__file__).with_name("lm_loss_worker.py")), str(out)]
+    _finish(_start(launch, {**ENV, "OMP_NUM_THREADS": "1"}, log), time.monotonic() + TIMEOUT, log)
+    got = json.loads(out.read_text())
+
+    model = tiny_kasa_llama()
+    adamw = optimizer(model)
+    for step in range(STEPS):
+        losses = [labelled_token_loss(model, *loss_inputs(step, rank), chunked=False) for rank in (0, 1)]
+        (sum(losses) / 2).backward()  # what averaging the two ranks' gradients does
+        adamw.step()
+        adamw.zero_grad()
+        assert got["losses"][step] == pytest.approx(losses[0].item(), rel=1e-6), step
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(got["adapter"]) == sorted(params)
+    for name, value in got["adapter"].items():
+        torch.testing.assert_close(torch.tensor(value), params[name].detach(), rtol=1e-5, atol=DDP_TOL)
+    start = dict(tiny_kasa_llama().named_parameters())
+    moved = max((p.detach() - start[n]).abs().max().item() for n, p in params.items())
+    assert moved > 1000 * DDP_TOL, f"training hardly moved the adapter ({moved:.3g}): the comparison proves nothing"
