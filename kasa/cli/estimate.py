@@ -9,8 +9,9 @@ Takes the recipe and overrides of kasa-train, plus `gpu_memory` (e.g. 24GiB; def
 causal-LM tasks, `loss_share` (the share of the max_length columns that predict a response token, where kasa
 computes the logits; default 1.0, an upper bound; e.g. 0.35 for Alpaca rows of 256 tokens). The architecture comes
 from model.path, the config.json kasa ships for its recipes' models (offline), or the Hub.
-Prints parameters, memory per part, peak with and without gradient checkpointing, whether it fits, and overrides
-that would make it fit; the last line is one JSON object.
+Prints parameters, memory per part, which causal-LM loss the run takes (chunked, or plain under torch.compile and
+for heads that are not exactly a linear layer), peak with and without gradient checkpointing, whether it fits, and
+overrides that would make it fit; the last line is one JSON object.
 """
 
 from __future__ import annotations
