@@ -508,8 +508,9 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path):
     assert again.stdout.count("already finished, skipped") == 2
 
 
-def _chunked_loss_body(rank: int) -> dict:
-    """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward)."""
+def _chunked_loss_body(rank: int, head_unit: bool) -> dict:
+    """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward); with
+    `head_unit` the head is an FSDP unit of its own, whose hooks wrap its input."""
     from torch.distributed.fsdp import fully_shard
 
     from kasa.tasks.lm_loss import chunkable_head, labelled_token_loss
@@ -517,6 +518,8 @@ def _chunked_loss_body(rank: int) -> dict:
     model = tiny_kasa_llama()
     for layer in model.model.layers:
         fully_shard(layer)
+    if head_unit:
+        fully_shard(model.lm_head)
     fully_shard(model)
     assert chunkable_head(model) is model.lm_head  # the sharded model takes the chunked loss
     loss = labelled_token_loss(model, *loss_inputs(0, 0), chunked=True)
@@ -525,14 +528,15 @@ def _chunked_loss_body(rank: int) -> dict:
     return {"loss": loss.item(), "grads": grads}
 
 
-def test_chunked_lm_loss_under_fsdp_equals_the_plain_unsharded_loss(tmp_path):
+@pytest.mark.parametrize("head_unit", [False, True])
+def test_chunked_lm_loss_under_fsdp_equals_the_plain_unsharded_loss(tmp_path, head_unit):
     from kasa.tasks.lm_loss import labelled_token_loss
 
     reference = tiny_kasa_llama()
     loss = labelled_token_loss(reference, *loss_inputs(0, 0), chunked=False)
     loss.backward()
     params = dict(reference.named_parameters())
-    for rank, got in enumerate(_run_fsdp(tmp_path, _chunked_loss_body)):
+    for rank, got in enumerate(_run_fsdp(tmp_path, _chunked_loss_body, head_unit)):
         assert got["loss"] == pytest.approx(loss.item(), rel=1e-6), rank
         assert set(got["grads"]) == {n for n, p in params.items() if p.grad is not None}
         for name, grad in got["grads"].items():

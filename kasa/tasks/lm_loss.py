@@ -98,9 +98,22 @@ def chunkable_head(model: nn.Module) -> nn.Linear | None:
     inner = unwrapped(model)
     config = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or type(head) is not nn.Linear:
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not _is_plain_linear(head):
         return None
     return head if head.bias is None and not head.weight.requires_grad else None
+
+
+def _is_plain_linear(module: nn.Module | None) -> bool:
+    """An nn.Linear itself (not bitsandbytes' or kasa's layers, which compute something else), also when FSDP2 made
+    it a unit of its own (its class then becomes FSDPLinear(FSDPModule, nn.Linear))."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return cls is nn.Linear
+    if issubclass(cls, FSDPModule):
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls is nn.Linear
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
