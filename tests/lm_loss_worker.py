@@ -74,6 +74,10 @@ def main(out: str) -> None:
     if accelerator.is_main_process:
         with open(out, "w") as file:
             json.dump({"losses": losses, "adapter": values}, file)
+    # Leave the process group before exiting: a rank whose gloo threads are still up at interpreter exit can abort
+    # ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
