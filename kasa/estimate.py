@@ -77,11 +77,11 @@ def load_architecture(model_cfg) -> Any:
 
 
 def loss_share_of(labels: torch.Tensor, max_length: int) -> float:
-    """`loss_share` of a causal-LM batch: its columns that predict a labelled token (where kasa.tasks.causal_lm
-    runs the head), over max_length."""
-    from kasa.data.prompts import IGNORE_INDEX
+    """`loss_share` of a causal-LM batch: its columns that predict a labelled token (where kasa runs the head),
+    over max_length."""
+    from kasa.tasks.lm_loss import loss_columns
 
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).sum().item() / max_length
+    return len(loss_columns(labels)) / max_length
 
 
 def _meta_model(cfg, architecture) -> nn.Module:

@@ -7,7 +7,7 @@ import transformers
 
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks import lm_loss
-from kasa.tasks.lm_loss import PLAIN_HEAD_MODEL_TYPES, chunkable_head, labelled_token_loss
+from kasa.tasks.lm_loss import PLAIN_HEAD_MODEL_TYPES, chunkable_head, labelled_token_loss, loss_columns
 
 VOCAB = 97
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -31,7 +31,7 @@ def loss_and_grads(model: torch.nn.Module, chunked: bool, smoothing: float) -> t
     ids = torch.randint(3, VOCAB, (3, 12), generator=generator)
     labels = ids.clone()
     labels[0, :5], labels[1, :9], labels[2, 7:] = IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX
-    columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    columns = loss_columns(labels)
     model.zero_grad()
     loss = labelled_token_loss(model, {"input_ids": ids}, columns, labels[:, columns + 1], smoothing, chunked)
     loss.backward()

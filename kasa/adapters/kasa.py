@@ -95,18 +95,9 @@ class KasaBlock(RemovedComponents):
         return (self.delta_u * (self.delta_sigma * self.scaling)) @ self.delta_v
 
     def regularization(self) -> Regularization:
-        eye = torch.eye(self.r, device=self.delta_u.device, dtype=self.delta_u.dtype)
-        gram_u = self.delta_u.T @ self.delta_u  # dU^T dU
-        gram_v = self.delta_v @ self.delta_v.T  # dV^T dV (delta_v holds dV^T)
-        if self.authors_orth_form:
-            # ||B B^T - I_n||_F and ||A^T A - I_m||_F of the released code, exactly, from the r x r Grams:
-            # ||A^T A - I_m||_F^2 = ||A A^T - I_r||_F^2 + (m - r) for any r x m matrix A.
-            l3_u = ((gram_u - eye).square().sum() + (self.n - self.r)).sqrt()
-            l3_v = ((gram_v - eye).square().sum() + (self.m - self.r)).sqrt()
-        else:
-            l3_u = torch.linalg.matrix_norm(gram_u - eye)
-            l3_v = torch.linalg.matrix_norm(gram_v - eye)
-        return Regularization(self.delta_sigma.square().sum(), l3_u, l3_v)
+        terms = _regularization_terms(self.delta_u[None], self.delta_sigma[None], self.delta_v[None], self.n, self.m,
+                                      self.authors_orth_form)
+        return Regularization(*(t[0] for t in terms))
 
     def weighted_regularization(self, terms: Regularization) -> torch.Tensor:
         return self.beta * terms.l2 + self.gamma * (terms.l3_u + terms.l3_v)
@@ -126,20 +117,30 @@ def batched_regularization(blocks: list[KasaBlock]) -> list[Regularization]:
         key = (block.n, block.m, block.r, block.authors_orth_form, block.delta_u.device, block.delta_u.dtype)
         groups.setdefault(key, []).append(i)
     terms: list[Regularization | None] = [None] * len(blocks)
-    for (n, m, r, authors, device, dtype), members in groups.items():
+    for (n, m, _, authors, _, _), members in groups.items():
         group = [blocks[i] for i in members]
-        delta_u = torch.stack([b.delta_u for b in group])  # G x n x r
-        delta_v = torch.stack([b.delta_v for b in group])  # G x r x m (dV^T)
-        eye = torch.eye(r, device=device, dtype=dtype)
-        off_u = delta_u.transpose(1, 2) @ delta_u - eye  # dU^T dU - I
-        off_v = delta_v @ delta_v.transpose(1, 2) - eye  # dV^T dV - I
-        if authors:  # as KasaBlock.regularization: the released code's n x n / m x m norms from the r x r Grams
-            l3_u = (off_u.square().sum((1, 2)) + (n - r)).sqrt()
-            l3_v = (off_v.square().sum((1, 2)) + (m - r)).sqrt()
-        else:
-            l3_u = torch.linalg.vector_norm(off_u, dim=(1, 2))
-            l3_v = torch.linalg.vector_norm(off_v, dim=(1, 2))
-        l2 = torch.stack([b.delta_sigma for b in group]).square().sum(1)
+        l2, l3_u, l3_v = _regularization_terms(torch.stack([b.delta_u for b in group]),
+                                               torch.stack([b.delta_sigma for b in group]),
+                                               torch.stack([b.delta_v for b in group]), n, m, authors)
         for i, l2_i, u_i, v_i in zip(members, l2.unbind(), l3_u.unbind(), l3_v.unbind()):
             terms[i] = Regularization(l2_i, u_i, v_i)
     return terms
+
+
+def _regularization_terms(delta_u: torch.Tensor, delta_sigma: torch.Tensor, delta_v: torch.Tensor, n: int, m: int,
+                          authors: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L2, L3 of dU, L3 of dV) of G blocks of one shape: delta_u G x n x r, delta_sigma G x r, delta_v G x r x m
+    (it holds dV^T)."""
+    r = delta_sigma.shape[-1]
+    eye = torch.eye(r, device=delta_u.device, dtype=delta_u.dtype)
+    off_u = delta_u.transpose(1, 2) @ delta_u - eye  # dU^T dU - I
+    off_v = delta_v @ delta_v.transpose(1, 2) - eye  # dV^T dV - I
+    if authors:
+        # ||B B^T - I_n||_F and ||A^T A - I_m||_F of the released code, exactly, from the r x r Grams:
+        # ||A^T A - I_m||_F^2 = ||A A^T - I_r||_F^2 + (m - r) for any r x m matrix A.
+        l3_u = (off_u.square().sum((1, 2)) + (n - r)).sqrt()
+        l3_v = (off_v.square().sum((1, 2)) + (m - r)).sqrt()
+    else:
+        l3_u = torch.linalg.vector_norm(off_u, dim=(1, 2))
+        l3_v = torch.linalg.vector_norm(off_v, dim=(1, 2))
+    return delta_sigma.square().sum(1), l3_u, l3_v

@@ -18,7 +18,7 @@ from kasa.config import RunConfig
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
-from kasa.tasks.lm_loss import labelled_token_loss
+from kasa.tasks.lm_loss import labelled_token_loss, loss_columns
 from kasa.tasks.models import load_causal_lm, load_tokenizer
 
 
@@ -112,7 +112,7 @@ class CausalLMTask:
         carry no loss: for a 128K-word vocabulary the logits of every prompt position would cost more memory than
         the rest of the step), and for most models a chunk of tokens at a time (kasa.tasks.lm_loss)."""
         labels = batch["labels"]
-        columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # column c predicts token c + 1
+        columns = loss_columns(labels)
         return labelled_token_loss(model, self.model_inputs(batch), columns, labels[:, columns + 1],
                                    self.cfg.trainer.label_smoothing, chunked=not self.cfg.trainer.compile)
 

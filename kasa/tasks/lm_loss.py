@@ -33,6 +33,12 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma
 MIN_CHUNK_ROWS = 256  # fewer rows per matmul would re-read the head's weight too often
 
 
+def loss_columns(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions that predict a labelled token in some row (column c predicts token c + 1): where the
+    head runs; prompts carry no loss."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
     """Tokens per chunk: a chunk's logits about the size of all the tokens' hidden states, at least MIN_CHUNK_ROWS."""
     return max(MIN_CHUNK_ROWS, -(-tokens * hidden_size // vocab_size))
