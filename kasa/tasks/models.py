@@ -83,7 +83,7 @@ def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
     kwargs |= {"dtype": DTYPES[model.dtype], "trust_remote_code": model.trust_remote_code,
                "attn_implementation": attention_implementation(model)}
     if model.gguf_file:
-        kwargs["gguf_file"] = model.gguf_file
+        kwargs |= unpacked_gguf(model.gguf_file)
     loaded = _from_pretrained(factory, model, **kwargs)
     # Quantized once the adapters have truncated the float weights (apply_adapters / load_adapter).
     mark_for_quantization(loaded, model.quantization)
@@ -91,6 +91,17 @@ def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
         # Non-reentrant checkpointing runs the adapters' forward with gradients, so KaSA records its terms there.
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return loaded
+
+
+def unpacked_gguf(gguf_file: str) -> dict:
+    """from_pretrained options that load a GGUF file as a plain float model. kasa truncates and adapts float weights,
+    and transformers 5 would otherwise keep the quantized blocks wherever a GGUF kernel is installed, and mark even an
+    unpacked model as GGUF-quantized, which its save_pretrained (kasa-export's merged model) refuses to write."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # transformers 4 always unpacks a GGUF file into a plain model
+        return {"gguf_file": gguf_file}
+    return {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def attention_implementation(model: ModelConfig) -> str:
