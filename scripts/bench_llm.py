@@ -17,7 +17,10 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
    fresh process: the model's tensors (parameters and buffers, counted exactly) plus the growth of the resident
    memory (Linux VmHWM, reset after loading) during the steps, with glibc's mmap threshold fixed so that freed memory
    leaves the process at once: the CPU's counterpart of torch.cuda.max_memory_allocated. The process's peak above its
-   memory before loading (which also counts the libraries and buffers loading left behind) is reported beside it.
+   memory before loading (which also counts the libraries and buffers loading left behind) is reported beside it, and
+   so is the tensors' own peak in a third step (`tensor_peak_memory_mib`): the model's tensors and the AdamW states
+   plus the most bytes that the step's live tensors held at once, followed op by op; resident memory also holds what
+   no tensor owns (library code paged in, MKL's and the allocator's buffers), as a GPU holds its CUDA context.
 4. `kasa-estimate`'s peak for the same float32, bfloat16 and nf4 runs against the measured peaks, given the share
    of the columns that carry the loss in the measured batch (`loss_share`).
 
@@ -40,11 +43,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kasa
 
@@ -191,6 +197,37 @@ def resident_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes held by the tensors that the ops run inside it create (views and the `existing` storages not
+    counted again), at their peak: a CPU step's counterpart of torch.cuda.max_memory_allocated's growth."""
+
+    def __init__(self, existing: set[int]) -> None:
+        super().__init__()
+        self.existing, self.live, self.bytes, self.peak = existing, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.live or key in self.existing or storage.nbytes() == 0:
+                continue
+            self.live[key] = storage.nbytes()
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(storage, self.freed, key)  # the storage's Python object lives as long as its memory
+        return out
+
+    def freed(self, key: int) -> None:
+        self.bytes -= self.live.pop(key, 0)
+
+
+def storage_bytes(tensors: list[torch.Tensor]) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # shared storage once
+
+
 def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str, Any]:
     """Peak resident memory of two KaSA steps on this base, above the process's memory before the model loaded."""
     torch.set_num_threads(THREADS)
@@ -209,15 +246,19 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what loading (GGUF parsing, float copies) freed leaves the process
     loaded = resident_kib("VmRSS")
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers()]}  # tied weights counted once
+    storages = storage_bytes([*model.parameters(), *model.buffers()])  # tied weights counted once
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     for _ in range(2):
         trainer.step(batch)
     peak = resident_kib("VmHWM")
+    optimizer_states = storage_bytes([t for state in trainer.optimizer.state.values() for t in state.values()
+                                      if isinstance(t, torch.Tensor)])
+    with LiveTensorBytes(set(storages) | set(optimizer_states)) as tensors:
+        trainer.step(batch)
     # the model's tensors plus what the steps added: the CPU's counterpart of torch.cuda.max_memory_allocated
     result = {"peak_mib": sum(storages.values()) / 2**20 + (peak - loaded) / 1024,
               "process_peak_mib": (peak - before) / 1024, "weights_loaded_mib": (loaded - before) / 1024,
+              "tensor_peak_mib": (sum(storages.values()) + sum(optimizer_states.values()) + tensors.peak) / 2**20,
               "batch_shape": list(batch["input_ids"].shape)}
     if importlib.util.find_spec("kasa.estimate") is not None:  # kasa-estimate's figure for this very run
         from kasa.estimate import estimate_memory, loss_share_of
@@ -276,7 +317,8 @@ def run(quick: bool, data: Path) -> None:
                                       ("nf4", "float32", "nf4"), ("nf4_bf16", "bfloat16", "nf4")):
         memory[name] = run_memory_worker(dtype, quantization, data)
         print(f"memory      {name:<10}       load {os.getloadavg()[0]:5.1f}  peak {memory[name]['peak_mib']:.0f} MiB "
-              f"(weights and adapters {memory[name]['weights_loaded_mib']:.0f} MiB)", flush=True)
+              f"(weights and adapters {memory[name]['weights_loaded_mib']:.0f} MiB; tensors at their peak "
+              f"{memory[name]['tensor_peak_mib']:.0f} MiB)", flush=True)
 
     result: dict[str, Any] = {
         "packing_speedup": rate["packed"] / rate["padded"],
@@ -286,6 +328,7 @@ def run(quick: bool, data: Path) -> None:
         "nf4_memory_ratio": memory["nf4"]["peak_mib"] / memory["float32"]["peak_mib"],
         "bf16_memory_ratio": memory["bfloat16"]["peak_mib"] / memory["float32"]["peak_mib"],
         "nf4_bf16_memory_ratio": memory["nf4_bf16"]["peak_mib"] / memory["float32"]["peak_mib"],
+        "nf4_tensor_memory_ratio": memory["nf4"]["tensor_peak_mib"] / memory["float32"]["tensor_peak_mib"],
         "estimate_error": max((abs(m["estimate_mib"] - m["peak_mib"]) / m["peak_mib"] for m in memory.values()
                                if "estimate_mib" in m), default=None),
         "estimate_mib": {k: round(v["estimate_mib"], 1) for k, v in memory.items() if "estimate_mib" in v},
@@ -293,6 +336,7 @@ def run(quick: bool, data: Path) -> None:
         "real_tokens_per_second": rate,
         "peak_memory_mib": {k: round(v["peak_mib"], 1) for k, v in memory.items()},
         "process_peak_memory_mib": {k: round(v["process_peak_mib"], 1) for k, v in memory.items()},
+        "tensor_peak_memory_mib": {k: round(v["tensor_peak_mib"], 1) for k, v in memory.items()},
         "quick": quick,
     }
     result["goals_met"] = {key: meets(key, result[key]) for key in GOALS}

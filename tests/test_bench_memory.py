@@ -1,0 +1,36 @@
+"""scripts/bench_llm.py's count of the bytes that a step's tensors hold at their peak (its CPU counterpart of
+torch.cuda.max_memory_allocated): exact on ops whose allocations are known, views and existing storages not counted."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_llm.py"
+
+
+def bench_llm():
+    spec = importlib.util.spec_from_file_location("bench_llm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_tensor_bytes_follows_allocations_and_frees() -> None:
+    bench = bench_llm()
+    weight = torch.ones(256, 256)  # 256 KiB that exists before: never counted
+    with bench.LiveTensorBytes(set(bench.storage_bytes([weight]))) as tensors:
+        a = weight * 2  # 256 KiB
+        view = a[:128].t()  # a view: no new memory
+        b = a @ weight  # 256 KiB more: 512 KiB live
+        del a, view  # a's memory is freed with its last reference
+        c = b.sum(dim=0)  # 1 KiB
+        b.mul_(2)  # in place: nothing new
+        del b
+        d = torch.empty(64, 1024)  # 256 KiB, now with only c live
+    assert tensors.peak == 2 * 256 * 256 * 4
+    assert tensors.bytes == c.numel() * 4 + d.numel() * 4
+    del c, d
+    assert tensors.bytes == 0
