@@ -412,24 +412,29 @@ def test_aux_loss_from_forward_records_or_batched_equals_each_blocks_terms(rober
     monkeypatch.setattr(kasa_block, "_distributed", lambda: distributed)
     model = kasa_model(beta=0.3, gamma=0.7)
     blocks = [b for _, b in kasa.kasa_blocks(model)]
-    for b in blocks:  # away from the initial dU = 0, so that every term is exercised
+    for i, b in enumerate(blocks):  # away from the initial dU = 0, so that every term is exercised
         torch.nn.init.normal_(b.delta_u)
+        b.beta, b.gamma = (0.3, 0.7) if i < 3 else (0.3 * (1 + i % 2), 0.7 / (1 + i % 3))  # runs of equal weights
     model.eval()
     with torch.no_grad():
         model(**roberta_inputs)
     assert all(b.last_regularization is None for b in blocks)  # nothing recorded outside training
     expected = [b.regularization() for b in blocks]
-    total = sum(b.weighted_regularization(t) for b, t in zip(blocks, expected)) / len(blocks)
+    total = sum(b.beta * t.l2 + b.gamma * (t.l3_u + t.l3_v) for b, t in zip(blocks, expected)) / len(blocks)
 
     model.train()
     out = model(**roberta_inputs)
     assert all((b.last_regularization is not None) is distributed for b in blocks)
     aux = kasa.aux_loss(model)
     assert all(b.last_regularization is None for b in blocks)
+    assert list(aux.modules) == [name for name, _ in kasa.kasa_blocks(model)]  # the model's order
     for terms, fresh in zip(aux.modules.values(), expected):
-        for a, b in ((terms.l2, fresh.l2), (terms.l3_u, fresh.l3_u), (terms.l3_v, fresh.l3_v)):
+        for a, b in zip(terms, fresh):
             torch.testing.assert_close(a, b, atol=0, rtol=1e-6)
+    assert list(aux.module_values().values()) == [[t.item() for t in terms] for terms in aux.modules.values()]
     torch.testing.assert_close(aux.total, total, atol=0, rtol=1e-6)
+    torch.testing.assert_close(aux.l2, sum(t.l2 for t in expected) / len(blocks), atol=0, rtol=1e-6)
+    torch.testing.assert_close(aux.l3, sum(t.l3_u + t.l3_v for t in expected) / len(blocks), atol=0, rtol=1e-6)
     (out.logits.sum() + aux.total).backward()
     assert all(b.delta_sigma.grad is not None and b.delta_u.grad is not None for b in blocks)
 
@@ -443,16 +448,18 @@ def test_batched_terms_and_gradients_equal_each_blocks(orth_form):
     blocks = [b for _, b in kasa.kasa_blocks(model)]
     for b in blocks:
         torch.nn.init.normal_(b.delta_u)
-    def grads(terms_list):
+    def grads(terms: list):
         for b in blocks:
             b.zero_grad(set_to_none=True)
-        sum(t.l2 + 2 * t.l3_u + 3 * t.l3_v for t in terms_list).backward()
+        sum((t.l2 + 2 * t.l3_u + 3 * t.l3_v).sum() for t in terms).backward()
         return [p.grad.clone() for b in blocks for p in (b.delta_u, b.delta_sigma, b.delta_v)]
-    single, batched = [b.regularization() for b in blocks], batched_regularization(blocks)
-    for a, b in zip(single, batched):
-        for x, y in ((a.l2, b.l2), (a.l3_u, b.l3_u), (a.l3_v, b.l3_v)):
-            torch.testing.assert_close(x, y, atol=0, rtol=1e-6)
-    for x, y in zip(grads(single), grads(batched_regularization(blocks))):
+    single = [b.regularization() for b in blocks]
+    order, batched = batched_regularization(blocks)
+    assert sorted(order) == list(range(len(blocks))) and len(set(order)) == len(blocks)
+    for row, i in enumerate(order):
+        for x, y in zip(single[i], batched):
+            torch.testing.assert_close(x, y[row], atol=0, rtol=1e-6)
+    for x, y in zip(grads(single), grads([batched_regularization(blocks)[1]])):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 

@@ -12,8 +12,10 @@ reloads onto the original base model without repeating the SVD.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +25,9 @@ from kasa.adapters.config import AdapterConfig
 from kasa.adapters.layer import Decompose, RemovedComponents
 
 
-@dataclass
-class Regularization:
-    """One module's KaSA terms: l2 = sum(dSigma^2), l3_u / l3_v the two orthogonality norms."""
+class Regularization(NamedTuple):
+    """KaSA's terms: l2 = sum(dSigma^2), l3_u / l3_v the two orthogonality norms; scalars for one module, or vectors
+    with one entry per module."""
 
     l2: torch.Tensor
     l3_u: torch.Tensor
@@ -35,16 +37,24 @@ class Regularization:
 @dataclass
 class AuxLoss:
     """(beta * L2 + gamma * L3) averaged over the adapted modules, the mean raw terms for logging, and each module's
-    own terms (paper figure 11 plots them per layer)."""
+    own terms (paper figure 11 plots them per layer): `terms` holds them as vectors, row `rows[i]` for `names[i]`
+    (the modules in the model's order; the rows in the order they were computed in)."""
 
     total: torch.Tensor
     l2: torch.Tensor
     l3: torch.Tensor
-    modules: dict[str, Regularization]
+    names: list[str]
+    rows: list[int]
+    terms: Regularization
+
+    @property
+    def modules(self) -> dict[str, Regularization]:
+        return {name: Regularization(*(t[row] for t in self.terms)) for name, row in zip(self.names, self.rows)}
 
     def module_values(self) -> dict[str, list[float]]:
-        """{module: [l2, l3_u, l3_v]} as floats (a device sync: call at logging steps only)."""
-        return {name: [t.l2.item(), t.l3_u.item(), t.l3_v.item()] for name, t in self.modules.items()}
+        """{module: [l2, l3_u, l3_v]} as floats (one device sync: call at logging steps only)."""
+        values = torch.stack(tuple(self.terms), 1).tolist()
+        return {name: values[row] for name, row in zip(self.names, self.rows)}
 
 
 class KasaBlock(RemovedComponents):
@@ -99,9 +109,6 @@ class KasaBlock(RemovedComponents):
                                       self.authors_orth_form)
         return Regularization(*(t[0] for t in terms))
 
-    def weighted_regularization(self, terms: Regularization) -> torch.Tensor:
-        return self.beta * terms.l2 + self.gamma * (terms.l3_u + terms.l3_v)
-
 
 def _distributed() -> bool:
     """Whether this process is one of several (DDP, FSDP, ZeRO-3): then sharding may hide parameters outside
@@ -109,22 +116,34 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def batched_regularization(blocks: list[KasaBlock]) -> list[Regularization]:
-    """Each block's terms, as `KasaBlock.regularization` computes them, from a few batched ops per group of blocks
-    of one shape instead of a dozen ops per block."""
+def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regularization]:
+    """The blocks' terms, as `KasaBlock.regularization` computes them, from a few batched ops per group of blocks of
+    one shape instead of a dozen ops per block: vectors whose entry j belongs to blocks[order[j]], and `order`."""
     groups: dict[tuple, list[int]] = {}
     for i, block in enumerate(blocks):
         key = (block.n, block.m, block.r, block.authors_orth_form, block.delta_u.device, block.delta_u.dtype)
         groups.setdefault(key, []).append(i)
-    terms: list[Regularization | None] = [None] * len(blocks)
+    parts = []
     for (n, m, _, authors, _, _), members in groups.items():
         group = [blocks[i] for i in members]
-        l2, l3_u, l3_v = _regularization_terms(torch.stack([b.delta_u for b in group]),
-                                               torch.stack([b.delta_sigma for b in group]),
-                                               torch.stack([b.delta_v for b in group]), n, m, authors)
-        for i, l2_i, u_i, v_i in zip(members, l2.unbind(), l3_u.unbind(), l3_v.unbind()):
-            terms[i] = Regularization(l2_i, u_i, v_i)
-    return terms
+        parts.append(_regularization_terms(torch.stack([b.delta_u for b in group]),
+                                           torch.stack([b.delta_sigma for b in group]),
+                                           torch.stack([b.delta_v for b in group]), n, m, authors))
+    order = [i for members in groups.values() for i in members]
+    return order, Regularization(*map(torch.cat, zip(*parts)))
+
+
+def weighted_total(blocks: list[KasaBlock], terms: Regularization) -> torch.Tensor:
+    """sum_i beta_i L2_i + gamma_i L3_i of the blocks whose terms are the vectors' entries, in that order: one slice
+    per run of blocks with the same beta and gamma (all of them, in kasa's runs), so no per-block op and no
+    host-to-device copy of the weights."""
+    total, start = terms.l2.new_zeros(()), 0
+    for (beta, gamma), run in itertools.groupby(blocks, key=lambda block: (block.beta, block.gamma)):
+        stop = start + len(list(run))
+        total = total + beta * terms.l2[start:stop].sum() + gamma * (terms.l3_u[start:stop] +
+                                                                     terms.l3_v[start:stop]).sum()
+        start = stop
+    return total
 
 
 def _regularization_terms(delta_u: torch.Tensor, delta_sigma: torch.Tensor, delta_v: torch.Tensor, n: int, m: int,

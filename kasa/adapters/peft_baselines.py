@@ -192,10 +192,10 @@ def aux_loss(tuner: Any) -> Any | None:
                                        torch.linalg.matrix_norm(gram_a - eye_a))
     if not modules:
         return None
-    count = len(modules)
-    l3 = torch.stack([t.l3_u + t.l3_v for t in modules.values()]).sum() / count
-    l2 = torch.stack([t.l2 for t in modules.values()]).sum() / count
-    return AuxLoss(weight * l3 / 2, l2, l3, modules)  # PEFT averages over the 2 * count matrices
+    terms = Regularization(*map(torch.stack, zip(*modules.values())))
+    l3 = (terms.l3_u + terms.l3_v).mean()
+    # PEFT averages over the 2 * count matrices
+    return AuxLoss(weight * l3 / 2, terms.l2.mean(), l3, list(modules), list(range(len(modules))), terms)
 
 
 def projection_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
