@@ -60,6 +60,7 @@ from kasa.data.prompts import IGNORE_INDEX, format_instruction_example  # noqa: 
 from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
 from kasa.tasks.models import load_causal_lm, load_tokenizer  # noqa: E402
+from kasa.training.loop import build_optimizer  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -124,11 +125,11 @@ def adapter_config(method: str) -> AdapterConfig:
 
 
 class Trainer:
-    """One model with its AdamW and loss: `step(batch)` returns the seconds a training step took."""
+    """One model with kasa's AdamW and loss: `step(batch)` returns the seconds a training step took."""
 
     def __init__(self, model: nn.Module, with_aux: bool, task: CausalLMTask) -> None:
         self.model, self.with_aux, self.task = model.train(), with_aux, task
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        self.optimizer = build_optimizer(model, task.cfg)
 
     def step(self, batch: dict[str, torch.Tensor], task: CausalLMTask | None = None) -> float:
         start = time.perf_counter()

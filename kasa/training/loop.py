@@ -65,8 +65,13 @@ from kasa.training.signals import StopSignals, TrainingInterrupted
 from kasa.training.trackers import check_trackers, start_trackers
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; the fully trained task head gets its own learning rate (`trainer.head_lr`)."""
+    """AdamW; the fully trained task head gets its own learning rate (`trainer.head_lr`). Its fused kernel where the
+    parameters' device has one: an adapter has hundreds of small tensors, and the default runs a dozen ops on each
+    (on the CPU, SmolLM2's 630 KaSA tensors: 26 ms a step against 7 ms fused)."""
     heads = tuple(cfg.method.trainable_modules)
     head, body = [], []
     for name, param in model.named_parameters():
@@ -76,7 +81,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     groups = [{"params": body, "lr": cfg.trainer.lr}]
     if head:
         groups.append({"params": head, "lr": cfg.trainer.head_lr or cfg.trainer.lr})
-    return torch.optim.AdamW(groups, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in head + body)
+    return torch.optim.AdamW(groups, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=fused)
 
 
 def peak_memory_mib() -> dict[str, float]:
