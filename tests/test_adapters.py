@@ -382,6 +382,31 @@ def test_authors_form_gradient_against_literal_large_gram():
         torch.testing.assert_close(block.delta_u.grad.double(), b.grad, atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.parametrize("authors", [False, True])
+def test_the_written_out_regularization_gradient_passes_gradcheck(authors):
+    """The batched terms' hand-written backward against finite differences (float64), for blocks of one shape."""
+    from kasa.adapters.kasa import _GroupRegularization
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+              for _ in range(3) for shape in ((7, 3), (3,), (3, 5))]
+    assert torch.autograd.gradcheck(lambda *p: _GroupRegularization.apply(7, 5, authors, *p), params)
+
+
+def test_exactly_orthonormal_factors_have_a_zero_orthogonality_gradient():
+    """||dU^T dU - I|| is exactly 0 at columns of the identity (paper form): the gradient there is 0, not 0 / 0."""
+    model = kasa_model(beta=0.0, gamma=1.0)
+    for _, block in kasa.kasa_blocks(model):
+        with torch.no_grad():
+            block.delta_u.copy_(torch.eye(block.n)[:, :block.r])
+            block.delta_v.copy_(torch.eye(block.m)[:block.r])
+    aux = kasa.aux_loss(model)
+    assert aux.l3.item() == 0.0
+    aux.total.backward()
+    for _, block in kasa.kasa_blocks(model):
+        assert (block.delta_u.grad == 0).all() and (block.delta_v.grad == 0).all()
+
+
 def test_kasa_l2_has_no_orthogonality_term():
     beta = 0.3
     model = kasa_model(method="kasa_l2", beta=beta, gamma=0.7)

@@ -105,8 +105,8 @@ class KasaBlock(RemovedComponents):
         return (self.delta_u * (self.delta_sigma * self.scaling)) @ self.delta_v
 
     def regularization(self) -> Regularization:
-        terms = _regularization_terms(self.delta_u[None], self.delta_sigma[None], self.delta_v[None], self.n, self.m,
-                                      self.authors_orth_form)
+        terms = _GroupRegularization.apply(self.n, self.m, self.authors_orth_form, self.delta_u, self.delta_sigma,
+                                           self.delta_v)
         return Regularization(*(t[0] for t in terms))
 
 
@@ -126,9 +126,8 @@ def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regulari
     parts = []
     for (n, m, _, authors, _, _), members in groups.items():
         group = [blocks[i] for i in members]
-        parts.append(_regularization_terms(torch.stack([b.delta_u for b in group]),
-                                           torch.stack([b.delta_sigma for b in group]),
-                                           torch.stack([b.delta_v for b in group]), n, m, authors))
+        params = [p for b in group for p in (b.delta_u, b.delta_sigma, b.delta_v)]
+        parts.append(_GroupRegularization.apply(n, m, authors, *params))
     order = [i for members in groups.values() for i in members]
     return order, Regularization(*map(torch.cat, zip(*parts)))
 
@@ -146,20 +145,38 @@ def weighted_total(blocks: list[KasaBlock], terms: Regularization) -> torch.Tens
     return total
 
 
-def _regularization_terms(delta_u: torch.Tensor, delta_sigma: torch.Tensor, delta_v: torch.Tensor, n: int, m: int,
-                          authors: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L2, L3 of dU, L3 of dV) of G blocks of one shape: delta_u G x n x r, delta_sigma G x r, delta_v G x r x m
-    (it holds dV^T)."""
-    r = delta_sigma.shape[-1]
-    eye = torch.eye(r, device=delta_u.device, dtype=delta_u.dtype)
-    off_u = delta_u.transpose(1, 2) @ delta_u - eye  # dU^T dU - I
-    off_v = delta_v @ delta_v.transpose(1, 2) - eye  # dV^T dV - I
-    if authors:
-        # ||B B^T - I_n||_F and ||A^T A - I_m||_F of the released code, exactly, from the r x r Grams:
-        # ||A^T A - I_m||_F^2 = ||A A^T - I_r||_F^2 + (m - r) for any r x m matrix A.
-        l3_u = (off_u.square().sum((1, 2)) + (n - r)).sqrt()
-        l3_v = (off_v.square().sum((1, 2)) + (m - r)).sqrt()
-    else:
-        l3_u = torch.linalg.vector_norm(off_u, dim=(1, 2))
-        l3_v = torch.linalg.vector_norm(off_v, dim=(1, 2))
-    return delta_sigma.square().sum(1), l3_u, l3_v
+class _GroupRegularization(torch.autograd.Function):
+    """(L2, L3 of dU, L3 of dV) of G blocks of one shape, each a vector of G, from the blocks' parameters given as
+    (delta_u, delta_sigma, delta_v) per block (delta_v holds dV^T), with the gradient written out: d sum(s^2) / ds =
+    2 s, and with A = X^T X - I (symmetric) d ||A||_F / dX = 2 X A / ||A||_F; the authors' form,
+    sqrt(||A||_F^2 + c), has the same gradient over its own value. One batched product per side where autograd
+    would run four, and no graph of small ops. Computed in the parameters' dtype, outside autocast."""
+
+    @staticmethod
+    def forward(ctx, n: int, m: int, authors: bool, *params: torch.Tensor):
+        delta_u, delta_sigma, delta_v = (torch.stack(params[i::3]) for i in range(3))  # G x n x r, G x r, G x r x m
+        with torch.autocast(delta_u.device.type, enabled=False):
+            r = delta_sigma.shape[1]
+            eye = torch.eye(r, device=delta_u.device, dtype=delta_u.dtype)
+            off_u = delta_u.transpose(1, 2) @ delta_u - eye  # dU^T dU - I
+            off_v = delta_v @ delta_v.transpose(1, 2) - eye  # dV^T dV - I
+            squares_u, squares_v = off_u.square().sum((1, 2)), off_v.square().sum((1, 2))
+            if authors:
+                # ||B B^T - I_n||_F and ||A^T A - I_m||_F of the released code, exactly, from the r x r Grams:
+                # ||A^T A - I_m||_F^2 = ||A A^T - I_r||_F^2 + (m - r) for any r x m matrix A.
+                squares_u, squares_v = squares_u + (n - r), squares_v + (m - r)
+            l3_u, l3_v = squares_u.sqrt(), squares_v.sqrt()
+        ctx.save_for_backward(delta_u, delta_sigma, delta_v, off_u, off_v, l3_u, l3_v)
+        return delta_sigma.square().sum(1), l3_u, l3_v
+
+    @staticmethod
+    def backward(ctx, grad_l2: torch.Tensor, grad_l3_u: torch.Tensor, grad_l3_v: torch.Tensor):
+        delta_u, delta_sigma, delta_v, off_u, off_v, l3_u, l3_v = ctx.saved_tensors
+        tiny = torch.finfo(l3_u.dtype).tiny  # a zero norm has a zero matrix under it: gradient 0, not 0/0
+        grad_sigma = 2 * delta_sigma * grad_l2[:, None]
+        grad_u = delta_u @ off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None]
+        grad_v = off_v @ delta_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]
+        grads = [g for block in zip(grad_u.unbind(), grad_sigma.unbind(), grad_v.unbind()) for g in block]
+        return None, None, None, *grads
+
+
