@@ -393,6 +393,23 @@ def test_the_written_out_regularization_gradient_passes_gradcheck(authors):
     assert torch.autograd.gradcheck(lambda *p: _GroupRegularization.apply(7, 5, authors, *p), params)
 
 
+def test_the_terms_are_computed_in_the_parameters_dtype_under_autocast_and_on_the_meta_device():
+    """Under torch.distributed a block computes its terms inside forward, where autocast may be on: they stay float32
+    and their backward runs; kasa-estimate traces models on the meta device."""
+    model = kasa_model(beta=0.3, gamma=0.7)
+    block = next(b for _, b in kasa.kasa_blocks(model))
+    torch.nn.init.normal_(block.delta_u)
+    expected = block.regularization()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = block.regularization()
+    assert all(t.dtype == torch.float32 for t in terms)
+    for a, b in zip(terms, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    sum(terms).backward()
+    assert block.delta_u.grad is not None and block.delta_u.grad.dtype == torch.float32
+    assert all(t.device.type == "meta" for t in block.to("meta").regularization())
+
+
 def test_exactly_orthonormal_factors_have_a_zero_orthogonality_gradient():
     """||dU^T dU - I|| is exactly 0 at columns of the identity (paper form): the gradient there is 0, not 0 / 0."""
     model = kasa_model(beta=0.0, gamma=1.0)

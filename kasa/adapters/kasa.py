@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -155,7 +156,8 @@ class _GroupRegularization(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n: int, m: int, authors: bool, *params: torch.Tensor):
         delta_u, delta_sigma, delta_v = (torch.stack(params[i::3]) for i in range(3))  # G x n x r, G x r, G x r x m
-        with torch.autocast(delta_u.device.type, enabled=False):
+        device = delta_u.device.type  # autocast off where it exists (not on the meta device of kasa-estimate's tracing)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             r = delta_sigma.shape[1]
             eye = torch.eye(r, device=delta_u.device, dtype=delta_u.dtype)
             off_u = delta_u.transpose(1, 2) @ delta_u - eye  # dU^T dU - I
