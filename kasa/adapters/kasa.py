@@ -118,18 +118,24 @@ def _distributed() -> bool:
 
 
 def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regularization]:
-    """The blocks' terms, as `KasaBlock.regularization` computes them, from a few batched ops per group of blocks of
-    one shape instead of a dozen ops per block: vectors whose entry j belongs to blocks[order[j]], and `order`."""
+    """Every block's terms as vectors whose entry j belongs to blocks[order[j]], and `order`: a block's record from
+    the forward pass (read and cleared), or else computed as `KasaBlock.regularization` does, from a few batched ops
+    per group of blocks of one shape instead of a dozen ops per block."""
+    recorded = [i for i, block in enumerate(blocks) if block.last_regularization is not None]
     groups: dict[tuple, list[int]] = {}
     for i, block in enumerate(blocks):
-        key = (block.n, block.m, block.r, block.authors_orth_form, block.delta_u.device, block.delta_u.dtype)
-        groups.setdefault(key, []).append(i)
+        if block.last_regularization is None:
+            key = (block.n, block.m, block.r, block.authors_orth_form, block.delta_u.device, block.delta_u.dtype)
+            groups.setdefault(key, []).append(i)
     parts = []
+    if recorded:
+        parts.append(Regularization(*map(torch.stack, zip(*(blocks[i].last_regularization for i in recorded)))))
+        for i in recorded:
+            blocks[i].last_regularization = None
     for (n, m, _, authors, _, _), members in groups.items():
-        group = [blocks[i] for i in members]
-        params = [p for b in group for p in (b.delta_u, b.delta_sigma, b.delta_v)]
+        params = [p for i in members for p in (blocks[i].delta_u, blocks[i].delta_sigma, blocks[i].delta_v)]
         parts.append(_GroupRegularization.apply(n, m, authors, *params))
-    order = [i for members in groups.values() for i in members]
+    order = recorded + [i for members in groups.values() for i in members]
     return order, Regularization(*map(torch.cat, zip(*parts)))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from kasa.adapters import peft_baselines
 from kasa.adapters.calibration import moment_groups
 from kasa.adapters.config import CONFIG_ATTRIBUTE, AdapterConfig
-from kasa.adapters.kasa import AuxLoss, KasaBlock, Regularization, batched_regularization, weighted_total
+from kasa.adapters.kasa import AuxLoss, KasaBlock, batched_regularization, weighted_total
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
 from kasa.adapters.lora import LoraBlock
 from kasa.adapters.methods import METHOD_TABLE
@@ -221,21 +221,9 @@ def aux_loss(model: nn.Module) -> AuxLoss | None:
     blocks = [(name, block) for name, block in kasa_blocks(model) if block.beta or block.gamma]
     if not blocks:
         return None
-    recorded = [i for i, (_, block) in enumerate(blocks) if block.last_regularization is not None]
-    unrecorded = [i for i, (_, block) in enumerate(blocks) if block.last_regularization is None]
-    parts: list[tuple[list[int], Regularization]] = []
-    if unrecorded:
-        order, terms = batched_regularization([blocks[i][1] for i in unrecorded])
-        parts.append(([unrecorded[j] for j in order], terms))
-    if recorded:
-        parts.append((recorded, Regularization(*map(torch.stack, zip(*(blocks[i][1].last_regularization
-                                                                       for i in recorded))))))
-        for i in recorded:
-            blocks[i][1].last_regularization = None
-    computed = [i for indices, _ in parts for i in indices]  # block indices, in the order of the terms' entries
-    terms = Regularization(*map(torch.cat, zip(*(t for _, t in parts))))
-    row_of = {i: row for row, i in enumerate(computed)}
-    total = weighted_total([blocks[i][1] for i in computed], terms) / len(blocks)
+    order, terms = batched_regularization([block for _, block in blocks])
+    row_of = {i: row for row, i in enumerate(order)}
+    total = weighted_total([blocks[i][1] for i in order], terms) / len(blocks)
     return AuxLoss(total, terms.l2.mean(), (terms.l3_u + terms.l3_v).mean(), [name for name, _ in blocks],
                    [row_of[i] for i in range(len(blocks))], terms)
 
