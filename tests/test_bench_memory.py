@@ -4,8 +4,10 @@ torch.cuda.max_memory_allocated): exact on ops whose allocations are known, view
 from __future__ import annotations
 
 import importlib.util
+import statistics
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_llm.py"
@@ -34,3 +36,17 @@ def test_live_tensor_bytes_follows_allocations_and_frees() -> None:
     assert tensors.bytes == c.numel() * 4 + d.numel() * 4
     del c, d
     assert tensors.bytes == 0
+
+
+
+def test_paired_ratio_cancels_the_machine_drift_that_a_ratio_of_medians_keeps() -> None:
+    bench = bench_llm()
+    # the machine slows by 40% in the middle of round 2, between the two methods' steps, and stays slow
+    reference_speed = [1.0, 1.0, 1.0, 1.4, 1.4]
+    timed_speed = [1.0, 1.0, 1.4, 1.4, 1.4]
+    reference = [1.0 * s for s in reference_speed]
+    times = [1.02 * s for s in timed_speed]
+    assert bench.paired_ratio(times, reference) == pytest.approx(1.02)
+    assert statistics.median(times) / statistics.median(reference) == pytest.approx(1.428)
+    with pytest.raises(ValueError):
+        bench.paired_ratio(times, reference[:-1])
