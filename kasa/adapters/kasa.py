@@ -182,8 +182,9 @@ class _GroupRegularization(torch.autograd.Function):
         delta_u, delta_sigma, delta_v, off_u, off_v, l3_u, l3_v = ctx.saved_tensors
         tiny = torch.finfo(l3_u.dtype).tiny  # a zero norm has a zero matrix under it: gradient 0, not 0/0
         grad_sigma = 2 * delta_sigma * grad_l2[:, None]
-        grad_u = delta_u @ off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None]
-        grad_v = off_v @ delta_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]
+        # the factor scales the r x r matrices, not the n x r products: one pass less over the gradients' memory
+        grad_u = delta_u @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
+        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ delta_v
         grads = [g for block in zip(grad_u.unbind(), grad_sigma.unbind(), grad_v.unbind()) for g in block]
         return None, None, None, *grads
 
