@@ -142,16 +142,25 @@ MODEL_MODULES = {"target_modules": "target_modules", "trainable_modules": "head_
                  "fused_modules": "fused_modules"}
 
 
-def register_schema() -> None:
-    """Register the typed schema with Hydra's ConfigStore: every group file and recipe then merges into it, so a
-    file holds only what differs from these defaults and a misspelt key fails at composition. It is RunConfig with
-    the method's module keys left out: they follow the model, so `method.target_modules=...` is an unknown key."""
-    from hydra.core.config_store import ConfigStore
-
+def run_schema() -> type:
+    """The typed schema that composition checks: RunConfig with the method's module keys left out (they follow the
+    model, so `method.target_modules=...` is an unknown key; `model_module_error` says what to write instead)."""
     method = _dataclass_without(AdapterConfig, "MethodSettings", set(MODEL_MODULES))
     # output_dir is Hydra's run directory, which `--cfg job --resolve` prints before there is one (null)
-    run = _dataclass_without(RunConfig, "RunSchema", set(), replace={"method": method, "output_dir": Optional[str]})
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=run)
+    return _dataclass_without(RunConfig, "RunSchema", set(), replace={"method": method, "output_dir": Optional[str]})
+
+
+def model_module_error(key: str) -> str:
+    """The message for `method.<key>` where key is one of MODEL_MODULES."""
+    return f"method.{key} follows the model: set model.{MODEL_MODULES[key]}=... instead"
+
+
+def register_schema() -> None:
+    """Register `run_schema()` with Hydra's ConfigStore: every group file and recipe then merges into it, so a file
+    holds only what differs from these defaults and a misspelt key fails at composition."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=run_schema())
 
 
 def _dataclass_without(cls: type, name: str, drop: set[str], replace: dict[str, type] | None = None) -> type:
@@ -186,7 +195,7 @@ def resolve(cfg: Any) -> dict[str, Any]:
     default = AdapterConfig()
     for key, source in MODEL_MODULES.items():
         if key in method and method[key] not in (getattr(default, key), model.get(source)):
-            raise ValueError(f"method.{key} follows the model: set model.{source}=... instead")
+            raise ValueError(model_module_error(key))
         method[key] = model.get(source, getattr(default, key))
     return data
 

@@ -28,6 +28,11 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["method=no_such_method"], ["unknown method 'no_such_method'", "kasa, kasa_l2"]),
         (["method.method=nope"], ["unknown method 'nope'"]),
         (["trainer.no_such_key=1"], ["unknown key trainer.no_such_key", "valid keys under trainer: epochs"]),
+        # the method's keys as composition knows them: the module keys, which follow the model, are not listed
+        (["method.no_such_key=1"], ["unknown key method.no_such_key", "valid keys under method: method, rank",
+                                    "dropout, beta"]),
+        (["method.target_modules=[query]"], ["method.target_modules follows the model",
+                                             "set model.target_modules=... instead"]),
         (["method.beta=[1"], ["cannot parse the overrides"]),
         (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
         (["trainer.grad_accum=0"], ["trainer.grad_accum=0"]),

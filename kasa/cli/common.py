@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 import kasa
-from kasa.config import RunConfig, register_schema
+from kasa.config import MODEL_MODULES, RunConfig, model_module_error, register_schema, run_schema
 from kasa.hub import offline_without_hub
 
 # Errors that are the user's input or environment (paths, permissions, a full disk), not kasa's bugs: reported in
@@ -85,8 +85,11 @@ def _describe_hydra(err: HydraException) -> str:
     if key and isinstance(err.__cause__, ValidationError):  # a known key with a value of the wrong type
         return f"wrong value for {key}: {str(err.__cause__).strip().splitlines()[0]}"
     if key:
-        parent = key.rsplit(".", 1)[0] if "." in key else None
-        valid = _schema_fields(parent) if parent else [f.name for f in dataclasses.fields(RunConfig)]
+        parent, _, leaf = key.rpartition(".")
+        if parent == "method" and leaf in MODEL_MODULES:
+            return model_module_error(leaf)
+        schema = run_schema()
+        valid = _schema_fields(parent, schema) if parent else [f.name for f in dataclasses.fields(schema)]
         return f"unknown key {key}" + (f"; valid keys{f' under {parent}' if parent else ''}: {', '.join(valid)}" if valid else "")
     return first
 
@@ -111,14 +114,15 @@ def _describe(err: Exception) -> str:
         message = str(err).splitlines()[0]
         key = getattr(err, "full_key", None)
         parent = key.rsplit(".", 1)[0] if key and "." in key else None
-        valid = _schema_fields(parent) if parent else None
+        valid = _schema_fields(parent, RunConfig) if parent else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""
         return f"invalid config{f' at {key}' if key else ''}: {message}{hint}"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _schema_fields(path: str) -> list[str] | None:
-    node: Any = RunConfig
+def _schema_fields(path: str, root: type) -> list[str] | None:
+    """The field names of the dataclass at `path` (e.g. "trainer") under `root`, or None."""
+    node: Any = root
     for part in path.split("."):
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
