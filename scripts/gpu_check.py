@@ -5,7 +5,8 @@ tiny dimensions on whatever device there is, the CPU included (the test suite do
 1. Truncation: `apply_adapters` with KaSA r 16 on all seven projections (q, k, v, o, gate, up, down) of all 32
    layers, the decompositions on the GPU.
 2. Step time on a few layers (batch x length tokens, loss on the last three quarters of each row): kasa's KaSA
-   against kasa's LoRA and PEFT's KaSA, one step of each in turn, medians.
+   against kasa's LoRA and PEFT's KaSA, one step of each in turn; a ratio is the median over rounds of the ratio
+   within a round (as in bench_llm.py), the median steps are reported beside it.
 3. Real tokens per second with KaSA over the same random-length examples: padded batches against packed rows.
 4. Peak memory (torch.cuda.max_memory_allocated, or None on the CPU) of KaSA steps on the bf16 base and on the nf4
    base (`model.quantization=nf4`, bitsandbytes), with their step times, and `kasa.estimate.estimate_memory`'s peak
@@ -173,7 +174,8 @@ def bench_activation_init(sizes: Sizes, base: nn.Module, device: torch.device) -
     return seconds
 
 
-def bench_steps(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str, float]:
+def bench_steps(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str, list[float]]:
+    """Each method's step times, one list entry per round."""
     methods = ["kasa", "lora"] + (["peft-kasa"] if importlib.util.find_spec("peft") else [])
     task = task_for(sizes)
     steppers = {m: Stepper(*adapted(base, m, device), task, device) for m in methods}
@@ -185,7 +187,12 @@ def bench_steps(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str
             seconds = steppers[method].step(batch)
             if round_ >= sizes.warmup:
                 times[method].append(seconds)
-    return {m: statistics.median(t) for m, t in times.items()}
+    return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of times[i] / reference[i], the two taken in the same round."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def bench_packing(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str, float]:
@@ -259,11 +266,11 @@ def main() -> None:
     done("truncation", start)
     start = time.perf_counter()
     base = build(sizes, sizes.step_layers, device)
-    step = bench_steps(sizes, base, device)
-    report["step_seconds"] = step
-    report["step_ratio_kasa_lora"] = step["kasa"] / step["lora"]
-    if "peft-kasa" in step:
-        report["step_ratio_kasa_peft_kasa"] = step["kasa"] / step["peft-kasa"]
+    times = bench_steps(sizes, base, device)
+    report["step_seconds"] = {m: statistics.median(t) for m, t in times.items()}
+    report["step_ratio_kasa_lora"] = paired_ratio(times["kasa"], times["lora"])
+    if "peft-kasa" in times:
+        report["step_ratio_kasa_peft_kasa"] = paired_ratio(times["kasa"], times["peft-kasa"])
     done("steps", start)
     start = time.perf_counter()
     rates = bench_packing(sizes, base, device)
