@@ -28,6 +28,11 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
    of the columns that carry the loss in the measured batch (`loss_share`).
 
 The last line of stdout is one JSON object: the ratios, the raw medians and whether each goal is met.
+
+`--larger-shape` runs only a fifth comparison (~6 min, no data): the tensors' peak (counted as in 3) of a KaSA step
+computing in float32 on a random model of TinyLlama-1.1B's shape, float32 base against nf4 base, with the same
+adapters, batch shape (a quarter of each row without loss) and checkpointing, and kasa-estimate's figures for both;
+its last line is one JSON object too.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ STEP_BATCH = 2  # examples in the step-time batch
 MEMORY_BATCH = 4
 # (examples for tokens/s, timed steps per method, passes per batching mode): full run and --quick
 PLANS = {False: (48, 20, 3), True: (16, 3, 1)}
+# --larger-shape: random weights of TinyLlama-1.1B's shape (22 layers, hidden 2048, untied 32K vocabulary)
+LARGER_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
 SVD_CACHE = Path(tempfile.gettempdir()) / "kasa-bench-llm-svd"  # every run and worker truncates the same weights
 # key -> (comparison, goal)
 GOALS = {"packing_speedup": (">=", 1.5), "step_ratio_kasa_lora": ("<=", 1.03),
@@ -260,32 +268,89 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
     for _ in range(2):
         trainer.step(batch)
     peak = resident_kib("VmHWM")
-    optimizer_states = storage_bytes([t for state in trainer.optimizer.state.values() for t in state.values()
-                                      if isinstance(t, torch.Tensor)])
-    with LiveTensorBytes(set(storages) | set(optimizer_states)) as tensors:
-        trainer.step(batch)
     # the model's tensors plus what the steps added: the CPU's counterpart of torch.cuda.max_memory_allocated
-    result = {"peak_mib": sum(storages.values()) / 2**20 + (peak - loaded) / 1024,
-              "process_peak_mib": (peak - before) / 1024, "weights_loaded_mib": (loaded - before) / 1024,
-              "tensor_peak_mib": (sum(storages.values()) + sum(optimizer_states.values()) + tensors.peak) / 2**20,
-              "batch_shape": list(batch["input_ids"].shape)}
-    if importlib.util.find_spec("kasa.estimate") is not None:  # kasa-estimate's figure for this very run
-        from kasa.estimate import estimate_memory, loss_share_of
+    return {"peak_mib": sum(storages.values()) / 2**20 + (peak - loaded) / 1024,
+            "process_peak_mib": (peak - before) / 1024, "weights_loaded_mib": (loaded - before) / 1024,
+            "tensor_peak_mib": tensor_peak_mib(trainer, batch), "batch_shape": list(batch["input_ids"].shape),
+            **estimate_for(cfg, batch)}
 
-        cfg.task.kind, cfg.method, cfg.trainer.batch_size = "instruction", adapter_config("kasa"), MEMORY_BATCH
-        share = loss_share_of(batch["labels"], MAX_LENGTH)  # kasa computes the logits at these columns only
-        result["estimate_mib"] = estimate_memory(cfg, loss_share=share, device="cpu")["peak_bytes"] / 2**20
-        result["loss_share"] = share
-    return result
+
+def tensor_peak_mib(trainer: Trainer, batch: dict[str, torch.Tensor]) -> float:
+    """The model's tensors and the AdamW states plus the most that one more step's own tensors hold at once."""
+    existing = storage_bytes([*trainer.model.parameters(), *trainer.model.buffers(),
+                              *(t for state in trainer.optimizer.state.values() for t in state.values()
+                                if isinstance(t, torch.Tensor))])
+    with LiveTensorBytes(set(existing)) as tensors:
+        trainer.step(batch)
+    return (sum(existing.values()) + tensors.peak) / 2**20
+
+
+def estimate_for(cfg: RunConfig, batch: dict[str, torch.Tensor], architecture: Any = None) -> dict[str, float]:
+    """kasa-estimate's peak for this very run (KaSA's adapters, this batch), where kasa.estimate exists."""
+    if importlib.util.find_spec("kasa.estimate") is None:
+        return {}
+    from kasa.estimate import estimate_memory, loss_share_of
+
+    cfg.task.kind, cfg.method, cfg.trainer.batch_size = "instruction", adapter_config("kasa"), len(batch["labels"])
+    share = loss_share_of(batch["labels"], MAX_LENGTH)  # kasa computes the logits at these columns only
+    peak = estimate_memory(cfg, architecture=architecture, loss_share=share, device="cpu")["peak_bytes"]
+    return {"estimate_mib": peak / 2**20, "loss_share": share}
+
+
+def worker_larger_memory(quantization: str | None) -> dict[str, Any]:
+    """The tensors' peak of a KaSA step computing in float32 on a random model of LARGER_SHAPE, float32 or nf4 base,
+    the SmolLM2 runs' adapters, batch shape and checkpointing; and kasa-estimate's figure."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kasa.adapters.quantized import mark_for_quantization
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    architecture = LlamaConfig(**LARGER_SHAPE)
+    model = LlamaForCausalLM(architecture)
+    model.gradient_checkpointing_enable()
+    apply_adapters(mark_for_quantization(model, quantization), adapter_config("kasa"))
+    cfg = run_config(model_config("float32", quantization, checkpointing=True))
+    trainer = Trainer(model, True, CausalLMTask(cfg))
+    ids = torch.randint(3, architecture.vocab_size, (MEMORY_BATCH, MAX_LENGTH),
+                        generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :MAX_LENGTH // 4] = IGNORE_INDEX  # a prompt quarter without loss
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    trainer.step(batch)  # creates the AdamW states
+    return {"tensor_peak_mib": tensor_peak_mib(trainer, batch), **estimate_for(cfg, batch, architecture)}
+
+
+def run_worker(*args: str) -> dict[str, Any]:
+    """A memory worker in a fresh process (its last stdout line, JSON)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_memory_worker(dtype: str, quantization: str | None, data: Path) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    args = [sys.executable, __file__, "--worker-memory", dtype, quantization or "none", "--data", str(data)]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"memory worker {dtype} {quantization} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker("--worker-memory", dtype, quantization or "none", "--data", str(data))
+
+
+def run_larger_shape() -> None:
+    """--larger-shape: the nf4 / float32 tensor peaks (float32 compute) on LARGER_SHAPE, and the estimates."""
+    runs = {}
+    for name, quantization in (("float32", "none"), ("nf4", "nf4")):
+        runs[name] = run_worker("--worker-larger-memory", quantization)
+        print(f"larger      {name:<10}       load {os.getloadavg()[0]:5.1f}  tensors at their peak "
+              f"{runs[name]['tensor_peak_mib']:.1f} MiB", flush=True)
+    result: dict[str, Any] = {
+        "shape": LARGER_SHAPE,
+        "nf4_tensor_memory_ratio": runs["nf4"]["tensor_peak_mib"] / runs["float32"]["tensor_peak_mib"],
+        "tensor_peak_memory_mib": {k: round(v["tensor_peak_mib"], 1) for k, v in runs.items()},
+    }
+    if all("estimate_mib" in v for v in runs.values()):
+        result["estimate_mib"] = {k: round(v["estimate_mib"], 1) for k, v in runs.items()}
+        result["estimate_error"] = max(abs(v["estimate_mib"] - v["tensor_peak_mib"]) / v["tensor_peak_mib"]
+                                       for v in runs.values())
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -357,8 +422,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (a smoke run)")
     parser.add_argument("--data", type=Path, default=DATA, help="an Alpaca-format JSON file")
+    parser.add_argument("--larger-shape", action="store_true",
+                        help="only the nf4 / float32 memory comparison on a random TinyLlama-1.1B-shaped model "
+                             "(~6 min; no data needed)")
     parser.add_argument("--worker-memory", nargs=2, metavar=("DTYPE", "QUANTIZATION"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-larger-memory", metavar="QUANTIZATION", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker_larger_memory:
+        quantization = args.worker_larger_memory
+        print(json.dumps(worker_larger_memory(None if quantization == "none" else quantization)))
+        return
+    if args.larger_shape:
+        run_larger_shape()
+        return
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found: pass --data <alpaca-format JSON file>")
     if args.worker_memory:

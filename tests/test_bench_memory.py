@@ -50,3 +50,18 @@ def test_paired_ratio_cancels_the_machine_drift_that_a_ratio_of_medians_keeps() 
     assert statistics.median(times) / statistics.median(reference) == pytest.approx(1.428)
     with pytest.raises(ValueError):
         bench.paired_ratio(times, reference[:-1])
+
+
+def test_larger_shape_worker_counts_both_bases_and_estimates_them(monkeypatch, tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    bench = bench_llm()
+    monkeypatch.setattr(bench, "LARGER_SHAPE", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                    tie_word_embeddings=False))
+    monkeypatch.setattr(bench, "MAX_LENGTH", 32)
+    monkeypatch.setattr(bench, "SVD_CACHE", tmp_path)
+    runs = {q: bench.worker_larger_memory(q) for q in (None, "nf4")}
+    for run in runs.values():
+        assert run["tensor_peak_mib"] > 0 and run["estimate_mib"] > 0 and run["loss_share"] == pytest.approx(0.75, abs=0.05)
+    assert runs["nf4"]["tensor_peak_mib"] < runs[None]["tensor_peak_mib"]
+    assert runs["nf4"]["estimate_mib"] < runs[None]["estimate_mib"]
