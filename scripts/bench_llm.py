@@ -310,7 +310,9 @@ def worker_larger_memory(quantization: str | None) -> dict[str, Any]:
     model = LlamaForCausalLM(architecture)
     model.gradient_checkpointing_enable()
     apply_adapters(mark_for_quantization(model, quantization), adapter_config("kasa"))
-    cfg = run_config(model_config("float32", quantization, checkpointing=True))
+    model_cfg = ModelConfig(name="random TinyLlama-1.1B shape", target_modules=TARGET_MODULES,
+                            gradient_checkpointing=True, quantization=quantization)
+    cfg = run_config(model_cfg)
     trainer = Trainer(model, True, CausalLMTask(cfg))
     ids = torch.randint(3, architecture.vocab_size, (MEMORY_BATCH, MAX_LENGTH),
                         generator=torch.Generator().manual_seed(1))
