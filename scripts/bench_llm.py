@@ -67,7 +67,7 @@ from kasa.config import ModelConfig, RunConfig  # noqa: E402
 from kasa.data.prompts import IGNORE_INDEX, format_instruction_example  # noqa: E402
 from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
-from kasa.tasks.models import load_causal_lm, load_tokenizer  # noqa: E402
+from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
 
 THREADS = 2
@@ -308,7 +308,7 @@ def worker_larger_memory(quantization: str | None) -> dict[str, Any]:
     torch.manual_seed(0)
     architecture = LlamaConfig(**LARGER_SHAPE)
     model = LlamaForCausalLM(architecture)
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     apply_adapters(mark_for_quantization(model, quantization), adapter_config("kasa"))
     model_cfg = ModelConfig(name="random TinyLlama-1.1B shape", target_modules=TARGET_MODULES,
                             gradient_checkpointing=True, quantization=quantization)

@@ -88,9 +88,19 @@ def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
     # Quantized once the adapters have truncated the float weights (apply_adapters / load_adapter).
     mark_for_quantization(loaded, model.quantization)
     if model.gradient_checkpointing:
-        # Non-reentrant checkpointing runs the adapters' forward with gradients, so KaSA records its terms there.
-        loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(loaded)
     return loaded
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (it runs the adapters' forward with gradients, so KaSA records its terms
+    there), through the name the installed transformers has: 5.x renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable and warns at every call of the old name."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def unpacked_gguf(gguf_file: str) -> dict:
