@@ -86,3 +86,26 @@ def test_a_gguf_base_adapts_merges_and_saves_as_a_plain_model(gguf_folder, tmp_p
     torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=0)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("abc ab").input_ids == \
         load_tokenizer(config)("abc ab").input_ids
+
+
+def test_a_peft_export_of_a_gguf_base_loads_through_its_own_hint(gguf_folder, tmp_path):
+    """kasa-export format=peft prints how to load the export; for a GGUF base that line must name the GGUF file
+    (the folder holds no config.json), and it must give the adapted model kasa trained."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from kasa.adapters.peft_format import save_peft_adapter
+    from kasa.cli.export import load_hint
+
+    config = ModelConfig(name="tiny", path=str(gguf_folder), gguf_file=FILE)
+    model = load_causal_lm(config)
+    kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    expected = logits(model.eval())
+    save_peft_adapter(model, tmp_path / "peft", str(gguf_folder))
+    hint = load_hint("peft", config, type(model).__name__, tmp_path / "peft", None)
+    assert f"gguf_file={FILE!r}" in hint
+    loaded = eval(hint.split("  #")[0], {"transformers": transformers, "peft": peft}).eval()  # the printed line
+    torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=0)

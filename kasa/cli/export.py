@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kasa.cli.common import key_value_arguments, run_reporting_errors
+from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     STATE_FILE,
@@ -72,6 +73,20 @@ def is_classifier(model: Any) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
+def load_hint(fmt: str, model_cfg: ModelConfig, model_class: str, output: Path, num_labels: int | None) -> str:
+    """The Python line that loads the export: the merged folder alone, or the run's own base (its GGUF file
+    included) under the PEFT adapter."""
+    from kasa.adapters.peft_format import MIN_PEFT_VERSION
+    from kasa.tasks.models import model_source
+
+    if fmt == "merged":
+        return f"transformers.{model_class}.from_pretrained({str(output)!r})"
+    options = (f", gguf_file={model_cfg.gguf_file!r}" if model_cfg.gguf_file else "") + \
+        (f", num_labels={num_labels}" if num_labels is not None else "")
+    return (f"peft.PeftModel.from_pretrained(transformers.{model_class}.from_pretrained("
+            f"{model_source(model_cfg)!r}{options}), {str(output)!r})  # peft >= {MIN_PEFT_VERSION}")
+
+
 def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     # The arguments first, before the heavy imports: a typo fails at once.
     fmt = str(args.get("format", "merged")).lower()
@@ -89,7 +104,6 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.adapters import dequantize_base, load_adapter, merge_and_unload, read_adapter_config
     from kasa.adapters.peft_format import (
         KASA_METHODS,
-        MIN_PEFT_VERSION,
         check_peft_exportable,
         peft_regularizer,
         save_peft_adapter,
@@ -116,12 +130,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         check_peft_exportable(model)  # before anything is written
 
     base = model_source(run_cfg.model)
-    if fmt == "merged":
-        load_with = f"transformers.{type(model).__name__}.from_pretrained({str(output)!r})"
-    else:
-        labels = f", num_labels={run_cfg.task.num_labels}" if is_classifier(model) else ""
-        load_with = (f"peft.PeftModel.from_pretrained(transformers.{type(model).__name__}.from_pretrained("
-                     f"{base!r}{labels}), {str(output)!r})  # peft >= {MIN_PEFT_VERSION}")
+    load_with = load_hint(fmt, run_cfg.model, type(model).__name__, output,
+                          run_cfg.task.num_labels if is_classifier(model) else None)
     state_file = checkpoint / STATE_FILE
     info = {
         "format": fmt,
