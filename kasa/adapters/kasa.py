@@ -187,5 +187,3 @@ class _GroupRegularization(torch.autograd.Function):
         grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ delta_v
         grads = [g for block in zip(grad_u.unbind(), grad_sigma.unbind(), grad_v.unbind()) for g in block]
         return None, None, None, *grads
-
-
