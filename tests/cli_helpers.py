@@ -136,8 +136,6 @@ def train_args(model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]
             "logging.progress=false", "method.svd_cache_dir=null", *extra]
 
 
-
-
 def checkpointed_args(model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
     """The tiny sentiment set's 32 rows at batch 4: 8 steps an epoch, 2 epochs, a resumable checkpoint every 3 steps
     (some mid-epoch): the run the resume and run-safety tests stop, kill and continue."""

@@ -251,7 +251,7 @@ def test_peft_export_of_an_authors_form_run_says_so_in_one_line(trained_run, tmp
     (["format=onnx"], "unknown format"),
     (["output="], "missing output"),
     (["checkpoint=/nonexistent/run"], "no checkpoint at /nonexistent/run"),
-    (["overwrite=maybe"], "expected true or false"),
+    (["overwrite=maybe"], "overwrite='maybe' is not a boolean: pass overwrite=true or overwrite=false"),
 ])
 def test_bad_arguments_are_one_clear_line(tmp_path, capsys, args, expected):
     settings = {"checkpoint": str(tmp_path), "output": str(tmp_path / "out")}

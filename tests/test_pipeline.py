@@ -106,3 +106,26 @@ def test_empty_split_is_one_clear_line(tiny_model, tmp_path):
     result = run_cli("kasa.cli.train", *train_args(tiny_model, tmp_path / "data", tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_kasa_eval_of_a_quantized_run_merges_as_the_merged_export_does(tiny_model, sentiment_dir, tmp_path):
+    """merge=true on an nf4 base evaluates the dequantized weights with the update folded in (a 4-bit weight cannot
+    hold it): the score of the adapter over the quantized layers, as kasa-export format=merged writes the model."""
+    run_dir = tmp_path / "nf4"
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir, "method.rank=4",
+                                                   "trainer.epochs=1", "model.quantization=nf4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scores = {}
+    for merge in ("false", "true"):
+        evaluation = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"merge={merge}")
+        assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+        scores[merge] = json.loads(evaluation.stdout.strip().splitlines()[-1])["score"]
+    assert scores["false"] == pytest.approx(summary["best"], abs=1e-6)
+    assert scores["true"] == pytest.approx(summary["best"], abs=1e-6)
+
+
+def test_kasa_eval_refuses_a_merge_value_that_is_not_a_boolean(classification_run: Path):
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", "merge=ture")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: merge='ture' is not a boolean: pass merge=true or merge=false"

@@ -166,6 +166,16 @@ def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str,
     return args
 
 
+def bool_argument(args: dict[str, str], key: str, default: bool) -> bool:
+    """A true/false `key=value` argument of kasa-eval or kasa-export; anything else is an error naming the key."""
+    if key not in args:
+        return default
+    text = args[key].strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{key}={args[key]!r} is not a boolean: pass {key}=true or {key}=false")
+    return text in ("true", "1", "yes")
+
+
 def default_to_demo(args: list[str]) -> list[str]:
     """The arguments of a command that composes a run, with `recipe=demo` added when no model, task or recipe is
     chosen: the bare command is the offline demo. A model and a task without a recipe keep the trainer's own

@@ -5,8 +5,9 @@
     kasa-eval checkpoint=... merge=true                                 merge the adapter into the weights first
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
-run directory; without `best`, `last`), `split` (default: the run's evaluation split), `merge` (true | false),
-`batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task, task.generation.batch_size of
+run directory; without `best`, `last`), `split` (default: the run's evaluation split), `merge` (true | false:
+evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
+dtype first, as there), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task, task.generation.batch_size of
 a generation task), and any dotted override of the run's saved config (model.path=..., task.data_dir=...). Writes
 eval_<split>.json into the checkpoint directory.
 """
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kasa.cli.common import key_value_arguments, run_reporting_errors
+from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
 from kasa.run_dir import GENERATIONS_DIR, STATE_FILE, find_checkpoint, load_run_config, read_config, write_json
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
@@ -26,10 +27,11 @@ OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from kasa.adapters import load_adapter, merge_adapters
+    from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.evaluation.metrics import main_metric
     from kasa.tasks import build_task
 
+    merge = bool_argument(args, "merge", False)  # before anything loads
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", "best")))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
     if args.get("batch_size"):  # classification evaluates in batches of its own; generation tasks generate in batches
@@ -43,7 +45,8 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     task = build_task(run_cfg)
     tokenizer, model = task.load_model()
     load_adapter(model, checkpoint)
-    if str(args.get("merge", False)).lower() == "true":
+    if merge:  # a 4/8-bit weight cannot hold the update: merge as kasa-export format=merged does, in float
+        dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)
     metrics = task.evaluate(model, accelerator, tokenizer, split, checkpoint / GENERATIONS_DIR)

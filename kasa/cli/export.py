@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kasa.cli.common import key_value_arguments, run_reporting_errors
+from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
 from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
@@ -44,13 +44,6 @@ from kasa.run_dir import (
 OWN_KEYS = ("checkpoint", "output", "format", "which", "overwrite")
 FORMATS = ("merged", "peft")
 EXPORT_INFO_FILE = "kasa_export.json"
-
-
-def _truthy(value: Any) -> bool:
-    text = str(value).strip().lower()
-    if text not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return text in ("true", "1", "yes")
 
 
 def _sha256(path: Path) -> str:
@@ -93,7 +86,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format={fmt!r}; choose one of: {', '.join(FORMATS)}")
     output = Path(str(args["output"])).expanduser().absolute()
-    overwrite = _truthy(args.get("overwrite", "false"))
+    overwrite = bool_argument(args, "overwrite", False)
     check_output(output, overwrite)
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", "best")))
 
