@@ -123,6 +123,14 @@ def test_kasa_eval_of_a_quantized_run_merges_as_the_merged_export_does(tiny_mode
         scores[merge] = json.loads(evaluation.stdout.strip().splitlines()[-1])["score"]
     assert scores["false"] == pytest.approx(summary["best"], abs=1e-6)
     assert scores["true"] == pytest.approx(summary["best"], abs=1e-6)
+    # PEFT's KaSA would be plain LoRA on bitsandbytes layers: refused from the saved config, before the model loads
+    peft = run_cli("kasa.cli.export", f"checkpoint={run_dir}", f"output={tmp_path / 'peft'}", "format=peft",
+                   f"model.path={tmp_path / 'no-model-here'}")
+    assert peft.returncode == 2 and "format=peft needs a float base" in peft.stderr
+    assert "model.quantization=null" in peft.stderr
+    float_base = run_cli("kasa.cli.export", f"checkpoint={run_dir}", f"output={tmp_path / 'peft'}", "format=peft",
+                         "model.quantization=null")
+    assert float_base.returncode == 0, float_base.stderr[-3000:]
 
 
 def test_kasa_eval_refuses_a_merge_value_that_is_not_a_boolean(classification_run: Path):

@@ -34,10 +34,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from kasa.adapters.config import AdapterConfig
 from kasa.adapters.io import adapter_state
 from kasa.adapters.kasa import KasaBlock
 from kasa.adapters.methods import methods_where
 from kasa.adapters.model import _matches, adapted_layers, adapter_config
+from kasa.adapters.quantized import QUANTIZED_ATTRIBUTE
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,9 +62,16 @@ def peft_task_type(model: nn.Module) -> str | None:
     return None
 
 
-def check_peft_exportable(model: nn.Module) -> None:
-    """Raise a one-line ValueError if the adapted `model` cannot be written in PEFT's KaSA format."""
-    config = adapter_config(model)
+def check_peft_expressible(config: AdapterConfig, quantization: str | None) -> None:
+    """Raise a one-line ValueError if an adapter of this `config`, trained over a base of this `quantization`, cannot
+    be written in PEFT's KaSA format: what the saved config alone says, checked before any model loads."""
+    if quantization is not None:
+        raise ValueError(
+            f"format=peft needs a float base: this run trained over model.quantization={quantization}, and PEFT's KaSA "
+            "would run as plain LoRA on bitsandbytes layers. Use format=merged (the dequantized base, merged), or "
+            "add model.quantization=null to export the adapter for the float model, as QLoRA adapters are used "
+            "(its outputs then differ from the trained model's by the quantization's rounding)"
+        )
     if config.method not in KASA_METHODS:
         raise ValueError(
             f"format=peft exports KaSA adapters only (method kasa, kasa_l2 or kasa_sv), this checkpoint is "
@@ -81,6 +90,12 @@ def check_peft_exportable(model: nn.Module) -> None:
             f"format=peft needs method.truncation_rank = rank (PEFT removes exactly r = {config.rank} components, "
             f"this adapter removed {config.truncation_rank}): use format=merged"
         )
+
+
+def check_peft_exportable(model: nn.Module) -> None:
+    """Raise a one-line ValueError if the adapted `model` cannot be written in PEFT's KaSA format."""
+    config = adapter_config(model)
+    check_peft_expressible(config, getattr(model, QUANTIZED_ATTRIBUTE, None))
     layers = list(adapted_layers(model))
     if not layers:
         raise ValueError("format=peft: the checkpoint adapts no layer; use format=merged")

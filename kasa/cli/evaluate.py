@@ -7,9 +7,9 @@
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
 run directory; without `best`, `last`), `split` (default: the run's evaluation split), `merge` (true | false:
 evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
-dtype first, as there), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task, task.generation.batch_size of
-a generation task), and any dotted override of the run's saved config (model.path=..., task.data_dir=...). Writes
-eval_<split>.json into the checkpoint directory.
+dtype first, as there), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task,
+task.generation.batch_size of a generation task), and any dotted override of the run's saved config
+(model.path=..., task.data_dir=...). Writes eval_<split>.json into the checkpoint directory.
 """
 
 from __future__ import annotations

@@ -94,10 +94,10 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     import kasa
-    from kasa.adapters import dequantize_base, load_adapter, merge_and_unload, read_adapter_config
+    from kasa.adapters import AdapterConfig, dequantize_base, load_adapter, merge_and_unload, read_adapter_config
     from kasa.adapters.peft_format import (
-        KASA_METHODS,
         check_peft_exportable,
+        check_peft_expressible,
         peft_regularizer,
         save_peft_adapter,
     )
@@ -109,11 +109,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")
     run_cfg = load_run_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
-    if fmt == "peft" and meta["config"].get("method") not in KASA_METHODS:
-        raise ValueError(
-            f"format=peft exports KaSA adapters only (method kasa, kasa_l2 or kasa_sv), this checkpoint is "
-            f"method={meta['config'].get('method')}: use format=merged"
-        )
+    if fmt == "peft":
+        check_peft_expressible(AdapterConfig.from_dict(meta["config"]), run_cfg.model.quantization)
 
     task = build_task(run_cfg)
     tokenizer, model = task.load_model()
