@@ -9,6 +9,7 @@ paraphrase, which beats an unrelated sentence). Tests that run pycocoevalcap nee
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -244,6 +245,25 @@ def test_coco_metrics_order_systems():
     assert scores[0]["METEOR"] > 0.9 and scores[0]["ROUGE_L"] == pytest.approx(1.0)
     # no shared token; METEOR stays just above 0 through its stem and paraphrase matches
     assert scores[2]["ROUGE_L"] == scores[2]["CIDEr"] == scores[2]["NIST"] == 0.0 and scores[2]["METEOR"] < 0.05
+
+
+@needs_java
+def test_the_ptb_tokenizer_prints_nothing_on_the_console(capfd):
+    """Its Java process writes a line of token counts per call to the inherited stderr: kept off the console."""
+    scores = coco_scores(["the cheap pub"], [["a cheap pub", "the pub is cheap"]])
+    assert 0 < scores["ROUGE_L"] <= 1
+    assert capfd.readouterr().err == ""
+
+
+@needs_java
+def test_a_failing_ptb_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
+    """pycocoevalcap ignores the jar's exit status and would hand the scorers a partial set of segments."""
+    fake = tmp_path / "java"
+    fake.write_text("#!/bin/sh\necho 'Error: could not find or load main class' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match="PTB tokenizer .* too few lines; its error output: Error: could not find"):
+        coco_scores(["the cheap pub", "a pub"], [["a cheap pub"], ["the pub"]])
 
 
 # --------------------------------------------------------------------------------------------------------- readers

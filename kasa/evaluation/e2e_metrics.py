@@ -16,11 +16,15 @@ CIDEr around 2 on E2E."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import shutil
+import sys
+import tempfile
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 
 E2E_METRIC_NAMES: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
@@ -195,12 +199,35 @@ def coco_scores(predictions: Sequence[str], references: Sequence[Sequence[str]])
     gts = {i: [{"caption": " ".join(ref.split())} for ref in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": " ".join(pred.split())}] for i, pred in enumerate(predictions)}
     tokenizer = PTBTokenizer()
-    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    with _stderr_of_child_processes() as child_stderr:
+        tokenized = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+        # pycocoevalcap reads the jar's output without its exit status: a jar that failed returns too few lines
+        if any(len(out.get(i, ())) != len(captions) for given, out in zip((gts, res), tokenized)
+               for i, captions in given.items()):
+            child_stderr.seek(0)
+            said = child_stderr.read().decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"the PTB tokenizer (Java) returned too few lines; its error output: {said or '(none)'}")
+    gts, res = tokenized
     return {
         "METEOR": _meteor_score(gts, res),
         "ROUGE_L": float(Rouge().compute_score(gts, res)[0]),
         "CIDEr": float(Cider().compute_score(gts, res)[0]),
     }
+
+
+@contextlib.contextmanager
+def _stderr_of_child_processes() -> Iterator[Any]:
+    """File descriptor 2 pointed at a temporary file, which is yielded: the PTB tokenizer's Java process inherits it
+    and prints a line of token counts per call, which would land on the user's console at every evaluation."""
+    sys.stderr.flush()
+    console = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(console, 2)
+            os.close(console)
 
 
 _meteor: Any = None  # the running pycocoevalcap Meteor scorer, see _meteor_score
