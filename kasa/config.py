@@ -12,6 +12,10 @@ from typing import Any, Optional
 from kasa.adapters.config import AdapterConfig
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: torch dtypes of these names (kasa.tasks.models)
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
 @dataclass
 class ModelConfig:
     name: str = "???"  # Hub id, e.g. roberta-base
@@ -25,6 +29,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     quantization: Optional[str] = None  # null | nf4 | int8: the frozen base through bitsandbytes (QLoRA-style)
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA, flash-attn) | eager
+
+    def __post_init__(self) -> None:  # names checked at composition, not when the model loads after the data
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"unknown model.dtype {self.dtype!r}; choose one of {', '.join(MODEL_DTYPES)}")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown model.attn_implementation {self.attn_implementation!r}; choose one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
 
 @dataclass

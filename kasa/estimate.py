@@ -91,9 +91,7 @@ def _meta_model(cfg, architecture) -> nn.Module:
     from kasa.adapters import apply_adapters
     from kasa.tasks.models import DTYPES
 
-    dtype = DTYPES.get(cfg.model.dtype)
-    if dtype is None:
-        raise ValueError(f"unknown model.dtype {cfg.model.dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[cfg.model.dtype]
     architecture = copy.deepcopy(architecture)
     if cfg.task.kind == "glue":
         architecture.num_labels = max(cfg.task.num_labels, 1)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import make_tiny_bert, run_cli, train_args, write_tsv
 
@@ -42,6 +43,10 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["method.beta=-1"], ["beta must be >= 0"]),
         (["method.rank=64"], ["must be < min(n, m)"]),
         (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
+        (["model.dtype=float8"], ["unknown model.dtype 'float8'", "float32, bfloat16, float16"]),
+        (["model.attn_implementation=flash"], ["unknown model.attn_implementation 'flash'", "sdpa"]),
+        pytest.param(["model.attn_implementation=flash_attention_2"], ["needs a CUDA GPU and the flash-attn package"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU may have flash-attn")),
     ],
 )
 def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
@@ -49,6 +54,15 @@ def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), *overrides)
     assert_one_line_error(result, *fragments)
     assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override", ["trainer.lr=-1", "model.dtype=float8", "model.attn_implementation=flash"])
+def test_a_refused_value_leaves_nothing_in_the_run_directory(tiny_model, sentiment_dir, tmp_path, override):
+    """Checked before kasa locks or writes the folder (Hydra has created it, empty, by then)."""
+    run_dir = tmp_path / "run"
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), override)
+    assert_one_line_error(result, override.split("=")[0])
+    assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
 def test_missing_data_dir(tiny_model, tmp_path):

@@ -12,11 +12,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from kasa.adapters.quantized import mark_for_quantization
-from kasa.config import ModelConfig, TaskConfig
+from kasa.config import MODEL_DTYPES, ModelConfig, TaskConfig
 from kasa.hub import hub_reachable
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 class ModelLoadError(ValueError):
@@ -78,8 +77,6 @@ def load_causal_lm(model: ModelConfig) -> nn.Module:
 
 
 def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
-    if model.dtype not in DTYPES:
-        raise ModelLoadError(f"unknown model.dtype {model.dtype!r}; choose one of {', '.join(DTYPES)}")
     kwargs |= {"dtype": DTYPES[model.dtype], "trust_remote_code": model.trust_remote_code,
                "attn_implementation": attention_implementation(model)}
     if model.gguf_file:
@@ -116,9 +113,6 @@ def unpacked_gguf(gguf_file: str) -> dict:
 
 def attention_implementation(model: ModelConfig) -> str:
     """model.attn_implementation, checked before a model loads: flash-attention needs its package and a GPU."""
-    if model.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ModelLoadError(f"unknown model.attn_implementation {model.attn_implementation!r}; choose one of "
-                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if model.attn_implementation == "flash_attention_2" and not (
             torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
         raise ModelLoadError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "

@@ -2,13 +2,15 @@
 truncating a large model. Each failure is a ValueError (or OSError) whose message is one line naming the setting
 and the fix; the command line turns it into `error: ...` and exit status 2.
 
-- config values: counts >= 1, learning rates > 0, fractions in range, known names (`check_config_values`);
+- config values: counts >= 1, learning rates > 0, fractions in range, known names, an attention implementation
+  that this machine has (`check_config_values`);
 - the output folder: a directory we can create and write in (`check_output_dir`);
 - the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
 - a large model with no GPU: stop unless `trainer.allow_cpu=true` (`check_model_size`);
 - resuming with settings that differ from the run's saved config (`config_differences`);
 - what the run directory holds: a finished run is never touched unless `overwrite=true` (`find_resume`).
-`check_run_start` runs them all, in that order, and says how the run starts."""
+`check_config_values` runs first, before the run directory is created or locked, so that a refused value leaves
+nothing on disk; `check_run_start` runs the others, in that order, and says how the run starts."""
 
 from __future__ import annotations
 
@@ -91,6 +93,9 @@ def check_config_values(cfg: RunConfig) -> None:
     schedulers = [s.value for s in SchedulerType]
     if cfg.trainer.scheduler not in schedulers:
         raise ValueError(f"trainer.scheduler={cfg.trainer.scheduler!r} is unknown: choose one of {', '.join(schedulers)}")
+    from kasa.tasks.models import attention_implementation
+
+    attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
 
 
 def check_output_dir(out: Path) -> None:
@@ -253,8 +258,8 @@ def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunSta
 
 def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
                     say: Callable[[str], None]) -> RunStart:
-    """Every check that needs no model, in order of cost; returns how the run starts."""
-    check_config_values(cfg)
+    """Every check that needs no model but the run directory (locked by now), in order of cost; returns how the run
+    starts."""
     check_output_dir(out)
     start = find_resume(cfg, out, say)
     if start.finished_summary is not None:  # resume=auto on a finished run: nothing to do, if it is this run
