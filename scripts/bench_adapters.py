@@ -7,7 +7,9 @@ Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of
    tokens, r = 8 on query and value, alpha 16, for LoRA, KaSA (loss + `kasa.aux_loss(model).total`) and, if peft is
    installed, PEFT's KaSA (loss + `_get_kasa_loss()`). Only the adapters train (no classifier head), the same for
    every method. Step time: all methods' models in one process, one step of each in turn, so that the machine's
-   speed drifting between processes (+-5% here) does not decide the comparison; median over all timed steps.
+   speed drifting between processes (+-5% here) does not decide the comparison; a step ratio is the median over
+   rounds of the ratio of the two methods' steps in that round (scripts/bench_timing.py), and the median step of
+   each method is reported too.
    Peak memory: `ru_maxrss` of a fresh process per method (model creation included), with glibc's mmap threshold
    fixed so that the peak is live memory rather than what the allocator happened to keep.
 2. Truncation: `kasa.singular_components(w, 8, "smallest", method="gram", device="cpu")` against
@@ -48,8 +50,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kasa
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers, however loaded
 
 import kasa  # noqa: E402
+from bench_timing import paired_ratio  # noqa: E402
 
 THREADS = 2
 BATCH, SEQ_LEN = 16, 128
@@ -413,18 +417,21 @@ def run_benchmark(quick: bool, sections: tuple[str, ...] = SECTIONS) -> None:
     def per_method(values: dict[str, list[float]]) -> dict[str, float | None]:
         return {m: statistics.median(values[m]) if m in values else None for m in ("lora", "kasa", "peft-kasa")}
 
+    def step_ratio(method: str, reference: str) -> float | None:  # steps of one round ran back to back
+        return paired_ratio(steps[method], steps[reference]) if method in steps and reference in steps else None
+
     step_s = per_method(steps)
     mem = per_method({m: memory[m]["peak_rss_mib"] for m in memory})
     create = per_method({m: memory[m]["create_s"] for m in memory})
     init_s = {mode: statistics.median(values) for mode, values in init.items()}
     cache_s = {phase: statistics.median(values) for phase, values in cache.items()}
     summary: dict[str, Any] = {
-        "step_ratio_kasa_lora": ratio(step_s["kasa"], step_s["lora"]),
+        "step_ratio_kasa_lora": step_ratio("kasa", "lora"),
         "mem_ratio_kasa_lora": ratio(mem["kasa"], mem["lora"]),
         "trunc_ratio_768": ratio(trunc.get("768/gram"), trunc.get("768/svd")),
         "trunc_ratio_4096x14336": ratio(trunc.get("4096x14336/gram"), trunc.get("4096x14336/svd")),
         "cached_init_ratio": ratio(cache_s.get("cached"), cache_s.get("first")),
-        "step_ratio_kasa_peftkasa": ratio(step_s["kasa"], step_s["peft-kasa"]),
+        "step_ratio_kasa_peftkasa": step_ratio("kasa", "peft-kasa"),
         "mem_ratio_kasa_peftkasa": ratio(mem["kasa"], mem["peft-kasa"]),
         "model_cache_ratio": ratio(init_s.get("kasa-warm"), init_s.get("kasa-cold")),
         "load_vs_decompose_ratio": ratio(init_s.get("load"), init_s.get("kasa-nocache")),

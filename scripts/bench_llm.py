@@ -61,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kasa
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers, however loaded
 
 from kasa.adapters import AdapterConfig, apply_adapters, aux_loss  # noqa: E402
 from kasa.config import ModelConfig, RunConfig  # noqa: E402
@@ -68,6 +69,7 @@ from kasa.data.prompts import IGNORE_INDEX, format_instruction_example  # noqa: 
 from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
 from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
+from bench_timing import paired_ratio  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
 
 THREADS = 2
@@ -164,11 +166,6 @@ def bench_steps(trainers: dict[str, Trainer], batch: dict, warmup: int, steps: i
                 times[method].append(seconds)
                 print(f"step        {method:<10} {round_:>3}  load {os.getloadavg()[0]:5.1f}  {seconds:.3f} s", flush=True)
     return times
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of times[i] / reference[i], the two taken in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def token_batches(examples: list[dict], mode: str, rows_per_packed_batch: int, seed: int) -> list[dict]:

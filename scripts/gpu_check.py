@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kasa
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers, however loaded
 
 from kasa.adapters import AdapterConfig, apply_adapters, aux_loss  # noqa: E402
 from kasa.config import RunConfig  # noqa: E402
 from kasa.data.prompts import IGNORE_INDEX  # noqa: E402
 from kasa.tasks.batching import PackedCollator, pack_examples, packed_row  # noqa: E402
+from bench_timing import paired_ratio  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator  # noqa: E402
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -188,11 +190,6 @@ def bench_steps(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str
             if round_ >= sizes.warmup:
                 times[method].append(seconds)
     return times
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of times[i] / reference[i], the two taken in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def bench_packing(sizes: Sizes, base: nn.Module, device: torch.device) -> dict[str, float]:

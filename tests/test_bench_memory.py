@@ -38,7 +38,6 @@ def test_live_tensor_bytes_follows_allocations_and_frees() -> None:
     assert tensors.bytes == 0
 
 
-
 def test_paired_ratio_cancels_the_machine_drift_that_a_ratio_of_medians_keeps() -> None:
     bench = bench_llm()
     # the machine slows by 40% in the middle of round 2, between the two methods' steps, and stays slow
