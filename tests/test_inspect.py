@@ -53,6 +53,17 @@ def direct_losses(cfg, names: list[str]) -> tuple[float, float, float]:
     return base, everything, alone
 
 
+def test_the_leave_out_override_keeps_whole_targets_short() -> None:
+    adapted = {f"model.layers.{i}.self_attn.{p}": (p == "v_proj" and i == 1) for i in range(3)
+               for p in ("q_proj", "v_proj")}
+    assert inspect.leave_out(["q_proj", "v_proj"], adapted) == [
+        "q_proj", "model.layers.0.self_attn.v_proj", "model.layers.2.self_attn.v_proj"]
+    fused = {"h.0.attn.c_attn.q": False, "h.0.attn.c_attn.v": True, "h.1.attn.c_attn.q": False,
+             "h.1.attn.c_attn.v": False}
+    assert inspect.leave_out(["c_attn.q", "c_attn.v"], fused) == ["c_attn.q", "h.1.attn.c_attn.v"]
+    assert inspect.leave_out(["q_proj"], {"a.q_proj": False}) == ["q_proj"]
+
+
 def test_report_losses_equal_a_direct_computation(tiny_model, sentiment_dir, tmp_path, capsys):
     out = tmp_path / "report"
     inspect.main(inspect_args(tiny_model, sentiment_dir, out, "threshold=0"))
@@ -71,7 +82,11 @@ def test_report_losses_equal_a_direct_computation(tiny_model, sentiment_dir, tmp
     flagged = [r["name"] for r in report["modules"] if r["relative_increase"] > 0]
     assert report["flagged"] == flagged
     kept = [n for n in names if n not in flagged]
-    assert report["override"] == (f"'model.target_modules=[{','.join(kept)}]'" if flagged else None)
+    if flagged:  # the override's targets adapt exactly the modules that are kept
+        targets = report["override"].removeprefix("'model.target_modules=[").removesuffix("]'").split(",")
+        assert [n for n in names if any(n == t or n.endswith("." + t) for t in targets)] == kept
+    else:
+        assert report["override"] is None
     assert (out / "truncation_report.md").read_text().count("| bert.encoder") == 4
     assert (out / "truncation_report.png").stat().st_size > 0
     printed = capsys.readouterr().out

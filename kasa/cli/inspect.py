@@ -66,8 +66,9 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
             "output_change": damage.output_change, "flagged": increase > threshold,
         })
     parts = {name: list(layer.adapters) for name, layer in adapted_layers(model)}
-    kept = [f"{r['name']}.{p}" if p != "weight" else r["name"] for r in rows if not r["flagged"]
-            for p in parts[r["name"]]]
+    flagged = {r["name"] for r in rows if r["flagged"]}
+    adapted = {f"{r['name']}.{p}" if p != "weight" else r["name"]: r["name"] in flagged for r in rows
+               for p in parts[r["name"]]}
     report = {
         "base_loss": base_loss,
         "truncated_loss": truncated_loss,
@@ -82,10 +83,25 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
         "output_dir": str(cfg.output_dir),
         "modules": rows,
         "flagged": [r["name"] for r in rows if r["flagged"]],
-        "override": f"'model.target_modules=[{','.join(kept)}]'" if any(r["flagged"] for r in rows) else None,
+        "override": (f"'model.target_modules=[{','.join(leave_out(cfg.method.target_modules, adapted))}]'"
+                     if flagged else None),
     }
     _write_report(Path(cfg.output_dir), report)
     return report
+
+
+def leave_out(targets: list[str], adapted: dict[str, bool]) -> list[str]:
+    """The target_modules that adapt exactly the modules of `adapted` (name -> flagged) that are not flagged, as short
+    as it goes: a target none of whose modules is flagged stays as it was written (`q_proj`), the others give way to
+    the full names of their modules that are kept."""
+    from kasa.adapters.model import _matches
+
+    kept: list[str] = []
+    for target in targets:
+        matched = [name for name in adapted if _matches(name, target)]
+        kept.extend([target] if not any(adapted[name] for name in matched) else
+                    [name for name in matched if not adapted[name]])
+    return list(dict.fromkeys(kept))
 
 
 def _layer_index(name: str) -> int | None:
