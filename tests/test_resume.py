@@ -92,6 +92,22 @@ def test_killed_and_resumed_run_equals_uninterrupted(uninterrupted, tiny_model, 
     assert metrics(run_dir) == metrics(uninterrupted)
 
 
+def test_a_killed_run_on_an_nf4_base_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp_path):
+    """The quantized base is rebuilt on resume from the float model and the checkpoint's removed components, then
+    quantized again: the run must end with the very adapter of an uninterrupted nf4 run."""
+    pytest.importorskip("bitsandbytes")
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    finished = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, full, "model.quantization=nf4"))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "model.quantization=nf4")
+    assert killed_run(args, "after_save", 2).returncode == -9
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    expected, got = adapter(full), adapter(run_dir)
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert metrics(run_dir) == metrics(full)
+
+
 def test_finished_run_is_not_overwritten(uninterrupted, tiny_model, sentiment_dir):
     summary = uninterrupted / "summary.json"
     before = summary.read_bytes(), summary.stat().st_mtime_ns
