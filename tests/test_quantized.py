@@ -131,6 +131,15 @@ def test_merging_is_explicit_and_dequantized() -> None:
     torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_dequantizing_places_the_float_layers_where_asked() -> None:
+    """kasa-export dequantizes into CPU memory, whatever device the quantized layers are on (here: the meta device
+    stands for another device than the quantized layers')."""
+    model = kasa.apply_adapters(marked(build_llama()), kasa.AdapterConfig(method="lora", rank=4, target_modules=TARGETS))
+    kasa.dequantize_base(model, device="meta")
+    bases = [layer.base_layer for _, layer in kasa.adapted_layers(model)]
+    assert bases and all(type(b) is torch.nn.Linear and b.weight.device.type == "meta" for b in bases)
+
+
 def test_int8_base() -> None:
     config = kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS)
     reference = logits(kasa.apply_adapters(build_llama(), config))

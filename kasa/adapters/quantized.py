@@ -168,15 +168,19 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> nn.Module:
     """Turn every bitsandbytes layer back into an nn.Linear holding its dequantized weight, in `dtype` (default:
-    the layer's compute dtype), in place: what the trained model computed, in float, ready to merge or export."""
+    the layer's compute dtype), in place: what the trained model computed, in float, ready to merge or export.
+    `device`: where the float layers go (default: where each quantized layer is). Each weight is dequantized where
+    its layer is and then moved, one layer at a time, so `device="cpu"` never holds the float model on the GPU: a
+    13B model in bf16 (26 GB) does not fit the 24 GB card that trained it in nf4."""
     for name, module in list(model.named_modules()):
         if not is_quantized_layer(module):
             continue
         weight = dequantized_weight(module)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=weight.device, dtype=dtype or weight.dtype)
+                           device=device or weight.device, dtype=dtype or weight.dtype)
         linear.weight.copy_(weight)
         linear.weight.requires_grad_(False)
         if module.bias is not None:

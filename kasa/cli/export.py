@@ -144,7 +144,9 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     def fill(tmp: Path) -> None:
         if fmt == "merged":
-            dequantize_base(model)  # a quantized base (model.quantization) merges and saves in its compute dtype
+            # a quantized base (model.quantization) merges and saves in its compute dtype, in CPU memory: the float
+            # model need not fit the GPU that trained the quantized one (the updates move to each weight's device)
+            dequantize_base(model, device="cpu")
             merge_and_unload(model)
             model.save_pretrained(tmp)  # safetensors
             tokenizer.save_pretrained(tmp)
