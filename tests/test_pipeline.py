@@ -7,8 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
 
 from cli_helpers import run_cli, train_args, write_tsv
+from kasa.adapters import adapted_layers, load_adapter
+from kasa.run_dir import load_run_config
+from kasa.tasks import build_task
 
 @pytest.fixture(scope="module")
 def classification_run(tiny_model, sentiment_dir, tmp_path_factory) -> Path:
@@ -113,7 +118,7 @@ def test_kasa_eval_of_a_quantized_run_merges_as_the_merged_export_does(tiny_mode
     hold it): the score of the adapter over the quantized layers, as kasa-export format=merged writes the model."""
     run_dir = tmp_path / "nf4"
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir, "method.rank=4",
-                                                   "trainer.epochs=1", "model.quantization=nf4"))
+                                                   "trainer.epochs=1", "trainer.lr=5e-2", "model.quantization=nf4"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     scores = {}
@@ -131,6 +136,19 @@ def test_kasa_eval_of_a_quantized_run_merges_as_the_merged_export_does(tiny_mode
     float_base = run_cli("kasa.cli.export", f"checkpoint={run_dir}", f"output={tmp_path / 'peft'}", "format=peft",
                          "model.quantization=null")
     assert float_base.returncode == 0, float_base.stderr[-3000:]
+    # the merged export: plain transformers, the outputs of the adapter over the quantized layers
+    merged = run_cli("kasa.cli.export", f"checkpoint={run_dir}", f"output={tmp_path / 'merged'}")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    tokenizer, adapted = build_task(load_run_config(run_dir, [])).load_model()
+    load_adapter(adapted, run_dir / "checkpoints" / "best")
+    inputs = tokenizer(["good food", "awful movie and poor service"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = adapted.eval()(**inputs).logits
+        torch.testing.assert_close(plain(**inputs).logits, ours, rtol=1e-4, atol=1e-5)
+        for _, layer in adapted_layers(adapted):
+            layer.adapters_enabled = False
+        assert (adapted(**inputs).logits - ours).abs().max() > 1e-4  # the adapter matters: the check means something
 
 
 def test_kasa_eval_refuses_a_merge_value_that_is_not_a_boolean(classification_run: Path):
