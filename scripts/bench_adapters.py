@@ -1,4 +1,4 @@
-"""python scripts/bench_adapters.py        (full run, ~15 min on 2 idle CPU cores; --quick: ~3 min smoke run;
+"""python scripts/bench_adapters.py        (full run, 15-25 min on 2 idle CPU cores; --quick: ~3 min smoke run;
                                           --sections init: only the apply_adapters and load_adapter timings)
 
 Benchmark of kasa's adapters: KaSA against LoRA and PEFT's KaSA, and the cost of KaSA's SVD truncation.
