@@ -27,6 +27,7 @@ METRICS_FILE = "metrics.jsonl"
 REGULARIZATION_FILE = "regularization.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
 GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -120,14 +121,17 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def find_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Path]:
+def find_checkpoint(path: str | Path, which: str = BEST_CHECKPOINT) -> tuple[Path, Path]:
     """(checkpoint directory, run directory) for a run directory or a checkpoint directory. A run without the
-    `which` checkpoint falls back to `last` (a run with trainer.save_best=false has no `best`). A checkpoint
-    directory outside a run is its own run directory."""
+    `which` checkpoint (best or last) falls back to `last` (a run with trainer.save_best=false has no `best`). A
+    checkpoint directory outside a run is its own run directory."""
+    if which not in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+        raise ValueError(f"which={which!r} names no checkpoint: choose {BEST_CHECKPOINT} or {LAST_CHECKPOINT}, or pass "
+                         "a checkpoint directory (e.g. checkpoints/step-00000100) as checkpoint=")
     path = Path(path)
     if (path / ADAPTER_WEIGHTS_FILE).is_file():
         return path, (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
-    for name in dict.fromkeys((which, "last")):
+    for name in dict.fromkeys((which, LAST_CHECKPOINT)):
         if (path / CHECKPOINTS_DIR / name / ADAPTER_WEIGHTS_FILE).is_file():
             return path / CHECKPOINTS_DIR / name, path
     raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{which}/) or a "

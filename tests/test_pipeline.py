@@ -151,7 +151,14 @@ def test_kasa_eval_of_a_quantized_run_merges_as_the_merged_export_does(tiny_mode
         assert (adapted(**inputs).logits - ours).abs().max() > 1e-4  # the adapter matters: the check means something
 
 
-def test_kasa_eval_refuses_a_merge_value_that_is_not_a_boolean(classification_run: Path):
-    result = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", "merge=ture")
+@pytest.mark.parametrize("argument, message", [
+    ("merge=ture", "merge='ture' is not a boolean: pass merge=true or merge=false"),
+    ("which=worst", "which='worst' names no checkpoint: choose best or last, or pass a checkpoint directory"),
+    ("batch_size=0", "batch_size='0' is not allowed: pass a whole number >= 1"),
+])
+def test_kasa_eval_refuses_a_bad_argument_before_loading(classification_run: Path, argument, message):
+    """Each used to be taken as something else (merge=ture as false, which=worst as last) or to fail in the data
+    loader after the model had loaded (batch_size=0)."""
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", argument)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: merge='ture' is not a boolean: pass merge=true or merge=false"
+    assert result.stderr.strip().startswith(f"error: {message}")

@@ -37,7 +37,14 @@ from kasa.analysis.compare import (
 )
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
 from kasa.analysis.sweep import Run
-from kasa.run_dir import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METRICS_FILE, REGULARIZATION_FILE, find_checkpoint
+from kasa.run_dir import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    BEST_CHECKPOINT,
+    METRICS_FILE,
+    REGULARIZATION_FILE,
+    find_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +128,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 # Figure 4: knowledge-aware singular values per layer and position
 
 
-def singular_values(path: str | Path, which: str = "best", out_dir: str | Path | None = None) -> dict[str, Any]:
+def singular_values(path: str | Path, which: str = BEST_CHECKPOINT,
+                    out_dir: str | Path | None = None) -> dict[str, Any]:
     """Figure 4: heatmaps of the learned dSigma (raw parameter values; the update is scaled by alpha / r on top), one
     per adapted matrix type, layer index on x and position on y."""
     from safetensors.torch import load_file
@@ -456,7 +464,7 @@ def truncation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path
 # Everything that applies
 
 
-def plot_run(run_dir: str | Path, layer: int | None = None, which: str = "best",
+def plot_run(run_dir: str | Path, layer: int | None = None, which: str = BEST_CHECKPOINT,
              out_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The single-run plots the run's files support (figure 4 for KaSA checkpoints, figure 11 when
     regularization.jsonl exists)."""

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
-from kasa.run_dir import GENERATIONS_DIR, STATE_FILE, find_checkpoint, load_run_config, read_config, write_json
+from kasa.run_dir import (
+    BEST_CHECKPOINT,
+    GENERATIONS_DIR,
+    STATE_FILE,
+    find_checkpoint,
+    load_run_config,
+    read_config,
+    write_json,
+)
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 
@@ -31,10 +39,12 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.evaluation.metrics import main_metric
     from kasa.tasks import build_task
 
-    merge = bool_argument(args, "merge", False)  # before anything loads
-    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", "best")))
+    merge = bool_argument(args, "merge", False)  # the arguments before anything loads
+    if "batch_size" in args and not (args["batch_size"].isdigit() and int(args["batch_size"]) >= 1):
+        raise ValueError(f"batch_size={args['batch_size']!r} is not allowed: pass a whole number >= 1")
+    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", BEST_CHECKPOINT)))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
-    if args.get("batch_size"):  # classification evaluates in batches of its own; generation tasks generate in batches
+    if "batch_size" in args:  # classification evaluates in batches of its own; generation tasks generate in batches
         kind = read_config(run_dir).get("task", {}).get("kind", "glue")
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
         overrides.append(f"{key}={args['batch_size']}")

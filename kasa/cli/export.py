@@ -33,6 +33,7 @@ from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_er
 from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
+    BEST_CHECKPOINT,
     STATE_FILE,
     find_checkpoint,
     follow_umask,
@@ -88,7 +89,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     output = Path(str(args["output"])).expanduser().absolute()
     overwrite = bool_argument(args, "overwrite", False)
     check_output(output, overwrite)
-    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", "best")))
+    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", BEST_CHECKPOINT)))
 
     import torch
     import transformers

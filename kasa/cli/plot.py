@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kasa.cli.common import run_reporting_errors
-from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, REGULARIZATION_FILE, SUMMARY_FILE
+from kasa.run_dir import (
+    ADAPTER_WEIGHTS_FILE,
+    BEST_CHECKPOINT,
+    CHECKPOINTS_DIR,
+    LAST_CHECKPOINT,
+    REGULARIZATION_FILE,
+    SUMMARY_FILE,
+)
 
 RUN_KINDS = ("singular-values", "regularization")
 SWEEP_KINDS = ("ablation", "rank", "truncation")
@@ -41,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the run or sweep directory; required for several sweeps)")
     parser.add_argument("--layer", type=int, default=None, help="figure 11's layer (default: the last)")
-    parser.add_argument("--checkpoint", default="best", help="figure 4's checkpoint: best (default) or last")
+    parser.add_argument("--checkpoint", default=BEST_CHECKPOINT, choices=(BEST_CHECKPOINT, LAST_CHECKPOINT),
+                        help="figure 4's checkpoint: best (default) or last")
     parser.add_argument("--metric-scale", type=float, default=1.0, help="multiply the scores (e.g. 100)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

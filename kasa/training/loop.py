@@ -32,8 +32,10 @@ from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_
 from kasa.config import RunConfig
 from kasa.evaluation.metrics import improves, main_metric
 from kasa.run_dir import (
+    BEST_CHECKPOINT,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    LAST_CHECKPOINT,
     GENERATIONS_DIR,
     METRICS_FILE,
     REGULARIZATION_FILE,
@@ -415,8 +417,8 @@ class TrainingRecipe:
         state.last = score
         saved = {"epoch": epoch, "step": state.step, "metric": self.task.metric, "score": score, "metrics": metrics}
         if improved and cfg.trainer.save_best:
-            save_checkpoint(self.out / CHECKPOINTS_DIR / "best", self.accelerator, self.model, saved)
-        save_checkpoint(self.out / CHECKPOINTS_DIR / "last", self.accelerator, self.model, saved)
+            save_checkpoint(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT, self.accelerator, self.model, saved)
+        save_checkpoint(self.out / CHECKPOINTS_DIR / LAST_CHECKPOINT, self.accelerator, self.model, saved)
 
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
