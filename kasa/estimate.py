@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -368,7 +369,10 @@ def parse_memory(text: str) -> int:
     for unit in sorted(units, key=len, reverse=True):
         if value.endswith(unit):
             try:
-                return int(float(value[: -len(unit)]) * units[unit])
+                size = float(value[: -len(unit)])
             except ValueError:
                 break
+            if size > 0 and math.isfinite(size):
+                return int(size * units[unit])
+            break
     raise ValueError(f"gpu_memory={text!r} is not a memory size: write e.g. gpu_memory=24GiB or gpu_memory=80GB")

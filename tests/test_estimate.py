@@ -129,6 +129,8 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["gpu_memory=lots"], "gpu_memory='lots' is not a memory size"),
+    (["gpu_memory=-3GiB"], "gpu_memory='-3GiB' is not a memory size"),  # was taken, and a GPU of -3 GiB judged
+    (["gpu_memory=0GB"], "gpu_memory='0GB' is not a memory size"),
     (["sharding=zero9"], "unknown sharding='zero9'"),
     (["num_processes=two"], "num_processes='two' is not a whole number"),
     (["loss_share=most"], "loss_share='most' is not a number"),
