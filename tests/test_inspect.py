@@ -109,6 +109,8 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
     (["held_out=1000"], "too few calibration examples"),
     (["method.truncation_basis=activation", "method.calibration_samples=1000"], "calibration_samples"),
     (["threshold=abc"], "not a number"),
+    (["threshold=-1"], "threshold=-1.0 is not allowed: pass a relative loss increase >= 0"),
+    (["held_out=0"], "held_out=0 is not allowed: pass a number of examples >= 1"),
     (["recipe=glue/nonexistent"], "nonexistent"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, extra, message):

@@ -201,8 +201,10 @@ def run(argv: list[str]) -> dict[str, Any]:
             own[key] = type(own[key])(value)
         except ValueError:
             raise ValueError(f"{key}={value!r} is not a number: e.g. {key}={own[key]}") from None
-    if own["threshold"] < 0 or own["held_out"] < 1:
-        raise ValueError("threshold must be >= 0 and held_out >= 1")
+    if not own["threshold"] >= 0:  # nan too
+        raise ValueError(f"threshold={own['threshold']} is not allowed: pass a relative loss increase >= 0, e.g. 0.05")
+    if own["held_out"] < 1:
+        raise ValueError(f"held_out={own['held_out']} is not allowed: pass a number of examples >= 1, e.g. 64")
     cfg = compose_run(overrides, own["output_dir"])
     quiet_libraries()
     return inspect_truncation(cfg, own["threshold"], own["held_out"])
