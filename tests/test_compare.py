@@ -160,6 +160,17 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: no finished run")
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--decimals", "-1"], "--decimals must be >= 0"),  # was Python's "Format specifier missing precision"
+    (["--metric-scale", "0"], "--metric-scale must be > 0"),  # was a table of zeros
+])
+def test_cli_refuses_a_bad_option(runs, option, message):
+    root, _ = runs
+    result = run_cli("kasa.cli.compare", str(root), "--out", str(root / "table"), *option)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert not (root / "table").exists()
+
+
 def test_ablation_recipe_sweeps_the_ladder(tiny_model, tmp_path):
     """`kasa-train --multirun recipe=ablation/roberta_base_mrpc` runs lora .. kasa from the recipe's sweeper
     parameters (seed narrowed on the command line), then kasa-plot and kasa-compare read the sweep."""

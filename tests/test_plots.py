@@ -262,3 +262,8 @@ def test_kasa_plot_on_a_run_and_on_a_sweep(ablation_sweep, tmp_path, capsys):
         plot_main([str(tmp_path / "run"), "--kind", "singular-values"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: no checkpoint at")
+    # a layer the run did not log: one line, and nothing drawn (it used to be skipped without a word)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_main([str(run), "--layer", "7", "--out", str(tmp_path / "layer7")])
+    assert exit_info.value.code == 2 and "layer 7 was not logged" in capsys.readouterr().err
+    assert not (tmp_path / "layer7").exists()

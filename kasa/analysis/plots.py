@@ -469,15 +469,17 @@ def plot_run(run_dir: str | Path, layer: int | None = None, which: str = BEST_CH
     """The single-run plots the run's files support (figure 4 for KaSA checkpoints, figure 11 when
     regularization.jsonl exists)."""
     done: dict[str, dict[str, Any]] = {}
+    if (Path(run_dir) / REGULARIZATION_FILE).is_file():  # first: a bad --layer fails before anything is written
+        try:
+            done["regularization"] = regularization(run_dir, layer, out_dir)
+        except ValueError as err:
+            if layer is not None:  # a layer asked for by name that the run did not log: say so
+                raise
+            log.info("no regularisation plot: %s", err)
     try:
         done["singular_values"] = singular_values(run_dir, which, out_dir)
     except (FileNotFoundError, ValueError) as err:
         log.info("no singular-value plot: %s", err)
-    if (Path(run_dir) / REGULARIZATION_FILE).is_file():
-        try:
-            done["regularization"] = regularization(run_dir, layer, out_dir)
-        except ValueError as err:
-            log.info("no regularisation plot: %s", err)
     return done
 
 

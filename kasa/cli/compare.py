@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plots", action="store_true",
                         help="also draw the sweep plots the runs support (ablation, rank, truncation) into --out")
     args = parser.parse_args(argv)
+    if not args.metric_scale > 0:
+        parser.error(f"--metric-scale must be > 0 (e.g. 100 for percentages), got {args.metric_scale}")
+    if args.decimals is not None and args.decimals < 0:
+        parser.error(f"--decimals must be >= 0, got {args.decimals}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     from kasa.analysis.compare import compare, to_markdown

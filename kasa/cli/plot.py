@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="figure 4's checkpoint: best (default) or last")
     parser.add_argument("--metric-scale", type=float, default=1.0, help="multiply the scores (e.g. 100)")
     args = parser.parse_args(argv)
+    if not args.metric_scale > 0:
+        parser.error(f"--metric-scale must be > 0 (e.g. 100 for percentages), got {args.metric_scale}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     from kasa.analysis import plots
