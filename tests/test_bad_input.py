@@ -41,6 +41,11 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["trainer.lr=-1"], ["trainer.lr=-1"]),
         (["trainer.epochs=abc"], ["wrong value for trainer.epochs", "could not be converted"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
+        (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
+        (["seed=-1"], ["seed=-1 is not allowed"]),
+        # decoding settings failed at the first evaluation, after training
+        (["task.generation.do_sample=true", "task.generation.temperature=0"], ["task.generation.temperature=0.0"]),
+        (["task.generation.top_p=2"], ["task.generation.top_p=2.0", "(0, 1]"]),
         (["method.rank=64"], ["must be < min(n, m)"]),
         (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
         (["model.dtype=float8"], ["unknown model.dtype 'float8'", "float32, bfloat16, float16"]),

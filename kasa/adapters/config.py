@@ -76,6 +76,9 @@ class AdapterConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if METHOD_TABLE[self.method].ranked and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if METHOD_TABLE[self.method].ranked and not 0 < self.alpha < float("inf"):
+            raise ValueError(f"alpha must be > 0 (the update is scaled by alpha / r; 0 would train nothing), got "
+                             f"{self.alpha}")
         for name in ("beta", "gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}: use 0 to switch the term off")

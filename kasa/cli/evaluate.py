@@ -38,6 +38,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.evaluation.metrics import main_metric
     from kasa.tasks import build_task
+    from kasa.training.preflight import check_config_values
 
     merge = bool_argument(args, "merge", False)  # the arguments before anything loads
     if "batch_size" in args and not (args["batch_size"].isdigit() and int(args["batch_size"]) >= 1):
@@ -49,6 +50,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
         overrides.append(f"{key}={args['batch_size']}")
     run_cfg = load_run_config(run_dir, overrides)
+    check_config_values(run_cfg)  # an override's value (decoding, attention) is refused before the model loads
     split = str(args.get("split") or run_cfg.task.eval_split)
 
     accelerator = Accelerator()
