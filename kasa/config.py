@@ -233,3 +233,7 @@ def _check_task(run: RunConfig) -> None:
     if task.kind != "glue" and run.trainer.eval_batch_size != TrainerConfig.eval_batch_size:
         raise ValueError(f"trainer.eval_batch_size batches the evaluation of classification tasks; a {task.kind} "
                          "task generates in batches of task.generation.batch_size: set that instead")
+    if task.kind == "glue" and run.trainer.packing:
+        raise ValueError("trainer.packing packs the examples of the generation tasks (e2e, instruction, "
+                         "commonsense); a classification task keeps one example per row: use "
+                         "trainer.group_by_length=true to avoid padding")

@@ -46,6 +46,8 @@ def assert_one_line_error(result, *fragments: str) -> None:
         # decoding settings failed at the first evaluation, after training
         (["task.generation.do_sample=true", "task.generation.temperature=0"], ["task.generation.temperature=0.0"]),
         (["task.generation.top_p=2"], ["task.generation.top_p=2.0", "(0, 1]"]),
+        (["trainer.packing=true"], ["trainer.packing packs the examples of the generation tasks",
+                                    "trainer.group_by_length=true"]),  # a GLUE task ignored it
         (["method.rank=64"], ["must be < min(n, m)"]),
         (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
         (["model.dtype=float8"], ["unknown model.dtype 'float8'", "float32, bfloat16, float16"]),
