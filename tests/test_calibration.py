@@ -241,8 +241,12 @@ def test_bad_configurations():
         kasa.AdapterConfig(method="lora", truncation_basis="activation")
     with pytest.raises(ValueError, match="unknown truncation_basis"):
         kasa.AdapterConfig(truncation_basis="activations")
-    with pytest.raises(ValueError, match="calibration_samples"):
+    with pytest.raises(ValueError, match="calibration_samples must be >= 1, got 0"):
         kasa.AdapterConfig(calibration_samples=0)
+    with pytest.raises(ValueError, match="calibration_damping must be >= 0, got -1"):  # named, not a list of three
+        kasa.AdapterConfig(calibration_damping=-1.0)
+    with pytest.raises(ValueError, match="calibration_memory_gib must be > 0, got 0"):
+        kasa.AdapterConfig(calibration_memory_gib=0)
     padding_only = [{"input_ids": torch.zeros(2, 5).long(), "attention_mask": torch.zeros(2, 5).long()}]
     with pytest.raises(ValueError, match="no token outside padding"):
         kasa.apply_adapters(build_llama(), activation_config(), calibration=padding_only)

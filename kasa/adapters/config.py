@@ -92,8 +92,11 @@ class AdapterConfig:
         if self.truncation_basis == "activation" and self.method not in TRUNCATING_METHODS:
             raise ValueError(f"truncation_basis=activation applies to the methods that truncate "
                              f"({', '.join(TRUNCATING_METHODS)}), not to {self.method!r}")
-        if self.calibration_samples < 1 or self.calibration_damping < 0 or self.calibration_memory_gib <= 0:
-            raise ValueError("calibration_samples must be >= 1, calibration_damping >= 0, calibration_memory_gib > 0")
+        for name, allowed, requirement in (("calibration_samples", self.calibration_samples >= 1, ">= 1"),
+                                           ("calibration_damping", self.calibration_damping >= 0, ">= 0"),
+                                           ("calibration_memory_gib", self.calibration_memory_gib > 0, "> 0")):
+            if not allowed:
+                raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)}")
         if self.init not in KASA_INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(KASA_INITS)}")
         self.target_modules = list(self.target_modules)
