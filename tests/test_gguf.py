@@ -12,7 +12,7 @@ import torch
 
 import kasa
 from kasa.config import ModelConfig
-from kasa.tasks.models import load_causal_lm, load_tokenizer
+from kasa.tasks.models import ModelLoadError, load_causal_lm, load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -109,3 +109,11 @@ def test_a_peft_export_of_a_gguf_base_loads_through_its_own_hint(gguf_folder, tm
     assert f"gguf_file={FILE!r}" in hint
     loaded = eval(hint.split("  #")[0], {"transformers": transformers, "peft": peft}).eval()  # the printed line
     torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=0)
+
+
+def test_a_missing_folder_or_gguf_file_is_said_plainly(gguf_folder, tmp_path):
+    """transformers reports both as a bad Hub id or a missing file on huggingface.co: a local path deserves better."""
+    with pytest.raises(ModelLoadError, match=r"model.path='.*nowhere' is not a folder"):
+        load_tokenizer(ModelConfig(name="tiny", path=str(tmp_path / "nowhere")))
+    with pytest.raises(ModelLoadError, match=rf"gguf_file='other.gguf' is not in .*: its GGUF files are \['{FILE}'\]"):
+        load_causal_lm(ModelConfig(name="tiny", path=str(gguf_folder), gguf_file="other.gguf"))

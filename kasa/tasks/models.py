@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -125,7 +126,22 @@ def hub_options(model: ModelConfig) -> dict[str, bool]:
     return {} if model.path or hub_reachable() else {"local_files_only": True}
 
 
+def _check_local_files(model: ModelConfig) -> None:
+    """model.path must be a folder, holding model.gguf_file when one is named: said plainly, rather than as
+    transformers' Hub-id or Hub-URL messages about a local path."""
+    if not model.path:
+        return
+    folder = Path(model.path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"model.path={model.path!r} is not a folder: pass the folder holding config.json and the "
+                             "weights, or leave model.path unset to load model.name from the Hub")
+    if model.gguf_file and not (folder / model.gguf_file).is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ModelLoadError(f"model.gguf_file={model.gguf_file!r} is not in {folder}: its GGUF files are {present}")
+
+
 def _from_pretrained(factory, model: ModelConfig, **kwargs):
+    _check_local_files(model)
     source = model_source(model)
     try:
         return factory.from_pretrained(source, **kwargs, **hub_options(model))
