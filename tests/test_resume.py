@@ -53,6 +53,22 @@ KILLING_DRIVER = textwrap.dedent(
     """
 )
 
+FAILING_EVALUATION_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from kasa.tasks.glue import GlueTask
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("the evaluation failed (a stand-in for an unreachable judge or beam search out of memory)")
+
+    GlueTask.evaluate = unreachable
+    from kasa.cli.train import main
+    sys.argv = ["kasa-train", *sys.argv[1:]]
+    main()
+    """
+)
+
+
 def killed_run(args: list[str], where: str, after: int) -> subprocess.CompletedProcess:
     env = {**ENV, "KILL_WHERE": where, "KILL_AFTER": str(after)}
     return subprocess.run([sys.executable, "-c", KILLING_DRIVER, *args], capture_output=True, text=True, env=env,
@@ -106,6 +122,29 @@ def test_a_killed_run_on_an_nf4_base_resumes_bit_for_bit(tiny_model, sentiment_d
     expected, got = adapter(full), adapter(run_dir)
     assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
     assert metrics(run_dir) == metrics(full)
+
+
+def test_a_failed_evaluation_keeps_the_training_and_resume_evaluates_it(uninterrupted, tiny_model, sentiment_dir,
+                                                                         tmp_path):
+    """The first epoch's evaluation fails after its training: a resumable checkpoint keeps that training, and
+    resume=auto evaluates the epoch and goes on, ending as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
+    failed = subprocess.run([sys.executable, "-c", FAILING_EVALUATION_DRIVER, *args], capture_output=True, text=True,
+                            env=ENV, timeout=600)
+    assert failed.returncode == 1 and "the evaluation failed (a stand-in" in failed.stderr
+    assert "the evaluation of epoch 1 failed; what was trained is kept in" in failed.stderr
+    state = json.loads((run_dir / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    assert state["pending_evaluation"] == 0 and state["epoch"] == 1 and state["history"] == []
+
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step 8" in resumed.stderr
+    expected, got = adapter(uninterrupted), adapter(run_dir)
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert metrics(run_dir) == metrics(uninterrupted)
+    for checkpoint in (run_dir / "checkpoints").glob("step-*"):  # the evaluation is done: no longer due anywhere
+        assert "pending_evaluation" not in json.loads((checkpoint / "trainer_state.json").read_text())
 
 
 def test_finished_run_is_not_overwritten(uninterrupted, tiny_model, sentiment_dir):

@@ -59,11 +59,13 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation record
     metrics_size: int = 0
     regularization_size: int = 0
+    pending_evaluation: int | None = None  # an epoch trained but not evaluated (its evaluation failed): resume runs it
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.last is None:  # as runs wrote it before their first evaluation
-            del data["last"]
+        for key in ("last", "pending_evaluation"):  # absent when unset, as runs wrote it before these existed
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod

@@ -53,6 +53,7 @@ from kasa.training.checkpoint import (
     epoch_batches,
     load_resumable_weights,
     prune_checkpoints,
+    restore_rng,
     restore_training_state,
     save_checkpoint,
     save_training_state,
@@ -312,6 +313,13 @@ class TrainingRecipe:
         start = time.perf_counter()
         self.progress = self.console.progress(self.total_steps, completed=self.state.step)
         try:
+            if self.state.pending_evaluation is not None:  # resumed after a failed evaluation: that one first,
+                # from the RNG states that it met in the run (an evaluation draws from them), and the next epoch
+                # from those it leaves, as if it had not failed
+                restore_rng(self.resume_from)
+                self.resume_from = None
+                self.evaluate_and_save(self.state.pending_evaluation)
+                self.save_resumable()
             while self.state.epoch < self.cfg.trainer.epochs and self.state.step < self.total_steps:
                 epoch = self.state.epoch
                 self.train_epoch(epoch)
@@ -404,8 +412,13 @@ class TrainingRecipe:
         """Evaluate on the eval split; keep the best and the last adapter."""
         self.nonfinite.check(self.accelerator)
         state, cfg = self.state, self.cfg
-        metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
-                                     self.out / GENERATIONS_DIR)
+        state.pending_evaluation = None
+        try:
+            metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
+                                         self.out / GENERATIONS_DIR)
+        except Exception:
+            self.keep_unevaluated(epoch)
+            raise
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
         self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
@@ -419,6 +432,17 @@ class TrainingRecipe:
         if improved and cfg.trainer.save_best:
             save_checkpoint(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT, self.accelerator, self.model, saved)
         save_checkpoint(self.out / CHECKPOINTS_DIR / LAST_CHECKPOINT, self.accelerator, self.model, saved)
+
+    def keep_unevaluated(self, epoch: int) -> None:
+        """After a failed evaluation (an unreachable judge, beam search out of memory, ...), what was trained is kept
+        as a resumable checkpoint whose evaluation is still due: resume=auto evaluates it instead of training again.
+        One process only: in a run of several, the others may be waiting inside a collective of the evaluation."""
+        if self.accelerator.num_processes > 1:
+            return
+        self.state.pending_evaluation = epoch
+        checkpoint = self.save_resumable()
+        self.console.print(f"the evaluation of epoch {epoch + 1} failed; what was trained is kept in {checkpoint}: "
+                           "remove the cause, then continue with resume=auto (it evaluates that epoch again)")
 
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
