@@ -33,6 +33,9 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint direct
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)
 LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory: kasa.training.run_lock
+# config.json holds the resolved settings and two records that are not settings: the command line's overrides, and
+# the settings that resumes changed (resume_allow_changes=true)
+OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY = "hydra_overrides", "resumed_with_changes"
 HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
 
 
@@ -158,7 +161,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: the checkpoint must sit in a kasa run directory")
     saved = json.loads(config_file.read_text())
-    saved.pop("hydra_overrides", None)
+    for record in (OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY):
+        saved.pop(record, None)
     logging = saved.get("logging")
     if isinstance(logging, dict) and "tensorboard" in logging:  # saved before logging.trackers replaced the flag
         logging["trackers"] = ["tensorboard"] if logging.pop("tensorboard") else []

@@ -149,3 +149,6 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(uninterrupted, t
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["resumed_with_changes"] == [{"step": 16, "changes": {"seed": [0, 3], "trainer.lr": [0.005, 0.5]}}]
+    # the record is not a setting: the run still evaluates and exports (both refused its config.json before)
+    evaluation = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 def _run(cfg: DictConfig) -> float:
     def job() -> float:
         from kasa.config import resolve, validate
+        from kasa.run_dir import OVERRIDES_KEY
 
         quiet_libraries()
         resolved = resolve(cfg)
@@ -35,7 +36,7 @@ def _run(cfg: DictConfig) -> float:
         from kasa.training.loop import train  # heavy imports (transformers' trainer, peft) once the config is valid
         from kasa.training.signals import INTERRUPTED_EXIT, TrainingInterrupted, interrupted_message
 
-        resolved["hydra_overrides"] = list(HydraConfig.get().overrides.task)
+        resolved[OVERRIDES_KEY] = list(HydraConfig.get().overrides.task)
         # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
         # only once the run is accepted, so a refused run leaves a finished run's record untouched.
         hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),

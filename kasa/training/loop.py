@@ -38,7 +38,9 @@ from kasa.run_dir import (
     LAST_CHECKPOINT,
     GENERATIONS_DIR,
     METRICS_FILE,
+    OVERRIDES_KEY,
     REGULARIZATION_FILE,
+    RESUMED_WITH_CHANGES_KEY,
     SUMMARY_FILE,
     HYDRA_DIR,
     clean_partial_writes,
@@ -180,7 +182,7 @@ class TrainingRecipe:
             return
         config = dict(self.resolved_config)
         if changes:
-            config["resumed_with_changes"] = [*read_config(self.out).get("resumed_with_changes", []), {
+            config[RESUMED_WITH_CHANGES_KEY] = [*read_config(self.out).get(RESUMED_WITH_CHANGES_KEY, []), {
                 "step": self.state.step, "changes": {key: list(values) for key, values in changes.items()}}]
             self.console.print(f"resuming with changed settings: {', '.join(changes)} (recorded in {CONFIG_FILE})")
         write_json(self.out / CONFIG_FILE, config)
@@ -480,7 +482,7 @@ class TrainingRecipe:
             "rank": cfg.method.rank,
             "beta": cfg.method.beta,
             "gamma": cfg.method.gamma,
-            "overrides": self.resolved_config.get("hydra_overrides", []),
+            "overrides": self.resolved_config.get(OVERRIDES_KEY, []),
             "truncation_loss": self.truncation_loss,  # held-out loss before / after the truncation
             "eval_history": [{**record, "epoch": record["epoch"] + 1} for record in state.history],
         }

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kasa.config import RunConfig
-from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, SUMMARY_FILE, read_config
+from kasa.run_dir import (
+    ADAPTER_WEIGHTS_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    OVERRIDES_KEY,
+    STATE_FILE,
+    SUMMARY_FILE,
+    read_config,
+)
 
 CPU_PARAMETER_LIMIT = 500_000_000
 """Above this many base-model parameters and without a GPU, a run stops at once (`trainer.allow_cpu=true` proceeds):
@@ -30,7 +38,7 @@ a 7B model's truncation and steps would take hours to days on a CPU."""
 
 PRECISIONS = ("no", "fp16", "bf16")
 
-RESUME_IGNORED = ("resume", "overwrite", "resume_allow_changes", "hydra_overrides", "output_dir", "logging",
+RESUME_IGNORED = ("resume", "overwrite", "resume_allow_changes", OVERRIDES_KEY, "output_dir", "logging",
                   "trainer.save_every", "trainer.keep_checkpoints", "trainer.allow_cpu", "method.svd_cache_dir")
 """Settings that may change between a run and its resumption: they do not change what the run computes (where it
 lives, how often it saves, the progress display, the decomposition cache)."""
