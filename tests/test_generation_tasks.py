@@ -400,6 +400,8 @@ def test_instruction_kasa_eval_answers_mt_bench(runs):
 
 
 def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkeypatch):
+    """What kasa-train and kasa-eval check before loading; building the task alone (kasa-export, kasa-inspect,
+    which never ask the judge) needs neither the endpoint nor the key."""
     from kasa.config import RunConfig
     from kasa.tasks import build_task
 
@@ -408,10 +410,19 @@ def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkey
     cfg.task.kind, cfg.task.data_dir = "instruction", str(data["instruction"])
     cfg.task.judge.base_url, cfg.task.judge.api_key_env = "http://127.0.0.1:9/v1", "KASA_TEST_UNSET_KEY"
     with pytest.raises(ValueError, match="KASA_TEST_UNSET_KEY holds no API key"):
-        build_task(cfg)
+        build_task(cfg).check_evaluation()
     cfg.task.judge.base_url = None
     with pytest.raises(ValueError, match="task.judge.base_url"):
-        build_task(cfg)
+        build_task(cfg).check_evaluation()
+
+
+def test_an_instruction_run_exports_without_the_judges_key(runs, tmp_path):
+    """kasa-export refused with the judge's missing key, which it never uses."""
+    env = {k: v for k, v in ENV.items() if k != KEY_ENV}
+    exported = run_cli("kasa.cli.export", f"checkpoint={runs['dirs']['instruction']}", f"output={tmp_path / 'merged'}",
+                       env=env)
+    ok(exported)
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

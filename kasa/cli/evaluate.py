@@ -55,6 +55,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     accelerator = Accelerator()
     task = build_task(run_cfg)
+    task.check_evaluation()
     tokenizer, model = task.load_model()
     load_adapter(model, checkpoint)
     if merge:  # a 4/8-bit weight cannot hold the update: merge as kasa-export format=merged does, in float

@@ -15,6 +15,11 @@ from transformers import PreTrainedTokenizerBase
 class Task(Protocol):
     metric: str  # the metric that picks the best epoch (higher is better)
 
+    def check_evaluation(self) -> None:
+        """Fail now, with one line, if the evaluation cannot run here (a tool or a credential it needs is missing):
+        kasa-train and kasa-eval call it before the model loads; kasa-export and kasa-inspect, which never
+        evaluate, do not."""
+
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         """Tokenizer and base model (before adapters)."""
 

@@ -24,6 +24,9 @@ class GlueTask:
         self.metric = cfg.task.metric
         self._encoded: dict[str, Dataset] = {}
 
+    def check_evaluation(self) -> None:
+        """scikit-learn and scipy, installed with kasa: nothing to check."""
+
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
         model = load_classifier(self.cfg.model, self.cfg.task)

@@ -15,7 +15,6 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from kasa.config import RunConfig
 from kasa.data.errors import DataError
 from kasa.data.files import load_mt_bench_questions, read_rows
 from kasa.data.prompts import (
@@ -31,17 +30,19 @@ from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
 
 
 class InstructionTask(CausalLMTask):
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        settings = cfg.task.judge
+    def check_evaluation(self) -> None:
+        """The judge's endpoint is set and its API key is in the environment."""
+        self._judge()
+
+    def _judge(self) -> Judge:
+        settings = self.cfg.task.judge
         if not settings.base_url:
             raise ValueError("instruction following is scored by an LLM judge: set task.judge.base_url=<OpenAI-"
                              f"compatible endpoint> and task.judge.model, and export {settings.api_key_env}")
-        self.judge_config = JudgeConfig(base_url=settings.base_url, model=settings.model,
-                                        api_key_env=settings.api_key_env, max_retries=settings.max_retries,
-                                        timeout=settings.timeout)
+        config = JudgeConfig(base_url=settings.base_url, model=settings.model, api_key_env=settings.api_key_env,
+                             max_retries=settings.max_retries, timeout=settings.timeout)
         try:
-            Judge(self.judge_config)  # the API key must be there before the model loads and trains, not after
+            return Judge(config)
         except JudgeError as err:
             raise ValueError(str(err)) from None
 
@@ -91,7 +92,7 @@ class InstructionTask(CausalLMTask):
             path = output_file(output_dir, f"instruction-{split}.jsonl")
             if path is not None:  # the responses are kept even if judging fails
                 path.write_text("".join(json.dumps(record) + "\n" for record in records))
-            judge = Judge(self.judge_config)
+            judge = self._judge()
             try:
                 for record in records:
                     if "turns" in record:
