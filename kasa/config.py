@@ -14,6 +14,16 @@ from kasa.adapters.config import AdapterConfig
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: torch dtypes of these names (kasa.tasks.models)
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+BOOKKEEPING_SETTINGS = ("resume", "overwrite", "resume_allow_changes", "output_dir", "logging", "trainer.save_every",
+                        "trainer.keep_checkpoints", "trainer.allow_cpu", "method.svd_cache_dir")
+"""Settings (and everything under them) that do not change what a run computes: where it lives, how it starts, how
+often it saves, the progress display, the decomposition cache. A run resumes with other values of them, and a sweep's
+summary never tells runs apart by them."""
+
+
+def is_bookkeeping(key: str) -> bool:
+    """Whether a dotted config key is one of BOOKKEEPING_SETTINGS or under one."""
+    return any(key == setting or key.startswith(f"{setting}.") for setting in BOOKKEEPING_SETTINGS)
 
 
 @dataclass

@@ -87,10 +87,13 @@ def test_signal_before_training_stops_at_once():
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the old handler is back
 
 
-def test_resume_command_pins_the_run_dir_and_adds_resume_auto():
+def test_resume_command_pins_the_run_or_sweep_dir_and_adds_resume_auto():
     argv = ["kasa-train", "recipe=glue/roberta_base_cola", "trainer.lr=1e-3", "overwrite=true"]
     assert resume_command(argv, Path("/runs/a b")) == (
         "kasa-train recipe=glue/roberta_base_cola trainer.lr=1e-3 'hydra.run.dir=/runs/a b' resume=auto")
+    sweep = ["kasa-train", "--multirun", "method.beta=1e-4,1e-3", "resume=auto"]
+    assert resume_command(sweep, Path("/sweeps/s"), sweep=True) == (
+        "kasa-train --multirun method.beta=1e-4,1e-3 hydra.sweep.dir=/sweeps/s resume=auto")
     err = TrainingInterrupted(signal.SIGTERM, Path("/runs/x/checkpoints/step-00000007"), 7)
     line = interrupted_message(err, ["kasa-train", "hydra.run.dir=/runs/x", "resume=auto"], Path("/runs/x"))
     assert line == ("stopped by SIGTERM at step 7: checkpoint saved in /runs/x/checkpoints/step-00000007; "

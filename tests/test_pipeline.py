@@ -4,6 +4,8 @@ built from a config and small data files the tests write. Offline, a few seconds
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,38 @@ def test_multirun_writes_sweep_summary_and_heatmap(tiny_model, sentiment_dir, tm
     assert (sweep_dir / "0" / "summary.json").is_file() and (sweep_dir / "1" / "summary.json").is_file()
     assert (sweep_dir / "sweep_summary.md").is_file() and (sweep_dir / "sweep_summary.csv").is_file()
     assert (sweep_dir / "heatmap.png").is_file()
+
+
+def test_multirun_checks_every_job_before_the_first_runs(tiny_model, sentiment_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = train_args(tiny_model, sentiment_dir, tmp_path / "unused", "trainer.epochs=1")
+    result = run_cli("kasa.cli.train", "--multirun", *args, f"hydra.sweep.dir={sweep_dir}", "method.beta=1e-4,-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: sweep job #1 (method.beta=-1")
+    assert "beta must be >= 0" in result.stderr and not sweep_dir.exists()
+
+
+def test_a_failed_sweep_job_leaves_the_others_and_the_sweep_continues(tiny_model, sentiment_dir, tmp_path):
+    """A job's error does not stop the sweep; the command it prints continues the sweep, keeping finished jobs."""
+    sweep_dir, late_data = tmp_path / "sweep", tmp_path / "late"
+    args = [a for a in train_args(tiny_model, sentiment_dir, tmp_path / "unused", "trainer.epochs=1")
+            if not a.startswith("task.data_dir=")]
+    result = run_cli("kasa.cli.train", "--multirun", *args, f"hydra.sweep.dir={sweep_dir}",
+                     f"task.data_dir={late_data},{sentiment_dir}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: 1 sweep job(s) failed ({sweep_dir / '0'}: task.data_dir=")
+    assert (sweep_dir / "1" / "summary.json").is_file() and (sweep_dir / "sweep_summary.md").is_file()
+    finished = (sweep_dir / "1" / "summary.json").read_text()
+
+    shutil.copytree(sentiment_dir, late_data)
+    command = shlex.split(last.split(" with: ", 1)[1])
+    assert command[0] == "kasa-train" and f"hydra.sweep.dir={sweep_dir}" in command and command[-1] == "resume=auto"
+    resumed = run_cli("kasa.cli.train", *command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (sweep_dir / "0" / "summary.json").is_file()
+    assert (sweep_dir / "1" / "summary.json").read_text() == finished  # the finished job was left as it was
+    assert "| resume |" not in (sweep_dir / "sweep_summary.md").read_text()  # resume=auto is not a setting
 
 
 def test_demo_recipe_config_resolves():

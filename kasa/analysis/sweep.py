@@ -11,7 +11,8 @@ Runs are grouped into settings. A setting is identified by
   * method, rank, beta and gamma (from `summary.json`; always shown, beta and gamma left empty for methods whose
     loss has no such term), and
   * task and recipe, and every key of the `overrides` lists, but only those whose value is not the same in all runs
-    (`method.beta=...` and the like are already covered by the fields above and are not repeated).
+    (`method.beta=...` and the like are already covered by the fields above and are not repeated, and settings that
+    do not change what a run computes, such as `resume=auto`, never tell runs apart).
 The seed is never part of a setting: the runs of a setting are its seeds. Per setting the summary gives the number of
 runs, their seeds, and the median, minimum, maximum and sample standard deviation (ddof 1; empty for one run) of
 `best`, the best-epoch validation score, the statistic the paper reports (median of 5 seeds).
@@ -34,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kasa.adapters.config import has_loss_weight
+from kasa.config import is_bookkeeping
 from kasa.run_dir import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -171,7 +173,8 @@ def setting_keys(runs: Sequence[Run]) -> list[str]:
     for key in OPTIONAL_SUMMARY_KEYS:
         if len({_hashable(run.summary.get(key)) for run in runs}) > 1:
             keys.append(key)
-    override_keys = sorted({k for run in runs for k in run.overrides} - OVERRIDE_ALIASES - set(keys))
+    override_keys = sorted({k for run in runs for k in run.overrides if not is_bookkeeping(k)}
+                           - OVERRIDE_ALIASES - set(keys))
     for key in override_keys:
         if len({run.overrides.get(key) for run in runs}) > 1:
             keys.append(key)

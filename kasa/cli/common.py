@@ -105,7 +105,8 @@ def _describe_os_error(err: OSError) -> str:
     return f"{err.strerror}: {where}"
 
 
-def _describe(err: Exception) -> str:
+def describe_error(err: Exception) -> str:
+    """A user error (one of USER_ERRORS) as the one line that `error: ` starts."""
     if isinstance(err, HydraException):
         return _describe_hydra(err)
     if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
@@ -144,7 +145,7 @@ def run_reporting_errors(function: Callable[[], Any]) -> Any:
     except USER_ERRORS as err:
         if os.environ.get("KASA_DEBUG"):
             raise
-        fail(_describe(err))
+        fail(describe_error(err))
 
 
 def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str, ...], example: str) -> dict[str, str]:

@@ -9,25 +9,48 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kasa.cli.common import default_to_demo, fail, quiet_libraries, register_resolvers, run_reporting_errors
+from kasa.cli.common import (
+    USER_ERRORS,
+    default_to_demo,
+    describe_error,
+    fail,
+    quiet_libraries,
+    register_resolvers,
+    run_reporting_errors,
+)
+from kasa.config import resolve, validate
+from kasa.training.preflight import check_config_values
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 log = logging.getLogger(__name__)
 
 
+FAILED_SWEEP_JOBS: list[str] = []
+"""The jobs of this process's --multirun that stopped with an error (their run directory and the error's line)."""
+
+
 def _run(cfg: DictConfig) -> float:
+    hydra_config = HydraConfig.get()
+    sweep_dir = Path(hydra_config.sweep.dir) if hydra_config.mode == RunMode.MULTIRUN else None
+
     def job() -> float:
-        from kasa.config import resolve, validate
         from kasa.run_dir import OVERRIDES_KEY
 
         quiet_libraries()
@@ -36,29 +59,71 @@ def _run(cfg: DictConfig) -> float:
         from kasa.training.loop import train  # heavy imports (transformers' trainer, peft) once the config is valid
         from kasa.training.signals import INTERRUPTED_EXIT, TrainingInterrupted, interrupted_message
 
-        resolved[OVERRIDES_KEY] = list(HydraConfig.get().overrides.task)
+        resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
         # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
         # only once the run is accepted, so a refused run leaves a finished run's record untouched.
         hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),
                        "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
-                       "overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)}
+                       "overrides.yaml": OmegaConf.to_yaml(hydra_config.overrides.task)}
         try:
             return train(run_cfg, resolved, hydra_files)["best"]
-        except TrainingInterrupted as err:
-            print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir)), file=sys.stderr)
+        except TrainingInterrupted as err:  # a stop signal stops a whole sweep too
+            print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir), sweep_dir), file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT)
 
-    return run_reporting_errors(job)
+    if sweep_dir is None:
+        return run_reporting_errors(job)
+    # One job's error (a diverging setting, a full disk, an unreachable judge) must not cost the sweep's other jobs:
+    # it is reported now, and again when the sweep ends, which then exits with status 2.
+    try:
+        return job()
+    except USER_ERRORS as err:
+        if os.environ.get("KASA_DEBUG"):
+            raise
+        print(f"error: {describe_error(err)}", file=sys.stderr)
+        FAILED_SWEEP_JOBS.append(f"{hydra_config.runtime.output_dir}: {describe_error(err)}")
+        return math.nan
 
 
-class SweepSummaryCallback(Callback):
-    """After a --multirun finishes, write the sweep summary (markdown, CSV, beta x gamma heatmap)."""
+class SweepCallback(Callback):
+    """Before a --multirun starts, check every job's config (a bad value in the last combination must not wait for
+    the others to train); after it, write the sweep summary (markdown, CSV, beta x gamma heatmap) and report the
+    jobs that failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        FAILED_SWEEP_JOBS.clear()
+        if config.hydra.sweeper._target_ != BASIC_SWEEPER:  # other sweepers choose their values as they go
+            return
+        loader = GlobalHydra.instance().config_loader()
+        params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+            [*params, *config.hydra.overrides.task])
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        swept = tuple(f"{o.get_key_element()}=" for o in overrides if o.is_sweep_override())
+        for number, job_overrides in enumerate(jobs):
+            try:
+                job_config = loader.load_sweep_config(config, list(job_overrides))
+                HydraConfig.instance().set_config(job_config)  # ${hydra:runtime.choices.recipe} resolves from it
+                with open_dict(job_config):
+                    job_config.output_dir = str(Path(config.hydra.sweep.dir) / str(number))  # the default subdir
+                    del job_config["hydra"]
+                check_config_values(validate(resolve(job_config)))
+            except USER_ERRORS as err:  # exit here: Hydra turns a callback's exception into a warning
+                values = " ".join(o for o in job_overrides if o.startswith(swept))
+                fail(f"sweep job #{number} ({values}): {describe_error(err)}; no job has run")
+        HydraConfig.instance().set_config(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from kasa.analysis.sweep import summarize_sweep
 
         path = summarize_sweep(Path(config.hydra.sweep.dir))
         log.info("sweep summary: %s", path)
+        if FAILED_SWEEP_JOBS:
+            from kasa.training.signals import resume_command
+
+            shown = "; ".join(FAILED_SWEEP_JOBS[:3]) + ("; ..." if len(FAILED_SWEEP_JOBS) > 3 else "")
+            fail(f"{len(FAILED_SWEEP_JOBS)} sweep job(s) failed ({shown}): fix the cause, then continue the sweep "
+                 f"(its finished jobs are kept) with: {resume_command(sys.argv, Path(config.hydra.sweep.dir), sweep=True)}")
 
 
 def _prepare_multiprocess_launch(argv: list[str]) -> None:
@@ -95,5 +160,7 @@ def _hydra_main() -> None:
                          "hydra.run.dir") from err
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m kasa.cli.train: run the imported module, where the sweep callback (named by
+    from kasa.cli.train import main as imported_main  # its import path) looks for the failed jobs
+
+    imported_main()

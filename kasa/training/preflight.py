@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kasa.config import RunConfig
+from kasa.config import RunConfig, is_bookkeeping
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     CONFIG_FILE,
@@ -37,11 +37,6 @@ CPU_PARAMETER_LIMIT = 500_000_000
 a 7B model's truncation and steps would take hours to days on a CPU."""
 
 PRECISIONS = ("no", "fp16", "bf16")
-
-RESUME_IGNORED = ("resume", "overwrite", "resume_allow_changes", OVERRIDES_KEY, "output_dir", "logging",
-                  "trainer.save_every", "trainer.keep_checkpoints", "trainer.allow_cpu", "method.svd_cache_dir")
-"""Settings that may change between a run and its resumption: they do not change what the run computes (where it
-lives, how often it saves, the progress display, the decomposition cache)."""
 
 
 def _at_least(minimum: float, optional: bool = False) -> Callable[[Any], bool]:
@@ -195,12 +190,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings whose value differs between a run's saved config and the one resuming it: {key: (saved, now)}.
-    RESUME_IGNORED settings (and anything under them) may differ; settings the saved config does not have (added to
-    kasa since the run was saved) are not differences."""
+    Bookkeeping settings (kasa.config.BOOKKEEPING_SETTINGS) and the recorded overrides may differ; settings the saved
+    config does not have (added to kasa since the run was saved) are not differences."""
     old, new = _flatten(saved), _flatten(current)
-    ignored = tuple(RESUME_IGNORED)
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() & new.keys())
-            if old.get(key) != new.get(key) and not any(key == i or key.startswith(f"{i}.") for i in ignored)}
+            if old.get(key) != new.get(key) and not is_bookkeeping(key) and key.split(".")[0] != OVERRIDES_KEY}
 
 
 def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:

@@ -84,16 +84,19 @@ class StopSignals:
         return stop
 
 
-def resume_command(argv: list[str], run_dir: Path) -> str:
-    """The command that continues this run: the same arguments with resume=auto and the run directory pinned."""
+def resume_command(argv: list[str], directory: Path, sweep: bool = False) -> str:
+    """The command that continues a run: the same arguments with resume=auto and its directory pinned. For a
+    --multirun sweep, `directory` is the sweep's, pinned as hydra.sweep.dir (a new time-stamped one would start the
+    sweep over): its finished jobs then stay as they are, an interrupted or failed one continues, the rest start."""
     args = [a for a in argv[1:] if not a.startswith(("resume=", "overwrite="))]
-    if not any(a.startswith("hydra.run.dir=") for a in args):
-        args.append(f"hydra.run.dir={run_dir}")
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    if not any(a.startswith(f"{key}=") for a in args):
+        args.append(f"{key}={directory}")
     return shlex.join(["kasa-train", *args, "resume=auto"])
 
 
-def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path) -> str:
+def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path, sweep_dir: Path | None = None) -> str:
     name = signal.Signals(err.signum).name
     where = ("before training started (nothing new to save)" if err.checkpoint is None
              else f"at step {err.step}: checkpoint saved in {err.checkpoint}")
-    return f"stopped by {name} {where}; continue with: {resume_command(argv, run_dir)}"
+    return f"stopped by {name} {where}; continue with: {resume_command(argv, sweep_dir or run_dir, sweep_dir is not None)}"
