@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from cli_helpers import tiny_run_config
-from kasa.training.trackers import check_trackers, hyperparameters
+from kasa.training.trackers import check_trackers, hyperparameters, start_trackers
 
 SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",
            "OPENAI_API_KEY": "sk-tracker-test-secret", "MLFLOW_TRACKING_TOKEN": "mlflow-secret-token"}
@@ -24,6 +24,18 @@ def test_unknown_or_missing_tracker_is_refused_at_start() -> None:
 def test_hyperparameters_are_flat_scalars() -> None:
     flat = hyperparameters({"method": {"beta": 1e-4, "target_modules": ["q", "v"], "truncation_rank": None}})
     assert flat == {"method.beta": 1e-4, "method.target_modules": '["q", "v"]', "method.truncation_rank": "null"}
+
+
+def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
+    refused = type("MlflowException", (Exception,), {"__module__": "mlflow.exceptions"})
+
+    class Accelerator:  # what accelerate's init_trackers raises when MLflow refuses its store
+        def init_trackers(self, *args, **kwargs):
+            raise refused("The filesystem tracking backend is in maintenance mode\nsee the docs")
+
+    with pytest.raises(ValueError, match=r"^cannot start the mlflow tracker of logging.trackers \(The filesystem "
+                       r"tracking backend is in maintenance mode\): .*leave it out of logging.trackers$"):
+        start_trackers(Accelerator(), ["tensorboard", "mlflow"], {"task": {"name": "demo"}}, tmp_path)
 
 
 @pytest.mark.slow  # the W&B service and MLflow's database take a while to start

@@ -54,4 +54,11 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
     init_kwargs: dict[str, dict[str, Any]] = {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}}
     if "WANDB_DIR" not in os.environ:  # beside the run's other files
         init_kwargs["wandb"]["dir"] = str(out)
-    accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs)
+    except Exception as err:  # the tracker's own error: a store it refuses, no login, a server it cannot reach
+        package = type(err).__module__.split(".")[0]
+        name = next((n for n in names if PACKAGES[n] == package), "a")
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot start the {name} tracker of logging.trackers ({message}): fix its settings (its "
+                         "environment variables), or leave it out of logging.trackers") from err
