@@ -217,6 +217,24 @@ def test_cache_hit_skips_decomposition(tmp_path, monkeypatch):
         singular_components(w, 4, "smallest")
 
 
+def test_a_damaged_or_unwritable_cache_never_stops_a_run(tmp_path, caplog, monkeypatch):
+    w = torch.randn(30, 45)
+    expected = singular_components(w, 4, "smallest")
+    singular_components(w, 4, "smallest", cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("*.safetensors")
+    cached.write_bytes(cached.read_bytes()[:40])  # truncated, as by a copy cut short
+    again = singular_components(w, 4, "smallest", cache_dir=tmp_path)
+    assert torch.equal(again.s, expected.s) and "ignoring the unreadable cached decomposition" in caplog.text
+    assert torch.equal(singular_components(w, 4, "smallest", cache_dir=tmp_path).u, expected.u)  # written again
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(truncation, "_cache_write_failed", False)
+    for rank in (3, 5):
+        singular_components(w, rank, "smallest", cache_dir=not_a_folder / "svd")
+    assert caplog.text.count("cannot write the decomposition cache") == 1  # said once, and the run goes on
+
+
 def test_cache_keys_distinguish_rank_which_method_weight(tmp_path, count_gram):
     w = torch.randn(30, 45)
     singular_components(w, 4, "smallest", cache_dir=tmp_path)

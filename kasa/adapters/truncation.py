@@ -21,6 +21,7 @@ activation basis, the hash of C and the damping, so that the runs of a sweep pay
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from kasa.adapters.calibration import InputMoments
 from kasa.run_dir import write_atomically
+
+log = logging.getLogger(__name__)
+_cache_write_failed = False  # said once per process, not once per weight
 
 Which = Literal["smallest", "largest"]
 METHODS = ("gram", "svd")
@@ -87,9 +91,9 @@ def singular_components(
     if cache_dir is not None:
         basis = "weight" if moments is None else f"activation|{moments.digest()}|{damping!r}"
         cache_file = Path(cache_dir) / f"{_cache_key(weight, rank, which, method, basis)}.safetensors"
-        if cache_file.is_file():
-            cached = load_file(str(cache_file), device=str(weight.device))
-            return Components(cached["u"], cached["s"], cached["v"])
+        cached = _read_cache(cache_file, weight.device)
+        if cached is not None:
+            return cached
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,11 +110,36 @@ def singular_components(
     out = Components(*(t.to(device=weight.device, dtype=torch.float32).contiguous() for t in comps))
 
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"u": out.u.cpu(), "s": out.s.cpu(), "v": out.v.cpu()}
-        # atomic: concurrent sweep jobs never read a half-written file
-        write_atomically(cache_file, lambda tmp: save_file(tensors, str(tmp)))
+        _write_cache(cache_file, out)
     return out
+
+
+def _read_cache(cache_file: Path, device: torch.device) -> Components | None:
+    """A cached decomposition, or None: none cached, or a file that does not read back (it is then recomputed and
+    written again; the cache only saves time, it never stops a run)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        cached = load_file(str(cache_file), device=str(device))
+        return Components(cached["u"], cached["s"], cached["v"])
+    except Exception as err:  # safetensors' own error, a missing tensor, an unreadable file
+        log.warning("ignoring the unreadable cached decomposition %s (%s): computing it again", cache_file, err)
+        return None
+
+
+def _write_cache(cache_file: Path, components: Components) -> None:
+    """Write one decomposition into the cache, atomically (concurrent sweep jobs never read a half-written file). A
+    cache that cannot be written (read-only, over quota, full) is said once, and the run goes on without it."""
+    global _cache_write_failed
+    tensors = {"u": components.u.cpu(), "s": components.s.cpu(), "v": components.v.cpu()}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cache_file, lambda tmp: save_file(tensors, str(tmp)))
+    except OSError as err:
+        if not _cache_write_failed:
+            log.warning("cannot write the decomposition cache in %s (%s): going on without it (method.svd_cache_dir="
+                        "null switches it off)", cache_file.parent, err.strerror or err)
+        _cache_write_failed = True
 
 
 def _decompose(w: torch.Tensor, rank: int, which: Which, method: str) -> tuple[torch.Tensor, ...]:
