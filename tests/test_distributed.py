@@ -178,6 +178,8 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine, base):
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert (two / ".hydra" / "overrides.yaml").is_file()  # written by kasa on the main process
+    if engine == "multi_gpu" and base == "float":
+        _resume_on_one_process(two, tmp_path, single, env, a)
     if not engine.startswith("deepspeed"):
         return
 
@@ -194,6 +196,36 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine, base):
     c = load_file(str(resumed / "checkpoints" / "last" / "adapter_model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b), "the resumed run ended with another adapter"
     assert (resumed / "metrics.jsonl").read_text() == (two / "metrics.jsonl").read_text()
+
+
+def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], env: dict, one_adapter: dict) -> None:
+    """The 2-process run, stopped after its mid-epoch checkpoint of step 6, continued by one process: refused while
+    a step would train on other examples (4 instead of 8), then, with grad_accum=2 keeping 8 examples a step, it ends
+    with the adapter of the 1-process run."""
+    resumed = tmp_path / "resumed-on-one"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000008")
+    (resumed / "summary.json").unlink()
+    before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file() and p.name != ".kasa.lock"}
+    command = [*[a for a in single if not a.startswith("hydra.run.dir=")], f"hydra.run.dir={resumed}",
+               "trainer.batch_size=4", "resume=auto"]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint ") and (
+        "written by 2 process(es) x trainer.batch_size=4 x trainer.grad_accum=1 = 8 examples per optimiser step; "
+        "this launch has 1 process(es) and would take 4: resume on 2 process(es), or keep 8 examples per step "
+        "(trainer.batch_size=8 with resume_allow_changes=true)") in refused.stderr
+    assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file() and p.name != ".kasa.lock"} == before
+
+    log = tmp_path / "resumed-on-one.log"
+    _finish(_start([*command, "trainer.grad_accum=2", "resume_allow_changes=true"], env, log),
+            time.monotonic() + TIMEOUT, log)
+    assert "step 6" in log.read_text()
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
+    c = load_file(str(resumed / "checkpoints" / "last" / "adapter_model.safetensors"))
+    worst = max((one_adapter[k] - c[k]).abs().max().item() for k in one_adapter)
+    assert worst <= DDP_TOL, f"resumed on one process, the adapter differs by {worst:.3g}"
 
 
 @pytest.mark.parametrize("env, argv, expected", [

@@ -166,3 +166,36 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tiny_model, sentimen
     assert last.startswith("error: loss became") and "at step" in last
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert saved, "the checkpoints written before the NaN are kept"
+
+
+def _checkpoint_of(tmp_path: Path, **state) -> Path:
+    from kasa.run_dir import STATE_FILE
+    from kasa.training.checkpoint import TrainState
+
+    directory = tmp_path / "step-00000006"
+    directory.mkdir(parents=True)
+    (directory / STATE_FILE).write_text(json.dumps(TrainState(**state).to_json()))
+    return directory
+
+
+def test_a_resume_on_another_batch_layout_continues_only_on_the_same_examples(tmp_path):
+    """Mid-epoch (2 micro-batches of 2 processes x 4 done): another layout continues where its steps take the same 8
+    examples (the 2-process case runs in tests/test_distributed.py) and counts the epoch's micro-batches in its own."""
+    from kasa.training.checkpoint import TrainState, check_batch_layout
+
+    saved = dict(step=6, batches_in_epoch=2, processes=2, batch_size=4, grad_accum=1)
+    checkpoint = _checkpoint_of(tmp_path, **saved)
+    for layout in ((2, 4, 1), (1, 8, 1), (1, 4, 2), (4, 2, 1), (1, 2, 4)):
+        check_batch_layout(checkpoint, *layout)
+        state = TrainState(**saved)
+        state.continue_with(*layout)
+        assert state.batches_in_epoch * layout[0] * layout[1] == 16 and state.processes == layout[0]
+    with pytest.raises(ValueError, match="this launch has 1 process.* would take 4: resume on 2 process.*"
+                                         r"\(trainer.batch_size=8 with resume_allow_changes=true\)"):
+        check_batch_layout(checkpoint, 1, 4, 1)
+    with pytest.raises(ValueError, match="stopped 16 examples into an epoch.*steps of 12 examples cannot continue"):
+        check_batch_layout(checkpoint, 2, 6, 1)  # the same processes, a larger batch (resume_allow_changes=true)
+    with pytest.raises(ValueError, match="stopped 16 examples into an epoch"):  # grouped by length, the batch
+        check_batch_layout(checkpoint, 1, 8, 1, grouped_by_length=True)  # size orders the data
+    check_batch_layout(checkpoint, 1, 4, 2, grouped_by_length=True)
+    check_batch_layout(_checkpoint_of(tmp_path / "old", step=6, batches_in_epoch=2), 1, 4, 1)  # no layout recorded

@@ -60,13 +60,26 @@ class TrainState:
     metrics_size: int = 0
     regularization_size: int = 0
     pending_evaluation: int | None = None  # an epoch trained but not evaluated (its evaluation failed): resume runs it
+    # The batch layout that wrote the checkpoint (None in checkpoints from before it was recorded): a resume on
+    # another number of processes continues only where each optimiser step still trains on the same examples.
+    processes: int | None = None
+    batch_size: int | None = None  # per process
+    grad_accum: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("last", "pending_evaluation"):  # absent when unset, as runs wrote it before these existed
-            if data[key] is None:
+        for key in ("last", "pending_evaluation", "processes", "batch_size", "grad_accum"):
+            if data[key] is None:  # absent when unset, as runs wrote it before these existed
                 del data[key]
         return data
+
+    def continue_with(self, processes: int, batch_size: int, grad_accum: int) -> None:
+        """Take up the run under this batch layout: the micro-batches of the epoch done so far are counted in the
+        new layout's (`check_batch_layout` made sure they divide), and the layout is what the next save records."""
+        if self.processes is not None:
+            examples = self.batches_in_epoch * self.batch_size * self.processes
+            self.batches_in_epoch = examples // (batch_size * processes)
+        self.processes, self.batch_size, self.grad_accum = processes, batch_size, grad_accum
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrainState":
@@ -216,6 +229,34 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
     return TrainState.from_json(json.loads((directory / STATE_FILE).read_text()))
+
+
+def check_batch_layout(directory: Path, processes: int, batch_size: int, grad_accum: int,
+                       grouped_by_length: bool = False) -> None:
+    """Before anything loads: resuming `directory` with this many processes, trainer.batch_size and grad_accum
+    continues the run exactly only if every optimiser step trains on as many examples as before (the data order is
+    the same permutation of the examples whatever the layout, unless batches are grouped by length, whose order
+    follows the batch size), and the epoch's examples done so far end on a step of the new layout. A changed number
+    of processes is not a setting, so this is the only check that catches it."""
+    saved = TrainState.from_json(json.loads((directory / STATE_FILE).read_text()))
+    if saved.processes is None or (saved.processes, saved.batch_size, saved.grad_accum) == (
+            processes, batch_size, grad_accum):
+        return
+    before = saved.processes * saved.batch_size * saved.grad_accum
+    now = processes * batch_size * grad_accum
+    layout = (f"{saved.processes} process(es) x trainer.batch_size={saved.batch_size} x trainer.grad_accum="
+              f"{saved.grad_accum} = {before} examples per optimiser step")
+    if saved.processes != processes and before != now:
+        hint = (f" (trainer.batch_size={before // (processes * grad_accum)} with resume_allow_changes=true)"
+                if before % (processes * grad_accum) == 0 else "")
+        raise ValueError(f"checkpoint {directory} was written by {layout}; this launch has {processes} process(es) "
+                         f"and would take {now}: resume on {saved.processes} process(es), or keep {before} examples "
+                         f"per step{hint}")
+    done = saved.batches_in_epoch * saved.batch_size * saved.processes
+    if done % now or (done and grouped_by_length and batch_size != saved.batch_size):
+        raise ValueError(f"checkpoint {directory} stopped {done} examples into an epoch, written by {layout}; "
+                         f"steps of {now} examples cannot continue from there: resume with that layout, or from "
+                         "an end-of-epoch checkpoint")
 
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:

@@ -52,6 +52,7 @@ from kasa.tasks import build_task
 from kasa.training.checkpoint import (
     MetricsLog,
     TrainState,
+    check_batch_layout,
     epoch_batches,
     load_resumable_weights,
     prune_checkpoints,
@@ -158,6 +159,8 @@ class TrainingRecipe:
         self.module_log = MetricsLog(self.out / REGULARIZATION_FILE, enabled=self.main)
         if self.resume_from is not None:
             self.resume(self.resume_from)
+        trainer = self.cfg.trainer
+        self.state.continue_with(self.accelerator.num_processes, trainer.batch_size, trainer.grad_accum)
         if self.main:  # only now: a resume that does not fit must leave the run's files as they were
             self.write_record()
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
@@ -170,6 +173,10 @@ class TrainingRecipe:
         check_config_values(self.cfg)
         self.lock = RunLock(self.out).acquire() if self.main else None
         self.start: RunStart = check_run_start(self.cfg, self.out, self.resolved_config, self.console.print)
+        if self.start.resume_from is not None:
+            trainer = self.cfg.trainer
+            check_batch_layout(self.start.resume_from, self.accelerator.num_processes, trainer.batch_size,
+                               trainer.grad_accum, trainer.group_by_length)
         if self.main and self.start.finished_summary is None:
             clean_partial_writes(self.out)
             self.console.print(f"run directory: {self.out}")
