@@ -122,8 +122,9 @@ class SweepCallback(Callback):
             from kasa.training.signals import resume_command
 
             shown = "; ".join(FAILED_SWEEP_JOBS[:3]) + ("; ..." if len(FAILED_SWEEP_JOBS) > 3 else "")
+            command = resume_command(sys.argv, Path(config.hydra.sweep.dir), sweep=True)
             fail(f"{len(FAILED_SWEEP_JOBS)} sweep job(s) failed ({shown}): fix the cause, then continue the sweep "
-                 f"(its finished jobs are kept) with: {resume_command(sys.argv, Path(config.hydra.sweep.dir), sweep=True)}")
+                 f"(its finished jobs are kept) with: {command}")
 
 
 def _prepare_multiprocess_launch(argv: list[str]) -> None:

@@ -95,7 +95,8 @@ def resume_command(argv: list[str], directory: Path, sweep: bool = False) -> str
     return shlex.join(["kasa-train", *args, "resume=auto"])
 
 
-def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path, sweep_dir: Path | None = None) -> str:
+def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path,
+                        sweep_dir: Path | None = None) -> str:
     name = signal.Signals(err.signum).name
     where = ("before training started (nothing new to save)" if err.checkpoint is None
              else f"at step {err.step}: checkpoint saved in {err.checkpoint}")
