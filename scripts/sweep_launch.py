@@ -17,9 +17,12 @@ Every `key=v1,v2,...` argument is a sweep axis (commas inside [...], {...}, (...
 the axes in the order given, the last one varying fastest (the order of Hydra's multirun), and job i runs with
 `hydra.run.dir=<sweep dir>/<i>`. Written into the sweep directory: sweep_jobs.json (each job's overrides, command,
 exit status and seconds, updated as jobs finish) and, from kasa.analysis.sweep.summarize_sweep, sweep_summary.md,
-sweep_summary.csv and the beta x gamma heatmap. A job whose folder already holds summary.json is skipped, so an
-interrupted sweep continues where it stopped when run again with the same --sweep-dir. A failed job is reported and
-the sweep goes on (--stop-on-error to stop); the exit status is 1 if any job failed.
+sweep_summary.csv and the beta x gamma heatmap. Every job's config is checked before the first job starts (a bad
+value in the last combination stops the sweep at once, exit status 2, with nothing written). A job whose folder
+already holds summary.json is skipped, and every job runs with resume=auto (unless resume= or overwrite= is given),
+so a sweep run again with the same --sweep-dir continues where it stopped: an interrupted or failed job from its last
+checkpoint, the jobs not yet started from scratch. A failed job is reported and the sweep goes on (--stop-on-error
+to stop); the exit status is 1 if any job failed.
 """
 
 from __future__ import annotations
@@ -84,6 +87,19 @@ def build_grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     return fixed, jobs
 
 
+def check_jobs(fixed: list[str], jobs: list[list[str]]) -> None:
+    """Compose and check every job's config as kasa-train does before it loads anything: the first job that would
+    fail is a ValueError naming it, before any job has run."""
+    from kasa.cli.common import USER_ERRORS, compose_run, describe_error
+    from kasa.training.preflight import check_config_values
+
+    for i, job in enumerate(jobs):
+        try:
+            check_config_values(compose_run([*fixed, *job]))
+        except USER_ERRORS as err:
+            raise ValueError(f"job {i} ({' '.join(job) or 'no axis'}): {describe_error(err)}; no job has run") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python scripts/sweep_launch.py",
@@ -112,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sweep_dir = args.sweep_dir or Path("runs/sweeps") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     sweep_dir = sweep_dir.absolute()
-    commands = [launcher + fixed + job + [f"hydra.run.dir={sweep_dir / str(i)}"] for i, job in enumerate(jobs)]
+    try:
+        check_jobs(fixed, jobs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    starting = [] if any(o.startswith(("resume=", "overwrite=")) for o in fixed + sum(jobs, [])) else ["resume=auto"]
+    commands = [launcher + fixed + job + starting + [f"hydra.run.dir={sweep_dir / str(i)}"]
+                for i, job in enumerate(jobs)]
     if args.dry_run:
         for command in commands:
             print(shlex.join(command))

@@ -543,6 +543,16 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished, skipped") == 2
 
+    (sweep_dir / "1" / "summary.json").unlink()  # job 1 as if stopped after its last checkpoint: it continues
+    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished, skipped") == 1 and "resumed from" in again.stdout + again.stderr
+    assert (sweep_dir / "1" / "summary.json").is_file()
+
+    bad = subprocess.run([*args[:-1], "method.beta=1e-4,-1"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: job 1 (method.beta=-1): beta must be >= 0, got -1.0: use 0 to switch the term off; no job has run")
+
 
 def _chunked_loss_body(rank: int, head_unit: bool) -> dict:
     """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward); with
