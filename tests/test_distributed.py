@@ -38,7 +38,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import ENV, WORDS, write_sentiment_data
+from cli_helpers import ENV, WORDS, run_cli, write_sentiment_data
 from lm_loss_worker import STEPS, loss_inputs, optimizer, tiny_kasa_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], env: di
     before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file() and p.name != ".kasa.lock"}
     command = [*[a for a in single if not a.startswith("hydra.run.dir=")], f"hydra.run.dir={resumed}",
                "trainer.batch_size=4", "resume=auto"]
-    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    refused = run_cli("kasa.cli.train", *command[3:])  # in this process: refused before anything loads
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint ") and (
         "written by 2 process(es) x trainer.batch_size=4 x trainer.grad_accum=1 = 8 examples per optimiser step; "
@@ -512,7 +512,8 @@ def test_sweep_grid_splits_only_top_level_commas():
             sweep.build_grid(bad)
 
 
-def test_sweep_launch_runs_each_job_and_summarizes(tmp_path):
+def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capsys):
+    sweep = _sweep_module()
     model = make_deterministic_bert(tmp_path / "model")
     data = write_sentiment_data(tmp_path / "data")
     sweep_dir = tmp_path / "sweep"
@@ -549,8 +550,8 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path):
     assert again.stdout.count("already finished, skipped") == 1 and "resumed from" in again.stdout + again.stderr
     assert (sweep_dir / "1" / "summary.json").is_file()
 
-    bad = subprocess.run([*args[:-1], "method.beta=1e-4,-1"], capture_output=True, text=True, env=ENV, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+    assert sweep.main([*args[2:-1], "method.beta=1e-4,-1"]) == 2  # checked before any launch
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: job 1 (method.beta=-1): beta must be >= 0, got -1.0: use 0 to switch the term off; no job has run")
 
 
