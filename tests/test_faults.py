@@ -175,9 +175,35 @@ def test_large_model_without_gpu_needs_the_override(tmp_path, monkeypatch):
     cfg.task = replace(cfg.task, kind="instruction")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"6\.\d\dB parameters and no GPU.*trainer.allow_cpu=true"):
-        preflight.check_model_size(cfg)
+        preflight.check_model(cfg)
     cfg.trainer = replace(cfg.trainer, allow_cpu=True)
-    preflight.check_model_size(cfg)
+    cfg.method = replace(cfg.method, target_modules=["q_proj", "v_proj"], trainable_modules=[])
+    preflight.check_model(cfg)
+
+
+def test_targets_and_ranks_are_checked_on_the_architecture_before_any_weight_loads(tmp_path):
+    """The folder holds config.json and no weights: what fails is the method against the layers, from the
+    architecture alone (it would otherwise fail after the download and the load)."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "llama"
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=100).save_pretrained(folder)
+    cfg = RunConfig()
+    cfg.model = replace(cfg.model, path=str(folder))
+    cfg.task = replace(cfg.task, kind="instruction")
+    cfg.method = replace(cfg.method, target_modules=["q_prj"], trainable_modules=[])
+    with pytest.raises(ValueError, match=r"no module matches target_modules \['q_prj'\]; linear layers in this "
+                                         r"model: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
+        preflight.check_model(cfg)
+    cfg.method = replace(cfg.method, target_modules=["k_proj"], rank=64)
+    with pytest.raises(ValueError, match=r"rank 64 .* must be < min\(n, m\) = 64 for 'model.layers.0.self_attn.k_proj"):
+        preflight.check_model(cfg)
+    cfg.method = replace(cfg.method, rank=8, trainable_modules=["score"])
+    with pytest.raises(ValueError, match="trainable module 'score' not found"):
+        preflight.check_model(cfg)
+    cfg.method = replace(cfg.method, trainable_modules=[])
+    preflight.check_model(cfg)
 
 
 def test_resume_config_differences(tmp_path):

@@ -181,7 +181,7 @@ def _checkpoint_of(tmp_path: Path, **state) -> Path:
 def test_a_resume_on_another_batch_layout_continues_only_on_the_same_examples(tmp_path):
     """Mid-epoch (2 micro-batches of 2 processes x 4 done): another layout continues where its steps take the same 8
     examples (the 2-process case runs in tests/test_distributed.py) and counts the epoch's micro-batches in its own."""
-    from kasa.training.checkpoint import TrainState, check_batch_layout
+    from kasa.training.checkpoint import DEEPSPEED_DIR, TrainState, check_batch_layout
 
     saved = dict(step=6, batches_in_epoch=2, processes=2, batch_size=4, grad_accum=1)
     checkpoint = _checkpoint_of(tmp_path, **saved)
@@ -199,3 +199,7 @@ def test_a_resume_on_another_batch_layout_continues_only_on_the_same_examples(tm
         check_batch_layout(checkpoint, 1, 8, 1, grouped_by_length=True)  # size orders the data
     check_batch_layout(checkpoint, 1, 4, 2, grouped_by_length=True)
     check_batch_layout(_checkpoint_of(tmp_path / "old", step=6, batches_in_epoch=2), 1, 4, 1)  # no layout recorded
+    (checkpoint / DEEPSPEED_DIR).mkdir()  # ZeRO's partitions, one per process
+    with pytest.raises(ValueError, match="one partition per process, for 2 process.*: resume it on 2 process"):
+        check_batch_layout(checkpoint, 1, 8, 1)
+    check_batch_layout(checkpoint, 2, 4, 1)

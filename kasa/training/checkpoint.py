@@ -242,6 +242,9 @@ def check_batch_layout(directory: Path, processes: int, batch_size: int, grad_ac
     if saved.processes is None or (saved.processes, saved.batch_size, saved.grad_accum) == (
             processes, batch_size, grad_accum):
         return
+    if saved.processes != processes and (directory / DEEPSPEED_DIR).is_dir():
+        raise ValueError(f"checkpoint {directory} holds DeepSpeed's optimizer state in one partition per process, "
+                         f"for {saved.processes} process(es): resume it on {saved.processes} process(es)")
     before = saved.processes * saved.batch_size * saved.grad_accum
     now = processes * batch_size * grad_accum
     layout = (f"{saved.processes} process(es) x trainer.batch_size={saved.batch_size} x trainer.grad_accum="

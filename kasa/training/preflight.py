@@ -6,7 +6,8 @@ and the fix; the command line turns it into `error: ...` and exit status 2.
   that this machine has (`check_config_values`);
 - the output folder: a directory we can create and write in (`check_output_dir`);
 - the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
-- a large model with no GPU: stop unless `trainer.allow_cpu=true` (`check_model_size`);
+- the model's architecture (no weights): a large model with no GPU stops unless `trainer.allow_cpu=true`, and the
+  method's targets and ranks must fit its layers (`check_model`);
 - resuming with settings that differ from the run's saved config (`config_differences`);
 - what the run directory holds: a finished run is never touched unless `overwrite=true` (`find_resume`).
 `check_config_values` runs first, before the run directory is created or locked, so that a refused value leaves
@@ -141,9 +142,9 @@ def check_resume_checkpoint(directory: Path) -> None:
     refuse_non_finite(tensors, directory / ADAPTER_WEIGHTS_FILE)
 
 
-def _parameter_count(cfg: RunConfig) -> int | None:
-    """Parameters of the base model from its config alone (built on the meta device: no weights, no memory), or None
-    when that cannot be known cheaply (the loader then reports any problem itself)."""
+def _meta_model(cfg: RunConfig) -> Any:
+    """The base model from its architecture alone, built on the meta device (no weights, no memory), or None when
+    that cannot be known cheaply (the loader then reports any problem itself)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto.auto_factory import _get_model_class
@@ -155,28 +156,37 @@ def _parameter_count(cfg: RunConfig) -> int | None:
         kwargs["gguf_file"] = cfg.model.gguf_file
     try:
         config = AutoConfig.from_pretrained(model_source(cfg.model), **kwargs)
-        factory = AutoModelForSequenceClassification if cfg.task.kind == "glue" else AutoModelForCausalLM
+        factory = AutoModelForCausalLM
+        if cfg.task.kind == "glue":
+            config.num_labels, factory = max(cfg.task.num_labels, 1), AutoModelForSequenceClassification
         # The class itself, not from_config: under a DeepSpeed ZeRO-3 launch from_config partitions the model
         # with a collective that the other processes, which do not run this check, would never join.
         model_class = _get_model_class(config, factory._model_mapping)
         with torch.device("meta"):
-            model = model_class(config)
-    except Exception:  # noqa: BLE001 (an estimate only: loading the model itself gives the real error)
+            return model_class(config)
+    except Exception:  # noqa: BLE001 (a check only: loading the model itself gives the real error)
         return None
-    return sum(p.numel() for p in model.parameters())
 
 
-def check_model_size(cfg: RunConfig) -> None:
-    """Without a GPU, a model above CPU_PARAMETER_LIMIT parameters stops here unless `trainer.allow_cpu=true`."""
+def check_model(cfg: RunConfig) -> None:
+    """The run against the model's architecture, before any weight downloads or loads: without a GPU, a model above
+    CPU_PARAMETER_LIMIT parameters stops unless `trainer.allow_cpu=true`; and the method goes into the meta model
+    by the same code as into the real one, so that a target that matches nothing, a rank too large for a layer or a
+    trained module that is not there fails now rather than after minutes of loading."""
     import torch
 
-    if cfg.trainer.allow_cpu or torch.cuda.is_available():
+    model = _meta_model(cfg)
+    if model is None:
         return
-    count = _parameter_count(cfg)
-    if count is not None and count > CPU_PARAMETER_LIMIT:
+    count = sum(p.numel() for p in model.parameters())
+    if not (cfg.trainer.allow_cpu or torch.cuda.is_available()) and count > CPU_PARAMETER_LIMIT:
         raise ValueError(f"{cfg.model.path or cfg.model.name} has {count / 1e9:.2f}B parameters and no GPU is visible: "
                          "on a CPU it would take hours to days; run on a GPU, or pass trainer.allow_cpu=true to "
                          "proceed anyway")
+    if not cfg.method.uses_peft:  # PEFT's methods check their targets themselves, on the loaded model
+        from kasa.adapters import apply_adapters
+
+        apply_adapters(model, cfg.method, initialise=False)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -277,5 +287,5 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
         return start
     if start.resume_from is not None and start.resume_from.parent.parent == out:
         start.config_changes = check_resume_config(out / CONFIG_FILE, resolved_config, cfg.resume_allow_changes)
-    check_model_size(cfg)
+    check_model(cfg)
     return start
