@@ -179,7 +179,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine, base):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert (two / ".hydra" / "overrides.yaml").is_file()  # written by kasa on the main process
     if engine == "multi_gpu" and base == "float":
-        _resume_on_one_process(two, tmp_path, single, env, a)
+        _resume_on_one_process(two, tmp_path, single, a)
     if not engine.startswith("deepspeed"):
         return
 
@@ -198,7 +198,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, engine, base):
     assert (resumed / "metrics.jsonl").read_text() == (two / "metrics.jsonl").read_text()
 
 
-def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], env: dict, one_adapter: dict) -> None:
+def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], one_adapter: dict) -> None:
     """The 2-process run, stopped after its mid-epoch checkpoint of step 6, continued by one process: refused while
     a step would train on other examples (4 instead of 8), then, with grad_accum=2 keeping 8 examples a step, it ends
     with the adapter of the 1-process run."""
@@ -217,10 +217,9 @@ def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], env: di
         "(trainer.batch_size=8 with resume_allow_changes=true)") in refused.stderr
     assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file() and p.name != ".kasa.lock"} == before
 
-    log = tmp_path / "resumed-on-one.log"
-    _finish(_start([*command, "trainer.grad_accum=2", "resume_allow_changes=true"], env, log),
-            time.monotonic() + TIMEOUT, log)
-    assert "step 6" in log.read_text()
+    resumed_run = run_cli("kasa.cli.train", *command[3:], "trainer.grad_accum=2", "resume_allow_changes=true")
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    assert "resumed from" in resumed_run.stderr and "step 6" in resumed_run.stderr
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 9))
     c = load_file(str(resumed / "checkpoints" / "last" / "adapter_model.safetensors"))
@@ -512,24 +511,26 @@ def test_sweep_grid_splits_only_top_level_commas():
             sweep.build_grid(bad)
 
 
-def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capsys):
+def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capfd, monkeypatch):
+    """The script runs in this process (its checks and loop), each job in a process of its own."""
     sweep = _sweep_module()
+    for name, value in ENV.items():  # what the jobs inherit
+        monkeypatch.setenv(name, value)
     model = make_deterministic_bert(tmp_path / "model")
     data = write_sentiment_data(tmp_path / "data")
     sweep_dir = tmp_path / "sweep"
     launcher = f"{sys.executable} -m kasa.cli.train"  # stands in for `accelerate launch ... -m kasa.cli.train`
-    args = [sys.executable, str(SWEEP_SCRIPT), "--launcher", launcher, "--sweep-dir", str(sweep_dir),
+    args = ["--launcher", launcher, "--sweep-dir", str(sweep_dir),
             f"model.path={model}", f"task.data_dir={data}", "trainer.epochs=1", "trainer.batch_size=16",
             "trainer.max_length=16", "logging.progress=false", "method.svd_cache_dir=null", "method.rank=2",
             "method.beta=1e-4,1e-3"]
-    dry = subprocess.run([*args[:2], "--dry-run", *args[2:]], capture_output=True, text=True, env=ENV, timeout=120)
-    assert dry.returncode == 0, dry.stderr
-    assert [line.split()[-1] for line in dry.stdout.splitlines()] == [f"hydra.run.dir={sweep_dir / '0'}",
-                                                                      f"hydra.run.dir={sweep_dir / '1'}"]
+    assert sweep.main(["--dry-run", *args]) == 0
+    dry = capfd.readouterr().out.splitlines()
+    assert [line.split()[-2:] for line in dry] == [["resume=auto", f"hydra.run.dir={sweep_dir / '0'}"],
+                                                   ["resume=auto", f"hydra.run.dir={sweep_dir / '1'}"]]
     assert not sweep_dir.exists()
 
-    result = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert sweep.main(args) == 0, capfd.readouterr().err[-4000:]
     jobs = json.loads((sweep_dir / "sweep_jobs.json").read_text())
     assert [(j["job"], j["returncode"]) for j in jobs] == [(0, 0), (1, 0)]
     for index, beta in enumerate(("1e-4", "1e-3")):
@@ -540,18 +541,16 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capsys):
     rows = (sweep_dir / "sweep_summary.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # a header and one setting per beta
 
-    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # finished jobs are skipped
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already finished, skipped") == 2
-
-    (sweep_dir / "1" / "summary.json").unlink()  # job 1 as if stopped after its last checkpoint: it continues
-    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already finished, skipped") == 1 and "resumed from" in again.stdout + again.stderr
+    # Run again with job 1 as if stopped after its last checkpoint: job 0 is skipped, job 1 continues.
+    (sweep_dir / "1" / "summary.json").unlink()
+    capfd.readouterr()
+    assert sweep.main(args) == 0
+    again = capfd.readouterr()
+    assert again.out.count("already finished, skipped") == 1 and "resumed from" in again.out + again.err
     assert (sweep_dir / "1" / "summary.json").is_file()
 
-    assert sweep.main([*args[2:-1], "method.beta=1e-4,-1"]) == 2  # checked before any launch
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert sweep.main([*args[:-1], "method.beta=1e-4,-1"]) == 2  # checked before any launch
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
         "error: job 1 (method.beta=-1): beta must be >= 0, got -1.0: use 0 to switch the term off; no job has run")
 
 
