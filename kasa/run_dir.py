@@ -36,6 +36,8 @@ LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory: kasa.
 # config.json holds the resolved settings and two records that are not settings: the command line's overrides, and
 # the settings that resumes changed (resume_allow_changes=true)
 OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY = "hydra_overrides", "resumed_with_changes"
+SWEEP_JOBS_FILE = "sweep_jobs.json"  # scripts/sweep_launch.py's record of its jobs, in the sweep directory
+SWEEP_RECORDS = ("multirun.yaml", SWEEP_JOBS_FILE)  # what marks a sweep directory (the first is Hydra's)
 HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
 
 

@@ -36,10 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from kasa.run_dir import SUMMARY_FILE, write_json
+from kasa.run_dir import SUMMARY_FILE, SWEEP_JOBS_FILE, write_json
 
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
-JOBS_FILE = "sweep_jobs.json"
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
 
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if (sweep_dir / str(i) / SUMMARY_FILE).is_file():
             print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}: already finished, skipped", flush=True)
             records.append(record | {"returncode": 0, "skipped": True})
-            write_json(sweep_dir / JOBS_FILE, records)
+            write_json(sweep_dir / SWEEP_JOBS_FILE, records)
             continue
         print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}", flush=True)
         start = time.perf_counter()
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot run {launcher[0]!r}: {err}", file=sys.stderr)
             return 2
         records.append(record | {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1)})
-        write_json(sweep_dir / JOBS_FILE, records)
+        write_json(sweep_dir / SWEEP_JOBS_FILE, records)
         if returncode != 0:
             failed += 1
             print(f"job {i} failed with exit status {returncode}: {shlex.join(command)}", file=sys.stderr, flush=True)

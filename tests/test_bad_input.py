@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cli_helpers import make_tiny_bert, run_cli, train_args, write_tsv
+from kasa.run_dir import SWEEP_RECORDS
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -70,6 +71,18 @@ def test_a_refused_value_leaves_nothing_in_the_run_directory(tiny_model, sentime
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), override)
     assert_one_line_error(result, override.split("=")[0])
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@pytest.mark.parametrize("record", SWEEP_RECORDS)
+def test_a_sweeps_folder_is_not_a_run_directory(tiny_model, sentiment_dir, tmp_path, record):
+    """`resume=auto hydra.run.dir=<sweep dir>` trained a run beside the sweep's runs; refused, the folder untouched."""
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0").mkdir(parents=True)
+    (sweep_dir / record).write_text("")
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, sweep_dir), "resume=auto")
+    assert_one_line_error(result, f"hydra.run.dir={sweep_dir} is a sweep's folder ({record})",
+                          f"hydra.sweep.dir={sweep_dir} resume=auto")
+    assert sorted(p.name for p in sweep_dir.iterdir()) == sorted(["0", record])
 
 
 def test_missing_data_dir(tiny_model, tmp_path):

@@ -65,7 +65,7 @@ from kasa.tasks.batching import LengthGroupedSampler
 from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
 from kasa.training.console import Console
 from kasa.tasks.models import load_tokenizer, whole_weights
-from kasa.training.preflight import RunStart, check_config_values, check_run_start
+from kasa.training.preflight import RunStart, check_config_values, check_not_a_sweep, check_run_start
 from kasa.training.run_lock import RunLock
 from kasa.training.signals import StopSignals, TrainingInterrupted
 from kasa.training.trackers import check_trackers, start_trackers
@@ -171,6 +171,7 @@ class TrainingRecipe:
         folder, what it holds, the checkpoint to resume from, the model's size without a GPU), then clean what
         interrupted writes left behind."""
         check_config_values(self.cfg)
+        check_not_a_sweep(self.out)
         self.lock = RunLock(self.out).acquire() if self.main else None
         self.start: RunStart = check_run_start(self.cfg, self.out, self.resolved_config, self.console.print)
         if self.start.resume_from is not None:

@@ -4,14 +4,15 @@ and the fix; the command line turns it into `error: ...` and exit status 2.
 
 - config values: counts >= 1, learning rates > 0, fractions in range, known names, an attention implementation
   that this machine has (`check_config_values`);
-- the output folder: a directory we can create and write in (`check_output_dir`);
+- the output folder: a directory we can create and write in (`check_output_dir`), not a sweep's own folder
+  (`check_not_a_sweep`);
 - the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
 - the model's architecture (no weights): a large model with no GPU stops unless `trainer.allow_cpu=true`, and the
   method's targets and ranks must fit its layers (`check_model`);
 - resuming with settings that differ from the run's saved config (`config_differences`);
 - what the run directory holds: a finished run is never touched unless `overwrite=true` (`find_resume`).
-`check_config_values` runs first, before the run directory is created or locked, so that a refused value leaves
-nothing on disk; `check_run_start` runs the others, in that order, and says how the run starts."""
+`check_config_values` and `check_not_a_sweep` run first, before the run directory is created or locked, so that a
+refusal leaves nothing on disk; `check_run_start` runs the others, in that order, and says how the run starts."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from kasa.run_dir import (
     OVERRIDES_KEY,
     STATE_FILE,
     SUMMARY_FILE,
+    SWEEP_RECORDS,
     read_config,
 )
 
@@ -119,6 +121,16 @@ def check_output_dir(out: Path) -> None:
     except OSError as err:
         raise OSError(err.errno, f"cannot write into hydra.run.dir={out} ({err.strerror}): choose a writable folder "
                       "with hydra.run.dir=<path>") from None
+
+
+def check_not_a_sweep(out: Path) -> None:
+    """A sweep's own folder is not a run directory: its runs are its numbered subfolders, and a run written beside
+    them would mix with them. Checked before the folder is locked, so that it is left as it was."""
+    record = next((out / name for name in SWEEP_RECORDS if (out / name).is_file()), None)
+    if record is not None:
+        raise ValueError(f"hydra.run.dir={out} is a sweep's folder ({record.name}): pass one of its runs (e.g. "
+                         f"hydra.run.dir={out / '0'}), or continue the whole sweep with its command and "
+                         f"hydra.sweep.dir={out} resume=auto")
 
 
 def check_resume_checkpoint(directory: Path) -> None:
