@@ -416,6 +416,22 @@ def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkey
         build_task(cfg).check_evaluation()
 
 
+def test_a_malformed_instruction_row_is_named_by_its_index(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    rows = [dict(row) for row in INSTRUCTION_TRAIN[:2]] * 2
+    rows[2] = {"instruction": "Say hello."}
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "test.json").write_text(json.dumps(INSTRUCTION_TEST))
+    cfg = RunConfig()
+    cfg.task.kind, cfg.task.data_dir, cfg.task.eval_split = "instruction", str(tmp_path), "test"
+    with pytest.raises(DataError, match=r"^split 'train', row 2: example has no string 'output'"):
+        build_task(cfg).train_dataset(AutoTokenizer.from_pretrained(tiny_llama))
+
+
 def test_an_instruction_run_exports_without_the_judges_key(runs, tmp_path):
     """kasa-export refused with the judge's missing key, which it never uses."""
     env = {k: v for k, v in ENV.items() if k != KEY_ENV}

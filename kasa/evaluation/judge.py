@@ -171,8 +171,8 @@ class Judge:
     def __init__(self, config: JudgeConfig) -> None:
         if config.api_key_env is not None and not os.environ.get(config.api_key_env):
             raise JudgeError(
-                f"environment variable {config.api_key_env} holds no API key for {config.url}; set it, or set "
-                "api_key_env to None for a server that needs no key"
+                f"environment variable {config.api_key_env} holds no API key for {config.url}; set it, or pass "
+                "task.judge.api_key_env=null (in Python, JudgeConfig(api_key_env=None)) for a server that needs no key"
             )
         self.config = config
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -27,6 +27,8 @@ from kasa.data.prompts import (
 from kasa.data.sources import load_hub_split, local_split_file
 from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
+
+T = TypeVar("T")
 
 
 class InstructionTask(CausalLMTask):
@@ -65,10 +67,8 @@ class InstructionTask(CausalLMTask):
         self._rows(self.cfg.task.eval_split, 1)  # the evaluation data must be there before training, too
         max_length = self.cfg.trainer.max_length
         rows = self._rows(self.cfg.task.train_split, self.cfg.task.max_train_samples)
-        try:
-            encoded = [format_instruction_example(row, tokenizer, max_length) for row in rows]
-        except ValueError as err:
-            raise DataError(f"split '{self.cfg.task.train_split}': {err}") from None
+        encoded = _each_row(rows, self.cfg.task.train_split,
+                            lambda row: format_instruction_example(row, tokenizer, max_length))
         return training_dataset(encoded, max_length, self.cfg.trainer.packing)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
@@ -77,10 +77,7 @@ class InstructionTask(CausalLMTask):
         if all("turns" in row for row in rows):
             records = self._mt_bench(model, accelerator, tokenizer, rows)
         else:
-            try:
-                prompts = [generation_prompt(row, tokenizer) for row in rows]
-            except ValueError as err:
-                raise DataError(f"split '{split}': {err}") from None
+            prompts = _each_row(rows, split, lambda row: generation_prompt(row, tokenizer))
             outputs = self._generate(model, accelerator, tokenizer, prompts)
             # The paper grades precision, the response against the instruction (figure 7): the reference answer is
             # saved with the responses but not shown to the judge.
@@ -132,3 +129,14 @@ class InstructionTask(CausalLMTask):
         return [{"question_id": row.get("question_id"), "category": row.get("category"), "turns": row["turns"],
                  "reference": row.get("reference"), "responses": row_answers}
                 for row, row_answers in zip(rows, answers)]
+
+
+def _each_row(rows: list[dict[str, Any]], split: str, function: Callable[[dict[str, Any]], T]) -> list[T]:
+    """`function` of every row; a row it refuses is named by its index (counted from 0) in the split."""
+    results = []
+    for index, row in enumerate(rows):
+        try:
+            results.append(function(row))
+        except ValueError as err:
+            raise DataError(f"split '{split}', row {index}: {err}") from None
+    return results
