@@ -164,15 +164,20 @@ def test_weight_files_follow_the_umask(tmp_path):
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
 
 
-def test_large_model_without_gpu_needs_the_override(tmp_path, monkeypatch):
+def _llama_run(folder: Path, **shape) -> RunConfig:
+    """An instruction run on a Llama of this shape whose folder holds its config.json and no weights."""
     from transformers import LlamaConfig
 
-    folder = tmp_path / "big"
-    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                vocab_size=32000).save_pretrained(folder)
+    LlamaConfig(**shape).save_pretrained(folder)
     cfg = RunConfig()
     cfg.model = replace(cfg.model, path=str(folder))
     cfg.task = replace(cfg.task, kind="instruction")
+    return cfg
+
+
+def test_large_model_without_gpu_needs_the_override(tmp_path, monkeypatch):
+    cfg = _llama_run(tmp_path / "big", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, vocab_size=32000)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"6\.\d\dB parameters and no GPU.*trainer.allow_cpu=true"):
         preflight.check_model(cfg)
@@ -184,14 +189,8 @@ def test_large_model_without_gpu_needs_the_override(tmp_path, monkeypatch):
 def test_targets_and_ranks_are_checked_on_the_architecture_before_any_weight_loads(tmp_path):
     """The folder holds config.json and no weights: what fails is the method against the layers, from the
     architecture alone (it would otherwise fail after the download and the load)."""
-    from transformers import LlamaConfig
-
-    folder = tmp_path / "llama"
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=100).save_pretrained(folder)
-    cfg = RunConfig()
-    cfg.model = replace(cfg.model, path=str(folder))
-    cfg.task = replace(cfg.task, kind="instruction")
+    cfg = _llama_run(tmp_path / "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, vocab_size=100)
     cfg.method = replace(cfg.method, target_modules=["q_prj"], trainable_modules=[])
     with pytest.raises(ValueError, match=r"no module matches target_modules \['q_prj'\]; linear layers in this "
                                          r"model: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
