@@ -96,9 +96,12 @@ class SweepCallback(Callback):
             return
         loader = GlobalHydra.instance().config_loader()
         params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-        overrides = OverridesParser.create(config_loader=loader).parse_overrides(
-            [*params, *config.hydra.overrides.task])
-        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        try:  # exit here, as below: Hydra turns a callback's exception into a warning
+            overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+                [*params, *config.hydra.overrides.task])
+            jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        except USER_ERRORS as err:  # a sweep the basic sweeper cannot run, e.g. interval(...)
+            fail(f"{describe_error(err)}: --multirun sweeps lists of values (key=a,b,c), range(...) and choice(...)")
         swept = tuple(f"{o.get_key_element()}=" for o in overrides if o.is_sweep_override())
         for number, job_overrides in enumerate(jobs):
             try:
