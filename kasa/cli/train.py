@@ -80,8 +80,9 @@ def _run(cfg: DictConfig) -> float:
     except USER_ERRORS as err:
         if os.environ.get("KASA_DEBUG"):
             raise
-        print(f"error: {describe_error(err)}", file=sys.stderr)
-        FAILED_SWEEP_JOBS.append(f"{hydra_config.runtime.output_dir}: {describe_error(err)}")
+        message, run_dir = describe_error(err), hydra_config.runtime.output_dir
+        print(f"error: {message}", file=sys.stderr)
+        FAILED_SWEEP_JOBS.append(message if run_dir in message else f"{run_dir}: {message}")
         return math.nan
 
 
