@@ -85,20 +85,25 @@ def loss_share_of(labels: torch.Tensor, max_length: int) -> float:
     return len(loss_columns(labels)) / max_length
 
 
-def _meta_model(cfg, architecture) -> nn.Module:
-    """The run's model with its adapters, on the meta device."""
+def task_auto_class(cfg, architecture) -> type:
+    """The transformers auto class that builds the run's model: for a GLUE task a sequence classifier, whose labels
+    it sets on `architecture`; else a causal LM."""
     import transformers
 
+    if cfg.task.kind == "glue":
+        architecture.num_labels = max(cfg.task.num_labels, 1)
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
+def _meta_model(cfg, architecture) -> nn.Module:
+    """The run's model with its adapters, on the meta device."""
     from kasa.adapters import apply_adapters
     from kasa.tasks.models import DTYPES
 
     dtype = DTYPES[cfg.model.dtype]
     architecture = copy.deepcopy(architecture)
-    if cfg.task.kind == "glue":
-        architecture.num_labels = max(cfg.task.num_labels, 1)
-        factory = transformers.AutoModelForSequenceClassification
-    else:
-        factory = transformers.AutoModelForCausalLM
+    factory = task_auto_class(cfg, architecture)
     with torch.device("meta"):
         model = factory.from_config(architecture, dtype=dtype, attn_implementation="eager"
                                     if getattr(cfg.model, "attn_implementation", "sdpa") == "eager" else "sdpa")

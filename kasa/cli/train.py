@@ -37,7 +37,7 @@ from kasa.cli.common import (
 from kasa.config import resolve, validate
 from kasa.training.preflight import check_config_values
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
 
 log = logging.getLogger(__name__)
 

@@ -154,13 +154,14 @@ def check_resume_checkpoint(directory: Path) -> None:
     refuse_non_finite(tensors, directory / ADAPTER_WEIGHTS_FILE)
 
 
-def _meta_model(cfg: RunConfig) -> Any:
+def _meta_base_model(cfg: RunConfig) -> Any:
     """The base model from its architecture alone, built on the meta device (no weights, no memory), or None when
     that cannot be known cheaply (the loader then reports any problem itself)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
     from transformers.models.auto.auto_factory import _get_model_class
 
+    from kasa.estimate import task_auto_class
     from kasa.tasks.models import hub_options, model_source
 
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code, **hub_options(cfg.model)}
@@ -168,9 +169,7 @@ def _meta_model(cfg: RunConfig) -> Any:
         kwargs["gguf_file"] = cfg.model.gguf_file
     try:
         config = AutoConfig.from_pretrained(model_source(cfg.model), **kwargs)
-        factory = AutoModelForCausalLM
-        if cfg.task.kind == "glue":
-            config.num_labels, factory = max(cfg.task.num_labels, 1), AutoModelForSequenceClassification
+        factory = task_auto_class(cfg, config)
         # The class itself, not from_config: under a DeepSpeed ZeRO-3 launch from_config partitions the model
         # with a collective that the other processes, which do not run this check, would never join.
         model_class = _get_model_class(config, factory._model_mapping)
@@ -187,7 +186,7 @@ def check_model(cfg: RunConfig) -> None:
     trained module that is not there fails now rather than after minutes of loading."""
     import torch
 
-    model = _meta_model(cfg)
+    model = _meta_base_model(cfg)
     if model is None:
         return
     count = sum(p.numel() for p in model.parameters())

@@ -100,4 +100,5 @@ def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path
     name = signal.Signals(err.signum).name
     where = ("before training started (nothing new to save)" if err.checkpoint is None
              else f"at step {err.step}: checkpoint saved in {err.checkpoint}")
-    return f"stopped by {name} {where}; continue with: {resume_command(argv, sweep_dir or run_dir, sweep_dir is not None)}"
+    command = resume_command(argv, sweep_dir or run_dir, sweep=sweep_dir is not None)
+    return f"stopped by {name} {where}; continue with: {command}"
