@@ -6,6 +6,8 @@ checkpoint, and a run's saved config (with overrides, checked against the schema
     <run>/regularization.jsonl    per logging step: each adapted module's L2 and L3 terms
     <run>/summary.json            written once, when the run finishes
     <run>/checkpoints/best/, last/, step-XXXXXXXX/   adapter checkpoints (kasa.training.checkpoint)
+    <run>/evaluations/<checkpoint>-step-XXXXXXXX/    kasa-eval's outputs for a checkpoint that a save replaced
+                                                   while kasa-eval evaluated it
 
 Light on purpose (no torch): kasa-compare, kasa-plot, the sweep summary and scripts/ read runs with it."""
 
@@ -29,6 +31,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
 GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
+EVALUATIONS_DIR = "evaluations"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)
@@ -141,6 +144,32 @@ def find_checkpoint(path: str | Path, which: str = BEST_CHECKPOINT) -> tuple[Pat
             return path / CHECKPOINTS_DIR / name, path
     raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{which}/) or a "
                             f"checkpoint directory holding {ADAPTER_WEIGHTS_FILE}")
+
+
+def checkpoint_version(checkpoint: Path) -> tuple[int, ...] | None:
+    """What tells one save of a checkpoint directory from the next (a live training run replaces best/ and last/ by
+    renaming a new folder into place, and prunes old step-* ones): the folder's inode, and the size and modification
+    time of its weights and its state ((-1, -1) for one it lacks). None once the folder is gone."""
+    try:
+        version = [os.stat(checkpoint).st_ino]
+    except FileNotFoundError:
+        return None
+    for name in (ADAPTER_WEIGHTS_FILE, STATE_FILE):
+        try:
+            stat = os.stat(checkpoint / name)
+            version += [stat.st_size, stat.st_mtime_ns]
+        except FileNotFoundError:
+            version += [-1, -1]
+    return tuple(version)
+
+
+def check_checkpoint_unchanged(checkpoint: Path, version: tuple[int, ...] | None, while_doing: str) -> None:
+    """Refuse what was read from `checkpoint` if a save replaced or removed it meanwhile: its files could come from
+    two different saves."""
+    if version is None or checkpoint_version(checkpoint) != version:
+        raise ValueError(f"{checkpoint} was replaced or removed (by the training run writing it) while {while_doing}: "
+                         "run the command again, or pass a step checkpoint that the run keeps "
+                         f"({CHECKPOINTS_DIR}/step-XXXXXXXX)")
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import pytest
 from safetensors.torch import load_file
 
 from cli_helpers import ENV, checkpointed_args, run_cli
+from kasa.run_dir import write_atomically
+from kasa.tasks.glue import GlueTask
 
 DRIVER = textwrap.dedent(
     """
@@ -152,3 +154,68 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(uninterrupted, t
     # the record is not a setting: the run still evaluates and exports (both refused its config.json before)
     evaluation = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+
+
+def save_over(checkpoint: Path, step: int) -> None:
+    """What a run still training does to checkpoints/best when it finds a better epoch: a new folder renamed in."""
+    def fill(tmp: Path) -> None:
+        shutil.copytree(checkpoint.parent / "last", tmp, dirs_exist_ok=True)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "score": 0.0}))
+
+    write_atomically(checkpoint, fill, directory=True)
+
+
+def test_kasa_eval_keeps_its_outputs_when_the_training_saves_over_its_checkpoint(uninterrupted, tmp_path,
+                                                                                monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    best = run_dir / "checkpoints" / "best"
+    step = json.loads((best / "trainer_state.json").read_text())["step"]
+    evaluate = GlueTask.evaluate
+
+    def evaluate_while_saved_over(self, *args, **kwargs):
+        metrics = evaluate(self, *args, **kwargs)
+        save_over(best, step + 100)
+        return metrics
+
+    monkeypatch.setattr(GlueTask, "evaluate", evaluate_while_saved_over)
+    replaced = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    report = json.loads(replaced.stdout.strip().splitlines()[-1])
+    folder = run_dir / "evaluations" / f"best-step-{step:08d}"
+    assert report["output_dir"] == str(folder) and f"outputs for the checkpoint evaluated (step {step})" in replaced.stderr
+    assert {**json.loads((folder / "eval_validation.json").read_text()), "output_dir": str(folder)} == report
+    assert not list(best.glob("eval_*.json"))  # nothing of it beside the newer save's weights
+
+    monkeypatch.setattr(GlueTask, "evaluate", evaluate)  # a checkpoint left alone gets the outputs, as before
+    kept = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert json.loads(kept.stdout.strip().splitlines()[-1])["output_dir"] == str(best)
+    assert (best / "eval_validation.json").is_file() and "saved over" not in kept.stderr
+
+
+@pytest.mark.parametrize("command, name", [("kasa.cli.evaluate", "kasa-eval"), ("kasa.cli.export", "kasa-export")])
+def test_a_checkpoint_saved_over_while_loading_is_refused(command, name, uninterrupted, tmp_path, monkeypatch):
+    """Its config, weights and state could come from two saves: one error line, nothing written."""
+    import kasa.adapters
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    best = run_dir / "checkpoints" / "best"
+    load_adapter = kasa.adapters.load_adapter
+
+    def load_then_saved_over(model, directory):
+        load_adapter(model, directory)
+        save_over(best, 10**6)
+        return model
+
+    monkeypatch.setattr(kasa.adapters, "load_adapter", load_then_saved_over)
+    output = tmp_path / "exported"
+    extra = [f"output={output}"] if command == "kasa.cli.export" else []
+    refused = run_cli(command, f"checkpoint={run_dir}", *extra)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {best} was replaced or removed (by the training run writing it) while {name} read it: run the "
+        "command again, or pass "
+        "a step checkpoint that the run keeps (checkpoints/step-XXXXXXXX)")
+    assert not output.exists() and not list(run_dir.rglob("eval_*.json"))

@@ -9,23 +9,32 @@ run directory; without `best`, `last`), `split` (default: the run's evaluation s
 evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
 dtype first, as there), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task,
 task.generation.batch_size of a generation task), and any dotted override of the run's saved config
-(model.path=..., task.data_dir=...). Writes eval_<split>.json into the checkpoint directory.
+(model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation task's outputs under generations/,
+into the checkpoint directory; when the training run saved over that checkpoint while it was evaluated (best/ and
+last/ of a run still training), into <run>/evaluations/<checkpoint>-step-XXXXXXXX/ instead.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
 from kasa.run_dir import (
     BEST_CHECKPOINT,
+    EVALUATIONS_DIR,
     GENERATIONS_DIR,
     STATE_FILE,
+    check_checkpoint_unchanged,
+    checkpoint_version,
     find_checkpoint,
     load_run_config,
     read_config,
+    write_atomically,
     write_json,
 )
 
@@ -57,25 +66,59 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     task = build_task(run_cfg)
     task.check_evaluation()
     tokenizer, model = task.load_model()
+    version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
     load_adapter(model, checkpoint)
+    state_file = checkpoint / STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    check_checkpoint_unchanged(checkpoint, version, "kasa-eval read it")
     if merge:  # a 4/8-bit weight cannot hold the update: merge as kasa-export format=merged does, in float
         dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)
-    metrics = task.evaluate(model, accelerator, tokenizer, split, checkpoint / GENERATIONS_DIR)
-    result = {
-        "checkpoint": str(checkpoint),
-        "split": split,
-        "metric": task.metric,
-        "score": main_metric(metrics, task.metric),
-        "metrics": metrics,
-    }
-    state_file = checkpoint / STATE_FILE
-    if state_file.is_file():
-        result["reported_in_training"] = json.loads(state_file.read_text()).get("score")
-    if accelerator.is_main_process:
-        write_json(checkpoint / f"eval_{split}.json", result)
+    with tempfile.TemporaryDirectory(prefix="kasa-eval-") as staging:  # outputs go where they belong at the end
+        metrics = task.evaluate(model, accelerator, tokenizer, split, Path(staging) / GENERATIONS_DIR)
+        result = {
+            "checkpoint": str(checkpoint),
+            "split": split,
+            "metric": task.metric,
+            "score": main_metric(metrics, task.metric),
+            "metrics": metrics,
+        }
+        if "score" in state:
+            result["reported_in_training"] = state["score"]
+        if accelerator.is_main_process:
+            result["output_dir"] = str(place_outputs(checkpoint, run_dir, version, state.get("step"),
+                                                     Path(staging), f"eval_{split}.json", result))
     return result
+
+
+def place_outputs(checkpoint: Path, run_dir: Path, version: tuple[int, ...] | None, step: int | None,
+                  staging: Path, result_name: str, result: dict[str, Any]) -> Path:
+    """Write the result and the staged generation outputs into the checkpoint directory if it is still the save
+    that was evaluated; else (a save replaced it) into <run>/evaluations/<checkpoint>-step-XXXXXXXX/, saying so.
+    Returns the folder written."""
+    names = [path.relative_to(staging) for path in sorted(staging.rglob("*")) if path.is_file()]
+
+    def write_into(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(folder / name, lambda tmp, source=staging / name: shutil.copyfile(source, tmp))
+        write_json(folder / result_name, result)  # last: its presence says the outputs are complete
+
+    if checkpoint_version(checkpoint) == version:
+        write_into(checkpoint)
+        if checkpoint_version(checkpoint) == version:
+            return checkpoint
+        for name in [*names, Path(result_name)]:  # the save came between: what landed in the new folder is not its
+            (checkpoint / name).unlink(missing_ok=True)
+    label = f"{checkpoint.name}-step-{int(step):08d}" if isinstance(step, int) else checkpoint.name
+    folder = (run_dir if run_dir != checkpoint else checkpoint.parent) / EVALUATIONS_DIR / label
+    write_into(folder)
+    print(f"warning: {checkpoint} was saved over while kasa-eval evaluated it (the training run is still writing "
+          f"it): the outputs for the checkpoint evaluated{f' (step {step})' if step is not None else ''} are in "
+          f"{folder}", file=sys.stderr)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,8 @@ from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     BEST_CHECKPOINT,
     STATE_FILE,
+    check_checkpoint_unchanged,
+    checkpoint_version,
     find_checkpoint,
     follow_umask,
     load_run_config,
@@ -109,6 +111,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     if output == checkpoint or output in checkpoint.parents:
         raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")
     run_cfg = load_run_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
+    version = checkpoint_version(checkpoint)  # a run still training may save over it while it is read
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft":
         check_peft_expressible(AdapterConfig.from_dict(meta["config"]), run_cfg.model.quantization)
@@ -142,6 +145,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         "versions": {"kasa": getattr(kasa, "__version__", None), "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
+    check_checkpoint_unchanged(checkpoint, version, "kasa-export read it")  # the record matches the weights
 
     def fill(tmp: Path) -> None:
         if fmt == "merged":
