@@ -131,6 +131,34 @@ def test_merging_is_explicit_and_dequantized() -> None:
     torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_dequantize_growth_is_what_dequantizing_adds() -> None:
+    model = kasa.apply_adapters(marked(build_llama()), kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS))
+    layers = {name: m for name, m in model.named_modules() if quantized.is_quantized_layer(m)}
+    states = [layer.weight.quant_state for layer in layers.values()]
+    stored = sum(layer.weight.data.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes
+                 for layer, state in zip(layers.values(), states))
+    growth = quantized.dequantize_growth(model)
+    kasa.dequantize_base(model)
+    floats = sum(model.get_submodule(name).weight.nbytes for name in layers)
+    assert growth == {torch.device("cpu"): floats - stored}
+
+
+def test_a_merge_that_would_not_fit_the_gpu_is_refused(monkeypatch) -> None:
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * gib, 24 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * gib)
+    model = torch.nn.Linear(2, 2)
+    growth = {torch.device("cuda:0"): 21 * gib, torch.device("cpu"): 100 * gib}  # the CPU's is not checked
+    monkeypatch.setattr(quantized, "dequantize_growth", lambda model: growth)
+    quantized.check_room_to_dequantize(model, "merge=true")  # 21 GiB free: 20 from the driver, 1 cached
+    growth[torch.device("cuda:0")] += gib // 2
+    with pytest.raises(ValueError, match=r"^merge=true turns the quantized base back into float weights on cuda:0, "
+                                         r"which needs 21.5 GiB more than the 21.0 GiB free there: evaluate without "
+                                         r"merge=true"):
+        quantized.check_room_to_dequantize(model, "merge=true")
+
+
 def test_dequantizing_places_the_float_layers_where_asked() -> None:
     """kasa-export dequantizes into CPU memory, whatever device the quantized layers are on (here: the meta device
     stands for another device than the quantized layers')."""

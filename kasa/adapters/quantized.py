@@ -156,11 +156,15 @@ def is_quantized_layer(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and not torch.is_floating_point(weight) and hasattr(module, "in_features")
 
 
+def _compute_dtype(layer: nn.Module) -> torch.dtype:
+    return getattr(layer, "kasa_compute_dtype", None) or getattr(layer, "compute_dtype", None) or torch.float32
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """W (out x in) of a bitsandbytes layer, in its compute dtype."""
     bnb = _bitsandbytes()
     weight = layer.weight
-    dtype = getattr(layer, "kasa_compute_dtype", None) or getattr(layer, "compute_dtype", None) or torch.float32
+    dtype = _compute_dtype(layer)
     if getattr(weight, "quant_state", None) is not None:  # Params4bit
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
     scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB  # Int8Params
@@ -190,6 +194,36 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None,
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
     setattr(model, QUANTIZED_ATTRIBUTE, None)
     return model
+
+
+def dequantize_growth(model: nn.Module) -> dict[torch.device, int]:
+    """Bytes that `dequantize_base` in place adds on each device: the float weights (compute dtype) less the 4/8-bit
+    ones they replace."""
+    growth: dict[torch.device, int] = {}
+    for module in model.modules():
+        if is_quantized_layer(module):
+            quantization = "nf4" if getattr(module.weight, "quant_state", None) is not None else "int8"
+            grows = module.in_features * module.out_features * _compute_dtype(module).itemsize - quantized_bytes(
+                module.out_features, module.in_features, quantization)
+            growth[module.weight.device] = growth.get(module.weight.device, 0) + grows
+    return growth
+
+
+def check_room_to_dequantize(model: nn.Module, what: str) -> None:
+    """Refuse, before it starts, a `dequantize_base` in place whose float weights would not fit the free memory of
+    the GPU holding the quantized layers: one clear line instead of an out-of-memory error halfway through."""
+    for device, grows in dequantize_growth(model).items():
+        if device.type != "cuda":
+            continue
+        # what the driver has free, and what PyTorch's caching allocator holds unused
+        free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+        if grows > free:
+            raise ValueError(f"{what} turns the quantized base back into float weights on {device}, which needs "
+                             f"{grows / 2**30:.1f} GiB more than the {free / 2**30:.1f} GiB free there: evaluate "
+                             "without merge=true (the adapter over the quantized base, as trained), or write the "
+                             "merged model with kasa-export format=merged (in CPU memory) and evaluate that on a "
+                             "larger GPU")
 
 
 def quantized_bytes(out_features: int, in_features: int, quantization: str) -> int:

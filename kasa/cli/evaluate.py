@@ -7,7 +7,7 @@
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
 run directory; without `best`, `last`), `split` (default: the run's evaluation split), `merge` (true | false:
 evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
-dtype first, as there), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task,
+dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task,
 task.generation.batch_size of a generation task), and any dotted override of the run's saved config
 (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation task's outputs under generations/,
 into the checkpoint directory; when the training run saved over that checkpoint while it was evaluated (best/ and
@@ -45,6 +45,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
+    from kasa.adapters.quantized import check_room_to_dequantize
     from kasa.evaluation.metrics import main_metric
     from kasa.tasks import build_task
     from kasa.training.preflight import check_config_values
@@ -72,6 +73,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     check_checkpoint_unchanged(checkpoint, version, "kasa-eval read it")
     if merge:  # a 4/8-bit weight cannot hold the update: merge as kasa-export format=merged does, in float
+        check_room_to_dequantize(model, "merge=true")
         dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)
