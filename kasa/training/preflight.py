@@ -26,6 +26,7 @@ from typing import Any, Callable
 from kasa.config import RunConfig, is_bookkeeping
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
+    CHOOSE_ANOTHER_RUN_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     OVERRIDES_KEY,
@@ -112,7 +113,7 @@ def check_output_dir(out: Path) -> None:
     """The run directory must be (or become) a folder this process can write files into."""
     for parent in (out, *out.parents):
         if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"cannot use hydra.run.dir={out}: {parent} is a file; choose another hydra.run.dir")
+            raise NotADirectoryError(f"cannot use hydra.run.dir={out}: {parent} is a file; {CHOOSE_ANOTHER_RUN_DIR}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{uuid.uuid4().hex}"
@@ -262,8 +263,8 @@ def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunSta
                 return RunStart(finished_summary=json.loads((out / SUMMARY_FILE).read_text()))
             except ValueError as err:
                 raise ValueError(f"{out / SUMMARY_FILE} is corrupt ({err}): pass overwrite=true to train again") from None
-        raise FileExistsError(f"{out} already holds a finished run: pass overwrite=true to replace it, or choose "
-                              "another hydra.run.dir")
+        raise FileExistsError(f"{out} already holds a finished run: pass overwrite=true to replace it, or "
+                              f"{CHOOSE_ANOTHER_RUN_DIR}")
     if cfg.resume not in (None, "auto"):
         check_resume_checkpoint(Path(cfg.resume))
         return RunStart(resume_from=Path(cfg.resume))
@@ -294,7 +295,7 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
         if differences:
             raise FileExistsError(f"{out} already holds a finished run, with other settings "
                                   f"({describe_differences(differences)}): pass overwrite=true to replace it, or "
-                                  "choose another hydra.run.dir")
+                                  f"{CHOOSE_ANOTHER_RUN_DIR}")
         return start
     if start.resume_from is not None and start.resume_from.parent.parent == out:
         start.config_changes = check_resume_config(out / CONFIG_FILE, resolved_config, cfg.resume_allow_changes)

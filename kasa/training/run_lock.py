@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from kasa.run_dir import LOCK_FILE
+from kasa.run_dir import CHOOSE_ANOTHER_RUN_DIR, LOCK_FILE
 
 
 class RunDirLocked(FileExistsError):
@@ -37,8 +37,8 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise RunDirLocked(
-                f"{self.path.parent} is in use by another kasa run ({self.holder()}): wait for it to end, or choose "
-                "another hydra.run.dir"
+                f"{self.path.parent} is in use by another kasa run ({self.holder()}): wait for it to end, or "
+                f"{CHOOSE_ANOTHER_RUN_DIR}"
             ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
