@@ -101,7 +101,7 @@ def check_jobs(fixed: list[str], jobs: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python scripts/sweep_launch.py",
+        prog="python scripts/sweep_launch.py", allow_abbrev=False,  # a flag's prefix is unknown, not that flag
         description="Outer sweep for multi-process kasa-train jobs: every job's config checked first, then one launch "
         "per combination (each with resume=auto: run it again to continue a sweep), then the summary.",
         epilog="Overrides: key=value for every job, key=v1,v2,... for a sweep axis.",

@@ -183,7 +183,8 @@ def test_kasa_eval_keeps_its_outputs_when_the_training_saves_over_its_checkpoint
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     report = json.loads(replaced.stdout.strip().splitlines()[-1])
     folder = run_dir / "evaluations" / f"best-step-{step:08d}"
-    assert report["output_dir"] == str(folder) and f"outputs for the checkpoint evaluated (step {step})" in replaced.stderr
+    assert report["output_dir"] == str(folder)
+    assert f"outputs for the checkpoint evaluated (step {step})" in replaced.stderr
     assert {**json.loads((folder / "eval_validation.json").read_text()), "output_dir": str(folder)} == report
     assert not list(best.glob("eval_*.json"))  # nothing of it beside the newer save's weights
 

@@ -17,7 +17,7 @@ from kasa.cli.common import run_reporting_errors
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kasa-compare",
+        prog="kasa-compare", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="A paper-style comparison table from finished runs: rows = methods (with trainable adapter "
         "parameters), columns = tasks, cells = median over seeds of the best validation score, best in bold, an "
         "average column. Written as comparison.md, comparison.csv and comparison.tex.",

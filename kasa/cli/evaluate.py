@@ -7,11 +7,12 @@
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
 run directory; without `best`, `last`), `split` (default: the run's evaluation split), `merge` (true | false:
 evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
-dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch: trainer.eval_batch_size of a classification task,
-task.generation.batch_size of a generation task), and any dotted override of the run's saved config
-(model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation task's outputs under generations/,
-into the checkpoint directory; when the training run saved over that checkpoint while it was evaluated (best/ and
-last/ of a run still training), into <run>/evaluations/<checkpoint>-step-XXXXXXXX/ instead.
+dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch:
+trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
+override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
+task's outputs under generations/, into the checkpoint directory; when the training run saved over that checkpoint
+while it was evaluated (best/ and last/ of a run still training), into <run>/evaluations/<checkpoint>-step-XXXXXXXX/
+instead.
 """
 
 from __future__ import annotations

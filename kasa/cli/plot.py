@@ -36,7 +36,7 @@ def _is_run_dir(path: Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kasa-plot",
+        prog="kasa-plot", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="The paper's analysis plots (PNG + the plotted data as JSON) from saved run files. One run "
         "directory: singular values per layer and position (figure 4) and the regularisation terms with the loss "
         "(figure 11). Sweep directories: ablation bars (figure 2), metric vs rank r (figure 3), metric vs "

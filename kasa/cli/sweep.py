@@ -17,7 +17,7 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kasa.cli.sweep",
+        prog="python -m kasa.cli.sweep", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="Summarise a Hydra multirun directory: median/min/max/std of the best score per setting over "
         "seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma heatmap when either varies.",
     )
