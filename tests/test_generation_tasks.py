@@ -399,6 +399,18 @@ def test_instruction_kasa_eval_answers_mt_bench(runs):
     assert any("Reference Response" in p and "And times 3?" in p and "\n12\n" in p for p in prompts)
 
 
+def test_kasa_eval_keeps_the_responses_when_judging_fails(runs):
+    run_dir = runs["dirs"]["instruction"]
+    failed = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", "task.judge.base_url=http://127.0.0.1:9/v1",
+                     env={**ENV, KEY_ENV: SECRET})
+    assert failed.returncode == 2
+    step = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())["step"]
+    saved = run_dir / "evaluations" / f"best-step-{step:08d}" / "generations" / "instruction-test.jsonl"
+    assert failed.stderr.strip().splitlines()[-1].startswith(f"error: judging failed (the responses are in {saved}): ")
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(records) == len(INSTRUCTION_TEST) and all(len(r["responses"]) == 2 for r in records)
+
+
 def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkeypatch):
     """What kasa-train and kasa-eval check before loading; building the task alone (kasa-export, kasa-inspect,
     which never ask the judge) needs neither the endpoint nor the key."""

@@ -184,7 +184,7 @@ def test_kasa_eval_keeps_its_outputs_when_the_training_saves_over_its_checkpoint
     report = json.loads(replaced.stdout.strip().splitlines()[-1])
     folder = run_dir / "evaluations" / f"best-step-{step:08d}"
     assert report["output_dir"] == str(folder)
-    assert f"outputs for the checkpoint evaluated (step {step})" in replaced.stderr
+    assert f"outputs for the checkpoint evaluated are in {folder}" in replaced.stderr
     assert {**json.loads((folder / "eval_validation.json").read_text()), "output_dir": str(folder)} == report
     assert not list(best.glob("eval_*.json"))  # nothing of it beside the newer save's weights
 
@@ -193,6 +193,7 @@ def test_kasa_eval_keeps_its_outputs_when_the_training_saves_over_its_checkpoint
     assert kept.returncode == 0, kept.stderr[-3000:]
     assert json.loads(kept.stdout.strip().splitlines()[-1])["output_dir"] == str(best)
     assert (best / "eval_validation.json").is_file() and "saved over" not in kept.stderr
+    assert not (run_dir / "evaluations" / f"best-step-{step + 100:08d}").exists()  # the staged outputs moved
 
 
 @pytest.mark.parametrize("command, name", [("kasa.cli.evaluate", "kasa-eval"), ("kasa.cli.export", "kasa-export")])

@@ -10,9 +10,9 @@ evaluate the merged model that `kasa-export format=merged` writes; a quantized b
 dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch:
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
 override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
-task's outputs under generations/, into the checkpoint directory; when the training run saved over that checkpoint
-while it was evaluated (best/ and last/ of a run still training), into <run>/evaluations/<checkpoint>-step-XXXXXXXX/
-instead.
+task's outputs under generations/, into the checkpoint directory. They are written first to
+<run>/evaluations/<checkpoint>-step-XXXXXXXX/, and stay there when the training run saved over the checkpoint while
+it was evaluated (best/ and last/ of a run still training), or when judging fails.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,50 +77,64 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)
-    with tempfile.TemporaryDirectory(prefix="kasa-eval-") as staging:  # outputs go where they belong at the end
-        metrics = task.evaluate(model, accelerator, tokenizer, split, Path(staging) / GENERATIONS_DIR)
-        result = {
-            "checkpoint": str(checkpoint),
-            "split": split,
-            "metric": task.metric,
-            "score": main_metric(metrics, task.metric),
-            "metrics": metrics,
-        }
-        if "score" in state:
-            result["reported_in_training"] = state["score"]
-        if accelerator.is_main_process:
-            result["output_dir"] = str(place_outputs(checkpoint, run_dir, version, state.get("step"),
-                                                     Path(staging), f"eval_{split}.json", result))
+    # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
+    # that fails leaves the responses there.
+    step = state.get("step")
+    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None)
+    metrics = task.evaluate(model, accelerator, tokenizer, split, staged / GENERATIONS_DIR)
+    result = {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "metric": task.metric,
+        "score": main_metric(metrics, task.metric),
+        "metrics": metrics,
+    }
+    if "score" in state:
+        result["reported_in_training"] = state["score"]
+    if accelerator.is_main_process:
+        result["output_dir"] = str(place_outputs(checkpoint, version, staged, f"eval_{split}.json", result))
     return result
 
 
-def place_outputs(checkpoint: Path, run_dir: Path, version: tuple[int, ...] | None, step: int | None,
-                  staging: Path, result_name: str, result: dict[str, Any]) -> Path:
-    """Write the result and the staged generation outputs into the checkpoint directory if it is still the save
-    that was evaluated; else (a save replaced it) into <run>/evaluations/<checkpoint>-step-XXXXXXXX/, saying so.
-    Returns the folder written."""
-    names = [path.relative_to(staging) for path in sorted(staging.rglob("*")) if path.is_file()]
+def evaluation_folder(checkpoint: Path, run_dir: Path, step: int | None) -> Path:
+    """<run>/evaluations/<checkpoint>-step-XXXXXXXX/: no training run replaces or prunes it."""
+    return run_dir / EVALUATIONS_DIR / (f"{checkpoint.name}-step-{step:08d}" if step is not None else checkpoint.name)
 
-    def write_into(folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(folder / name, lambda tmp, source=staging / name: shutil.copyfile(source, tmp))
-        write_json(folder / result_name, result)  # last: its presence says the outputs are complete
 
+def place_outputs(checkpoint: Path, version: tuple[int, ...] | None, staged: Path, result_name: str,
+                  result: dict[str, Any]) -> Path:
+    """Write the result, and copy the generation outputs staged in `staged`, into the checkpoint directory if it is
+    still the save that was evaluated (the staged copies then go); else (a save replaced it) keep all of it in
+    `staged`, saying so. Returns the folder that holds the outputs."""
+    names = [path.relative_to(staged) for path in sorted(staged.rglob("*")) if path.is_file()]
     if checkpoint_version(checkpoint) == version:
-        write_into(checkpoint)
+        for name in names:
+            (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(checkpoint / name, lambda tmp, source=staged / name: shutil.copyfile(source, tmp))
+        write_json(checkpoint / result_name, result)  # last: its presence says the outputs are complete
         if checkpoint_version(checkpoint) == version:
+            _remove_staged(staged, names)
             return checkpoint
         for name in [*names, Path(result_name)]:  # the save came between: what landed in the new folder is not its
             (checkpoint / name).unlink(missing_ok=True)
-    label = f"{checkpoint.name}-step-{int(step):08d}" if isinstance(step, int) else checkpoint.name
-    folder = (run_dir if run_dir != checkpoint else checkpoint.parent) / EVALUATIONS_DIR / label
-    write_into(folder)
+    staged.mkdir(parents=True, exist_ok=True)
+    write_json(staged / result_name, result)
     print(f"warning: {checkpoint} was saved over while kasa-eval evaluated it (the training run is still writing "
-          f"it): the outputs for the checkpoint evaluated{f' (step {step})' if step is not None else ''} are in "
-          f"{folder}", file=sys.stderr)
-    return folder
+          f"it): the outputs for the checkpoint evaluated are in {staged}", file=sys.stderr)
+    return staged
+
+
+def _remove_staged(staged: Path, names: list[Path]) -> None:
+    """The staged copies, then the folders they leave empty (another kasa-eval of the checkpoint may be staging
+    there too: only this one's files go)."""
+    for name in names:
+        (staged / name).unlink(missing_ok=True)
+    folders = {(staged / name).parent for name in names} | {staged, staged.parent}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # the deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
