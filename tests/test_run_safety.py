@@ -221,3 +221,18 @@ def test_a_checkpoint_saved_over_while_loading_is_refused(command, name, uninter
         "command again, or pass "
         "a step checkpoint that the run keeps (checkpoints/step-XXXXXXXX)")
     assert not output.exists() and not list(run_dir.rglob("eval_*.json"))
+
+
+def test_kasa_eval_of_a_read_only_run_is_refused_before_loading(uninterrupted, monkeypatch):
+    import os
+
+    import kasa.adapters
+
+    monkeypatch.setattr(kasa.adapters, "load_adapter", lambda *args: pytest.fail("loaded before the check"))
+    best = uninterrupted / "checkpoints" / "best"
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != best)  # root writes anywhere: a stand-in
+    refused = run_cli("kasa.cli.evaluate", f"checkpoint={uninterrupted}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {best} is not writable, and kasa-eval writes its outputs there: evaluate a writable copy of the run "
+        f"(cp -r {uninterrupted} <folder>)")

@@ -18,6 +18,7 @@ it was evaluated (best/ and last/ of a run still training), or when judging fail
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -62,6 +63,10 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     run_cfg = load_run_config(run_dir, overrides)
     check_config_values(run_cfg)  # an override's value (decoding, attention) is refused before the model loads
     split = str(args.get("split") or run_cfg.task.eval_split)
+    for folder in (checkpoint, run_dir):  # before the model loads, not after the evaluation
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{folder} is not writable, and kasa-eval writes its outputs there: evaluate a writable "
+                             f"copy of the run (cp -r {run_dir} <folder>)")
 
     accelerator = Accelerator()
     task = build_task(run_cfg)
