@@ -102,8 +102,12 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluation_folder(checkpoint: Path, run_dir: Path, step: int | None) -> Path:
-    """<run>/evaluations/<checkpoint>-step-XXXXXXXX/: no training run replaces or prunes it."""
-    return run_dir / EVALUATIONS_DIR / (f"{checkpoint.name}-step-{step:08d}" if step is not None else checkpoint.name)
+    """<run>/evaluations/<checkpoint>-step-XXXXXXXX/ (a step checkpoint: its own name): no training run replaces or
+    prunes it."""
+    label = checkpoint.name
+    if step is not None and not label.startswith("step-"):  # best/ and last/: which of their saves
+        label += f"-step-{step:08d}"
+    return run_dir / EVALUATIONS_DIR / label
 
 
 def place_outputs(checkpoint: Path, version: tuple[int, ...] | None, staged: Path, result_name: str,
