@@ -111,6 +111,17 @@ def test_a_peft_export_of_a_gguf_base_loads_through_its_own_hint(gguf_folder, tm
     torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=0)
 
 
+def test_loading_draws_no_bar_when_transformers_draws_none(gguf_folder, capfd):
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # what every kasa command does (quiet_libraries)
+    try:
+        load_causal_lm(ModelConfig(path=str(gguf_folder), gguf_file=FILE, dtype="float32"))
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    assert "GGUF" not in capfd.readouterr().err
+
+
 def test_a_missing_folder_or_gguf_file_is_said_plainly(gguf_folder, tmp_path):
     """transformers reports both as a bad Hub id or a missing file on huggingface.co: a local path deserves better."""
     with pytest.raises(ModelLoadError, match=r"model.path='.*nowhere' is not a folder"):

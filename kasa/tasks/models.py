@@ -82,7 +82,8 @@ def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
                "attn_implementation": attention_implementation(model)}
     if model.gguf_file:
         kwargs |= unpacked_gguf(model.gguf_file)
-    loaded = _from_pretrained(factory, model, **kwargs)
+    with gguf_progress_as_transformers() if model.gguf_file else contextlib.nullcontext():
+        loaded = _from_pretrained(factory, model, **kwargs)
     # Quantized once the adapters have truncated the float weights (apply_adapters / load_adapter).
     mark_for_quantization(loaded, model.quantization)
     if model.gradient_checkpointing:
@@ -110,6 +111,25 @@ def unpacked_gguf(gguf_file: str) -> dict:
     except ImportError:  # transformers 4 always unpacks a GGUF file into a plain model
         return {"gguf_file": gguf_file}
     return {"gguf_file": gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+
+
+@contextlib.contextmanager
+def gguf_progress_as_transformers() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar, which ignores transformers' progress-bar switch (kasa's
+    commands turn that off, and `logging.progress=false` asks for a quiet log): give it transformers' tqdm, which
+    obeys the switch, while a GGUF file loads."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as transformers_logging
+
+    original = getattr(gguf_loading, "tqdm", None)
+    if original is None:  # another transformers version: nothing to redirect
+        yield
+        return
+    gguf_loading.tqdm = transformers_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = original
 
 
 def attention_implementation(model: ModelConfig) -> str:
