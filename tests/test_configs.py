@@ -34,8 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 RECIPES = REPO / "recipes"
 
-RECIPE_NAMES = sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*.yaml")
-                      if not p.name.startswith("_"))  # _table9.yaml: what the instruction recipes share
+RECIPE_NAMES = sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 TASKS = sorted(p.relative_to(CONFIGS / "task").with_suffix("").as_posix() for p in (CONFIGS / "task").rglob("*.yaml"))
 
