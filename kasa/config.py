@@ -75,10 +75,13 @@ class JudgeSettings:
     timeout: float = 60.0
 
 
+TASK_KIND_NAMES = ("glue", "e2e", "instruction", "commonsense")  # kasa.tasks.TASK_KINDS implements each
+
+
 @dataclass
 class TaskConfig:
     name: str = "???"
-    kind: str = "glue"  # glue | e2e | instruction | commonsense
+    kind: str = "glue"  # one of TASK_KIND_NAMES
     hub_id: Optional[str] = None  # datasets Hub id, e.g. nyu-mll/glue
     hub_config: Optional[str] = None  # its configuration, e.g. cola
     data_dir: Optional[str] = None  # local files; used instead of the Hub when set
@@ -235,6 +238,8 @@ def _check_task(run: RunConfig) -> None:
     from kasa.evaluation.metrics import task_metrics
 
     task = run.task
+    if task.kind not in TASK_KIND_NAMES:
+        raise ValueError(f"unknown task.kind {task.kind!r}; choose one of: {', '.join(TASK_KIND_NAMES)}")
     computed = task_metrics(task.kind, task.num_labels, task.eval_sets)
     if task.metric not in computed:
         raise ValueError(f"task.metric={task.metric} is not computed by a {task.kind} task"

@@ -28,7 +28,16 @@ from omegaconf import OmegaConf
 
 from kasa.adapters.config import METHODS, AdapterConfig
 from kasa.cli.common import default_to_demo
-from kasa.config import LoggingConfig, ModelConfig, RunConfig, TaskConfig, TrainerConfig, register_schema, validate
+from kasa.config import (
+    TASK_KIND_NAMES,
+    LoggingConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    TrainerConfig,
+    register_schema,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -292,6 +301,12 @@ def test_group_files_use_only_schema_keys(group):
         assert keys <= fields, f"{path.relative_to(REPO)}: unknown keys {keys - fields}"
 
 
+def test_every_task_kind_has_its_implementation():
+    from kasa.tasks import TASK_KINDS
+
+    assert tuple(TASK_KINDS) == TASK_KIND_NAMES
+
+
 def test_method_files_cover_methods():
     assert {p.stem for p in (CONFIGS / "method").glob("*.yaml")} == set(METHODS)
     for method in METHODS:
@@ -336,6 +351,8 @@ def test_a_typo_fails_at_composition(config_source, tmp_path, override, message)
     (["task=glue/cola", "task.metric=BLEU"], "accuracy, matthews, f1"),
     (["recipe=e2e/gpt2_medium", "task.metric=accuracy"], "BLEU"),
     (["recipe=e2e/gpt2_medium", "trainer.eval_batch_size=8"], "task.generation.batch_size"),
+    (["task=glue/cola", "task.kind=summarization"],
+     "^unknown task.kind 'summarization'; choose one of: glue, e2e, instruction, commonsense$"),
 ])
 def test_a_setting_the_task_cannot_use_fails_at_start(config_source, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
