@@ -4,6 +4,7 @@ flagged modules' override, and each bad input as one line with exit status 2."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -106,15 +107,21 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["method=lora"], "nothing to inspect"),
-    (["held_out=1000"], "too few calibration examples"),
+    (["held_out=1000"], "the training split has 32 examples, fewer than held_out=1000: pass held_out=32 or fewer"),
+    (["held_out=1000", "method.truncation_basis=activation", "method.calibration_samples=16"],
+     "fewer than method.calibration_samples=16 plus held_out=1000: pass held_out=16 or fewer, or lower "
+     "method.calibration_samples"),
     (["method.truncation_basis=activation", "method.calibration_samples=1000"], "calibration_samples"),
     (["threshold=abc"], "not a number"),
     (["threshold=-1"], "threshold=-1.0 is not allowed: pass a relative loss increase >= 0"),
     (["held_out=0"], "held_out=0 is not allowed: pass a number of examples >= 1"),
     (["recipe=glue/nonexistent"], "nonexistent"),
+    (["output_dir=INPUT/train.tsv/report"], "cannot be created: INPUT/train.tsv is a file; choose another output_dir="),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
+    extra = [arg.replace("INPUT", str(sentiment_dir)) for arg in extra]
+    message = message.replace("INPUT", str(sentiment_dir))
     with pytest.raises(SystemExit) as exit_info:
         inspect.main(inspect_args(tiny_model, sentiment_dir, out, *extra))
     assert exit_info.value.code == 2
@@ -130,3 +137,11 @@ def test_empty_split_is_one_line(tiny_model, tmp_path, capsys):
         inspect.main(inspect_args(tiny_model, tmp_path / "data", tmp_path / "out"))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error:")
+
+
+def test_an_unwritable_output_folder_is_refused_before_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes anywhere: a stand-in
+    with pytest.raises(ValueError, match=rf"^output_dir={tmp_path}/a/b cannot be written: {tmp_path} is not writable; "
+                                         "choose another output_dir=$"):
+        inspect.check_output_folder(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()

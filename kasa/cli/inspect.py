@@ -29,6 +29,18 @@ from kasa.config import RunConfig
 REPORT = "truncation_report"
 
 
+def too_few_examples(available: int, held_out: int, cfg: RunConfig) -> str:
+    """The refusal of a split too small for the held-out examples (and the calibration ones, which only the
+    activation basis takes), with the held_out= that fits."""
+    calibration = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
+    fits = available - calibration
+    if not calibration:
+        return (f"the training split has {available} examples, fewer than held_out={held_out}: pass "
+                f"held_out={fits} or fewer")
+    return (f"the training split has {available} examples, fewer than method.calibration_samples={calibration} plus "
+            f"held_out={held_out}: pass held_out={fits} or fewer, or lower method.calibration_samples")
+
+
 def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[str, Any]:
     """The damage report of `cfg`'s truncation (see the module docstring); writes it into cfg.output_dir."""
     if not cfg.method.truncates:
@@ -47,9 +59,7 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     calibration, held = calibration_split(dataset, task.collator(tokenizer), cfg, held_out)
     examples = sum(len(b["input_ids"]) for b in held)
     if examples < held_out:
-        raise ValueError(f"the training split has {len(dataset)} examples: too few calibration examples for "
-                         f"method.calibration_samples={cfg.method.calibration_samples if calibration else 0} plus "
-                         f"held_out={held_out}; lower held_out= or method.calibration_samples")
+        raise ValueError(too_few_examples(len(dataset), held_out, cfg))
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     base_loss = mean_loss(task.loss, model, held)
@@ -185,6 +195,16 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def check_output_folder(out: Path) -> None:
+    """output_dir= must be a folder this process can create or write into: said before the model loads rather than
+    after the measurements, and without creating anything (bad input leaves no folder behind)."""
+    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output_dir={out} cannot be created: {existing} is a file; choose another output_dir=")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir={out} cannot be written: {existing} is not writable; choose another output_dir=")
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     """kasa-inspect with these arguments; returns the report (raises ValueError on bad input)."""
     own: dict[str, Any] = {"threshold": 0.05, "held_out": 64,
@@ -205,6 +225,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         raise ValueError(f"threshold={own['threshold']} is not allowed: pass a relative loss increase >= 0, e.g. 0.05")
     if own["held_out"] < 1:
         raise ValueError(f"held_out={own['held_out']} is not allowed: pass a number of examples >= 1, e.g. 64")
+    check_output_folder(Path(own["output_dir"]))
     cfg = compose_run(overrides, own["output_dir"])
     quiet_libraries()
     return inspect_truncation(cfg, own["threshold"], own["held_out"])
