@@ -171,6 +171,21 @@ def test_export_refuses_a_non_empty_output_and_overwrites_when_asked(trained_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
 
 
+@pytest.mark.parametrize("where, refusal", [
+    ("checkpoints/best", "would replace the checkpoint it exports: choose another folder"),
+    ("checkpoints", "would replace the checkpoint it exports: choose another folder"),
+    ("checkpoints/best/merged", "is inside RUN/checkpoints/best, which a training run saves over: choose a folder "
+                                "outside it"),
+    ("checkpoints/merged", "is inside RUN/checkpoints, which a training run saves over: choose a folder outside it"),
+])
+def test_an_output_among_the_checkpoints_is_refused(trained_run, capsys, where, refusal):
+    _, run_dir = trained_run
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    code, last = _main(capsys, f"checkpoint={run_dir}", f"output={run_dir / where}")
+    assert code == 2 and last == f"error: output={run_dir / where} {refusal.replace('RUN', str(run_dir))}"
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+
+
 def test_peft_export_loads_in_peft(trained_run, tmp_path):
     _peft_or_skip()
     from peft import PeftModel

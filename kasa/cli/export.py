@@ -34,6 +34,7 @@ from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     BEST_CHECKPOINT,
+    CHECKPOINTS_DIR,
     STATE_FILE,
     check_checkpoint_unchanged,
     checkpoint_version,
@@ -90,8 +91,15 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown format={fmt!r}; choose one of: {', '.join(FORMATS)}")
     output = Path(str(args["output"])).expanduser().absolute()
     overwrite = bool_argument(args, "overwrite", False)
-    check_output(output, overwrite)
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", BEST_CHECKPOINT)))
+    checkpoint, run_dir = checkpoint.absolute(), run_dir.absolute()
+    if output == checkpoint or output in checkpoint.parents:
+        raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")
+    for folder in (checkpoint, run_dir / CHECKPOINTS_DIR):
+        if folder in output.parents:  # best/ and last/ are saved over as a folder, old step-* ones pruned
+            raise ValueError(f"output={output} is inside {folder}, which a training run saves over: choose a folder "
+                             "outside it")
+    check_output(output, overwrite)
 
     import torch
     import transformers
@@ -107,9 +115,6 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.tasks import build_task
     from kasa.tasks.models import model_source
 
-    checkpoint, run_dir = checkpoint.absolute(), run_dir.absolute()
-    if output == checkpoint or output in checkpoint.parents:
-        raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")
     run_cfg = load_run_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is read
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
