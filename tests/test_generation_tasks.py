@@ -422,10 +422,10 @@ def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkey
     cfg.task.kind, cfg.task.data_dir = "instruction", str(data["instruction"])
     cfg.task.judge.base_url, cfg.task.judge.api_key_env = "http://127.0.0.1:9/v1", "KASA_TEST_UNSET_KEY"
     with pytest.raises(ValueError, match="KASA_TEST_UNSET_KEY holds no API key"):
-        build_task(cfg).check_evaluation()
+        build_task(cfg).check_evaluation("test")
     cfg.task.judge.base_url = None
     with pytest.raises(ValueError, match="task.judge.base_url"):
-        build_task(cfg).check_evaluation()
+        build_task(cfg).check_evaluation("test")
 
 
 def test_a_malformed_instruction_row_is_named_by_its_index(tiny_llama, tmp_path):

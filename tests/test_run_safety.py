@@ -236,3 +236,11 @@ def test_kasa_eval_of_a_read_only_run_is_refused_before_loading(uninterrupted, m
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {best} is not writable, and kasa-eval writes its outputs there: evaluate a writable copy of the run "
         f"(cp -r {uninterrupted} <folder>)")
+
+
+def test_kasa_eval_of_a_split_with_no_data_fails_before_the_model_loads(uninterrupted, sentiment_dir, monkeypatch):
+    monkeypatch.setattr(GlueTask, "load_model", lambda self: pytest.fail("the model loaded before the split's check"))
+    refused = run_cli("kasa.cli.evaluate", f"checkpoint={uninterrupted}", "split=tset")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: no file for split 'tset' in {sentiment_dir} (looked for tset.tsv, tset.csv, tset; found ")

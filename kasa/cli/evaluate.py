@@ -70,7 +70,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     accelerator = Accelerator()
     task = build_task(run_cfg)
-    task.check_evaluation()
+    task.check_evaluation(split)  # a split= typo fails before the model loads
     tokenizer, model = task.load_model()
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
     load_adapter(model, checkpoint)

@@ -15,16 +15,16 @@ from transformers import PreTrainedTokenizerBase
 class Task(Protocol):
     metric: str  # the metric that picks the best epoch (higher is better)
 
-    def check_evaluation(self) -> None:
-        """Fail now, with one line, if the evaluation cannot run here (a tool or a credential it needs is missing):
-        kasa-train and kasa-eval call it before the model loads; kasa-export and kasa-inspect, which never
-        evaluate, do not."""
+    def check_evaluation(self, split: str) -> None:
+        """Fail now, with one line, if the evaluation of `split` cannot run here: its data is missing or malformed,
+        or a tool or a credential it needs is. kasa-train and kasa-eval call it before the model loads; kasa-export
+        and kasa-inspect, which never evaluate, do not."""
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         """Tokenizer and base model (before adapters)."""
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-        """The encoded training split. Loads (and so checks) the evaluation data too, so bad data fails early."""
+        """The encoded training split."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         """Batches encoded training rows."""

@@ -75,9 +75,6 @@ class CausalLMTask:
         if cfg.trainer.packing and cfg.trainer.group_by_length:
             raise ValueError("trainer.packing and trainer.group_by_length are two ways to avoid padding: set one")
 
-    def check_evaluation(self) -> None:
-        """Exact-match answers (commonsense) need nothing more; E2E and instruction following check their tools."""
-
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
         if tokenizer.eos_token_id is None:

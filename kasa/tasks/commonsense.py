@@ -61,12 +61,15 @@ class CommonsenseTask(CausalLMTask):
         limit = self.cfg.task.max_eval_samples
         return rows[:limit] if limit else rows
 
-    def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    def check_evaluation(self, split: str) -> None:
+        """Every set of task.eval_sets has its `split` file (exact-match answers need no tool)."""
         unknown = [s for s in self.cfg.task.eval_sets if s not in COMMONSENSE_TASKS]
         if unknown or not self.cfg.task.eval_sets:
             raise DataError(f"task.eval_sets={self.cfg.task.eval_sets}: choose from {', '.join(COMMONSENSE_TASKS)}")
-        for name in self.cfg.task.eval_sets:  # fail now, not after training, if a test set is missing
-            self._eval_rows(name, self.cfg.task.eval_split)
+        for name in self.cfg.task.eval_sets:
+            self._eval_rows(name, split)
+
+    def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         max_length = self.cfg.trainer.max_length
         style = self.cfg.task.prompt_style
         return training_dataset([encode_prompt_response(tokenizer,

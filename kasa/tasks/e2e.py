@@ -67,11 +67,11 @@ class E2ETask(CausalLMTask):
             raise DataError(f"E2E split '{split}' is empty: choose another split or file")
         return (mrs[:limit], refs[:limit]) if limit else (mrs, refs)
 
-    def check_evaluation(self) -> None:
+    def check_evaluation(self, split: str) -> None:
         check_metric_dependencies()
+        self._pairs(split, 1)
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-        self._pairs(self.cfg.task.eval_split, 1)  # fail now, not after training, if the evaluation data is wrong
         mrs, refs = self._pairs(self.cfg.task.train_split, self.cfg.task.max_train_samples)
         max_length = self.cfg.trainer.max_length
         return training_dataset([encode_prompt_response(tokenizer, e2e_prompt(mr), f" {ref}", max_length)

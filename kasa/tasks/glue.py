@@ -24,8 +24,9 @@ class GlueTask:
         self.metric = cfg.task.metric
         self._encoded: dict[str, Dataset] = {}
 
-    def check_evaluation(self) -> None:
-        """scikit-learn and scipy, installed with kasa: nothing to check."""
+    def check_evaluation(self, split: str) -> None:
+        """The split's data, with labels (the metrics need scikit-learn and scipy, installed with kasa)."""
+        load_glue_splits(self.cfg.task, [split])
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)

@@ -32,8 +32,9 @@ T = TypeVar("T")
 
 
 class InstructionTask(CausalLMTask):
-    def check_evaluation(self) -> None:
-        """The judge's endpoint is set and its API key is in the environment."""
+    def check_evaluation(self, split: str) -> None:
+        """The split's rows, the judge's endpoint, and its API key in the environment."""
+        self._rows(split, 1)
         self._judge()
 
     def _judge(self) -> Judge:
@@ -64,7 +65,6 @@ class InstructionTask(CausalLMTask):
         return rows[:limit] if limit else rows
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-        self._rows(self.cfg.task.eval_split, 1)  # the evaluation data must be there before training, too
         max_length = self.cfg.trainer.max_length
         rows = self._rows(self.cfg.task.train_split, self.cfg.task.max_train_samples)
         encoded = _each_row(rows, self.cfg.task.train_split,

@@ -228,7 +228,7 @@ class TrainingRecipe:
     def setup_model(self) -> None:
         """The task, the pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
         self.task = build_task(self.cfg)
-        self.task.check_evaluation()  # a missing judge key or Java fails now, not after training
+        self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
         # The data first (a tokenizer loads in seconds): a wrong file or column fails before the model loads.
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         with whole_weights(self.accelerator):
