@@ -50,3 +50,16 @@ def test_checkpointing_is_quiet_and_changes_no_number(tmp_path) -> None:
     assert grads.keys() == plain_grads.keys() and len(grads) == 3 * 3 * 2  # dU, dSigma, dV of 3 modules x 2 layers
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_data_fingerprint_sees_a_changed_token_and_a_moved_row_boundary():
+    from datasets import Dataset
+
+    from kasa.training.checkpoint import data_fingerprint
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
+    fingerprint = data_fingerprint(Dataset.from_list(rows))
+    assert data_fingerprint(Dataset.from_list([dict(row) for row in rows])) == fingerprint  # built again
+    assert data_fingerprint(Dataset.from_list([rows[0], {"input_ids": [4, 6], "labels": [4, 5]}])) != fingerprint
+    moved = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4, 5], "labels": [3, 4, 5]}]
+    assert data_fingerprint(Dataset.from_list(moved)) != fingerprint  # the same tokens, other rows

@@ -244,3 +244,33 @@ def test_kasa_eval_of_a_split_with_no_data_fails_before_the_model_loads(uninterr
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith(
         f"error: no file for split 'tset' in {sentiment_dir} (looked for tset.tsv, tset.csv, tset; found ")
+
+
+def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+    """A data file edited between the stop and the resume: the run would go on as neither run. Stood in for by
+    the checkpoint's record of its data (the shared data folder stays as it is)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "summary.json").unlink()  # unfinished: killed after its last checkpoint
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "trainer_state.json").read_text())
+    fingerprint = state["data_fingerprint"]
+    assert len(fingerprint) == 64  # every save records it
+    (newest / "trainer_state.json").write_text(json.dumps({**state, "data_fingerprint": "0" * 64}))
+    def files() -> dict[Path, bytes]:
+        return {f: f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
+
+    before = files()
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto")
+
+    refused = run_cli("kasa.cli.train", *args)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: the training data differ from those {newest} was trained on (the encoded rows' fingerprint "
+        f"000000000000 -> {fingerprint[:12]}: a data file, the tokenizer or an encoding setting changed): resume on "
+        "the same data, or pass resume_allow_changes=true to go on with these (recorded in config.json)")
+    assert files() == before
+    allowed = run_cli("kasa.cli.train", *args, "resume_allow_changes=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text())["resumed_with_changes"] == [
+        {"step": state["step"], "changes": {"training data (fingerprint)": ["000000000000", fingerprint[:12]]}}]

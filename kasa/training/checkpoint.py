@@ -14,6 +14,7 @@ except DeepSpeed's own `deepspeed/` folder, which DeepSpeed's loader unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -65,10 +66,13 @@ class TrainState:
     processes: int | None = None
     batch_size: int | None = None  # per process
     grad_accum: int | None = None
+    # sha256 of the encoded training rows (`data_fingerprint`; None in checkpoints from before it was recorded): a
+    # resume checks that it trains on the data the checkpoint was trained on
+    data_fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("last", "pending_evaluation", "processes", "batch_size", "grad_accum"):
+        for key in ("last", "pending_evaluation", "processes", "batch_size", "grad_accum", "data_fingerprint"):
             if data[key] is None:  # absent when unset, as runs wrote it before these existed
                 del data[key]
         return data
@@ -260,6 +264,39 @@ def check_batch_layout(directory: Path, processes: int, batch_size: int, grad_ac
         raise ValueError(f"checkpoint {directory} stopped {done} examples into an epoch, written by {layout}; "
                          f"steps of {now} examples cannot continue from there: resume with that layout, or from "
                          "an end-of-epoch checkpoint")
+
+
+def data_fingerprint(dataset: Any) -> str:
+    """sha256 of a training set's encoded rows (every column, in row order), read from its Arrow table: what a
+    resume compares with the checkpoint's, to see that it trains on the same data (the same files, tokenizer and
+    encoding settings)."""
+    import pyarrow as pa
+
+    table = dataset.with_format("arrow")[:]
+    digest = hashlib.sha256()
+    for name in sorted(table.column_names):
+        column = table.column(name).combine_chunks()
+        digest.update(f"{name}:{column.type};".encode())
+        while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            offsets = column.offsets.to_numpy()
+            digest.update((offsets - offsets[0]).tobytes())
+            column = column.flatten()
+        digest.update(column.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(directory: Path, fingerprint: str, allow_changes: bool) -> dict[str, tuple[str, str]]:
+    """Resuming `directory` on training data other than its own is refused, or with resume_allow_changes=true
+    returned as a change to record (like a setting's); checkpoints from before the fingerprint was recorded pass."""
+    saved = TrainState.from_json(json.loads((directory / STATE_FILE).read_text())).data_fingerprint
+    if saved is None or saved == fingerprint:
+        return {}
+    if not allow_changes:
+        raise ValueError(f"the training data differ from those {directory} was trained on (the encoded rows' "
+                         f"fingerprint {saved[:12]} -> {fingerprint[:12]}: a data file, the tokenizer or an encoding "
+                         "setting changed): resume on the same data, or pass resume_allow_changes=true to go on "
+                         "with these (recorded in config.json)")
+    return {"training data (fingerprint)": (saved[:12], fingerprint[:12])}
 
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:

@@ -53,6 +53,8 @@ from kasa.training.checkpoint import (
     MetricsLog,
     TrainState,
     check_batch_layout,
+    check_same_data,
+    data_fingerprint,
     epoch_batches,
     load_resumable_weights,
     prune_checkpoints,
@@ -161,6 +163,7 @@ class TrainingRecipe:
             self.resume(self.resume_from)
         trainer = self.cfg.trainer
         self.state.continue_with(self.accelerator.num_processes, trainer.batch_size, trainer.grad_accum)
+        self.state.data_fingerprint = self.data_fingerprint  # what the next save records
         if self.main:  # only now: a resume that does not fit must leave the run's files as they were
             self.write_record()
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
@@ -231,6 +234,10 @@ class TrainingRecipe:
         self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
         # The data first (a tokenizer loads in seconds): a wrong file or column fails before the model loads.
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
+        self.data_fingerprint = data_fingerprint(self.train_dataset)
+        if self.resume_from is not None and self.resume_from.parent.parent == self.out:  # this run's own data
+            self.start.config_changes |= check_same_data(self.resume_from, self.data_fingerprint,
+                                                         self.cfg.resume_allow_changes)
         with whole_weights(self.accelerator):
             self.tokenizer, self.model = self.task.load_model()
         self.apply_method()
