@@ -85,6 +85,11 @@ def test_multirun_checks_every_job_before_the_first_runs(tiny_model, sentiment_d
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: sweep job #1 (method.beta=-1")
     assert "beta must be >= 0" in result.stderr and not sweep_dir.exists()
+    # the method against the model's architecture too, before the first job trains
+    result = run_cli("kasa.cli.train", "--multirun", *args, f"hydra.sweep.dir={sweep_dir}", "method.rank=4,5000")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: sweep job #1 (method.rank=5000): ")
+    assert not sweep_dir.exists()
     result = run_cli("kasa.cli.train", "--multirun", *args, f"hydra.sweep.dir={sweep_dir}", "method.rank=interval(2,5)")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: BasicSweeper does not support sweep type : INTERVAL_SWEEP: --multirun sweeps lists of values "

@@ -16,6 +16,8 @@ refusal leaves nothing on disk; `check_run_start` runs the others, in that order
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import uuid
@@ -155,21 +157,30 @@ def check_resume_checkpoint(directory: Path) -> None:
     refuse_non_finite(tensors, directory / ADAPTER_WEIGHTS_FILE)
 
 
+@functools.lru_cache(maxsize=8)
+def _architecture(source: str, gguf_file: str | None, trust_remote_code: bool, local_files_only: bool) -> Any:
+    """A model's config, read once per process: a sweep checks every job's model, and a GGUF file's header takes
+    seconds to parse. Callers change their copy (task_auto_class sets the labels), never this one."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
 def _meta_base_model(cfg: RunConfig) -> Any:
     """The base model from its architecture alone, built on the meta device (no weights, no memory), or None when
     that cannot be known cheaply (the loader then reports any problem itself)."""
     import torch
-    from transformers import AutoConfig
     from transformers.models.auto.auto_factory import _get_model_class
 
     from kasa.estimate import task_auto_class
     from kasa.tasks.models import hub_options, model_source
 
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code, **hub_options(cfg.model)}
-    if cfg.model.gguf_file:
-        kwargs["gguf_file"] = cfg.model.gguf_file
     try:
-        config = AutoConfig.from_pretrained(model_source(cfg.model), **kwargs)
+        config = copy.deepcopy(_architecture(model_source(cfg.model), cfg.model.gguf_file, cfg.model.trust_remote_code,
+                                             bool(hub_options(cfg.model).get("local_files_only"))))
         factory = task_auto_class(cfg, config)
         # The class itself, not from_config: under a DeepSpeed ZeRO-3 launch from_config partitions the model
         # with a collective that the other processes, which do not run this check, would never join.
