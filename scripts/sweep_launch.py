@@ -87,14 +87,15 @@ def build_grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
 
 
 def check_jobs(fixed: list[str], jobs: list[list[str]]) -> None:
-    """Compose and check every job's config as kasa-train does before it loads anything: the first job that would
-    fail is a ValueError naming it, before any job has run."""
+    """Compose and check every job as a --multirun does (kasa.training.preflight.check_sweep_job): the first job that
+    would fail is a ValueError naming it, before any job has run."""
     from kasa.cli.common import USER_ERRORS, compose_run, describe_error
-    from kasa.training.preflight import check_config_values
+    from kasa.training.preflight import check_sweep_job
 
+    checked_models: set[str] = set()
     for i, job in enumerate(jobs):
         try:
-            check_config_values(compose_run([*fixed, *job]))
+            check_sweep_job(compose_run([*fixed, *job]), checked_models)
         except USER_ERRORS as err:
             raise ValueError(f"job {i} ({' '.join(job) or 'no axis'}): {describe_error(err)}; no job has run") from err
 

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -37,7 +35,7 @@ from kasa.cli.common import (
     run_reporting_errors,
 )
 from kasa.config import resolve, validate
-from kasa.training.preflight import check_config_values, check_model
+from kasa.training.preflight import check_sweep_job
 
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
 
@@ -114,15 +112,7 @@ class SweepCallback(Callback):
                 with open_dict(job_config):
                     job_config.output_dir = str(Path(config.hydra.sweep.dir) / str(number))  # the default subdir
                     del job_config["hydra"]
-                run = validate(resolve(job_config))
-                check_config_values(run)
-                # the method against the model's architecture (a rank too large for a layer, a target that matches
-                # nothing), once per model and method: what each job would find only once its turn came
-                key = json.dumps([dataclasses.asdict(run.model), dataclasses.asdict(run.method), run.task.kind,
-                                  run.task.num_labels, run.trainer.allow_cpu], sort_keys=True, default=str)
-                if key not in checked_models:
-                    checked_models.add(key)
-                    check_model(run)
+                check_sweep_job(validate(resolve(job_config)), checked_models)
             except USER_ERRORS as err:  # exit here: Hydra turns a callback's exception into a warning
                 values = " ".join(o for o in job_overrides if o.startswith(swept))
                 fail(f"sweep job #{number} ({values}): {describe_error(err)}; no job has run")

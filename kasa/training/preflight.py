@@ -21,7 +21,7 @@ import functools
 import json
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -210,6 +210,18 @@ def check_model(cfg: RunConfig) -> None:
         from kasa.adapters import apply_adapters
 
         apply_adapters(model, cfg.method, initialise=False)
+
+
+def check_sweep_job(cfg: RunConfig, checked_models: set[str]) -> None:
+    """What a sweep checks of each job before the first one runs: the config's values, and the method against the
+    model's architecture (a rank too large for a layer, a target that matches nothing) once per model and method
+    (`checked_models` holds those done): what a job would otherwise find only when its turn came."""
+    check_config_values(cfg)
+    key = json.dumps([asdict(cfg.model), asdict(cfg.method), cfg.task.kind, cfg.task.num_labels,
+                      cfg.trainer.allow_cpu], sort_keys=True, default=str)
+    if key not in checked_models:
+        checked_models.add(key)
+        check_model(cfg)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
