@@ -137,26 +137,36 @@ def test_dequantize_growth_is_what_dequantizing_adds() -> None:
     states = [layer.weight.quant_state for layer in layers.values()]
     stored = sum(layer.weight.data.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes
                  for layer, state in zip(layers.values(), states))
+    floats = sum(layer.in_features * layer.out_features * 4 for layer in layers.values())  # float32 compute
+    # elsewhere (kasa-export: into CPU memory), the float weights go there and the packed ones leave
+    assert quantized.dequantize_growth(model, "meta") == {torch.device("meta"): floats, torch.device("cpu"): -stored}
     growth = quantized.dequantize_growth(model)
     kasa.dequantize_base(model)
-    floats = sum(model.get_submodule(name).weight.nbytes for name in layers)
+    assert sum(model.get_submodule(name).weight.nbytes for name in layers) == floats
     assert growth == {torch.device("cpu"): floats - stored}
 
 
-def test_a_merge_that_would_not_fit_the_gpu_is_refused(monkeypatch) -> None:
+def test_a_merge_that_would_not_fit_is_refused(monkeypatch) -> None:
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * gib, 24 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * gib)
+    assert quantized.free_memory(torch.device("cuda:0")) == 21 * gib  # 20 from the driver, 1 cached and unused
+    assert quantized.free_memory(torch.device("cpu")) > 0  # MemAvailable
     model = torch.nn.Linear(2, 2)
-    growth = {torch.device("cuda:0"): 21 * gib, torch.device("cpu"): 100 * gib}  # the CPU's is not checked
-    monkeypatch.setattr(quantized, "dequantize_growth", lambda model: growth)
-    quantized.check_room_to_dequantize(model, "merge=true")  # 21 GiB free: 20 from the driver, 1 cached
+    growth = {torch.device("cuda:0"): 21 * gib, torch.device("cpu"): -gib}  # packed weights leave the CPU
+    monkeypatch.setattr(quantized, "dequantize_growth", lambda model, device=None: growth)
+    quantized.check_room_to_dequantize(model, "merge=true", "do otherwise")
     growth[torch.device("cuda:0")] += gib // 2
-    with pytest.raises(ValueError, match=r"^merge=true turns the quantized base back into float weights on cuda:0, "
-                                         r"which needs 21.5 GiB more than the 21.0 GiB free there: evaluate without "
-                                         r"merge=true"):
-        quantized.check_room_to_dequantize(model, "merge=true")
+    with pytest.raises(ValueError, match=r"^merge=true turns the quantized base back into float weights in cuda:0, "
+                                         r"which needs 21.5 GiB more than the 21.0 GiB free there: do otherwise$"):
+        quantized.check_room_to_dequantize(model, "merge=true", "do otherwise")
+    monkeypatch.setattr(quantized, "free_memory", lambda where: 10 * gib)
+    growth.clear()
+    growth[torch.device("cpu")] = 11 * gib
+    with pytest.raises(ValueError, match=r"^format=merged turns the quantized base back into float weights in CPU "
+                                         r"memory, which needs 11.0 GiB more than the 10.0 GiB free there"):
+        quantized.check_room_to_dequantize(model, "format=merged", "do otherwise", device="cpu")
 
 
 def test_dequantizing_places_the_float_layers_where_asked() -> None:

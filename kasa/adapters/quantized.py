@@ -196,34 +196,48 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None,
     return model
 
 
-def dequantize_growth(model: nn.Module) -> dict[torch.device, int]:
-    """Bytes that `dequantize_base` in place adds on each device: the float weights (compute dtype) less the 4/8-bit
-    ones they replace."""
+def dequantize_growth(model: nn.Module, device: str | torch.device | None = None) -> dict[torch.device, int]:
+    """Bytes that `dequantize_base(model, device=device)` adds on each device: every float weight (compute dtype)
+    where it goes, less the 4/8-bit weight it replaces where that was."""
     growth: dict[torch.device, int] = {}
     for module in model.modules():
         if is_quantized_layer(module):
             quantization = "nf4" if getattr(module.weight, "quant_state", None) is not None else "int8"
-            grows = module.in_features * module.out_features * _compute_dtype(module).itemsize - quantized_bytes(
-                module.out_features, module.in_features, quantization)
-            growth[module.weight.device] = growth.get(module.weight.device, 0) + grows
+            here, there = module.weight.device, torch.device(device) if device is not None else module.weight.device
+            growth[there] = growth.get(there, 0) + module.in_features * module.out_features * _compute_dtype(
+                module).itemsize
+            growth[here] = growth.get(here, 0) - quantized_bytes(module.out_features, module.in_features, quantization)
     return growth
 
 
-def check_room_to_dequantize(model: nn.Module, what: str) -> None:
-    """Refuse, before it starts, a `dequantize_base` in place whose float weights would not fit the free memory of
-    the GPU holding the quantized layers: one clear line instead of an out-of-memory error halfway through."""
-    for device, grows in dequantize_growth(model).items():
-        if device.type != "cuda":
-            continue
-        # what the driver has free, and what PyTorch's caching allocator holds unused
-        free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: on a GPU what the driver has free plus what PyTorch's caching
+    allocator holds unused; in CPU memory the kernel's MemAvailable (None where it is not known)."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
                 - torch.cuda.memory_allocated(device))
-        if grows > free:
-            raise ValueError(f"{what} turns the quantized base back into float weights on {device}, which needs "
-                             f"{grows / 2**30:.1f} GiB more than the {free / 2**30:.1f} GiB free there: evaluate "
-                             "without merge=true (the adapter over the quantized base, as trained), or write the "
-                             "merged model with kasa-export format=merged (in CPU memory) and evaluate that on a "
-                             "larger GPU")
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_room_to_dequantize(model: nn.Module, what: str, way_out: str,
+                             device: str | torch.device | None = None) -> None:
+    """Refuse, before it starts, a `dequantize_base(model, device=device)` whose float weights would not fit the free
+    memory where they go: one clear line (`what` does it; `way_out` says what to do instead) rather than running out
+    of memory halfway, or being killed by the kernel."""
+    for where, grows in dequantize_growth(model, device).items():
+        free = free_memory(where)
+        if free is not None and grows > free:
+            memory = "CPU memory" if where.type == "cpu" else str(where)
+            raise ValueError(f"{what} turns the quantized base back into float weights in {memory}, which needs "
+                             f"{grows / 2**30:.1f} GiB more than the {free / 2**30:.1f} GiB free there: {way_out}")
 
 
 def quantized_bytes(out_features: int, in_features: int, quantization: str) -> int:

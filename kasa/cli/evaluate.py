@@ -78,7 +78,9 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     check_checkpoint_unchanged(checkpoint, version, "kasa-eval read it")
     if merge:  # a 4/8-bit weight cannot hold the update: merge as kasa-export format=merged does, in float
-        check_room_to_dequantize(model, "merge=true")
+        check_room_to_dequantize(model, "merge=true", "evaluate without merge=true (the adapter over the quantized "
+                                 "base, as trained), or write the merged model with kasa-export format=merged (in CPU "
+                                 "memory) and evaluate that on a larger GPU")
         dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)

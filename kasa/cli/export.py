@@ -112,6 +112,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         peft_regularizer,
         save_peft_adapter,
     )
+    from kasa.adapters.quantized import check_room_to_dequantize
     from kasa.tasks import build_task
     from kasa.tasks.models import model_source
 
@@ -127,6 +128,10 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     model.eval()
     if fmt == "peft":
         check_peft_exportable(model)  # before anything is written
+    else:  # a quantized base becomes float weights in CPU memory: a 13B model in bf16 is 26 GB
+        check_room_to_dequantize(model, "format=merged", "export on a machine with more memory, or write "
+                                 "format=peft (the adapter alone, for the base model) where the method allows it",
+                                 device="cpu")
 
     base = model_source(run_cfg.model)
     load_with = load_hint(fmt, run_cfg.model, type(model).__name__, output,
