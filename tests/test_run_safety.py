@@ -135,6 +135,13 @@ def test_refused_and_no_op_runs_leave_a_finished_run_as_it_was(uninterrupted, ti
     assert "already holds a finished run: nothing to do" in no_op.stderr
     assert record(run_dir) == before
     assert not (run_dir / "train.log").exists()
+    # overwrite=true replaces the run only once the new one has got past everything that can refuse it
+    checkpoints = sorted(p.relative_to(run_dir) for p in (run_dir / "checkpoints").rglob("*"))
+    bad_data = [a if not a.startswith("task.data_dir=") else f"task.data_dir={tmp_path / 'missing'}" for a in args]
+    refused = run_cli("kasa.cli.train", *bad_data, "overwrite=true")
+    assert refused.returncode == 2 and "missing" in refused.stderr.strip().splitlines()[-1]
+    assert record(run_dir) == before
+    assert sorted(p.relative_to(run_dir) for p in (run_dir / "checkpoints").rglob("*")) == checkpoints
 
 
 def test_resume_with_changed_settings_is_refused_unless_allowed(uninterrupted, tiny_model, sentiment_dir, tmp_path):

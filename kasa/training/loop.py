@@ -164,7 +164,9 @@ class TrainingRecipe:
         trainer = self.cfg.trainer
         self.state.continue_with(self.accelerator.num_processes, trainer.batch_size, trainer.grad_accum)
         self.state.data_fingerprint = self.data_fingerprint  # what the next save records
-        if self.main:  # only now: a resume that does not fit must leave the run's files as they were
+        if self.main:  # only now: a start or resume that does not fit must leave the run's files as they were
+            if self.resume_from is None:
+                self.clear_earlier_run()
             self.write_record()
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
 
@@ -222,11 +224,15 @@ class TrainingRecipe:
     def prepare_run_dir(self) -> None:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if self.resume_from is None:  # a fresh start (overwrite=true): nothing of an earlier run may be mixed in
-                for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
-                    (self.out / name).unlink(missing_ok=True)
-                shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
         start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out)
+
+    def clear_earlier_run(self) -> None:
+        """A fresh start over an earlier run (overwrite=true) removes that run's logs and checkpoints, so that
+        nothing of it is mixed in: only at the end of setup, so that a start refused on the way (bad data, a model
+        that does not load) leaves the earlier run whole."""
+        for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
+            (self.out / name).unlink(missing_ok=True)
+        shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
 
     def setup_model(self) -> None:
         """The task, the pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
