@@ -145,14 +145,17 @@ class TrainingRecipe:
     # Setup
 
     def setup(self) -> None:
-        """Accelerator and run directory, model and adapters, data, optimiser and schedule, then the resumed state."""
+        """Accelerator and run directory, the task and its data, trackers, model and adapters, loaders, optimiser and
+        schedule, then the resumed state."""
         self.setup_accelerator()
         self.check_start()
         if self.start.finished_summary is not None:
             return
         self.resume_from = self.start.resume_from
         set_seed(self.cfg.seed)
-        self.prepare_run_dir()
+        self.setup_task()
+        # after the data's checks, before the model loads: a tracker that cannot start fails in seconds
+        start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out)
         self.setup_model()
         self.setup_data()
         self.setup_optimizer()
@@ -221,11 +224,6 @@ class TrainingRecipe:
         self.main = self.accelerator.is_main_process
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
 
-    def prepare_run_dir(self) -> None:
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out)
-
     def clear_earlier_run(self) -> None:
         """A fresh start over an earlier run (overwrite=true) removes that run's logs and checkpoints, so that
         nothing of it is mixed in: only at the end of setup, so that a start refused on the way (bad data, a model
@@ -234,16 +232,19 @@ class TrainingRecipe:
             (self.out / name).unlink(missing_ok=True)
         shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
 
-    def setup_model(self) -> None:
-        """The task, the pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
+    def setup_task(self) -> None:
+        """The task and its data, before anything heavy (a tokenizer loads in seconds): the evaluation's data and
+        tools, the encoded training set, and on resume that it is the data the checkpoint was trained on."""
         self.task = build_task(self.cfg)
         self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
-        # The data first (a tokenizer loads in seconds): a wrong file or column fails before the model loads.
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         self.data_fingerprint = data_fingerprint(self.train_dataset)
         if self.resume_from is not None and self.resume_from.parent.parent == self.out:  # this run's own data
             self.start.config_changes |= check_same_data(self.resume_from, self.data_fingerprint,
                                                          self.cfg.resume_allow_changes)
+
+    def setup_model(self) -> None:
+        """The pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
         with whole_weights(self.accelerator):
             self.tokenizer, self.model = self.task.load_model()
         self.apply_method()
