@@ -30,6 +30,7 @@ REGULARIZATION_FILE = "regularization.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
+STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-XXXXXXXX/: resumable, by optimiser step (step_dir_name)
 GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
 EVALUATIONS_DIR = "evaluations"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
@@ -146,6 +147,11 @@ def find_checkpoint(path: str | Path, which: str = BEST_CHECKPOINT) -> tuple[Pat
             return path / CHECKPOINTS_DIR / name, path
     raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{which}/) or a "
                             f"checkpoint directory holding {ADAPTER_WEIGHTS_FILE}")
+
+
+def step_dir_name(step: int) -> str:
+    """The folder name of the resumable checkpoint written at optimiser step `step`."""
+    return f"step-{step:08d}"
 
 
 def checkpoint_version(checkpoint: Path) -> tuple[int, ...] | None:

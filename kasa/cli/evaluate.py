@@ -30,11 +30,13 @@ from kasa.run_dir import (
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
     STATE_FILE,
+    STEP_DIR,
     check_checkpoint_unchanged,
     checkpoint_version,
     find_checkpoint,
     load_run_config,
     read_config,
+    step_dir_name,
     write_atomically,
     write_json,
 )
@@ -107,8 +109,8 @@ def evaluation_folder(checkpoint: Path, run_dir: Path, step: int | None) -> Path
     """<run>/evaluations/<checkpoint>-step-XXXXXXXX/ (a step checkpoint: its own name): no training run replaces or
     prunes it."""
     label = checkpoint.name
-    if step is not None and not label.startswith("step-"):  # best/ and last/: which of their saves
-        label += f"-step-{step:08d}"
+    if step is not None and not STEP_DIR.match(label):  # best/ and last/: which of their saves
+        label += f"-{step_dir_name(step)}"
     return run_dir / EVALUATIONS_DIR / label
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,14 +34,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from kasa.adapters import save_adapter
 from kasa.adapters.io import adapter_state, full_adapter_state, save_tensors
-from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, write_atomically, write_json
+from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, write_atomically, write_json
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.safetensors"
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint of its ZeRO optimizer partitions, in place of OPTIMIZER_FILE
 DEEPSPEED_TAG = "state"
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -89,6 +87,11 @@ class TrainState:
     def from_json(cls, data: dict[str, Any]) -> "TrainState":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def of_checkpoint(cls, directory: Path) -> "TrainState":
+        """The state a resumable checkpoint saved."""
+        return cls.from_json(json.loads((directory / STATE_FILE).read_text()))
 
 
 def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, state: dict[str, Any]) -> None:
@@ -232,7 +235,7 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
-    return TrainState.from_json(json.loads((directory / STATE_FILE).read_text()))
+    return TrainState.of_checkpoint(directory)
 
 
 def check_batch_layout(directory: Path, processes: int, batch_size: int, grad_accum: int,
@@ -242,7 +245,7 @@ def check_batch_layout(directory: Path, processes: int, batch_size: int, grad_ac
     the same permutation of the examples whatever the layout, unless batches are grouped by length, whose order
     follows the batch size), and the epoch's examples done so far end on a step of the new layout. A changed number
     of processes is not a setting, so this is the only check that catches it."""
-    saved = TrainState.from_json(json.loads((directory / STATE_FILE).read_text()))
+    saved = TrainState.of_checkpoint(directory)
     if saved.processes is None or (saved.processes, saved.batch_size, saved.grad_accum) == (
             processes, batch_size, grad_accum):
         return
@@ -288,7 +291,7 @@ def data_fingerprint(dataset: Any) -> str:
 def check_same_data(directory: Path, fingerprint: str, allow_changes: bool) -> dict[str, tuple[str, str]]:
     """Resuming `directory` on training data other than its own is refused, or with resume_allow_changes=true
     returned as a change to record (like a setting's); checkpoints from before the fingerprint was recorded pass."""
-    saved = TrainState.from_json(json.loads((directory / STATE_FILE).read_text())).data_fingerprint
+    saved = TrainState.of_checkpoint(directory).data_fingerprint
     if saved is None or saved == fingerprint:
         return {}
     if not allow_changes:

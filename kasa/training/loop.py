@@ -45,6 +45,7 @@ from kasa.run_dir import (
     HYDRA_DIR,
     clean_partial_writes,
     read_config,
+    step_dir_name,
     write_atomically,
     write_json,
 )
@@ -473,7 +474,7 @@ class TrainingRecipe:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
         self.nonfinite.check(self.accelerator)
         self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
-        directory = self.out / CHECKPOINTS_DIR / f"step-{self.state.step:08d}"
+        directory = self.out / CHECKPOINTS_DIR / step_dir_name(self.state.step)
         save_training_state(directory, self.accelerator, self.model, self.optimizer, self.scheduler, self.state)
         if self.main:
             prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)
