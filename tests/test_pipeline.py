@@ -16,6 +16,7 @@ from cli_helpers import run_cli, train_args, write_tsv
 from kasa.adapters import adapted_layers, load_adapter
 from kasa.run_dir import load_run_config
 from kasa.tasks import build_task
+from kasa.tasks.models import load_tokenizer
 
 @pytest.fixture(scope="module")
 def classification_run(tiny_model, sentiment_dir, tmp_path_factory) -> Path:
@@ -42,6 +43,12 @@ def test_classification_run_writes_every_file(classification_run: Path):
     assert [r["epoch"] for r in records if r["type"] == "eval"] == [0, 1]
     config = json.loads((classification_run / "config.json").read_text())
     assert config["method"]["rank"] == 4 and config["task"]["data_dir"]
+    # the training set's real (non-padding) tokens, each epoch, and their rate
+    run_config = load_run_config(classification_run, [])
+    dataset = build_task(run_config).train_dataset(load_tokenizer(run_config.model))
+    assert summary["train_tokens"] == 2 * sum(len(row["input_ids"]) for row in dataset)
+    rate, seconds = summary["tokens_per_second"], summary["train_seconds"]  # rounded to 0.1 and to 0.01
+    assert abs(rate * seconds - summary["train_tokens"]) <= rate * 0.005 + 0.05 * seconds + 1
 
 
 def test_kasa_eval_reproduces_the_training_metric(classification_run: Path):

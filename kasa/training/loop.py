@@ -139,7 +139,6 @@ class TrainingRecipe:
         self.hydra_files = hydra_files or {}  # Hydra's record of the command (.hydra/), written once the run starts
         self.out = Path(cfg.output_dir)
         self.state = TrainState()
-        self.tokens = 0  # non-padding tokens trained on by this process (tokens/s in the summary)
         self.progress_text = "training"  # the progress bar's label: epoch and the last logged loss
 
     # ---------------------------------------------------------------------------------------------------------
@@ -173,6 +172,9 @@ class TrainingRecipe:
                 self.clear_earlier_run()
             self.write_record()
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
+        # non-padding tokens trained on by this process (tokens/s in the summary), counted on the device: reading
+        # each batch's count would be a host-device sync per step
+        self.tokens = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
 
     def check_start(self) -> None:
         """Before anything loads: check the config's values (before the run directory exists: a refused value
@@ -388,7 +390,7 @@ class TrainingRecipe:
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One micro-batch: forward, backward and, when the gradients are accumulated, the optimiser step."""
         accelerator = self.accelerator
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += batch["attention_mask"].sum()
         with accelerator.accumulate(self.model):
             loss_task = self.task.loss(self.model, batch)
             aux = aux_loss(self.model)
@@ -483,6 +485,7 @@ class TrainingRecipe:
     def finish(self, train_seconds: float) -> dict[str, Any]:
         """summary.json and the console's table."""
         cfg, state = self.cfg, self.state
+        tokens = self.accelerator.reduce(self.tokens, "sum").item()  # every process's
         if not state.history:  # summary.json marks a finished run with a result: never for one that did not evaluate
             raise ValueError(f"the run in {self.out} ended without an evaluation: no summary written")
         summary = {
@@ -499,8 +502,9 @@ class TrainingRecipe:
             "steps": state.step,
             "trainable_params_without_head": self.params.adapter,  # the paper's count
             "trainable_params_with_head": self.params.trainable,
-            "train_seconds": round(train_seconds, 2),
-            "tokens_per_second": round(self.tokens * self.accelerator.num_processes / max(train_seconds, 1e-9), 1),
+            "train_seconds": round(train_seconds, 2),  # this session's, after a resume
+            "train_tokens": tokens,  # real (non-padding) tokens trained on in those seconds, every process's
+            "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
             "peak_memory_mib": peak_memory_mib(),
             "seed": cfg.seed,
             "rank": cfg.method.rank,
