@@ -15,14 +15,13 @@ import json
 import os
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from chat_server import ChatServer, answer
 from cli_helpers import run_cli
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer, styled_prompt
@@ -189,39 +188,8 @@ def scripted_score(prompt: str) -> int:
     return 1 + sum(prompt.encode()) % 10
 
 
-class JudgeServer:
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                prompt = body["messages"][-1]["content"]
-                content = json.dumps({"score": scripted_score(prompt), "justification": "scripted"})
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                status = 200 if self.path == "/v1/chat/completions" else 404
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def scripted_answer(number: int, body: dict) -> dict:
+    return answer(json.dumps({"score": scripted_score(body["messages"][-1]["content"]), "justification": "scripted"}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +209,7 @@ def run_all(commands: dict[str, list[str]], env: dict[str, str]) -> dict[str, su
 @pytest.fixture(scope="module")
 def runs(tiny_gpt2, tiny_llama, data, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("generation-runs")
-    judge = JudgeServer()
+    judge = ChatServer(scripted_answer)
     env = {**ENV, KEY_ENV: SECRET}
     judge_args = [f"task.judge.base_url={judge.base_url}", "task.judge.model=scripted-judge",
                   f"task.judge.api_key_env={KEY_ENV}", "task.judge.max_retries=0"]
@@ -273,7 +241,7 @@ def runs(tiny_gpt2, tiny_llama, data, tmp_path_factory) -> dict[str, Any]:
         evaluate["mt_bench"] = ["kasa.cli.evaluate", f"checkpoint={dirs['instruction']}", "split=question"]
         evaluated = run_all(evaluate, env)
     finally:
-        judge.close()
+        judge.stop()
     return {"dirs": dirs, "train": trained, "eval": evaluated, "judge": judge}
 
 
@@ -375,7 +343,8 @@ def test_instruction_trains_and_is_judged(runs):
     assert summary["best"] == pytest.approx(sum(scores) / len(scores))
     # The judge saw the figure 7 prompt with each response, and the key from the environment.
     judged = [r for r in runs["judge"].requests if r["body"]["model"] == "scripted-judge"]
-    assert all(r["path"] == "/v1/chat/completions" and r["auth"] == f"Bearer {SECRET}" for r in judged)
+    assert all(r["path"] == "/v1/chat/completions" and r["headers"]["Authorization"] == f"Bearer {SECRET}"
+               for r in judged)
     prompts = [r["body"]["messages"][0]["content"] for r in judged]
     for record in records:
         for response, score in zip(record["responses"], record["scores"]):

@@ -4,14 +4,13 @@ stopped at teardown), scripted to answer well, badly, slowly or with HTTP errors
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chat_server import ChatServer, answer, error
 from kasa.data.errors import DataError
 from kasa.data.files import load_mt_bench_questions
 from kasa.evaluation.judge import (
@@ -27,61 +26,8 @@ KEY_ENV = "KASA_TEST_JUDGE_KEY"
 SECRET = "sk-test-0123456789-do-not-leak"
 
 
-def answer(content: Any) -> dict:
-    return {"status": 200, "body": {"choices": [{"message": {"role": "assistant", "content": content}}]}}
-
-
-def error(status: int, headers: dict[str, str] | None = None) -> dict:
-    return {"status": status, "body": {"error": {"message": f"scripted {status}"}}, "headers": headers or {}}
-
-
 GOOD = answer('{"score": 8, "justification": "Complete and clear."}')
 MALFORMED = answer("I would rate this response quite highly overall.")
-
-
-class ScriptedServer:
-    """A chat-completions endpoint whose n-th POST gets the n-th scripted action (the last one repeats)."""
-
-    def __init__(self, script: list[dict]) -> None:
-        self.script = list(script)
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                action = server.script[min(len(server.requests), len(server.script)) - 1]
-                if self.path != "/v1/chat/completions":
-                    action = error(404)
-                time.sleep(action.get("sleep", 0.0))
-                payload = json.dumps(action["body"]).encode()
-                try:
-                    self.send_response(action["status"])
-                    for name, value in action.get("headers", {}).items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -90,10 +36,11 @@ def serve(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    servers: list[ScriptedServer] = []
+    servers: list[ChatServer] = []
 
-    def start(script: list[dict]) -> ScriptedServer:
-        servers.append(ScriptedServer(script))
+    def start(script: list[dict]) -> ChatServer:
+        """The n-th request gets the n-th scripted action (the last one repeats)."""
+        servers.append(ChatServer(lambda n, body: script[min(n, len(script)) - 1]))
         return servers[-1]
 
     yield start
@@ -101,7 +48,7 @@ def serve(monkeypatch):
         server.stop()
 
 
-def make_judge(server: ScriptedServer, **overrides: Any) -> Judge:
+def make_judge(server: ChatServer, **overrides: Any) -> Judge:
     settings = dict(base_url=server.base_url, model="judge-model", api_key_env=KEY_ENV, timeout=2.0, max_retries=2,
                     retry_base_delay=0.001)
     settings.update(overrides)
