@@ -10,7 +10,13 @@ command's --help) does not import torch.
 
 from typing import Any
 
+from kasa.hub import quiet_kernel_lookup  # light: logging and sockets
+
 __version__ = "0.1.0"
+
+# On every route into the package (a command, `import kasa`, `import kasa.training.loop`), before anything imports
+# bitsandbytes (transformers' trainer utilities import it through peft): its kernel-lookup notices stay off the console.
+quiet_kernel_lookup()
 
 
 def __getattr__(name: str) -> Any:

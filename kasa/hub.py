@@ -72,4 +72,3 @@ def offline_without_hub() -> None:
         for name in OFFLINE_VARIABLES:
             os.environ[name] = "1"
         constants.HF_HUB_OFFLINE = True  # already imported, before the variable was set
-    quiet_kernel_lookup()

@@ -76,13 +76,11 @@ def test_commands_import_no_hub_library_before_main():
     assert out.stdout.strip() == "[]"
 
 
-def test_every_command_start_quiets_the_optional_kernel_lookup(online_environment, caplog):
-    """bitsandbytes' search for an optional CPU kernel (it falls back to its own code) prints nothing once a command
-    has started; anything else those loggers say still does."""
+def test_importing_kasa_quiets_the_optional_kernel_lookup(caplog):
+    """bitsandbytes' search for an optional CPU kernel (it falls back to its own code) prints nothing once anything
+    of kasa is imported; anything else those loggers say still does."""
     import logging
 
-    online_environment.setattr(hub.socket, "create_connection", _probe(False, []))
-    hub.offline_without_hub()
     with caplog.at_level(logging.WARNING):
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
             "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "offline")
@@ -90,6 +88,14 @@ def test_every_command_start_quiets_the_optional_kernel_lookup(online_environmen
             "Skipping publisher trust check for 'kernels-community/x' because Hugging Face Hub is in offline mode.")
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_the_training_loop_imports_quietly_offline():
+    """The Python route that imports bitsandbytes first (transformers' trainer utilities import peft) says nothing."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", "import kasa.training.loop"], capture_output=True, text=True,
+                         timeout=120, check=True, env=env)
+    assert out.stderr == ""
 
 
 @pytest.mark.parametrize("gpu", [False, True])

@@ -25,8 +25,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kasa.hub import quiet_kernel_lookup
-
 QUANTIZATIONS = ("nf4", "int8")
 # Methods that run over a quantized base: kasa's own adapter layers (their frozen base may be any module) and BitFit
 # (biases stay float parameters of the bitsandbytes layers). Full fine-tuning cannot train 4/8-bit weights, and the
@@ -36,9 +34,6 @@ PENDING_ATTRIBUTE = "kasa_pending_quantization"
 QUANTIZED_ATTRIBUTE = "kasa_quantization"
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: the absmax values are themselves 8-bit, one float32 scale per 256
-
-
-quiet_kernel_lookup()  # before anything here imports bitsandbytes
 
 
 def check_quantization(quantization: str | None, method: str) -> None:
