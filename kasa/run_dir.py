@@ -28,6 +28,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 REGULARIZATION_FILE = "regularization.jsonl"
 SUMMARY_FILE = "summary.json"
+TRACKERS_FILE = "trackers.json"  # the W&B and MLflow runs' ids: a resume logs into the same tracker runs
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
 STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-XXXXXXXX/: resumable, by optimiser step (step_dir_name)

@@ -203,3 +203,19 @@ def test_a_resume_on_another_batch_layout_continues_only_on_the_same_examples(tm
     with pytest.raises(ValueError, match="one partition per process, for 2 process.*: resume it on 2 process"):
         check_batch_layout(checkpoint, 1, 8, 1)
     check_batch_layout(checkpoint, 2, 4, 1)
+
+
+def test_the_metrics_log_says_where_it_ends_past_a_line_cut_short(tmp_path):
+    """What the trackers had when a run was killed: the last whole record of metrics.jsonl (an eval record follows
+    its step's train record)."""
+    from kasa.training.checkpoint import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    assert log.last_position() == (0, 0)
+    log.write({"type": "train", "step": 3, "loss": 1.0})
+    assert log.last_position() == (3, 0)
+    log.write({"type": "eval", "step": 3, "accuracy": 0.5})
+    with log.path.open("a") as f:
+        f.write('{"type": "train", "st')  # killed mid-write
+    assert log.last_position() == (3, 1)
+    assert MetricsLog(tmp_path / "metrics.jsonl", enabled=False).last_position() == (0, 0)

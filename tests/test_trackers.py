@@ -1,10 +1,12 @@
 """logging.trackers: one tiny in-process training run logs its config and KaSA's terms to TensorBoard, W&B (offline
-mode) and MLflow (a local SQLite store), all inside the test's folder; no credential from the environment ends up in any
-file written."""
+mode) and MLflow (a local SQLite store), all inside the test's folder, and its resume continues the same tracker runs;
+no credential from the environment ends up in any file written."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 
@@ -39,7 +41,7 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
 
 
 @pytest.mark.slow  # the W&B service and MLflow's database take a while to start
-def test_a_run_logs_config_and_kasa_terms_to_every_tracker_and_writes_no_key(tmp_path, monkeypatch) -> None:
+def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_written(tmp_path, monkeypatch) -> None:
     pytest.importorskip("wandb")
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
@@ -58,7 +60,7 @@ def test_a_run_logs_config_and_kasa_terms_to_every_tracker_and_writes_no_key(tmp
     monkeypatch.chdir(tmp_path)  # anything a tracker writes into the working directory lands here too
 
     cfg = tiny_run_config(tmp_path)
-    cfg.logging.trackers = ["tensorboard", "wandb", "mlflow"]
+    cfg.logging.trackers, cfg.trainer.epochs = ["tensorboard", "wandb", "mlflow"], 2
     train(cfg, dataclasses.asdict(cfg))
 
     events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent))
@@ -76,6 +78,29 @@ def test_a_run_logs_config_and_kasa_terms_to_every_tracker_and_writes_no_key(tmp
     assert runs[0].data.params["method.method"] == "kasa"
     assert {"l2", "l3", "loss", "eval/accuracy"} <= set(runs[0].data.metrics)
 
+    # Killed after epoch 1's checkpoint: resume=auto continues the same W&B and MLflow runs (W&B offline writes a
+    # second folder under the same run id; syncing joins them) and logs only what they do not have yet.
+    recorded = json.loads((tmp_path / "run" / "trackers.json").read_text())
+    assert recorded == {"wandb": offline_runs[0].name.rsplit("-", 1)[1], "mlflow": runs[0].info.run_id}
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    shutil.rmtree(checkpoints[-1])
+    (tmp_path / "run" / "summary.json").unlink()
+    resumed = dataclasses.replace(cfg, resume="auto")
+    train(resumed, dataclasses.asdict(resumed))
+    assert (tmp_path / "run" / "summary.json").is_file()
+    offline_runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and {path.name.rsplit("-", 1)[1] for path in offline_runs} == {recorded["wandb"]}
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [run.info.run_id for run in runs] == [recorded["mlflow"]]
+    assert runs[0].data.params["resume"] == "null"  # the hyperparameters of the run's start
+    assert json.loads((tmp_path / "run" / "trackers.json").read_text()) == recorded
+    train_steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                   if r["type"] == "train"]
+    assert train_steps == list(range(1, len(train_steps) + 1))
+    history = mlflow.MlflowClient().get_metric_history(recorded["mlflow"], "loss")
+    assert sorted(point.step for point in history) == train_steps  # each step once
+    assert len(mlflow.MlflowClient().get_metric_history(recorded["mlflow"], "eval/accuracy")) == 2
+
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert len(written) > 10
     for path in written:
@@ -85,8 +110,6 @@ def test_a_run_logs_config_and_kasa_terms_to_every_tracker_and_writes_no_key(tmp
 
 
 def test_a_run_saved_with_the_old_tensorboard_flag_still_loads(tmp_path) -> None:
-    import json
-
     from kasa.run_dir import load_run_config
 
     config = dataclasses.asdict(tiny_run_config(tmp_path))

@@ -335,6 +335,19 @@ class MetricsLog:
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
+    def last_position(self) -> tuple[int, int]:
+        """Where the log ends: (step, 0 for a train record or 1 for an evaluation, which follows its step's train
+        record); (0, 0) when empty. A line cut short by a crash does not count."""
+        if not (self.enabled and self.path.exists()):
+            return 0, 0
+        for line in reversed(self.path.read_text().splitlines()):
+            try:
+                record = json.loads(line)
+                return int(record["step"]), int(record["type"] == "eval")
+            except (ValueError, KeyError, TypeError):
+                continue
+        return 0, 0
+
     def truncate(self, size: int) -> None:
         """Drop what was logged after a checkpoint, so a resumed run writes the same file as an uninterrupted one."""
         if self.enabled and self.path.exists():

@@ -43,6 +43,7 @@ from kasa.run_dir import (
     RESUMED_WITH_CHANGES_KEY,
     SUMMARY_FILE,
     HYDRA_DIR,
+    TRACKERS_FILE,
     clean_partial_writes,
     read_config,
     step_dir_name,
@@ -71,7 +72,7 @@ from kasa.tasks.models import load_tokenizer, whole_weights
 from kasa.training.preflight import RunStart, check_config_values, check_not_a_sweep, check_run_start
 from kasa.training.run_lock import RunLock
 from kasa.training.signals import StopSignals, TrainingInterrupted
-from kasa.training.trackers import check_trackers, start_trackers
+from kasa.training.trackers import check_trackers, recorded_tracker_ids, start_trackers
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -139,6 +140,7 @@ class TrainingRecipe:
         self.hydra_files = hydra_files or {}  # Hydra's record of the command (.hydra/), written once the run starts
         self.out = Path(cfg.output_dir)
         self.state = TrainState()
+        self.tracked_until = (0, 0)  # (step, 0 train / 1 eval) of the last record the trackers had before a resume
         self.progress_text = "training"  # the progress bar's label: epoch and the last logged loss
 
     # ---------------------------------------------------------------------------------------------------------
@@ -155,7 +157,8 @@ class TrainingRecipe:
         set_seed(self.cfg.seed)
         self.setup_task()
         # after the data's checks, before the model loads: a tracker that cannot start fails in seconds
-        start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out)
+        self.tracker_ids = start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out,
+                                          recorded_tracker_ids(self.out) if self.resumes_own_run() else None)
         self.setup_model()
         self.setup_data()
         self.setup_optimizer()
@@ -171,6 +174,9 @@ class TrainingRecipe:
             if self.resume_from is None:
                 self.clear_earlier_run()
             self.write_record()
+            recorded = recorded_tracker_ids(self.out)  # kept for the trackers this session leaves out
+            if recorded | self.tracker_ids != recorded:
+                write_json(self.out / TRACKERS_FILE, recorded | self.tracker_ids)
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
         # non-padding tokens trained on by this process (tokens/s in the summary), counted on the device: reading
         # each batch's count would be a host-device sync per step
@@ -231,9 +237,13 @@ class TrainingRecipe:
         """A fresh start over an earlier run (overwrite=true) removes that run's logs and checkpoints, so that
         nothing of it is mixed in: only at the end of setup, so that a start refused on the way (bad data, a model
         that does not load) leaves the earlier run whole."""
-        for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE):
+        for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE, TRACKERS_FILE):
             (self.out / name).unlink(missing_ok=True)
         shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
+
+    def resumes_own_run(self) -> bool:
+        """Whether the run continues from one of its own checkpoints (not from another run's, `resume=<path>`)."""
+        return self.resume_from is not None and self.resume_from.parent.parent == self.out
 
     def setup_task(self) -> None:
         """The task and its data, before anything heavy (a tokenizer loads in seconds): the evaluation's data and
@@ -242,7 +252,7 @@ class TrainingRecipe:
         self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         self.data_fingerprint = data_fingerprint(self.train_dataset)
-        if self.resume_from is not None and self.resume_from.parent.parent == self.out:  # this run's own data
+        if self.resumes_own_run():  # this run's own data
             self.start.config_changes |= check_same_data(self.resume_from, self.data_fingerprint,
                                                          self.cfg.resume_allow_changes)
 
@@ -314,6 +324,7 @@ class TrainingRecipe:
         """Optimiser, schedule and counters from `checkpoint`; the logs lose what was written after it. (Its
         weights went in before `prepare`, its RNG states go back in `epoch_batches`.)"""
         self.state = restore_training_state(checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler)
+        self.tracked_until = self.metrics_log.last_position()  # the records the trackers have had
         self.metrics_log.truncate(self.state.metrics_size)
         self.module_log.truncate(self.state.regularization_size)
         self.console.print(f"resumed from {checkpoint} (step {self.state.step}, epoch {self.state.epoch + 1})")
@@ -429,9 +440,11 @@ class TrainingRecipe:
         self.progress_text = f"epoch {self.state.epoch + 1}/{self.cfg.trainer.epochs} loss {record['loss']:.4f}"
 
     def log(self, record: dict[str, Any], tracked: dict[str, Any]) -> None:
-        """`record` into metrics.jsonl, `tracked` (its numbers, named for a dashboard) into the trackers."""
+        """`record` into metrics.jsonl, `tracked` (its numbers, named for a dashboard) into the trackers, which
+        already have the records that a resume repeats after its checkpoint (W&B would refuse them as out of order)."""
         self.metrics_log.write(record)
-        self.accelerator.log(tracked, step=record["step"])
+        if (record["step"], int(record["type"] == "eval")) > self.tracked_until:
+            self.accelerator.log(tracked, step=record["step"])
 
     # ---------------------------------------------------------------------------------------------------------
     # Evaluation and checkpoints

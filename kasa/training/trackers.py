@@ -5,7 +5,12 @@ hyperparameters; the loop then logs the losses (task loss, KaSA's L2, L3 and the
 and the evaluation metrics. Credentials come from the trackers' own environment variables (WANDB_API_KEY,
 MLFLOW_TRACKING_URI, ...), which kasa never reads into its config or writes anywhere. Where they write:
 TensorBoard into `<run dir>/tensorboard/`, W&B into `<run dir>/wandb/` unless WANDB_DIR is set (WANDB_MODE=offline
-works without an account), MLflow to MLFLOW_TRACKING_URI (or MLflow's default)."""
+works without an account), MLflow to MLFLOW_TRACKING_URI (or MLflow's default).
+
+A resumed run continues its W&B and MLflow runs (their ids are kept in `<run dir>/trackers.json`) instead of starting
+new ones; their hyperparameters stay those of the run's start (MLflow's cannot change; `config.json` records the
+settings a resume changed). What a resume logs again after its checkpoint goes to `metrics.jsonl` only: the trackers
+have it from before the interruption."""
 
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from kasa.run_dir import TRACKERS_FILE
+
 PROJECT = "kasa"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+RESUMABLE = ("wandb", "mlflow")  # trackers whose runs have ids that a later session can continue
 
 
 def check_trackers(names: list[str]) -> list[str]:
@@ -46,19 +54,47 @@ def hyperparameters(config: dict[str, Any], prefix: str = "") -> dict[str, str |
     return flat
 
 
-def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str, Any], out: Path) -> None:
-    """One tracker run per configured tracker (main process only, as Accelerate does), with the run's config."""
+def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str, Any], out: Path,
+                   resumed_ids: dict[str, str] | None = None) -> dict[str, str]:
+    """One tracker run per configured tracker (main process only, as Accelerate does), with the run's config; or,
+    for the trackers in `resumed_ids` (what the run's earlier session recorded), that tracker run continued. Returns
+    the ids of the W&B and MLflow runs, for `trackers.json`."""
     if not names:
-        return
+        return {}
+    resumed_ids = resumed_ids or {}
     run_name = f"{config.get('task', {}).get('name')}/{config.get('method', {}).get('method')}/{out.name}"
-    init_kwargs: dict[str, dict[str, Any]] = {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}}
+    wandb: dict[str, Any] = {"name": run_name}
+    if "wandb" in resumed_ids:
+        wandb |= {"id": resumed_ids["wandb"], "resume": "allow"}
     if "WANDB_DIR" not in os.environ:  # beside the run's other files
-        init_kwargs["wandb"]["dir"] = str(out)
+        wandb["dir"] = str(out)
+    mlflow = {"run_name": run_name, "run_id": resumed_ids.get("mlflow")}
     try:
-        accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs=init_kwargs)
+        accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
+        for tracker in accelerator.trackers:  # none on the other processes
+            if tracker.name not in resumed_ids:
+                tracker.store_init_configuration(hyperparameters(config))
     except Exception as err:  # the tracker's own error: a store it refuses, no login, a server it cannot reach
         package = type(err).__module__.split(".")[0]
         name = next((n for n in names if PACKAGES[n] == package), "a")
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot start the {name} tracker of logging.trackers ({message}): fix its settings (its "
                          "environment variables), or leave it out of logging.trackers") from err
+    if not accelerator.is_main_process:
+        return {}
+    runs = {tracker.name: tracker.tracker for tracker in accelerator.trackers}  # wandb's Run, mlflow's ActiveRun
+    ids = {}
+    if "wandb" in runs:
+        ids["wandb"] = runs["wandb"].id
+    if "mlflow" in runs:
+        ids["mlflow"] = runs["mlflow"].info.run_id
+    return ids
+
+
+def recorded_tracker_ids(out: Path) -> dict[str, str]:
+    """The tracker runs' ids that the run in `out` recorded ({} when none, or unreadable: new tracker runs)."""
+    try:
+        ids = json.loads((out / TRACKERS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: ids[name] for name in RESUMABLE if isinstance(ids, dict) and isinstance(ids.get(name), str)}
