@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -38,6 +39,11 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"^cannot start the mlflow tracker of logging.trackers \(The filesystem "
                        r"tracking backend is in maintenance mode\): .*leave it out of logging.trackers$"):
         start_trackers(Accelerator(), ["tensorboard", "mlflow"], {"task": {"name": "demo"}}, tmp_path)
+    # continuing the run's MLflow run: a run its server no longer has
+    with pytest.raises(ValueError, match=rf"\(The filesystem tracking backend is in maintenance mode\): fix its "
+                       rf"settings \(its environment variables\), or remove {re.escape(str(tmp_path / 'trackers.json'))} to start "
+                       r"new tracker runs, or leave it out of logging.trackers$"):
+        start_trackers(Accelerator(), ["mlflow"], {"task": {"name": "demo"}}, tmp_path, {"mlflow": "0123abcd"})
 
 
 @pytest.mark.slow  # the W&B service and MLflow's database take a while to start

@@ -78,8 +78,9 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         package = type(err).__module__.split(".")[0]
         name = next((n for n in names if PACKAGES[n] == package), "a")
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fresh = f", or remove {out / TRACKERS_FILE} to start new tracker runs" if name in resumed_ids else ""
         raise ValueError(f"cannot start the {name} tracker of logging.trackers ({message}): fix its settings (its "
-                         "environment variables), or leave it out of logging.trackers") from err
+                         f"environment variables){fresh}, or leave it out of logging.trackers") from err
     if not accelerator.is_main_process:
         return {}
     runs = {tracker.name: tracker.tracker for tracker in accelerator.trackers}  # wandb's Run, mlflow's ActiveRun
