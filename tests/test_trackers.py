@@ -40,9 +40,10 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
                        r"tracking backend is in maintenance mode\): .*leave it out of logging.trackers$"):
         start_trackers(Accelerator(), ["tensorboard", "mlflow"], {"task": {"name": "demo"}}, tmp_path)
     # continuing the run's MLflow run: a run its server no longer has
+    record = re.escape(str(tmp_path / "trackers.json"))
     with pytest.raises(ValueError, match=rf"\(The filesystem tracking backend is in maintenance mode\): fix its "
-                       rf"settings \(its environment variables\), or remove {re.escape(str(tmp_path / 'trackers.json'))} to start "
-                       r"new tracker runs, or leave it out of logging.trackers$"):
+                       rf"settings \(its environment variables\), or remove {record} to start new tracker runs, or "
+                       r"leave it out of logging.trackers$"):
         start_trackers(Accelerator(), ["mlflow"], {"task": {"name": "demo"}}, tmp_path, {"mlflow": "0123abcd"})
 
 
