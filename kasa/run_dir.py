@@ -48,6 +48,11 @@ CHOOSE_ANOTHER_RUN_DIR = "choose another hydra.run.dir (hydra.sweep.dir for a --
 HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
 
 
+def sweep_record(folder: Path) -> Path | None:
+    """The file that marks `folder` as a sweep's folder (its runs are the numbered subfolders), or None."""
+    return next((folder / name for name in SWEEP_RECORDS if (folder / name).is_file()), None)
+
+
 def follow_umask(path: Path) -> None:
     """Give a file, or every file under a folder, the permissions the umask gives new files, like every other file
     kasa writes: safetensors (and so transformers' and PEFT's save_pretrained) creates its files 0600."""

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not (sweep_dir / SWEEP_JOBS_FILE).is_file():  # marks the folder as a sweep's before the first job starts
+        write_json(sweep_dir / SWEEP_JOBS_FILE, [])
     records: list[dict] = []
     failed = 0
     for i, (job, command) in enumerate(zip(jobs, commands)):

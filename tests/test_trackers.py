@@ -47,6 +47,29 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
         start_trackers(Accelerator(), ["mlflow"], {"task": {"name": "demo"}}, tmp_path, {"mlflow": "0123abcd"})
 
 
+@pytest.mark.parametrize("record", ["multirun.yaml", "sweep_jobs.json", None])
+def test_a_sweeps_jobs_are_grouped_in_the_trackers(tmp_path, record) -> None:
+    class Accelerator:  # records what accelerate's init_trackers gets
+        is_main_process, trackers = True, []
+
+        def init_trackers(self, project, init_kwargs):
+            self.init_kwargs = init_kwargs
+
+    sweep = tmp_path / "sweeps" / "cola" / "2026-12-05_17-30-00"
+    (sweep / "3").mkdir(parents=True)
+    if record:
+        (sweep / record).write_text("")
+    accelerator = Accelerator()
+    config = {"task": {"name": "cola"}, "method": {"method": "kasa"}}
+    assert start_trackers(accelerator, ["wandb", "mlflow"], config, sweep / "3") == {}
+    wandb, mlflow = accelerator.init_kwargs["wandb"], accelerator.init_kwargs["mlflow"]
+    assert wandb["name"] == mlflow["run_name"] == "cola/kasa/3"
+    if record:
+        assert wandb["group"] == "cola/2026-12-05_17-30-00" and mlflow["tags"] == {"kasa.sweep": str(sweep)}
+    else:
+        assert "group" not in wandb and "tags" not in mlflow
+
+
 @pytest.mark.slow  # the W&B service and MLflow's database take a while to start
 def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_written(tmp_path, monkeypatch) -> None:
     pytest.importorskip("wandb")

@@ -34,8 +34,8 @@ from kasa.run_dir import (
     OVERRIDES_KEY,
     STATE_FILE,
     SUMMARY_FILE,
-    SWEEP_RECORDS,
     read_config,
+    sweep_record,
 )
 
 CPU_PARAMETER_LIMIT = 500_000_000
@@ -129,7 +129,7 @@ def check_output_dir(out: Path) -> None:
 def check_not_a_sweep(out: Path) -> None:
     """A sweep's own folder is not a run directory: its runs are its numbered subfolders, and a run written beside
     them would mix with them. Checked before the folder is locked, so that it is left as it was."""
-    record = next((out / name for name in SWEEP_RECORDS if (out / name).is_file()), None)
+    record = sweep_record(out)
     if record is not None:
         raise ValueError(f"hydra.run.dir={out} is a sweep's folder ({record.name}): pass one of its runs (e.g. "
                          f"hydra.run.dir={out / '0'}), or continue the whole sweep with its command and "

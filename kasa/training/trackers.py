@@ -1,8 +1,9 @@
 """Experiment trackers (`logging.trackers`: tensorboard, wandb, mlflow) through Accelerate's trackers.
 
 Each run starts one tracker run named after its task, method and run directory, with the resolved config as its
-hyperparameters; the loop then logs the losses (task loss, KaSA's L2, L3 and their weighted sum), the learning rate
-and the evaluation metrics. Credentials come from the trackers' own environment variables (WANDB_API_KEY,
+hyperparameters (a sweep's jobs side by side: W&B's group and MLflow's `kasa.sweep` tag name the sweep's folder);
+the loop then logs the losses (task loss, KaSA's L2, L3 and their weighted sum), the learning rate and the
+evaluation metrics. Credentials come from the trackers' own environment variables (WANDB_API_KEY,
 MLFLOW_TRACKING_URI, ...), which kasa never reads into its config or writes anywhere. Where they write:
 TensorBoard into `<run dir>/tensorboard/`, W&B into `<run dir>/wandb/` unless WANDB_DIR is set (WANDB_MODE=offline
 works without an account), MLflow to MLFLOW_TRACKING_URI (or MLflow's default).
@@ -22,7 +23,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from kasa.run_dir import TRACKERS_FILE
+from kasa.run_dir import TRACKERS_FILE, sweep_record
 
 PROJECT = "kasa"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -68,7 +69,11 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         wandb |= {"id": resumed_ids["wandb"], "resume": "allow"}
     if "WANDB_DIR" not in os.environ:  # beside the run's other files
         wandb["dir"] = str(out)
-    mlflow = {"run_name": run_name, "run_id": resumed_ids.get("mlflow")}
+    mlflow: dict[str, Any] = {"run_name": run_name, "run_id": resumed_ids.get("mlflow")}
+    if sweep_record(out.parent) is not None:  # a --multirun job: the sweep's runs side by side
+        sweep = out.parent.resolve()
+        wandb["group"] = f"{sweep.parent.name}/{sweep.name}"
+        mlflow["tags"] = {"kasa.sweep": str(sweep)}
     try:
         accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
         for tracker in accelerator.trackers:  # none on the other processes
