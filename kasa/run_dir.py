@@ -6,8 +6,8 @@ checkpoint, and a run's saved config (with overrides, checked against the schema
     <run>/regularization.jsonl    per logging step: each adapted module's L2 and L3 terms
     <run>/summary.json            written once, when the run finishes
     <run>/checkpoints/best/, last/, step-XXXXXXXX/   adapter checkpoints (kasa.training.checkpoint)
-    <run>/evaluations/<checkpoint>-step-XXXXXXXX/    kasa-eval's outputs while it runs; they stay there when a save
-                                                   replaced the checkpoint meanwhile, or when judging failed
+    <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/   kasa-eval's outputs while it runs; they stay there
+                                                   when a save replaced the checkpoint meanwhile, or judging failed
 
 Light on purpose (no torch): kasa-compare, kasa-plot, the sweep summary and scripts/ read runs with it."""
 

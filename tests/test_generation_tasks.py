@@ -374,7 +374,7 @@ def test_kasa_eval_keeps_the_responses_when_judging_fails(runs):
                      env={**ENV, KEY_ENV: SECRET})
     assert failed.returncode == 2
     step = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())["step"]
-    saved = run_dir / "evaluations" / f"best-step-{step:08d}" / "generations" / "instruction-test.jsonl"
+    saved = run_dir / "evaluations" / f"best-step-{step:08d}" / "test" / "generations" / "instruction-test.jsonl"
     assert failed.stderr.strip().splitlines()[-1].startswith(f"error: judging failed (the responses are in {saved}): ")
     records = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(records) == len(INSTRUCTION_TEST) and all(len(r["responses"]) == 2 for r in records)

@@ -189,7 +189,7 @@ def test_kasa_eval_keeps_its_outputs_when_the_training_saves_over_its_checkpoint
     replaced = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     report = json.loads(replaced.stdout.strip().splitlines()[-1])
-    folder = run_dir / "evaluations" / f"best-step-{step:08d}"
+    folder = run_dir / "evaluations" / f"best-step-{step:08d}" / "validation"
     assert report["output_dir"] == str(folder)
     assert f"outputs for the checkpoint evaluated are in {folder}" in replaced.stderr
     assert {**json.loads((folder / "eval_validation.json").read_text()), "output_dir": str(folder)} == report
@@ -201,6 +201,32 @@ def test_kasa_eval_keeps_its_outputs_when_the_training_saves_over_its_checkpoint
     assert json.loads(kept.stdout.strip().splitlines()[-1])["output_dir"] == str(best)
     assert (best / "eval_validation.json").is_file() and "saved over" not in kept.stderr
     assert not (run_dir / "evaluations" / f"best-step-{step + 100:08d}").exists()  # the staged outputs moved
+
+
+def test_kasa_evals_of_two_splits_at_once_keep_to_their_own_outputs(tmp_path):
+    """kasa-eval split=validation ending while kasa-eval split=test still writes its outputs: the first copies and
+    removes only its own staged files."""
+    from kasa.cli.evaluate import evaluation_folder, place_outputs
+    from kasa.run_dir import checkpoint_version
+
+    run_dir = tmp_path / "run"
+    best = run_dir / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (best / "adapter_model.safetensors").write_bytes(b"weights")
+    (best / "trainer_state.json").write_text('{"step": 8}')
+    version = checkpoint_version(best)
+    staged = {split: evaluation_folder(best, run_dir, 8, split) for split in ("validation", "test")}
+    for split, folder in staged.items():
+        (folder / "generations").mkdir(parents=True, exist_ok=True)
+        (folder / "generations" / f"e2e-{split}-predictions.txt").write_text(f"{split} outputs\n")
+    assert place_outputs(best, version, staged["validation"], "eval_validation.json", {"score": 1.0}) == best
+    assert (best / "generations" / "e2e-validation-predictions.txt").read_text() == "validation outputs\n"
+    assert not (best / "generations" / "e2e-test-predictions.txt").exists()  # still being written elsewhere
+    assert (staged["test"] / "generations" / "e2e-test-predictions.txt").read_text() == "test outputs\n"
+    assert not staged["validation"].exists()
+    assert place_outputs(best, version, staged["test"], "eval_test.json", {"score": 0.5}) == best
+    assert (best / "generations" / "e2e-test-predictions.txt").read_text() == "test outputs\n"
+    assert not (run_dir / "evaluations").exists()  # nothing staged is left
 
 
 @pytest.mark.parametrize("command, name", [("kasa.cli.evaluate", "kasa-eval"), ("kasa.cli.export", "kasa-export")])

@@ -11,7 +11,7 @@ dtype first, as there, and refused at once where that would not fit the GPU), `b
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
 override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
 task's outputs under generations/, into the checkpoint directory. They are written first to
-<run>/evaluations/<checkpoint>-step-XXXXXXXX/, and stay there when the training run saved over the checkpoint while
+<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved over the checkpoint while
 it was evaluated (best/ and last/ of a run still training), or when judging fails.
 """
 
@@ -89,7 +89,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
     # that fails leaves the responses there.
     step = state.get("step")
-    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None)
+    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None, split)
     metrics = task.evaluate(model, accelerator, tokenizer, split, staged / GENERATIONS_DIR)
     result = {
         "checkpoint": str(checkpoint),
@@ -105,13 +105,13 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def evaluation_folder(checkpoint: Path, run_dir: Path, step: int | None) -> Path:
-    """<run>/evaluations/<checkpoint>-step-XXXXXXXX/ (a step checkpoint: its own name): no training run replaces or
-    prunes it."""
+def evaluation_folder(checkpoint: Path, run_dir: Path, step: int | None, split: str) -> Path:
+    """<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/ (a step checkpoint: its own name): no training run
+    replaces or prunes it, and evaluations of other splits running at the same time have folders of their own."""
     label = checkpoint.name
     if step is not None and not STEP_DIR.match(label):  # best/ and last/: which of their saves
         label += f"-{step_dir_name(step)}"
-    return run_dir / EVALUATIONS_DIR / label
+    return run_dir / EVALUATIONS_DIR / label / split
 
 
 def place_outputs(checkpoint: Path, version: tuple[int, ...] | None, staged: Path, result_name: str,
@@ -138,11 +138,10 @@ def place_outputs(checkpoint: Path, version: tuple[int, ...] | None, staged: Pat
 
 
 def _remove_staged(staged: Path, names: list[Path]) -> None:
-    """The staged copies, then the folders they leave empty (another kasa-eval of the checkpoint may be staging
-    there too: only this one's files go)."""
+    """The staged copies, then the folders they leave empty (another split's evaluation may be staging beside it)."""
     for name in names:
         (staged / name).unlink(missing_ok=True)
-    folders = {(staged / name).parent for name in names} | {staged, staged.parent}
+    folders = {(staged / name).parent for name in names} | {staged, staged.parent, staged.parent.parent}
     for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # the deepest first
         try:
             folder.rmdir()
