@@ -11,8 +11,8 @@ dtype first, as there, and refused at once where that would not fit the GPU), `b
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
 override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
 task's outputs under generations/, into the checkpoint directory. They are written first to
-<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved over the checkpoint while
-it was evaluated (best/ and last/ of a run still training), or when judging fails.
+<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved over the checkpoint
+while it was evaluated (best/ and last/ of a run still training), or when judging fails.
 """
 
 from __future__ import annotations
