@@ -40,7 +40,11 @@ def assert_one_line_error(result, *fragments: str) -> None:
         (["trainer.grad_accum=0"], ["trainer.grad_accum=0"]),
         (["trainer.batch_size=0"], ["trainer.batch_size=0"]),
         (["trainer.lr=-1"], ["trainer.lr=-1"]),
-        (["trainer.epochs=abc"], ["wrong value for trainer.epochs", "could not be converted"]),
+        (["trainer.epochs=abc"], ["wrong value for trainer.epochs", "could not be converted",
+                                  "it takes a whole number, e.g. trainer.epochs=3"]),
+        (["logging.trackers=wandb"], ["wrong value for logging.trackers",
+                                      "it takes a list, e.g. 'logging.trackers=[wandb]' (quoted for the shell)"]),
+        (["trainer.packing=maybe"], ["wrong value for trainer.packing", "it takes true or false"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),

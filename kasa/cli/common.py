@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -83,7 +84,8 @@ def _describe_hydra(err: HydraException) -> str:
         return f"cannot parse the overrides ({first}): write key=value, and quote lists, e.g. 'model.target_modules=[a,b]'"
     key = getattr(err.__cause__, "full_key", None)
     if key and isinstance(err.__cause__, ValidationError):  # a known key with a value of the wrong type
-        return f"wrong value for {key}: {str(err.__cause__).strip().splitlines()[0]}"
+        reason = str(err.__cause__).strip().splitlines()[0].rstrip(".")
+        return f"wrong value for {key} ({reason}){_what_it_takes(key, getattr(err.__cause__, 'value', None))}"
     if key:
         parent, _, leaf = key.rpartition(".")
         if parent == "method" and leaf in MODEL_MODULES:
@@ -121,16 +123,44 @@ def describe_error(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _schema_fields(path: str, root: type) -> list[str] | None:
-    """The field names of the dataclass at `path` (e.g. "trainer") under `root`, or None."""
+def _schema_class(path: str, root: type) -> type | None:
+    """The dataclass at `path` (e.g. "trainer", "" for `root` itself) under `root`, or None."""
     node: Any = root
-    for part in path.split("."):
+    for part in filter(None, path.split(".")):
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
             return None
         node = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
         node = type(node) if node is not None and dataclasses.is_dataclass(node) else node
-    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else None
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def _schema_fields(path: str, root: type) -> list[str] | None:
+    """The field names of the dataclass at `path` (e.g. "trainer") under `root`, or None."""
+    node = _schema_class(path, root)
+    return [f.name for f in dataclasses.fields(node)] if node is not None else None
+
+
+def _what_it_takes(key: str, given: Any) -> str:
+    """For a value of the wrong type: what the schema's field at `key` takes, with an override that would do."""
+    parent, _, leaf = key.rpartition(".")
+    owner = _schema_class(parent, RunConfig)
+    field = next((f for f in dataclasses.fields(owner) if f.name == leaf), None) if owner else None
+    if field is None:
+        return ""
+    kind = typing.get_type_hints(owner)[leaf]
+    if type(None) in typing.get_args(kind):  # Optional[X]: X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if typing.get_origin(kind) is list:
+        items = given if isinstance(given, str) else ",".join(map(str, default or []))
+        return f": it takes a list, e.g. '{key}=[{items}]' (quoted for the shell)"
+    if kind is bool:
+        return f": it takes true or false, e.g. {key}={str(bool(default)).lower()}"
+    if kind in (int, float):
+        example = f", e.g. {key}={default}" if isinstance(default, (int, float)) else ""
+        return f": it takes {'a whole number' if kind is int else 'a number'}{example}"
+    return ""
 
 
 def fail(message: str) -> NoReturn:
