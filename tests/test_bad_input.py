@@ -143,6 +143,15 @@ def test_checkpoint_from_another_base_model(finished_run, tmp_path):
     assert_one_line_error(result, "saved for base model")
 
 
+@pytest.mark.parametrize("override, fragments", [
+    ("task.text_fields=sentence", ["wrong value for task.text_fields",
+                                   "it takes a list, e.g. 'task.text_fields=[sentence]'"]),
+    ("task.no_such_key=1", ["invalid config at task.no_such_key", "valid keys under task: name"]),
+])
+def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragments):
+    assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)
+
+
 @pytest.mark.parametrize("allow, fragments", [
     (False, ["differ from its own", "method.method: 'kasa' -> 'lora'", "resume_allow_changes=true"]),
     (True, ["does not match this run"]),  # changes allowed: the checkpoint itself does not fit

@@ -84,8 +84,7 @@ def _describe_hydra(err: HydraException) -> str:
         return f"cannot parse the overrides ({first}): write key=value, and quote lists, e.g. 'model.target_modules=[a,b]'"
     key = getattr(err.__cause__, "full_key", None)
     if key and isinstance(err.__cause__, ValidationError):  # a known key with a value of the wrong type
-        reason = str(err.__cause__).strip().splitlines()[0].rstrip(".")
-        return f"wrong value for {key} ({reason}){_what_it_takes(key, getattr(err.__cause__, 'value', None))}"
+        return _wrong_value(key, err.__cause__)
     if key:
         parent, _, leaf = key.rpartition(".")
         if parent == "method" and leaf in MODEL_MODULES:
@@ -113,9 +112,11 @@ def describe_error(err: Exception) -> str:
         return _describe_hydra(err)
     if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
         return _describe_os_error(err)
-    if isinstance(err, OmegaConfBaseException):
+    if isinstance(err, OmegaConfBaseException):  # an override of a saved run's config (kasa-eval, kasa-export)
         message = str(err).splitlines()[0]
         key = getattr(err, "full_key", None)
+        if key and isinstance(err, ValidationError):
+            return _wrong_value(key, err)
         parent = key.rsplit(".", 1)[0] if key and "." in key else None
         valid = _schema_fields(parent, RunConfig) if parent else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""
@@ -139,6 +140,12 @@ def _schema_fields(path: str, root: type) -> list[str] | None:
     """The field names of the dataclass at `path` (e.g. "trainer") under `root`, or None."""
     node = _schema_class(path, root)
     return [f.name for f in dataclasses.fields(node)] if node is not None else None
+
+
+def _wrong_value(key: str, err: ValidationError) -> str:
+    """A known key given a value of the wrong type: OmegaConf's reason and what the key takes."""
+    reason = str(err).strip().splitlines()[0].rstrip(".")
+    return f"wrong value for {key} ({reason}){_what_it_takes(key, getattr(err, 'value', None))}"
 
 
 def _what_it_takes(key: str, given: Any) -> str:
