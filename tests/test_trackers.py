@@ -147,3 +147,39 @@ def test_a_run_saved_with_the_old_tensorboard_flag_still_loads(tmp_path) -> None
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     assert load_run_config(tmp_path / "run").logging.trackers == ["tensorboard"]
+
+
+@pytest.mark.slow  # MLflow's database takes a while to start
+def test_a_failed_run_closes_its_tracker_runs_so_the_next_job_can_start(tmp_path, monkeypatch) -> None:
+    """The jobs of a --multirun run in one process: a job that fails (here a diverging learning rate) must not leave
+    its MLflow run active, which MLflow would refuse to start the next job's beside."""
+    mlflow = pytest.importorskip("mlflow")
+    from kasa.training.loop import train
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.chdir(tmp_path)
+    failing = tiny_run_config(tmp_path)
+    failing.logging.trackers, failing.trainer.lr, failing.output_dir = ["mlflow"], 1e12, str(tmp_path / "0")
+    with pytest.raises(FloatingPointError):
+        train(failing, dataclasses.asdict(failing))
+    working = dataclasses.replace(failing, trainer=dataclasses.replace(failing.trainer, lr=5e-3),
+                                  output_dir=str(tmp_path / "1"))
+    train(working, dataclasses.asdict(working))
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted((run.info.run_name.rsplit("/", 1)[1], run.info.status) for run in runs) == [
+        ("0", "FAILED"), ("1", "FINISHED")]
+
+
+def test_a_tracker_error_names_the_tracker_whose_code_raised_it() -> None:
+    """MLflow raises plain Exceptions too: the tracker is found from the innermost frame in its package."""
+    from kasa.training.trackers import _failing_tracker
+
+    code = compile("raise Exception('Run with UUID 0123 is already active')",
+                   "/site-packages/mlflow/tracking/fluent.py", "exec")
+    with pytest.raises(Exception) as raised:
+        exec(code)
+    assert _failing_tracker(raised.value, ["tensorboard", "mlflow"]) == "mlflow"
+    assert _failing_tracker(ValueError("x"), ["tensorboard", "mlflow"]) == "a"
+    assert _failing_tracker(ValueError("x"), ["wandb"]) == "wandb"

@@ -72,7 +72,7 @@ from kasa.tasks.models import load_tokenizer, whole_weights
 from kasa.training.preflight import RunStart, check_config_values, check_not_a_sweep, check_run_start
 from kasa.training.run_lock import RunLock
 from kasa.training.signals import StopSignals, TrainingInterrupted
-from kasa.training.trackers import check_trackers, recorded_tracker_ids, start_trackers
+from kasa.training.trackers import check_trackers, end_trackers, recorded_tracker_ids, start_trackers
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -344,6 +344,11 @@ class TrainingRecipe:
                     return self.start.finished_summary
                 self.stop.checkpointable = True
                 return self.train_epochs()
+            except BaseException as err:
+                if getattr(self, "accelerator", None) is not None:  # the next job of a sweep starts its own
+                    end_trackers(self.accelerator, "interrupted" if isinstance(err, (TrainingInterrupted,
+                                                                                    KeyboardInterrupt)) else "failed")
+                raise
             finally:
                 if getattr(self, "lock", None) is not None:
                     self.lock.release()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,7 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
             if tracker.name not in resumed_ids:
                 tracker.store_init_configuration(hyperparameters(config))
     except Exception as err:  # the tracker's own error: a store it refuses, no login, a server it cannot reach
-        package = type(err).__module__.split(".")[0]
-        name = next((n for n in names if PACKAGES[n] == package), "a")
+        name = _failing_tracker(err, names)
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fresh = f", or remove {out / TRACKERS_FILE} to start new tracker runs" if name in resumed_ids else ""
         raise ValueError(f"cannot start the {name} tracker of logging.trackers ({message}): fix its settings (its "
@@ -104,3 +104,31 @@ def recorded_tracker_ids(out: Path) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return {name: ids[name] for name in RESUMABLE if isinstance(ids, dict) and isinstance(ids.get(name), str)}
+
+
+def _failing_tracker(err: Exception, names: list[str]) -> str:
+    """Which tracker raised `err`: the package of its type, else of the innermost frame in a tracker's package (MLflow
+    raises plain Exceptions too), else the only one configured."""
+    candidates = [{type(err).__module__.split(".")[0]}]
+    candidates += [set(Path(frame.filename).parts) for frame in reversed(traceback.extract_tb(err.__traceback__))]
+    for found in candidates:
+        name = next((n for n in names if PACKAGES[n] in found), None)
+        if name is not None:
+            return name
+    return names[0] if len(names) == 1 else "a"
+
+
+def end_trackers(accelerator: Accelerator, outcome: str) -> None:
+    """Close the run's tracker runs, marked by `outcome` ("failed", or "interrupted" by a stop signal, to be resumed),
+    so that the next job of a --multirun in this process starts runs of its own (MLflow refuses a second active run).
+    A run that finishes closes them in `Accelerator.end_training`."""
+    for tracker in accelerator.trackers:  # none on the other processes
+        if tracker.name == "mlflow":
+            import mlflow
+
+            mlflow.end_run(status="KILLED" if outcome == "interrupted" else "FAILED")
+        elif tracker.name == "wandb":
+            tracker.tracker.finish(exit_code=1)
+        else:
+            tracker.finish()
+    accelerator.trackers.clear()
