@@ -120,6 +120,7 @@ def test_runs_without_summary_are_skipped_with_a_warning(grid_sweep, caplog):
     rows = _read_csv(sweep_dir / "sweep_summary.csv")
     assert sum(int(r["n"]) for r in rows) == 12
     assert "skipped (no usable summary.json): 2" in md.read_text()
+    assert "- folders skipped: `12/`, `13/`" in md.read_text()  # folders, not counts
 
 
 def test_single_column_heatmap_when_only_beta_varies(tmp_path):

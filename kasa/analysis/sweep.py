@@ -330,7 +330,7 @@ def write_markdown(
         "- statistics over the seeds of each setting; std is the sample standard deviation (ddof 1)",
     ]
     if skipped:
-        lines.append(f"- skipped: {', '.join(str(p.relative_to(sweep_dir)) for p in skipped)}")
+        lines.append(f"- folders skipped: {', '.join(f'`{p.relative_to(sweep_dir)}/`' for p in skipped)}")
     if rows:
         top = max(rows, key=lambda r: r["median"])
         described = ", ".join(f"{k}={_fmt(top[k])}" for k in keys)
