@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,15 @@ def end_trackers(accelerator: Accelerator, outcome: str) -> None:
     so that the next job of a --multirun in this process starts runs of its own (MLflow refuses a second active run).
     A run that finishes closes them in `Accelerator.end_training`."""
     for tracker in accelerator.trackers:  # none on the other processes
-        if tracker.name == "mlflow":
-            import mlflow
+        try:
+            if tracker.name == "mlflow":
+                import mlflow
 
-            mlflow.end_run(status="KILLED" if outcome == "interrupted" else "FAILED")
-        elif tracker.name == "wandb":
-            tracker.tracker.finish(exit_code=1)
-        else:
-            tracker.finish()
+                mlflow.end_run(status="KILLED" if outcome == "interrupted" else "FAILED")
+            elif tracker.name == "wandb":
+                tracker.tracker.finish(exit_code=1)
+            else:
+                tracker.finish()
+        except Exception as err:  # the run's own error is the one to report
+            print(f"warning: could not close the {tracker.name} tracker run ({err})", file=sys.stderr)
     accelerator.trackers.clear()
