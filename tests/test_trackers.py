@@ -163,6 +163,7 @@ def test_a_failed_run_closes_its_tracker_runs_so_the_next_job_can_start(tmp_path
     failing.logging.trackers, failing.trainer.lr, failing.output_dir = ["mlflow"], 1e12, str(tmp_path / "0")
     with pytest.raises(FloatingPointError):
         train(failing, dataclasses.asdict(failing))
+    assert mlflow.active_run() is None
     working = dataclasses.replace(failing, trainer=dataclasses.replace(failing.trainer, lr=5e-3),
                                   output_dir=str(tmp_path / "1"))
     train(working, dataclasses.asdict(working))
