@@ -47,6 +47,17 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
         start_trackers(Accelerator(), ["mlflow"], {"task": {"name": "demo"}}, tmp_path, {"mlflow": "0123abcd"})
 
 
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """mlflow, with a local store in the test's folder (MLflow 3 refuses new file stores: a SQLite database), named
+    by the variable users set and for this process too: `mlflow.set_tracking_uri`, which outranks the variable, may
+    still hold an earlier test's store."""
+    mlflow = pytest.importorskip("mlflow")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    return mlflow
+
+
 @pytest.mark.parametrize("record", ["multirun.yaml", "sweep_jobs.json", None])
 def test_a_sweeps_jobs_are_grouped_in_the_trackers(tmp_path, record) -> None:
     class Accelerator:  # records what accelerate's init_trackers gets
@@ -71,9 +82,10 @@ def test_a_sweeps_jobs_are_grouped_in_the_trackers(tmp_path, record) -> None:
 
 
 @pytest.mark.slow  # the W&B service and MLflow's database take a while to start
-def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_written(tmp_path, monkeypatch) -> None:
+def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_written(tmp_path, monkeypatch,
+                                                                                    mlflow_store) -> None:
     pytest.importorskip("wandb")
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = mlflow_store
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,8 +97,6 @@ def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_wri
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb-dir").mkdir()
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow 3 refuses new file stores; a local database
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(tmp_path)  # anything a tracker writes into the working directory lands here too
 
     cfg = tiny_run_config(tmp_path)
@@ -102,7 +112,6 @@ def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_wri
     logged = b"".join(path.read_bytes() for path in offline_runs[0].rglob("*.wandb"))
     assert b"method.beta" in logged and b"l3" in logged
 
-    mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 1
     assert runs[0].data.params["method.method"] == "kasa"
@@ -150,14 +159,12 @@ def test_a_run_saved_with_the_old_tensorboard_flag_still_loads(tmp_path) -> None
 
 
 @pytest.mark.slow  # MLflow's database takes a while to start
-def test_a_failed_run_closes_its_tracker_runs_so_the_next_job_can_start(tmp_path, monkeypatch) -> None:
+def test_a_failed_run_closes_its_tracker_runs_so_the_next_job_can_start(tmp_path, monkeypatch, mlflow_store) -> None:
     """The jobs of a --multirun run in one process: a job that fails (here a diverging learning rate) must not leave
     its MLflow run active, which MLflow would refuse to start the next job's beside."""
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = mlflow_store
     from kasa.training.loop import train
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(tmp_path)
     failing = tiny_run_config(tmp_path)
     failing.logging.trackers, failing.trainer.lr, failing.output_dir = ["mlflow"], 1e12, str(tmp_path / "0")
@@ -167,7 +174,6 @@ def test_a_failed_run_closes_its_tracker_runs_so_the_next_job_can_start(tmp_path
     working = dataclasses.replace(failing, trainer=dataclasses.replace(failing.trainer, lr=5e-3),
                                   output_dir=str(tmp_path / "1"))
     train(working, dataclasses.asdict(working))
-    mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert sorted((run.info.run_name.rsplit("/", 1)[1], run.info.status) for run in runs) == [
         ("0", "FAILED"), ("1", "FINISHED")]
