@@ -177,6 +177,11 @@ def checkpoint_version(checkpoint: Path) -> tuple[int, ...] | None:
     return tuple(version)
 
 
+def is_checkpoint_of(checkpoint: Path, run_dir: Path) -> bool:
+    """Whether `checkpoint` is one of the run's own (checkpoints/<name>/), not another run's (`resume=<path>`)."""
+    return checkpoint.parent.parent == run_dir
+
+
 def check_checkpoint_unchanged(checkpoint: Path, version: tuple[int, ...] | None, while_doing: str) -> None:
     """Refuse what was read from `checkpoint` if a save replaced or removed it meanwhile: its files could come from
     two different saves."""

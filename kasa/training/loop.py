@@ -45,6 +45,7 @@ from kasa.run_dir import (
     HYDRA_DIR,
     TRACKERS_FILE,
     clean_partial_writes,
+    is_checkpoint_of,
     read_config,
     step_dir_name,
     write_atomically,
@@ -157,8 +158,9 @@ class TrainingRecipe:
         set_seed(self.cfg.seed)
         self.setup_task()
         # after the data's checks, before the model loads: a tracker that cannot start fails in seconds
-        self.tracker_ids = start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config, self.out,
-                                          recorded_tracker_ids(self.out) if self.resumes_own_run() else None)
+        resumed_ids = recorded_tracker_ids(self.out) if self.resumes_own_run() else {}
+        tracker_ids = resumed_ids | start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config,
+                                                   self.out, resumed_ids)  # the recorded ones kept, for a later resume
         self.setup_model()
         self.setup_data()
         self.setup_optimizer()
@@ -174,9 +176,8 @@ class TrainingRecipe:
             if self.resume_from is None:
                 self.clear_earlier_run()
             self.write_record()
-            recorded = recorded_tracker_ids(self.out)  # kept for the trackers this session leaves out
-            if recorded | self.tracker_ids != recorded:
-                write_json(self.out / TRACKERS_FILE, recorded | self.tracker_ids)
+            if tracker_ids != resumed_ids:
+                write_json(self.out / TRACKERS_FILE, tracker_ids)
         self.nonfinite = NonFiniteLoss(self.accelerator.device)
         # non-padding tokens trained on by this process (tokens/s in the summary), counted on the device: reading
         # each batch's count would be a host-device sync per step
@@ -243,7 +244,7 @@ class TrainingRecipe:
 
     def resumes_own_run(self) -> bool:
         """Whether the run continues from one of its own checkpoints (not from another run's, `resume=<path>`)."""
-        return self.resume_from is not None and self.resume_from.parent.parent == self.out
+        return self.resume_from is not None and is_checkpoint_of(self.resume_from, self.out)
 
     def setup_task(self) -> None:
         """The task and its data, before anything heavy (a tokenizer loads in seconds): the evaluation's data and
@@ -346,8 +347,8 @@ class TrainingRecipe:
                 return self.train_epochs()
             except BaseException as err:
                 if getattr(self, "accelerator", None) is not None:  # the next job of a sweep starts its own
-                    end_trackers(self.accelerator, "interrupted" if isinstance(err, (TrainingInterrupted,
-                                                                                    KeyboardInterrupt)) else "failed")
+                    interrupted = isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
+                    end_trackers(self.accelerator, interrupted=interrupted)
                 raise
             finally:
                 if getattr(self, "lock", None) is not None:

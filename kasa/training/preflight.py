@@ -34,6 +34,7 @@ from kasa.run_dir import (
     OVERRIDES_KEY,
     STATE_FILE,
     SUMMARY_FILE,
+    is_checkpoint_of,
     read_config,
     sweep_record,
 )
@@ -320,7 +321,7 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
                                   f"({describe_differences(differences)}): pass overwrite=true to replace it, or "
                                   f"{CHOOSE_ANOTHER_RUN_DIR}")
         return start
-    if start.resume_from is not None and start.resume_from.parent.parent == out:
+    if start.resume_from is not None and is_checkpoint_of(start.resume_from, out):
         start.config_changes = check_resume_config(out / CONFIG_FILE, resolved_config, cfg.resume_allow_changes)
     check_model(cfg)
     return start

@@ -119,16 +119,16 @@ def _failing_tracker(err: Exception, names: list[str]) -> str:
     return names[0] if len(names) == 1 else "a"
 
 
-def end_trackers(accelerator: Accelerator, outcome: str) -> None:
-    """Close the run's tracker runs, marked by `outcome` ("failed", or "interrupted" by a stop signal, to be resumed),
-    so that the next job of a --multirun in this process starts runs of its own (MLflow refuses a second active run).
-    A run that finishes closes them in `Accelerator.end_training`."""
+def end_trackers(accelerator: Accelerator, interrupted: bool) -> None:
+    """Close the tracker runs of a run that failed, or was `interrupted` by a stop signal (to be resumed), so that
+    the next job of a --multirun in this process starts runs of its own (MLflow refuses a second active run). A run
+    that finishes closes them in `Accelerator.end_training`."""
     for tracker in accelerator.trackers:  # none on the other processes
         try:
             if tracker.name == "mlflow":
                 import mlflow
 
-                mlflow.end_run(status="KILLED" if outcome == "interrupted" else "FAILED")
+                mlflow.end_run(status="KILLED" if interrupted else "FAILED")
             elif tracker.name == "wandb":
                 tracker.tracker.finish(exit_code=1)
             else:
