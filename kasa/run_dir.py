@@ -125,6 +125,16 @@ def clean_partial_writes(run_dir: str | Path) -> list[Path]:
     return removed
 
 
+def remove_if_empty(folder: str | Path) -> bool:
+    """Remove `folder` if it holds nothing: what a refused start leaves (Hydra creates a run's folder before kasa
+    reads its config). Whether it did."""
+    try:
+        Path(folder).rmdir()
+    except OSError:  # not empty (another process may have started in it), gone, or the working directory
+        return False
+    return True
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli_helpers import make_tiny_bert, run_cli, train_args, write_tsv
-from kasa.run_dir import SWEEP_RECORDS
+from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -69,12 +69,26 @@ def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
 
 
 @pytest.mark.parametrize("override", ["trainer.lr=-1", "model.dtype=float8", "model.attn_implementation=flash"])
-def test_a_refused_value_leaves_nothing_in_the_run_directory(tiny_model, sentiment_dir, tmp_path, override):
-    """Checked before kasa locks or writes the folder (Hydra has created it, empty, by then)."""
+def test_a_refused_value_leaves_no_run_directory(tiny_model, sentiment_dir, tmp_path, override):
+    """Checked before kasa locks or writes the folder; Hydra has created it, empty, by then, and it goes."""
     run_dir = tmp_path / "run"
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), override)
     assert_one_line_error(result, override.split("=")[0])
-    assert not run_dir.exists() or not any(run_dir.iterdir())
+    assert not run_dir.exists()
+
+
+def test_a_start_refused_after_the_lock_leaves_no_run_directory(tiny_model, tmp_path):
+    """Refused once the folder is locked (its data): the lock file and the folder go too; a folder with anything
+    else in it stays as it was."""
+    run_dir = tmp_path / "run"
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, tmp_path / "nowhere", run_dir))
+    assert_one_line_error(result, "nowhere", "task.data_dir")
+    assert not run_dir.exists()
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, tmp_path / "nowhere", run_dir))
+    assert_one_line_error(result, "nowhere", "task.data_dir")
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE, "notes.txt"]
 
 
 @pytest.mark.parametrize("record", SWEEP_RECORDS)

@@ -3,6 +3,7 @@ the checks made before any model loads, and the refusal of non-finite checkpoint
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from kasa.adapters.io import refuse_non_finite, save_tensors
 from kasa.config import RunConfig
+from kasa.run_dir import LOCK_FILE
 from kasa.training import preflight
 from kasa.training.run_lock import RunDirLocked, RunLock
 from kasa.training.signals import StopSignals, TrainingInterrupted, interrupted_message, resume_command
@@ -59,6 +61,37 @@ def test_lock_dies_with_its_process(tmp_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     RunLock(tmp_path / "run").acquire().release()
+
+
+def test_a_refused_start_discards_its_empty_run_directory(tmp_path):
+    """release(discard_empty=True) removes the lock file and the folder when nothing else is in it, while the lock
+    is held; a folder holding anything else keeps all of it."""
+    RunLock(tmp_path / "run").acquire().release(discard_empty=True)
+    assert not (tmp_path / "run").exists()
+    lock = RunLock(tmp_path / "run").acquire()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    lock.release(discard_empty=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE, "config.json"]
+
+
+def test_lock_taken_on_a_discarded_file_is_taken_again(tmp_path, monkeypatch):
+    """A process that opened the lock file just before a refused start discarded it locks a file no longer in the
+    folder: it notices and locks the one at the path, so two runs never hold the same folder."""
+    real_flock, discarded = fcntl.flock, []
+
+    def flock_after_a_discard(fd, operation):
+        if not discarded and operation & fcntl.LOCK_EX:  # the other process discards between our open and flock
+            discarded.append(os.fstat(fd).st_ino)
+            (tmp_path / "run" / LOCK_FILE).unlink()
+            (tmp_path / "run").rmdir()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_discard)
+    lock = RunLock(tmp_path / "run").acquire()
+    assert discarded and os.stat(tmp_path / "run" / LOCK_FILE).st_ino == os.fstat(lock._fd).st_ino
+    with pytest.raises(RunDirLocked):
+        RunLock(tmp_path / "run").acquire()
+    lock.release()
 
 
 def test_first_signal_requests_a_stop_second_exits_at_once(tmp_path):

@@ -35,6 +35,7 @@ from kasa.cli.common import (
     run_reporting_errors,
 )
 from kasa.config import resolve, validate
+from kasa.run_dir import remove_if_empty
 from kasa.training.preflight import check_sweep_job
 
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
@@ -72,7 +73,11 @@ def _run(cfg: DictConfig) -> float:
             sys.exit(INTERRUPTED_EXIT)
 
     if sweep_dir is None:
-        return run_reporting_errors(job)
+        try:
+            return run_reporting_errors(job)
+        except BaseException:  # Hydra made the run's folder before its config could be refused: none stays empty
+            remove_if_empty(hydra_config.runtime.output_dir)
+            raise
     # One job's error (a diverging setting, a full disk, an unreachable judge) must not cost the sweep's other jobs:
     # it is reported now, and again when the sweep ends, which then exits with status 2.
     try:

@@ -48,6 +48,7 @@ from kasa.run_dir import (
     is_checkpoint_of,
     read_config,
     step_dir_name,
+    sweep_record,
     write_atomically,
     write_json,
 )
@@ -349,6 +350,9 @@ class TrainingRecipe:
                 if getattr(self, "accelerator", None) is not None:  # the next job of a sweep starts its own
                     interrupted = isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
                     end_trackers(self.accelerator, interrupted=interrupted)
+                if getattr(self, "lock", None) is not None:  # a refused start leaves no empty run directory (a
+                    # sweep job's stays: the sweep's summary lists it among the jobs that did not finish)
+                    self.lock.release(discard_empty=sweep_record(self.out.parent) is None)
                 raise
             finally:
                 if getattr(self, "lock", None) is not None:

@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from kasa.run_dir import CHOOSE_ANOTHER_RUN_DIR, LOCK_FILE
+from kasa.run_dir import CHOOSE_ANOTHER_RUN_DIR, LOCK_FILE, remove_if_empty
 
 
 class RunDirLocked(FileExistsError):
@@ -30,21 +30,35 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise RunDirLocked naming the holder; creates the run directory if needed."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunDirLocked(
-                f"{self.path.parent} is in use by another kasa run ({self.holder()}): wait for it to end, or "
-                f"{CHOOSE_ANOTHER_RUN_DIR}"
-            ) from None
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a refused start removed its empty directory in between: make it again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunDirLocked(
+                    f"{self.path.parent} is in use by another kasa run ({self.holder()}): wait for it to end, or "
+                    f"{CHOOSE_ANOTHER_RUN_DIR}"
+                ) from None
+            if self._names_file_of(fd):
+                break
+            os.close(fd)  # locked a file that a refused start had just removed (`release`): lock the new one
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
         return self
+
+    def _names_file_of(self, fd: int) -> bool:
+        """Whether the lock file's path still names the file open as `fd`."""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
 
     def holder(self) -> str:
         """Who holds the lock, as the holder wrote it (best effort: it may be mid-write)."""
@@ -54,9 +68,15 @@ class RunLock:
         except (OSError, ValueError, KeyError):
             return "holder unknown"
 
-    def release(self) -> None:
-        """Drop the lock; the file stays (removing it would race with a process that just opened it)."""
+    def release(self, discard_empty: bool = False) -> None:
+        """Drop the lock. The file stays (a process that opened it meanwhile locks the same file), except with
+        `discard_empty` when the directory holds nothing else (a start refused before writing anything): the file
+        and the directory then go while the lock is still held (a process that opens the file a moment later makes
+        a new one, and the directory stays)."""
         if self._fd is not None:
+            if discard_empty and [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                remove_if_empty(self.path.parent)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
