@@ -86,6 +86,15 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
     return subprocess.CompletedProcess([sys.executable, "-m", module, *args], status, out.getvalue(), err.getvalue())
 
 
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit status 2, one `error:` line holding every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
 def make_tiny_bert(folder: Path, hidden_size: int = 32) -> Path:
     """A tiny random BERT classifier and its tokenizer, saved as a model folder (what model.path points at)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast

@@ -9,17 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import make_tiny_bert, run_cli, train_args, write_tsv
+from cli_helpers import assert_one_line_error, make_tiny_bert, run_cli, train_args, write_tsv
 from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit status 2, one `error:` line holding every fragment, no traceback."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ wraps the recipe's `after_step`), so the tests do not race a fast tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cli_helpers import ENV, checkpointed_args, run_cli
-from kasa.run_dir import write_atomically
+from cli_helpers import ENV, assert_one_line_error, checkpointed_args, run_cli
+from kasa.run_dir import LOCK_FILE, write_atomically
 from kasa.tasks.glue import GlueTask
 
 DRIVER = textwrap.dedent(
@@ -227,6 +228,32 @@ def test_kasa_evals_of_two_splits_at_once_keep_to_their_own_outputs(tmp_path):
     assert place_outputs(best, version, staged["test"], "eval_test.json", {"score": 0.5}) == best
     assert (best / "generations" / "e2e-test-predictions.txt").read_text() == "test outputs\n"
     assert not (run_dir / "evaluations").exists()  # nothing staged is left
+
+
+def test_a_second_kasa_eval_of_the_same_split_is_refused(uninterrupted, tmp_path):
+    """Two evaluations of one checkpoint's split (other decoding settings, say) would mix their outputs in one
+    folder: the second stops at once, naming the first, and leaves its folder alone; when the first is done, the
+    folder is gone."""
+    from kasa.cli.evaluate import evaluation_folder
+    from kasa.training.run_lock import RunLock
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    best = run_dir / "checkpoints" / "best"
+    step = json.loads((best / "trainer_state.json").read_text())["step"]
+    staged = evaluation_folder(best, run_dir, step, "validation")
+    first = RunLock(staged).acquire()  # an evaluation of that split under way
+    (staged / "generations").mkdir()
+    second = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
+    assert_one_line_error(second, f"{staged} is in use by another kasa-eval of this checkpoint on this split "
+                          f"(pid {os.getpid()} on", f"evaluate a copy of the run (cp -r {run_dir} <folder>)")
+    assert sorted(p.name for p in staged.iterdir()) == [LOCK_FILE, "generations"]
+    assert not (best / "eval_validation.json").exists()
+    first.release()
+    (staged / "generations").rmdir()
+    done = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (best / "eval_validation.json").is_file() and not (run_dir / "evaluations").exists()
 
 
 @pytest.mark.parametrize("command, name", [("kasa.cli.evaluate", "kasa-eval"), ("kasa.cli.export", "kasa-export")])

@@ -12,7 +12,8 @@ trainer.eval_batch_size of a classification task, task.generation.batch_size of 
 override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
 task's outputs under generations/, into the checkpoint directory. They are written first to
 <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved over the checkpoint
-while it was evaluated (best/ and last/ of a run still training), or when judging fails.
+while it was evaluated (best/ and last/ of a run still training), or when judging fails. One kasa-eval of a
+checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run beside it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
+from kasa.training.run_lock import RunLock
 from kasa.run_dir import (
     BEST_CHECKPOINT,
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
+    LOCK_FILE,
     STATE_FILE,
     STEP_DIR,
     check_checkpoint_unchanged,
@@ -36,6 +39,7 @@ from kasa.run_dir import (
     find_checkpoint,
     load_run_config,
     read_config,
+    remove_if_empty,
     step_dir_name,
     write_atomically,
     write_json,
@@ -47,9 +51,6 @@ OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from kasa.adapters import dequantize_base, load_adapter, merge_adapters
-    from kasa.adapters.quantized import check_room_to_dequantize
-    from kasa.evaluation.metrics import main_metric
     from kasa.tasks import build_task
     from kasa.training.preflight import check_config_values
 
@@ -73,11 +74,36 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     accelerator = Accelerator()
     task = build_task(run_cfg)
     task.check_evaluation(split)  # a split= typo fails before the model loads
-    tokenizer, model = task.load_model()
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
-    load_adapter(model, checkpoint)
     state_file = checkpoint / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
+    # that fails leaves the responses there. One kasa-eval of a checkpoint's split at a time: two would mix their
+    # outputs (other decoding settings, say) in that folder.
+    step = state.get("step")
+    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None, split)
+    lock = RunLock(staged, "kasa-eval of this checkpoint on this split",
+                   f"evaluate a copy of the run (cp -r {run_dir} <folder>)")
+    if accelerator.is_main_process:
+        lock.acquire()
+    try:
+        return evaluate_staged(task, accelerator, checkpoint, version, state, split, staged, merge)
+    finally:
+        lock.release(discard_empty=True)
+        for folder in (staged.parent, staged.parent.parent):  # evaluations/<checkpoint>/ and evaluations/
+            remove_if_empty(folder)
+
+
+def evaluate_staged(task: Any, accelerator: Any, checkpoint: Path,
+                    version: tuple[int, ...] | None, state: dict[str, Any], split: str, staged: Path,
+                    merge: bool) -> dict[str, Any]:
+    """Load, evaluate into `staged`, and place the outputs (place_outputs)."""
+    from kasa.adapters import dequantize_base, load_adapter, merge_adapters
+    from kasa.adapters.quantized import check_room_to_dequantize
+    from kasa.evaluation.metrics import main_metric
+
+    tokenizer, model = task.load_model()
+    load_adapter(model, checkpoint)
     check_checkpoint_unchanged(checkpoint, version, "kasa-eval read it")
     if merge:  # a 4/8-bit weight cannot hold the update: merge as kasa-export format=merged does, in float
         check_room_to_dequantize(model, "merge=true", "evaluate without merge=true (the adapter over the quantized "
@@ -86,10 +112,6 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)
-    # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
-    # that fails leaves the responses there.
-    step = state.get("step")
-    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None, split)
     metrics = task.evaluate(model, accelerator, tokenizer, split, staged / GENERATIONS_DIR)
     result = {
         "checkpoint": str(checkpoint),
@@ -119,7 +141,8 @@ def place_outputs(checkpoint: Path, version: tuple[int, ...] | None, staged: Pat
     """Write the result, and copy the generation outputs staged in `staged`, into the checkpoint directory if it is
     still the save that was evaluated (the staged copies then go); else (a save replaced it) keep all of it in
     `staged`, saying so. Returns the folder that holds the outputs."""
-    names = [path.relative_to(staged) for path in sorted(staged.rglob("*")) if path.is_file()]
+    names = [path.relative_to(staged) for path in sorted(staged.rglob("*"))
+             if path.is_file() and path.name != LOCK_FILE]
     if checkpoint_version(checkpoint) == version:
         for name in names:
             (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
@@ -138,15 +161,13 @@ def place_outputs(checkpoint: Path, version: tuple[int, ...] | None, staged: Pat
 
 
 def _remove_staged(staged: Path, names: list[Path]) -> None:
-    """The staged copies, then the folders they leave empty (another split's evaluation may be staging beside it)."""
+    """The staged copies, then the folders they leave empty (another split's evaluation may be staging beside it;
+    a folder that holds kasa-eval's lock goes when the lock is released)."""
     for name in names:
         (staged / name).unlink(missing_ok=True)
     folders = {(staged / name).parent for name in names} | {staged, staged.parent, staged.parent.parent}
     for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # the deepest first
-        try:
-            folder.rmdir()
-        except OSError:  # not empty, or gone
-            pass
+        remove_if_empty(folder)
 
 
 def main(argv: list[str] | None = None) -> None:

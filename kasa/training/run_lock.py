@@ -22,10 +22,12 @@ class RunDirLocked(FileExistsError):
 
 
 class RunLock:
-    """Holds the lock of one run directory from `acquire()` until `release()` or the end of the process."""
+    """Holds the lock of one run directory from `acquire()` until `release()` or the end of the process; `holders`
+    and `way_out` word the refusal for a folder of another kind (kasa-eval's outputs of one split)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, holders: str = "kasa run", way_out: str = CHOOSE_ANOTHER_RUN_DIR) -> None:
         self.path = Path(run_dir) / LOCK_FILE
+        self.holders, self.way_out = holders, way_out
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -41,8 +43,8 @@ class RunLock:
             except BlockingIOError:
                 os.close(fd)
                 raise RunDirLocked(
-                    f"{self.path.parent} is in use by another kasa run ({self.holder()}): wait for it to end, or "
-                    f"{CHOOSE_ANOTHER_RUN_DIR}"
+                    f"{self.path.parent} is in use by another {self.holders} ({self.holder()}): wait for it to end, "
+                    f"or {self.way_out}"
                 ) from None
             if self._names_file_of(fd):
                 break
