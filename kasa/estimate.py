@@ -80,9 +80,9 @@ def load_architecture(model_cfg) -> Any:
 def loss_share_of(labels: torch.Tensor, max_length: int) -> float:
     """`loss_share` of a causal-LM batch: its columns that predict a labelled token (where kasa runs the head),
     over max_length."""
-    from kasa.tasks.lm_loss import loss_columns
+    from kasa.tasks.lm_loss import loss_positions
 
-    return len(loss_columns(labels)) / max_length
+    return len(loss_positions(labels)["loss_columns"]) / max_length
 
 
 def task_auto_class(cfg, architecture) -> type:
@@ -134,7 +134,7 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
     attention kernels of `device` (module docstring)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    from kasa.tasks.lm_loss import labelled_token_loss
+    from kasa.tasks.lm_loss import LOSS_POSITION_KEYS, labelled_token_loss
 
     sizes: dict[int, int] = {}
     # A layer saves its weight for backward too; weights are counted once, as weights, not as activations.
@@ -170,8 +170,9 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
             if loss_columns is None:
                 model(input_ids=ids, labels=torch.zeros(batch, dtype=torch.long, device="meta"))
             else:  # kasa's causal-LM loss, by kasa's code: every row labelled at the first loss_columns columns
-                columns = torch.arange(loss_columns, device="meta")
-                labelled_token_loss(model, {"input_ids": ids}, columns, ids[:, :loss_columns], chunked=chunked)
+                tokens = torch.arange(batch * loss_columns, device="meta")
+                positions = dict(zip(LOSS_POSITION_KEYS, (tokens[:loss_columns], tokens, tokens)))
+                labelled_token_loss(model, {"input_ids": ids}, positions, chunked=chunked)
     except (RuntimeError, NotImplementedError) as err:
         raise ValueError(f"cannot trace {type(model).__name__} on the meta device ({str(err).splitlines()[0]}): "
                          "its activations cannot be estimated") from err

@@ -68,6 +68,7 @@ from kasa.config import ModelConfig, RunConfig  # noqa: E402
 from kasa.data.prompts import IGNORE_INDEX, format_instruction_example  # noqa: E402
 from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
+from kasa.tasks.lm_loss import loss_positions  # noqa: E402
 from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
 from bench_timing import paired_ratio  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
@@ -250,7 +251,8 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
     batch = PadCollator(tokenizer.eos_token_id)(encoded_examples(tokenizer, data, MEMORY_BATCH))
     padding = MAX_LENGTH - batch["input_ids"].shape[1]  # full rows: the batch x max_length that the estimate sizes
     fill = {"input_ids": tokenizer.eos_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    batch = {key: torch.nn.functional.pad(value, (0, padding), value=fill[key]) for key, value in batch.items()}
+    batch = {key: torch.nn.functional.pad(batch[key], (0, padding), value=value) for key, value in fill.items()}
+    batch |= loss_positions(batch["labels"])
     gc.collect()
     before = resident_kib("VmRSS")
     model = load_causal_lm(model_cfg)
@@ -315,7 +317,7 @@ def worker_larger_memory(quantization: str | None) -> dict[str, Any]:
                         generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :MAX_LENGTH // 4] = IGNORE_INDEX  # a prompt quarter without loss
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **loss_positions(labels)}
     trainer.step(batch)  # creates the AdamW states
     return {"tensor_peak_mib": tensor_peak_mib(trainer, batch), **estimate_for(cfg, batch, architecture)}
 

@@ -30,16 +30,15 @@ def tiny_kasa_llama() -> torch.nn.Module:
     return model.train()
 
 
-def loss_inputs(step: int, rank: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(model inputs, columns, targets) of rank `rank`'s batch at `step`: prompts of 4 and 6 tokens carry no loss."""
+def loss_inputs(step: int, rank: int) -> tuple[dict, dict]:
+    """(model inputs, loss positions) of rank `rank`'s batch at `step`: prompts of 4 and 6 tokens carry no loss."""
     from kasa.data.prompts import IGNORE_INDEX
-    from kasa.tasks.lm_loss import loss_columns
+    from kasa.tasks.lm_loss import loss_positions
 
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(100 * step + rank))
     labels = ids.clone()
     labels[0, :4], labels[1, :6] = IGNORE_INDEX, IGNORE_INDEX
-    columns = loss_columns(labels)
-    return {"input_ids": ids}, columns, labels[:, columns + 1]
+    return {"input_ids": ids}, loss_positions(labels)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -13,7 +13,8 @@ import kasa
 from kasa import estimate
 from kasa.cli import estimate as estimate_cli
 from kasa.config import ModelConfig, RunConfig, TaskConfig, TrainerConfig
-from kasa.tasks.lm_loss import labelled_token_loss
+from kasa.data.prompts import IGNORE_INDEX
+from kasa.tasks.lm_loss import labelled_token_loss, loss_positions
 
 # Published totals of the recipes' models (with their LM heads; Gemma and GPT-2 tie it to the embedding).
 KNOWN_TOTALS = {
@@ -84,9 +85,10 @@ def test_activations_match_what_a_real_forward_saves(tmp_path, loss_share: float
     real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path),
                                                          attn_implementation="sdpa")
     ids = torch.randint(0, 512, (4, 32))
-    columns = torch.arange(int(32 * loss_share))
-    measured = saved_by_a_real_forward(real, cfg, lambda: labelled_token_loss(real, {"input_ids": ids}, columns,
-                                                                              ids[:, columns]))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 1:int(32 * loss_share) + 1] = ids[:, 1:int(32 * loss_share) + 1]
+    measured = saved_by_a_real_forward(real, cfg, lambda: labelled_token_loss(real, {"input_ids": ids},
+                                                                              loss_positions(labels)))
     assert abs(traced.saved - measured) / measured < 0.1
     assert traced.saved_checkpointed < traced.saved
 

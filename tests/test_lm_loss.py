@@ -7,7 +7,7 @@ import transformers
 
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks import lm_loss
-from kasa.tasks.lm_loss import PLAIN_HEAD_MODEL_TYPES, chunkable_head, labelled_token_loss, loss_columns
+from kasa.tasks.lm_loss import PLAIN_HEAD_MODEL_TYPES, chunkable_head, labelled_token_loss, loss_positions
 
 VOCAB = 97
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -31,9 +31,8 @@ def loss_and_grads(model: torch.nn.Module, chunked: bool, smoothing: float) -> t
     ids = torch.randint(3, VOCAB, (3, 12), generator=generator)
     labels = ids.clone()
     labels[0, :5], labels[1, :9], labels[2, 7:] = IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX
-    columns = loss_columns(labels)
     model.zero_grad()
-    loss = labelled_token_loss(model, {"input_ids": ids}, columns, labels[:, columns + 1], smoothing, chunked)
+    loss = labelled_token_loss(model, {"input_ids": ids}, loss_positions(labels), smoothing, chunked)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -56,9 +55,8 @@ def test_chunked_loss_without_gradients_is_the_plain_loss() -> None:
     model = tiny_model("llama")
     with torch.no_grad():
         ids = torch.randint(3, VOCAB, (2, 8))
-        columns = torch.arange(7)
-        plain = labelled_token_loss(model, {"input_ids": ids}, columns, ids[:, 1:], chunked=False)
-        chunked = labelled_token_loss(model, {"input_ids": ids}, columns, ids[:, 1:], chunked=True)
+        plain = labelled_token_loss(model, {"input_ids": ids}, loss_positions(ids), chunked=False)
+        chunked = labelled_token_loss(model, {"input_ids": ids}, loss_positions(ids), chunked=True)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
 
 

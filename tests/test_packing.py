@@ -188,3 +188,46 @@ def test_the_loop_groups_by_length_and_compiles_when_asked(tmp_path) -> None:
     assert model._compiled_call_impl is not None  # compiled in place (nn.Module.compile) ...
     assert not any(name.startswith("_orig_mod") for name, _ in model.named_parameters())  # ... names unchanged
     recipe.accelerator.end_training()
+
+
+# ops whose result the host must read from the device before it can go on (a data-dependent size or a value)
+HOST_READS = {"aten.nonzero.default", "aten.masked_select.default", "aten._local_scalar_dense.default",
+              "aten.index.Tensor_bool"}
+
+
+class HostReadsByKasa(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops of HOST_READS that kasa's own code calls (the nearest caller outside torch is in kasa/);
+    a model's own reads, e.g. transformers checking its attention mask, are not kasa's to remove."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if str(func) in HOST_READS or bool_index:
+            import traceback
+            callers = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+            if callers and "/kasa/" in callers[-1].filename:
+                self.calls.append(f"{func} at {callers[-1].filename}:{callers[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_causal_lm_loss_never_waits_for_the_device(packing, chunked, monkeypatch):
+    """The collators find where the loss lies while the labels are on the host, so a training step's loss (forward
+    and backward) has no host-device sync of kasa's: no nonzero, boolean mask or .item() on device tensors."""
+    model = tiny_causal_lm("llama", "sdpa")
+    rows = examples(6)
+    task = task_for("sdpa", packing)
+    task.cfg.trainer.compile = not chunked  # the plain loss (a torch.compile'd model takes it)
+    if packing:
+        batch = PackedCollator(pad_token_id=0, one_row=False)(
+            [packed_row([rows[i] for i in group]) for group in pack_examples([len(r["input_ids"]) for r in rows], 24)])
+    else:
+        batch = PadCollator(pad_token_id=0)(rows)
+    with HostReadsByKasa() as reads:
+        task.loss(model, batch).backward()
+    assert reads.calls == []

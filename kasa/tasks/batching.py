@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from kasa.data.prompts import IGNORE_INDEX
+from kasa.tasks.lm_loss import loss_positions
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
@@ -68,7 +69,8 @@ def packed_row(examples: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]
 class PackedCollator:
     """Batches packed rows. Rows are right-padded to the longest with a block of their own (positions from 0, label
     IGNORE_INDEX, attention_mask 0), or, for flash-attention, concatenated into one row without padding.
-    `attention_mask` marks the real tokens; `task.model_inputs` turns it into what the attention needs."""
+    `attention_mask` marks the real tokens; `task.model_inputs` turns it into what the attention needs. Where the
+    loss lies is added as PadCollator adds it."""
 
     def __init__(self, pad_token_id: int, one_row: bool) -> None:
         self.pad_token_id = pad_token_id
@@ -85,7 +87,8 @@ class PackedCollator:
             batch["labels"].append(list(row["labels"]) + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
             batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
-        return {key: torch.tensor(value) for key, value in batch.items()}
+        tensors = {key: torch.tensor(value) for key, value in batch.items()}
+        return {**tensors, **loss_positions(tensors["labels"])}
 
 
 def block_causal_mask(position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor:

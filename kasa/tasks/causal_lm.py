@@ -18,22 +18,24 @@ from kasa.config import RunConfig
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
-from kasa.tasks.lm_loss import labelled_token_loss, loss_columns
+from kasa.tasks.lm_loss import labelled_token_loss, loss_positions
 from kasa.tasks.models import load_causal_lm, load_tokenizer
 
 
 class PadCollator:
-    """Right-pads input_ids (pad id), attention_mask (0) and labels (-100) to the longest row of the batch."""
+    """Right-pads input_ids (pad id), attention_mask (0) and labels (-100) to the longest row of the batch, and adds
+    where the loss lies (kasa.tasks.lm_loss.loss_positions)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         length = max(len(row["input_ids"]) for row in rows)
-        return {
+        batch = {
             key: torch.tensor([list(row[key]) + [value] * (length - len(row[key])) for row in rows])
             for key, value in self.pad.items()
         }
+        return {**batch, **loss_positions(batch["labels"])}
 
 
 def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
@@ -111,10 +113,8 @@ class CausalLMTask:
         The language-model head runs only at the columns that predict a labelled token in some row (prompts
         carry no loss: for a 128K-word vocabulary the logits of every prompt position would cost more memory than
         the rest of the step), and for most models a chunk of tokens at a time (kasa.tasks.lm_loss)."""
-        labels = batch["labels"]
-        columns = loss_columns(labels)
-        return labelled_token_loss(model, self.model_inputs(batch), columns, labels[:, columns + 1],
-                                   self.cfg.trainer.label_smoothing, chunked=not self.cfg.trainer.compile)
+        return labelled_token_loss(model, self.model_inputs(batch), batch, self.cfg.trainer.label_smoothing,
+                                   chunked=not self.cfg.trainer.compile)
 
     def generate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  prompts: Sequence[str], add_special_tokens: bool = True) -> list[list[str]]:

@@ -33,10 +33,20 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma
 MIN_CHUNK_ROWS = 256  # fewer rows per matmul would re-read the head's weight too often
 
 
-def loss_columns(labels: torch.Tensor) -> torch.Tensor:
-    """The sequence positions that predict a labelled token in some row (column c predicts token c + 1): where the
-    head runs; prompts carry no loss."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+LOSS_POSITION_KEYS = ("loss_columns", "loss_tokens", "loss_targets")  # what loss_positions adds to a batch
+
+
+def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where a batch's loss lies, found from its labels while they are still on the host (the collators call it):
+    the training step then picks those positions with index tensors whose sizes it knows, and never waits for the
+    device to tell it how many there are (a `nonzero` or a boolean mask on the device is a host-device sync).
+    `loss_columns`: the sequence positions that predict a labelled token in some row (column c predicts token
+    c + 1), where the head runs (prompts carry no loss); `loss_tokens`: the labelled tokens among batch x those
+    columns, as flat indices; `loss_targets`: their token ids."""
+    columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    targets = labels[:, columns + 1].reshape(-1)
+    tokens = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return dict(zip(LOSS_POSITION_KEYS, (columns, tokens, targets[tokens])))
 
 
 def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -130,18 +140,19 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def labelled_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor], columns: torch.Tensor,
-                        targets: torch.Tensor, label_smoothing: float = 0.0, chunked: bool = True) -> torch.Tensor:
-    """Mean cross-entropy of the tokens `targets` (batch x len(columns), IGNORE_INDEX where none) predicted at
-    sequence positions `columns`; the head runs at those columns only, chunked where `chunkable_head` allows."""
-    keep = targets != IGNORE_INDEX
+def labelled_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
+                        label_smoothing: float = 0.0, chunked: bool = True) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens that `positions` (loss_positions; a batch holds them) locates; the
+    head runs at their columns only, chunked where `chunkable_head` allows."""
+    columns, tokens, targets = (positions[key] for key in LOSS_POSITION_KEYS)
     slice_inside = _accepts_logits_to_keep(model)
     extra = {"logits_to_keep": columns} if slice_inside else {}
     head = chunkable_head(model) if chunked else None
     if head is None:
         logits = model(**inputs, **extra).logits
         logits = logits if slice_inside else logits[:, columns]
-        return F.cross_entropy(logits[keep].float(), targets[keep], label_smoothing=label_smoothing)
+        labelled = logits.flatten(0, 1).index_select(0, tokens)
+        return F.cross_entropy(labelled.float(), targets, label_smoothing=label_smoothing)
 
     hidden: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
@@ -150,7 +161,8 @@ def labelled_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor], colum
         hidden.append(args[0] if slice_inside else args[0][:, columns])
 
     def chunked_loss(module: nn.Linear, args: tuple) -> tuple:
-        losses.append(ChunkedHeadCrossEntropy.apply(hidden[0][keep], module.weight, targets[keep], label_smoothing))
+        labelled = hidden[0].flatten(0, 1).index_select(0, tokens)
+        losses.append(ChunkedHeadCrossEntropy.apply(labelled, module.weight, targets, label_smoothing))
         return (args[0][:, :0],)  # the head itself runs on no column
 
     # The hidden states are taken before any wrapper's hooks (ZeRO-3 and FSDP wrap a module's input in functions
