@@ -151,6 +151,23 @@ def test_padding_is_excluded():
     torch.testing.assert_close(a.second_moment, b.second_moment, atol=1e-6, rtol=1e-4)  # float32 model: batching noise
 
 
+def test_the_model_gets_only_its_inputs_from_a_training_batch():
+    """A causal-LM training batch (kasa's collator) also holds the labels and where the loss lies: the calibration
+    pass hands the model only its inputs (a model whose forward takes no **kwargs would fail on the others, and
+    transformers' would pass them on to its attention)."""
+    from kasa.tasks.causal_lm import PadCollator
+
+    model = build_llama()
+    given: list[set[str]] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: given.append(set(kwargs)), with_kwargs=True)
+    rows = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [-100, -100, 7, 8]},
+            {"input_ids": [9, 10], "attention_mask": [1] * 2, "labels": [-100, 10]}]
+    batch = PadCollator(pad_token_id=0)(rows)
+    assert {"labels", "loss_columns"} <= set(batch)
+    collect_input_moments(model, {"v": model.model.layers[0].self_attn.v_proj}, [batch])
+    assert given == [{"input_ids", "attention_mask"}]
+
+
 def test_memory_bound_splits_into_groups_with_the_same_result():
     model = build_llama()
     modules = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj"))}

@@ -138,8 +138,12 @@ class _InputHooks:
             handle.remove()
 
 
+# what a calibration batch gives the model; its other keys (labels, where the loss lies) are the training loss's
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
 def _model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
+    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
 
 
 def forward_batches(model: nn.Module, batches: Iterable[Batch],

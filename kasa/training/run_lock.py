@@ -1,4 +1,5 @@
-"""One run at a time in a run directory: an advisory `flock` on a file inside it.
+"""One run at a time in a run directory (and one kasa-eval of a checkpoint's split at a time in the folder where it
+writes its outputs): an advisory `flock` on a file inside it.
 
 The kernel drops a `flock` when the process that holds it ends, however it ends (SIGKILL, OOM killer, a node
 reboot on a local disk), so a killed run never leaves its directory stuck and there is no stale-lock cleanup to get
