@@ -231,3 +231,24 @@ def test_the_causal_lm_loss_never_waits_for_the_device(packing, chunked, monkeyp
     with HostReadsByKasa() as reads:
         task.loss(model, batch).backward()
     assert reads.calls == []
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_calibration_of_packed_rows_keeps_the_examples_apart(attention):
+    """The activation basis's statistics of packed rows are those of the same examples padded: the calibration
+    passes give the model the task's inputs (the block-diagonal mask), not the rows' 2-D mask, under which each
+    example would attend to the ones before it in its row (the second moments then differed by 19% here)."""
+    from kasa.adapters.calibration import collect_input_moments
+
+    model = tiny_causal_lm("llama", attention).eval()
+    rows = examples(8)
+    modules = {"v": model.model.layers[1].self_attn.v_proj, "down": model.model.layers[1].mlp.down_proj}
+    padded = PadCollator(pad_token_id=0)(rows)
+    groups = pack_examples([len(r["input_ids"]) for r in rows], 24)
+    packed = PackedCollator(pad_token_id=0, one_row=False)([packed_row([rows[i] for i in g]) for g in groups])
+    assert len(groups) < len(rows)  # rows hold several examples
+    expected = collect_input_moments(model, modules, [padded], task_for(attention, False).model_inputs)
+    got = collect_input_moments(model, modules, [packed], task_for(attention, True).model_inputs)
+    for name in modules:
+        assert got[name].tokens == expected[name].tokens
+        torch.testing.assert_close(got[name].second_moment, expected[name].second_moment, rtol=1e-4, atol=1e-6)

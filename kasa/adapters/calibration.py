@@ -138,40 +138,44 @@ class _InputHooks:
             handle.remove()
 
 
-# what a calibration batch gives the model; its other keys (labels, where the loss lies) are the training loss's
+ModelInputs = Callable[[Batch], Batch]
+# what a calibration batch gives the model by default; its other keys (labels, where the loss lies) are the loss's
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-def _model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+def batch_inputs(batch: Batch) -> Batch:
+    """The model's inputs in a batch, as they are: its input_ids, attention_mask, token_type_ids and position_ids."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
 
 
-def forward_batches(model: nn.Module, batches: Iterable[Batch],
-                    start_batch: Callable[[torch.Tensor], None]) -> None:
+def forward_batches(model: nn.Module, batches: Iterable[Batch], start_batch: Callable[[torch.Tensor], None],
+                    model_inputs: ModelInputs = batch_inputs) -> None:
     """Forward passes of `model` over `batches` in eval mode without gradients (its training mode restored after),
-    calling `start_batch(attention_mask)` before each, for hooks that read the non-padding tokens; a hook may end a
-    pass early by raising _StopForward."""
+    calling `start_batch(attention_mask)` before each, for hooks that read the non-padding tokens (a batch's 2-D
+    attention_mask marks them); a hook may end a pass early by raising _StopForward. `model_inputs` makes the model's
+    inputs of a batch moved to the model's device: kasa's tasks give theirs, which keep the examples of a packed row
+    apart (kasa.tasks.causal_lm)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs = _model_inputs(batch, device)
-                if "attention_mask" not in inputs:
+                if "attention_mask" not in batch:
                     raise ValueError("these batches need an attention_mask (padding is excluded by it)")
-                start_batch(inputs["attention_mask"].bool())
+                batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+                start_batch(batch["attention_mask"].bool())
                 try:
-                    model(**inputs)
+                    model(**model_inputs(batch))
                 except _StopForward:
                     pass
     finally:
         model.train(was_training)
 
 
-def _run(model: nn.Module, hooks: _InputHooks, batches: Iterable[Batch]) -> None:
+def _run(model: nn.Module, hooks: _InputHooks, batches: Iterable[Batch], model_inputs: ModelInputs) -> None:
     try:
-        forward_batches(model, batches, hooks.start_batch)
+        forward_batches(model, batches, hooks.start_batch, model_inputs)
     finally:
         hooks.remove()
 
@@ -183,12 +187,12 @@ def _check_all_ran(modules: dict[str, nn.Module], hooks: _InputHooks) -> None:
                          "model's forward; leave them out of target_modules")
 
 
-def collect_input_moments(model: nn.Module, modules: dict[str, nn.Module],
-                          batches: Iterable[Batch]) -> dict[str, InputMoments]:
+def collect_input_moments(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[Batch],
+                          model_inputs: ModelInputs = batch_inputs) -> dict[str, InputMoments]:
     """E[x x^T] of each module's input over the non-padding tokens of `batches`, in one pass; modules that read the
     same tensor share one InputMoments object."""
     hooks = _InputHooks(modules, accumulate=True)
-    _run(model, hooks, batches)
+    _run(model, hooks, batches, model_inputs)
     _check_all_ran(modules, hooks)
     shared: dict[str, InputMoments] = {}
     for name in hooks.owner.values():
@@ -200,7 +204,7 @@ def collect_input_moments(model: nn.Module, modules: dict[str, nn.Module],
 
 
 def moment_groups(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Batch],
-                  memory_gib: float) -> Iterator[dict[str, InputMoments]]:
+                  memory_gib: float, model_inputs: ModelInputs = batch_inputs) -> Iterator[dict[str, InputMoments]]:
     """The modules' input moments, group by group in the order the modules run, each group's matrices within
     `memory_gib` (one group always holds at least one input); a group is freed once the caller drops it (`del` it before asking for the next).
 
@@ -208,8 +212,9 @@ def moment_groups(model: nn.Module, modules: dict[str, nn.Module], batches: Sequ
     if not batches:
         raise ValueError("no calibration batch: raise method.calibration_samples or check the training split")
     probe = _InputHooks(modules, accumulate=False)
-    first_example = {k: v[:1] if torch.is_tensor(v) else v for k, v in batches[0].items()}
-    _run(model, probe, [first_example])
+    # its per-token tensors (batch x length), cut to the first row; what else a batch holds is the loss's
+    first_example = {k: v[:1] for k, v in batches[0].items() if torch.is_tensor(v) and v.dim() == 2}
+    _run(model, probe, [first_example], model_inputs)
     _check_all_ran(modules, probe)
     budget = memory_gib * 2**30
     groups, group, used = [], [], 0.0
@@ -224,7 +229,7 @@ def moment_groups(model: nn.Module, modules: dict[str, nn.Module], batches: Sequ
         used += cost
     groups.append(group)
     for names in groups:
-        yield collect_input_moments(model, {n: modules[n] for n in names}, batches)
+        yield collect_input_moments(model, {n: modules[n] for n in names}, batches, model_inputs)
 
 
 def _in_features(module: nn.Module) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kasa.adapters import peft_baselines
-from kasa.adapters.calibration import moment_groups
+from kasa.adapters.calibration import ModelInputs, batch_inputs, moment_groups
 from kasa.adapters.config import CONFIG_ATTRIBUTE, AdapterConfig
 from kasa.adapters.kasa import AuxLoss, KasaBlock, batched_regularization, weighted_total
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
@@ -46,13 +46,16 @@ def _parse_targets(config: AdapterConfig) -> dict[str, list[str] | None]:
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = True,
-                   calibration: Sequence[dict[str, torch.Tensor]] | None = None) -> nn.Module:
+                   calibration: Sequence[dict[str, torch.Tensor]] | None = None,
+                   calibration_inputs: ModelInputs = batch_inputs) -> nn.Module:
     """Freeze `model` and adapt it in place with `config`; returns the same model.
 
     With `initialise=False` the adapter blocks are created empty and the base weights untouched: `load_adapter`
     fills them from a checkpoint instead of decomposing the weights again. `config.truncation_basis="activation"`
-    needs `calibration`: batches (dicts with input_ids, attention_mask and any other model inputs; labels are
-    ignored) whose inputs to the adapted modules give the second moments (kasa.adapters.calibration)."""
+    needs `calibration`: batches (dicts with input_ids, a 2-D attention_mask marking the tokens that count, and any
+    other model inputs) whose inputs to the adapted modules give the second moments (kasa.adapters.calibration).
+    `calibration_inputs` turns a batch into the model's inputs: by default its input_ids, attention_mask,
+    token_type_ids and position_ids; kasa's training gives its task's (packed examples kept apart)."""
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already has adapters applied; load a fresh base model")
     check_quantization(getattr(model, PENDING_ATTRIBUTE, None), config.method)
@@ -71,7 +74,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     elif config.uses_peft:  # DoRA, AdaLoRA, VeRA through PEFT (always initialised: load_adapter overwrites them)
         peft_baselines.inject(model, config)
     else:
-        _inject_layers(model, config, initialise, calibration)
+        _inject_layers(model, config, initialise, calibration, calibration_inputs)
     _unfreeze(model, config.trainable_modules)
     setattr(model, CONFIG_ATTRIBUTE, config)
     if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
@@ -110,7 +113,7 @@ def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn
 
 
 def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool,
-                   calibration: Sequence[dict[str, torch.Tensor]] | None) -> None:
+                   calibration: Sequence[dict[str, torch.Tensor]] | None, calibration_inputs: ModelInputs) -> None:
     block_class = _block_class(config)
     layers: dict[str, tuple[nn.Module, dict]] = {}  # name -> (base layer, {part: (start, stop, block)})
     for name, (module, parts) in target_layers(model, config).items():
@@ -151,7 +154,8 @@ def _inject_layers(model: nn.Module, config: AdapterConfig, initialise: bool,
             # The model is still untouched here (layers are swapped in below), so every group's calibration pass
             # sees the original model's inputs.
             modules = {name: module for name, (module, _) in layers.items()}
-            for moments in moment_groups(model, modules, calibration, config.calibration_memory_gib):
+            for moments in moment_groups(model, modules, calibration, config.calibration_memory_gib,
+                                         calibration_inputs):
                 for name, input_moments in moments.items():
                     _initialise(layers[name], partial(decompose, moments=input_moments,
                                                       damping=config.calibration_damping))

@@ -63,8 +63,8 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     base_loss = mean_loss(task.loss, model, held)
-    apply_adapters(model, cfg.method, calibration=calibration)
-    truncated_loss, modules = measure_damage(model, task.loss, held)
+    apply_adapters(model, cfg.method, calibration=calibration, calibration_inputs=task.model_inputs)
+    truncated_loss, modules = measure_damage(model, task.loss, held, task.model_inputs)
     rows = []
     for damage in modules:
         increase = relative_increase(base_loss, damage.loss)

@@ -29,6 +29,10 @@ class Task(Protocol):
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         """Batches encoded training rows."""
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's inputs for one batch of `collator`'s (on the model's device): what `loss` and the
+        calibration passes of the activation basis give the model."""
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task loss (L1) of one batch."""
 

@@ -48,9 +48,12 @@ class GlueTask:
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         return DataCollatorWithPadding(tokenizer)
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**self.model_inputs(batch)).logits
         if self.cfg.task.num_labels == 1:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)

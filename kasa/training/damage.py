@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kasa.adapters import adapted_layers
-from kasa.adapters.calibration import forward_batches
+from kasa.adapters.calibration import ModelInputs, forward_batches
 from kasa.adapters.layer import AdaptedLayer, weight_matrix
 from kasa.training.calibration import Batch, mean_loss
 
@@ -50,13 +50,14 @@ def untruncated(layers: Sequence[AdaptedLayer]) -> Iterator[None]:
             _set_truncated(layer, True)
 
 
-def measure_damage(model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Tensor],
-                   batches: Sequence[Batch]) -> tuple[float, list[ModuleDamage]]:
-    """(loss with every adapted module truncated, each module's damage) of an adapted model on `batches`."""
+def measure_damage(model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Tensor], batches: Sequence[Batch],
+                   model_inputs: ModelInputs) -> tuple[float, list[ModuleDamage]]:
+    """(loss with every adapted module truncated, each module's damage) of an adapted model on `batches`, whose
+    model inputs `model_inputs` makes (the task's)."""
     layers = dict(adapted_layers(model))
     truncated_loss = mean_loss(loss, model, batches)
     with untruncated(list(layers.values())):
-        statistics = _input_statistics(model, layers, batches)
+        statistics = _input_statistics(model, layers, batches, model_inputs)
         alone = {}
         for name, layer in layers.items():
             _set_truncated(layer, True)
@@ -65,8 +66,8 @@ def measure_damage(model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Te
     return truncated_loss, [ModuleDamage(name, alone[name], *statistics[name]) for name in layers]
 
 
-def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer],
-                      batches: Sequence[Batch]) -> dict[str, tuple[float, float, float]]:
+def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer], batches: Sequence[Batch],
+                      model_inputs: ModelInputs) -> dict[str, tuple[float, float, float]]:
     """Per layer (energy share along the removed directions, uniform share, relative output change), from the
     non-padding tokens of `batches` as they reach the untruncated layers."""
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in layers}  # removed energy, energy, change, output
@@ -91,7 +92,8 @@ def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer],
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
-        forward_batches(model, batches, lambda attention_mask: mask.__setitem__(slice(None), [attention_mask]))
+        forward_batches(model, batches, lambda attention_mask: mask.__setitem__(slice(None), [attention_mask]),
+                        model_inputs)
     finally:
         for handle in handles:
             handle.remove()

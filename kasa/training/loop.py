@@ -289,7 +289,7 @@ class TrainingRecipe:
         if next(self.model.parameters()).device.type == "cpu":
             self.model.to(self.accelerator.device)  # calibration and measurements on the GPU when there is one
         base = mean_loss(self.task.loss, self.model, held_out) if held_out else None
-        apply_adapters(self.model, cfg.method, calibration=calibration)
+        apply_adapters(self.model, cfg.method, calibration=calibration, calibration_inputs=self.task.model_inputs)
         if held_out:
             truncated = mean_loss(self.task.loss, self.model, held_out)
             self.truncation_loss = {"base": base, "truncated": truncated}
