@@ -23,10 +23,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
-from kasa.training.run_lock import RunLock
 from kasa.run_dir import (
     BEST_CHECKPOINT,
     EVALUATIONS_DIR,
@@ -44,6 +43,12 @@ from kasa.run_dir import (
     write_atomically,
     write_json,
 )
+from kasa.training.run_lock import RunLock
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from kasa.tasks import Task
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 
@@ -94,9 +99,8 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
             remove_if_empty(folder)
 
 
-def evaluate_staged(task: Any, accelerator: Any, checkpoint: Path,
-                    version: tuple[int, ...] | None, state: dict[str, Any], split: str, staged: Path,
-                    merge: bool) -> dict[str, Any]:
+def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
+                    state: dict[str, Any], split: str, staged: Path, merge: bool) -> dict[str, Any]:
     """Load, evaluate into `staged`, and place the outputs (place_outputs)."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize
