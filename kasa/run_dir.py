@@ -37,7 +37,7 @@ EVALUATIONS_DIR = "evaluations"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)
-LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory, or the kasa-eval writing an evaluations/ folder
+LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory, or by a kasa-eval in evaluations/
 # config.json holds the resolved settings and two records that are not settings: the command line's overrides, and
 # the settings that resumes changed (resume_allow_changes=true)
 OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY = "hydra_overrides", "resumed_with_changes"
