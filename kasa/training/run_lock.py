@@ -3,8 +3,9 @@ writes its outputs): an advisory `flock` on a file inside it.
 
 The kernel drops a `flock` when the process that holds it ends, however it ends (SIGKILL, OOM killer, a node
 reboot on a local disk), so a killed run never leaves its directory stuck and there is no stale-lock cleanup to get
-wrong (on NFS, Linux maps `flock` to the server's byte-range locks, which a dead client also loses). The lock file also names its holder (pid, host, start time) for the refusal message. It is taken before
-anything in the directory is read or written, and held until the process exits."""
+wrong (on NFS, Linux maps `flock` to the server's byte-range locks, which a dead client also loses). The lock file
+also names its holder (pid, host, start time) for the refusal message. It is taken before anything in the directory
+is read or written, and held until the process exits."""
 
 from __future__ import annotations
 
