@@ -115,7 +115,7 @@ class TrainerConfig:
     lr: float = 4e-4
     head_lr: Optional[float] = None  # learning rate of the fully trained head (null: same as lr)
     weight_decay: float = 0.0
-    scheduler: str = "linear"  # linear | cosine | constant
+    scheduler: str = "linear"  # linear | cosine | constant, each after the warmup (kasa.training.schedule)
     warmup_ratio: float = 0.06
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
     max_length: int = 512

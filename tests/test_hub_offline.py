@@ -90,12 +90,15 @@ def test_importing_kasa_quiets_the_optional_kernel_lookup(caplog):
     assert [r.getMessage() for r in caplog.records] == ["something else"]
 
 
-def test_the_training_loop_imports_quietly_offline():
-    """The Python route that imports bitsandbytes first (transformers' trainer utilities import peft) says nothing."""
+def test_the_training_loop_imports_quietly_offline_and_without_peft():
+    """Importing the loop says nothing, and loads neither peft nor bitsandbytes (4-5 s at every start, and
+    bitsandbytes's kernel lookup): only a run with a PEFT method or a quantized base imports them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", "import kasa.training.loop"], capture_output=True, text=True,
-                         timeout=120, check=True, env=env)
-    assert out.stderr == ""
+    code = ("import sys, kasa.training.loop; "
+            "print([m for m in ('peft', 'bitsandbytes', 'transformers.trainer_utils') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=env)
+    assert out.stderr == "" and out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("gpu", [False, True])

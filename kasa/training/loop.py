@@ -28,7 +28,6 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
 from kasa.config import RunConfig
@@ -75,6 +74,7 @@ from kasa.training.console import Console
 from kasa.tasks.models import load_tokenizer, whole_weights
 from kasa.training.preflight import RunStart, check_config_values, check_not_a_sweep, check_run_start
 from kasa.training.run_lock import RunLock
+from kasa.training.schedule import build_scheduler
 from kasa.training.signals import StopSignals, TrainingInterrupted
 from kasa.training.trackers import check_trackers, end_trackers, recorded_tracker_ids, start_trackers
 
@@ -316,8 +316,7 @@ class TrainingRecipe:
         cfg = self.cfg
         warmup = cfg.trainer.warmup_steps or int(cfg.trainer.warmup_ratio * self.total_steps)
         optimizer = build_optimizer(self.model, cfg)
-        scheduler = get_scheduler(cfg.trainer.scheduler, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=self.total_steps)
+        scheduler = build_scheduler(optimizer, cfg.trainer.scheduler, warmup, self.total_steps)
         deepspeed_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from these; the loader was prepared above
             deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size

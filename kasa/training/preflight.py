@@ -38,6 +38,7 @@ from kasa.run_dir import (
     read_config,
     sweep_record,
 )
+from kasa.training.schedule import DECAYS
 
 CPU_PARAMETER_LIMIT = 500_000_000
 """Above this many base-model parameters and without a GPU, a run stops at once (`trainer.allow_cpu=true` proceeds):
@@ -102,11 +103,8 @@ def check_config_values(cfg: RunConfig) -> None:
         value = _get(cfg, key)
         if not test(value):
             raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
-    from transformers import SchedulerType
-
-    schedulers = [s.value for s in SchedulerType]
-    if cfg.trainer.scheduler not in schedulers:
-        raise ValueError(f"trainer.scheduler={cfg.trainer.scheduler!r} is unknown: choose one of {', '.join(schedulers)}")
+    if cfg.trainer.scheduler not in DECAYS:
+        raise ValueError(f"trainer.scheduler={cfg.trainer.scheduler!r} is unknown: choose one of {', '.join(DECAYS)}")
     from kasa.tasks.models import attention_implementation
 
     attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
