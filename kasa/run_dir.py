@@ -13,6 +13,7 @@ Light on purpose (no torch): kasa-compare, kasa-plot, the sweep summary and scri
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
@@ -46,6 +47,13 @@ SWEEP_RECORDS = ("multirun.yaml", SWEEP_JOBS_FILE)  # what marks a sweep directo
 # the way out of a refused run directory, in every refusal (a sweep job's folder comes from hydra.sweep.dir)
 CHOOSE_ANOTHER_RUN_DIR = "choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep)"
 HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
+
+
+def time_stamp() -> str:
+    """The name of a default run, sweep or kasa-inspect folder (`runs/<task>/<method>/<time stamp>`): the local time
+    to the microsecond, so that runs started in the same second (a shell loop of `kasa-train seed=$s &`, one per GPU)
+    each get a folder of their own, still in the order they started."""
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
 
 
 def sweep_record(folder: Path) -> Path | None:

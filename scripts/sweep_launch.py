@@ -28,7 +28,6 @@ to stop); the exit status is 1 if any job failed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import shlex
 import subprocess
@@ -36,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from kasa.run_dir import SUMMARY_FILE, SWEEP_JOBS_FILE, write_json
+from kasa.run_dir import SUMMARY_FILE, SWEEP_JOBS_FILE, time_stamp, write_json
 
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not launcher:
         print("error: --launcher is empty", file=sys.stderr)
         return 2
-    sweep_dir = args.sweep_dir or Path("runs/sweeps") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    sweep_dir = args.sweep_dir or Path("runs/sweeps") / time_stamp()
     sweep_dir = sweep_dir.absolute()
     try:
         check_jobs(fixed, jobs)

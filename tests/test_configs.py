@@ -391,3 +391,18 @@ def test_help_and_cfg_job_do_not_import_torch():
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "HEAVY []" in result.stderr, result.stderr[-2000:]
+
+
+def test_default_run_folders_of_runs_started_in_the_same_second_differ(config_source):
+    """Two `kasa-train` started together (one per GPU from a shell loop) must not share the time-stamped folder: the
+    second would be refused by the first's lock. One config resolves its stamp once (run and sweep folders agree)."""
+    folders = []
+    for _ in range(2):
+        with config_source():
+            cfg = compose(config_name="config", overrides=["task=demo"], return_hydra_config=True)
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+        assert run_dir == OmegaConf.select(cfg, "hydra.run.dir")  # cached, as ${now:} is
+        assert re.fullmatch(r"runs/\w+/kasa/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", run_dir), run_dir
+        assert OmegaConf.select(cfg, "hydra.sweep.dir").endswith(run_dir.rsplit("/", 1)[1])
+        folders.append(run_dir)
+    assert folders[0] != folders[1]

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 import kasa
 from kasa.config import MODEL_MODULES, RunConfig, model_module_error, register_schema, run_schema
 from kasa.hub import offline_without_hub
+from kasa.run_dir import time_stamp
 
 # Errors that are the user's input or environment (paths, permissions, a full disk), not kasa's bugs: reported in
 # one line with exit status 2.
@@ -65,6 +66,8 @@ def register_resolvers() -> None:
     for name, function in (("package_model", _package_model), ("kasa_resource", _kasa_resource)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
+    if not OmegaConf.has_resolver("kasa_time_stamp"):  # cached: one config resolves it to one folder, as ${now:}
+        OmegaConf.register_new_resolver("kasa_time_stamp", time_stamp, use_cache=True)
 
 
 def _config_options(group: str) -> list[str]:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from kasa.cli.common import compose_run, quiet_libraries, run_reporting_errors
 from kasa.config import RunConfig
+from kasa.run_dir import time_stamp
 
 REPORT = "truncation_report"
 
@@ -208,7 +208,7 @@ def check_output_folder(out: Path) -> None:
 def run(argv: list[str]) -> dict[str, Any]:
     """kasa-inspect with these arguments; returns the report (raises ValueError on bad input)."""
     own: dict[str, Any] = {"threshold": 0.05, "held_out": 64,
-                           "output_dir": time.strftime("runs/inspect/%Y-%m-%d_%H-%M-%S")}
+                           "output_dir": f"runs/inspect/{time_stamp()}"}
     overrides = []
     for arg in argv:
         key, sep, value = arg.partition("=")
