@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -56,6 +57,10 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # DeepSpeed's ZeRO gathers call the name torch 2.13 deprecated: every rank printed two lines per evaluation that
+    # nobody running kasa can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def register_resolvers() -> None:
