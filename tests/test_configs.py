@@ -124,16 +124,19 @@ def _package_is_this_checkout() -> bool:
 
 
 @pytest.fixture(scope="module")
-def config_source(tmp_path_factory) -> Iterator[Any]:
-    """A callable returning a Hydra initialize context manager for this checkout's configs (see module docstring)."""
+def hydra_initialised(tmp_path_factory) -> Iterator[None]:
+    """Hydra initialised once for the module on this checkout's configs (see module docstring): a composition then
+    costs about half of what initialising Hydra for each one did, over some 300 compositions."""
     register_schema()  # what kasa-train does before composing
     if _package_is_this_checkout():
-        yield lambda: initialize_config_module(config_module="kasa.conf", version_base="1.3")
-        return
-    root = tmp_path_factory.mktemp("conf")
-    shutil.copytree(CONFIGS, root / "conf", ignore=shutil.ignore_patterns("recipe", "__pycache__"))
-    shutil.copytree(RECIPES, root / "conf" / "recipe", ignore=shutil.ignore_patterns("__pycache__"))
-    yield lambda: initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3")
+        context = initialize_config_module(config_module="kasa.conf", version_base="1.3")
+    else:
+        root = tmp_path_factory.mktemp("conf")
+        shutil.copytree(CONFIGS, root / "conf", ignore=shutil.ignore_patterns("recipe", "__pycache__"))
+        shutil.copytree(RECIPES, root / "conf" / "recipe", ignore=shutil.ignore_patterns("__pycache__"))
+        context = initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3")
+    with context:
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,11 +167,11 @@ def _missing_model_package(path: Any) -> bool:
     return match is not None and importlib.util.find_spec(match.group(1)) is None
 
 
-def _compose(config_source, overrides: list[str], tmp_path: Path) -> dict[str, Any]:
-    """Compose the root config with `overrides` and return it resolved, without the hydra node."""
+def _compose(overrides: list[str], tmp_path: Path) -> dict[str, Any]:
+    """Compose the root config with `overrides` (Hydra initialised by `hydra_initialised`) and return it resolved,
+    without the hydra node."""
     overrides = [*overrides, f"output_dir={tmp_path}"]
-    with config_source():
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.choices.recipe}
     try:
         job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -206,8 +209,8 @@ def test_recipe_header(name):
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_recipe_composes_and_validates(config_source, name, tmp_path):
-    data = _compose(config_source, [f"recipe={name}"], tmp_path)
+def test_recipe_composes_and_validates(hydra_initialised, name, tmp_path):
+    data = _compose([f"recipe={name}"], tmp_path)
     run = _validate(data)
     assert data["recipe"] == name
     assert run.output_dir == str(tmp_path)
@@ -219,9 +222,9 @@ def test_recipe_composes_and_validates(config_source, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_recipe_matches_the_paper(config_source, name, tmp_path):
+def test_recipe_matches_the_paper(hydra_initialised, name, tmp_path):
     model, task, expected = PAPER[name]
-    run = _validate(_compose(config_source, [f"recipe={name}"], tmp_path))
+    run = _validate(_compose([f"recipe={name}"], tmp_path))
     assert run.model.name == OmegaConf.load(CONFIGS / "model" / f"{model}.yaml").name
     assert run.task.name == task and run.task.hub_id == "nyu-mll/glue" and run.task.hub_config == task
     got = {
@@ -237,25 +240,25 @@ def test_recipe_matches_the_paper(config_source, name, tmp_path):
     assert run.trainer.max_grad_norm is None and run.trainer.precision == "no"
 
 
-def test_spot_checks(config_source, tmp_path):
-    run = _validate(_compose(config_source, ["recipe=glue/roberta_base_cola"], tmp_path))
+def test_spot_checks(hydra_initialised, tmp_path):
+    run = _validate(_compose(["recipe=glue/roberta_base_cola"], tmp_path))
     assert run.model.name == "FacebookAI/roberta-base" and run.task.metric == "matthews"
     assert (run.trainer.lr, run.trainer.batch_size, run.trainer.epochs) == (4e-4, 32, 100)
     assert (run.method.beta, run.method.gamma) == (1e-4, 1e-3)
-    run = _validate(_compose(config_source, ["recipe=glue/deberta_v3_base_cola"], tmp_path))
+    run = _validate(_compose(["recipe=glue/deberta_v3_base_cola"], tmp_path))
     assert run.trainer.max_length == 64
     assert run.method.target_modules == ["query_proj", "value_proj"]
     assert run.method.trainable_modules == ["classifier", "pooler"]
-    run = _validate(_compose(config_source, ["recipe=glue/roberta_large_stsb"], tmp_path))
+    run = _validate(_compose(["recipe=glue/roberta_large_stsb"], tmp_path))
     assert run.trainer.max_length == 128 and run.task.num_labels == 1 and run.task.metric == "pearson"
-    run = _validate(_compose(config_source, ["recipe=glue/roberta_base_mnli"], tmp_path))
+    run = _validate(_compose(["recipe=glue/roberta_base_mnli"], tmp_path))
     assert run.task.num_labels == 3 and run.task.eval_split == "validation_matched"
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_composes_under_a_recipe(config_source, method, tmp_path):
+def test_every_method_composes_under_a_recipe(hydra_initialised, method, tmp_path):
     """`recipe=... method=lora` swaps the method and keeps the recipe's values (beta/gamma keys exist everywhere)."""
-    run = _validate(_compose(config_source, ["recipe=glue/roberta_base_mrpc", f"method={method}"], tmp_path))
+    run = _validate(_compose(["recipe=glue/roberta_base_mrpc", f"method={method}"], tmp_path))
     assert run.method.method == method
     assert (run.method.beta, run.method.gamma, run.method.rank) == (1e-1, 1e-3, 8)
     assert run.method.target_modules == ["query", "value"]
@@ -263,8 +266,8 @@ def test_every_method_composes_under_a_recipe(config_source, method, tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("task", TASKS)
-def test_every_model_and_task_composes(config_source, model, task, tmp_path):
-    run = _validate(_compose(config_source, [f"model={model}", f"task={task}"], tmp_path))
+def test_every_model_and_task_composes(hydra_initialised, model, task, tmp_path):
+    run = _validate(_compose([f"model={model}", f"task={task}"], tmp_path))
     assert run.model.dtype in ("float32", "bfloat16")
     assert run.method.target_modules == run.model.target_modules
     name = task.split("/")[-1]
@@ -277,13 +280,13 @@ def test_every_model_and_task_composes(config_source, model, task, tmp_path):
         assert (run.task.hub_id, run.task.hub_config, run.task.data_dir) == ("nyu-mll/glue", name, None)
 
 
-def test_svd_cache_dir_follows_the_environment(config_source, tmp_path, monkeypatch):
+def test_svd_cache_dir_follows_the_environment(hydra_initialised, tmp_path, monkeypatch):
     monkeypatch.setenv("KASA_CACHE_DIR", str(tmp_path / "cache"))
-    run = _validate(_compose(config_source, ["recipe=glue/roberta_base_rte"], tmp_path))
+    run = _validate(_compose(["recipe=glue/roberta_base_rte"], tmp_path))
     assert run.method.svd_cache_dir == f"{tmp_path / 'cache'}/svd"
     monkeypatch.delenv("KASA_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    run = _validate(_compose(config_source, ["recipe=glue/roberta_base_rte"], tmp_path))
+    run = _validate(_compose(["recipe=glue/roberta_base_rte"], tmp_path))
     assert run.method.svd_cache_dir == f"{tmp_path / 'home'}/.cache/kasa/svd"
 
 
@@ -315,20 +318,20 @@ def test_method_files_cover_methods():
         assert (CONFIGS / "method" / f"{method}.yaml").read_text().startswith("# ")
 
 
-def test_no_argument_trains_the_demo_recipe(config_source, tmp_path):
+def test_no_argument_trains_the_demo_recipe(hydra_initialised, tmp_path):
     for args, recipe in (([], "demo"), (["method=lora", "seed=1"], "demo"), (["--multirun", "seed=0,1"], "demo"),
                          (["task=glue/cola"], None), (["recipe=glue/roberta_base_rte"], None)):
         assert (default_to_demo(args)[-1:] == ["recipe=demo"]) == (recipe == "demo"), args
-    run = _validate(_compose(config_source, ["recipe=demo", "method=lora"], tmp_path))
+    run = _validate(_compose(["recipe=demo", "method=lora"], tmp_path))
     demo = OmegaConf.load(RECIPES / "demo.yaml")
     assert (run.trainer.lr, run.trainer.epochs, run.trainer.max_length) == (
         demo.trainer.lr, demo.trainer.epochs, demo.trainer.max_length)
     assert run.method.method == "lora" and run.recipe == "demo"
 
 
-def test_composing_without_a_recipe_gives_the_schema_defaults(config_source, tmp_path):
+def test_composing_without_a_recipe_gives_the_schema_defaults(hydra_initialised, tmp_path):
     """`kasa-train task=glue/cola model=roberta_base` trains with the trainer's own defaults, never a recipe's."""
-    run = _validate(_compose(config_source, ["task=glue/cola", "model=roberta_base"], tmp_path))
+    run = _validate(_compose(["task=glue/cola", "model=roberta_base"], tmp_path))
     assert run.recipe is None
     assert run.trainer == TrainerConfig()
     defaults = AdapterConfig(target_modules=["query", "value"], trainable_modules=["classifier"])
@@ -340,9 +343,9 @@ def test_composing_without_a_recipe_gives_the_schema_defaults(config_source, tmp
     ("method.target_modules=[query]", "target_modules"),  # one spelling: model.target_modules
     ("model.no_such_key=1", "no_such_key"),
 ])
-def test_a_typo_fails_at_composition(config_source, tmp_path, override, message):
+def test_a_typo_fails_at_composition(hydra_initialised, tmp_path, override, message):
     with pytest.raises(ConfigCompositionException) as err:
-        _compose(config_source, ["recipe=glue/roberta_base_rte", override], tmp_path)
+        _compose(["recipe=glue/roberta_base_rte", override], tmp_path)
     assert message in str(err.value.__cause__ or err.value)
 
 
@@ -354,9 +357,9 @@ def test_a_typo_fails_at_composition(config_source, tmp_path, override, message)
     (["task=glue/cola", "task.kind=summarization"],
      "^unknown task.kind 'summarization'; choose one of: glue, e2e, instruction, commonsense$"),
 ])
-def test_a_setting_the_task_cannot_use_fails_at_start(config_source, tmp_path, overrides, message):
+def test_a_setting_the_task_cannot_use_fails_at_start(hydra_initialised, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        _validate(_compose(config_source, overrides, tmp_path))
+        _validate(_compose(overrides, tmp_path))
 
 
 @pytest.mark.parametrize("derived, base", [
@@ -364,13 +367,13 @@ def test_a_setting_the_task_cannot_use_fails_at_start(config_source, tmp_path, o
     ("sweeps/roberta_base_mrpc_rank", "glue/roberta_base_mrpc"),
     ("sweeps/roberta_base_rte_truncation", "glue/roberta_base_rte"),
 ])
-def test_ablation_and_sweep_recipes_build_on_the_glue_recipe(config_source, tmp_path, derived, base):
-    got, expected = (_compose(config_source, [f"recipe={name}"], tmp_path) for name in (derived, base))
+def test_ablation_and_sweep_recipes_build_on_the_glue_recipe(hydra_initialised, tmp_path, derived, base):
+    got, expected = (_compose([f"recipe={name}"], tmp_path) for name in (derived, base))
     assert {**got, "recipe": None} == {**expected, "recipe": None}
 
 
-def test_instruction_recipes_share_table_9(config_source, tmp_path):
-    runs = {name: _validate(_compose(config_source, [f"recipe={name}"], tmp_path))
+def test_instruction_recipes_share_table_9(hydra_initialised, tmp_path):
+    runs = {name: _validate(_compose([f"recipe={name}"], tmp_path))
             for name in ("instruction/gemma_7b_coding", "instruction/llama2_13b_alpaca")}
     for run in runs.values():
         assert (run.method.rank, run.method.dropout, run.method.orth_form, run.trainer.lr, run.trainer.scheduler) == (
@@ -393,13 +396,12 @@ def test_help_and_cfg_job_do_not_import_torch():
         assert "HEAVY []" in result.stderr, result.stderr[-2000:]
 
 
-def test_default_run_folders_of_runs_started_in_the_same_second_differ(config_source):
+def test_default_run_folders_of_runs_started_in_the_same_second_differ(hydra_initialised):
     """Two `kasa-train` started together (one per GPU from a shell loop) must not share the time-stamped folder: the
     second would be refused by the first's lock. One config resolves its stamp once (run and sweep folders agree)."""
     folders = []
     for _ in range(2):
-        with config_source():
-            cfg = compose(config_name="config", overrides=["task=demo"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["task=demo"], return_hydra_config=True)
         run_dir = OmegaConf.select(cfg, "hydra.run.dir")
         assert run_dir == OmegaConf.select(cfg, "hydra.run.dir")  # cached, as ${now:} is
         assert re.fullmatch(r"runs/\w+/kasa/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", run_dir), run_dir
