@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -14,7 +15,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kasa.config import RunConfig
 from kasa.data.glue import encode_glue, load_glue_splits
-from kasa.evaluation.evaluate import evaluate_classifier
+from kasa.evaluation.metrics import compute_metrics
 from kasa.tasks.models import load_classifier, load_tokenizer
 
 
@@ -58,8 +59,20 @@ class GlueTask:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
 
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
-        loader = DataLoader(self._split(tokenizer, split), batch_size=self.cfg.trainer.eval_batch_size,
-                            collate_fn=self.collator(tokenizer))
-        return evaluate_classifier(model, accelerator.prepare(loader), accelerator, self.cfg.task.num_labels)
+        """The split's metrics, the same for the training loop's evaluations and kasa-eval's (both call this)."""
+        loader = accelerator.prepare(DataLoader(self._split(tokenizer, split),
+                                                batch_size=self.cfg.trainer.eval_batch_size,
+                                                collate_fn=self.collator(tokenizer)))
+        was_training = model.training
+        model.eval()
+        predictions, labels = [], []
+        for batch in loader:
+            logits = model(**self.model_inputs(batch)).logits
+            logits, batch_labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+            predictions.append(logits.cpu().numpy())
+            labels.append(batch_labels.cpu().numpy())
+        model.train(was_training)
+        return compute_metrics(np.concatenate(predictions), np.concatenate(labels), self.cfg.task.num_labels)
