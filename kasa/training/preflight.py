@@ -78,6 +78,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.warmup_ratio": (_fraction, "in [0, 1)"),
     "trainer.label_smoothing": (_fraction, "in [0, 1)"),
     "trainer.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "trainer.scheduler": (lambda v: v in DECAYS, f"one of {', '.join(DECAYS)}"),
     "task.num_labels": (_at_least(1), "an integer >= 1 (1: regression)"),
     "task.max_train_samples": (_at_least(1, optional=True), "null or an integer >= 1"),
     "task.max_eval_samples": (_at_least(1, optional=True), "null or an integer >= 1"),
@@ -103,8 +104,6 @@ def check_config_values(cfg: RunConfig) -> None:
         value = _get(cfg, key)
         if not test(value):
             raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
-    if cfg.trainer.scheduler not in DECAYS:
-        raise ValueError(f"trainer.scheduler={cfg.trainer.scheduler!r} is unknown: choose one of {', '.join(DECAYS)}")
     from kasa.tasks.models import attention_implementation
 
     attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
