@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,12 @@ def test_a_sweeps_jobs_are_grouped_in_the_trackers(tmp_path, record) -> None:
         assert "group" not in wandb and "tags" not in mlflow
 
 
+def _tensorboard_hparams(run: Path) -> list[Path]:
+    """The event files holding hyperparameters (SummaryWriter.add_hparams writes each into a folder of its own)."""
+    return sorted(path for path in (run / "tensorboard").rglob("events.out.tfevents.*")
+                  if b"_hparams_/session_start_info" in path.read_bytes())
+
+
 @pytest.mark.slow  # the W&B service and MLflow's database take a while to start
 def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_written(tmp_path, monkeypatch,
                                                                                     mlflow_store) -> None:
@@ -120,7 +127,10 @@ def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_wri
     # Killed after epoch 1's checkpoint: resume=auto continues the same W&B and MLflow runs (W&B offline writes a
     # second folder under the same run id; syncing joins them) and logs only what they do not have yet.
     recorded = json.loads((tmp_path / "run" / "trackers.json").read_text())
-    assert recorded == {"wandb": offline_runs[0].name.rsplit("-", 1)[1], "mlflow": runs[0].info.run_id}
+    assert recorded == {"wandb": offline_runs[0].name.rsplit("-", 1)[1], "mlflow": runs[0].info.run_id,
+                        "tensorboard": "tensorboard/kasa"}
+    hparams_logs = _tensorboard_hparams(tmp_path / "run")
+    assert len(hparams_logs) == 1
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     shutil.rmtree(checkpoints[-1])
     (tmp_path / "run" / "summary.json").unlink()
@@ -133,6 +143,7 @@ def test_a_run_logs_to_every_tracker_its_resume_continues_them_and_no_key_is_wri
     assert [run.info.run_id for run in runs] == [recorded["mlflow"]]
     assert runs[0].data.params["resume"] == "null"  # the hyperparameters of the run's start
     assert json.loads((tmp_path / "run" / "trackers.json").read_text()) == recorded
+    assert _tensorboard_hparams(tmp_path / "run") == hparams_logs  # the run's start's, not a second trial
     train_steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                    if r["type"] == "train"]
     assert train_steps == list(range(1, len(train_steps) + 1))

@@ -8,10 +8,10 @@ MLFLOW_TRACKING_URI, ...), which kasa never reads into its config or writes anyw
 TensorBoard into `<run dir>/tensorboard/`, W&B into `<run dir>/wandb/` unless WANDB_DIR is set (WANDB_MODE=offline
 works without an account), MLflow to MLFLOW_TRACKING_URI (or MLflow's default).
 
-A resumed run continues its W&B and MLflow runs (their ids are kept in `<run dir>/trackers.json`) instead of starting
-new ones; their hyperparameters stay those of the run's start (MLflow's cannot change; `config.json` records the
-settings a resume changed). What a resume logs again after its checkpoint goes to `metrics.jsonl` only: the trackers
-have it from before the interruption."""
+A resumed run continues its W&B and MLflow runs (their ids are kept in `<run dir>/trackers.json`) and its TensorBoard
+log (its folder, recorded there too) instead of starting new ones; their hyperparameters stay those of the run's
+start, stored once (MLflow's cannot change; `config.json` records the settings a resume changed). What a resume
+logs again after its checkpoint goes to `metrics.jsonl` only: the trackers have it from before the interruption."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from kasa.run_dir import TRACKERS_FILE, sweep_record
 
 PROJECT = "kasa"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-RESUMABLE = ("wandb", "mlflow")  # trackers whose runs have ids that a later session can continue
+RESUMABLE = ("wandb", "mlflow", "tensorboard")  # tracker runs a later session continues: by id, TensorBoard's by
+# its folder (relative to the run directory), which already holds the run's hyperparameters
 
 
 def check_trackers(names: list[str]) -> list[str]:
@@ -95,6 +96,8 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         ids["wandb"] = runs["wandb"].id
     if "mlflow" in runs:
         ids["mlflow"] = runs["mlflow"].info.run_id
+    if "tensorboard" in runs:  # its SummaryWriter
+        ids["tensorboard"] = os.path.relpath(runs["tensorboard"].log_dir, out)
     return ids
 
 
@@ -104,7 +107,10 @@ def recorded_tracker_ids(out: Path) -> dict[str, str]:
         ids = json.loads((out / TRACKERS_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return {name: ids[name] for name in RESUMABLE if isinstance(ids, dict) and isinstance(ids.get(name), str)}
+    recorded = {name: ids[name] for name in RESUMABLE if isinstance(ids, dict) and isinstance(ids.get(name), str)}
+    if not (out / recorded.get("tensorboard", "?")).is_dir():  # a log removed since: a new one, with hyperparameters
+        recorded.pop("tensorboard", None)
+    return recorded
 
 
 def _failing_tracker(err: Exception, names: list[str]) -> str:
