@@ -19,7 +19,7 @@ from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
 from kasa.tasks.lm_loss import labelled_token_loss, loss_positions
-from kasa.tasks.models import load_causal_lm, load_tokenizer
+from kasa.tasks.models import inner_model, load_causal_lm, load_tokenizer
 
 
 class PadCollator:
@@ -121,7 +121,7 @@ class CausalLMTask:
         """Responses to `prompts` (num_return_sequences per prompt, prompt order), each process generating a
         share; every process gets the full list back."""
         settings = self.cfg.task.generation
-        model = accelerator.unwrap_model(model)
+        model = inner_model(accelerator, model)
         was_training = model.training
         model.eval()
         # Longest prompts first (a batch that does not fit fails at once), batches of similar lengths (little

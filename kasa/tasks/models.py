@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -40,6 +40,13 @@ def whole_weights(accelerator: Accelerator) -> Iterator[None]:
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def inner_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model inside Accelerate's DDP, FSDP or DeepSpeed wrapper. A single process's model has no wrapper
+    (`prepare` wraps only for several processes), and asking Accelerate anyway would import DeepSpeed wherever it is
+    installed: 2 s at the first checkpoint or generation of every run."""
+    return model if accelerator.distributed_type == DistributedType.NO else accelerator.unwrap_model(model)
 
 
 def model_source(model: ModelConfig) -> str:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from kasa.adapters import save_adapter
 from kasa.adapters.io import adapter_state, full_adapter_state, save_tensors
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, write_atomically, write_json
+from kasa.tasks.models import inner_model
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -97,7 +98,7 @@ class TrainState:
 def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, state: dict[str, Any]) -> None:
     """An adapter checkpoint (best/ or last/): adapter, trained heads and `state`. Every process calls it (the
     tensors are gathered whole under FSDP2 / ZeRO-3); the main process writes."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = inner_model(accelerator, model)
     tensors = full_adapter_state(unwrapped)
     if accelerator.is_main_process:
 
@@ -168,7 +169,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
     """A resumable checkpoint: everything `restore_training_state` needs to continue bit for bit. Every process
     calls it; the files do not depend on how many processes wrote them, except DeepSpeed's optimizer partitions."""
     main = accelerator.is_main_process
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = inner_model(accelerator, model)
     tensors = full_adapter_state(unwrapped)
     deepspeed_staging = directory.with_name(f".{directory.name}.{DEEPSPEED_DIR}")
     optimizer_state = None
