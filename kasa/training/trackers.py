@@ -108,8 +108,8 @@ def recorded_tracker_ids(out: Path) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     recorded = {name: ids[name] for name in RESUMABLE if isinstance(ids, dict) and isinstance(ids.get(name), str)}
-    if not (out / recorded.get("tensorboard", "?")).is_dir():  # a log removed since: a new one, with hyperparameters
-        recorded.pop("tensorboard", None)
+    if "tensorboard" in recorded and not (out / recorded["tensorboard"]).is_dir():  # removed since: a new log
+        del recorded["tensorboard"]
     return recorded
 
 
