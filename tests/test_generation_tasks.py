@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from chat_server import ChatServer, answer
+from chat_server import ChatServer, answer, error
 from cli_helpers import run_cli
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer, styled_prompt
@@ -368,16 +368,74 @@ def test_instruction_kasa_eval_answers_mt_bench(runs):
     assert any("Reference Response" in p and "And times 3?" in p and "\n12\n" in p for p in prompts)
 
 
-def test_kasa_eval_keeps_the_responses_when_judging_fails(runs):
-    run_dir = runs["dirs"]["instruction"]
-    failed = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", "task.judge.base_url=http://127.0.0.1:9/v1",
-                     env={**ENV, KEY_ENV: SECRET})
-    assert failed.returncode == 2
-    step = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())["step"]
-    saved = run_dir / "evaluations" / f"best-step-{step:08d}" / "test" / "generations" / "instruction-test.jsonl"
-    assert failed.stderr.strip().splitlines()[-1].startswith(f"error: judging failed (the responses are in {saved}): ")
-    records = [json.loads(line) for line in saved.read_text().splitlines()]
-    assert len(records) == len(INSTRUCTION_TEST) and all(len(r["responses"]) == 2 for r in records)
+def judge_failing_at(request: int) -> ChatServer:
+    """The scripted judge, but its `request`-th request (counted from 1) gets an HTTP 500."""
+    return ChatServer(lambda number, body: error(500) if number == request else scripted_answer(number, body))
+
+
+def saved_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_kasa_eval_keeps_what_judging_did_and_its_rerun_judges_only_the_rest(runs, tmp_path):
+    """Judging fails at the third of four requests (two rows, two responses each): the responses and the first
+    row's scores stay saved; kasa-eval run again reuses them, generating nothing, and asks only for the rest."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["dirs"]["instruction"], run_dir)
+    judge = judge_failing_at(3)
+    args = [f"checkpoint={run_dir}", f"task.judge.base_url={judge.base_url}"]
+    env = {**ENV, KEY_ENV: SECRET}
+    try:
+        failed = run_cli("kasa.cli.evaluate", *args, env=env)
+        step = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())["step"]
+        saved = run_dir / "evaluations" / f"best-step-{step:08d}" / "test" / "generations" / "instruction-test.jsonl"
+        assert failed.returncode == 2
+        assert failed.stderr.strip().splitlines()[-1].startswith(
+            f"error: judging failed (the responses are in {saved}): row 1: item 0: ")
+        records = saved_records(saved)
+        assert len(records) == len(INSTRUCTION_TEST) and all(len(r["responses"]) == 2 for r in records)
+        assert len(records[0]["scores"]) == 2 and "scores" not in records[1]
+
+        again = run_cli("kasa.cli.evaluate", *args, env=env)
+    finally:
+        judge.stop()
+    report = eval_report(again)
+    assert f"reusing the responses in {saved}" in again.stdout
+    assert len(judge.requests) == 5  # 2 + the failed one, then only the second row's 2
+    rerun = saved_records(run_dir / "checkpoints" / "best" / "generations" / "instruction-test.jsonl")
+    assert [r["responses"] for r in rerun] == [r["responses"] for r in records]
+    assert rerun[0]["scores"] == records[0]["scores"]
+    assert report["score"] == pytest.approx(summary_of(run_dir)["best"])  # the training run's own evaluation
+
+
+def test_a_run_whose_judging_failed_resumes_without_generating_again(tiny_llama, data, tmp_path):
+    """In training: judging fails at its third request, the run keeps a resumable checkpoint with its evaluation
+    due, and resume=auto evaluates it from the saved responses and scores, asking the judge only for the rest."""
+    run_dir = tmp_path / "run"
+    judge = judge_failing_at(3)
+    args = ["kasa.cli.train", "model=llama3_8b", "task=instruction/coding", f"model.path={tiny_llama}",
+            "model.dtype=float32", f"task.data_dir={data['instruction']}", "task.train_split=train",
+            "task.eval_split=test", "method.rank=4", "trainer.epochs=1", "task.generation.num_beams=2",
+            "task.generation.num_return_sequences=2", "task.generation.max_new_tokens=6",
+            f"task.judge.base_url={judge.base_url}", "task.judge.model=scripted-judge",
+            f"task.judge.api_key_env={KEY_ENV}", "task.judge.max_retries=0", *common_args(run_dir)]
+    env = {**ENV, KEY_ENV: SECRET}
+    saved = run_dir / "generations" / "instruction-test.jsonl"
+    try:
+        failed = run_cli(*args, env=env)
+        assert failed.returncode == 2 and "the evaluation of epoch 1 failed" in failed.stdout + failed.stderr
+        records = saved_records(saved)
+        assert len(records[0]["scores"]) == 2 and "scores" not in records[1]
+        resumed = run_cli(*args, "resume=auto", env=env)
+    finally:
+        judge.stop()
+    ok(resumed)
+    assert f"reusing the responses in {saved}" in resumed.stdout
+    assert len(judge.requests) == 5
+    rerun = saved_records(saved)
+    assert [r["responses"] for r in rerun] == [r["responses"] for r in records]
+    scores = [s for r in rerun for s in r["scores"]]
+    assert summary_of(run_dir)["best"] == pytest.approx(sum(scores) / len(scores))
 
 
 def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkeypatch):

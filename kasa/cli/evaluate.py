@@ -12,8 +12,9 @@ trainer.eval_batch_size of a classification task, task.generation.batch_size of 
 override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
 task's outputs under generations/, into the checkpoint directory. They are written first to
 <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved over the checkpoint
-while it was evaluated (best/ and last/ of a run still training), or when judging fails. One kasa-eval of a
-checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run beside it.
+while it was evaluated (best/ and last/ of a run still training), or when judging fails (run again, kasa-eval
+reuses the responses and the scores saved there). One kasa-eval of a checkpoint on a split runs at a time (a second
+one stops with the first one's pid); other splits run beside it.
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ judged turn by turn. Responses and scores are saved."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset
@@ -26,9 +29,14 @@ from kasa.data.prompts import (
 )
 from kasa.data.sources import load_hub_split, local_split_file
 from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
+from kasa.run_dir import write_atomically
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
+from kasa.tasks.models import inner_model
 
 T = TypeVar("T")
+# Fields of a saved record (besides its question, responses and scores): what generated the responses
+# (InstructionTask._fingerprint) and which judge gave the scores; a later evaluation reuses what matches.
+GENERATED_BY, JUDGED_BY = "generated_by", "judged_by"
 
 
 class InstructionTask(CausalLMTask):
@@ -73,37 +81,78 @@ class InstructionTask(CausalLMTask):
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
+        """The judge's mean score of the responses to `split`. The responses, then each record's scores as they
+        come, are saved in <output_dir>/instruction-<split>.jsonl; an evaluation that finds there the responses of
+        the same model, prompts and decoding settings (a resume after judging failed, kasa-eval run again) reuses
+        them, and the scores that the same judge gave, instead of generating and judging again."""
         rows = self._rows(split, self.cfg.task.max_eval_samples)
-        if all("turns" in row for row in rows):
-            records = self._mt_bench(model, accelerator, tokenizer, rows)
-        else:
-            prompts = _each_row(rows, split, lambda row: generation_prompt(row, tokenizer))
-            outputs = self._generate(model, accelerator, tokenizer, prompts)
-            # The paper grades precision, the response against the instruction (figure 7): the reference answer is
-            # saved with the responses but not shown to the judge.
-            records = [{"instruction": prompt_text(row), "reference": reference_answer(row), "responses": responses}
-                       for row, responses in zip(rows, outputs)]
+        mt_bench = all("turns" in row for row in rows)
+        questions = [_question(row, mt_bench) for row in rows]
+        first_prompts = [conversation_prompt([{"role": "user", "content": row["turns"][0]}], tokenizer)
+                         if mt_bench else generation_prompt(row, tokenizer) for row in rows]
+        fingerprint = self._fingerprint(model, accelerator, tokenizer, first_prompts)
+        path = output_file(output_dir, f"instruction-{split}.jsonl") if accelerator.is_main_process else None
+        records = [_saved_records(path, questions, fingerprint)]
+        if accelerator.num_processes > 1:  # generation is shared out: every process must take the same way
+            records = broadcast_object_list(records)
+        if records[0] is None:
+            if mt_bench:
+                responses = self._mt_bench(model, accelerator, tokenizer, rows)
+            else:
+                responses = self._generate(model, accelerator, tokenizer, first_prompts)
+            records[0] = [{**question, "responses": answers, GENERATED_BY: fingerprint}
+                          for question, answers in zip(questions, responses)]
+        elif path is not None:
+            print(f"reusing the responses in {path} (the same model, prompts and decoding settings)", flush=True)
         # Every process generated a share; only the main one calls the judge, then tells the others the score.
         metrics = [None]
         if accelerator.is_main_process:
-            path = output_file(output_dir, f"instruction-{split}.jsonl")
-            if path is not None:  # the responses are kept even if judging fails
-                path.write_text("".join(json.dumps(record) + "\n" for record in records))
-            judge = self._judge()
-            try:
-                for record in records:
-                    if "turns" in record:
-                        record["scores"] = judge.judge_mt_bench_answer(record, record["responses"])
-                    else:
-                        record["scores"] = judge.score_many({"instruction": record["instruction"], "response": r}
-                                                            for r in record["responses"])
-            except JudgeError as err:
-                saved = f" (the responses are in {path})" if path is not None else ""
-                raise ValueError(f"judging failed{saved}: {err}") from None
-            if path is not None:
-                path.write_text("".join(json.dumps(record) + "\n" for record in records))
-            metrics = [{"judge_score": mean_score([s for record in records for s in record["scores"]])}]
+            metrics = [{"judge_score": self._judge_all(records[0], path)}]
         return broadcast_object_list(metrics)[0] if accelerator.num_processes > 1 else metrics[0]
+
+    def _judge_all(self, records: list[dict[str, Any]], path: Path | None) -> float:
+        """Scores every record that holds no scores of this judge yet and returns the mean score. The records are
+        saved before and after each record is scored: a failure, or a kill, keeps the responses and what was scored.
+        The paper grades precision, the response against the instruction (figure 7): a reference answer is saved
+        with the responses, and shown to the judge for MT-Bench questions only."""
+        judge = self._judge()
+        judged_by = f"{judge.config.model} at {judge.config.base_url}"
+        _save_records(path, records)
+        try:
+            for index, record in enumerate(records):
+                if record.get(JUDGED_BY) == judged_by and "scores" in record:
+                    continue
+                if "turns" in record:
+                    record["scores"] = judge.judge_mt_bench_answer(record, record["responses"])
+                else:
+                    record["scores"] = judge.score_many({"instruction": record["instruction"], "response": r}
+                                                        for r in record["responses"])
+                record[JUDGED_BY] = judged_by
+                _save_records(path, records)
+        except JudgeError as err:
+            saved = f" (the responses are in {path})" if path is not None else ""
+            raise ValueError(f"judging failed{saved}: row {index}: {err}") from None
+        return mean_score([s for record in records for s in record["scores"]])
+
+    def _fingerprint(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
+                     prompts: list[tuple[str, bool]]) -> str:
+        """What saved responses must have been generated by to be reused: these prompts, these decoding settings
+        and this model, known by its logits on the first prompt (bit for bit the same only for the same weights,
+        adapter and base; a resumed run restores them exactly; its first 32 tokens are enough). Every process
+        runs the forward pass: sharded weights are gathered for it."""
+        digest = hashlib.sha256(json.dumps([dataclasses.asdict(self.cfg.task.generation), prompts]).encode())
+        if prompts:
+            inner = inner_model(accelerator, model)
+            text, add_special = prompts[0]
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special)["input_ids"][:, :32]
+            was_training = inner.training
+            inner.eval()
+            try:
+                with torch.no_grad():
+                    digest.update(inner(input_ids=ids.to(inner.device)).logits.float().cpu().numpy().tobytes())
+            finally:
+                inner.train(was_training)
+        return digest.hexdigest()
 
     def _generate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                   prompts: list[tuple[str, bool]]) -> list[list[str]]:
@@ -112,7 +161,7 @@ class InstructionTask(CausalLMTask):
         return self.generate(model, accelerator, tokenizer, [text for text, _ in prompts], add_special)
 
     def _mt_bench(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
-                  rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                  rows: list[dict[str, Any]]) -> list[list[str]]:
         """MT-Bench: the model answers each question's turns in order, every later turn prompted with the
         conversation so far (its own earlier answers included); one answer per turn."""
         conversations: list[list[dict[str, str]]] = [[] for _ in rows]
@@ -126,9 +175,37 @@ class InstructionTask(CausalLMTask):
             for i, texts in zip(active, outputs):
                 conversations[i].append({"role": "assistant", "content": texts[0]})
                 answers[i].append(texts[0])
-        return [{"question_id": row.get("question_id"), "category": row.get("category"), "turns": row["turns"],
-                 "reference": row.get("reference"), "responses": row_answers}
-                for row, row_answers in zip(rows, answers)]
+        return answers
+
+
+def _question(row: dict[str, Any], mt_bench: bool) -> dict[str, Any]:
+    """What a saved record holds of its row: an MT-Bench question's id, category, turns and reference answers, or
+    the instruction a judge is shown and the reference answer."""
+    if mt_bench:
+        return {key: row.get(key) for key in ("question_id", "category", "turns", "reference")}
+    return {"instruction": prompt_text(row), "reference": reference_answer(row)}
+
+
+def _saved_records(path: Path | None, questions: list[dict[str, Any]], fingerprint: str) -> list[dict] | None:
+    """The records saved at `path` when they answer exactly `questions` and were generated under `fingerprint`
+    (InstructionTask._fingerprint); else None."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path is not None else None
+    except (OSError, ValueError):  # none yet, or not ours
+        return None
+    if records is None or len(records) != len(questions):
+        return None
+    for record, question in zip(records, questions):
+        if not isinstance(record, dict) or record.get(GENERATED_BY) != fingerprint or any(
+                record.get(key) != value for key, value in question.items()):
+            return None
+    return records
+
+
+def _save_records(path: Path | None, records: list[dict[str, Any]]) -> None:
+    if path is not None:
+        text = "".join(json.dumps(record) + "\n" for record in records)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _each_row(rows: list[dict[str, Any]], split: str, function: Callable[[dict[str, Any]], T]) -> list[T]:
