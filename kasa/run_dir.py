@@ -166,9 +166,16 @@ def find_checkpoint(path: str | Path, which: str = BEST_CHECKPOINT) -> tuple[Pat
     path = Path(path)
     if (path / ADAPTER_WEIGHTS_FILE).is_file():
         return path, (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
-    for name in dict.fromkeys((which, LAST_CHECKPOINT)):
+    names = list(dict.fromkeys((which, LAST_CHECKPOINT)))
+    for name in names:
         if (path / CHECKPOINTS_DIR / name / ADAPTER_WEIGHTS_FILE).is_file():
             return path / CHECKPOINTS_DIR / name, path
+    steps = sorted(d for d in (path / CHECKPOINTS_DIR).glob("step-*") if STEP_DIR.match(d.name)
+                   and (d / ADAPTER_WEIGHTS_FILE).is_file())
+    if steps:  # a run stopped before its first evaluation (or whose evaluation failed) has only resumable ones
+        missing = " or ".join(f"{name}/" for name in names)
+        raise FileNotFoundError(f"{path} has no {missing} checkpoint (it has not finished an evaluation): pass one of "
+                                f"its step checkpoints, e.g. the newest, {steps[-1]}")
     raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{which}/) or a "
                             f"checkpoint directory holding {ADAPTER_WEIGHTS_FILE}")
 

@@ -182,3 +182,15 @@ def test_missing_checkpoint(tmp_path):
     result = run_cli("kasa.cli.evaluate", f"checkpoint={tmp_path / 'nowhere'}")
     assert result.returncode == 2
     assert_one_line_error(result, "no checkpoint at")
+
+
+def test_a_run_without_an_evaluated_checkpoint_names_its_newest_step_checkpoint(finished_run, tmp_path):
+    """A run stopped before its first evaluation (or whose evaluation failed) has step checkpoints only."""
+    run_copy = tmp_path / "run"
+    shutil.copytree(finished_run, run_copy)
+    for name in ("best", "last"):
+        shutil.rmtree(run_copy / "checkpoints" / name)
+    steps = sorted((run_copy / "checkpoints").glob("step-*"))
+    assert steps
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={run_copy}")
+    assert_one_line_error(result, f"{run_copy} has no best/ or last/ checkpoint", f"e.g. the newest, {steps[-1]}")

@@ -171,6 +171,18 @@ def test_cli_refuses_a_bad_option(runs, option, message):
     assert not (root / "table").exists()
 
 
+@pytest.mark.parametrize("module", ["kasa.cli.compare", "kasa.cli.plot"])
+def test_a_key_value_option_points_at_the_flags(runs, module):
+    """kasa-eval's and kasa-export's style (output=DIR) is refused with the flag that takes it, before anything."""
+    root, _ = runs
+    result = run_cli(module, str(root), f"output={root / 'table'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"argument dirs: 'output={root / 'table'}' is not a folder; options here are flags (--out DIR, "
+        "--metric-scale 100, ...: see --help), not key=value")
+    assert not (root / "table").exists()
+
+
 def test_ablation_recipe_sweeps_the_ladder(tiny_model, tmp_path):
     """`kasa-train --multirun recipe=ablation/roberta_base_mrpc` runs lora .. kasa from the recipe's sweeper
     parameters (seed narrowed on the command line), then kasa-plot and kasa-compare read the sweep."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import importlib
@@ -210,6 +211,15 @@ def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str,
     register_resolvers()
     quiet_libraries()
     return args
+
+
+def folder_argument(text: str) -> Path:
+    """argparse's type for the run and sweep folders of kasa-compare and kasa-plot, whose options are flags: a
+    `key=value` word that names nothing (the style of kasa-eval and kasa-export) is refused, pointing at the flags."""
+    if "=" in text and not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder; options here are flags (--out DIR, --metric-scale "
+                                         "100, ...: see --help), not key=value")
+    return Path(text)
 
 
 def bool_argument(args: dict[str, str], key: str, default: bool) -> bool:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from kasa.cli.common import run_reporting_errors
+from kasa.cli.common import folder_argument, run_reporting_errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters), columns = tasks, cells = median over seeds of the best validation score, best in bold, an "
         "average column. Written as comparison.md, comparison.csv and comparison.tex.",
     )
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
+    parser.add_argument("dirs", nargs="+", type=folder_argument, help="run or sweep directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the one directory given, else the current folder)")
     parser.add_argument("--metric-scale", type=float, default=1.0,

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from kasa.cli.common import run_reporting_errors
+from kasa.cli.common import folder_argument, run_reporting_errors
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     BEST_CHECKPOINT,
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(figure 11). Sweep directories: ablation bars (figure 2), metric vs rank r (figure 3), metric vs "
         "truncation rank k (figure 9), whichever the runs support.",
     )
-    parser.add_argument("dirs", nargs="+", type=Path, help="a run directory (or checkpoint), or sweep directories")
+    parser.add_argument("dirs", nargs="+", type=folder_argument, help="a run directory (or checkpoint), or sweep directories")
     parser.add_argument("--kind", action="append", choices=RUN_KINDS + SWEEP_KINDS, default=None,
                         help="draw only these plots (repeatable; default: all that apply)")
     parser.add_argument("--out", type=Path, default=None,
