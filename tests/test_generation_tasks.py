@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from kasa.data.sources import find_split_file, local_split_file
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 KEY_ENV = "KASA_TEST_GENERATION_JUDGE_KEY"
+REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-generation-tasks-test"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the E2E metrics (METEOR) need Java")
 
@@ -408,25 +410,43 @@ def test_kasa_eval_keeps_what_judging_did_and_its_rerun_judges_only_the_rest(run
     assert report["score"] == pytest.approx(summary_of(run_dir)["best"])  # the training run's own evaluation
 
 
-def test_a_run_whose_judging_failed_resumes_without_generating_again(tiny_llama, data, tmp_path):
-    """In training: judging fails at its third request, the run keeps a resumable checkpoint with its evaluation
-    due, and resume=auto evaluates it from the saved responses and scores, asking the judge only for the rest."""
-    run_dir = tmp_path / "run"
-    judge = judge_failing_at(3)
-    args = ["kasa.cli.train", "model=llama3_8b", "task=instruction/coding", f"model.path={tiny_llama}",
-            "model.dtype=float32", f"task.data_dir={data['instruction']}", "task.train_split=train",
-            "task.eval_split=test", "method.rank=4", "trainer.epochs=1", "task.generation.num_beams=2",
+def instruction_run_args(tiny_llama: Path, data: dict[str, Path], run_dir: Path, judge: ChatServer) -> list[str]:
+    return ["model=llama3_8b", "task=instruction/coding", f"model.path={tiny_llama}", "model.dtype=float32",
+            f"task.data_dir={data['instruction']}", "task.train_split=train", "task.eval_split=test",
+            "method.rank=4", "trainer.epochs=1", "task.generation.num_beams=2",
             "task.generation.num_return_sequences=2", "task.generation.max_new_tokens=6",
             f"task.judge.base_url={judge.base_url}", "task.judge.model=scripted-judge",
             f"task.judge.api_key_env={KEY_ENV}", "task.judge.max_retries=0", *common_args(run_dir)]
+
+
+def two_processes(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `module` with 2 DDP processes on the CPU (gloo)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "multi_gpu.json"), "--num_processes", "2", "--num_machines", "1",
+              "--main_process_port", "0", "-m", module, *args]
+    return subprocess.run(launch, capture_output=True, text=True, timeout=600,
+                          env={**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_whose_judging_failed_resumes_without_generating_again(tiny_llama, data, tmp_path, processes):
+    """In training, on one process or two: judging fails at its third request, the run keeps a resumable checkpoint
+    with its evaluation due (two processes too: the judge's failure reaches every process alike), and resume=auto
+    evaluates it from the saved responses and scores, asking the judge only for the rest."""
+    run_dir = tmp_path / "run"
+    judge = judge_failing_at(3)
+    args = instruction_run_args(tiny_llama, data, run_dir, judge)
     env = {**ENV, KEY_ENV: SECRET}
+    run = (lambda *more: run_cli("kasa.cli.train", *args, *more, env=env)) if processes == 1 else (
+        lambda *more: two_processes("kasa.cli.train", *args, *more, env=env))
     saved = run_dir / "generations" / "instruction-test.jsonl"
     try:
-        failed = run_cli(*args, env=env)
-        assert failed.returncode == 2 and "the evaluation of epoch 1 failed" in failed.stdout + failed.stderr
+        failed = run()
+        assert failed.returncode != 0
+        assert f"what was trained is kept in {run_dir / 'checkpoints' / 'step-00000001'}" in failed.stdout + failed.stderr
         records = saved_records(saved)
         assert len(records[0]["scores"]) == 2 and "scores" not in records[1]
-        resumed = run_cli(*args, "resume=auto", env=env)
+        resumed = run("resume=auto")
     finally:
         judge.stop()
     ok(resumed)

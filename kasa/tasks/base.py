@@ -12,6 +12,11 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 
+class EvaluationFailed(ValueError):
+    """An evaluation that failed on every process alike, at the same point and outside any collective operation (a
+    judge that the main process asks alone, then tells the others about): the processes can still save together."""
+
+
 class Task(Protocol):
     metric: str  # the metric that picks the best epoch (higher is better)
 

@@ -30,6 +30,7 @@ from kasa.data.prompts import (
 from kasa.data.sources import load_hub_split, local_split_file
 from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
 from kasa.run_dir import write_atomically
+from kasa.tasks.base import EvaluationFailed
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
 from kasa.tasks.models import inner_model
 
@@ -104,11 +105,19 @@ class InstructionTask(CausalLMTask):
                           for question, answers in zip(questions, responses)]
         elif path is not None:
             print(f"reusing the responses in {path} (the same model, prompts and decoding settings)", flush=True)
-        # Every process generated a share; only the main one calls the judge, then tells the others the score.
-        metrics = [None]
+        # Every process generated a share; only the main one calls the judge, then tells the others the score, or
+        # that judging failed: then every process raises the same error, none is left waiting for the score.
+        outcome: list[dict[str, Any] | None] = [None]
         if accelerator.is_main_process:
-            metrics = [{"judge_score": self._judge_all(records[0], path)}]
-        return broadcast_object_list(metrics)[0] if accelerator.num_processes > 1 else metrics[0]
+            try:
+                outcome = [{"metrics": {"judge_score": self._judge_all(records[0], path)}}]
+            except ValueError as err:
+                outcome = [{"error": str(err)}]
+        if accelerator.num_processes > 1:
+            outcome = broadcast_object_list(outcome)
+        if "error" in outcome[0]:
+            raise EvaluationFailed(outcome[0]["error"])
+        return outcome[0]["metrics"]
 
     def _judge_all(self, records: list[dict[str, Any]], path: Path | None) -> float:
         """Scores every record that holds no scores of this judge yet and returns the mean score. The records are

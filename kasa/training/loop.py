@@ -54,6 +54,7 @@ from kasa.run_dir import (
     write_json,
 )
 from kasa.tasks import build_task
+from kasa.tasks.base import EvaluationFailed
 from kasa.training.checkpoint import (
     MetricsLog,
     TrainState,
@@ -468,8 +469,8 @@ class TrainingRecipe:
         try:
             metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
                                          self.out / GENERATIONS_DIR)
-        except Exception:
-            self.keep_unevaluated(epoch)
+        except Exception as err:
+            self.keep_unevaluated(epoch, everywhere=isinstance(err, EvaluationFailed))
             raise
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
@@ -485,16 +486,18 @@ class TrainingRecipe:
             save_checkpoint(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT, self.accelerator, self.model, saved)
         save_checkpoint(self.out / CHECKPOINTS_DIR / LAST_CHECKPOINT, self.accelerator, self.model, saved)
 
-    def keep_unevaluated(self, epoch: int) -> None:
+    def keep_unevaluated(self, epoch: int, everywhere: bool) -> None:
         """After a failed evaluation (an unreachable judge, beam search out of memory, ...), what was trained is kept
         as a resumable checkpoint whose evaluation is still due: resume=auto evaluates it instead of training again.
-        One process only: in a run of several, the others may be waiting inside a collective of the evaluation."""
-        if self.accelerator.num_processes > 1:
+        In a run of several processes only when the evaluation failed on all of them alike (`everywhere`: a judge's
+        failure): after another failure, some may be waiting inside a collective of the evaluation."""
+        if self.accelerator.num_processes > 1 and not everywhere:
             return
         self.state.pending_evaluation = epoch
         checkpoint = self.save_resumable()
         self.console.print(f"the evaluation of epoch {epoch + 1} failed; what was trained is kept in {checkpoint}: "
                            "remove the cause, then continue with resume=auto (it evaluates that epoch again)")
+        self.accelerator.wait_for_everyone()  # a launcher stops the main process once another one has exited
 
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
