@@ -73,6 +73,7 @@ class JudgeSettings:
     api_key_env: Optional[str] = "OPENAI_API_KEY"
     max_retries: int = 5
     timeout: float = 60.0
+    concurrency: int = 4  # requests in flight at once: the GPUs wait for the judge, a request takes seconds
 
 
 TASK_KIND_NAMES = ("glue", "e2e", "instruction", "commonsense")  # kasa.tasks.TASK_KINDS implements each

@@ -16,6 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -385,7 +387,7 @@ def test_kasa_eval_keeps_what_judging_did_and_its_rerun_judges_only_the_rest(run
     run_dir = tmp_path / "run"
     shutil.copytree(runs["dirs"]["instruction"], run_dir)
     judge = judge_failing_at(3)
-    args = [f"checkpoint={run_dir}", f"task.judge.base_url={judge.base_url}"]
+    args = [f"checkpoint={run_dir}", f"task.judge.base_url={judge.base_url}", "task.judge.concurrency=1"]
     env = {**ENV, KEY_ENV: SECRET}
     try:
         failed = run_cli("kasa.cli.evaluate", *args, env=env)
@@ -410,13 +412,49 @@ def test_kasa_eval_keeps_what_judging_did_and_its_rerun_judges_only_the_rest(run
     assert report["score"] == pytest.approx(summary_of(run_dir)["best"])  # the training run's own evaluation
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_the_judge_scores_rows_concurrently(runs, tmp_path, concurrency):
+    """task.judge.concurrency rows are judged at once (a row's responses one after the other), and the scores do not
+    depend on it."""
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def slow_answer(number: int, body: dict) -> dict:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.3)  # long enough for the other row's request to arrive meanwhile
+        with lock:
+            in_flight[0] -= 1
+        return scripted_answer(number, body)
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["dirs"]["instruction"], run_dir)
+    judge = ChatServer(slow_answer)
+    try:
+        report = eval_report(run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"task.judge.base_url={judge.base_url}",
+                                     f"task.judge.concurrency={concurrency}", env={**ENV, KEY_ENV: SECRET}))
+    finally:
+        judge.stop()
+    assert most[0] == concurrency and len(judge.requests) == 4
+    assert report["score"] == pytest.approx(summary_of(run_dir)["best"])
+
+
+def test_a_judge_concurrency_below_one_is_refused_at_start(runs):
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={runs['dirs']['instruction']}", "task.judge.concurrency=0",
+                     env={**ENV, KEY_ENV: SECRET})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: task.judge.concurrency=0 is not allowed: it must be an integer >= 1")
+
+
 def instruction_run_args(tiny_llama: Path, data: dict[str, Path], run_dir: Path, judge: ChatServer) -> list[str]:
     return ["model=llama3_8b", "task=instruction/coding", f"model.path={tiny_llama}", "model.dtype=float32",
             f"task.data_dir={data['instruction']}", "task.train_split=train", "task.eval_split=test",
             "method.rank=4", "trainer.epochs=1", "task.generation.num_beams=2",
             "task.generation.num_return_sequences=2", "task.generation.max_new_tokens=6",
             f"task.judge.base_url={judge.base_url}", "task.judge.model=scripted-judge",
-            f"task.judge.api_key_env={KEY_ENV}", "task.judge.max_retries=0", *common_args(run_dir)]
+            f"task.judge.api_key_env={KEY_ENV}", "task.judge.max_retries=0", "task.judge.concurrency=1",
+            *common_args(run_dir)]
 
 
 def two_processes(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

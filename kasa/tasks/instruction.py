@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -52,7 +53,8 @@ class InstructionTask(CausalLMTask):
             raise ValueError("instruction following is scored by an LLM judge: set task.judge.base_url=<OpenAI-"
                              f"compatible endpoint> and task.judge.model, and export {settings.api_key_env}")
         config = JudgeConfig(base_url=settings.base_url, model=settings.model, api_key_env=settings.api_key_env,
-                             max_retries=settings.max_retries, timeout=settings.timeout)
+                             max_retries=settings.max_retries, timeout=settings.timeout,
+                             concurrency=settings.concurrency)
         try:
             return Judge(config)
         except JudgeError as err:
@@ -120,27 +122,43 @@ class InstructionTask(CausalLMTask):
         return outcome[0]["metrics"]
 
     def _judge_all(self, records: list[dict[str, Any]], path: Path | None) -> float:
-        """Scores every record that holds no scores of this judge yet and returns the mean score. The records are
-        saved before and after each record is scored: a failure, or a kill, keeps the responses and what was scored.
+        """Scores every record that holds no scores of this judge yet, `task.judge.concurrency` records at a time, and
+        returns the mean score. The records are saved before, and again as each one is scored: a failure, or a kill,
+        keeps the responses and what was scored. After a failure no new record is sent; those in flight finish.
         The paper grades precision, the response against the instruction (figure 7): a reference answer is saved
         with the responses, and shown to the judge for MT-Bench questions only."""
         judge = self._judge()
         judged_by = f"{judge.config.model} at {judge.config.base_url}"
+
+        def score(record: dict[str, Any]) -> list[int]:
+            if "turns" in record:
+                return judge.judge_mt_bench_answer(record, record["responses"])
+            return judge.score_many({"instruction": record["instruction"], "response": r} for r in record["responses"])
+
         _save_records(path, records)
+        pool = ThreadPoolExecutor(max_workers=judge.config.concurrency)
+        futures = {pool.submit(score, record): index for index, record in enumerate(records)
+                   if not (record.get(JUDGED_BY) == judged_by and "scores" in record)}
+        failures: list[tuple[int, JudgeError]] = []
         try:
-            for index, record in enumerate(records):
-                if record.get(JUDGED_BY) == judged_by and "scores" in record:
+            for future in as_completed(futures):
+                if future.cancelled():
                     continue
-                if "turns" in record:
-                    record["scores"] = judge.judge_mt_bench_answer(record, record["responses"])
-                else:
-                    record["scores"] = judge.score_many({"instruction": record["instruction"], "response": r}
-                                                        for r in record["responses"])
-                record[JUDGED_BY] = judged_by
+                index = futures[future]
+                try:
+                    records[index] |= {"scores": future.result(), JUDGED_BY: judged_by}
+                except JudgeError as err:
+                    failures.append((index, err))
+                    for other in futures:
+                        other.cancel()
+                    continue
                 _save_records(path, records)
-        except JudgeError as err:
+        finally:
+            pool.shutdown(cancel_futures=True)
+        if failures:
+            index, err = min(failures, key=lambda failure: failure[0])
             saved = f" (the responses are in {path})" if path is not None else ""
-            raise ValueError(f"judging failed{saved}: row {index}: {err}") from None
+            raise ValueError(f"judging failed{saved}: row {index}: {err}")
         return mean_score([s for record in records for s in record["scores"]])
 
     def _fingerprint(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,

@@ -88,6 +88,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task.generation.no_repeat_ngram_size": (_at_least(0), "an integer >= 0 (0: off)"),
     "task.generation.temperature": (_positive(), "a number > 0 (do_sample=false decodes without sampling)"),
     "task.generation.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "task.judge.max_retries": (_at_least(0), "an integer >= 0"),
+    "task.judge.timeout": (_positive(), "a number of seconds > 0"),
+    "task.judge.concurrency": (_at_least(1), "an integer >= 1"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
 }
 
