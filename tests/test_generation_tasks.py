@@ -431,8 +431,9 @@ def test_the_judge_scores_rows_concurrently(runs, tmp_path, concurrency):
     shutil.copytree(runs["dirs"]["instruction"], run_dir)
     judge = ChatServer(slow_answer)
     try:
-        report = eval_report(run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"task.judge.base_url={judge.base_url}",
-                                     f"task.judge.concurrency={concurrency}", env={**ENV, KEY_ENV: SECRET}))
+        report = eval_report(run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}",
+                                     f"task.judge.base_url={judge.base_url}", f"task.judge.concurrency={concurrency}",
+                                     env={**ENV, KEY_ENV: SECRET}))
     finally:
         judge.stop()
     assert most[0] == concurrency and len(judge.requests) == 4
@@ -481,7 +482,8 @@ def test_a_run_whose_judging_failed_resumes_without_generating_again(tiny_llama,
     try:
         failed = run()
         assert failed.returncode != 0
-        assert f"what was trained is kept in {run_dir / 'checkpoints' / 'step-00000001'}" in failed.stdout + failed.stderr
+        kept = run_dir / "checkpoints" / "step-00000001"
+        assert f"what was trained is kept in {kept}" in failed.stdout + failed.stderr
         records = saved_records(saved)
         assert len(records[0]["scores"]) == 2 and "scores" not in records[1]
         resumed = run("resume=auto")

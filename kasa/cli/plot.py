@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(figure 11). Sweep directories: ablation bars (figure 2), metric vs rank r (figure 3), metric vs "
         "truncation rank k (figure 9), whichever the runs support.",
     )
-    parser.add_argument("dirs", nargs="+", type=folder_argument, help="a run directory (or checkpoint), or sweep directories")
+    parser.add_argument("dirs", nargs="+", type=folder_argument,
+                        help="a run directory (or checkpoint), or sweep directories")
     parser.add_argument("--kind", action="append", choices=RUN_KINDS + SWEEP_KINDS, default=None,
                         help="draw only these plots (repeatable; default: all that apply)")
     parser.add_argument("--out", type=Path, default=None,

@@ -41,8 +41,8 @@ class JudgeConfig:
     never enters the config, so printing or saving a config cannot leak it); None sends no Authorization header, for
     local servers such as vLLM that need none.
 
-    `concurrency` requests are in flight at once where the caller scores several items (`score_each`). A request
-    is tried 1 + `max_retries` times. Rate limits (429), server errors (5xx), timeouts, dropped connections
+    `concurrency`: how many requests a caller that scores many items keeps in flight at once (kasa's instruction
+    task: rows). A request is tried 1 + `max_retries` times. Rate limits (429), server errors (5xx), timeouts, dropped connections
     and answers without a parsable score are retried after `retry_base_delay * 2**k` seconds (k = 0, 1, ...), or
     after the server's Retry-After when longer, never more than `max_retry_delay`. Temperature 0 makes the grade as
     repeatable as the service allows."""

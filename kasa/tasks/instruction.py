@@ -91,8 +91,8 @@ class InstructionTask(CausalLMTask):
         rows = self._rows(split, self.cfg.task.max_eval_samples)
         mt_bench = all("turns" in row for row in rows)
         questions = [_question(row, mt_bench) for row in rows]
-        first_prompts = [conversation_prompt([{"role": "user", "content": row["turns"][0]}], tokenizer)
-                         if mt_bench else generation_prompt(row, tokenizer) for row in rows]
+        first_prompts = _each_row(rows, split, lambda row: conversation_prompt(
+            [{"role": "user", "content": row["turns"][0]}], tokenizer) if mt_bench else generation_prompt(row, tokenizer))
         fingerprint = self._fingerprint(model, accelerator, tokenizer, first_prompts)
         path = output_file(output_dir, f"instruction-{split}.jsonl") if accelerator.is_main_process else None
         records = [_saved_records(path, questions, fingerprint)]
