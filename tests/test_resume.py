@@ -55,10 +55,12 @@ KILLING_DRIVER = textwrap.dedent(
 
 FAILING_EVALUATION_DRIVER = textwrap.dedent(
     """
-    import sys
+    import os, signal, sys
     from kasa.tasks.glue import GlueTask
 
     def unreachable(*args, **kwargs):
+        if os.environ.get("EVALUATION_KILLED") == "1":  # a preemption's SIGKILL in the middle of a long evaluation
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError("the evaluation failed (a stand-in for an unreachable judge or beam search out of memory)")
 
     GlueTask.evaluate = unreachable
@@ -145,6 +147,27 @@ def test_a_failed_evaluation_keeps_the_training_and_resume_evaluates_it(uninterr
     assert metrics(run_dir) == metrics(uninterrupted)
     for checkpoint in (run_dir / "checkpoints").glob("step-*"):  # the evaluation is done: no longer due anywhere
         assert "pending_evaluation" not in json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def test_a_run_killed_during_an_evaluation_resumes_with_that_evaluation(uninterrupted, tiny_model, sentiment_dir,
+                                                                       tmp_path):
+    """SIGKILL while the first epoch is evaluated (a generation task's evaluation can take hours): the epoch's
+    training was saved before the evaluation began, so resume=auto evaluates it and goes on, ending as the
+    uninterrupted run, without training the epoch again."""
+    run_dir = tmp_path / "run"
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
+    killed = subprocess.run([sys.executable, "-c", FAILING_EVALUATION_DRIVER, *args], capture_output=True, text=True,
+                            env={**ENV, "EVALUATION_KILLED": "1"}, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((run_dir / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    assert state["pending_evaluation"] == 0 and state["epoch"] == 1 and state["history"] == []
+
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step 8" in resumed.stderr
+    expected, got = adapter(uninterrupted), adapter(run_dir)
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert metrics(run_dir) == metrics(uninterrupted)
 
 
 def test_finished_run_is_not_overwritten(uninterrupted, tiny_model, sentiment_dir):

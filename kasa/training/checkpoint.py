@@ -59,7 +59,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation record
     metrics_size: int = 0
     regularization_size: int = 0
-    pending_evaluation: int | None = None  # an epoch trained but not evaluated (its evaluation failed): resume runs it
+    pending_evaluation: int | None = None  # an epoch trained, its evaluation not done (saved before it): resume runs it
     # The batch layout that wrote the checkpoint (None in checkpoints from before it was recorded): a resume on
     # another number of processes continues only where each optimiser step still trains on the same examples.
     processes: int | None = None

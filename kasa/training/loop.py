@@ -462,16 +462,22 @@ class TrainingRecipe:
     # Evaluation and checkpoints
 
     def evaluate_and_save(self, epoch: int) -> None:
-        """Evaluate on the eval split; keep the best and the last adapter."""
-        self.nonfinite.check(self.accelerator)
+        """Evaluate on the eval split; keep the best and the last adapter. The epoch's training is saved first, as a
+        resumable checkpoint whose evaluation is due: an evaluation may take hours (generation, a judge) and fail or
+        be killed, and resume=auto then runs it again, from the same random states, instead of the training."""
         state, cfg = self.state, self.cfg
-        state.pending_evaluation = None
+        state.pending_evaluation = epoch
+        checkpoint = self.save_resumable()
         try:
             metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
                                          self.out / GENERATIONS_DIR)
         except Exception as err:
-            self.keep_unevaluated(epoch, everywhere=isinstance(err, EvaluationFailed))
+            self.console.print(f"the evaluation of epoch {epoch + 1} failed; what was trained is kept in {checkpoint}: "
+                               "remove the cause, then continue with resume=auto (it evaluates that epoch again)")
+            if isinstance(err, EvaluationFailed):  # every process failed here alike: they wait for the main one to
+                self.accelerator.wait_for_everyone()  # print, since a launcher stops it once another one has exited
             raise
+        state.pending_evaluation = None
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}
         self.log(record, {f"eval/{k}": v for k, v in metrics.items()})
@@ -485,19 +491,6 @@ class TrainingRecipe:
         if improved and cfg.trainer.save_best:
             save_checkpoint(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT, self.accelerator, self.model, saved)
         save_checkpoint(self.out / CHECKPOINTS_DIR / LAST_CHECKPOINT, self.accelerator, self.model, saved)
-
-    def keep_unevaluated(self, epoch: int, everywhere: bool) -> None:
-        """After a failed evaluation (an unreachable judge, beam search out of memory, ...), what was trained is kept
-        as a resumable checkpoint whose evaluation is still due: resume=auto evaluates it instead of training again.
-        In a run of several processes only when the evaluation failed on all of them alike (`everywhere`: a judge's
-        failure): after another failure, some may be waiting inside a collective of the evaluation."""
-        if self.accelerator.num_processes > 1 and not everywhere:
-            return
-        self.state.pending_evaluation = epoch
-        checkpoint = self.save_resumable()
-        self.console.print(f"the evaluation of epoch {epoch + 1} failed; what was trained is kept in {checkpoint}: "
-                           "remove the cause, then continue with resume=auto (it evaluates that epoch again)")
-        self.accelerator.wait_for_everyone()  # a launcher stops the main process once another one has exited
 
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
