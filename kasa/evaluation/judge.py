@@ -41,8 +41,7 @@ class JudgeConfig:
     never enters the config, so printing or saving a config cannot leak it); None sends no Authorization header, for
     local servers such as vLLM that need none.
 
-    `concurrency`: how many requests a caller that scores many items keeps in flight at once (kasa's instruction
-    task: rows). A request is tried 1 + `max_retries` times. Rate limits (429), server errors (5xx), timeouts, dropped connections
+    A request is tried 1 + `max_retries` times. Rate limits (429), server errors (5xx), timeouts, dropped connections
     and answers without a parsable score are retried after `retry_base_delay * 2**k` seconds (k = 0, 1, ...), or
     after the server's Retry-After when longer, never more than `max_retry_delay`. Temperature 0 makes the grade as
     repeatable as the service allows."""
@@ -56,7 +55,6 @@ class JudgeConfig:
     max_retry_delay: float = 60.0
     temperature: float = 0.0
     max_tokens: int = 512
-    concurrency: int = 4
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -65,8 +63,6 @@ class JudgeConfig:
             raise ValueError("JudgeConfig needs timeout > 0 and max_retries, retry delays >= 0")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens}: the judge needs room to answer")
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency={self.concurrency}: at least 1 request must be in flight")
 
     @property
     def url(self) -> str:

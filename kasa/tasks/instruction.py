@@ -53,8 +53,7 @@ class InstructionTask(CausalLMTask):
             raise ValueError("instruction following is scored by an LLM judge: set task.judge.base_url=<OpenAI-"
                              f"compatible endpoint> and task.judge.model, and export {settings.api_key_env}")
         config = JudgeConfig(base_url=settings.base_url, model=settings.model, api_key_env=settings.api_key_env,
-                             max_retries=settings.max_retries, timeout=settings.timeout,
-                             concurrency=settings.concurrency)
+                             max_retries=settings.max_retries, timeout=settings.timeout)
         try:
             return Judge(config)
         except JudgeError as err:
@@ -136,7 +135,7 @@ class InstructionTask(CausalLMTask):
             return judge.score_many({"instruction": record["instruction"], "response": r} for r in record["responses"])
 
         _save_records(path, records)
-        pool = ThreadPoolExecutor(max_workers=judge.config.concurrency)
+        pool = ThreadPoolExecutor(max_workers=self.cfg.task.judge.concurrency)
         futures = {pool.submit(score, record): index for index, record in enumerate(records)
                    if not (record.get(JUDGED_BY) == judged_by and "scores" in record)}
         failures: list[tuple[int, JudgeError]] = []
