@@ -16,8 +16,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef
 
 CLASSIFICATION_METRICS = ("accuracy", "matthews", "f1")
 REGRESSION_METRICS = ("pearson", "spearman")
@@ -65,6 +63,9 @@ def compute_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int
     for name, values in (("predicted class", ids), ("label", labels)):
         if values.min() < 0 or values.max() >= num_labels:
             raise ValueError(f"a {name} lies outside 0..{num_labels - 1}; check num_labels and unlabeled rows (-1)")
+    # scikit-learn and scipy are imported here, not at the top: ~1.5 s that every command's start would pay
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
     with warnings.catch_warnings():
         # "a single label was found": the value (0.0) is documented above, the warning would repeat every epoch
         warnings.simplefilter("ignore", UserWarning)
@@ -104,6 +105,8 @@ def _correlations(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     they are undefined (a constant side, or fewer than two pairs), as in the GLUE reference metric."""
     if scores.size < 2:
         return {"pearson": math.nan, "spearman": math.nan}
+    from scipy.stats import ConstantInputWarning, pearsonr, spearmanr  # here, as scikit-learn in compute_metrics
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConstantInputWarning)  # the nan result says it
         return {"pearson": float(pearsonr(scores, targets)[0]), "spearman": float(spearmanr(scores, targets)[0])}

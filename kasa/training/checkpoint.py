@@ -30,7 +30,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from kasa.adapters import save_adapter
 from kasa.adapters.io import adapter_state, full_adapter_state, save_tensors
@@ -180,6 +179,9 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
         model.save_checkpoint(str(deepspeed_staging), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
         accelerator.wait_for_everyone()
     else:  # keyed by parameter name and whole, also when FSDP2 shards it
+        # imported here, not at the top: ~1 s that kasa-eval and kasa-export, which never save one, would pay
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer,
                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if main:
@@ -231,6 +233,8 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
             model.load_checkpoint(str(needed), tag=DEEPSPEED_TAG, load_module_strict=False,
                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
             set_optimizer_state_dict(model, optimizer.optimizer, torch.load(needed, weights_only=True),
                                      options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
