@@ -484,6 +484,8 @@ def test_a_run_whose_judging_failed_resumes_without_generating_again(tiny_llama,
         assert failed.returncode != 0
         kept = run_dir / "checkpoints" / "step-00000001"
         assert f"what was trained is kept in {kept}" in failed.stdout + failed.stderr
+        errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: judging failed"), errors  # one line, not one a rank
         records = saved_records(saved)
         assert len(records[0]["scores"]) == 2 and "scores" not in records[1]
         resumed = run("resume=auto")

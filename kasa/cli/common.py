@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -26,6 +27,8 @@ from kasa.run_dir import time_stamp
 # Errors that are the user's input or environment (paths, permissions, a full disk), not kasa's bugs: reported in
 # one line with exit status 2.
 USER_ERRORS = (ValueError, OSError, OmegaConfBaseException, HydraException, FloatingPointError)
+# How long a rank other than 0 of a multi-process launch waits before it reports an error (see `fail`)
+OTHER_RANK_ERROR_DELAY_S = 3.0
 
 
 def _package_model(package: str) -> str:
@@ -180,6 +183,12 @@ def _what_it_takes(key: str, given: Any) -> str:
 
 
 def fail(message: str) -> NoReturn:
+    """`error: message` on stderr, exit status 2. Under a multi-process launch every rank mostly meets the same error
+    (the same config, data and judge): rank 0 reports it at once and the others only after a pause, in which the
+    launcher, seeing rank 0 exit, stops them; so the error is one line, not one per GPU, and an error that another
+    rank meets alone is still reported, by that rank, after the pause."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(OTHER_RANK_ERROR_DELAY_S)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
