@@ -1,5 +1,6 @@
 # Every target installs what it needs first, so each works on a fresh machine with only Python.
-# torch goes in first, pinned to the CPU build: an unpinned install would pull several GB of CUDA packages.
+# torch goes in first, pinned to 2.13.0, and constraints.txt holds every later install to it: a package that asks for
+# torch would otherwise pull another build (on a CPU machine, several GB of CUDA packages it cannot use).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 

@@ -1,6 +1,6 @@
 """A paper-style comparison table (the paper's table 1) from finished runs.
 
-    kasa-compare runs/sweeps/mrpc/2026-01-01_10-00-00 runs/sweeps/cola/... --metric-scale 100
+    kasa-compare runs/sweeps/mrpc/2026-01-01_10-00-00_123456 runs/sweeps/cola/... --metric-scale 100
 
 Every folder given is searched recursively for runs (a folder holding `summary.json`, as training writes it; runs
 that crashed are skipped with a warning, like the sweep summary does). Rows are methods (with the model when the runs

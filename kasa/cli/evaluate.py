@@ -1,6 +1,6 @@
 """kasa-eval: re-evaluate a saved checkpoint on a task split and report the metric the training run reported.
 
-    kasa-eval checkpoint=runs/cola/kasa/2026-11-22_10-00-00            the run's best checkpoint, validation split
+    kasa-eval checkpoint=runs/cola/kasa/2026-11-22_10-00-00_123456     the run's best checkpoint, validation split
     kasa-eval checkpoint=runs/.../checkpoints/last split=test task.data_dir=../shared/data/sst2
     kasa-eval checkpoint=... merge=true                                 merge the adapter into the weights first
 

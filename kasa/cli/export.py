@@ -1,6 +1,6 @@
 """kasa-export: turn a trained checkpoint into a folder other tools load without kasa.
 
-    kasa-export checkpoint=runs/cola/kasa/2026-11-22_10-00-00 output=exports/cola-merged
+    kasa-export checkpoint=runs/cola/kasa/2026-11-22_10-00-00_123456 output=exports/cola-merged
     kasa-export checkpoint=runs/.../checkpoints/last format=peft output=exports/cola-peft
     kasa-export checkpoint=... output=... model.path=/models/roberta-base      the base model from another place
 

@@ -1,6 +1,6 @@
 """kasa-plot: the paper's figures from finished runs (their saved files only).
 
-    kasa-plot runs/cola/kasa/2026-01-01_10-00-00 [--layer 11] [--checkpoint best]
+    kasa-plot runs/cola/kasa/2026-01-01_10-00-00_123456 [--layer 11] [--checkpoint best]
         one run: singular values per layer and position (figure 4), regularisation terms and loss (figure 11)
     kasa-plot runs/sweeps/ablation_mrpc/... [more sweeps] [--out DIR] [--metric-scale 100]
         runs of sweeps: ablation bars (figure 2), metric vs rank r (figure 3 / table 13), metric vs truncation
