@@ -5,11 +5,12 @@ cases.
     python scripts/fault_suite.py [--kills 3] [--seed 0] [--workdir DIR]
 
 Faults: SIGKILL at a random step (N times), SIGTERM and SIGINT at a random step, SIGKILL in the middle of writing a
-checkpoint, a second run started into a held run directory, a disk that fills mid-run (a small tmpfs, when this
-machine lets us mount one), the newest checkpoint corrupt or holding NaN. A fault is *survived* when the run, resumed
-with resume=auto, ends with the adapter of the uninterrupted run (to 1e-6); its *record is intact* when its
-metrics.jsonl equals the uninterrupted run's and no temporary file is left. A bad input is a *clear error* when the
-command exits 2 with exactly one `error:` line, no traceback, and writes nothing (a finished run's files unchanged).
+checkpoint, a second run started into a held run directory, a disk that fills mid-run (a ballast file fills a small
+tmpfs at a random step, when this machine lets us mount one), the newest checkpoint corrupt or holding NaN. A fault
+is *survived* when the run, resumed with resume=auto, ends with the adapter of the uninterrupted run (to 1e-6); its
+*record is intact* when its metrics.jsonl equals the uninterrupted run's and no temporary file is left. A bad input
+is a *clear error* when the command exits 2 with exactly one `error:` line, no traceback, and writes nothing (a
+finished run's files unchanged).
 
 One line per case, then one JSON line: faults, survived, records_intact, bad_inputs, clear_errors (and tmpfs: whether
 the disk-full case could run)."""
@@ -63,6 +64,13 @@ DRIVER = textwrap.dedent(
                 Path(os.environ["PAUSED"]).touch()
                 while not Path(os.environ["GO_ON"]).exists():
                     time.sleep(0.1)
+            elif fault == "fill":  # another writer takes the disk's last byte: the next save meets a full disk
+                with open(os.environ["BALLAST"], "wb", buffering=0) as ballast:
+                    try:
+                        while True:
+                            ballast.write(bytes(65536))
+                    except OSError:
+                        pass
             else:
                 os.kill(os.getpid(), getattr(signal, fault))
         TrainingRecipe.after_step = after_step_with_fault
@@ -175,21 +183,24 @@ class Suite:
     def disk_full(self) -> None:
         mount = self.work / "small-disk"
         mount.mkdir()
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)],
+        # room for the checkpoints the start checks for; a ballast file then fills it at a random step
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
                                  capture_output=True, text=True)
         self.tmpfs = mounted.returncode == 0
         if not self.tmpfs:
             print(f"fault disk full: skipped, cannot mount a tmpfs here ({mounted.stderr.strip()})", flush=True)
             return
         try:
-            run_dir = mount / "run"
-            full = run_cli("kasa.cli.train", *self.args(run_dir))
-            errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
-            one_line = full.returncode == 2 and len(errors) == 1 and "Traceback" not in full.stderr
-            subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+            run_dir, ballast, at = mount / "run", mount / "ballast", self.rng.randint(2, STEPS - 2)
+            filled = driven(self.args(run_dir), "fill", at, BALLAST=str(ballast))
+            _, stderr = filled.communicate(timeout=900)
+            errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+            one_line = (filled.returncode == 2 and len(errors) == 1 and "no space left" in errors[0]
+                        and "Traceback" not in stderr)
+            ballast.unlink()
             resumed = self.resume(run_dir)
-            self.report_fault("disk full", run_dir, f"exit {full.returncode}, one line={one_line}: "
-                              f"{errors[:1]}; resume exit {resumed.returncode}")
+            self.report_fault(f"disk full at step {at}", run_dir, f"one line={one_line}: {errors[:1]}; resume exit "
+                              f"{resumed.returncode}")
         finally:
             subprocess.run(["umount", str(mount)], capture_output=True)
 

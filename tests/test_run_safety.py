@@ -334,3 +334,37 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["resumed_with_changes"] == [
         {"step": state["step"], "changes": {"training data (fingerprint)": ["000000000000", fingerprint[:12]]}}]
+
+
+def test_a_disk_without_room_for_the_checkpoints_refuses_the_start(tiny_model, sentiment_dir, tmp_path, monkeypatch):
+    """Before any weight loads: the disk must hold the checkpoints the run keeps, or the first save would fail after
+    up to an epoch of training. Nothing is left behind; with room (counting the checkpoints a resume replaces), it
+    starts."""
+    from collections import namedtuple
+
+    from kasa.training import preflight
+
+    run_dir = tmp_path / "run"
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 10_000, 10_000))
+    refused = run_cli("kasa.cli.train", *args)
+    assert_one_line_error(refused, f"the disk of {run_dir} has 0.01 MiB free", "trainer.keep_checkpoints")
+    assert not run_dir.exists()
+
+
+def test_the_checkpoint_estimate_holds_what_a_run_writes(uninterrupted):
+    """`checkpoint_bytes` from the run's adapted meta model against the files of the finished checkpointed run
+    (3 resumable checkpoints kept, best/ and last/): never less, and its tensors within a quarter of the files'."""
+    from kasa.run_dir import load_run_config
+    from kasa.training.preflight import CHECKPOINT_FILES_BYTES, check_model, checkpoint_bytes
+
+    cfg = load_run_config(uninterrupted)
+    estimate = checkpoint_bytes(check_model(cfg), cfg.trainer.keep_checkpoints)
+    folders = sorted((uninterrupted / "checkpoints").iterdir())
+    assert [f.name for f in folders][:2] == ["best", "last"] and len(folders) == 2 + cfg.trainer.keep_checkpoints
+    written = sum(f.stat().st_size for f in (uninterrupted / "checkpoints").rglob("*") if f.is_file())
+    assert estimate["total"] >= written
+    step = folders[-1]
+    tensors = sum((step / name).stat().st_size for name in ("adapter_model.safetensors", "optimizer.pt"))
+    assert estimate["resumable"] - CHECKPOINT_FILES_BYTES == pytest.approx(tensors, rel=0.25)

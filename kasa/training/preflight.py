@@ -9,6 +9,8 @@ and the fix; the command line turns it into `error: ...` and exit status 2.
 - the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
 - the model's architecture (no weights): a large model with no GPU stops unless `trainer.allow_cpu=true`, and the
   method's targets and ranks must fit its layers (`check_model`);
+- the disk of the run directory: room for the checkpoints the run keeps (`check_disk_space`), which a full disk
+  would otherwise refuse only at the first save, after up to an epoch of training;
 - resuming with settings that differ from the run's saved config (`config_differences`);
 - what the run directory holds: a finished run is never touched unless `overwrite=true` (`find_resume`).
 `check_config_values` and `check_not_a_sweep` run first, before the run directory is created or locked, so that a
@@ -20,6 +22,7 @@ import copy
 import functools
 import json
 import math
+import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any, Callable
 from kasa.config import RunConfig, is_bookkeeping
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
+    CHECKPOINTS_DIR,
     CHOOSE_ANOTHER_RUN_DIR,
     CONFIG_FILE,
     METRICS_FILE,
@@ -45,6 +49,13 @@ CPU_PARAMETER_LIMIT = 500_000_000
 a 7B model's truncation and steps would take hours to days on a CPU."""
 
 PRECISIONS = ("no", "fp16", "bf16")
+
+CHECKPOINT_FILES_BYTES = 64 * 1024
+"""A checkpoint folder's files besides its tensors (adapter config, counters, scheduler, RNG states; ~21 KiB
+measured), at most."""
+SAVED_TENSOR_BYTES, OPTIMIZER_TENSOR_BYTES = 256, 1024
+"""What the files add per tensor: its name in the safetensors header; its name, step and structure in the pickled
+optimizer state (measured ~130 and ~1000 bytes): a small adapter's checkpoint is mostly that."""
 
 
 def _at_least(minimum: float, optional: bool = False) -> Callable[[Any], bool]:
@@ -192,25 +203,61 @@ def _meta_base_model(cfg: RunConfig) -> Any:
         return None
 
 
-def check_model(cfg: RunConfig) -> None:
+def check_model(cfg: RunConfig) -> Any:
     """The run against the model's architecture, before any weight downloads or loads: without a GPU, a model above
     CPU_PARAMETER_LIMIT parameters stops unless `trainer.allow_cpu=true`; and the method goes into the meta model
     by the same code as into the real one, so that a target that matches nothing, a rank too large for a layer or a
-    trained module that is not there fails now rather than after minutes of loading."""
+    trained module that is not there fails now rather than after minutes of loading. Returns that adapted meta
+    model, or None where there is none (a PEFT method, an architecture not known cheaply)."""
     import torch
 
     model = _meta_base_model(cfg)
     if model is None:
-        return
+        return None
     count = sum(p.numel() for p in model.parameters())
     if not (cfg.trainer.allow_cpu or torch.cuda.is_available()) and count > CPU_PARAMETER_LIMIT:
         raise ValueError(f"{cfg.model.path or cfg.model.name} has {count / 1e9:.2f}B parameters and no GPU is visible: "
                          "on a CPU it would take hours to days; run on a GPU, or pass trainer.allow_cpu=true to "
                          "proceed anyway")
-    if not cfg.method.uses_peft:  # PEFT's methods check their targets themselves, on the loaded model
-        from kasa.adapters import apply_adapters
+    if cfg.method.uses_peft:  # PEFT's methods check their targets themselves, on the loaded model
+        return None
+    from kasa.adapters import apply_adapters
 
-        apply_adapters(model, cfg.method, initialise=False)
+    apply_adapters(model, cfg.method, initialise=False)
+    return model
+
+
+def checkpoint_bytes(adapted_model: Any, keep: int) -> dict[str, int]:
+    """What a run's checkpoints take on disk at their most, from its adapted model (the meta one will do): `keep`
+    resumable checkpoints plus the one being written before the oldest goes, each the adapter's tensors and AdamW's
+    two moments of every trained tensor; best/ and last/, each the adapter's tensors, plus the previous copy that a
+    save keeps until the new one is in place."""
+    from kasa.adapters.io import adapter_state
+
+    saved = adapter_state(adapted_model).values()
+    trained = [p for p in adapted_model.parameters() if p.requires_grad]
+    adapter = sum(t.numel() * t.element_size() + SAVED_TENSOR_BYTES for t in saved)
+    moments = sum(2 * p.numel() * p.element_size() + OPTIMIZER_TENSOR_BYTES for p in trained)
+    resumable = adapter + moments + CHECKPOINT_FILES_BYTES
+    return {"resumable": resumable, "adapter": adapter + CHECKPOINT_FILES_BYTES,
+            "total": (keep + 1) * resumable + 3 * (adapter + CHECKPOINT_FILES_BYTES)}
+
+
+def check_disk_space(out: Path, adapted_model: Any, keep: int) -> None:
+    """Room on the run directory's disk for the checkpoints the run will keep (`checkpoint_bytes`), counting those
+    already in it (a resume replaces them in turn, overwrite=true deletes them). A disk quota is not visible here."""
+    need = checkpoint_bytes(adapted_model, keep)
+    held = sum(f.stat().st_size for f in (out / CHECKPOINTS_DIR).rglob("*") if f.is_file())
+    free = shutil.disk_usage(out).free
+    if need["total"] - held > free:
+        raise ValueError(f"the disk of {out} has {_size(free)} free, and this run's checkpoints take about "
+                         f"{_size(need['total'])} ({keep + 1} resumable checkpoints of {_size(need['resumable'])} "
+                         f"while the newest is written, best/ and last/ of {_size(need['adapter'])}): free space, "
+                         f"keep fewer with trainer.keep_checkpoints, or {CHOOSE_ANOTHER_RUN_DIR}")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.2f} MiB"
 
 
 def check_sweep_job(cfg: RunConfig, checked_models: set[str]) -> None:
@@ -323,5 +370,7 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
         return start
     if start.resume_from is not None and is_checkpoint_of(start.resume_from, out):
         start.config_changes = check_resume_config(out / CONFIG_FILE, resolved_config, cfg.resume_allow_changes)
-    check_model(cfg)
+    adapted = check_model(cfg)
+    if adapted is not None:
+        check_disk_space(out, adapted, cfg.trainer.keep_checkpoints)
     return start
