@@ -517,6 +517,29 @@ def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkey
         build_task(cfg).check_evaluation("test")
 
 
+def test_a_judge_that_does_not_answer_at_start_is_a_warning(tiny_llama, data, monkeypatch, capsys):
+    """kasa-train and kasa-eval go on (the judge may start after the training) but say so, once per launch."""
+    import socket
+
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    cfg = RunConfig()
+    cfg.task.kind, cfg.task.data_dir, cfg.task.judge.base_url = "instruction", str(data["instruction"]), url
+    cfg.task.judge.api_key_env = KEY_ENV
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        build_task(cfg).check_evaluation("test")
+        lines = capsys.readouterr().err.splitlines()
+        assert lines == ([f"warning: the judge at {url} does not answer now (URLError: [Errno 111] Connection refused): "
+                          "start it before the evaluation; if it is still down then, the responses are kept, and "
+                          "resume=auto (or kasa-eval) judges them later"] if warned else []), lines
+
+
 def test_a_malformed_instruction_row_is_named_by_its_index(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

@@ -228,3 +228,19 @@ def test_mt_bench_loader_errors(tmp_path):
     with pytest.raises(DataError, match="turns"):
         load_mt_bench_questions(write_questions(tmp_path / "b.jsonl", [{"question_id": 1, "category": "x",
                                                                        "turns": "q"}]))
+
+
+def test_unanswered_tells_a_closed_port_from_a_server_that_answers_anything(serve):
+    """kasa-train's start probe: a server that answers at all (here 501, it serves no GET) is there, asked nothing
+    of its model; a port nobody listens on is named at once, without retries."""
+    import socket
+
+    server = serve([GOOD])
+    assert make_judge(server).unanswered() is None
+    assert server.requests == []  # the probe is not a chat request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    problem = make_judge(server, base_url=f"http://127.0.0.1:{port}/v1").unanswered()
+    assert problem is not None and "refused" in problem.lower() and time.monotonic() - start < 2

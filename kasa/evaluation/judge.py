@@ -24,6 +24,7 @@ from string import Template
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 5.0  # `Judge.unanswered`: a server that takes longer only to connect is not worth waiting for
 
 __all__ = [
     "JUDGE_PROMPT", "Judge", "JudgeConfig", "JudgeError", "build_judge_prompt",
@@ -208,6 +209,25 @@ class Judge:
             scores.append(self.score(instruction, answer, references[k] if k < len(references) else None))
         return scores
 
+    def unanswered(self, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
+        """Why the endpoint cannot be reached now (a refused connection, an unknown host, no answer in `timeout`
+        seconds), or None when it answers anything, an error status included: one GET of the API root's `models`,
+        never retried, which asks nothing of the model."""
+        url = self.config.base_url.rstrip("/") + "/models"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=self._headers()), timeout=timeout):
+                return None
+        except urllib.error.HTTPError:
+            return None
+        except (OSError, http.client.HTTPException) as err:
+            return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.config.api_key_env is not None:
+            headers["Authorization"] = f"Bearer {os.environ.get(self.config.api_key_env, '')}"
+        return headers
+
     def _ask(self, prompt: str) -> int:
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
@@ -236,10 +256,7 @@ class Judge:
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
         }
-        headers = {"Content-Type": "application/json"}
-        if self.config.api_key_env is not None:
-            headers["Authorization"] = f"Bearer {os.environ.get(self.config.api_key_env, '')}"
-        request = urllib.request.Request(self.config.url, json.dumps(body).encode(), headers, method="POST")
+        request = urllib.request.Request(self.config.url, json.dumps(body).encode(), self._headers(), method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.config.timeout) as reply:
                 payload = reply.read()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -43,9 +45,14 @@ GENERATED_BY, JUDGED_BY = "generated_by", "judged_by"
 
 class InstructionTask(CausalLMTask):
     def check_evaluation(self, split: str) -> None:
-        """The split's rows, the judge's endpoint, and its API key in the environment."""
+        """The split's rows, the judge's endpoint, and its API key in the environment; a judge that does not answer
+        now is a warning, not an error (on one 24 GB GPU it often runs only after the training)."""
         self._rows(split, 1)
-        self._judge()
+        judge = self._judge()
+        if int(os.environ.get("RANK", "0")) == 0 and (problem := judge.unanswered()) is not None:
+            print(f"warning: the judge at {judge.config.base_url} does not answer now ({problem}): start it before the "
+                  "evaluation; if it is still down then, the responses are kept, and resume=auto (or kasa-eval) "
+                  "judges them later", file=sys.stderr, flush=True)
 
     def _judge(self) -> Judge:
         settings = self.cfg.task.judge
