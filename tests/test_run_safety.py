@@ -368,3 +368,22 @@ def test_the_checkpoint_estimate_holds_what_a_run_writes(uninterrupted):
     step = folders[-1]
     tensors = sum((step / name).stat().st_size for name in ("adapter_model.safetensors", "optimizer.pt"))
     assert estimate["resumable"] - CHECKPOINT_FILES_BYTES == pytest.approx(tensors, rel=0.25)
+
+
+def test_the_checkpoint_estimate_sizes_trained_weights_in_the_run_dtype(tiny_model):
+    """Full fine-tuning saves every weight in the model's dtype: each of its N trained numbers takes 2 bytes less in
+    bfloat16 in each copy (with 1 resumable checkpoint kept: twice the weights and twice AdamW's two moments in
+    resumable checkpoints, three adapter folders: 18 N bytes in all), while kasa's adapters stay float32."""
+    from kasa.config import RunConfig
+    from kasa.training.preflight import check_model, checkpoint_bytes
+
+    sizes, trained = {}, {}
+    for method in ("full", "kasa"):
+        for dtype in ("float32", "bfloat16"):
+            cfg = RunConfig()
+            cfg.model.path, cfg.model.dtype, cfg.method.method = str(tiny_model), dtype, method
+            model = check_model(cfg)
+            sizes[method, dtype] = checkpoint_bytes(model, 1)["total"]
+            trained[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sizes["full", "float32"] - sizes["full", "bfloat16"] == 18 * trained["full"]
+    assert sizes["kasa", "bfloat16"] == sizes["kasa", "float32"]

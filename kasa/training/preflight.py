@@ -188,7 +188,7 @@ def _meta_base_model(cfg: RunConfig) -> Any:
     from transformers.models.auto.auto_factory import _get_model_class
 
     from kasa.estimate import task_auto_class
-    from kasa.tasks.models import hub_options, model_source
+    from kasa.tasks.models import DTYPES, hub_options, model_source
 
     try:
         config = copy.deepcopy(_architecture(model_source(cfg.model), cfg.model.gguf_file, cfg.model.trust_remote_code,
@@ -197,8 +197,13 @@ def _meta_base_model(cfg: RunConfig) -> Any:
         # The class itself, not from_config: under a DeepSpeed ZeRO-3 launch from_config partitions the model
         # with a collective that the other processes, which do not run this check, would never join.
         model_class = _get_model_class(config, factory._model_mapping)
-        with torch.device("meta"):
-            return model_class(config)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[cfg.model.dtype])  # the tensors' sizes as loaded (a trained head's, say)
+        try:
+            with torch.device("meta"):
+                return model_class(config)
+        finally:
+            torch.set_default_dtype(default)
     except Exception:  # noqa: BLE001 (a check only: loading the model itself gives the real error)
         return None
 
