@@ -338,7 +338,7 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
 
 def test_a_disk_without_room_for_the_checkpoints_refuses_the_start(tiny_model, sentiment_dir, tmp_path, monkeypatch):
     """Before any weight loads: the disk must hold the checkpoints the run keeps, or the first save would fail after
-    up to an epoch of training. Nothing is left behind; with room (counting the checkpoints a resume replaces), it
+    up to an epoch of training. Nothing is left behind; where the file system does not tell its free space, the run
     starts."""
     from collections import namedtuple
 
@@ -351,6 +351,36 @@ def test_a_disk_without_room_for_the_checkpoints_refuses_the_start(tiny_model, s
     refused = run_cli("kasa.cli.train", *args)
     assert_one_line_error(refused, f"the disk of {run_dir} has 0.01 MiB free", "trainer.keep_checkpoints")
     assert not run_dir.exists()
+
+    def unknown(path):
+        raise OSError(95, "Operation not supported", str(path))
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", unknown)  # a file system that does not say: no check
+    started = run_cli("kasa.cli.train", *args)
+    assert started.returncode == 0, started.stderr[-3000:]
+
+
+def test_the_disk_check_counts_the_checkpoints_a_run_already_holds(tiny_model, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from kasa.config import RunConfig
+    from kasa.training import preflight
+
+    cfg = RunConfig()
+    cfg.model.path = str(tiny_model)
+    model = preflight.check_model(cfg)
+    need = preflight.checkpoint_bytes(model, 2)["total"]
+    held = tmp_path / "checkpoints" / "step-00000003"
+    held.mkdir(parents=True)
+    (held / "optimizer.pt").write_bytes(bytes(1000))
+    usage = namedtuple("usage", "total used free")
+    for free, refused in ((need - 1000, False), (need - 1001, True)):
+        monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path, free=free: usage(2**40, 0, free))
+        if refused:
+            with pytest.raises(ValueError, match="checkpoints take about"):
+                preflight.check_disk_space(tmp_path, model, 2)
+        else:
+            preflight.check_disk_space(tmp_path, model, 2)
 
 
 def test_the_checkpoint_estimate_holds_what_a_run_writes(uninterrupted):

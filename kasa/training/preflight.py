@@ -250,10 +250,14 @@ def checkpoint_bytes(adapted_model: Any, keep: int) -> dict[str, int]:
 
 def check_disk_space(out: Path, adapted_model: Any, keep: int) -> None:
     """Room on the run directory's disk for the checkpoints the run will keep (`checkpoint_bytes`), counting those
-    already in it (a resume replaces them in turn, overwrite=true deletes them). A disk quota is not visible here."""
+    already in it (a resume replaces them in turn, overwrite=true deletes them). A disk quota is not visible here, and
+    a file system that does not tell its free space is not checked: the check must never be what stops a run."""
     need = checkpoint_bytes(adapted_model, keep)
-    held = sum(f.stat().st_size for f in (out / CHECKPOINTS_DIR).rglob("*") if f.is_file())
-    free = shutil.disk_usage(out).free
+    try:
+        held = sum(f.stat().st_size for f in (out / CHECKPOINTS_DIR).rglob("*") if f.is_file())
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return
     if need["total"] - held > free:
         raise ValueError(f"the disk of {out} has {_size(free)} free, and this run's checkpoints take about "
                          f"{_size(need['total'])} ({keep + 1} resumable checkpoints of {_size(need['resumable'])} "
