@@ -14,7 +14,7 @@ if [ -d "$wheels" ]; then
 fi
 missing=$(python - <<'PY'
 import importlib.util
-needed = ["torch", "transformers", "accelerate", "peft", "datasets", "sklearn", "rich"]  # what kasa's modules import
+needed = ["torch", "transformers", "accelerate", "peft"]  # what the check's kasa modules import
 print(" ".join(name for name in needed if importlib.util.find_spec(name) is None))
 PY
 )

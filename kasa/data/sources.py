@@ -4,11 +4,12 @@ Face Hub data set."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
-
-import datasets
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from kasa.data.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 """File name endings that mark a split value as a file rather than a Hub split name."""
@@ -60,6 +61,8 @@ def load_hub_splits(hub_id: str | None, hub_config: str | None, splits: Sequence
     if not hub_id:
         raise DataError(f"neither task.data_dir nor task.hub_id is set: pass {local} or task.hub_id=<datasets Hub id>")
     name = hub_id if hub_config is None else f"{hub_id}/{hub_config}"
+    import datasets  # on first use: its import (pyarrow, pandas) is ~1 s
+
     try:
         loaded = datasets.load_dataset(hub_id, hub_config)
     except datasets.exceptions.DatasetNotFoundError as err:

@@ -5,12 +5,11 @@ generation spread over the processes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -20,6 +19,9 @@ from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
 from kasa.tasks.lm_loss import labelled_token_loss, loss_positions
 from kasa.tasks.models import inner_model, load_causal_lm, load_tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class PadCollator:
@@ -59,6 +61,8 @@ def training_dataset(rows: list[dict[str, list[int]]], max_length: int, packing:
     if packing:
         groups = pack_examples([len(row["input_ids"]) for row in kept], max_length)
         kept = [packed_row([kept[i] for i in group]) for group in groups]
+    from datasets import Dataset  # here, not at the top: what builds no data set (the GPU check) needs no datasets
+
     return Dataset.from_list(kept)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
-from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -26,6 +26,9 @@ from kasa.evaluation.commonsense import (
     results_table,
 )
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class CommonsenseTask(CausalLMTask):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
-from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -27,6 +27,11 @@ from kasa.evaluation.e2e_metrics import (
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
 
 # Split -> file names of the official release (CSV) and of the LoRA paper's layout (text).
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
 SPLIT_FILES = {
     "train": ("trainset.csv", "train.txt"),
     "validation": ("devset.csv", "valid.txt"),

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kasa.config import RunConfig
-from kasa.data.glue import encode_glue, load_glue_splits
+from kasa import data as task_data  # its GLUE readers load on first use (they import datasets)
 from kasa.evaluation.metrics import compute_metrics
 from kasa.tasks.models import load_classifier, load_tokenizer
 
@@ -27,7 +27,7 @@ class GlueTask:
 
     def check_evaluation(self, split: str) -> None:
         """The split's data, with labels (the metrics need scikit-learn and scipy, installed with kasa)."""
-        load_glue_splits(self.cfg.task, [split])
+        task_data.load_glue_splits(self.cfg.task, [split])
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
@@ -39,8 +39,8 @@ class GlueTask:
     def _split(self, tokenizer: PreTrainedTokenizerBase, *splits: str) -> Dataset:
         missing = [s for s in splits if s not in self._encoded]
         if missing:
-            raw = load_glue_splits(self.cfg.task, missing)
-            self._encoded |= encode_glue(raw, tokenizer, self.cfg.task, self.cfg.trainer.max_length)
+            raw = task_data.load_glue_splits(self.cfg.task, missing)
+            self._encoded |= task_data.encode_glue(raw, tokenizer, self.cfg.task, self.cfg.trainer.max_length)
         return self._encoded[splits[0]]
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:

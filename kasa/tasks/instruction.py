@@ -12,12 +12,11 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -36,6 +35,10 @@ from kasa.run_dir import write_atomically
 from kasa.tasks.base import EvaluationFailed
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
 from kasa.tasks.models import inner_model
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
 
 T = TypeVar("T")
 # Fields of a saved record (besides its question, responses and scores): what generated the responses
