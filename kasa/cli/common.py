@@ -187,7 +187,7 @@ def fail(message: str) -> NoReturn:
     (the same config, data and judge): rank 0 reports it at once and the others only after a pause, in which the
     launcher, seeing rank 0 exit, stops them; so the error is one line, not one per GPU, and an error that another
     rank meets alone is still reported, by that rank, after the pause."""
-    if int(os.environ.get("RANK", "0")) > 0:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
         time.sleep(OTHER_RANK_ERROR_DELAY_S)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
