@@ -5,6 +5,7 @@ other path a 404. An action: {"status": int, "body": json, "headers": {...} (opt
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,13 @@ def answer(content: Any) -> Action:
 
 def error(status: int, headers: dict[str, str] | None = None) -> Action:
     return {"status": status, "body": {"error": {"message": f"scripted {status}"}}, "headers": headers or {}}
+
+
+def closed_base_url() -> str:
+    """An endpoint URL on 127.0.0.1 where nothing listens (a port just freed): connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 class ChatServer:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from chat_server import ChatServer, answer, error
+from chat_server import ChatServer, answer, closed_base_url, error
 from cli_helpers import run_cli
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer, styled_prompt
@@ -519,15 +519,11 @@ def test_missing_judge_key_fails_before_the_model_loads(tiny_llama, data, monkey
 
 def test_a_judge_that_does_not_answer_at_start_is_a_warning(tiny_llama, data, monkeypatch, capsys):
     """kasa-train and kasa-eval go on (the judge may start after the training) but say so, once per launch."""
-    import socket
-
     from kasa.config import RunConfig
     from kasa.tasks import build_task
 
     monkeypatch.setenv(KEY_ENV, SECRET)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    url = closed_base_url()
     cfg = RunConfig()
     cfg.task.kind, cfg.task.data_dir, cfg.task.judge.base_url = "instruction", str(data["instruction"]), url
     cfg.task.judge.api_key_env = KEY_ENV

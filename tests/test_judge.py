@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from chat_server import ChatServer, answer, error
+from chat_server import ChatServer, answer, closed_base_url, error
 from kasa.data.errors import DataError
 from kasa.data.files import load_mt_bench_questions
 from kasa.evaluation.judge import (
@@ -233,14 +233,9 @@ def test_mt_bench_loader_errors(tmp_path):
 def test_unanswered_tells_a_closed_port_from_a_server_that_answers_anything(serve):
     """kasa-train's start probe: a server that answers at all (here 501, it serves no GET) is there, asked nothing
     of its model; a port nobody listens on is named at once, without retries."""
-    import socket
-
     server = serve([GOOD])
     assert make_judge(server).unanswered() is None
     assert server.requests == []  # the probe is not a chat request
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     start = time.monotonic()
-    problem = make_judge(server, base_url=f"http://127.0.0.1:{port}/v1").unanswered()
+    problem = make_judge(server, base_url=closed_base_url()).unanswered()
     assert problem is not None and "refused" in problem.lower() and time.monotonic() - start < 2

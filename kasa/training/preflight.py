@@ -241,11 +241,9 @@ def checkpoint_bytes(adapted_model: Any, keep: int) -> dict[str, int]:
 
     saved = adapter_state(adapted_model).values()
     trained = [p for p in adapted_model.parameters() if p.requires_grad]
-    adapter = sum(t.numel() * t.element_size() + SAVED_TENSOR_BYTES for t in saved)
-    moments = sum(2 * p.numel() * p.element_size() + OPTIMIZER_TENSOR_BYTES for p in trained)
-    resumable = adapter + moments + CHECKPOINT_FILES_BYTES
-    return {"resumable": resumable, "adapter": adapter + CHECKPOINT_FILES_BYTES,
-            "total": (keep + 1) * resumable + 3 * (adapter + CHECKPOINT_FILES_BYTES)}
+    adapter = CHECKPOINT_FILES_BYTES + sum(t.numel() * t.element_size() + SAVED_TENSOR_BYTES for t in saved)
+    resumable = adapter + sum(2 * p.numel() * p.element_size() + OPTIMIZER_TENSOR_BYTES for p in trained)
+    return {"resumable": resumable, "adapter": adapter, "total": (keep + 1) * resumable + 3 * adapter}
 
 
 def check_disk_space(out: Path, adapted_model: Any, keep: int) -> None:
