@@ -93,11 +93,11 @@ def test_importing_kasa_quiets_the_optional_kernel_lookup(caplog):
 def test_the_training_loop_imports_quietly_offline_and_without_peft():
     """Importing the loop says nothing, and loads neither peft nor bitsandbytes (4-5 s at every start, and
     bitsandbytes's kernel lookup): only a run with a PEFT method or a quantized base imports them. Nor the GLUE
-    metrics' libraries, torch's distributed checkpointing or datasets (~3.5 s together), which only a GLUE
-    evaluation, a checkpoint's save or resume and a data set use."""
+    metrics' libraries, torch's distributed checkpointing and tensors or datasets (~4 s together), which only a GLUE
+    evaluation, a checkpoint's save or resume, a model's loading and a data set use."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     heavy = ("peft", "bitsandbytes", "transformers.trainer_utils", "sklearn", "scipy.stats",
-             "torch.distributed.checkpoint", "datasets")
+             "torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp", "datasets")
     code = f"import sys, kasa.training.loop; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          env=env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +15,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from kasa.adapters import peft_baselines
 from kasa.adapters.config import AdapterConfig
@@ -74,9 +74,15 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = adapter_state(model)
     with _zero3_gathered(list(state.values())):
         return {
-            name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True).contiguous()
-            for name, t in state.items()
+            name: _whole(t).detach().to("cpu", copy=True).contiguous() for name, t in state.items()
         }
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 DTensor shard; any other tensor as it is. No DTensor exists before
+    torch.distributed.tensor is imported, and importing it only to ask costs every command ~0.5 s at start."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return tensor.full_tensor() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
 
 
 def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:

@@ -19,6 +19,7 @@ under DeepSpeed ZeRO-3 (tests/test_lm_loss.py, tests/test_distributed.py).
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -123,12 +124,10 @@ def _is_plain_linear(module: nn.Module | None) -> bool:
     """An nn.Linear itself (not bitsandbytes' or kasa's layers, which compute something else), also when FSDP2 made
     it a unit of its own (its class then becomes FSDPLinear(FSDPModule, nn.Linear))."""
     cls = type(module)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return cls is nn.Linear
-    if issubclass(cls, FSDPModule):
-        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    # Only a process that imported FSDP can hold an FSDP unit: the others skip that import (~0.5 s at the first step).
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        cls = next(base for base in cls.__bases__ if base is not fsdp_module)
     return cls is nn.Linear
 
 
