@@ -70,7 +70,7 @@ from kasa.tasks.batching import LengthGroupedSampler, PackedCollator  # noqa: E4
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # noqa: E402
 from kasa.tasks.lm_loss import loss_positions  # noqa: E402
 from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
-from bench_timing import paired_ratio  # noqa: E402
+from bench_timing import paired_ratio, paired_ratio_interval  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
 
 THREADS = 2
@@ -401,6 +401,9 @@ def run(quick: bool, data: Path) -> None:
         "group_by_length_speedup": rate["grouped"] / rate["padded"],
         "step_ratio_kasa_lora": step_ratio["lora"],
         "step_ratio_kasa_peft_lora": step_ratio["peft-lora"],
+        # how far the median of these rounds could move by chance: a 90% bootstrap interval over the rounds
+        "step_ratio_interval_90": {m: [round(x, 4) for x in paired_ratio_interval(times["kasa"], times[m])]
+                                   for m in ("lora", "peft-lora")},
         "nf4_memory_ratio": memory["nf4"]["peak_mib"] / memory["float32"]["peak_mib"],
         "bf16_memory_ratio": memory["bfloat16"]["peak_mib"] / memory["float32"]["peak_mib"],
         "nf4_bf16_memory_ratio": memory["nf4_bf16"]["peak_mib"] / memory["float32"]["peak_mib"],

@@ -51,6 +51,19 @@ def test_paired_ratio_cancels_the_machine_drift_that_a_ratio_of_medians_keeps() 
         bench.paired_ratio(times, reference[:-1])
 
 
+
+def test_the_paired_ratio_interval_holds_the_median_and_narrows_with_steadier_rounds() -> None:
+    bench = bench_llm()
+    reference = [1.0] * 20
+    noisy = [1.04 + 0.1 * (-1) ** i * (i % 5) / 5 for i in range(20)]  # ratios 0.96-1.12 around 1.04
+    steady = [1.04 + 0.01 * (-1) ** i * (i % 5) / 5 for i in range(20)]  # the same pattern, a tenth as wide
+    low, high = bench.paired_ratio_interval(noisy, reference)
+    assert low <= bench.paired_ratio(noisy, reference) <= high and high - low > 0.02
+    steady_low, steady_high = bench.paired_ratio_interval(steady, reference)
+    assert steady_high - steady_low == pytest.approx((high - low) / 10, rel=0.3)
+    assert bench.paired_ratio_interval(noisy, reference) == (low, high)  # seeded: the same rounds, the same interval
+    assert bench.paired_ratio_interval([1.03] * 5, [1.0] * 5) == pytest.approx((1.03, 1.03))
+
 def test_larger_shape_worker_counts_both_bases_and_estimates_them(monkeypatch, tmp_path) -> None:
     pytest.importorskip("bitsandbytes")
     bench = bench_llm()
