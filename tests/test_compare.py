@@ -204,3 +204,13 @@ def test_ablation_recipe_sweeps_the_ladder(tiny_model, tmp_path):
     assert (sweep / "ablation.png").is_file()
     table, _ = compare.compare([sweep])
     assert [r.method for r in table.rows] == methods and table.rows[-1].params == 4 * (2 * 32 * 8 + 8)
+
+
+def test_a_run_without_summary_is_named_itself(tmp_path):
+    """A run folder without summary.json (still training, or failed) is named as passed, not its checkpoints/."""
+    run = tmp_path / "lock"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    result = run_cli("kasa.cli.compare", str(run))
+    assert f"skipping {run}: no summary.json" in result.stderr
+    assert "checkpoints" not in result.stderr

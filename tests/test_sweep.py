@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import assert_one_line_error, run_cli
 from kasa.analysis import sweep
 from kasa.cli import sweep as sweep_cli
 from kasa.analysis.sweep import summarize_sweep
@@ -185,11 +186,44 @@ def test_main_prints_the_table(grid_sweep, capsys):
     assert sweep_cli.main([str(sweep_dir)]) == 0
     out = capsys.readouterr().out
     assert "| method | rank | beta | gamma |" in out
-    assert sweep_cli.main([str(sweep_dir / "missing")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        sweep_cli.main([str(sweep_dir / "missing")])
+    assert exit_.value.code == 2
+
+
+def test_a_single_run_folder_is_refused(tmp_path):
+    """A run's folder is not a sweep: no summary lands among its files, and its checkpoints/ is not a crashed job."""
+    run = tmp_path / "res2"
+    _write_run(run, beta=1e-4, gamma=1e-3, seed=0, best=0.5)
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    before = sorted(run.rglob("*"))
+    result = run_cli("kasa.cli.sweep", str(run))
+    assert_one_line_error(result, f"{run} is one run's folder, not a sweep's", f"kasa-compare {run}")
+    assert "skipping" not in result.stderr
+    assert sorted(run.rglob("*")) == before  # nothing written
+
+
+def test_a_folder_without_runs_is_refused(tmp_path):
+    (tmp_path / "notes").mkdir()
+    result = run_cli("kasa.cli.sweep", str(tmp_path))
+    assert_one_line_error(result, f"{tmp_path} holds no sweep's runs", "hydra.sweep.dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_a_run_without_summary_is_named_itself(tmp_path, caplog):
+    """A run that has not finished is skipped under its own name, not its checkpoints/ subfolder's."""
+    run = tmp_path / "lock"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="kasa.analysis.sweep"):
+        runs, skipped = sweep.load_runs(run)
+    assert not runs and skipped == [run]
+    assert [r.getMessage() for r in caplog.records] == [f"skipping {run}: no summary.json (did the run fail?)"]
 
 
 def test_empty_sweep_still_writes_a_summary(tmp_path):
     (tmp_path / "0").mkdir()
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # a sweep none of whose jobs left a record
     md = summarize_sweep(tmp_path)
     assert "No finished run" in md.read_text()
     assert not (tmp_path / "heatmap.png").exists()

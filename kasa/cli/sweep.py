@@ -26,12 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     from kasa.analysis.sweep import summarize_sweep
+    from kasa.cli.common import run_reporting_errors
 
-    try:
-        path = summarize_sweep(args.sweep_dir)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    path = run_reporting_errors(lambda: summarize_sweep(args.sweep_dir))
     print(path.read_text(), end="")
     print(f"\nwritten: {path}")
     return 0
