@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import run_cli, write_tsv
+from cli_helpers import assert_one_line_error, run_cli, write_tsv
 from kasa.cli.compare import main as compare_main
 from kasa.cli.plot import main as plot_main
 from kasa.analysis import compare
@@ -214,3 +214,15 @@ def test_a_run_without_summary_is_named_itself(tmp_path):
     result = run_cli("kasa.cli.compare", str(run))
     assert f"skipping {run}: no summary.json" in result.stderr
     assert "checkpoints" not in result.stderr
+
+
+def test_a_by_key_no_run_has_is_refused(tmp_path):
+    """A --by typo was silently ignored (the runs pooled as without --by): refused, naming the keys that would split."""
+    for job, lr in enumerate(("1e-3", "1e-4")):
+        write_run(tmp_path / "grid" / str(job), task="rte", method="kasa", seed=0, best=0.5 + job / 10,
+                  overrides=["method=kasa", "seed=0", f"trainer.lr={lr}"])
+    result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lrr", "--out", str(tmp_path / "t"))
+    assert_one_line_error(result, "no compared run has the setting --by trainer.lrr", ": trainer.lr")
+    assert not (tmp_path / "t").exists()
+    result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lr", "--out", str(tmp_path / "t"))
+    assert result.returncode == 0 and "KaSA trainer.lr=0.0001" in result.stdout

@@ -31,8 +31,9 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.analysis.sweep import Run, _sort_key, load_runs, parse_overrides
-from kasa.run_dir import SUMMARY_FILE, read_config
+from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, load_runs, parse_overrides
+from kasa.config import is_bookkeeping
+from kasa.run_dir import OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, read_config
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ METHOD_ORDER = tuple(METHOD_TABLE)
 TASK_ORDER = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb", "mnli", "qqp", "wnli")
 TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "rte": "RTE", "stsb": "STS-B",
               "mnli": "MNLI", "qqp": "QQP", "wnli": "WNLI", "e2e": "E2E"}
+# Settings that always tell rows apart already (the method, and the truncation basis in its label): a --by of them
+# adds nothing.
+IGNORED_BY_ROWS = ("method", "method.truncation_basis")
 METRIC_NAMES = {"accuracy": "Acc.", "matthews": "Mcc.", "pearson": "Pcc.", "spearman": "Scc.", "f1": "F1"}
 
 
@@ -110,12 +114,71 @@ def setting_value(run: Run, key: str) -> Any:
         return run.summary[key]
     if key in run.overrides:
         return _number(run.overrides[key])
-    node: Any = run_config(run)
+    return _config_value(run_config(run), key)
+
+
+def _config_value(node: Any, key: str, missing: Any = None) -> Any:
+    """The value at dotted `key` in a config dict, else `missing`."""
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
+
+
+def has_setting(run: Run, key: str) -> bool:
+    """Whether `setting_value(run, key)` finds `key` anywhere (its value may be None)."""
+    missing = object()
+    return (key == "model" or key in run.summary or key in run.overrides
+            or _config_value(run_config(run), key, missing) is not missing)
+
+
+def _settings(run: Run) -> dict[str, Any]:
+    """What a `--by` key can tell this run apart by: its config's settings and overrides (the bookkeeping ones, the
+    seed and the fields that repeat the summary's aside), the summary's rank, beta, gamma and recipe, and `model`."""
+    found: dict[str, Any] = {}
+    stack: list[tuple[str, Any]] = [("", run_config(run))]
+    while stack:
+        prefix, node = stack.pop()
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            if isinstance(value, dict) and value:
+                stack.append((f"{key}.", value))
+            else:
+                found[key] = _hashable(value)
+    found.update((key, _number(value)) for key, value in run.overrides.items())
+    found = {k: v for k, v in found.items()
+             if not is_bookkeeping(k) and k not in OVERRIDE_ALIASES and k not in IGNORED_BY_ROWS
+             and k not in (OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY)}
+    found.update((key, _hashable(setting_value(run, key))) for key in ("rank", "beta", "gamma", "recipe", "model"))
+    return found
+
+
+def differing_settings(runs: Sequence[Run]) -> list[str]:
+    """The settings in which runs of one method on one task differ: the `--by` keys that would split their cell."""
+    cells: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        cell = (str(run.summary.get("method")), truncation_basis(run), str(run.summary.get("task")),
+                str(run.summary.get("metric")))
+        cells.setdefault(cell, []).append(_settings(run))
+    differing: set[str] = set()
+    for members in cells.values():
+        keys = set().union(*members)
+        differing.update(k for k in keys if len({m.get(k) for m in members}) > 1)
+    return sorted(differing)
+
+
+def check_by_keys(runs: Sequence[Run], by: Sequence[str]) -> None:
+    """Refuse a `--by` key that no run has (a typo would otherwise pool the runs as if --by were absent)."""
+    for key in by:
+        if key in IGNORED_BY_ROWS or any(has_setting(run, key) for run in runs):
+            continue
+        differing = differing_settings(runs)
+        if differing:
+            raise ValueError(f"no compared run has the setting --by {key}: pass one of the settings in which runs of "
+                             f"one method on one task differ: {', '.join(differing)}")
+        raise ValueError(f"no compared run has the setting --by {key}, and the runs of one method on one task differ "
+                         "in nothing but their seed: leave --by out")
 
 
 def _number(text: str) -> Any:
@@ -254,7 +317,8 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
         keys.append("model")
     if len({r.summary.get("rank") for r in runs if not _unranked(r.summary.get("method"))}) > 1:
         keys.append("rank")
-    keys += [k for k in by if k not in keys and k not in ("method", "method.truncation_basis")]
+    check_by_keys(runs, by)
+    keys += [k for k in by if k not in keys and k not in IGNORED_BY_ROWS]
     groups: dict[tuple, dict[tuple[str, str], list[Run]]] = {}
     for run in runs:
         method = str(run.summary.get("method"))
