@@ -202,9 +202,15 @@ def checkpoint_version(checkpoint: Path) -> tuple[int, ...] | None:
     return tuple(version)
 
 
+def checkpoint_run(checkpoint: Path) -> Path:
+    """The run folder a checkpoint was written in (<run>/checkpoints/<name>/)."""
+    return checkpoint.resolve().parent.parent
+
+
 def is_checkpoint_of(checkpoint: Path, run_dir: Path) -> bool:
-    """Whether `checkpoint` is one of the run's own (checkpoints/<name>/), not another run's (`resume=<path>`)."""
-    return checkpoint.parent.parent == run_dir
+    """Whether `checkpoint` is one of the run's own (checkpoints/<name>/), not another run's (`resume=<path>`),
+    however either path is written (relative, through a link)."""
+    return checkpoint_run(checkpoint) == run_dir.resolve()
 
 
 def check_checkpoint_unchanged(checkpoint: Path, version: tuple[int, ...] | None, while_doing: str) -> None:

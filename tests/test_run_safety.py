@@ -336,6 +336,48 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
         {"step": state["step"], "changes": {"training data (fingerprint)": ["000000000000", fingerprint[:12]]}}]
 
 
+
+def test_another_runs_checkpoint_continues_only_in_a_folder_without_a_run_of_its_own(
+        uninterrupted, tiny_model, sentiment_dir, tmp_path, monkeypatch):
+    """resume=<another run's checkpoint>: into a folder holding an unfinished run it is refused, leaving that run as
+    it was (it used to cut the folder's logs at the other run's offsets); into a fresh folder it continues the run,
+    checked against that run's settings, and ends as it did, its log starting after the checkpoint's step. A run's
+    own checkpoint named by a relative path is still its own."""
+    checkpoint = sorted((uninterrupted / "checkpoints").glob("step-*"))[0]
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    holder = tmp_path / "holder"
+    shutil.copytree(uninterrupted, holder)
+    (holder / "summary.json").unlink()  # an unfinished run
+
+    def files() -> dict[Path, bytes]:
+        return {f: f.read_bytes() for f in sorted(holder.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
+
+    before = files()
+
+    refused = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, holder, f"resume={checkpoint}"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {holder} holds a run of its own, and resume={checkpoint} continues another run: pass resume=auto "
+        f"to continue the run in {holder}, or choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep) "
+        "for the continued run, or overwrite=true to replace this folder's run with it")
+    assert files() == before
+
+    fresh = tmp_path / "fresh"
+    changed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, fresh, f"resume={checkpoint}",
+                                                           "trainer.lr=0.5"))
+    assert changed.returncode == 2 and "with settings that differ from its own (trainer.lr: " in changed.stderr
+    continued = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, fresh, f"resume={checkpoint}"))
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert all((adapter(fresh)[key] == value).all() for key, value in adapter(uninterrupted).items())
+    assert metrics(fresh) == [r for r in metrics(uninterrupted) if r["step"] > step]
+    assert (fresh / "config.json").is_file() and (fresh / ".hydra" / "overrides.yaml").is_file()
+
+    monkeypatch.chdir(tmp_path)
+    own = Path("holder") / "checkpoints" / checkpoint.name
+    resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, holder, f"resume={own}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(holder, uninterrupted)
+
 def test_a_disk_without_room_for_the_checkpoints_refuses_the_start(tiny_model, sentiment_dir, tmp_path, monkeypatch):
     """Before any weight loads: the disk must hold the checkpoints the run keeps, or the first save would fail after
     up to an epoch of training. Nothing is left behind; where the file system does not tell its free space, the run

@@ -46,6 +46,7 @@ from kasa.run_dir import (
     HYDRA_DIR,
     TRACKERS_FILE,
     clean_partial_writes,
+    checkpoint_run,
     is_checkpoint_of,
     read_config,
     step_dir_name,
@@ -177,7 +178,7 @@ class TrainingRecipe:
         self.state.continue_with(self.accelerator.num_processes, trainer.batch_size, trainer.grad_accum)
         self.state.data_fingerprint = self.data_fingerprint  # what the next save records
         if self.main:  # only now: a start or resume that does not fit must leave the run's files as they were
-            if self.resume_from is None:
+            if not self.resumes_own_run():  # a fresh start, or another run's checkpoint continued here
                 self.clear_earlier_run()
             self.write_record()
             if tracker_ids != resumed_ids:
@@ -208,11 +209,12 @@ class TrainingRecipe:
         """config.json and .hydra/ for a fresh start; a resume keeps the run's record, unless settings changed
         (resume_allow_changes=true), which config.json then lists under `resumed_with_changes`."""
         changes = self.start.config_changes
-        if self.resume_from is not None and not changes:
+        if self.resumes_own_run() and not changes:
             return
         config = dict(self.resolved_config)
-        if changes:
-            config[RESUMED_WITH_CHANGES_KEY] = [*read_config(self.out).get(RESUMED_WITH_CHANGES_KEY, []), {
+        if changes:  # the changes of the checkpoint's run so far, this one's or the one continued here
+            earlier = read_config(checkpoint_run(self.resume_from)).get(RESUMED_WITH_CHANGES_KEY, [])
+            config[RESUMED_WITH_CHANGES_KEY] = [*earlier, {
                 "step": self.state.step, "changes": {key: list(values) for key, values in changes.items()}}]
             self.console.print(f"resuming with changed settings: {', '.join(changes)} (recorded in {CONFIG_FILE})")
         write_json(self.out / CONFIG_FILE, config)
@@ -257,7 +259,7 @@ class TrainingRecipe:
         self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         self.data_fingerprint = data_fingerprint(self.train_dataset)
-        if self.resumes_own_run():  # this run's own data
+        if self.resume_from is not None:  # the data the checkpoint was trained on
             self.start.config_changes |= check_same_data(self.resume_from, self.data_fingerprint,
                                                          self.cfg.resume_allow_changes)
 
@@ -325,12 +327,13 @@ class TrainingRecipe:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
 
     def resume(self, checkpoint: Path) -> None:
-        """Optimiser, schedule and counters from `checkpoint`; the logs lose what was written after it. (Its
+        """Optimiser, schedule and counters from `checkpoint`; this run's logs lose what was written after it. (Its
         weights went in before `prepare`, its RNG states go back in `epoch_batches`.)"""
         self.state = restore_training_state(checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler)
-        self.tracked_until = self.metrics_log.last_position()  # the records the trackers have had
-        self.metrics_log.truncate(self.state.metrics_size)
-        self.module_log.truncate(self.state.regularization_size)
+        if self.resumes_own_run():  # another run's logs stay where they are: this folder's start from the checkpoint
+            self.tracked_until = self.metrics_log.last_position()  # the records the trackers have had
+            self.metrics_log.truncate(self.state.metrics_size)
+            self.module_log.truncate(self.state.regularization_size)
         self.console.print(f"resumed from {checkpoint} (step {self.state.step}, epoch {self.state.epoch + 1})")
 
     # ---------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from kasa.run_dir import (
     OVERRIDES_KEY,
     STATE_FILE,
     SUMMARY_FILE,
+    checkpoint_run,
     is_checkpoint_of,
     read_config,
     sweep_record,
@@ -344,8 +345,16 @@ def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunSta
         raise FileExistsError(f"{out} already holds a finished run: pass overwrite=true to replace it, or "
                               f"{CHOOSE_ANOTHER_RUN_DIR}")
     if cfg.resume not in (None, "auto"):
-        check_resume_checkpoint(Path(cfg.resume))
-        return RunStart(resume_from=Path(cfg.resume))
+        checkpoint = Path(cfg.resume)
+        check_resume_checkpoint(checkpoint)
+        holds_a_run = any((out / name).exists() for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR))
+        if not is_checkpoint_of(checkpoint, out) and holds_a_run and not cfg.overwrite:
+            # another run's checkpoint continues in a folder of its own: its logs would be cut at the other run's
+            # offsets and mixed with this folder's
+            raise FileExistsError(f"{out} holds a run of its own, and resume={checkpoint} continues another run: "
+                                  f"pass resume=auto to continue the run in {out}, or {CHOOSE_ANOTHER_RUN_DIR} for "
+                                  "the continued run, or overwrite=true to replace this folder's run with it")
+        return RunStart(resume_from=checkpoint)
     if cfg.resume == "auto":
         found = resumable_checkpoints(out)
         for candidate in reversed(found):
@@ -375,8 +384,9 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
                                   f"({describe_differences(differences)}): pass overwrite=true to replace it, or "
                                   f"{CHOOSE_ANOTHER_RUN_DIR}")
         return start
-    if start.resume_from is not None and is_checkpoint_of(start.resume_from, out):
-        start.config_changes = check_resume_config(out / CONFIG_FILE, resolved_config, cfg.resume_allow_changes)
+    if start.resume_from is not None:  # the settings of the run the checkpoint belongs to, this one's or another's
+        start.config_changes = check_resume_config(checkpoint_run(start.resume_from) / CONFIG_FILE, resolved_config,
+                                                   cfg.resume_allow_changes)
     adapted = check_model(cfg)
     if adapted is not None:
         check_disk_space(out, adapted, cfg.trainer.keep_checkpoints)
