@@ -404,8 +404,8 @@ class TrainingRecipe:
             self.after_step()
             if self.state.step >= self.total_steps:
                 return
-            # Every process stops at the same step; on the epoch's last one the epoch ends first (evaluation and
-            # the epoch's own checkpoint), so that the resumed run replays exactly what the uninterrupted one did.
+            # Every process stops at the same step; on the epoch's last one the epoch's own checkpoint (whose
+            # evaluation is due) is the stop's, so that the resumed run replays exactly what the uninterrupted one did.
             epoch_end = self.state.batches_in_epoch >= len(self.train_loader)
             stop = not epoch_end and self.stop.stop_requested(self.accelerator)
             if stop or (self.cfg.trainer.save_every and self.state.step % self.cfg.trainer.save_every == 0):
@@ -471,6 +471,8 @@ class TrainingRecipe:
         state, cfg = self.state, self.cfg
         state.pending_evaluation = epoch
         checkpoint = self.save_resumable()
+        if self.stop.stop_requested(self.accelerator):  # a stop on the epoch's last step: the evaluation is due in
+            raise TrainingInterrupted(self.stop.received, checkpoint, state.step)  # the checkpoint, not run now
         try:
             metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
                                          self.out / GENERATIONS_DIR)
