@@ -86,11 +86,13 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
     return subprocess.CompletedProcess([sys.executable, "-m", module, *args], status, out.getvalue(), err.getvalue())
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit status 2, one `error:` line holding every fragment, no traceback."""
+def assert_one_line_error(result, *fragments: str, after_the_model_loaded: bool = False) -> None:
+    """Exit status 2, one `error:` line holding every fragment, no traceback; and, for a start refused before the
+    model loads, no `run directory:` line (naming a folder that the refused start then removes)."""
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert after_the_model_loaded or "run directory:" not in result.stdout + result.stderr, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
 

@@ -166,6 +166,8 @@ class TrainingRecipe:
         resumed_ids = recorded_tracker_ids(self.out) if self.resumes_own_run() else {}
         tracker_ids = resumed_ids | start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config,
                                                    self.out, resumed_ids)  # the recorded ones kept, for a later resume
+        # once the checks that refuse a start with one line have passed, before the (long) load of the weights
+        self.console.print(f"run directory: {self.out}")
         self.setup_model()
         self.setup_data()
         self.setup_optimizer()
@@ -203,7 +205,6 @@ class TrainingRecipe:
                                trainer.grad_accum, trainer.group_by_length)
         if self.main and self.start.finished_summary is None:
             clean_partial_writes(self.out)
-            self.console.print(f"run directory: {self.out}")
 
     def write_record(self) -> None:
         """config.json and .hydra/ for a fresh start; a resume keeps the run's record, unless settings changed
