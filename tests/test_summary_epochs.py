@@ -22,3 +22,37 @@ def test_summary_and_console_count_epochs_from_one(tmp_path):
     assert summary["best_epoch"] == 1 + scores.index(summary["best"])
     printed = re.search(r"best \w+ [-\d.]+ \(epoch (\d+)\)", result.stdout + result.stderr)
     assert printed and int(printed.group(1)) == summary["best_epoch"]
+
+
+def test_progress_off_a_terminal_is_a_line_per_logging_step(tmp_path, capsys):
+    """A log file (nohup, SLURM) got no progress at all: a plain line per logged step instead of the bar, whose epoch
+    count is what max_steps leaves of trainer.epochs (the tiny set is 4 steps an epoch: 6 steps end in epoch 2)."""
+    import dataclasses
+
+    from cli_helpers import tiny_run_config
+    from kasa.training.loop import train
+
+    cfg = tiny_run_config(tmp_path)
+    cfg.trainer.epochs, cfg.trainer.max_steps, cfg.trainer.log_every = 3, 6, 2
+    cfg.logging.progress = True
+    train(cfg, dataclasses.asdict(cfg))
+    err = capsys.readouterr().err
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = [f"step {r['step']}/6 epoch {r['epoch'] + 1}/2 loss {r['loss']:.4f} lr {r['lr']:.3g}"
+                for r in logged if r["type"] == "train"]
+    assert [r.split(" epoch")[0] for r in expected] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert [line for line in err.splitlines() if line.startswith("step ")] == expected
+
+
+def test_progress_on_a_terminal_is_the_bar(monkeypatch, capsys):
+    """On a terminal the bar shows the epoch and loss, with no plain lines beside it."""
+    from kasa.training.console import Console
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes stderr for a terminal
+    console = Console()
+    assert console.interactive
+    bar = console.progress(6, epochs=2)
+    assert bar.logged({"step": 2, "epoch": 0, "loss": 0.5, "lr": 1e-3}) == "epoch 1/2 loss 0.5000"
+    bar.advance("epoch 1/2 loss 0.5000")
+    bar.close()
+    assert "step 2/6" not in capsys.readouterr().err

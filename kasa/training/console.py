@@ -9,12 +9,33 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+# Off a terminal (a file, nohup, SLURM) there is no width to fit: lines and tables are written whole at a width none
+# reaches, not wrapped or squeezed to rich's default of 80 columns
+UNWRAPPED_WIDTH = 10_000
+
+
 class _Bar:
-    def __init__(self, progress: Progress | None, total: int, completed: int) -> None:
-        self.progress = progress
-        self.task = progress.add_task("training", total=total, completed=completed) if progress else None
-        if progress:
-            progress.start()
+    """The training progress: a rich bar on a terminal; off a terminal, where a bar's redraws show nothing, one plain
+    line per logging step."""
+
+    def __init__(self, console: Console, total: int, completed: int, epochs: int) -> None:
+        self.total, self.epochs = total, epochs
+        shown = console.enabled and console.progress_bars
+        self.print = console.print if shown and not console.interactive else None
+        self.progress = None
+        if shown and console.interactive:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self.progress = Progress(*columns, console=console.rich, transient=True)
+            self.task = self.progress.add_task("training", total=total, completed=completed)
+            self.progress.start()
+
+    def logged(self, record: dict[str, Any]) -> str:
+        """The bar's label after a logging step's `record` (its step, 0-based epoch, loss and lr, already read from
+        the device), printed off a terminal as a line of its own with the step and the learning rate."""
+        description = f"epoch {record['epoch'] + 1}/{self.epochs} loss {record['loss']:.4f}"
+        if self.print:
+            self.print(f"step {record['step']}/{self.total} {description} lr {record['lr']:.3g}")
+        return description
 
     def advance(self, description: str) -> None:
         if self.progress:
@@ -29,17 +50,19 @@ class Console:
     def __init__(self, enabled: bool = True, progress_bars: bool = True) -> None:
         self.enabled = enabled  # main process only
         self.progress_bars = progress_bars
-        self.rich = RichConsole(stderr=True)
+        self.rich = RichConsole(stderr=True, soft_wrap=True)  # one line stays one line (paths, logs)
+        self.interactive = self.rich.is_terminal or self.rich.is_jupyter
+        if not self.interactive:
+            self.rich.width = UNWRAPPED_WIDTH
 
     def print(self, message: str) -> None:
         if self.enabled:
-            self.rich.print(message, highlight=False, soft_wrap=True)  # one line stays one line (paths, logs)
+            self.rich.print(message, highlight=False)
 
-    def progress(self, total: int, completed: int = 0) -> _Bar:
-        if not (self.enabled and self.progress_bars):
-            return _Bar(None, total, completed)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        return _Bar(Progress(*columns, console=self.rich, transient=True), total, completed)
+    def progress(self, total: int, epochs: int, completed: int = 0) -> _Bar:
+        """The progress of `total` optimiser steps (`completed` of them done) over `epochs` epochs: what the run
+        trains, fewer than trainer.epochs when trainer.max_steps ends it first."""
+        return _Bar(self, total, completed, epochs)
 
     def summary_table(self, summary: dict[str, Any]) -> None:
         if not self.enabled:

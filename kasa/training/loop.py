@@ -315,6 +315,7 @@ class TrainingRecipe:
         self.total_steps = steps_per_epoch * cfg.trainer.epochs
         if cfg.trainer.max_steps:
             self.total_steps = min(self.total_steps, cfg.trainer.max_steps)
+        self.epochs = math.ceil(self.total_steps / steps_per_epoch)  # what max_steps leaves of trainer.epochs
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -366,7 +367,7 @@ class TrainingRecipe:
 
     def train_epochs(self) -> dict[str, Any]:
         start = time.perf_counter()
-        self.progress = self.console.progress(self.total_steps, completed=self.state.step)
+        self.progress = self.console.progress(self.total_steps, self.epochs, completed=self.state.step)
         try:
             if self.state.pending_evaluation is not None:  # resumed after a failed evaluation: that one first,
                 # from the RNG states that it met in the run (an evaluation draws from them), and the next epoch
@@ -453,7 +454,7 @@ class TrainingRecipe:
             record |= {"aux_loss": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item()}
             self.module_log.write({"step": step, "modules": aux.module_values()})
         self.log(record, {k: v for k, v in record.items() if k != "type"})
-        self.progress_text = f"epoch {self.state.epoch + 1}/{self.cfg.trainer.epochs} loss {record['loss']:.4f}"
+        self.progress_text = self.progress.logged(record)
 
     def log(self, record: dict[str, Any], tracked: dict[str, Any]) -> None:
         """`record` into metrics.jsonl, `tracked` (its numbers, named for a dashboard) into the trackers, which
