@@ -34,7 +34,9 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
 STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-XXXXXXXX/: resumable, by optimiser step (step_dir_name)
 GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
-EVALUATIONS_DIR = "evaluations"
+EVALUATIONS_DIR = "evaluations"  # kasa-eval's outputs
+# kasa-plot's figures of one run, <stem><checkpoint or layer>.png and .json beside it
+SINGULAR_VALUES_FIGURE, REGULARIZATION_FIGURE = "singular_values_", "regularization_layer"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)

@@ -146,6 +146,31 @@ def test_refused_and_no_op_runs_leave_a_finished_run_as_it_was(uninterrupted, ti
     assert sorted(p.relative_to(run_dir) for p in (run_dir / "checkpoints").rglob("*")) == checkpoints
 
 
+
+def test_overwrite_replaces_the_earlier_run_with_its_evaluations_and_figures(uninterrupted, tiny_model, sentiment_dir,
+                                                                            tmp_path):
+    """Nothing of the replaced run is left to be taken for the new one's: kasa-plot's figures, kasa-eval's
+    outputs and the generations go with its logs and checkpoints."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    plotted = run_cli("kasa.cli.plot", str(run_dir))
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    figures = sorted(p.name for p in run_dir.glob("*.png"))
+    assert figures and any(name.startswith("regularization_layer") for name in figures)
+    for name in ("evaluations/last/validation/metrics.json", "generations/demo-validation.jsonl"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}\n")
+    (run_dir / "notes.txt").write_text("the user's own file stays")
+
+    replaced = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "trainer.lr=0.5"),
+                       "overwrite=true")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert not [*run_dir.glob("*.png"), *run_dir.glob("singular_values_*.json"),
+                *run_dir.glob("regularization_layer*.json")]
+    assert not (run_dir / "evaluations").exists() and not (run_dir / "generations").exists()
+    assert (run_dir / "notes.txt").read_text() == "the user's own file stays"
+    assert json.loads((run_dir / "config.json").read_text())["trainer"]["lr"] == 0.5
+
 def test_resume_with_changed_settings_is_refused_unless_allowed(uninterrupted, tiny_model, sentiment_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)

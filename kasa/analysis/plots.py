@@ -36,6 +36,7 @@ from kasa.analysis.compare import (
     truncation_basis,
 )
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
+from kasa.run_dir import REGULARIZATION_FIGURE, SINGULAR_VALUES_FIGURE
 from kasa.analysis.sweep import Run
 from kasa.run_dir import (
     ADAPTER_CONFIG_FILE,
@@ -190,7 +191,7 @@ def singular_values(path: str | Path, which: str = BEST_CHECKPOINT,
     fig.suptitle(f"knowledge-aware singular values ({checkpoint.name} checkpoint)")
     fig.tight_layout()
     data = {"checkpoint": str(checkpoint), "scaling": scaling, "matrices": matrices}
-    return _save(fig, data, Path(out_dir) if out_dir else run_dir, f"singular_values_{checkpoint.name}")
+    return _save(fig, data, Path(out_dir) if out_dir else run_dir, f"{SINGULAR_VALUES_FIGURE}{checkpoint.name}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def regularization(run_dir: str | Path, layer: int | None = None, out_dir: str |
     ax.set_title("overall training loss")
     fig.tight_layout()
     data = {"run": str(run_dir), "layer": layer, "layers": layers, "modules": modules, "loss": loss}
-    return _save(fig, data, Path(out_dir) if out_dir else run_dir, f"regularization_layer{layer}")
+    return _save(fig, data, Path(out_dir) if out_dir else run_dir, f"{REGULARIZATION_FIGURE}{layer}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,11 +37,14 @@ from kasa.run_dir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LAST_CHECKPOINT,
+    EVALUATIONS_DIR,
     GENERATIONS_DIR,
     METRICS_FILE,
     OVERRIDES_KEY,
+    REGULARIZATION_FIGURE,
     REGULARIZATION_FILE,
     RESUMED_WITH_CHANGES_KEY,
+    SINGULAR_VALUES_FIGURE,
     SUMMARY_FILE,
     HYDRA_DIR,
     TRACKERS_FILE,
@@ -242,12 +245,16 @@ class TrainingRecipe:
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
 
     def clear_earlier_run(self) -> None:
-        """A fresh start over an earlier run (overwrite=true) removes that run's logs and checkpoints, so that
-        nothing of it is mixed in: only at the end of setup, so that a start refused on the way (bad data, a model
-        that does not load) leaves the earlier run whole."""
+        """A fresh start over an earlier run (overwrite=true) removes that run's logs, checkpoints, evaluations and
+        figures, so that nothing of it is mixed in or left to be taken for this run's: only at the end of setup, so
+        that a start refused on the way (bad data, a model that does not load) leaves the earlier run whole."""
         for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE, TRACKERS_FILE):
             (self.out / name).unlink(missing_ok=True)
-        shutil.rmtree(self.out / CHECKPOINTS_DIR, ignore_errors=True)
+        for folder in (CHECKPOINTS_DIR, GENERATIONS_DIR, EVALUATIONS_DIR):
+            shutil.rmtree(self.out / folder, ignore_errors=True)
+        for stem in (SINGULAR_VALUES_FIGURE, REGULARIZATION_FIGURE):
+            for figure in [*self.out.glob(f"{stem}*.png"), *self.out.glob(f"{stem}*.json")]:
+                figure.unlink()
 
     def resumes_own_run(self) -> bool:
         """Whether the run continues from one of its own checkpoints (not from another run's, `resume=<path>`)."""
