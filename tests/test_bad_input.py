@@ -21,6 +21,8 @@ from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
         (["method=no_such_method"], ["unknown method 'no_such_method'", "kasa, kasa_l2"]),
         (["method.method=nope"], ["unknown method 'nope'"]),
         (["trainer.no_such_key=1"], ["unknown key trainer.no_such_key", "valid keys under trainer: epochs"]),
+        (["sed=1"], ["unknown key sed (did you mean seed?); valid keys: model, task"]),
+        (["trainer.lrr=1"], ["unknown key trainer.lrr (did you mean trainer.lr?); valid keys under trainer: epochs"]),
         # the method's keys as composition knows them: the module keys, which follow the model, are not listed
         (["method.no_such_key=1"], ["unknown key method.no_such_key", "valid keys under method: method, rank",
                                     "dropout, beta"]),
@@ -151,7 +153,8 @@ def test_checkpoint_from_another_base_model(finished_run, tmp_path):
 @pytest.mark.parametrize("override, fragments", [
     ("task.text_fields=sentence", ["wrong value for task.text_fields",
                                    "it takes a list, e.g. 'task.text_fields=[sentence]'"]),
-    ("task.no_such_key=1", ["invalid config at task.no_such_key", "valid keys under task: name"]),
+    # an unknown key said as composition says it, kasa-eval's own keys (split, ...) among the valid ones
+    ("task.no_such_key=1", ["unknown key task.no_such_key; valid keys under task: name"]),
 ])
 def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragments):
     assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)

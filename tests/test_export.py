@@ -171,6 +171,14 @@ def test_export_refuses_a_non_empty_output_and_overwrites_when_asked(trained_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
 
 
+def test_a_typo_of_its_own_key_is_named_with_the_key_meant(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    code, last = _main(capsys, f"checkpoint={run_dir}", f"output={tmp_path / 'out'}", "fromat=peft")
+    assert code == 2 and last.startswith("error: unknown key fromat (did you mean format?); valid keys: checkpoint, "
+                                         "output, format, which, overwrite, model, task")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where, refusal", [
     ("checkpoints/best", "would replace the checkpoint it exports: choose another folder"),
     ("checkpoints", "would replace the checkpoint it exports: choose another folder"),

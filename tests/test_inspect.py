@@ -116,6 +116,8 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
     (["threshold=-1"], "threshold=-1.0 is not allowed: pass a relative loss increase >= 0"),
     (["held_out=0"], "held_out=0 is not allowed: pass a number of examples >= 1"),
     (["recipe=glue/nonexistent"], "nonexistent"),
+    (["threshhold=0.1"], "unknown key threshhold (did you mean threshold?); valid keys: threshold, held_out, output_dir, "
+                         "model, task"),
     (["output_dir=INPUT/train.tsv/report"], "cannot be created: INPUT/train.tsv is a file; choose another output_dir="),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, extra, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import errno
 import importlib
 import importlib.util
@@ -13,11 +14,11 @@ import time
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 import kasa
 from kasa.config import MODEL_MODULES, RunConfig, model_module_error, register_schema, run_schema
@@ -85,7 +86,7 @@ def _config_options(group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
-def _describe_hydra(err: HydraException) -> str:
+def _describe_hydra(err: HydraException, own_keys: Sequence[str]) -> str:
     """Hydra's composition errors in one line: an unknown option lists the group's options, a key typo the keys."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     missing = getattr(err, "missing_cfg_file", None) or ""
@@ -101,10 +102,21 @@ def _describe_hydra(err: HydraException) -> str:
         parent, _, leaf = key.rpartition(".")
         if parent == "method" and leaf in MODEL_MODULES:
             return model_module_error(leaf)
-        schema = run_schema()
-        valid = _schema_fields(parent, schema) if parent else [f.name for f in dataclasses.fields(schema)]
-        return f"unknown key {key}" + (f"; valid keys{f' under {parent}' if parent else ''}: {', '.join(valid)}" if valid else "")
+        return _unknown_key(key, run_schema(), own_keys)
     return first
+
+
+def _unknown_key(key: str, schema: type, own_keys: Sequence[str]) -> str:
+    """A key that is not there, said alike by every command: the valid key closest to it, when one is close, and the
+    valid keys where it stands (at the top, the command's own keys, e.g. kasa-eval's split, then the run config's)."""
+    parent, _, leaf = key.rpartition(".")
+    valid = (_schema_fields(parent, schema) if parent
+             else list(dict.fromkeys([*own_keys, *(f.name for f in dataclasses.fields(schema))])))
+    if not valid:
+        return f"unknown key {key}"
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    guess = f" (did you mean {parent}{'.' if parent else ''}{close[0]}?)" if close else ""
+    return f"unknown key {key}{guess}; valid keys{f' under {parent}' if parent else ''}: {', '.join(valid)}"
 
 
 def _describe_os_error(err: OSError) -> str:
@@ -118,10 +130,11 @@ def _describe_os_error(err: OSError) -> str:
     return f"{err.strerror}: {where}"
 
 
-def describe_error(err: Exception) -> str:
-    """A user error (one of USER_ERRORS) as the one line that `error: ` starts."""
+def describe_error(err: Exception, own_keys: Sequence[str] = ()) -> str:
+    """A user error (one of USER_ERRORS) as the one line that `error: ` starts; `own_keys` are the command's own
+    `key=value` arguments besides the run config's, which an unknown key is matched against too."""
     if isinstance(err, HydraException):
-        return _describe_hydra(err)
+        return _describe_hydra(err, own_keys)
     if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
         return _describe_os_error(err)
     if isinstance(err, OmegaConfBaseException):  # an override of a saved run's config (kasa-eval, kasa-export)
@@ -129,6 +142,8 @@ def describe_error(err: Exception) -> str:
         key = getattr(err, "full_key", None)
         if key and isinstance(err, ValidationError):
             return _wrong_value(key, err)
+        if key and isinstance(err, ConfigKeyError):
+            return _unknown_key(key, RunConfig, own_keys)
         parent = key.rsplit(".", 1)[0] if key and "." in key else None
         valid = _schema_fields(parent, RunConfig) if parent else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""
@@ -193,14 +208,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def run_reporting_errors(function: Callable[[], Any]) -> Any:
-    """Run `function`; a user error becomes one line on stderr and exit status 2 (KASA_DEBUG=1: full traceback)."""
+def run_reporting_errors(function: Callable[[], Any], own_keys: Sequence[str] = ()) -> Any:
+    """Run `function`; a user error becomes one line on stderr and exit status 2 (KASA_DEBUG=1: full traceback).
+    `own_keys`: the command's own `key=value` arguments (see describe_error)."""
     try:
         return function()
     except USER_ERRORS as err:
         if os.environ.get("KASA_DEBUG"):
             raise
-        fail(describe_error(err))
+        fail(describe_error(err, own_keys))
 
 
 def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str, ...], example: str) -> dict[str, str]:

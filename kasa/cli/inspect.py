@@ -27,6 +27,7 @@ from kasa.config import RunConfig
 from kasa.run_dir import time_stamp
 
 REPORT = "truncation_report"
+OWN_KEYS = ("threshold", "held_out", "output_dir")  # besides the run config's keys
 
 
 def too_few_examples(available: int, held_out: int, cfg: RunConfig) -> str:
@@ -207,8 +208,7 @@ def check_output_folder(out: Path) -> None:
 
 def run(argv: list[str]) -> dict[str, Any]:
     """kasa-inspect with these arguments; returns the report (raises ValueError on bad input)."""
-    own: dict[str, Any] = {"threshold": 0.05, "held_out": 64,
-                           "output_dir": f"runs/inspect/{time_stamp()}"}
+    own: dict[str, Any] = dict(zip(OWN_KEYS, (0.05, 64, f"runs/inspect/{time_stamp()}")))
     overrides = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip())
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's composition errors are raised, and reported in one line
-    report = run_reporting_errors(lambda: run(argv))
+    report = run_reporting_errors(lambda: run(argv), OWN_KEYS)
     print(_table(report))
     for line in _summary_lines(report, Path(report["output_dir"])):
         print(line)
