@@ -155,6 +155,8 @@ def test_checkpoint_from_another_base_model(finished_run, tmp_path):
                                    "it takes a list, e.g. 'task.text_fields=[sentence]'"]),
     # an unknown key said as composition says it, kasa-eval's own keys (split, ...) among the valid ones
     ("task.no_such_key=1", ["unknown key task.no_such_key; valid keys under task: name"]),
+    ("splt=test", ["unknown key splt (did you mean split?); valid keys: checkpoint, which, split, merge, batch_size, "
+                   "model, task"]),
 ])
 def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragments):
     assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)

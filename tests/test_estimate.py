@@ -138,6 +138,8 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     (["loss_share=most"], "loss_share='most' is not a number"),
     (["loss_share=2"], "loss_share must be in (0, 1]"),
     (["recipe"], "arguments must be key=value"),
+    (["gpu_memroy=24GiB"], "unknown key gpu_memroy (did you mean gpu_memory?); valid keys: gpu_memory, num_processes, "
+                           "sharding, loss_share, model, task"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         fail(f"arguments must be key=value, got {bad[0]!r}: e.g. kasa-estimate recipe=commonsense/llama3_8b "
              "gpu_memory=24GiB")
-    result = run_reporting_errors(lambda: run(argv))
+    result = run_reporting_errors(lambda: run(argv), OWN_KEYS)
     print(json.dumps(result))
 
 

@@ -177,7 +177,7 @@ def _remove_staged(staged: Path, names: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = key_value_arguments(argv, __doc__, ("checkpoint",), "kasa-eval checkpoint=runs/<run dir>")
-    result = run_reporting_errors(lambda: evaluate_checkpoint(args))
+    result = run_reporting_errors(lambda: evaluate_checkpoint(args), OWN_KEYS)
     print(f"{result['split']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     reported = result.get("reported_in_training")
     if reported is not None:
