@@ -57,10 +57,30 @@ def test_kasa_eval_reproduces_the_training_metric(classification_run: Path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     summary = json.loads((classification_run / "summary.json").read_text())
     assert report["score"] == pytest.approx(summary["best"], abs=1e-6)
+    assert report["reported_in_training"] == report["score"] and report["merge"] is False
+    assert f"accuracy reported by the training run for this checkpoint: {report['score']:.4f}" in result.stdout
     assert (classification_run / "checkpoints/best/eval_validation.json").is_file()
     merged = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", "merge=true")
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert json.loads(merged.stdout.strip().splitlines()[-1])["score"] == pytest.approx(summary["best"], abs=1e-6)
+    # the merged model's result replaces the unmerged one's: the file says which it is
+    assert json.loads((classification_run / "checkpoints/best/eval_validation.json").read_text())["merge"] is True
+
+
+@pytest.mark.parametrize("argument", ["split=test", "task.eval_split=test"])
+def test_kasa_eval_of_another_split_reports_no_training_score(classification_run: Path, sentiment_dir, tmp_path,
+                                                              argument):
+    """The training run evaluated on validation: its score used to be printed and saved (reported_in_training) as
+    the checkpoint's score on whatever split kasa-eval evaluated, here the test split."""
+    data = Path(shutil.copytree(sentiment_dir, tmp_path / "data"))
+    shutil.copyfile(data / "train.tsv", data / "test.tsv")  # a labelled test split; the training run scored dev.tsv
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", f"task.data_dir={data}", argument)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["split"] == "test" and "reported_in_training" not in report
+    assert "reported by the training run" not in result.stdout
+    saved = json.loads((classification_run / "checkpoints/best/eval_test.json").read_text())
+    assert "reported_in_training" not in saved and saved["merge"] is False
 
 
 def test_regression_run_and_eval(tiny_model, similarity_dir, tmp_path):

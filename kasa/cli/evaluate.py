@@ -9,12 +9,14 @@ run directory; without `best`, `last`), `split` (default: the run's evaluation s
 evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
 dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch:
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
-override of the run's saved config (model.path=..., task.data_dir=...). Writes eval_<split>.json, and a generation
-task's outputs under generations/, into the checkpoint directory. They are written first to
-<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved over the checkpoint
-while it was evaluated (best/ and last/ of a run still training), or when judging fails (run again, kasa-eval
-reuses the responses and the scores saved there). One kasa-eval of a checkpoint on a split runs at a time (a second
-one stops with the first one's pid); other splits run beside it.
+override of the run's saved config (model.path=..., task.data_dir=...). Prints the score the training run reported
+for the checkpoint only when it evaluates the split the training run evaluated it on. Writes eval_<split>.json
+(`merge` records whether the adapter was merged), and a generation task's outputs under generations/, into the
+checkpoint directory. They are written first to <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay
+there when the training run saved over the checkpoint while it was evaluated (best/ and last/ of a run still
+training), or when judging fails (run again, kasa-eval reuses the responses and the scores saved there). One
+kasa-eval of a checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run
+beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kasa.run_dir import (
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
     LOCK_FILE,
+    METRICS_FILE,
     STATE_FILE,
     STEP_DIR,
     check_checkpoint_unchanged,
@@ -83,6 +86,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
     state_file = checkpoint / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    reported = state.get("score") if split == split_evaluated_in_training(run_dir, state) else None
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
     # that fails leaves the responses there. One kasa-eval of a checkpoint's split at a time: two would mix their
     # outputs (other decoding settings, say) in that folder.
@@ -93,16 +97,37 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     if accelerator.is_main_process:
         lock.acquire()
     try:
-        return evaluate_staged(task, accelerator, checkpoint, version, state, split, staged, merge)
+        return evaluate_staged(task, accelerator, checkpoint, version, reported, split, staged, merge)
     finally:
         lock.release(discard_empty=True)
         for folder in (staged.parent, staged.parent.parent):  # evaluations/<checkpoint>/ and evaluations/
             remove_if_empty(folder)
 
 
+def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | None:
+    """The split the training run evaluated the checkpoint with this state on: the split of its evaluation's record
+    in metrics.jsonl (the last at the checkpoint's step: a resume may have changed task.eval_split since), else the
+    run's saved task.eval_split (kasa-eval's own overrides aside); None for a checkpoint with no score."""
+    if "score" not in state:
+        return None
+    try:
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line the training run is still writing
+            continue
+        if isinstance(record, dict) and record.get("type") == "eval" and record.get("step") == state.get("step"):
+            return record.get("split")
+    return read_config(run_dir).get("task", {}).get("eval_split")
+
+
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
-                    state: dict[str, Any], split: str, staged: Path, merge: bool) -> dict[str, Any]:
-    """Load, evaluate into `staged`, and place the outputs (place_outputs)."""
+                    reported: float | None, split: str, staged: Path, merge: bool) -> dict[str, Any]:
+    """Load, evaluate into `staged`, and place the outputs (place_outputs). `reported`: the training run's score
+    for the checkpoint on this split, if it evaluated it there."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize
     from kasa.evaluation.metrics import main_metric
@@ -124,9 +149,10 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         "metric": task.metric,
         "score": main_metric(metrics, task.metric),
         "metrics": metrics,
+        "merge": merge,  # eval_<split>.json of a merged model replaces the unmerged one's: it says which it holds
     }
-    if "score" in state:
-        result["reported_in_training"] = state["score"]
+    if reported is not None:
+        result["reported_in_training"] = reported
     if accelerator.is_main_process:
         result["output_dir"] = str(place_outputs(checkpoint, version, staged, f"eval_{split}.json", result))
     return result
