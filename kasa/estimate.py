@@ -59,7 +59,10 @@ def load_architecture(model_cfg) -> Any:
     for its recipes' models, or the Hub."""
     from transformers import AutoConfig
 
+    from kasa.tasks.models import check_model_folder
+
     if model_cfg.path:
+        check_model_folder(model_cfg)  # as kasa-train says it, not as transformers' message about a bad Hub repo id
         kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
         try:
             return AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)

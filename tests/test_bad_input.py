@@ -125,6 +125,33 @@ def test_hub_model_without_network(sentiment_dir, tmp_path):
     assert_one_line_error(result, "some-org/some-model", "model.path=")
 
 
+@pytest.mark.parametrize("layout", ["empty", "package"])
+def test_a_model_folder_without_config_json(tiny_model, sentiment_dir, tmp_path, layout):
+    """An existing folder that holds no model (model.path=/tmp, or a pip model package's own folder instead of its
+    model/ subfolder) failed in the tokenizer with "Couldn't instantiate the backend tokenizer from one of:", cut off
+    at the colon, naming neither the folder nor the fix."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    if layout == "package":
+        shutil.copytree(tiny_model, folder / "model")
+    args = [a for a in train_args(tiny_model, sentiment_dir, tmp_path / "run") if not a.startswith("model.path")]
+    result = run_cli("kasa.cli.train", *args, f"model.path={folder}")
+    hint = [f"e.g. model.path={folder / 'model'}"] if layout == "package" else []
+    assert_one_line_error(result, f"model.path='{folder}' holds no config.json",
+                          "pass the folder holding config.json and the weights", *hint)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gguf_file_in_a_subfolder_is_named(tmp_path):
+    from kasa.config import ModelConfig
+    from kasa.tasks.models import ModelLoadError, load_tokenizer
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "m.gguf").write_bytes(b"")  # refused before anything reads it
+    with pytest.raises(ModelLoadError, match=rf"its GGUF files are \[\], e.g. model.path={tmp_path / 'model'}$"):
+        load_tokenizer(ModelConfig(name="tiny", path=str(tmp_path), gguf_file="m.gguf"))
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, sentiment_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("bad-input") / "run"

@@ -140,6 +140,9 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     (["recipe"], "arguments must be key=value"),
     (["gpu_memroy=24GiB"], "unknown key gpu_memroy (did you mean gpu_memory?); valid keys: gpu_memory, num_processes, "
                            "sharding, loss_share, model, task"),
+    # was transformers' "Repo id must use alphanumeric chars ...", about a Hub id
+    (["model.path=/nonexistent/kasa-model"], "model.path='/nonexistent/kasa-model' is not a folder: pass the folder "
+                                             "holding config.json"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -147,6 +150,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_a_model_folder_without_config_json_is_named_with_its_subfolder(tmp_path, capsys) -> None:
+    """A pip model package's own folder (the model is in its model/ subfolder): as kasa-train says it."""
+    transformers.BertConfig().save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit) as exit_info:
+        estimate_cli.main(["model=minilm_l6", f"model.path={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: model.path='{tmp_path}' holds no config.json: pass the folder holding config.json and the "
+                   f"weights, e.g. model.path={tmp_path / 'model'}")
 
 
 def test_cpu_attention_with_dropout_is_counted_as_the_cpu_runs_it(tmp_path) -> None:

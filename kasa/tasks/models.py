@@ -153,9 +153,11 @@ def hub_options(model: ModelConfig) -> dict[str, bool]:
     return {} if model.path or hub_reachable() else {"local_files_only": True}
 
 
-def _check_local_files(model: ModelConfig) -> None:
-    """model.path must be a folder, holding model.gguf_file when one is named: said plainly, rather than as
-    transformers' Hub-id or Hub-URL messages about a local path."""
+def check_model_folder(model: ModelConfig) -> None:
+    """model.path must be a folder holding config.json, or model.gguf_file when one is named (a GGUF file carries its
+    config): said plainly, naming a subfolder that holds it (a pip model package ships its model in one), rather than
+    as transformers' Hub-id or Hub-URL messages about a local path, or its tokenizer's cut-off "Couldn't instantiate
+    the backend tokenizer from one of:"."""
     if not model.path:
         return
     folder = Path(model.path).expanduser()
@@ -164,11 +166,32 @@ def _check_local_files(model: ModelConfig) -> None:
                              "weights, or leave model.path unset to load model.name from the Hub")
     if model.gguf_file and not (folder / model.gguf_file).is_file():
         present = sorted(p.name for p in folder.glob("*.gguf"))
-        raise ModelLoadError(f"model.gguf_file={model.gguf_file!r} is not in {folder}: its GGUF files are {present}")
+        raise ModelLoadError(f"model.gguf_file={model.gguf_file!r} is not in {folder}: its GGUF files are "
+                             f"{present}{_subfolders_holding(folder, model.gguf_file)}")
+    if not model.gguf_file and not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model.path={model.path!r} holds no config.json: pass the folder holding config.json and "
+                             f"the weights{_subfolders_holding(folder, 'config.json')}")
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a subfolder we may not read (a model.path of /tmp holds some) counted as holding nothing."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _subfolders_holding(folder: Path, name: str) -> str:
+    """`, e.g. model.path=<subfolder>` for the subfolders of `folder` that hold `name` (the first three), else ""."""
+    try:
+        found = sorted(str(child) for child in folder.iterdir() if _is_file(child / name))
+    except OSError:
+        return ""
+    return f", e.g. model.path={' or model.path='.join(found[:3])}" if found else ""
 
 
 def _from_pretrained(factory, model: ModelConfig, **kwargs):
-    _check_local_files(model)
+    check_model_folder(model)
     source = model_source(model)
     try:
         return factory.from_pretrained(source, **kwargs, **hub_options(model))
