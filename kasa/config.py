@@ -156,9 +156,10 @@ class RunConfig:
     recipe: Any = None  # the chosen recipe's name, recorded for the run summary
 
     def __post_init__(self) -> None:
-        from kasa.adapters.quantized import check_quantization  # a method that cannot run quantized fails here
+        if self.model.quantization is not None:  # (that module imports torch: ~2 s that no other config needs)
+            from kasa.adapters.quantized import check_quantization  # a method that cannot run quantized fails here
 
-        check_quantization(self.model.quantization, self.method.method)
+            check_quantization(self.model.quantization, self.method.method)
 
 
 SCHEMA_NAME = "run_schema"  # the first entry of configs/config.yaml's defaults

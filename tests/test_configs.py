@@ -383,17 +383,20 @@ def test_instruction_recipes_share_table_9(hydra_initialised, tmp_path):
     assert runs["instruction/llama2_13b_alpaca"].model.target_modules == ["q_proj", "v_proj"]
 
 
-def test_help_and_cfg_job_do_not_import_torch():
-    """`kasa-train --help` and `--cfg job` compose configs only: a fresh interpreter must not load torch or
-    transformers for them (a subprocess: what is imported is a property of the process)."""
+def test_help_cfg_job_and_a_refused_value_do_not_import_torch(tmp_path):
+    """`kasa-train --help` and `--cfg job` compose configs only, and a value the run cannot use is refused from the
+    config alone: a fresh interpreter must not load torch, transformers or datasets for them (~5 s; a subprocess:
+    what is imported is a property of the process)."""
     code = ("import sys; from kasa.cli.train import main; sys.argv = ['kasa-train', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
             "print('HEAVY', heavy, file=sys.stderr)")
-    for args in (["--help"], ["--cfg", "job", "recipe=glue/roberta_base_rte"]):
+    for args in (["--help"], ["--cfg", "job", "recipe=glue/roberta_base_rte"],
+                 ["trainer.epochs=0", f"hydra.run.dir={tmp_path / 'run'}"]):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "HEAVY []" in result.stderr, result.stderr[-2000:]
+    assert "error: trainer.epochs=0 is not allowed: it must be an integer >= 1" in result.stderr
 
 
 def test_default_run_folders_of_runs_started_in_the_same_second_differ(hydra_initialised):

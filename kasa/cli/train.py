@@ -54,10 +54,13 @@ def _run(cfg: DictConfig) -> float:
     def job() -> float:
         from kasa.run_dir import OVERRIDES_KEY
 
-        quiet_libraries()
         resolved = resolve(cfg)
         run_cfg = validate(resolved)
-        from kasa.training.loop import train  # heavy imports (transformers' trainer, peft) once the config is valid
+        from kasa.training.preflight import check_config_values
+
+        check_config_values(run_cfg)  # also the loop's first check: here, a bad value is refused in a second, not six
+        quiet_libraries()
+        from kasa.training.loop import train  # heavy imports (torch, transformers, accelerate) once the config is valid
         from kasa.training.signals import INTERRUPTED_EXIT, TrainingInterrupted, interrupted_message
 
         resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
