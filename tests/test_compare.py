@@ -224,5 +224,11 @@ def test_a_by_key_no_run_has_is_refused(tmp_path):
     result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lrr", "--out", str(tmp_path / "t"))
     assert_one_line_error(result, "no compared run has the setting --by trainer.lrr", ": trainer.lr")
     assert not (tmp_path / "t").exists()
+    for job, lr in enumerate((1e-3, 1e-4)):  # a config.json, as every run writes: trainer is a section of it
+        (tmp_path / "grid" / str(job) / "config.json").write_text(json.dumps({"trainer": {"lr": lr, "epochs": 3}}))
+    result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer", "--out", str(tmp_path / "t"))
+    assert_one_line_error(result, "--by trainer is a section of the config, not a setting: pass one of its settings (",
+                          "trainer.lr")  # it raised TypeError: unhashable type 'dict'
+    assert not (tmp_path / "t").exists()
     result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lr", "--out", str(tmp_path / "t"))
     assert result.returncode == 0 and "KaSA trainer.lr=0.0001" in result.stdout

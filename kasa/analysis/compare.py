@@ -171,6 +171,11 @@ def differing_settings(runs: Sequence[Run]) -> list[str]:
 def check_by_keys(runs: Sequence[Run], by: Sequence[str]) -> None:
     """Refuse a `--by` key that no run has (a typo would otherwise pool the runs as if --by were absent)."""
     for key in by:
+        sections = [value for run in runs if isinstance(value := setting_value(run, key), dict)]
+        if sections:  # trainer, method.target_modules' parent...: the rows would be keyed by a whole dict
+            inside = sorted({f"{key}.{name}" for section in sections for name in section})
+            raise ValueError(f"--by {key} is a section of the config, not a setting: pass one of its settings "
+                             f"({', '.join(inside[:8])}{', ...' if len(inside) > 8 else ''})")
         if key in IGNORED_BY_ROWS or any(has_setting(run, key) for run in runs):
             continue
         differing = differing_settings(runs)
