@@ -330,6 +330,8 @@ def test_kasa_eval_of_a_split_with_no_data_fails_before_the_model_loads(uninterr
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith(
         f"error: no file for split 'tset' in {sentiment_dir} (looked for tset.tsv, tset.csv, tset; found ")
+    assert refused.stderr.strip().endswith("set task.train_split / task.eval_split (kasa-eval: split=) to one of those "
+                                           "files")
 
 
 def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted, tiny_model, sentiment_dir, tmp_path):

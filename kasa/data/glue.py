@@ -238,7 +238,7 @@ def _normalise(dataset: Dataset, task: TaskConfig, split: str, source: str) -> D
     if len(labeled) == 0:
         raise DataError(
             f"{where} has no labels (every label is missing or -1, as in GLUE test files); choose another split "
-            "for task.train_split / task.eval_split"
+            "for task.train_split / task.eval_split (kasa-eval: split=)"
         )
     if len(labeled) < len(parsed):
         logger.warning("%s: dropped %d unlabeled rows of %d", where, len(parsed) - len(labeled), len(parsed))

@@ -33,7 +33,7 @@ def find_split_file(data_dir: str | Path, split: str, candidates: Sequence[str],
     present = sorted(p.name for p in folder.iterdir())[:12]
     raise DataError(
         f"no file for split '{split}' in {folder} (looked for {', '.join(dict.fromkeys(names))}; found {present}): "
-        "set task.train_split / task.eval_split to one of those files"
+        "set task.train_split / task.eval_split (kasa-eval: split=) to one of those files"
     )
 
 
