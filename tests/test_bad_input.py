@@ -210,6 +210,16 @@ def test_finished_run_resumed_with_other_settings(finished_run, tiny_model, sent
     assert_one_line_error(result, "already holds a finished run, with other settings (trainer.lr: 0.005 -> 0.5)")
 
 
+
+@pytest.mark.parametrize("module, example", [("kasa.cli.evaluate", "kasa-eval checkpoint=runs/<run dir>"),
+                                             ("kasa.cli.export", "kasa-export checkpoint=")])
+def test_a_command_without_arguments_shows_its_usage_and_one_error_line(module, example):
+    result = run_cli(module)
+    assert_one_line_error(result, "missing checkpoint=...: e.g. " + example)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "checkpoint=" in result.stderr.split(
+        "error:")[0]  # the usage first
+
+
 def test_missing_checkpoint(tmp_path):
     result = run_cli("kasa.cli.evaluate", f"checkpoint={tmp_path / 'nowhere'}")
     assert result.returncode == 2

@@ -223,9 +223,12 @@ def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str,
     """The `key=value` arguments of kasa-eval and kasa-export: `--help` prints `usage`; a malformed or missing
     argument is one error line naming `example`."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(usage.strip())
-        sys.exit(0 if argv else 2)
+        sys.exit(0)
+    if not argv and required:  # the usage, then the one line that says what is missing
+        print(usage.strip(), file=sys.stderr)
+        fail(f"missing {required[0]}=...: e.g. {example}")
     bad = [a for a in argv if "=" not in a]
     if bad:
         fail(f"arguments must be key=value, got {bad[0]!r}: e.g. {example}")
