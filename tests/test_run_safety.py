@@ -73,6 +73,11 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert metrics(run_dir) == metrics(reference)
 
 
+def files_of(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` with its bytes, but the lock file (held by whichever run is in there)."""
+    return {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file() and f.name != LOCK_FILE}
+
+
 def record(run_dir: Path) -> dict[str, tuple[bytes, int]]:
     """Every file of a run's record (not its checkpoints) with its bytes and modification time."""
     files = [run_dir / name for name in ("config.json", "metrics.jsonl", "regularization.jsonl", "summary.json")]
@@ -345,10 +350,7 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
     fingerprint = state["data_fingerprint"]
     assert len(fingerprint) == 64  # every save records it
     (newest / "trainer_state.json").write_text(json.dumps({**state, "data_fingerprint": "0" * 64}))
-    def files() -> dict[Path, bytes]:
-        return {f: f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
-
-    before = files()
+    before = files_of(run_dir)
     args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto")
 
     refused = run_cli("kasa.cli.train", *args, "logging.trackers=[tensorboard]")  # a tracker would write a record
@@ -357,7 +359,7 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
         f"error: the training data differ from those {newest} was trained on (the encoded rows' fingerprint "
         f"000000000000 -> {fingerprint[:12]}: a data file, the tokenizer or an encoding setting changed): resume on "
         "the same data, or pass resume_allow_changes=true to go on with these (recorded in config.json)")
-    assert files() == before
+    assert files_of(run_dir) == before
     allowed = run_cli("kasa.cli.train", *args, "resume_allow_changes=true")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["resumed_with_changes"] == [
@@ -376,11 +378,7 @@ def test_another_runs_checkpoint_continues_only_in_a_folder_without_a_run_of_its
     holder = tmp_path / "holder"
     shutil.copytree(uninterrupted, holder)
     (holder / "summary.json").unlink()  # an unfinished run
-
-    def files() -> dict[Path, bytes]:
-        return {f: f.read_bytes() for f in sorted(holder.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
-
-    before = files()
+    before = files_of(holder)
 
     refused = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, holder, f"resume={checkpoint}"))
     assert refused.returncode == 2
@@ -388,7 +386,7 @@ def test_another_runs_checkpoint_continues_only_in_a_folder_without_a_run_of_its
         f"error: {holder} holds a run of its own, and resume={checkpoint} continues another run: pass resume=auto "
         f"to continue the run in {holder}, or choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep) "
         "for the continued run, or overwrite=true to replace this folder's run with it")
-    assert files() == before
+    assert files_of(holder) == before
 
     fresh = tmp_path / "fresh"
     changed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, fresh, f"resume={checkpoint}",
