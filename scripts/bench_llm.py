@@ -9,7 +9,8 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
    process: each round runs one step of each method back to back (the order rotating) on the same padded batch, and
    a ratio is the median over rounds of that round's ratio. This machine's speed drifts by 10-40% over minutes, which
    a ratio of two medians takes in whole (0.86 against a paired 1.03 in one noisy run) while a round's steps share
-   it; the median step of each method is printed too.
+   it; the median step of each method is printed too, and a 90% bootstrap interval of each ratio
+   (`step_ratio_interval_90`: how far the median of these rounds could move by chance).
 2. Real tokens per second over the same examples: padded batches (shuffled, padded to the longest row) against
    packed rows (`trainer.packing`: rows of max_length, the 4-D block-diagonal mask of SDPA) and length-grouped
    batches (`trainer.group_by_length`), with KaSA; one pass of each mode in turn, repeated; median tokens/s.
