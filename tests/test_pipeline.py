@@ -67,11 +67,20 @@ def test_kasa_eval_reproduces_the_training_metric(classification_run: Path):
     assert json.loads((classification_run / "checkpoints/best/eval_validation.json").read_text())["merge"] is True
 
 
-@pytest.mark.parametrize("argument", ["split=test", "task.eval_split=test"])
+@pytest.mark.parametrize("argument, recorded", [("split=test", True), ("task.eval_split=test", True),
+                                                ("split=test", False)])
 def test_kasa_eval_of_another_split_reports_no_training_score(classification_run: Path, sentiment_dir, tmp_path,
-                                                              argument):
+                                                              argument, recorded):
     """The training run evaluated on validation: its score used to be printed and saved (reported_in_training) as
-    the checkpoint's score on whatever split kasa-eval evaluated, here the test split."""
+    the checkpoint's score on whatever split kasa-eval evaluated, here the test split. The checkpoint records the
+    split beside the score; one saved before it did (recorded=False) is matched with the run's task.eval_split."""
+    state_file = classification_run / "checkpoints" / "best" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["split"] == "validation"
+    if not recorded:
+        classification_run = Path(shutil.copytree(classification_run, tmp_path / "run"))
+        state_file = classification_run / "checkpoints" / "best" / "trainer_state.json"
+        state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "split"}))
     data = Path(shutil.copytree(sentiment_dir, tmp_path / "data"))
     shutil.copyfile(data / "train.tsv", data / "test.tsv")  # a labelled test split; the training run scored dev.tsv
     result = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", f"task.data_dir={data}", argument)

@@ -34,7 +34,6 @@ from kasa.run_dir import (
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
     LOCK_FILE,
-    METRICS_FILE,
     STATE_FILE,
     STEP_DIR,
     check_checkpoint_unchanged,
@@ -105,23 +104,12 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | None:
-    """The split the training run evaluated the checkpoint with this state on: the split of its evaluation's record
-    in metrics.jsonl (the last at the checkpoint's step: a resume may have changed task.eval_split since), else the
-    run's saved task.eval_split (kasa-eval's own overrides aside); None for a checkpoint with no score."""
+    """The split the training run evaluated the checkpoint with this state on: recorded beside its score (a resume
+    may have changed task.eval_split), or, in checkpoints saved before it was, the run's saved task.eval_split
+    (kasa-eval's own overrides aside); None for a checkpoint with no score."""
     if "score" not in state:
         return None
-    try:
-        lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line the training run is still writing
-            continue
-        if isinstance(record, dict) and record.get("type") == "eval" and record.get("step") == state.get("step"):
-            return record.get("split")
-    return read_config(run_dir).get("task", {}).get("eval_split")
+    return state.get("split") or read_config(run_dir).get("task", {}).get("eval_split")
 
 
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,

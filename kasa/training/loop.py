@@ -501,7 +501,8 @@ class TrainingRecipe:
         if improved:
             state.best, state.best_epoch = score, epoch
         state.last = score
-        saved = {"epoch": epoch, "step": state.step, "metric": self.task.metric, "score": score, "metrics": metrics}
+        saved = {"epoch": epoch, "step": state.step, "split": cfg.task.eval_split, "metric": self.task.metric,
+                 "score": score, "metrics": metrics}  # what kasa-eval compares its own result with
         if improved and cfg.trainer.save_best:
             save_checkpoint(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT, self.accelerator, self.model, saved)
         save_checkpoint(self.out / CHECKPOINTS_DIR / LAST_CHECKPOINT, self.accelerator, self.model, saved)
