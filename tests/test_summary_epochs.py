@@ -56,3 +56,13 @@ def test_progress_on_a_terminal_is_the_bar(monkeypatch, capsys):
     bar.advance("epoch 1/2 loss 0.5000")
     bar.close()
     assert "step 2/6" not in capsys.readouterr().err
+
+
+def test_console_lines_are_printed_as_they_are(capsys):
+    """Brackets in a message (a path, a split name, a list, an error's text) are text, not rich markup: `[validation]`
+    vanished as a style and a `[/x]` raised MarkupError."""
+    from kasa.training.console import Console
+
+    message = "skipping runs/[exp1]/step-3 [validation] [x=1] ['a', 'b'] [/tmp/a]: [bold]kept"
+    Console().print(message)
+    assert capsys.readouterr().err.splitlines() == [message]

@@ -50,7 +50,9 @@ class Console:
     def __init__(self, enabled: bool = True, progress_bars: bool = True) -> None:
         self.enabled = enabled  # main process only
         self.progress_bars = progress_bars
-        self.rich = RichConsole(stderr=True, soft_wrap=True)  # one line stays one line (paths, logs)
+        # one line stays one line (paths, logs), and is printed as it is: with rich's markup on, a message's
+        # `[validation]` or `[x=1]` vanished as a style and a `[/...]` in an error's text raised MarkupError
+        self.rich = RichConsole(stderr=True, soft_wrap=True, markup=False)
         self.interactive = self.rich.is_terminal or self.rich.is_jupyter
         if not self.interactive:
             self.rich.width = UNWRAPPED_WIDTH
