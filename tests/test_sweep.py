@@ -218,7 +218,8 @@ def test_a_run_without_summary_is_named_itself(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kasa.analysis.sweep"):
         runs, skipped = sweep.load_runs(run)
     assert not runs and skipped == [run]
-    assert [r.getMessage() for r in caplog.records] == [f"skipping {run}: no summary.json (did the run fail?)"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping {run}: no summary.json (still training, stopped, or failed)"]
 
 
 def test_empty_sweep_still_writes_a_summary(tmp_path):

@@ -159,7 +159,7 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
     for directory in _run_dirs(sweep_dir):
         summary_path = directory / SUMMARY_FILE
         if not summary_path.is_file():
-            log.warning("skipping %s: no %s (did the run fail?)", directory, SUMMARY_FILE)
+            log.warning("skipping %s: no %s (still training, stopped, or failed)", directory, SUMMARY_FILE)
             skipped.append(directory)
             continue
         try:
