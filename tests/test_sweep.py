@@ -208,6 +208,8 @@ def test_a_folder_without_runs_is_refused(tmp_path):
     result = run_cli("kasa.cli.sweep", str(tmp_path))
     assert_one_line_error(result, f"{tmp_path} holds no sweep's runs", "hydra.sweep.dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    missing = run_cli("kasa.cli.sweep", str(tmp_path / "nope"))
+    assert_one_line_error(missing, f"sweep directory {tmp_path / 'nope'} does not exist: pass a sweep's folder")
 
 
 def test_a_run_without_summary_is_named_itself(tmp_path, caplog):

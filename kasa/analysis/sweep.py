@@ -378,7 +378,8 @@ def summarize_sweep(sweep_dir: Path) -> Path:
     `sweep_dir`; return the markdown file's path."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist: pass a sweep's folder (hydra.sweep.dir, "
+                                "the one holding multirun.yaml)")
     check_sweep_folder(sweep_dir)
     runs, skipped = load_runs(sweep_dir)
     if not runs:
