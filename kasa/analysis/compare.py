@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, load_runs, parse_overrides
+from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, load_runs
 from kasa.config import is_bookkeeping
 from kasa.run_dir import OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, read_config
 
@@ -58,30 +57,13 @@ METRIC_NAMES = {"accuracy": "Acc.", "matthews": "Mcc.", "pearson": "Pcc.", "spea
 # Runs
 
 
-def _read_run(directory: Path) -> Run | None:
-    """One run folder with a usable summary.json (a finite `best`), else None with a warning."""
-    try:
-        summary = json.loads((directory / SUMMARY_FILE).read_text())
-    except (OSError, ValueError) as err:
-        log.warning("skipping %s: cannot read %s (%s)", directory, SUMMARY_FILE, err)
-        return None
-    best = summary.get("best") if isinstance(summary, dict) else None
-    if not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(float(best)):
-        log.warning("skipping %s: %s has no finite `best` (the run did not evaluate)", directory, SUMMARY_FILE)
-        return None
-    return Run(directory, summary, parse_overrides(summary.get("overrides") or []))
-
-
 def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
     """The finished runs under `paths` (run folders, sweep folders or any folder above them), each once."""
     runs: dict[Path, Run] = {}
     for path in map(Path, paths):
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory: pass run or sweep directories")
-        if (path / SUMMARY_FILE).is_file():
-            found = [run] if (run := _read_run(path)) is not None else []
-        else:
-            found, _ = load_runs(path)
+        found, _ = load_runs(path)  # a run's own folder is that one run
         for run in found:
             runs.setdefault(run.path.resolve(), run)
     return sorted(runs.values(), key=lambda r: str(r.path))
