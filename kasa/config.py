@@ -26,6 +26,18 @@ def is_bookkeeping(key: str) -> bool:
     return any(key == setting or key.startswith(f"{setting}.") for setting in BOOKKEEPING_SETTINGS)
 
 
+def dotted_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A resolved config as {dotted key: value} (trainer.lr, method.target_modules); an empty section is a value, and
+    what is not a mapping at all (a config.json damaged into a list) has no settings."""
+    flat: dict[str, Any] = {}
+    for name, value in (config.items() if isinstance(config, dict) else ()):
+        if isinstance(value, dict) and value:
+            flat |= dotted_settings(value, f"{prefix}{name}.")
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
 @dataclass
 class ModelConfig:
     name: str = "???"  # Hub id, e.g. roberta-base

@@ -204,6 +204,13 @@ def checkpoint_version(checkpoint: Path) -> tuple[int, ...] | None:
     return tuple(version)
 
 
+def holds_a_run(folder: Path) -> bool:
+    """Whether `folder` is one run's own folder: it holds one of a run's records (kasa-train writes config.json and
+    .hydra/ as it starts), so its subfolders are its files (checkpoints/, evaluations/), not other runs."""
+    return any((folder / name).exists() for name in (SUMMARY_FILE, CONFIG_FILE, HYDRA_DIR, METRICS_FILE,
+                                                     CHECKPOINTS_DIR))
+
+
 def checkpoint_run(checkpoint: Path) -> Path:
     """The run folder a checkpoint was written in (<run>/checkpoints/<name>/)."""
     return checkpoint.resolve().parent.parent

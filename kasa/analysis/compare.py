@@ -31,7 +31,7 @@ import numpy as np
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
 from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, load_runs
-from kasa.config import is_bookkeeping
+from kasa.config import dotted_settings, is_bookkeeping
 from kasa.run_dir import OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, read_config
 
 log = logging.getLogger(__name__)
@@ -118,16 +118,7 @@ def has_setting(run: Run, key: str) -> bool:
 def _settings(run: Run) -> dict[str, Any]:
     """What a `--by` key can tell this run apart by: its config's settings and overrides (the bookkeeping ones, the
     seed and the fields that repeat the summary's aside), the summary's rank, beta, gamma and recipe, and `model`."""
-    found: dict[str, Any] = {}
-    stack: list[tuple[str, Any]] = [("", run_config(run))]
-    while stack:
-        prefix, node = stack.pop()
-        for name, value in node.items():
-            key = f"{prefix}{name}"
-            if isinstance(value, dict) and value:
-                stack.append((f"{key}.", value))
-            else:
-                found[key] = _hashable(value)
+    found = {key: _hashable(value) for key, value in dotted_settings(run_config(run)).items()}
     found.update((key, _number(value)) for key, value in run.overrides.items())
     found = {k: v for k, v in found.items()
              if not is_bookkeeping(k) and k not in OVERRIDE_ALIASES and k not in IGNORED_BY_ROWS

@@ -36,14 +36,15 @@ from kasa.analysis.compare import (
     truncation_basis,
 )
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
-from kasa.run_dir import REGULARIZATION_FIGURE, SINGULAR_VALUES_FIGURE
 from kasa.analysis.sweep import Run
 from kasa.run_dir import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     BEST_CHECKPOINT,
     METRICS_FILE,
+    REGULARIZATION_FIGURE,
     REGULARIZATION_FILE,
+    SINGULAR_VALUES_FIGURE,
     find_checkpoint,
 )
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.config import is_bookkeeping
-from kasa.run_dir import CHECKPOINTS_DIR, CONFIG_FILE, HYDRA_DIR, METRICS_FILE, SUMMARY_FILE, sweep_record
+from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, holds_a_run, sweep_record
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,6 @@ OVERRIDE_ALIASES = {
     "recipe",
 }
 STAT_COLUMNS = ("n", "seeds", "median", "min", "max", "std")
-# What a run's own folder holds (kasa-train writes config.json and .hydra/ as it starts): its subfolders are its files
-# (checkpoints/, evaluations/), not jobs of a sweep.
-RUN_RECORDS = (SUMMARY_FILE, CONFIG_FILE, HYDRA_DIR, METRICS_FILE, CHECKPOINTS_DIR)
 
 
 @dataclass
@@ -123,16 +120,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
     return parsed
 
 
-def is_run_folder(path: Path) -> bool:
-    """Whether `path` is one run's own folder (it holds one of RUN_RECORDS)."""
-    return any((path / name).exists() for name in RUN_RECORDS)
-
-
 def _run_dirs(sweep_dir: Path) -> list[Path]:
     """Every folder that looks like one job of the sweep: it holds summary.json or Hydra's .hydra/ folder, or it is a
     direct, non-hidden subfolder of the sweep (a job that crashed early); folders that contain other runs are not
     runs themselves. A run's own folder is that one run: its direct subfolders are not jobs that crashed."""
-    if is_run_folder(sweep_dir):
+    if holds_a_run(sweep_dir):
         return [sweep_dir]
     candidates: set[Path] = set()
     candidates.update(p.parent for p in sweep_dir.rglob(SUMMARY_FILE))
@@ -365,10 +357,10 @@ def check_sweep_folder(sweep_dir: Path) -> None:
     sweep is one, even when none of its jobs got far enough to leave a record."""
     if sweep_record(sweep_dir) is not None:
         return
-    if is_run_folder(sweep_dir):
+    if holds_a_run(sweep_dir):
         raise ValueError(f"{sweep_dir} is one run's folder, not a sweep's: pass the sweep's folder (the one holding "
                          f"multirun.yaml), or tabulate runs with kasa-compare {sweep_dir}")
-    if not any(is_run_folder(directory) for directory in _run_dirs(sweep_dir)):
+    if not any(holds_a_run(directory) for directory in _run_dirs(sweep_dir)):
         raise ValueError(f"{sweep_dir} holds no sweep's runs (no folder under it has {SUMMARY_FILE} or {HYDRA_DIR}/): "
                          "pass a sweep's folder (hydra.sweep.dir, the one holding multirun.yaml)")
 

@@ -26,12 +26,10 @@ from kasa.evaluation.e2e_metrics import (
 )
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
 
-# Split -> file names of the official release (CSV) and of the LoRA paper's layout (text).
-
 if TYPE_CHECKING:
     from datasets import Dataset
 
-
+# Split -> file names of the official release (CSV) and of the LoRA paper's layout (text).
 SPLIT_FILES = {
     "train": ("trainset.csv", "train.txt"),
     "validation": ("devset.csv", "valid.txt"),

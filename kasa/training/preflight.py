@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kasa.config import RunConfig, is_bookkeeping
+from kasa.config import RunConfig, dotted_settings, is_bookkeeping
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     CHECKPOINTS_DIR,
@@ -39,6 +39,7 @@ from kasa.run_dir import (
     STATE_FILE,
     SUMMARY_FILE,
     checkpoint_run,
+    holds_a_run,
     is_checkpoint_of,
     read_config,
     sweep_record,
@@ -280,20 +281,11 @@ def check_sweep_job(cfg: RunConfig, checked_models: set[str]) -> None:
         check_model(cfg)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        flat: dict[str, Any] = {}
-        for key, value in data.items():
-            flat |= _flatten(value, f"{prefix}{key}.")
-        return flat
-    return {prefix[:-1]: data}
-
-
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings whose value differs between a run's saved config and the one resuming it: {key: (saved, now)}.
     Bookkeeping settings (kasa.config.BOOKKEEPING_SETTINGS) and the recorded overrides may differ; settings the saved
     config does not have (added to kasa since the run was saved) are not differences."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = dotted_settings(saved), dotted_settings(current)
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() & new.keys())
             if old.get(key) != new.get(key) and not is_bookkeeping(key) and key.split(".")[0] != OVERRIDES_KEY}
 
@@ -347,8 +339,7 @@ def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunSta
     if cfg.resume not in (None, "auto"):
         checkpoint = Path(cfg.resume)
         check_resume_checkpoint(checkpoint)
-        holds_a_run = any((out / name).exists() for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR))
-        if not is_checkpoint_of(checkpoint, out) and holds_a_run and not cfg.overwrite:
+        if not is_checkpoint_of(checkpoint, out) and holds_a_run(out) and not cfg.overwrite:
             # another run's checkpoint continues in a folder of its own: its logs would be cut at the other run's
             # offsets and mixed with this folder's
             raise FileExistsError(f"{out} holds a run of its own, and resume={checkpoint} continues another run: "
