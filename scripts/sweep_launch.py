@@ -18,10 +18,12 @@ the axes in the order given, the last one varying fastest (the order of Hydra's 
 `hydra.run.dir=<sweep dir>/<i>`. Written into the sweep directory: sweep_jobs.json (each job's overrides, command,
 exit status and seconds, updated as jobs finish) and, from kasa.analysis.sweep.summarize_sweep, sweep_summary.md,
 sweep_summary.csv and the beta x gamma heatmap. Every job's config is checked before the first job starts (a bad
-value in the last combination stops the sweep at once, exit status 2, with nothing written). A job whose folder
-already holds summary.json is skipped, and every job runs with resume=auto (unless resume= or overwrite= is given),
-so a sweep run again with the same --sweep-dir continues where it stopped: an interrupted or failed job from its last
-checkpoint, the jobs not yet started from scratch. A failed job is reported and the sweep goes on (--stop-on-error
+value in the last combination stops the sweep at once, exit status 2, with nothing written), and so is its folder,
+as kasa-train checks it: every job runs with resume=auto (unless resume= or overwrite= is given), so a job whose
+folder holds its own finished run (the same resolved settings) is skipped, and a sweep run again with the same
+--sweep-dir continues where it stopped: an interrupted or failed job from its last checkpoint, the jobs not yet
+started from scratch. A job whose folder holds a finished run with other settings (another grid in the same
+--sweep-dir) is refused before any job runs, one `error:` line per such job: overwrite=true replaces those runs. A failed job is reported and the sweep goes on (--stop-on-error
 to stop); the exit status is 1 if any job failed.
 """
 
@@ -35,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from kasa.run_dir import SUMMARY_FILE, SWEEP_JOBS_FILE, time_stamp, write_json
+from kasa.run_dir import SWEEP_JOBS_FILE, time_stamp, write_json
 
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
@@ -85,18 +87,36 @@ def build_grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     return fixed, jobs
 
 
-def check_jobs(fixed: list[str], jobs: list[list[str]]) -> None:
-    """Compose and check every job as a --multirun does (kasa.training.preflight.check_sweep_job): the first job that
-    would fail is a ValueError naming it, before any job has run."""
-    from kasa.cli.common import USER_ERRORS, compose_run, describe_error
-    from kasa.training.preflight import check_sweep_job
+def check_jobs(fixed: list[str], jobs: list[list[str]], sweep_dir: Path) -> list[int]:
+    """Compose and check every job as a --multirun does (kasa.training.preflight.check_sweep_job), and its folder
+    (<sweep_dir>/<i>) as kasa-train does when it starts (check_finished_run, on the resolved config as kasa-train
+    resolves it): the first job whose config would fail is a ValueError naming it, and every job whose folder holds
+    a finished run that the job would refuse (other settings, or no resume=auto) is one line of a ValueError (one
+    message per such job in its args), before any job has run. Returns the jobs whose folders hold their own
+    finished runs (resume=auto leaves them as they are: skipped)."""
+    from kasa.cli.common import USER_ERRORS, compose_resolved, describe_error
+    from kasa.config import validate
+    from kasa.training.preflight import check_finished_run, check_sweep_job
 
     checked_models: set[str] = set()
+    finished: list[int] = []
+    refused: list[str] = []
     for i, job in enumerate(jobs):
+        name = f"job {i} ({' '.join(job) or 'no axis'})"
         try:
-            check_sweep_job(compose_run([*fixed, *job]), checked_models)
+            resolved = compose_resolved([*fixed, *job], str(sweep_dir / str(i)))
+            cfg = validate(resolved)
+            check_sweep_job(cfg, checked_models)
         except USER_ERRORS as err:
-            raise ValueError(f"job {i} ({' '.join(job) or 'no axis'}): {describe_error(err)}; no job has run") from err
+            raise ValueError(f"{name}: {describe_error(err)}; no job has run") from err
+        try:
+            if check_finished_run(cfg, sweep_dir / str(i), resolved) is not None:
+                finished.append(i)
+        except USER_ERRORS as err:
+            refused.append(f"{name}: {describe_error(err)}; no job has run")
+    if refused:
+        raise ValueError(*refused)
+    return finished
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sweep_dir = args.sweep_dir or Path("runs/sweeps") / time_stamp()
     sweep_dir = sweep_dir.absolute()
-    try:
-        check_jobs(fixed, jobs)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     starting = [] if any(o.startswith(("resume=", "overwrite=")) for o in fixed + sum(jobs, [])) else ["resume=auto"]
+    try:
+        finished = check_jobs([*fixed, *starting], jobs, sweep_dir)
+    except ValueError as err:
+        for message in err.args:  # one line per job refused
+            print(f"error: {message}", file=sys.stderr)
+        return 2
     commands = [launcher + fixed + job + starting + [f"hydra.run.dir={sweep_dir / str(i)}"]
                 for i, job in enumerate(jobs)]
     if args.dry_run:
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (job, command) in enumerate(zip(jobs, commands)):
         record = {"job": i, "overrides": fixed + job, "command": shlex.join(command),
                   "run_dir": str(sweep_dir / str(i))}
-        if (sweep_dir / str(i) / SUMMARY_FILE).is_file():
+        if i in finished:
             print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}: already finished, skipped", flush=True)
             records.append(record | {"returncode": 0, "skipped": True})
             write_json(sweep_dir / SWEEP_JOBS_FILE, records)

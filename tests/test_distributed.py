@@ -556,6 +556,20 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capfd, monkeypatch)
     assert capfd.readouterr().err.strip().splitlines()[-1] == (
         "error: job 1 (method.beta=-1): beta must be >= 0, got -1.0: use 0 to switch the term off; no job has run")
 
+    # Another grid in the same folder: a job whose folder holds a finished run with other settings is refused before
+    # any job runs, in kasa-train's words (kasa.training.preflight.check_finished_run), one line per such job, and
+    # nothing is written; a job whose folder holds its own run (beta 1e-3 in folder 1) is not refused.
+    files = {f: f.read_bytes() for f in sorted(sweep_dir.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
+    refusal = ("error: job {} (method.beta={}): {} already holds a finished run, with other settings (method.beta: {} "
+               "-> {}): pass overwrite=true to replace it, or choose another hydra.run.dir (hydra.sweep.dir for a "
+               "--multirun sweep); no job has run")
+    assert sweep.main([*args[:-1], "method.beta=1e-2,1e-3"]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [refusal.format(0, "1e-2", sweep_dir / "0", 0.0001, 0.01)]
+    assert sweep.main([*args[:-1], "method.beta=1e-3,1e-4"]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [refusal.format(0, "1e-3", sweep_dir / "0", 0.0001, 0.001),
+                                                           refusal.format(1, "1e-4", sweep_dir / "1", 0.001, 0.0001)]
+    assert files == {f: f.read_bytes() for f in sorted(sweep_dir.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
+
 
 def _chunked_loss_body(rank: int, head_unit: bool) -> dict:
     """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward); with

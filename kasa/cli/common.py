@@ -271,12 +271,21 @@ def default_to_demo(args: list[str]) -> list[str]:
 def compose_run(overrides: list[str], output_dir: str = "unused") -> RunConfig:
     """The validated RunConfig that kasa-train would run with these overrides, without a Hydra run directory (for
     the commands that only look at a run: kasa-estimate, kasa-inspect). `output_dir` is recorded, never created."""
+    from kasa.config import validate
+
+    return validate(compose_resolved(overrides, output_dir))
+
+
+def compose_resolved(overrides: list[str], output_dir: str = "unused") -> dict[str, Any]:
+    """The resolved config (kasa.config.resolve) that kasa-train would record in config.json with these overrides,
+    its `hydra_overrides` aside: what a run's saved settings are compared with (scripts/sweep_launch.py checks its
+    jobs' folders with it). Not validated: `compose_run` is."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from kasa.config import validate
+    from kasa.config import resolve
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -286,4 +295,4 @@ def compose_run(overrides: list[str], output_dir: str = "unused") -> RunConfig:
     HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
     with open_dict(cfg):
         del cfg["hydra"]
-    return validate(cfg)
+    return resolve(cfg)

@@ -12,7 +12,8 @@ and the fix; the command line turns it into `error: ...` and exit status 2.
 - the disk of the run directory: room for the checkpoints the run keeps (`check_disk_space`), which a full disk
   would otherwise refuse only at the first save, after up to an epoch of training;
 - resuming with settings that differ from the run's saved config (`config_differences`);
-- what the run directory holds: a finished run is never touched unless `overwrite=true` (`find_resume`).
+- what the run directory holds: a finished run is never touched unless `overwrite=true` (`check_finished_run`), a
+  run's checkpoints decide how `resume=auto` starts (`find_resume`).
 `check_config_values` and `check_not_a_sweep` run first, before the run directory is created or locked, so that a
 refusal leaves nothing on disk; `check_run_start` runs the others, in that order, and says how the run starts."""
 
@@ -322,20 +323,35 @@ class RunStart:
     config_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # allowed by resume_allow_changes
 
 
-def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunStart:
-    """What `out` holds decides how the run starts. A finished run is left exactly as it is unless
-    `overwrite=true`; `resume=auto` takes the newest checkpoint that reads back whole and finite (`say` names the
-    ones it skips), and refuses to start afresh over checkpoints it could not use."""
-    from kasa.training.checkpoint import resumable_checkpoints
-
-    if (out / SUMMARY_FILE).is_file() and not cfg.overwrite:
-        if cfg.resume == "auto":
-            try:
-                return RunStart(finished_summary=json.loads((out / SUMMARY_FILE).read_text()))
-            except ValueError as err:
-                raise ValueError(f"{out / SUMMARY_FILE} is corrupt ({err}): pass overwrite=true to train again") from None
+def check_finished_run(cfg: RunConfig, out: Path, resolved_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of the finished run in `out` when this run leaves it as it is (`resume=auto` and the run's own
+    settings, compared on the resolved config: nothing to do), or None when there is none or `overwrite=true`
+    replaces it. A finished run is never touched otherwise: without `resume=auto`, or with other settings, the run
+    is refused. kasa-train's first check of what its folder holds, and scripts/sweep_launch.py's of every job's
+    folder before the first job runs (a job it leaves as it is, it skips)."""
+    if not (out / SUMMARY_FILE).is_file() or cfg.overwrite:
+        return None
+    if cfg.resume != "auto":
         raise FileExistsError(f"{out} already holds a finished run: pass overwrite=true to replace it, or "
                               f"{CHOOSE_ANOTHER_RUN_DIR}")
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+    except ValueError as err:
+        raise ValueError(f"{out / SUMMARY_FILE} is corrupt ({err}): pass overwrite=true to train again") from None
+    differences = config_differences(read_config(out), resolved_config)
+    if differences:
+        raise FileExistsError(f"{out} already holds a finished run, with other settings "
+                              f"({describe_differences(differences)}): pass overwrite=true to replace it, or "
+                              f"{CHOOSE_ANOTHER_RUN_DIR}")
+    return summary
+
+
+def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunStart:
+    """What `out` holds, short of a finished run (`check_finished_run`), decides how the run starts: `resume=auto`
+    takes the newest checkpoint that reads back whole and finite (`say` names the ones it skips), and refuses to
+    start afresh over checkpoints it could not use."""
+    from kasa.training.checkpoint import resumable_checkpoints
+
     if cfg.resume not in (None, "auto"):
         checkpoint = Path(cfg.resume)
         check_resume_checkpoint(checkpoint)
@@ -367,14 +383,10 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
     """Every check that needs no model but the run directory (locked by now), in order of cost; returns how the run
     starts."""
     check_output_dir(out)
+    finished = check_finished_run(cfg, out, resolved_config)
+    if finished is not None:
+        return RunStart(finished_summary=finished)
     start = find_resume(cfg, out, say)
-    if start.finished_summary is not None:  # resume=auto on a finished run: nothing to do, if it is this run
-        differences = config_differences(read_config(out), resolved_config)
-        if differences:
-            raise FileExistsError(f"{out} already holds a finished run, with other settings "
-                                  f"({describe_differences(differences)}): pass overwrite=true to replace it, or "
-                                  f"{CHOOSE_ANOTHER_RUN_DIR}")
-        return start
     if start.resume_from is not None:  # the settings of the run the checkpoint belongs to, this one's or another's
         start.config_changes = check_resume_config(checkpoint_run(start.resume_from) / CONFIG_FILE, resolved_config,
                                                    cfg.resume_allow_changes)
