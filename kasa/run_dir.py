@@ -204,11 +204,17 @@ def checkpoint_version(checkpoint: Path) -> tuple[int, ...] | None:
     return tuple(version)
 
 
+def run_record(folder: Path) -> Path | None:
+    """The first of a run's records that `folder` holds (kasa-train writes config.json and .hydra/ as it starts), or
+    None: the run counterpart of `sweep_record`."""
+    return next((folder / name for name in (SUMMARY_FILE, CONFIG_FILE, HYDRA_DIR, METRICS_FILE, CHECKPOINTS_DIR)
+                 if (folder / name).exists()), None)
+
+
 def holds_a_run(folder: Path) -> bool:
-    """Whether `folder` is one run's own folder: it holds one of a run's records (kasa-train writes config.json and
-    .hydra/ as it starts), so its subfolders are its files (checkpoints/, evaluations/), not other runs."""
-    return any((folder / name).exists() for name in (SUMMARY_FILE, CONFIG_FILE, HYDRA_DIR, METRICS_FILE,
-                                                     CHECKPOINTS_DIR))
+    """Whether `folder` is one run's own folder (`run_record`): its subfolders are its files (checkpoints/,
+    evaluations/), not other runs."""
+    return run_record(folder) is not None
 
 
 def checkpoint_run(checkpoint: Path) -> Path:

@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir = sweep_dir.absolute()
     starting = [] if any(o.startswith(("resume=", "overwrite=")) for o in fixed + sum(jobs, [])) else ["resume=auto"]
     try:
+        from kasa.training.preflight import check_not_a_run
+
+        check_not_a_run(sweep_dir, "--sweep-dir")
         finished = check_jobs([*fixed, *starting], jobs, sweep_dir)
     except ValueError as err:
         for message in err.args:  # one line per job refused

@@ -571,6 +571,19 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capfd, monkeypatch)
     assert files == {f: f.read_bytes() for f in sorted(sweep_dir.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
 
 
+def test_sweep_launch_refuses_a_runs_folder_as_its_sweep_dir(tmp_path, capfd):
+    """The jobs would go into <run>/0 and the summary would report the run's own numbers: refused, nothing written."""
+    sweep = _sweep_module()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"task": "cola", "method": "kasa", "metric": "matthews", "best": 0.5}))
+    assert sweep.main(["--launcher", "false", "--sweep-dir", str(run), "seed=0,1"]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
+        f"error: --sweep-dir={run} is a run's folder (summary.json), not a sweep's: choose a folder of the sweep's own "
+        "with another --sweep-dir"]
+    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
+
+
 def _chunked_loss_body(rank: int, head_unit: bool) -> dict:
     """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward); with
     `head_unit` the head is an FSDP unit of its own, whose hooks wrap its input."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from cli_helpers import run_cli, train_args, write_tsv
+from cli_helpers import assert_one_line_error, run_cli, train_args, write_tsv
 from kasa.adapters import adapted_layers, load_adapter
 from kasa.run_dir import load_run_config
 from kasa.tasks import build_task
@@ -130,6 +130,18 @@ def test_multirun_checks_every_job_before_the_first_runs(tiny_model, sentiment_d
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: BasicSweeper does not support sweep type : INTERVAL_SWEEP: --multirun sweeps lists of values "
         "(key=a,b,c), range(...) and choice(...)"]
+
+
+def test_a_runs_folder_as_the_sweep_folder_is_refused(classification_run, tiny_model, sentiment_dir, tmp_path):
+    """The jobs would go into <run>/0 beside the run's checkpoints, and the sweep summary would report the run's own
+    numbers: refused before anything is written (the mirror of a sweep's folder as a run directory)."""
+    files = {f: f.read_bytes() for f in sorted(classification_run.rglob("*")) if f.is_file()}
+    args = train_args(tiny_model, sentiment_dir, tmp_path / "unused", "trainer.epochs=1")
+    result = run_cli("kasa.cli.train", "--multirun", *args, f"hydra.sweep.dir={classification_run}",
+                     "method.beta=1e-4,1e-3")
+    assert_one_line_error(result, f"hydra.sweep.dir={classification_run} is a run's folder (summary.json), not a "
+                          "sweep's: choose a folder of the sweep's own with another hydra.sweep.dir")
+    assert files == {f: f.read_bytes() for f in sorted(classification_run.rglob("*")) if f.is_file()}
 
 
 def test_a_failed_sweep_job_leaves_the_others_and_the_sweep_continues(tiny_model, sentiment_dir, tmp_path):

@@ -36,7 +36,7 @@ from kasa.cli.common import (
 )
 from kasa.config import resolve, validate
 from kasa.run_dir import remove_if_empty
-from kasa.training.preflight import check_sweep_job
+from kasa.training.preflight import check_not_a_run, check_sweep_job
 
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
 
@@ -95,12 +95,16 @@ def _run(cfg: DictConfig) -> float:
 
 
 class SweepCallback(Callback):
-    """Before a --multirun starts, check every job's config (a bad value in the last combination must not wait for
-    the others to train); after it, write the sweep summary (markdown, CSV, beta x gamma heatmap) and report the
-    jobs that failed."""
+    """Before a --multirun starts, check its folder (not a run's) and every job's config (a bad value in the last
+    combination must not wait for the others to train); after it, write the sweep summary (markdown, CSV, beta x
+    gamma heatmap) and report the jobs that failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         FAILED_SWEEP_JOBS.clear()
+        try:  # before Hydra creates the sweep's folder or writes multirun.yaml into it
+            check_not_a_run(Path(config.hydra.sweep.dir))
+        except ValueError as err:  # exit here, as below: Hydra turns a callback's exception into a warning
+            fail(describe_error(err))
         if config.hydra.sweeper._target_ != BASIC_SWEEPER:  # other sweepers choose their values as they go
             return
         loader = GlobalHydra.instance().config_loader()

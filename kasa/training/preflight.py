@@ -5,7 +5,7 @@ and the fix; the command line turns it into `error: ...` and exit status 2.
 - config values: counts >= 1, learning rates > 0, fractions in range, known names, an attention implementation
   that this machine has (`check_config_values`);
 - the output folder: a directory we can create and write in (`check_output_dir`), not a sweep's own folder
-  (`check_not_a_sweep`);
+  (`check_not_a_sweep`); a sweep's folder, not a run's (`check_not_a_run`, before a sweep's first job);
 - the checkpoint to resume from: complete, readable, finite (`check_resume_checkpoint`);
 - the model's architecture (no weights): a large model with no GPU stops unless `trainer.allow_cpu=true`, and the
   method's targets and ranks must fit its layers (`check_model`);
@@ -43,6 +43,7 @@ from kasa.run_dir import (
     holds_a_run,
     is_checkpoint_of,
     read_config,
+    run_record,
     sweep_record,
 )
 from kasa.training.schedule import DECAYS
@@ -149,6 +150,16 @@ def check_not_a_sweep(out: Path) -> None:
         raise ValueError(f"hydra.run.dir={out} is a sweep's folder ({record.name}): pass one of its runs (e.g. "
                          f"hydra.run.dir={out / '0'}), or continue the whole sweep with its command and "
                          f"hydra.sweep.dir={out} resume=auto")
+
+
+def check_not_a_run(sweep_dir: Path, option: str = "hydra.sweep.dir") -> None:
+    """A run's own folder is not a sweep's (the mirror of `check_not_a_sweep`): the jobs would go among its files
+    (<run>/0 beside checkpoints/) and the sweep's summary would report the run's own numbers. `option` names the
+    setting that chose the folder (sweep_launch.py's --sweep-dir); checked before anything is written."""
+    record = run_record(sweep_dir)
+    if record is not None:
+        raise ValueError(f"{option}={sweep_dir} is a run's folder ({record.name}), not a sweep's: choose a folder of "
+                         f"the sweep's own with another {option}")
 
 
 def check_resume_checkpoint(directory: Path) -> None:
