@@ -228,6 +228,46 @@ def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], one_ada
     assert worst <= DDP_TOL, f"resumed on one process, the adapter differs by {worst:.3g}"
 
 
+def test_a_two_process_run_with_dropout_resumes_bit_for_bit(tmp_path):
+    """With dropout (the tiny BERT's own and the adapter's), each process draws its own masks from its own RNG state,
+    and the states part ways as soon as the processes' batches differ in shape: a resumed DDP run ends bit for bit
+    like the uninterrupted one only if every process gets back its own state, not the main process's."""
+    from cli_helpers import make_tiny_bert, write_tsv
+
+    model = make_tiny_bert(tmp_path / "model")
+    data = tmp_path / "data"  # sentences of 5 to 9 words: the two processes' batches differ in length
+    rows = [[" ".join(["the", noun, "was", *["very"] * (i % 5), adj]), label] for i, (noun, adj, label) in enumerate(
+        (noun, adj, label) for noun in ("movie", "food", "place", "service")
+        for label, adjs in ((1, ("good", "great", "fine", "nice")), (0, ("bad", "awful", "poor", "sad")))
+        for adj in adjs)]
+    write_tsv(data / "train.tsv", ["sentence", "label"], rows)
+    write_tsv(data / "dev.tsv", ["sentence", "label"], rows[::2])
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.json"),
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+              "-m", "kasa.cli.train", f"model.path={model}", f"task.data_dir={data}", "trainer.epochs=1",
+              "trainer.batch_size=4", "trainer.max_length=16", "trainer.save_every=2", "logging.progress=false",
+              "method.svd_cache_dir=null", "method.rank=4", "method.dropout=0.1"]
+    env = {**ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    log = tmp_path / "run.log"
+    _finish(_start([*launch, f"hydra.run.dir={run}"], env, log), time.monotonic() + TIMEOUT, log)
+
+    resumed = tmp_path / "resumed"  # as after a kill right after the step-2 checkpoint
+    shutil.copytree(run, resumed)
+    for later in (resumed / "checkpoints").glob("step-*"):
+        if later.name != "step-00000002":
+            shutil.rmtree(later)
+    (resumed / "summary.json").unlink()
+    log = tmp_path / "resumed.log"
+    _finish(_start([*launch, f"hydra.run.dir={resumed}", "resume=auto"], env, log), time.monotonic() + TIMEOUT, log)
+    assert "resumed from" in log.read_text() and "step 2" in log.read_text()
+    a = load_file(str(run / "checkpoints" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "last" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ended with another adapter"
+    assert (resumed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+
+
 @pytest.mark.parametrize("env, argv, expected", [
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["recipe=demo"], "needs hydra.run.dir"),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ["--multirun", "seed=0,1", "hydra.run.dir=x"], "sweep_launch.py"),

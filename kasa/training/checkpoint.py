@@ -125,9 +125,30 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def restore_rng(directory: Path) -> None:
-    """Put back the RNG states saved in a resumable checkpoint (`epoch_batches` calls it at the right moment)."""
-    tensors = load_file(str(directory / RNG_FILE))
+def _every_process_rng(accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Every process's RNG states, for the main process to write (every process calls it): the main process's under
+    their own names, process i's prefixed `process<i>.`. Dropout draws each process's masks from its own states, which
+    part ways as soon as the processes' batches differ in shape, so one process's states resume only that process."""
+    own = _rng_tensors()
+    if accelerator.num_processes == 1:
+        return own
+    from accelerate.utils import gather_object
+
+    return {f"{_process_prefix(index)}{key}": tensor
+            for index, states in enumerate(gather_object([own])) for key, tensor in states.items()}
+
+
+def _process_prefix(index: int) -> str:
+    return f"process{index}." if index else ""
+
+
+def restore_rng(directory: Path, process_index: int) -> None:
+    """Put back this process's RNG states saved in a resumable checkpoint (`epoch_batches` calls it at the right
+    moment). A process the checkpoint has no states for (it was written by fewer processes: a resume on another
+    layout, which dropout cannot continue exactly anyway) takes the main process's."""
+    saved = load_file(str(directory / RNG_FILE))
+    prefix = _process_prefix(process_index) if f"{_process_prefix(process_index)}torch" in saved else ""
+    tensors = {key: saved[prefix + key] for key in (k for k in saved if "." not in k)}
     torch.set_rng_state(tensors["torch"])
     python = tensors["python"].tolist()
     gauss = tensors["python_gauss"].item()
@@ -149,13 +170,13 @@ def epoch_batches(accelerator: Accelerator, loader: Any, epoch: int, resumed_fro
         yield from loader
         return
     if not batches_done:
-        restore_rng(resumed_from)
+        restore_rng(resumed_from, accelerator.process_index)
         yield from loader
         return
     batches: Iterable[Any] = accelerator.skip_first_batches(loader, batches_done)
     for index, batch in enumerate(batches):
         if index == 0:
-            restore_rng(resumed_from)
+            restore_rng(resumed_from, accelerator.process_index)
         yield batch
 
 
@@ -172,6 +193,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
     tensors = full_adapter_state(unwrapped)
     deepspeed_staging = directory.with_name(f".{directory.name}.{DEEPSPEED_DIR}")
     optimizer_state = None
+    rng = _every_process_rng(accelerator)
     if _uses_deepspeed(accelerator):  # every process writes its ZeRO partitions, then they move in with the rest
         if main:
             shutil.rmtree(deepspeed_staging, ignore_errors=True)
@@ -193,7 +215,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
             else:
                 torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-            save_tensors(_rng_tensors(), tmp / RNG_FILE)
+            save_tensors(rng, tmp / RNG_FILE)
             write_json(tmp / STATE_FILE, state.to_json())  # last: its presence marks the checkpoint complete
 
         write_atomically(directory, fill, directory=True)

@@ -379,7 +379,7 @@ class TrainingRecipe:
             if self.state.pending_evaluation is not None:  # resumed after a failed evaluation: that one first,
                 # from the RNG states that it met in the run (an evaluation draws from them), and the next epoch
                 # from those it leaves, as if it had not failed
-                restore_rng(self.resume_from)
+                restore_rng(self.resume_from, self.accelerator.process_index)
                 self.resume_from = None
                 self.evaluate_and_save(self.state.pending_evaluation)
                 self.save_resumable()
