@@ -35,8 +35,13 @@ BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the be
 STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-XXXXXXXX/: resumable, by optimiser step (step_dir_name)
 GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
 EVALUATIONS_DIR = "evaluations"  # kasa-eval's outputs
-# kasa-plot's figures of one run, <stem><checkpoint or layer>.png and .json beside it
+# What kasa-plot and kasa-compare write into the folder they are given (a run's, by default), which a fresh start
+# over the run (overwrite=true) removes: figures as <stem>.png with <stem>.json beside it (the stems of one run's
+# figures end in their checkpoint or layer), the rank figure's table, and the comparison's files.
 SINGULAR_VALUES_FIGURE, REGULARIZATION_FIGURE = "singular_values_", "regularization_layer"
+ABLATION_FIGURE, RANK_FIGURE, TRUNCATION_FIGURE = "ablation", "rank", "truncation"
+RANK_TABLE_FILE = "rank_table.md"
+COMPARISON_FILES = {"markdown": "comparison.md", "csv": "comparison.csv", "latex": "comparison.tex"}
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)
@@ -133,6 +138,16 @@ def clean_partial_writes(run_dir: str | Path) -> list[Path]:
                 _remove(path)
                 removed.append(path)
     return removed
+
+
+def analysis_outputs(folder: Path) -> list[Path]:
+    """The files of kasa-plot and kasa-compare in `folder` (see ABLATION_FIGURE): what a replaced run's analyses
+    left."""
+    figures = [f"{stem}*" for stem in (SINGULAR_VALUES_FIGURE, REGULARIZATION_FIGURE)]
+    figures += [ABLATION_FIGURE, RANK_FIGURE, TRUNCATION_FIGURE]
+    patterns = [f"{stem}.{suffix}" for stem in figures for suffix in ("png", "json")]
+    return [path for pattern in (*patterns, RANK_TABLE_FILE, *COMPARISON_FILES.values())
+            for path in sorted(folder.glob(pattern))]
 
 
 def remove_if_empty(folder: str | Path) -> bool:

@@ -158,10 +158,14 @@ def test_overwrite_replaces_the_earlier_run_with_its_evaluations_and_figures(uni
     outputs and the generations go with its logs and checkpoints."""
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
-    plotted = run_cli("kasa.cli.plot", str(run_dir))
-    assert plotted.returncode == 0, plotted.stderr[-3000:]
-    figures = sorted(p.name for p in run_dir.glob("*.png"))
-    assert figures and any(name.startswith("regularization_layer") for name in figures)
+    for command in (["kasa.cli.plot", str(run_dir)], ["kasa.cli.plot", str(run_dir), "--kind", "rank", "--kind",
+                                                        "ablation", "--kind", "truncation"],
+                    ["kasa.cli.compare", str(run_dir)]):
+        done = run_cli(*command)
+        assert done.returncode == 0, done.stderr[-3000:]
+    written = {p.name for p in run_dir.iterdir()} - {p.name for p in uninterrupted.iterdir()}
+    assert {"regularization_layer1.png", "rank.png", "rank_table.md", "ablation.json", "truncation.png",
+            "comparison.md"} <= written
     for name in ("evaluations/last/validation/metrics.json", "generations/demo-validation.jsonl"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("{}\n")
@@ -170,8 +174,8 @@ def test_overwrite_replaces_the_earlier_run_with_its_evaluations_and_figures(uni
     replaced = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "trainer.lr=0.5"),
                        "overwrite=true")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
-    assert not [*run_dir.glob("*.png"), *run_dir.glob("singular_values_*.json"),
-                *run_dir.glob("regularization_layer*.json")]
+    left = {p.name for p in run_dir.iterdir()} - {p.name for p in uninterrupted.iterdir()}
+    assert left == {"notes.txt"}  # no figure, table or comparison of the replaced run
     assert not (run_dir / "evaluations").exists() and not (run_dir / "generations").exists()
     assert (run_dir / "notes.txt").read_text() == "the user's own file stays"
     assert json.loads((run_dir / "config.json").read_text())["trainer"]["lr"] == 0.5

@@ -32,13 +32,10 @@ from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
 from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
-from kasa.run_dir import OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, read_config
+from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, read_config
 
 log = logging.getLogger(__name__)
 
-MARKDOWN_FILE = "comparison.md"
-CSV_FILE = "comparison.csv"
-LATEX_FILE = "comparison.tex"
 
 # Row order: the method table's (the paper's baselines first, then the ablation ladder up to KaSA); unknown methods
 # after.
@@ -440,7 +437,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, scale: f
     table = build_table(runs, by=by, scale=scale, decimals=decimals)
     out = Path(out) if out is not None else (paths[0] if len(paths) == 1 else Path.cwd())
     out.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out / MARKDOWN_FILE, "csv": out / CSV_FILE, "latex": out / LATEX_FILE}
+    files = {kind: out / name for kind, name in COMPARISON_FILES.items()}
     files["markdown"].write_text(to_markdown(table, paths))
     write_csv(table, files["csv"])
     files["latex"].write_text(to_latex(table))

@@ -38,13 +38,17 @@ from kasa.analysis.compare import (
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
 from kasa.analysis.sweep import Run
 from kasa.run_dir import (
+    ABLATION_FIGURE,
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     BEST_CHECKPOINT,
     METRICS_FILE,
+    RANK_FIGURE,
+    RANK_TABLE_FILE,
     REGULARIZATION_FIGURE,
     REGULARIZATION_FILE,
     SINGULAR_VALUES_FIGURE,
+    TRUNCATION_FIGURE,
     find_checkpoint,
 )
 
@@ -404,7 +408,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
                bbox_to_anchor=(0.5, -0.08 * (1 + (len(names) > len(LADDER)))))
     fig.suptitle("components ablation (median over seeds)")
     fig.tight_layout()
-    return _save(fig, {"scale": scale, "tasks": bars}, _out_dir(source, out_dir), "ablation")
+    return _save(fig, {"scale": scale, "tasks": bars}, _out_dir(source, out_dir), ABLATION_FIGURE)
 
 
 def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict[str, Any]:
@@ -440,7 +444,7 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
          methods: Sequence[str] | None = None) -> dict[str, Any]:
     """Figure 3 / table 13: median `best` against the rank r (log2 axis), one line per method, one panel per task;
     also writes rank_table.md (rows task x method, columns r)."""
-    data = _lines(source, out_dir, scale, methods, lambda run: run.summary.get("rank"), "rank r", "rank",
+    data = _lines(source, out_dir, scale, methods, lambda run: run.summary.get("rank"), "rank r", RANK_FIGURE,
                   "budget parameter scalability (median over seeds)", "rank")
     ranks = sorted({r for e in data["tasks"].values() for s in e["series"].values() for r in s["rank"]})
     lines = ["| Dataset | Method | " + " | ".join(str(r) for r in ranks) + " |", "|---|---|" + "---:|" * len(ranks)]
@@ -449,7 +453,7 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
             values = dict(zip(series["rank"], series["median"]))
             cells = [f"{values[r]:.{2 if scale >= 100 else 4}f}" if r in values else "" for r in ranks]
             lines.append(f"| {task_label(task, entry['metric'])} | {series['label']} | " + " | ".join(cells) + " |")
-    (_out_dir(source, out_dir) / "rank_table.md").write_text(
+    (_out_dir(source, out_dir) / RANK_TABLE_FILE).write_text(
         "\n".join(lines) + "\n\nMedian over seeds of `best`" + (f" x {scale:g}" if scale != 1 else "") + ".\n"
     )
     return data
@@ -458,7 +462,7 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
 def truncation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | None = None, scale: float = 1.0,
                methods: Sequence[str] | None = TRUNCATING) -> dict[str, Any]:
     """Figure 9: median `best` against the SVD truncation rank k (log2 axis), one line per truncating method."""
-    return _lines(source, out_dir, scale, methods, truncation_rank, "truncation rank k", "truncation",
+    return _lines(source, out_dir, scale, methods, truncation_rank, "truncation rank k", TRUNCATION_FIGURE,
                   "rank k of the knowledge-based SVD truncation (median over seeds)", "truncation_rank")
 
 

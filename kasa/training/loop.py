@@ -41,13 +41,12 @@ from kasa.run_dir import (
     GENERATIONS_DIR,
     METRICS_FILE,
     OVERRIDES_KEY,
-    REGULARIZATION_FIGURE,
     REGULARIZATION_FILE,
     RESUMED_WITH_CHANGES_KEY,
-    SINGULAR_VALUES_FIGURE,
     SUMMARY_FILE,
     HYDRA_DIR,
     TRACKERS_FILE,
+    analysis_outputs,
     clean_partial_writes,
     checkpoint_run,
     is_checkpoint_of,
@@ -252,9 +251,8 @@ class TrainingRecipe:
             (self.out / name).unlink(missing_ok=True)
         for folder in (CHECKPOINTS_DIR, GENERATIONS_DIR, EVALUATIONS_DIR):
             shutil.rmtree(self.out / folder, ignore_errors=True)
-        for stem in (SINGULAR_VALUES_FIGURE, REGULARIZATION_FIGURE):
-            for figure in [*self.out.glob(f"{stem}*.png"), *self.out.glob(f"{stem}*.json")]:
-                figure.unlink()
+        for output in analysis_outputs(self.out):
+            output.unlink()
 
     def resumes_own_run(self) -> bool:
         """Whether the run continues from one of its own checkpoints (not from another run's, `resume=<path>`)."""
