@@ -230,3 +230,68 @@ def test_empty_sweep_still_writes_a_summary(tmp_path):
     md = summarize_sweep(tmp_path)
     assert "No finished run" in md.read_text()
     assert not (tmp_path / "heatmap.png").exists()
+
+
+def _task_sweep(folder: Path) -> dict[str, dict[float, list[float]]]:
+    """`task=glue/cola,glue/rte method.beta=...`: CoLA scored by Matthews' correlation, RTE by accuracy."""
+    scores: dict[str, dict[float, list[float]]] = {}
+    job = 0
+    for task, metric, offset in (("cola", "matthews", -0.4), ("rte", "accuracy", 0.0)):
+        for beta in BETAS:
+            for seed in SEEDS:
+                best = _score(beta, 1e-3, seed) + offset
+                scores.setdefault(task, {}).setdefault(beta, []).append(best)
+                _write_run(folder / str(job), beta=beta, gamma=1e-3, seed=seed, best=best, task=task, metric=metric,
+                           overrides=[f"task=glue/{task}", f"method.beta={beta}", f"seed={seed}"])
+                job += 1
+    (folder / "multirun.yaml").write_text("hydra: {}\n")
+    return scores
+
+
+def test_a_sweep_over_tasks_gives_each_task_its_metric_and_best(tmp_path):
+    """Medians of different tasks are of different metrics: one best per task and metric, the metric a column, and a
+    heatmap panel per task labelled with its own metric (not one best and one colour bar of `accuracy, matthews`)."""
+    scores = _task_sweep(tmp_path)
+    text = summarize_sweep(tmp_path).read_text()
+    assert "accuracy, matthews" not in text and "- tasks (metric): cola (matthews), rte (accuracy)" in text
+    for task, metric in (("cola", "matthews"), ("rte", "accuracy")):
+        beta, best = max(((b, np.median(v)) for b, v in scores[task].items()), key=lambda item: item[1])
+        assert (f"- best median, {task} ({metric}): {best:.4f} (method=kasa, rank=8, beta={beta:g}, gamma=0.001; "
+                "n=3)") in text
+    assert text.count("- best median") == 2
+    rows = _read_csv(tmp_path / "sweep_summary.csv")
+    assert list(rows[0])[:6] == ["method", "rank", "beta", "gamma", "task", "metric"]
+    assert {(r["task"], r["metric"]) for r in rows} == {("cola", "matthews"), ("rte", "accuracy")}
+    panels = json.loads((tmp_path / "heatmap.json").read_text())
+    assert [(p["title"], p["task"], p["metric"]) for p in panels] == [
+        ("task=cola, metric=matthews", "cola", "matthews"), ("task=rte, metric=accuracy", "rte", "accuracy")]
+
+
+@pytest.mark.parametrize("tasks", [False, True])
+def test_the_heatmaps_texts_do_not_overlap(tmp_path, monkeypatch, tasks):
+    """The figure's title clear of the panels' titles, and each panel (its tick labels, axis labels, title) clear of
+    the other panels and the colour bars: one panel, and one per task, each with its own colour bar."""
+    from matplotlib.figure import Figure
+
+    if tasks:
+        _task_sweep(tmp_path)
+    else:
+        for job, (beta, gamma, seed) in enumerate((b, g, s) for b in BETAS for g in GAMMAS for s in SEEDS):
+            _write_run(tmp_path / str(job), beta=beta, gamma=gamma, seed=seed, best=_score(beta, gamma, seed))
+    overlaps: list[str] = []
+
+    def savefig(fig, *args, **kwargs):
+        original(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        names = [ax.get_title() or ax.get_ylabel() for ax in fig.axes]  # the panels, then the colour bars
+        assert len(fig.axes) == (4 if tasks else 2), names
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+        title = fig._suptitle.get_window_extent(renderer)
+        overlaps.extend(f"the figure's title and {names[i]}" for i, box in enumerate(boxes) if title.overlaps(box))
+        overlaps.extend(f"{names[i]} and {names[j]}" for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                        if boxes[i].overlaps(boxes[j]))
+
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    summarize_sweep(tmp_path)
+    assert (tmp_path / "heatmap.png").is_file() and not overlaps

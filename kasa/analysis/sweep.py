@@ -10,16 +10,19 @@ with a warning.
 Runs are grouped into settings. A setting is identified by
   * method, rank, beta and gamma (from `summary.json`; always shown, beta and gamma left empty for methods whose
     loss has no such term), and
-  * task and recipe, and every key of the `overrides` lists, but only those whose value is not the same in all runs
-    (`method.beta=...` and the like are already covered by the fields above and are not repeated, and settings that
-    do not change what a run computes, such as `resume=auto`, never tell runs apart).
+  * task, metric and recipe, and every key of the `overrides` lists, but only those whose value is not the same in
+    all runs (`method.beta=...` and the like are already covered by the fields above and are not repeated, and
+    settings that do not change what a run computes, such as `resume=auto`, never tell runs apart).
 The seed is never part of a setting: the runs of a setting are its seeds. Per setting the summary gives the number of
 runs, their seeds, and the median, minimum, maximum and sample standard deviation (ddof 1; empty for one run) of
-`best`, the best-epoch validation score, the statistic the paper reports (median of 5 seeds).
+`best`, the best-epoch validation score, the statistic the paper reports (median of 5 seeds). A sweep over tasks
+(`task=glue/cola,glue/rte`) scores each task on its own metric (CoLA Matthews', RTE accuracy): the best median is
+given per task and metric, never across them.
 
 Written into the sweep directory: sweep_summary.md, sweep_summary.csv and, when beta or gamma takes more than one
 value, heatmap.png (beta on the rows, gamma on the columns, the median annotated in each cell, like the paper's
-Table 15; one panel per combination of the other setting values) plus heatmap.json, the exact matrices plotted.
+Table 15; one panel per combination of the other setting values, e.g. per task, each panel with a colour scale of
+its own when the panels' tasks or metrics differ) plus heatmap.json, the exact matrices plotted.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ HEATMAP_DATA_FILE = "heatmap.json"
 
 BASE_KEYS = ("method", "rank", "beta", "gamma")  # always part of the setting
 LOSS_WEIGHT_KEYS = ("beta", "gamma")  # empty for the methods without the term (kasa.adapters.config.LOSS_WEIGHTS)
-OPTIONAL_SUMMARY_KEYS = ("task", "recipe")  # part of the setting when they vary
+OPTIONAL_SUMMARY_KEYS = ("task", "metric", "recipe")  # part of the setting when they vary
+SCORE_KEYS = ("task", "metric")  # what a median is a median of: medians are compared only within one of these
 # Overrides that repeat a summary field (or are the seed) and so never add a column of their own.
 OVERRIDE_ALIASES = {
     "seed",
@@ -58,6 +62,7 @@ OVERRIDE_ALIASES = {
     "method.gamma",
     "task",
     "task.name",
+    "task.metric",
     "recipe",
 }
 STAT_COLUMNS = ("n", "seeds", "median", "min", "max", "std")
@@ -89,16 +94,21 @@ class Run:
 
 @dataclass
 class Grid:
-    """One beta x gamma panel of the heatmap: median[i][j] belongs to beta[i], gamma[j] (NaN: no run)."""
+    """One beta x gamma panel of the heatmap: median[i][j] belongs to beta[i], gamma[j] (NaN: no run), all medians of
+    one task's `metric`."""
 
     title: str
     beta: list[float]
     gamma: list[float]
     median: np.ndarray
+    task: str | None = None
+    metric: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
+            "task": self.task,
+            "metric": self.metric,
             "beta": self.beta,
             "gamma": self.gamma,
             "median": [[None if math.isnan(v) else float(v) for v in row] for row in self.median],
@@ -203,7 +213,8 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
 
 
 def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per setting (sorted by the setting values): the setting, n, seeds, median/min/max/std of `best`."""
+    """One row per setting (sorted by the setting values): the setting, n, seeds, median/min/max/std of `best`, and
+    the task and metric the scores are of (SCORE_KEYS: setting columns only when they vary, always in the row)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(_hashable(run.value(k)) for k in keys), []).append(run)
@@ -221,8 +232,24 @@ def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
             max=float(best.max()),
             std=float(np.std(best, ddof=1)) if len(best) > 1 else None,
         )
+        for key in SCORE_KEYS:  # one value per setting: a key of it whenever the runs' values differ
+            row.setdefault(key, members[0].summary.get(key))
         rows.append(row)
     return rows
+
+
+def score_groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any], list[dict[str, Any]]]:
+    """The rows by (task, metric), sorted: the medians that can be compared with each other (a sweep over tasks
+    holds one group per task, and tasks score different metrics: CoLA Matthews', RTE accuracy)."""
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in SCORE_KEYS), []).append(row)
+    return {key: groups[key] for key in sorted(groups, key=lambda k: [_sort_key(v) for v in k])}
+
+
+def score_label(task: Any, metric: Any) -> str:
+    """`cola (matthews)`: what a group's medians are."""
+    return f"{task or '?'} ({metric or '?'})"
 
 
 def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[Grid]:
@@ -240,6 +267,7 @@ def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[G
         panels.setdefault(tuple(row[k] for k in others), []).append(row)
     grids = []
     for other in sorted(panels, key=lambda s: [_sort_key(v) for v in s]):
+        first = panels[other][0]  # the panel's rows share their task and metric (setting keys when they vary)
         matrix = np.full((len(betas), len(gammas)), np.nan)
         for row in panels[other]:
             if row["beta"] is None or row["gamma"] is None:
@@ -250,26 +278,36 @@ def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[G
         values = dict(zip(others, other))
         shown = varying or [k for k in ("method", "rank") if k in values]
         title = ", ".join(f"{k}={_fmt(values[k])}" for k in shown)
-        grids.append(Grid(title, [float(b) for b in betas], [float(g) for g in gammas], matrix))
+        grids.append(Grid(title, [float(b) for b in betas], [float(g) for g in gammas], matrix,
+                          first.get("task"), first.get("metric")))
     return grids
 
 
-def plot_heatmap(grids: Sequence[Grid], path: Path, metric: str = "best", title: str = "") -> Path:
-    """Draw `grids` side by side (Agg backend), the median annotated in each cell; NaN cells show '-'."""
+def plot_heatmap(grids: Sequence[Grid], path: Path) -> Path:
+    """Draw `grids` side by side (Agg backend), the median annotated in each cell; NaN cells show '-'. Panels of one
+    task and metric share one colour scale and bar; a sweep over tasks (or metrics) gives each panel its own scale
+    and bar, labelled with its metric, since a CoLA Matthews' correlation and an RTE accuracy are not one scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(grids)
-    width = max(4.0, 1.1 * len(grids[0].gamma) + 2.0)
+    scores = {(grid.task, grid.metric) for grid in grids}
+    shared = len(scores) == 1
+    width = max(4.0, 1.1 * len(grids[0].gamma) + 2.0) + (0.0 if shared else 1.0)
     height = max(3.0, 0.8 * len(grids[0].beta) + 1.5)
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    finite = np.concatenate([g.median[np.isfinite(g.median)] for g in grids])
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmin == vmax:
-        vmin, vmax = vmin - 1e-6, vmax + 1e-6
+    # constrained layout keeps the title, the panels' titles and labels and the colour bars apart
+    fig, axes = plt.subplots(1, n, figsize=(width * n + (1.0 if shared else 0.0), height + 0.6), squeeze=False,
+                             layout="constrained")
+    limits = {}
+    for score in scores:
+        finite = np.concatenate([g.median[np.isfinite(g.median)] for g in grids if (g.task, g.metric) == score])
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        pad = 0.05 * (abs(vmin) or 1.0)  # one value: a scale around it (not one of width 2e-6, ticked as offsets)
+        limits[score] = (vmin - pad, vmax + pad) if vmin == vmax else (vmin, vmax)
     for ax, grid in zip(axes[0], grids):
+        vmin, vmax = limits[(grid.task, grid.metric)]
         image = ax.imshow(np.ma.masked_invalid(grid.median), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(grid.gamma)), [_fmt(g) for g in grid.gamma])
         ax.set_yticks(range(len(grid.beta)), [_fmt(b) for b in grid.beta])
@@ -285,9 +323,15 @@ def plot_heatmap(grids: Sequence[Grid], path: Path, metric: str = "best", title:
                     continue
                 bright = (value - vmin) / (vmax - vmin) > 0.6
                 ax.text(j, i, f"{value:.4f}", ha="center", va="center", color="black" if bright else "white")
-    fig.colorbar(image, ax=list(axes[0]), label=f"median {metric}")
-    fig.suptitle(f"{title + ': ' if title else ''}median {metric} over seeds")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+        if not shared:
+            fig.colorbar(image, ax=ax, label=f"median {grid.metric or 'best'}")
+    if shared:
+        task, metric = next(iter(scores))
+        fig.colorbar(image, ax=list(axes[0]), label=f"median {metric or 'best'}")
+        fig.suptitle(f"{task + ': ' if task else ''}median {metric or 'best'} over seeds")
+    else:
+        fig.suptitle("median best-epoch score over seeds (one colour scale per task and metric)")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -322,21 +366,27 @@ def write_markdown(
     rows: Sequence[dict[str, Any]], keys: Sequence[str], runs: Sequence[Run], skipped: Sequence[Path], sweep_dir: Path,
     heatmap: Path | None, path: Path,
 ) -> Path:
-    metrics = sorted({str(run.summary.get("metric")) for run in runs if run.summary.get("metric") is not None})
-    tasks = sorted({str(run.summary.get("task")) for run in runs if run.summary.get("task") is not None})
+    groups = score_groups(rows)
+    if len(groups) <= 1:
+        task, metric = next(iter(groups), (None, None))
+        scored = f"- task: {task or '?'}; metric: {metric or '?'} (`best` = best validation epoch)"
+    else:  # medians of different tasks or metrics are not one scale: each group has its own best
+        scored = (f"- tasks (metric): {', '.join(score_label(*group) for group in groups) or '?'} (`best` = best "
+                  "validation epoch; medians are compared within a task and metric only)")
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"- task: {', '.join(tasks) or '?'}; metric: {', '.join(metrics) or '?'} (`best` = best validation epoch)",
+        scored,
         f"- runs summarised: {len(runs)}; skipped (no usable {SUMMARY_FILE}): {len(skipped)}",
         "- statistics over the seeds of each setting; std is the sample standard deviation (ddof 1)",
     ]
     if skipped:
         lines.append(f"- folders skipped: {', '.join(f'`{p.relative_to(sweep_dir)}/`' for p in skipped)}")
-    if rows:
-        top = max(rows, key=lambda r: r["median"])
-        described = ", ".join(f"{k}={_fmt(top[k])}" for k in keys)
-        lines.append(f"- best median: {top['median']:.4f} ({described}; n={top['n']})")
+    for group, members in groups.items():
+        top = max(members, key=lambda r: r["median"])
+        described = ", ".join(f"{k}={_fmt(top[k])}" for k in keys if len(groups) == 1 or k not in SCORE_KEYS)
+        label = f", {score_label(*group)}" if len(groups) > 1 else ""
+        lines.append(f"- best median{label}: {top['median']:.4f} ({described}; n={top['n']})")
     if heatmap is not None:
         lines.append(f"- beta x gamma heatmap: [{heatmap.name}]({heatmap.name})")
     lines += ["", "| " + " | ".join([*keys, *STAT_COLUMNS]) + " |", "|" + "---|" * (len(keys) + len(STAT_COLUMNS))]
@@ -384,10 +434,6 @@ def summarize_sweep(sweep_dir: Path) -> Path:
     for stale in (sweep_dir / HEATMAP_FILE, sweep_dir / HEATMAP_DATA_FILE):
         stale.unlink(missing_ok=True)
     if grids:
-        metrics = sorted({str(run.summary.get("metric")) for run in runs if run.summary.get("metric")})
-        tasks = sorted({str(run.summary.get("task")) for run in runs if run.summary.get("task")})
-        heatmap = plot_heatmap(
-            grids, sweep_dir / HEATMAP_FILE, metric=", ".join(metrics) or "best", title=", ".join(tasks)
-        )
+        heatmap = plot_heatmap(grids, sweep_dir / HEATMAP_FILE)
         (sweep_dir / HEATMAP_DATA_FILE).write_text(json.dumps([g.to_dict() for g in grids], indent=2) + "\n")
     return write_markdown(rows, keys, runs, skipped, sweep_dir, heatmap, sweep_dir / MARKDOWN_FILE)

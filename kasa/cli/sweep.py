@@ -3,7 +3,8 @@
     python -m kasa.cli.sweep runs/sweeps/cola/2025-01-01_12-00-00
 
 Median/min/max/std of the best score per setting over seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma
-heatmap when either varies; see kasa.analysis.sweep.
+heatmap when either varies; a sweep over tasks gets one best median per task and metric and a heatmap panel per task,
+each with its metric's colour bar; see kasa.analysis.sweep.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kasa.cli.sweep", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="Summarise a Hydra multirun directory: median/min/max/std of the best score per setting over "
-        "seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma heatmap when either varies.",
+        "seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma heatmap when either varies. A sweep over "
+        "tasks gets one best median per task and metric, and a heatmap panel per task with its metric's colour bar.",
     )
     parser.add_argument("sweep_dir", type=Path, help="the multirun directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
