@@ -17,14 +17,17 @@ Every `key=v1,v2,...` argument is a sweep axis (commas inside [...], {...}, (...
 the axes in the order given, the last one varying fastest (the order of Hydra's multirun), and job i runs with
 `hydra.run.dir=<sweep dir>/<i>`. Written into the sweep directory: sweep_jobs.json (each job's overrides, command,
 exit status and seconds, updated as jobs finish) and, from kasa.analysis.sweep.summarize_sweep, sweep_summary.md,
-sweep_summary.csv and the beta x gamma heatmap. Every job's config is checked before the first job starts (a bad
-value in the last combination stops the sweep at once, exit status 2, with nothing written), and so is its folder,
-as kasa-train checks it: every job runs with resume=auto (unless resume= or overwrite= is given), so a job whose
-folder holds its own finished run (the same resolved settings) is skipped, and a sweep run again with the same
---sweep-dir continues where it stopped: an interrupted or failed job from its last checkpoint, the jobs not yet
-started from scratch. A job whose folder holds a finished run with other settings (another grid in the same
---sweep-dir) is refused before any job runs, one `error:` line per such job: overwrite=true replaces those runs. A failed job is reported and the sweep goes on (--stop-on-error
-to stop); the exit status is 1 if any job failed.
+sweep_summary.csv and the beta x gamma heatmap.
+
+Before anything is written: the launcher's program must be on PATH, the sweep directory must not be a run's own
+folder, and every job's config is checked (a bad value in the last combination stops the sweep at once, exit status
+2), and so is its folder, as kasa-train checks it. Every job runs with resume=auto (unless resume= or overwrite= is
+given), so a job whose folder holds its own finished run (the same resolved settings) is skipped, and a sweep run
+again with the same --sweep-dir continues where it stopped: an interrupted or failed job from its last checkpoint,
+the jobs not yet started from scratch. A job whose folder holds a finished run with other settings (another grid in
+the same --sweep-dir) is refused before any job runs, one `error:` line per such job: overwrite=true replaces those
+runs. A failed job is reported and the sweep goes on (--stop-on-error to stop); the exit status is 1 if any job
+failed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -145,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     launcher = shlex.split(args.launcher)
     if not launcher:
         print("error: --launcher is empty", file=sys.stderr)
+        return 2
+    if shutil.which(launcher[0]) is None:  # found now, not after the checks, with the sweep's folder made
+        print(f"error: --launcher {args.launcher!r}: no program {launcher[0]!r} on PATH: check its spelling, or "
+              f"install it (e.g. {DEFAULT_LAUNCHER!r}, or 'python -m kasa.cli.train' for one process)",
+              file=sys.stderr)
         return 2
     sweep_dir = args.sweep_dir or Path("runs/sweeps") / time_stamp()
     sweep_dir = sweep_dir.absolute()

@@ -624,6 +624,19 @@ def test_sweep_launch_refuses_a_runs_folder_as_its_sweep_dir(tmp_path, capfd):
     assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
 
 
+def test_sweep_launch_refuses_a_launcher_that_is_not_there(tmp_path, capfd):
+    """A misspelt launcher is one error line before anything is made (it used to be found at the first job, after
+    the sweep's folder and sweep_jobs.json were written)."""
+    sweep = _sweep_module()
+    sweep_dir = tmp_path / "sweep"
+    assert sweep.main(["--launcher", "acelerate launch -m kasa.cli.train", "--sweep-dir", str(sweep_dir),
+                       "seed=0,1"]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "error: --launcher 'acelerate launch -m kasa.cli.train': no program 'acelerate' on PATH: check its spelling, "
+        "or install it (e.g. 'accelerate launch -m kasa.cli.train', or 'python -m kasa.cli.train' for one process)"]
+    assert not sweep_dir.exists()
+
+
 def _chunked_loss_body(rank: int, head_unit: bool) -> dict:
     """kasa's chunked causal-LM loss of the FSDP2-sharded model (the head's weight gathered inside its forward); with
     `head_unit` the head is an FSDP unit of its own, whose hooks wrap its input."""

@@ -267,3 +267,28 @@ def test_kasa_plot_on_a_run_and_on_a_sweep(ablation_sweep, tmp_path, capsys):
         plot_main([str(run), "--layer", "7", "--out", str(tmp_path / "layer7")])
     assert exit_info.value.code == 2 and "layer 7 was not logged" in capsys.readouterr().err
     assert not (tmp_path / "layer7").exists()
+
+
+def test_kasa_plot_of_a_beta_gamma_sweep_names_its_heatmap(tmp_path, capsys):
+    """A beta x gamma sweep has none of kasa-plot's figures: its figure is the heatmap that its summary draws, which
+    the error names (it used to say only `nothing to plot`)."""
+    from kasa.analysis.sweep import summarize_sweep
+
+    for job, (beta, gamma) in enumerate((b, g) for b in (1e-4, 1e-3) for g in (1e-4, 1e-3)):
+        write_run(tmp_path / str(job), task="cola", method="kasa", seed=0, best=best_of(beta, gamma))
+        summary = json.loads((tmp_path / str(job) / "summary.json").read_text())
+        (tmp_path / str(job) / "summary.json").write_text(json.dumps(summary | {"beta": beta, "gamma": gamma}))
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    summarize_sweep(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert plot_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
+        "truncation sweep among the runs (sweeps); a beta x gamma sweep's figure is the heatmap its summary drew: "
+        f"{tmp_path / 'heatmap.png'}"]
+    (tmp_path / "heatmap.png").unlink()
+    assert plot_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"; a beta x gamma sweep's figure is the heatmap.png its summary draws when beta or gamma varies "
+        f"(python -m kasa.cli.sweep {tmp_path} writes the summary again)")
+    assert sorted(tmp_path.rglob("*")) == [f for f in before if f.name != "heatmap.png"]

@@ -5,6 +5,7 @@
     kasa-plot runs/sweeps/ablation_mrpc/... [more sweeps] [--out DIR] [--metric-scale 100]
         runs of sweeps: ablation bars (figure 2), metric vs rank r (figure 3 / table 13), metric vs truncation
         rank k (figure 9), whichever the runs support; --kind picks plots explicitly
+A beta x gamma sweep's figure (the paper's table 15) is the heatmap.png that the sweep's summary draws into its folder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kasa.run_dir import (
     LAST_CHECKPOINT,
     REGULARIZATION_FILE,
     SUMMARY_FILE,
+    sweep_record,
 )
 
 RUN_KINDS = ("singular-values", "regularization")
@@ -34,13 +36,29 @@ def _is_run_dir(path: Path) -> bool:
                                                    CHECKPOINTS_DIR))
 
 
+def _heatmap_hint(dirs: Sequence[Path]) -> str:
+    """Where a beta x gamma sweep's figure is, for the sweeps' folders among `dirs`: its heatmap.png, which the
+    sweep's summary draws (kasa-plot draws the paper's other figures)."""
+    from kasa.analysis.sweep import HEATMAP_FILE
+
+    sweeps = [d for d in dirs if sweep_record(d) is not None or (d / HEATMAP_FILE).is_file()]
+    heatmaps = [str(d / HEATMAP_FILE) for d in sweeps if (d / HEATMAP_FILE).is_file()]
+    if heatmaps:
+        return f"; a beta x gamma sweep's figure is the heatmap its summary drew: {', '.join(heatmaps)}"
+    if sweeps:
+        return (f"; a beta x gamma sweep's figure is the {HEATMAP_FILE} its summary draws when beta or gamma varies "
+                f"(python -m kasa.cli.sweep {sweeps[0]} writes the summary again)")
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kasa-plot", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="The paper's analysis plots (PNG + the plotted data as JSON) from saved run files. One run "
         "directory: singular values per layer and position (figure 4) and the regularisation terms with the loss "
         "(figure 11). Sweep directories: ablation bars (figure 2), metric vs rank r (figure 3), metric vs "
-        "truncation rank k (figure 9), whichever the runs support.",
+        "truncation rank k (figure 9), whichever the runs support. A beta x gamma sweep's heatmap is drawn by the "
+        "sweep itself (heatmap.png in its folder; python -m kasa.cli.sweep <sweep dir> draws it again).",
     )
     parser.add_argument("dirs", nargs="+", type=folder_argument,
                         help="a run directory (or checkpoint), or sweep directories")
@@ -90,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = run_reporting_errors(draw)
     if not done:
         print("error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
-              "truncation sweep among the runs (sweeps)", file=sys.stderr)
+              f"truncation sweep among the runs (sweeps){_heatmap_hint(args.dirs)}", file=sys.stderr)
         return 2
     for kind, data in done.items():
         print(f"{kind}: {data['png']}")
