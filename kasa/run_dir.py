@@ -30,6 +30,7 @@ METRICS_FILE = "metrics.jsonl"
 REGULARIZATION_FILE = "regularization.jsonl"
 SUMMARY_FILE = "summary.json"
 TRACKERS_FILE = "trackers.json"  # the W&B and MLflow runs' ids, the TensorBoard log's folder: a resume continues them
+TENSORBOARD_DIR, WANDB_DIR = "tensorboard", "wandb"  # where those trackers write, unless WANDB_DIR is set
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
 STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-XXXXXXXX/: resumable, by optimiser step (step_dir_name)

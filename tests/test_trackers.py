@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import tiny_run_config
+from cli_helpers import ENV, assert_one_line_error, run_cli, tiny_run_config, train_args
 from kasa.training.trackers import check_trackers, hyperparameters, start_trackers
 
 SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",
@@ -34,6 +34,8 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
     refused = type("MlflowException", (Exception,), {"__module__": "mlflow.exceptions"})
 
     class Accelerator:  # what accelerate's init_trackers raises when MLflow refuses its store
+        trackers: list = []
+
         def init_trackers(self, *args, **kwargs):
             raise refused("The filesystem tracking backend is in maintenance mode\nsee the docs")
 
@@ -46,6 +48,23 @@ def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path) -> None:
                        rf"settings \(its environment variables\), or remove {record} to start new tracker runs, or "
                        r"leave it out of logging.trackers$"):
         start_trackers(Accelerator(), ["mlflow"], {"task": {"name": "demo"}}, tmp_path, {"mlflow": "0123abcd"})
+
+
+def test_a_start_refused_by_one_tracker_leaves_nothing_of_the_others(tmp_path, tiny_model, sentiment_dir) -> None:
+    """TensorBoard starts first and writes its log; MLflow then refuses its store: the refused start leaves no
+    folder behind, so that the same command, once the store is fixed, starts a run with one TensorBoard log."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    run_dir = tmp_path / "run"
+    args = train_args(tiny_model, sentiment_dir, run_dir, "trainer.epochs=1", "logging.trackers=[tensorboard,mlflow]")
+    refusing = {**ENV, "MLFLOW_TRACKING_URI": f"file://{tmp_path / 'mlruns'}"}  # MLflow 3 refuses a file store
+    refusing.pop("MLFLOW_ALLOW_FILE_STORE", None)
+    assert_one_line_error(run_cli("kasa.cli.train", *args, env=refusing), "cannot start the mlflow tracker")
+    assert not run_dir.exists()
+
+    started = run_cli("kasa.cli.train", *args, env={**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert len(list((run_dir / "tensorboard").glob("*/events.out.tfevents.*"))) == 1  # one log (and its hparams')
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ from kasa.run_dir import (
     RESUMED_WITH_CHANGES_KEY,
     SUMMARY_FILE,
     HYDRA_DIR,
+    TENSORBOARD_DIR,
     TRACKERS_FILE,
     analysis_outputs,
     clean_partial_writes,
@@ -236,7 +237,7 @@ class TrainingRecipe:
             gradient_accumulation_steps=cfg.trainer.grad_accum,
             log_with=check_trackers(cfg.logging.trackers) or None,
             # TensorBoard writes into <run dir>/tensorboard/kasa/
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "tensorboard")),
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / TENSORBOARD_DIR)),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             step_scheduler_with_optimizer=False,  # the schedule advances once per optimiser step, in train_step
         )

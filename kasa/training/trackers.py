@@ -25,7 +25,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from kasa.run_dir import TRACKERS_FILE, sweep_record
+from kasa.run_dir import TENSORBOARD_DIR, TRACKERS_FILE, WANDB_DIR, sweep_record
 
 PROJECT = "kasa"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -77,12 +77,18 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         sweep = out.parent.resolve()
         wandb["group"] = f"{sweep.parent.name}/{sweep.name}"
         mlflow["tags"] = {"kasa.sweep": str(sweep)}
+    written_before = _tracker_files(out)
     try:
         accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
         for tracker in accelerator.trackers:  # none on the other processes
             if tracker.name not in resumed_ids:
                 tracker.store_init_configuration(hyperparameters(config))
     except Exception as err:  # the tracker's own error: a store it refuses, no login, a server it cannot reach
+        # a refused start leaves nothing: the trackers that did start are closed and their new files removed (a
+        # TensorBoard log would otherwise sit beside the next start's in the same folder)
+        end_trackers(accelerator, interrupted=False)
+        for path in sorted(_tracker_files(out) - written_before, reverse=True):  # a folder after what it holds
+            path.rmdir() if path.is_dir() else path.unlink()
         name = _failing_tracker(err, names)
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fresh = f", or remove {out / TRACKERS_FILE} to start new tracker runs" if name in resumed_ids else ""
@@ -99,6 +105,12 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
     if "tensorboard" in runs:  # its SummaryWriter
         ids["tensorboard"] = os.path.relpath(runs["tensorboard"].log_dir, out)
     return ids
+
+
+def _tracker_files(out: Path) -> set[Path]:
+    """What the trackers have written into the run directory (TensorBoard's and W&B's folders), files and folders."""
+    return {path for folder in (out / TENSORBOARD_DIR, out / WANDB_DIR) if folder.is_dir()
+            for path in (folder, *folder.rglob("*"))}
 
 
 def recorded_tracker_ids(out: Path) -> dict[str, str]:
