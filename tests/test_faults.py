@@ -112,6 +112,24 @@ def test_first_signal_requests_a_stop_second_exits_at_once(tmp_path):
     assert "SIGINT again: stopping at once" in result.stderr
 
 
+def test_in_a_launch_of_several_processes_a_repeated_signal_is_the_same_request():
+    """accelerate launch's agent forwards a SIGTERM to its processes twice within milliseconds: that must not turn
+    into "stop at once, without a checkpoint" (the launcher kills the processes itself after its own timeout)."""
+    script = _standalone("signals") + textwrap.dedent("""
+        import os, signal
+        with signals.StopSignals() as stop:
+            stop.checkpointable = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.received == signal.SIGTERM, stop.received
+        print('saving', flush=True)
+    """)
+    for rank, said in (("0", "SIGTERM: finishing this optimiser step and saving a resumable checkpoint\n"), ("1", "")):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "saving\n", said)  # rank 0 alone says it
+
+
 def test_signal_before_training_stops_at_once():
     with StopSignals() as stop:
         with pytest.raises(TrainingInterrupted):
@@ -122,7 +140,7 @@ def test_signal_before_training_stops_at_once():
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the old handler is back
 
 
-def test_resume_command_pins_the_run_or_sweep_dir_and_adds_resume_auto():
+def test_resume_command_pins_the_run_or_sweep_dir_and_adds_resume_auto(monkeypatch):
     argv = ["kasa-train", "recipe=glue/roberta_base_cola", "trainer.lr=1e-3", "overwrite=true"]
     assert resume_command(argv, Path("/runs/a b")) == (
         "kasa-train recipe=glue/roberta_base_cola trainer.lr=1e-3 'hydra.run.dir=/runs/a b' resume=auto")
@@ -133,6 +151,12 @@ def test_resume_command_pins_the_run_or_sweep_dir_and_adds_resume_auto():
     line = interrupted_message(err, ["kasa-train", "hydra.run.dir=/runs/x", "resume=auto"], Path("/runs/x"))
     assert line == ("stopped by SIGTERM at step 7: checkpoint saved in /runs/x/checkpoints/step-00000007; "
                     "continue with: kasa-train hydra.run.dir=/runs/x resume=auto")
+    # one of several processes: the launcher's options are not in its arguments
+    launched = ["/site-packages/kasa/cli/train.py", "trainer.batch_size=4", "hydra.run.dir=/runs/x"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert interrupted_message(err, launched, Path("/runs/x")).endswith(
+        "continue with: accelerate launch <the same options> -m kasa.cli.train trainer.batch_size=4 "
+        "hydra.run.dir=/runs/x resume=auto")
 
 
 def _config(**trainer) -> RunConfig:

@@ -4,8 +4,10 @@
 The first signal asks the training loop to stop: it finishes the optimiser step under way, every process writes its
 part of a resumable checkpoint (as in any save), one line says how to continue, and the process exits with
 INTERRUPTED_EXIT. A second signal exits at once (status 128 + signal number, as a shell reports a signal death),
-without a checkpoint. A signal that arrives before training has started (while the model loads) stops at once: there
-is nothing to save yet.
+without a checkpoint, except in a process of a multi-process launch: its launcher (accelerate launch, torchrun)
+forwards a stop signal to the processes, at times twice within milliseconds, and kills them itself when they outlast
+its own timeout, so there a repeat is the same request. A signal that arrives before training has started (while the
+model loads) stops at once: there is nothing to save yet.
 
 Exit status 75 (EX_TEMPFAIL in sysexits.h, "temporary failure, retry later") tells a wrapper script or a requeueing
 scheduler that the run saved its state and continues with `resume=auto`; a process killed before it could save exits
@@ -32,6 +34,11 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path | None = None, step: int | None = None) -> None:
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
         super().__init__(signal.Signals(signum).name)
+
+
+def launch_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as a launcher set them; (0, 1) for a process of its own."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _say(message: str) -> None:
@@ -61,13 +68,18 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        rank, processes = launch_rank()
         if self.received is not None:
+            if processes > 1:  # the launcher's repeat (see the module's docstring)
+                return
             _say(f"{name} again: stopping at once, without a checkpoint")
             os._exit(128 + signum)
         self.received = signum
         if not self.checkpointable:
             raise TrainingInterrupted(signum)
-        _say(f"{name}: finishing this optimiser step and saving a resumable checkpoint (send it again to stop at once)")
+        if rank == 0:  # one line for a launch of several processes, not one each
+            again = "" if processes > 1 else " (send it again to stop at once)"
+            _say(f"{name}: finishing this optimiser step and saving a resumable checkpoint{again}")
 
     def stop_requested(self, accelerator: Any) -> bool:
         """Whether any process got a stop signal. One process: a flag read; several: a one-element all-reduce per
@@ -84,15 +96,18 @@ class StopSignals:
         return stop
 
 
-def resume_command(argv: list[str], directory: Path, sweep: bool = False) -> str:
+def resume_command(argv: list[str], directory: Path, sweep: bool = False, launched: bool = False) -> str:
     """The command that continues a run: the same arguments with resume=auto and its directory pinned. For a
     --multirun sweep, `directory` is the sweep's, pinned as hydra.sweep.dir (a new time-stamped one would start the
-    sweep over): its finished jobs then stay as they are, an interrupted or failed one continues, the rest start."""
+    sweep over): its finished jobs then stay as they are, an interrupted or failed one continues, the rest start.
+    A `launched` process (one of several) does not see its launcher's options, which the command must keep: the
+    checkpoint resumes on as many processes."""
     args = [a for a in argv[1:] if not a.startswith(("resume=", "overwrite="))]
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     if not any(a.startswith(f"{key}=") for a in args):
         args.append(f"{key}={directory}")
-    return shlex.join(["kasa-train", *args, "resume=auto"])
+    program = "accelerate launch <the same options> -m kasa.cli.train" if launched else "kasa-train"
+    return f"{program} {shlex.join([*args, 'resume=auto'])}"
 
 
 def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path,
@@ -100,5 +115,5 @@ def interrupted_message(err: TrainingInterrupted, argv: list[str], run_dir: Path
     name = signal.Signals(err.signum).name
     where = ("before training started (nothing new to save)" if err.checkpoint is None
              else f"at step {err.step}: checkpoint saved in {err.checkpoint}")
-    command = resume_command(argv, sweep_dir or run_dir, sweep=sweep_dir is not None)
+    command = resume_command(argv, sweep_dir or run_dir, sweep=sweep_dir is not None, launched=launch_rank()[1] > 1)
     return f"stopped by {name} {where}; continue with: {command}"
