@@ -366,6 +366,7 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
     assert files_of(run_dir) == before
     allowed = run_cli("kasa.cli.train", *args, "resume_allow_changes=true")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert f"(step {state['step']}, after the last step)" in allowed.stderr  # not "epoch 3" of a 2-epoch run
     assert json.loads((run_dir / "config.json").read_text())["resumed_with_changes"] == [
         {"step": state["step"], "changes": {"training data (fingerprint)": ["000000000000", fingerprint[:12]]}}]
 

@@ -342,7 +342,9 @@ class TrainingRecipe:
             self.tracked_until = self.metrics_log.last_position()  # the records the trackers have had
             self.metrics_log.truncate(self.state.metrics_size)
             self.module_log.truncate(self.state.regularization_size)
-        self.console.print(f"resumed from {checkpoint} (step {self.state.step}, epoch {self.state.epoch + 1})")
+        where = (f"epoch {self.state.epoch + 1}" if self.state.step < self.total_steps
+                 else "after the last step")  # killed after the last checkpoint, before the summary
+        self.console.print(f"resumed from {checkpoint} (step {self.state.step}, {where})")
 
     # ---------------------------------------------------------------------------------------------------------
     # Training
