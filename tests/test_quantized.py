@@ -178,12 +178,16 @@ def test_dequantizing_places_the_float_layers_where_asked() -> None:
     assert bases and all(type(b) is torch.nn.Linear and b.weight.device.type == "meta" for b in bases)
 
 
-def test_int8_base() -> None:
+def test_int8_base(caplog) -> None:
     config = kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS)
     reference = logits(kasa.apply_adapters(build_llama(), config))
     model = kasa.apply_adapters(marked(build_llama(), "int8"), config)
     assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.int8
+    assert not model.model.layers[0].self_attn.q_proj.base_layer.training  # in the mode of the model it joined
     assert (logits(model) - reference).norm() / reference.norm() < 0.05
+    logits(model)
+    # bitsandbytes warns at every int8 matmul that it casts float32 inputs to float16: said once, not per call
+    assert sum("MatMul8bitLt" in record.getMessage() for record in caplog.records) <= 1
 
 
 def test_the_loader_marks_and_adapters_quantize(tmp_path) -> None:

@@ -19,6 +19,7 @@ into float layers of the compute dtype first, which is what a merged export writ
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -52,6 +53,25 @@ def check_quantization(quantization: str | None, method: str) -> None:
         )
 
 
+class _OnceEach(logging.Filter):
+    """Lets each message through once: bitsandbytes' int8 matmul warns that it casts its float32 input to float16 on
+    every call, hundreds of lines per evaluation, where once says it all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_ONCE_EACH = _OnceEach()
+
+
 def _bitsandbytes():
     try:
         import bitsandbytes
@@ -59,6 +79,7 @@ def _bitsandbytes():
         raise ValueError(
             f"model.quantization needs bitsandbytes ({err}): pip install -c constraints.txt 'kasa[quant]'"
         ) from err
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE_EACH)  # one object: added once
     return bitsandbytes
 
 
@@ -104,6 +125,7 @@ def _quantized_layer(layer: nn.Module, quantization: str, device: torch.device) 
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     new.kasa_compute_dtype = compute_dtype  # the dtype of the weight it replaced: what dequantizing gives back
+    new.train(layer.training)  # a new module trains; bitsandbytes picks its int8 matmul by the mode
     return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
 
 
