@@ -634,6 +634,11 @@ def test_full_and_bitfit_trainable_sets():
     for name, param in model.named_parameters():
         assert param.requires_grad == (name.endswith("bias") or name.startswith("classifier.")), name
     assert not list(kasa.adapted_layers(model))
+    # a model without bias terms (LLaMA's) and no trained head: BitFit would train nothing, and fail at backward
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"^method=bitfit trains the model's bias terms, and this model has none"):
+        kasa.apply_adapters(llama, kasa.AdapterConfig(method="bitfit"))
 
 
 # --------------------------------------------------------------------------------------------------------------

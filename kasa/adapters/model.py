@@ -76,6 +76,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     else:
         _inject_layers(model, config, initialise, calibration, calibration_inputs)
     _unfreeze(model, config.trainable_modules)
+    if config.method == "bitfit" and not any(param.requires_grad for param in model.parameters()):
+        raise ValueError("method=bitfit trains the model's bias terms, and this model has none (nor a trained head): "
+                         "choose another method, e.g. method=lora")
     setattr(model, CONFIG_ATTRIBUTE, config)
     if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
         quantize_pending(model, config.method, config.trainable_modules)
