@@ -67,6 +67,25 @@ def test_kasa_eval_reproduces_the_training_metric(classification_run: Path):
     assert json.loads((classification_run / "checkpoints/best/eval_validation.json").read_text())["merge"] is True
 
 
+def test_kasa_eval_on_other_task_settings_keeps_apart_and_reports_no_training_score(classification_run: Path,
+                                                                                    tmp_path):
+    """Fewer evaluation examples measure something else than the training run did: the training run's score was
+    printed as this evaluation's reference, and its eval_validation.json replaced the checkpoint's own."""
+    run_dir = Path(shutil.copytree(classification_run, tmp_path / "run"))
+    own = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
+    assert own.returncode == 0, own.stderr[-3000:]
+    before = (run_dir / "checkpoints/best/eval_validation.json").read_text()
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", "task.max_eval_samples=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "reported_in_training" not in report and "reported by the training run" not in result.stdout
+    assert report["task_overrides"] == ["task.max_eval_samples=4"]
+    assert (run_dir / "checkpoints/best/eval_validation.json").read_text() == before
+    kept = Path(report["output_dir"])
+    assert kept.parent.parent == run_dir / "evaluations" and kept.name.startswith("validation-")
+    assert json.loads((kept / "eval_validation.json").read_text())["score"] == report["score"]
+
+
 @pytest.mark.parametrize("argument, recorded", [("split=test", True), ("task.eval_split=test", True),
                                                 ("split=test", False)])
 def test_kasa_eval_of_another_split_reports_no_training_score(classification_run: Path, sentiment_dir, tmp_path,

@@ -16,11 +16,15 @@ checkpoint directory. They are written first to <run>/evaluations/<checkpoint>-s
 there when the training run saved over the checkpoint while it was evaluated (best/ and last/ of a run still
 training), or when judging fails (run again, kasa-eval reuses the responses and the scores saved there). One
 kasa-eval of a checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run
-beside it.
+beside it. An override of a task setting that changes what is measured (eval sets, sample counts, decoding; not
+task.data_dir, the split or the generation batch size) makes another evaluation: it reports no training score, and
+its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/ (eval_<split>.json records the
+overrides as `task_overrides`), never over the checkpoint's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +58,9 @@ if TYPE_CHECKING:
     from kasa.tasks import Task
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
+# task overrides that keep an evaluation the checkpoint's own: where the data lie, the split (which names the
+# evaluation already), and the generation batch; any other changes what is measured
+NEUTRAL_TASK_OVERRIDES = ("task.data_dir=", "task.eval_split=", "task.generation.batch_size=")
 
 
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
@@ -85,18 +92,23 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
     state_file = checkpoint / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    reported = state.get("score") if split == split_evaluated_in_training(run_dir, state) else None
+    # An evaluation on other task settings (eval sets, sample counts, decoding) measures something else than the
+    # training run did: it reports no training score, and its outputs keep a folder of their own under evaluations/
+    # instead of replacing the checkpoint's own eval_<split>.json.
+    changed = sorted(o for o in overrides if o.startswith("task.") and not o.startswith(NEUTRAL_TASK_OVERRIDES))
+    reported = state.get("score") if not changed and split == split_evaluated_in_training(run_dir, state) else None
+    label = f"{split}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else split
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
     # that fails leaves the responses there. One kasa-eval of a checkpoint's split at a time: two would mix their
     # outputs (other decoding settings, say) in that folder.
     step = state.get("step")
-    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None, split)
+    staged = evaluation_folder(checkpoint, run_dir, step if isinstance(step, int) else None, label)
     lock = RunLock(staged, "kasa-eval of this checkpoint on this split",
                    f"evaluate a copy of the run (cp -r {run_dir} <folder>)")
     if accelerator.is_main_process:
         lock.acquire()
     try:
-        return evaluate_staged(task, accelerator, checkpoint, version, reported, split, staged, merge)
+        return evaluate_staged(task, accelerator, checkpoint, version, reported, split, staged, merge, changed)
     finally:
         lock.release(discard_empty=True)
         for folder in (staged.parent, staged.parent.parent):  # evaluations/<checkpoint>/ and evaluations/
@@ -113,9 +125,11 @@ def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | N
 
 
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
-                    reported: float | None, split: str, staged: Path, merge: bool) -> dict[str, Any]:
-    """Load, evaluate into `staged`, and place the outputs (place_outputs). `reported`: the training run's score
-    for the checkpoint on this split, if it evaluated it there."""
+                    reported: float | None, split: str, staged: Path, merge: bool,
+                    changed: list[str]) -> dict[str, Any]:
+    """Load, evaluate into `staged`, and place the outputs (place_outputs), unless `changed` (the overrides of task
+    settings that change what is measured) keeps them in `staged`. `reported`: the training run's score for the
+    checkpoint on this split, if it evaluated it there with these settings."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize
     from kasa.evaluation.metrics import main_metric
@@ -138,11 +152,16 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         "score": main_metric(metrics, task.metric),
         "metrics": metrics,
         "merge": merge,  # eval_<split>.json of a merged model replaces the unmerged one's: it says which it holds
+        "task_overrides": changed,
     }
     if reported is not None:
         result["reported_in_training"] = reported
     if accelerator.is_main_process:
-        result["output_dir"] = str(place_outputs(checkpoint, version, staged, f"eval_{split}.json", result))
+        if changed:
+            write_json(staged / f"eval_{split}.json", result)
+            result["output_dir"] = str(staged)
+        else:
+            result["output_dir"] = str(place_outputs(checkpoint, version, staged, f"eval_{split}.json", result))
     return result
 
 
