@@ -67,6 +67,25 @@ def test_a_start_refused_by_one_tracker_leaves_nothing_of_the_others(tmp_path, t
     assert len(list((run_dir / "tensorboard").glob("*/events.out.tfevents.*"))) == 1  # one log (and its hparams')
 
 
+def test_wandb_is_quiet_unless_its_own_variables_say_otherwise(tmp_path, monkeypatch) -> None:
+    """W&B printed a 30-line history and summary amid kasa's console at the end of every run."""
+    class Accelerator:
+        trackers: list = []
+        is_main_process = True
+
+        def init_trackers(self, project, init_kwargs):
+            self.init_kwargs = init_kwargs
+
+    for name in ("WANDB_QUIET", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+    accelerator = Accelerator()
+    start_trackers(accelerator, ["wandb"], {"task": {"name": "demo"}}, tmp_path)
+    assert accelerator.init_kwargs["wandb"]["settings"] == {"quiet": True}
+    monkeypatch.setenv("WANDB_QUIET", "false")
+    start_trackers(accelerator, ["wandb"], {"task": {"name": "demo"}}, tmp_path)
+    assert "settings" not in accelerator.init_kwargs["wandb"]
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """mlflow, with a local store in the test's folder (MLflow 3 refuses new file stores: a SQLite database), named

@@ -72,6 +72,8 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         wandb |= {"id": resumed_ids["wandb"], "resume": "allow"}
     if "WANDB_DIR" not in os.environ:  # beside the run's other files
         wandb["dir"] = str(out)
+    if not {"WANDB_QUIET", "WANDB_SILENT"} & set(os.environ):  # W&B's own lines down to where the run is, not its
+        wandb["settings"] = {"quiet": True}  # 30-line history and summary printed amid kasa's console at the end
     mlflow: dict[str, Any] = {"run_name": run_name, "run_id": resumed_ids.get("mlflow")}
     if sweep_record(out.parent) is not None:  # a --multirun job: the sweep's runs side by side
         sweep = out.parent.resolve()
