@@ -411,3 +411,18 @@ def test_default_run_folders_of_runs_started_in_the_same_second_differ(hydra_ini
         assert OmegaConf.select(cfg, "hydra.sweep.dir").endswith(run_dir.rsplit("/", 1)[1])
         folders.append(run_dir)
     assert folders[0] != folders[1]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["trainer.epochs=1", "--multirun", "seed=0,1"], "error: --multirun comes after the key=value overrides, where "
+     "Hydra does not read it: put it, with its value if it takes one, before them (kasa-train --multirun "
+     "trainer.epochs=1 seed=0,1)"),
+    (["trainer.epochs=1", "--cfg", "job"], "error: --cfg comes after the key=value overrides, where Hydra does not "
+     "read it: put it, with its value if it takes one, before them"),
+])
+def test_a_flag_after_the_overrides_is_one_line_saying_where_it_goes(args, line):
+    """argparse's usage block named the overrides, and the recipe=demo that kasa adds, as unrecognized."""
+    from cli_helpers import run_cli
+
+    result = run_cli("kasa.cli.train", *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]

@@ -159,8 +159,21 @@ def _prepare_multiprocess_launch(argv: list[str]) -> None:
              "own): add it after the training module's other overrides")
 
 
+def _check_flags_first(args: list[str]) -> None:
+    """Hydra reads its flags (--multirun, --cfg job, ...) only before the key=value overrides; after one, argparse
+    stopped with a usage block naming the overrides (and the recipe=demo kasa adds) as unrecognized."""
+    first_override = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    late = next((a for a in args[first_override:] if a.startswith("-")), None)
+    if late is not None:
+        moved = [late, *(a for a in args if a != late)] if late in ("--multirun", "-m") else None
+        example = f" (kasa-train {' '.join(moved)})" if moved else ""
+        fail(f"{late} comes after the key=value overrides, where Hydra does not read it: put it, with its value if "
+             f"it takes one, before them{example}")
+
+
 def main() -> None:
     _prepare_multiprocess_launch(sys.argv)
+    _check_flags_first(sys.argv[1:])
     sys.argv[1:] = default_to_demo(sys.argv[1:])
     register_resolvers()
     # Hydra raises its composition errors (unknown recipe, key typo, unparsable override, a run directory it cannot
