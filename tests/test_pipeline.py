@@ -185,6 +185,14 @@ def test_a_failed_sweep_job_leaves_the_others_and_the_sweep_continues(tiny_model
     assert (sweep_dir / "1" / "summary.json").read_text() == finished  # the finished job was left as it was
     assert "| resume |" not in (sweep_dir / "sweep_summary.md").read_text()  # resume=auto is not a setting
 
+    # the same sweep with another setting: its finished jobs would be refused one by one as their turns came (a job
+    # before them may have trained by then); refused before any job runs
+    files = {f: f.read_bytes() for f in sorted(sweep_dir.rglob("*")) if f.is_file()}
+    changed = run_cli("kasa.cli.train", *command[1:], "trainer.lr=0.5")
+    assert_one_line_error(changed, "sweep job #0 (task.data_dir=", "already holds a finished run, with other settings "
+                          "(trainer.lr: 0.005 -> 0.5)", "; no job has run")
+    assert files == {f: f.read_bytes() for f in sorted(sweep_dir.rglob("*")) if f.is_file()}
+
 
 def test_demo_recipe_config_resolves():
     result = run_cli("kasa.cli.train", "--cfg", "job", "--resolve")

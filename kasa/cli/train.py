@@ -36,7 +36,7 @@ from kasa.cli.common import (
 )
 from kasa.config import resolve, validate
 from kasa.run_dir import remove_if_empty
-from kasa.training.preflight import check_not_a_run, check_sweep_job
+from kasa.training.preflight import check_finished_run, check_not_a_run, check_sweep_job
 
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
 
@@ -125,7 +125,10 @@ class SweepCallback(Callback):
                 with open_dict(job_config):
                     job_config.output_dir = str(Path(config.hydra.sweep.dir) / str(number))  # the default subdir
                     del job_config["hydra"]
-                check_sweep_job(validate(resolve(job_config)), checked_models)
+                resolved = resolve(job_config)
+                job_cfg = validate(resolved)
+                check_sweep_job(job_cfg, checked_models)
+                check_finished_run(job_cfg, Path(job_config.output_dir), resolved)  # one left as it is, or refused
             except USER_ERRORS as err:  # exit here: Hydra turns a callback's exception into a warning
                 values = " ".join(o for o in job_overrides if o.startswith(swept))
                 fail(f"sweep job #{number} ({values}): {describe_error(err)}; no job has run")
