@@ -372,6 +372,22 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
 
 
 
+def test_a_log_cut_short_before_a_resume_is_not_padded(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+    """metrics.jsonl holding less than at the checkpoint (edited, or cut by a full disk): truncating it to the
+    checkpoint's offset padded it with zero bytes, which no JSON-lines reader takes."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "summary.json").unlink()  # unfinished: killed after its last checkpoint
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[: len(lines) // 2]))
+    resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"warning: {metrics} holds less than when step-" in resumed.stderr
+    assert b"\0" not in metrics.read_bytes()
+    assert all(json.loads(line) for line in metrics.read_text().splitlines())
+
+
 def test_another_runs_checkpoint_continues_only_in_a_folder_without_a_run_of_its_own(
         uninterrupted, tiny_model, sentiment_dir, tmp_path, monkeypatch):
     """resume=<another run's checkpoint>: into a folder holding an unfinished run it is refused, leaving that run as

@@ -375,9 +375,16 @@ class MetricsLog:
                 continue
         return 0, 0
 
-    def truncate(self, size: int) -> None:
-        """Drop what was logged after a checkpoint, so a resumed run writes the same file as an uninterrupted one."""
-        if self.enabled and self.path.exists():
+    def truncate(self, size: int) -> bool:
+        """Drop what was logged after a checkpoint, so a resumed run writes the same file as an uninterrupted one.
+        False, and the log left as it is, when it holds less than at the checkpoint (deleted or cut short since):
+        truncating would pad it with zero bytes up to `size`."""
+        if not self.enabled:
+            return True
+        if self.size() < size:
+            return False
+        if self.path.exists():
             with self.path.open("r+") as f:
                 f.truncate(size)
+        return True
 

@@ -340,8 +340,12 @@ class TrainingRecipe:
         self.state = restore_training_state(checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler)
         if self.resumes_own_run():  # another run's logs stay where they are: this folder's start from the checkpoint
             self.tracked_until = self.metrics_log.last_position()  # the records the trackers have had
-            self.metrics_log.truncate(self.state.metrics_size)
-            self.module_log.truncate(self.state.regularization_size)
+            for log, size in ((self.metrics_log, self.state.metrics_size),
+                              (self.module_log, self.state.regularization_size)):
+                if not log.truncate(size):
+                    self.console.print(f"warning: {log.path} holds less than when {checkpoint.name} was saved "
+                                       "(deleted or cut short since): what is missing stays missing, and the run "
+                                       "logs on after it")
         where = (f"epoch {self.state.epoch + 1}" if self.state.step < self.total_steps
                  else "after the last step")  # killed after the last checkpoint, before the summary
         self.console.print(f"resumed from {checkpoint} (step {self.state.step}, {where})")
