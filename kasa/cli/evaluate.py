@@ -16,10 +16,11 @@ checkpoint directory. They are written first to <run>/evaluations/<checkpoint>-s
 there when the training run saved over the checkpoint while it was evaluated (best/ and last/ of a run still
 training), or when judging fails (run again, kasa-eval reuses the responses and the scores saved there). One
 kasa-eval of a checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run
-beside it. An override of a task setting that changes what is measured (eval sets, sample counts, decoding; not
-task.data_dir, the split or the generation batch size) makes another evaluation: it reports no training score, and
-its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/ (eval_<split>.json records the
-overrides as `task_overrides`), never over the checkpoint's own.
+beside it. An override of a task setting that changes what is measured (eval sets, sample counts, decoding, the
+judge's model; not task.data_dir, the split, the generation batch size, or where and how the judge is asked) makes
+another evaluation: it reports no training score, and its outputs stay in
+<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/ (eval_<split>.json records the overrides as
+`task_overrides`), never over the checkpoint's own.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ if TYPE_CHECKING:
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 # task overrides that keep an evaluation the checkpoint's own: where the data lie, the split (which names the
-# evaluation already), and the generation batch; any other changes what is measured
-NEUTRAL_TASK_OVERRIDES = ("task.data_dir=", "task.eval_split=", "task.generation.batch_size=")
+# evaluation already), the generation batch, and where and how the judge (the same judge model) is asked; any other
+# changes what is measured
+NEUTRAL_TASK_OVERRIDES = ("task.data_dir=", "task.eval_split=", "task.generation.batch_size=", "task.judge.base_url=",
+                          "task.judge.api_key_env=", "task.judge.max_retries=", "task.judge.timeout=",
+                          "task.judge.concurrency=")
 
 
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
