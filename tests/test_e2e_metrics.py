@@ -363,3 +363,16 @@ def test_devset_all_metrics_plausible(devset_first_vs_rest):
     assert 0.35 < scores["METEOR"] < 0.55
     assert 0.55 < scores["ROUGE_L"] < 0.75
     assert 1.3 < scores["CIDEr"] < 2.6
+
+
+@needs_java
+def test_the_meteor_jar_is_stopped_at_exit_while_the_interpreter_is_whole(monkeypatch):
+    """The scorer, kept for the session, was left to the interpreter's teardown, where its __del__ fails (its
+    `signal` global already gone) and printed a traceback after a training run's last line: an exit hook drops it,
+    which runs its __del__ there and then."""
+    monkeypatch.setattr(e2e_metrics, "_meteor", None)  # a scorer of this test's own
+    coco_scores(["the cheap pub"], [["a cheap pub", "the pub is cheap"]])
+    process = e2e_metrics._meteor.meteor_p
+    assert process.poll() is None
+    e2e_metrics._release_meteor()  # what atexit runs
+    assert e2e_metrics._meteor is None and process.poll() is not None

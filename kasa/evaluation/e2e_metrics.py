@@ -16,6 +16,7 @@ CIDEr around 2 on E2E."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -233,10 +234,19 @@ def _stderr_of_child_processes() -> Iterator[Any]:
 _meteor: Any = None  # the running pycocoevalcap Meteor scorer, see _meteor_score
 
 
+@atexit.register
+def _release_meteor() -> None:
+    """Drop the scorer while the interpreter still has its modules: its __del__ kills the jar through
+    subprocess.Popen.kill, which at interpreter shutdown (its `signal` global gone) printed a traceback after the
+    run's last line."""
+    global _meteor
+    _meteor = None
+
+
 def _meteor_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
     """Corpus METEOR from one METEOR process kept for the whole Python session: starting the jar loads its 60 MB
     paraphrase table, which takes tens of seconds, and evaluating after every epoch would pay that each time. A
-    process that has died is replaced; the last one is killed when the scorer is collected at interpreter exit."""
+    process that has died is replaced; the last one is killed at exit (`_release_meteor`)."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     global _meteor
