@@ -426,3 +426,15 @@ def test_a_flag_after_the_overrides_is_one_line_saying_where_it_goes(args, line)
 
     result = run_cli("kasa.cli.train", *args)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+
+
+def test_a_key_of_a_free_mapping_without_its_plus_says_to_add_one():
+    """method.peft_options holds the user's own keys (AdaLoRA's init_r): Hydra adds them with a +; the bare
+    `unknown key` gave no way on."""
+    from cli_helpers import run_cli
+
+    result = run_cli("kasa.cli.train", "recipe=glue/roberta_base_rte", "method=adalora",
+                     "method.peft_options.init_r=16")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: unknown key method.peft_options.init_r: method.peft_options holds keys of your own, which an override "
+        "adds with a + (+method.peft_options.init_r=...)"], result.stderr[-2000:]

@@ -112,6 +112,8 @@ def _unknown_key(key: str, schema: type, own_keys: Sequence[str]) -> str:
     parent, _, leaf = key.rpartition(".")
     valid = (_schema_fields(parent, schema) if parent
              else list(dict.fromkeys([*own_keys, *(f.name for f in dataclasses.fields(schema))])))
+    if not valid and parent and _is_mapping(parent, schema):  # e.g. method.peft_options: keys of the user's own
+        return f"unknown key {key}: {parent} holds keys of your own, which an override adds with a + (+{key}=...)"
     if not valid:
         return f"unknown key {key}"
     close = difflib.get_close_matches(leaf, valid, n=1)
@@ -161,6 +163,14 @@ def _schema_class(path: str, root: type) -> type | None:
         node = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
         node = type(node) if node is not None and dataclasses.is_dataclass(node) else node
     return node if dataclasses.is_dataclass(node) else None
+
+
+def _is_mapping(path: str, root: type) -> bool:
+    """Whether the field at `path` (e.g. "method.peft_options") is a free mapping (a dict field), not a dataclass."""
+    owner_path, _, name = path.rpartition(".")
+    owner = _schema_class(owner_path, root)
+    kind = typing.get_type_hints(owner).get(name) if owner is not None else None
+    return kind is dict or typing.get_origin(kind) is dict
 
 
 def _schema_fields(path: str, root: type) -> list[str] | None:
