@@ -300,8 +300,13 @@ def test_read_lora_layout(tmp_path):
 def test_read_rejects_unknown_or_broken_files(tmp_path):
     mr_only = tmp_path / "testset.csv"
     mr_only.write_text('MR\n"name[Aromi], eatType[pub]"\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="unknown E2E layout"):
+    with pytest.raises(ValueError, match=r"holds meaning representations without references \(an 'MR' column "
+                       r"only\): it cannot be scored; evaluate on the file with references"):
         read_e2e_file(mr_only)
+    unknown = tmp_path / "other.csv"
+    unknown.write_text('meaning,text\n"name[Aromi]","Aromi."\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown E2E layout"):
+        read_e2e_file(unknown)
     short_row = tmp_path / "bad.csv"
     short_row.write_text('mr,ref\n"name[Aromi]"\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2: expected 2 fields"):

@@ -110,6 +110,9 @@ def read_e2e_file(path: str | Path) -> tuple[list[str], list[str]]:
         return _read_csv_layout(path, text)
     if "||" in first_line:
         return _read_lora_layout(path, text)
+    if re.fullmatch(r'"?mr"?', first_line, flags=re.IGNORECASE):  # the official release's test MRs
+        raise ValueError(f"{path} holds meaning representations without references (an 'MR' column only): it cannot "
+                         "be scored; evaluate on the file with references (the official testset_w_refs.csv)")
     raise ValueError(
         f"{path}: unknown E2E layout (first line {first_line[:80]!r}); expected the official CSV with a 'mr,ref' "
         "header or the LoRA layout 'name : X | area : Y||reference' per line"
