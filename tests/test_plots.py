@@ -127,6 +127,17 @@ def test_regularization_terms_of_the_last_layer_and_the_loss(tmp_path):
     assert data["loss"]["loss"] == pytest.approx([1 / 5, 1 / 10, 1 / 15, 1 / 20])
 
 
+def test_a_run_of_one_logged_step_draws_points(tmp_path, monkeypatch):
+    """A line through one point draws nothing: the figure of a run that logged once was seven empty panels."""
+    run = tmp_path / "run"
+    write_training_logs(run, steps=(5,))
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, *args: figures.append(fig) or save(fig, *args))
+    plots.regularization(run)
+    lines = [line for ax in figures[0].axes for line in ax.get_lines()]
+    assert len(lines) == 7 and all(line.get_marker() == "o" for line in lines)
+
+
 def test_regularization_of_a_chosen_layer(tmp_path):
     run = tmp_path / "run"
     values = write_training_logs(run)

@@ -73,6 +73,11 @@ def _pyplot():
     return plt
 
 
+def _marker(steps: Sequence[Any]) -> str | None:
+    """A line of one logged step is no line: it is drawn as a point."""
+    return "o" if len(steps) == 1 else None
+
+
 def _save(fig, data: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"png": f"{stem}.png", **data}
@@ -248,14 +253,14 @@ def regularization(run_dir: str | Path, layer: int | None = None, out_dir: str |
     for j, (label, series) in enumerate(modules.items()):
         for i, term in enumerate(TERMS):
             ax = fig.add_subplot(grid[i, j])
-            ax.plot(series["step"], series[term], color=f"C{i}")
+            ax.plot(series["step"], series[term], color=f"C{i}", marker=_marker(series["step"]))
             ax.set_ylabel(TERM_LABELS[term])
             if i == 0:
                 ax.set_title(f"{label} (layer {layer})")
             if i == len(TERMS) - 1:
                 ax.set_xlabel("step")
     ax = fig.add_subplot(grid[len(TERMS), :])
-    ax.plot(loss["step"], loss["loss"], color="black")
+    ax.plot(loss["step"], loss["loss"], color="black", marker=_marker(loss["step"]))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("overall training loss")
