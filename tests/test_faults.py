@@ -190,6 +190,13 @@ def test_output_dir_that_is_a_file_or_unwritable(tmp_path):
     assert list((tmp_path / "fine" / "run").iterdir()) == []  # the probe file is gone
 
 
+def test_a_folder_that_takes_no_new_file_is_refused_not_retried_forever():
+    """/proc exists but no file can be made in it: the lock's retry (for a folder a refused start removed in between)
+    looped forever at full CPU."""
+    with pytest.raises(ValueError, match=r"^cannot create /proc/\.kasa\.lock: /proc takes no new files; choose "):
+        RunLock("/proc").acquire()
+
+
 def test_resume_checkpoint_checks(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         preflight.check_resume_checkpoint(tmp_path / "nowhere")

@@ -19,6 +19,9 @@ from pathlib import Path
 from kasa.run_dir import CHOOSE_ANOTHER_RUN_DIR, LOCK_FILE, remove_if_empty
 
 
+LOCK_ATTEMPTS = 20  # the races above resolve in one or two
+
+
 class RunDirLocked(FileExistsError):
     """Another live process holds the run directory."""
 
@@ -34,7 +37,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise RunDirLocked naming the holder; creates the run directory if needed."""
-        while True:
+        for _ in range(LOCK_ATTEMPTS):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -51,6 +54,8 @@ class RunLock:
             if self._names_file_of(fd):
                 break
             os.close(fd)  # locked a file that a refused start had just removed (`release`): lock the new one
+        else:  # a folder that takes no new file (/proc) fails every time: it looped forever at full CPU
+            raise ValueError(f"cannot create {self.path}: {self.path.parent} takes no new files; {self.way_out}")
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
