@@ -130,6 +130,20 @@ def test_in_a_launch_of_several_processes_a_repeated_signal_is_the_same_request(
         assert (result.returncode, result.stdout, result.stderr) == (0, "saving\n", said)  # rank 0 alone says it
 
 
+def test_a_stopped_command_exits_saved_whatever_signal_comes_next():
+    """kasa-train, its checkpoint saved, exits with 75; a second SIGTERM during the interpreter's teardown ended it
+    with 143 ("killed before it could save")."""
+    script = _standalone("signals") + textwrap.dedent("""
+        import os, signal, sys
+        signals.ignore_stop_signals()
+        for signum in signals.STOP_SIGNALS:
+            os.kill(os.getpid(), signum)
+        sys.exit(signals.INTERRUPTED_EXIT)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 75, result.stderr[-2000:]
+
+
 def test_signal_before_training_stops_at_once():
     with StopSignals() as stop:
         with pytest.raises(TrainingInterrupted):

@@ -61,7 +61,13 @@ def _run(cfg: DictConfig) -> float:
         check_config_values(run_cfg)  # also the loop's first check: here, a bad value is refused in a second, not six
         quiet_libraries()
         from kasa.training.loop import train  # heavy imports (torch, transformers, accelerate) once the config is valid
-        from kasa.training.signals import INTERRUPTED_EXIT, TrainingInterrupted, interrupted_message, launch_rank
+        from kasa.training.signals import (
+            INTERRUPTED_EXIT,
+            TrainingInterrupted,
+            ignore_stop_signals,
+            interrupted_message,
+            launch_rank,
+        )
 
         resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
         # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
@@ -72,6 +78,7 @@ def _run(cfg: DictConfig) -> float:
         try:
             return train(run_cfg, resolved, hydra_files)["best"]
         except TrainingInterrupted as err:  # a stop signal stops a whole sweep too
+            ignore_stop_signals()
             if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each
                 print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir), sweep_dir), file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT)

@@ -96,6 +96,13 @@ class StopSignals:
         return stop
 
 
+def ignore_stop_signals() -> None:
+    """For a command that is exiting with INTERRUPTED_EXIT, its state saved: a repeated signal during the exit (the
+    interpreter's teardown takes a second or more) would end it with 128 + signal, which says "not saved"."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def resume_command(argv: list[str], directory: Path, sweep: bool = False, launched: bool = False) -> str:
     """The command that continues a run: the same arguments with resume=auto and its directory pinned. For a
     --multirun sweep, `directory` is the sweep's, pinned as hydra.sweep.dir (a new time-stamped one would start the
