@@ -9,11 +9,14 @@ import io
 import logging
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import traceback
 import warnings
 from pathlib import Path
+
+from kasa.training.signals import STOP_SIGNALS
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -47,6 +50,7 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
 
     env = env or ENV
     saved_argv, saved_env, saved_cwd, saved_threads = sys.argv, dict(os.environ), os.getcwd(), torch.get_num_threads()
+    saved_signals = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}  # a stopped run ignores them
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     root.handlers = []  # so that logging.basicConfig in the command configures a handler of its own, as in a process
@@ -83,6 +87,8 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
         torch.set_num_threads(saved_threads)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
     return subprocess.CompletedProcess([sys.executable, "-m", module, *args], status, out.getvalue(), err.getvalue())
 
 
