@@ -15,6 +15,7 @@ logs again after its checkpoint goes to `metrics.jsonl` only: the trackers have 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -90,7 +91,8 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         # TensorBoard log would otherwise sit beside the next start's in the same folder)
         end_trackers(accelerator, interrupted=False)
         for path in sorted(_tracker_files(out) - written_before, reverse=True):  # a folder after what it holds
-            path.rmdir() if path.is_dir() else path.unlink()
+            with contextlib.suppress(OSError):  # what cannot go stays: the tracker's error is the one to report
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()  # W&B links latest-run
         name = _failing_tracker(err, names)
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fresh = f", or remove {out / TRACKERS_FILE} to start new tracker runs" if name in resumed_ids else ""
