@@ -6,6 +6,7 @@ then checks the values before anything runs."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -266,3 +267,9 @@ def _check_task(run: RunConfig) -> None:
         raise ValueError("trainer.packing packs the examples of the generation tasks (e2e, instruction, "
                          "commonsense); a classification task keeps one example per row: use "
                          "trainer.group_by_length=true to avoid padding")
+
+
+def launch_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as a multi-process launcher (accelerate launch, torchrun) set
+    them in the environment; (0, 1) for a process of its own. Read where no Accelerator exists yet (or any more)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 import kasa
-from kasa.config import MODEL_MODULES, RunConfig, model_module_error, register_schema, run_schema
+from kasa.config import MODEL_MODULES, RunConfig, launch_rank, model_module_error, register_schema, run_schema
 from kasa.hub import offline_without_hub
 from kasa.run_dir import time_stamp
 
@@ -212,7 +212,8 @@ def fail(message: str) -> NoReturn:
     (the same config, data and judge): rank 0 reports it at once and the others only after a pause, in which the
     launcher, seeing rank 0 exit, stops them; so the error is one line, not one per GPU, and an error that another
     rank meets alone is still reported, by that rank, after the pause."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+    rank, processes = launch_rank()
+    if processes > 1 and rank > 0:
         time.sleep(OTHER_RANK_ERROR_DELAY_S)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

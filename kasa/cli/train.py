@@ -34,7 +34,7 @@ from kasa.cli.common import (
     register_resolvers,
     run_reporting_errors,
 )
-from kasa.config import resolve, validate
+from kasa.config import launch_rank, resolve, validate
 from kasa.run_dir import remove_if_empty
 from kasa.training.preflight import check_finished_run, check_not_a_run, check_sweep_job
 
@@ -66,7 +66,6 @@ def _run(cfg: DictConfig) -> float:
             TrainingInterrupted,
             ignore_stop_signals,
             interrupted_message,
-            launch_rank,
         )
 
         resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
@@ -159,7 +158,7 @@ def _prepare_multiprocess_launch(argv: list[str]) -> None:
     """Under a multi-process launcher (accelerate launch, torchrun: WORLD_SIZE > 1) every rank runs Hydra. They must
     agree on one run directory (the default one is time-stamped by each rank on its own), Hydra's multirun cannot
     sit inside the ranks (scripts/sweep_launch.py is the outer sweep)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a in ("--cfg", "-c", "--help", "-h", "--info") for a in argv):
+    if launch_rank()[1] <= 1 or any(a in ("--cfg", "-c", "--help", "-h", "--info") for a in argv):
         return
     if any(a in ("--multirun", "-m") for a in argv):
         fail("--multirun cannot run inside a multi-process launch (every rank would run the whole sweep): "

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -20,6 +19,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from kasa.config import launch_rank
 from kasa.data.errors import DataError
 from kasa.data.files import load_mt_bench_questions, read_rows
 from kasa.data.prompts import (
@@ -52,7 +52,7 @@ class InstructionTask(CausalLMTask):
         now is a warning, not an error (on one 24 GB GPU it often runs only after the training)."""
         self._rows(split, 1)
         judge = self._judge()
-        if int(os.environ.get("RANK", "0")) == 0 and (problem := judge.unanswered()) is not None:
+        if launch_rank()[0] == 0 and (problem := judge.unanswered()) is not None:
             print(f"warning: the judge at {judge.config.base_url} does not answer now ({problem}): start it before the "
                   "evaluation; if it is still down then, the responses are kept, and resume=auto (or kasa-eval) "
                   "judges them later", file=sys.stderr, flush=True)

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from kasa.config import launch_rank
+
 INTERRUPTED_EXIT = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -34,11 +36,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path | None = None, step: int | None = None) -> None:
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
         super().__init__(signal.Signals(signum).name)
-
-
-def launch_rank() -> tuple[int, int]:
-    """(this process's rank, the number of processes) as a launcher set them; (0, 1) for a process of its own."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _say(message: str) -> None:
