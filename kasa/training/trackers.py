@@ -90,6 +90,7 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         # a refused start leaves nothing: the trackers that did start are closed and their new files removed (a
         # TensorBoard log would otherwise sit beside the next start's in the same folder)
         end_trackers(accelerator, interrupted=False)
+        accelerator.trackers.clear()  # closed: the failed run's own ending (end_trackers) finds none to close again
         for path in sorted(_tracker_files(out) - written_before, reverse=True):  # a folder after what it holds
             with contextlib.suppress(OSError):  # what cannot go stays: the tracker's error is the one to report
                 path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()  # W&B links latest-run
