@@ -286,6 +286,26 @@ def test_multiprocess_launch_guards_are_one_clear_line(monkeypatch, capsys, env,
     assert last.startswith("error:") and expected in last
 
 
+def test_an_error_every_rank_met_alike_is_reported_by_rank_0_only(monkeypatch, capsys):
+    """A failed judge reaches every rank alike: a rank other than 0 says nothing and waits for the launcher to stop it
+    (a loaded machine may take longer than the pause given to other errors), rank 0 says it at once."""
+    from kasa.cli import common
+    from kasa.tasks.base import EvaluationFailed
+
+    def judge_fails() -> None:
+        raise EvaluationFailed("judging failed: row 2: HTTP 500")
+
+    monkeypatch.setattr(common, "SHARED_ERROR_WAIT_S", 0.0, raising=False)
+    monkeypatch.setattr(common, "OTHER_RANK_ERROR_DELAY_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "error: judging failed: row 2: HTTP 500\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_reporting_errors(judge_fails)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == said
+
+
 def test_a_multi_process_launch_keeps_every_ranks_arguments(monkeypatch):
     """Hydra writes no .hydra/ of its own (hydra.output_subdir is null): kasa writes it on the main process once the
     run is accepted (the launch test above checks that it is there), so no rank needs extra arguments."""

@@ -30,6 +30,8 @@ from kasa.run_dir import time_stamp
 USER_ERRORS = (ValueError, OSError, OmegaConfBaseException, HydraException, FloatingPointError)
 # How long a rank other than 0 of a multi-process launch waits before it reports an error (see `fail`)
 OTHER_RANK_ERROR_DELAY_S = 3.0
+# How long it waits, saying nothing, before it exits after an error that every rank met alike (see `fail`)
+SHARED_ERROR_WAIT_S = 60.0
 
 
 def _package_model(package: str) -> str:
@@ -207,13 +209,18 @@ def _what_it_takes(key: str, given: Any) -> str:
     return ""
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, every_rank_alike: bool = False) -> NoReturn:
     """`error: message` on stderr, exit status 2. Under a multi-process launch every rank mostly meets the same error
     (the same config, data and judge): rank 0 reports it at once and the others only after a pause, in which the
     launcher, seeing rank 0 exit, stops them; so the error is one line, not one per GPU, and an error that another
-    rank meets alone is still reported, by that rank, after the pause."""
+    rank meets alone is still reported, by that rank, after the pause. An error known to reach every rank alike (a
+    failed judge, which the main process asks and tells the others about) is reported by rank 0 only: the others
+    wait, silent, for the launcher to stop them, since a loaded machine can take longer than the pause to do so."""
     rank, processes = launch_rank()
     if processes > 1 and rank > 0:
+        if every_rank_alike:
+            time.sleep(SHARED_ERROR_WAIT_S)
+            sys.exit(2)
         time.sleep(OTHER_RANK_ERROR_DELAY_S)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -227,7 +234,7 @@ def run_reporting_errors(function: Callable[[], Any], own_keys: Sequence[str] = 
     except USER_ERRORS as err:
         if os.environ.get("KASA_DEBUG"):
             raise
-        fail(describe_error(err, own_keys))
+        fail(describe_error(err, own_keys), every_rank_alike=getattr(err, "every_rank_alike", False))
 
 
 def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str, ...], example: str) -> dict[str, str]:

@@ -14,7 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 class EvaluationFailed(ValueError):
     """An evaluation that failed on every process alike, at the same point and outside any collective operation (a
-    judge that the main process asks alone, then tells the others about): the processes can still save together."""
+    judge that the main process asks alone, then tells the others about): the processes can still save together, and
+    the main one alone reports it (kasa.cli.common.fail)."""
+
+    every_rank_alike = True
 
 
 class Task(Protocol):
