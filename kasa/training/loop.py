@@ -332,6 +332,9 @@ class TrainingRecipe:
         if deepspeed_plugin is not None:  # DeepSpeed sizes its engine from these; the loader was prepared above
             deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
             deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.trainer.grad_accum
+            # DeepSpeed clips inside its engine (accelerator.clip_grad_norm_ does nothing there), and Accelerate
+            # fills an "auto" clipping with 1.0: 0 is DeepSpeed's "no clipping", as max_grad_norm=null is kasa's
+            deepspeed_plugin.deepspeed_config["gradient_clipping"] = cfg.trainer.max_grad_norm or 0.0
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
 
     def resume(self, checkpoint: Path) -> None:
