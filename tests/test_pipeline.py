@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from cli_helpers import assert_one_line_error, run_cli, train_args, write_tsv
 from kasa.adapters import adapted_layers, load_adapter
-from kasa.run_dir import load_run_config
+from kasa.run_dir import load_run_config, read_config
 from kasa.tasks import build_task
 from kasa.tasks.models import load_tokenizer
 
@@ -69,17 +69,19 @@ def test_kasa_eval_reproduces_the_training_metric(classification_run: Path):
 
 def test_kasa_eval_on_other_task_settings_keeps_apart_and_reports_no_training_score(classification_run: Path,
                                                                                     tmp_path):
-    """Fewer evaluation examples measure something else than the training run did: the training run's score was
-    printed as this evaluation's reference, and its eval_validation.json replaced the checkpoint's own."""
+    """Fewer evaluation examples, or shorter rows, measure something else than the training run did: the training
+    run's score was printed as this evaluation's reference, and its eval_validation.json replaced the checkpoint's
+    own (a trainer.* override counted as no change until it was found changing the score)."""
     run_dir = Path(shutil.copytree(classification_run, tmp_path / "run"))
     own = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
     assert own.returncode == 0, own.stderr[-3000:]
     before = (run_dir / "checkpoints/best/eval_validation.json").read_text()
-    result = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", "task.max_eval_samples=4")
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", "task.max_eval_samples=4", "trainer.max_length=6",
+                     f"model.path={read_config(run_dir)['model']['path']}")  # the same model: no change
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert "reported_in_training" not in report and "reported by the training run" not in result.stdout
-    assert report["task_overrides"] == ["task.max_eval_samples=4"]
+    assert report["overrides"] == ["task.max_eval_samples=4", "trainer.max_length=6"]
     assert (run_dir / "checkpoints/best/eval_validation.json").read_text() == before
     kept = Path(report["output_dir"])
     assert kept.parent.parent == run_dir / "evaluations" and kept.name.startswith("validation-")

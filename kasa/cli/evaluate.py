@@ -16,11 +16,11 @@ checkpoint directory. They are written first to <run>/evaluations/<checkpoint>-s
 there when the training run saved over the checkpoint while it was evaluated (best/ and last/ of a run still
 training), or when judging fails (run again, kasa-eval reuses the responses and the scores saved there). One
 kasa-eval of a checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run
-beside it. An override of a task setting that changes what is measured (eval sets, sample counts, decoding, the
-judge's model; not task.data_dir, the split, the generation batch size, or where and how the judge is asked) makes
-another evaluation: it reports no training score, and its outputs stay in
-<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/ (eval_<split>.json records the overrides as
-`task_overrides`), never over the checkpoint's own.
+beside it. An override that changes what is measured (eval sets, sample counts, decoding, the judge's model,
+trainer.max_length, model.dtype, any setting but model.path, task.data_dir, the split, the batch sizes, and where and
+how the judge is asked) makes another evaluation: it reports no training score, and its outputs stay in
+<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/ (eval_<split>.json records them as `overrides`), never
+over the checkpoint's own.
 """
 
 from __future__ import annotations
@@ -59,12 +59,12 @@ if TYPE_CHECKING:
     from kasa.tasks import Task
 
 OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
-# task overrides that keep an evaluation the checkpoint's own: where the data lie, the split (which names the
-# evaluation already), the generation batch, and where and how the judge (the same judge model) is asked; any other
-# changes what is measured
-NEUTRAL_TASK_OVERRIDES = ("task.data_dir=", "task.eval_split=", "task.generation.batch_size=", "task.judge.base_url=",
-                          "task.judge.api_key_env=", "task.judge.max_retries=", "task.judge.timeout=",
-                          "task.judge.concurrency=")
+# Overrides that keep an evaluation the checkpoint's own: where the base model and the data lie, the split (which
+# names the evaluation already), the evaluation and generation batches, and where and how the judge (the same judge
+# model) is asked. Any other (task, trainer, model or method settings) changes what is measured.
+NEUTRAL_OVERRIDES = ("model.path=", "task.data_dir=", "task.eval_split=", "trainer.eval_batch_size=",
+                     "task.generation.batch_size=", "task.judge.base_url=", "task.judge.api_key_env=",
+                     "task.judge.max_retries=", "task.judge.timeout=", "task.judge.concurrency=")
 
 
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
@@ -96,10 +96,10 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
     state_file = checkpoint / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    # An evaluation on other task settings (eval sets, sample counts, decoding) measures something else than the
-    # training run did: it reports no training score, and its outputs keep a folder of their own under evaluations/
-    # instead of replacing the checkpoint's own eval_<split>.json.
-    changed = sorted(o for o in overrides if o.startswith("task.") and not o.startswith(NEUTRAL_TASK_OVERRIDES))
+    # An evaluation on other settings (eval sets, sample counts, decoding, max_length, dtype) measures something else
+    # than the training run did: it reports no training score, and its outputs keep a folder of their own under
+    # evaluations/ instead of replacing the checkpoint's own eval_<split>.json.
+    changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES))
     reported = state.get("score") if not changed and split == split_evaluated_in_training(run_dir, state) else None
     label = f"{split}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else split
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
@@ -156,7 +156,7 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         "score": main_metric(metrics, task.metric),
         "metrics": metrics,
         "merge": merge,  # eval_<split>.json of a merged model replaces the unmerged one's: it says which it holds
-        "task_overrides": changed,
+        "overrides": changed,
     }
     if reported is not None:
         result["reported_in_training"] = reported
