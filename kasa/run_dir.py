@@ -278,4 +278,13 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     logging = saved.get("logging")
     if isinstance(logging, dict) and "tensorboard" in logging:  # saved before logging.trackers replaced the flag
         logging["trackers"] = ["tensorboard"] if logging.pop("tensorboard") else []
+    for override in overrides or []:
+        key, _, value = override.partition("=")
+        node: Any = saved
+        for part in key.lstrip("+").split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # `model=roberta_base`: a config group, which only kasa-train composes
+            raise ValueError(f"{override} would replace the saved run's whole {key} settings, and a saved run's config "
+                             f"groups cannot be swapped: override single settings instead (e.g. {key}.{next(iter(node))}"
+                             f"=...), or train a run with {key}={value}")
     return validate(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides or []))))

@@ -184,6 +184,9 @@ def test_checkpoint_from_another_base_model(finished_run, tmp_path):
     ("task.no_such_key=1", ["unknown key task.no_such_key; valid keys under task: name"]),
     ("splt=test", ["unknown key splt (did you mean split?); valid keys: checkpoint, which, split, merge, batch_size, "
                    "model, task"]),
+    # a config group, which only composition can swap (it was a traceback, exit 1)
+    ("model=roberta_base", ["model=roberta_base would replace the saved run's whole model settings",
+                            "override single settings instead", "or train a run with model=roberta_base"]),
 ])
 def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragments):
     assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)
