@@ -127,6 +127,20 @@ def test_rows_split_by_rank_and_by_keys(tmp_path):
     assert [r.cells[("rte", "accuracy")].median for r in table.rows] == pytest.approx([0.55, 0.64, 0.59, 0.68])
 
 
+def test_a_cell_pooling_runs_of_different_settings_is_named(tmp_path, caplog):
+    """Two seeds with different learning rates were shown as one "median over seeds" without a word."""
+    for job, lr in enumerate(("1e-3", "1e-2")):
+        write_run(tmp_path / str(job), task="rte", method="kasa", seed=job, best=0.5 + job / 10,
+                  overrides=["method=kasa", f"seed={job}", f"trainer.lr={lr}"])
+    with caplog.at_level("WARNING"):
+        build_table(collect_runs([tmp_path]))
+    assert "KaSA on rte pools 2 runs that differ in trainer.lr: pass --by" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_table(collect_runs([tmp_path]), by=["trainer.lr"])
+    assert not caplog.text
+
+
 def test_a_single_run_directory_and_a_model_column(tmp_path):
     write_run(tmp_path / "a", task="rte", method="kasa", seed=0, best=0.8)
     (tmp_path / "a" / "config.json").write_text(json.dumps({"model": {"name": "FacebookAI/roberta-base"}}))

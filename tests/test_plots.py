@@ -246,8 +246,8 @@ def test_metric_against_truncation_rank(tmp_path):
 
 def test_sweep_plots_need_an_output_folder_for_several_sweeps(ablation_sweep, tmp_path):
     sweep, _ = ablation_sweep
-    with pytest.raises(ValueError, match="out_dir"):
-        plots.ablation([sweep, sweep])
+    with pytest.raises(ValueError, match=r"pass --out DIR \(kasa-plot, kasa-compare --plots\) or out_dir="):
+        plots.ablation([sweep, sweep])  # the message named only the Python argument, which kasa-plot users lack
     with pytest.raises(ValueError, match="ablation methods"):
         plots.ablation([], out_dir=tmp_path)
 

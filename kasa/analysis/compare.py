@@ -328,7 +328,11 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
             best = [float(r.summary["best"]) for r in members]
             seeds = [r.summary.get("seed") for r in members]
             repeated = [s for s, n in Counter(seeds).items() if n > 1]
-            if repeated:
+            differing = [k for k in differing_settings(members) if k not in keys]
+            if differing:  # a median over seeds of runs that are not the same run but for the seed
+                log.warning("%s on %s pools %d runs that differ in %s: pass --by with the key(s) that tell them apart",
+                            label, column[0], len(members), ", ".join(differing))
+            elif repeated:
                 log.warning("%s on %s pools runs with the same seed %s (runs of different settings?); pass --by "
                             "with the key that tells them apart", label, column[0], repeated)
             row.cells[column] = Cell(best, seeds, float(np.median(best)))

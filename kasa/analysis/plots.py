@@ -286,7 +286,8 @@ def _out_dir(source: Sequence[Any], out_dir: str | Path | None) -> Path:
     paths = [p for p in source if not isinstance(p, Run)]
     if len(paths) == 1:
         return Path(paths[0])
-    raise ValueError("pass out_dir: the plots of several directories need one folder to go to")
+    raise ValueError("the plots of several directories need one folder to go to: pass --out DIR (kasa-plot, "
+                     "kasa-compare --plots) or out_dir=... (Python)")
 
 
 def configured_truncation_rank(run: Run) -> int | None:
