@@ -273,6 +273,7 @@ def test_peft_export_of_an_authors_form_run_says_so_in_one_line(trained_run, tmp
 @pytest.mark.parametrize("args, expected", [
     (["format=onnx"], "unknown format"),
     (["output="], "missing output"),
+    (["output=", "outptu=x"], "missing output=... (outptu= is not a key: did you mean output?)"),  # named no typo
     (["checkpoint=/nonexistent/run"], "no checkpoint at /nonexistent/run"),
     (["overwrite=maybe"], "overwrite='maybe' is not a boolean: pass overwrite=true or overwrite=false"),
 ])
