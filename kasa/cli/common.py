@@ -253,7 +253,7 @@ def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str,
     args = dict(a.split("=", 1) for a in argv)
     for key in required:
         if not args.get(key):
-            typo = difflib.get_close_matches(key, [k for k in args if "." not in k], n=1)  # outptu=... for output=
+            typo = difflib.get_close_matches(key, [k for k in args if "." not in k and k not in required], n=1)
             fail(f"missing {key}=...{f' ({typo[0]}= is not a key: did you mean {key}?)' if typo else ''}: "
                  f"e.g. {example}")
     register_resolvers()
