@@ -29,6 +29,10 @@ from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
         (["method.target_modules=[query]"], ["method.target_modules follows the model",
                                              "set model.target_modules=... instead"]),
         (["method.beta=[1"], ["cannot parse the overrides"]),
+        (["seed=0,1"], ["Ambiguous value for argument 'seed=0,1'", "run with --multirun", "'key=[a,b]'"]),
+        (["+trainer.epochs=3"], ["An item is already at 'trainer.epochs'", "drop the + to set this one"]),
+        (["method.svd_method=qr"], ["unknown svd_method 'qr'; choose one of: gram, svd"]),  # refused after the load
+        (["method.svd_device=gpu0"], ["method.svd_device=gpu0 is not a device"]),  # a traceback, or unused if cached
         (["trainer.epochs=0"], ["trainer.epochs=0", ">= 1"]),
         (["trainer.grad_accum=0"], ["trainer.grad_accum=0"]),
         (["trainer.batch_size=0"], ["trainer.batch_size=0"]),

@@ -12,6 +12,7 @@ METHODS: dict[str, str] = {name: method.description for name, method in METHOD_T
 PEFT_METHODS = methods_where(peft=True)
 KASA_INITS = ("normal", "principal", "minor", "u_normal")
 ORTH_FORMS = ("paper", "authors")
+SVD_METHODS = ("gram", "svd")  # how the truncated components are computed (kasa.adapters.truncation)
 # The loss weights each method has: beta scales L2 = sum(dSigma^2), gamma scales L3 (orthogonality). No other
 # method has either term, so their beta and gamma settings mean nothing (tables leave them out).
 LOSS_WEIGHTS: dict[str, tuple[str, ...]] = {m.name: m.loss_weights for m in METHOD_TABLE.values() if m.loss_weights}
@@ -84,6 +85,8 @@ class AdapterConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}: use 0 to switch the term off")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"unknown svd_method {self.svd_method!r}; choose one of: {', '.join(SVD_METHODS)}")
         if self.orth_form not in ORTH_FORMS:
             raise ValueError(f"unknown orth_form {self.orth_form!r}; choose one of: {', '.join(ORTH_FORMS)}")
         if self.truncation_basis not in TRUNCATION_BASES:

@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kasa.adapters.calibration import InputMoments
+from kasa.adapters.config import SVD_METHODS
 from kasa.run_dir import write_atomically
 
 log = logging.getLogger(__name__)
 _cache_write_failed = False  # said once per process, not once per weight
 
 Which = Literal["smallest", "largest"]
-METHODS = ("gram", "svd")
 # Below this size a dense eigensolver is as fast as Lanczos and has no restrictions on r.
 _DENSE_EIGH_MAX_K = 256
 
@@ -80,8 +80,8 @@ def singular_components(
         raise ValueError(
             f"rank r={rank} must satisfy 0 < r < min(n, m) = {k} for a {n} x {m} weight: lower the rank"
         )
-    if method not in METHODS:
-        raise ValueError(f"unknown truncation method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown truncation method {method!r}; choose one of {', '.join(SVD_METHODS)}")
     if which not in ("smallest", "largest"):
         raise ValueError(f"which must be 'smallest' or 'largest', not {which!r}")
 

@@ -97,6 +97,11 @@ def _describe_hydra(err: HydraException, own_keys: Sequence[str]) -> str:
         return f"unknown {group} {name!r}; choose one of: {', '.join(_config_options(group))}"
     if isinstance(err, OverrideParseException):
         return f"cannot parse the overrides ({first}): write key=value, and quote lists, e.g. 'model.target_modules=[a,b]'"
+    if first.startswith("Ambiguous value for argument"):  # key=a,b without --multirun
+        return (f"{first}: several values are a sweep, run with --multirun (kasa-train --multirun key=a,b); one list "
+                "value is written in brackets, quoted for the shell: 'key=[a,b]'")
+    if first.startswith("Could not append to config. An item is already at"):  # +key=value on a key that is there
+        return f"{first} a + adds a key that is not there: drop the + to set this one"
     key = getattr(err.__cause__, "full_key", None)
     if key and isinstance(err.__cause__, ValidationError):  # a known key with a value of the wrong type
         return _wrong_value(key, err.__cause__)

@@ -125,6 +125,24 @@ def check_config_values(cfg: RunConfig) -> None:
     from kasa.tasks.models import attention_implementation
 
     attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
+    check_svd_device(cfg.method.svd_device)
+
+
+def check_svd_device(device: str | None) -> None:
+    """method.svd_device names a device torch knows and this machine has (it was first used after the model loaded,
+    and not at all when the decompositions came from the cache)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"method.svd_device={device} is not a device: use cpu, cuda, cuda:N, or null (a GPU when "
+                         "there is one)") from None
+    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"method.svd_device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s): use "
+                         "cpu, or null (a GPU when there is one)")
 
 
 def check_output_dir(out: Path) -> None:
