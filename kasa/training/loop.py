@@ -243,6 +243,10 @@ class TrainingRecipe:
         )
         self.main = self.accelerator.is_main_process
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and self.accelerator.state.deepspeed_plugin is None:
+            self.console.print(f"warning: the launch's DeepSpeed config is not in use: Accelerate runs "
+                               f"{self.accelerator.distributed_type.value} (ACCELERATE_USE_CPU=1 turns DeepSpeed off; "
+                               "unset it to run DeepSpeed on its CPU accelerator)")
 
     def clear_earlier_run(self) -> None:
         """A fresh start over an earlier run (overwrite=true) removes that run's logs, checkpoints, evaluations and
