@@ -166,6 +166,9 @@ def test_cli_writes_three_files_and_prints_the_table(runs, capsys):
     for name in ("comparison.md", "comparison.csv", "comparison.tex"):
         assert (root / "table" / name).is_file()
     assert "runs per cell: 5 (8 cells)" in (root / "table" / "comparison.md").read_text()
+    # --plots over runs that no sweep plot fits (lora, pissa and kasa at one rank) says so instead of nothing
+    assert compare_main([str(root), "--out", str(root / "table"), "--plots"]) == 0
+    assert "no plot: the runs hold no ablation" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = files["markdown"].parent
         done = run_reporting_errors(lambda: plot_sweep(args.dirs, out, args.metric_scale))
         written += [data["png"] for data in done.values()]
+        if not done:
+            print("\nno plot: the runs hold no ablation (an intermediate rung of the ladder), no method at two ranks "
+                  "and no truncating method at two truncation ranks")
     print("\nwritten: " + ", ".join(str(p) for p in written))
     return 0
 
