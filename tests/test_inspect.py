@@ -120,7 +120,14 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
                          "model, task"),
     (["output_dir=INPUT/train.tsv/report"], "cannot be created: INPUT/train.tsv is a file; choose another output_dir="),
 ])
-def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, extra, message):
+def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, monkeypatch, extra, message):
+    """Each refused before the model loads (the data's checks came after the load: minutes for an LLM)."""
+    from kasa.tasks.glue import GlueTask
+
+    def load_model(self):
+        raise AssertionError("the model loaded before the refusal")
+
+    monkeypatch.setattr(GlueTask, "load_model", load_model)
     out = tmp_path / "bad"
     extra = [arg.replace("INPUT", str(sentiment_dir)) for arg in extra]
     message = message.replace("INPUT", str(sentiment_dir))

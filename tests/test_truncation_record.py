@@ -12,7 +12,7 @@ from kasa.adapters import apply_adapters
 from kasa.cli.common import compose_run
 from kasa.tasks import build_task
 from kasa.training import loop
-from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
+from kasa.training.calibration import START_CHECK_EXAMPLES, batches_of, calibration_rows, damage_warning, mean_loss
 
 
 def run_config(model, data, out, *extra: str):
@@ -28,7 +28,8 @@ def test_summary_records_the_held_out_losses(tiny_model, sentiment_dir, tmp_path
     assert record == summary["truncation_loss"] and set(record) == {"base", "truncated"}
     task = build_task(cfg)
     tokenizer, model = task.load_model()
-    _, held = calibration_split(task.train_dataset(tokenizer), task.collator(tokenizer), cfg, START_CHECK_EXAMPLES)
+    dataset = task.train_dataset(tokenizer)
+    held = batches_of(dataset, calibration_rows(dataset, cfg, START_CHECK_EXAMPLES)[1], task.collator(tokenizer), cfg)
     assert sum(len(b["labels"]) for b in held) == min(START_CHECK_EXAMPLES, 32)  # the demo set has 32 rows
     assert record["base"] == pytest.approx(mean_loss(task.loss, model, held), abs=1e-6)
     apply_adapters(model, cfg.method)
@@ -71,7 +72,8 @@ def test_calibration_batches_group_similar_lengths():
     dataset = [{"input_ids": [1] * n} for n in lengths]
     cfg = SimpleNamespace(method=SimpleNamespace(calibration_samples=6, truncation_basis="activation"),
                           task=SimpleNamespace(train_split="train"), trainer=SimpleNamespace(batch_size=2))
-    calibration, held = calibration_split(dataset, lambda rows: [len(r["input_ids"]) for r in rows], cfg, held_out=4)
+    calibration, held = (batches_of(dataset, rows, lambda batch: [len(r["input_ids"]) for r in batch], cfg)
+                         for rows in calibration_rows(dataset, cfg, held_out=4))
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     assert [n for batch in calibration for n in batch] == sorted(lengths[i] for i in order[:6])
     assert [n for batch in held for n in batch] == [lengths[i] for i in order[6:]]

@@ -51,21 +51,23 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
 
     from kasa.adapters import adapted_layers, apply_adapters
     from kasa.tasks import build_task
-    from kasa.training.calibration import calibration_split, mean_loss, relative_increase
+    from kasa.tasks.models import load_tokenizer
+    from kasa.training.calibration import batches_of, calibration_rows, mean_loss, relative_increase
     from kasa.training.damage import measure_damage
 
     task = build_task(cfg)
-    tokenizer, model = task.load_model()
-    dataset = task.train_dataset(tokenizer)
-    calibration, held = calibration_split(dataset, task.collator(tokenizer), cfg, held_out)
-    examples = sum(len(b["input_ids"]) for b in held)
-    if examples < held_out:
+    dataset = task.train_dataset(load_tokenizer(cfg.model))  # the data's checks in seconds, before the model loads
+    calibration_part, held_part = calibration_rows(dataset, cfg, held_out)
+    if len(held_part) < held_out:
         raise ValueError(too_few_examples(len(dataset), held_out, cfg))
+    tokenizer, model = task.load_model()
+    calibration, held = (batches_of(dataset, rows, task.collator(tokenizer), cfg) for rows in (calibration_part,
+                                                                                               held_part))
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     base_loss = mean_loss(task.loss, model, held)
     apply_adapters(model, cfg.method, calibration=calibration, calibration_inputs=task.model_inputs)
-    truncated_loss, modules = measure_damage(model, task.loss, held, task.model_inputs)
+    truncated_loss, modules = measure_damage(model, task.loss, held, task.model_inputs, progress=True)
     rows = []
     for damage in modules:
         increase = relative_increase(base_loss, damage.loss)
@@ -90,7 +92,7 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
         "truncation_rank": cfg.method.removed_rank,
         "target_modules": cfg.method.target_modules,
         "calibration_examples": sum(len(b["input_ids"]) for b in calibration),
-        "held_out_examples": examples,
+        "held_out_examples": len(held_part),
         "output_dir": str(cfg.output_dir),
         "modules": rows,
         "flagged": [r["name"] for r in rows if r["flagged"]],

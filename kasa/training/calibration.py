@@ -20,10 +20,10 @@ START_CHECK_EXAMPLES = 32  # held-out examples whose loss the training loop meas
 DAMAGE_THRESHOLD = 0.05  # a relative loss increase above this is reported (kasa-train warns, kasa-inspect flags)
 
 
-def calibration_split(dataset: Dataset, collate: Callable[[list[Any]], Batch], cfg: RunConfig,
-                      held_out: int) -> tuple[list[Batch], list[Batch]]:
-    """(calibration batches, held-out batches) of `cfg.trainer.batch_size` examples. The calibration part is empty
-    unless the method truncates in the activation basis; the held-out part has up to `held_out` examples."""
+def calibration_rows(dataset: Dataset, cfg: RunConfig, held_out: int) -> tuple[list[int], list[int]]:
+    """(calibration rows, held-out rows) of `dataset`: the calibration part is empty unless the method truncates in
+    the activation basis; the held-out part has up to `held_out` rows. It needs the data only, so the commands call
+    it before the model loads: a training split too small fails in seconds."""
     wanted = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
     if len(dataset) == 0:
         raise ValueError(f"the training split {cfg.task.train_split!r} is empty: there is nothing to calibrate on")
@@ -34,14 +34,14 @@ def calibration_split(dataset: Dataset, collate: Callable[[list[Any]], Batch], c
     # Calibration batches of similar lengths: the statistics are sums over tokens, so the order is free, and the
     # forward pass computes on little padding. The held-out batches keep the permutation's order (their mean loss
     # is a mean over batches).
-    calibration = sorted(order[:wanted], key=lambda i: len(dataset[i]["input_ids"]))
-    rest = order[wanted:wanted + held_out]
-    return _batches(dataset, calibration, collate, cfg), _batches(dataset, rest, collate, cfg)
+    return sorted(order[:wanted], key=lambda i: len(dataset[i]["input_ids"])), order[wanted:wanted + held_out]
 
 
-def _batches(dataset: Dataset, indices: Sequence[int], collate: Callable, cfg: RunConfig) -> list[Batch]:
+def batches_of(dataset: Dataset, rows: Sequence[int], collate: Callable[[list[Any]], Batch],
+               cfg: RunConfig) -> list[Batch]:
+    """`rows` of `dataset` in batches of `cfg.trainer.batch_size` examples."""
     size = cfg.trainer.batch_size
-    return [collate([dataset[i] for i in indices[start:start + size]]) for start in range(0, len(indices), size)]
+    return [collate([dataset[i] for i in rows[start:start + size]]) for start in range(0, len(rows), size)]
 
 
 def mean_loss(loss: Callable[[nn.Module, Batch], torch.Tensor], model: nn.Module, batches: Sequence[Batch]) -> float:

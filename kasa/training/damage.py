@@ -51,15 +51,19 @@ def untruncated(layers: Sequence[AdaptedLayer]) -> Iterator[None]:
 
 
 def measure_damage(model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Tensor], batches: Sequence[Batch],
-                   model_inputs: ModelInputs) -> tuple[float, list[ModuleDamage]]:
+                   model_inputs: ModelInputs, progress: bool = False) -> tuple[float, list[ModuleDamage]]:
     """(loss with every adapted module truncated, each module's damage) of an adapted model on `batches`, whose
-    model inputs `model_inputs` makes (the task's)."""
+    model inputs `model_inputs` makes (the task's). `progress`: a bar on stderr over the modules, one loss pass each
+    (minutes for an LLM's hundreds of modules)."""
+    from tqdm.auto import tqdm
+
     layers = dict(adapted_layers(model))
     truncated_loss = mean_loss(loss, model, batches)
     with untruncated(list(layers.values())):
         statistics = _input_statistics(model, layers, batches, model_inputs)
         alone = {}
-        for name, layer in layers.items():
+        for name, layer in tqdm(layers.items(), desc="each module truncated alone", unit="module",
+                                disable=not progress):
             _set_truncated(layer, True)
             alone[name] = mean_loss(loss, model, batches)
             _set_truncated(layer, False)

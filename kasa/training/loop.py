@@ -74,7 +74,13 @@ from kasa.training.checkpoint import (
     save_training_state,
 )
 from kasa.tasks.batching import LengthGroupedSampler
-from kasa.training.calibration import START_CHECK_EXAMPLES, calibration_split, damage_warning, mean_loss
+from kasa.training.calibration import (
+    START_CHECK_EXAMPLES,
+    batches_of,
+    calibration_rows,
+    damage_warning,
+    mean_loss,
+)
 from kasa.training.console import Console
 from kasa.tasks.models import load_tokenizer, whole_weights
 from kasa.training.preflight import RunStart, check_config_values, check_not_a_sweep, check_run_start
@@ -270,6 +276,8 @@ class TrainingRecipe:
         self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         self.data_fingerprint = data_fingerprint(self.train_dataset)
+        if self.cfg.method.truncates:  # the examples the truncation is calibrated and checked on (apply_method)
+            self.calibration_rows = calibration_rows(self.train_dataset, self.cfg, START_CHECK_EXAMPLES)
         if self.resume_from is not None:  # the data the checkpoint was trained on
             self.start.config_changes |= check_same_data(self.resume_from, self.data_fingerprint,
                                                          self.cfg.resume_allow_changes)
@@ -297,9 +305,8 @@ class TrainingRecipe:
         if not cfg.method.truncates:
             apply_adapters(self.model, cfg.method)
             return
-        dataset = self.train_dataset
-        calibration, held_out = calibration_split(dataset, self.task.collator(self.tokenizer), cfg,
-                                                  START_CHECK_EXAMPLES)
+        collate = self.task.collator(self.tokenizer)
+        calibration, held_out = (batches_of(self.train_dataset, rows, collate, cfg) for rows in self.calibration_rows)
         if next(self.model.parameters()).device.type == "cpu":
             self.model.to(self.accelerator.device)  # calibration and measurements on the GPU when there is one
         base = mean_loss(self.task.loss, self.model, held_out) if held_out else None
