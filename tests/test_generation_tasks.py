@@ -440,6 +440,27 @@ def test_the_judge_scores_rows_concurrently(runs, tmp_path, concurrency):
     assert report["score"] == pytest.approx(summary_of(run_dir)["best"])
 
 
+def test_no_row_is_sent_after_a_row_failed(data, monkeypatch):
+    """A worker whose row failed used to take the next queued row before the main thread cancelled the queue: one
+    more request per failure. The judge fails at its first request; with one worker, nothing else is sent."""
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    judge = judge_failing_at(1)
+    cfg = RunConfig()
+    cfg.task.kind, cfg.task.data_dir = "instruction", str(data["instruction"])
+    cfg.task.judge.base_url, cfg.task.judge.api_key_env = judge.base_url, KEY_ENV
+    cfg.task.judge.max_retries, cfg.task.judge.concurrency = 0, 1
+    records = [{"instruction": f"say {i}", "responses": [f"{i}"]} for i in range(6)]
+    try:
+        with pytest.raises(ValueError, match="judging failed: row 0"):
+            build_task(cfg)._judge_all(records, None)
+    finally:
+        judge.stop()
+    assert len(judge.requests) == 1 and not any("scores" in r for r in records)
+
+
 def test_a_judge_concurrency_below_one_is_refused_at_start(runs):
     result = run_cli("kasa.cli.evaluate", f"checkpoint={runs['dirs']['instruction']}", "task.judge.concurrency=0",
                      env={**ENV, KEY_ENV: SECRET})

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -139,10 +140,19 @@ class InstructionTask(CausalLMTask):
         judge = self._judge()
         judged_by = f"{judge.config.model} at {judge.config.base_url}"
 
-        def score(record: dict[str, Any]) -> list[int]:
-            if "turns" in record:
-                return judge.judge_mt_bench_answer(record, record["responses"])
-            return judge.score_many({"instruction": record["instruction"], "response": r} for r in record["responses"])
+        failed = threading.Event()  # set by the worker whose row failed, before it can take the next queued row
+
+        def score(record: dict[str, Any]) -> list[int] | None:
+            if failed.is_set():  # a row failed while this one waited in the queue: not sent (None)
+                return None
+            try:
+                if "turns" in record:
+                    return judge.judge_mt_bench_answer(record, record["responses"])
+                return judge.score_many({"instruction": record["instruction"], "response": r}
+                                        for r in record["responses"])
+            except JudgeError:
+                failed.set()
+                raise
 
         _save_records(path, records)
         pool = ThreadPoolExecutor(max_workers=self.cfg.task.judge.concurrency)
@@ -155,7 +165,10 @@ class InstructionTask(CausalLMTask):
                     continue
                 index = futures[future]
                 try:
-                    records[index] |= {"scores": future.result(), JUDGED_BY: judged_by}
+                    scores = future.result()
+                    if scores is None:  # not sent: a row failed first
+                        continue
+                    records[index] |= {"scores": scores, JUDGED_BY: judged_by}
                 except JudgeError as err:
                     failures.append((index, err))
                     for other in futures:
