@@ -14,8 +14,10 @@ install:
 demo: install
 	kasa-train
 
+# Two worker processes (pytest-xdist; one on a one-core machine), each taking whole test files, so that a file's
+# module fixtures are built once: the suite is mostly single-threaded Python and waits on the subprocesses it starts.
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto --maxprocesses 2 --dist loadfile
 
 bench: install
 	$(PYTHON) scripts/bench_adapters.py

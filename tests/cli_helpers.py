@@ -117,6 +117,22 @@ def make_tiny_bert(folder: Path, hidden_size: int = 32) -> Path:
     return folder
 
 
+def make_deterministic_bert(folder: Path) -> Path:
+    """The tiny BERT classifier of the CLI tests, with every dropout off (ranks would draw different masks)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast.from_pretrained(folder).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
 def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
