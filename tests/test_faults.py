@@ -193,6 +193,17 @@ def test_good_values_pass():
     preflight.check_config_values(_config(head_lr=None, max_steps=5, save_every=1, max_grad_norm=1.0))
 
 
+def test_a_gpu_for_the_decompositions_is_checked_only_where_they_run():
+    """kasa-eval repeats no decomposition: a run that decomposed on a GPU evaluates on a machine without one."""
+    cfg = _config()
+    cfg.method.svd_device = "cuda:7"
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ValueError, match="method.svd_device=cuda:7: this machine has"):
+        preflight.check_config_values(cfg)
+    preflight.check_config_values(cfg, decomposes=False)
+
+
 def test_output_dir_that_is_a_file_or_unwritable(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

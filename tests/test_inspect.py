@@ -115,6 +115,7 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
     (["threshold=abc"], "not a number"),
     (["threshold=-1"], "threshold=-1.0 is not allowed: pass a relative loss increase >= 0"),
     (["held_out=0"], "held_out=0 is not allowed: pass a number of examples >= 1"),
+    (["method.svd_device=gpu0"], "method.svd_device=gpu0 is not a device"),
     (["recipe=glue/nonexistent"], "nonexistent"),
     (["threshhold=0.1"], "unknown key threshhold (did you mean threshold?); valid keys: threshold, held_out, output_dir, "
                          "model, task"),

@@ -83,7 +83,9 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
         overrides.append(f"{key}={args['batch_size']}")
     run_cfg = load_run_config(run_dir, overrides)
-    check_config_values(run_cfg)  # an override's value (decoding, attention) is refused before the model loads
+    # an override's value (decoding, attention) is refused before the model loads; the saved svd_device is not
+    # checked: the run may have decomposed on a GPU this machine lacks, and evaluating repeats no decomposition
+    check_config_values(run_cfg, decomposes=False)
     split = str(args.get("split") or run_cfg.task.eval_split)
     for folder in (checkpoint, run_dir):  # before the model loads, not after the evaluation
         if not os.access(folder, os.W_OK):
@@ -131,8 +133,8 @@ def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | N
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
                     reported: float | None, split: str, staged: Path, merge: bool,
                     changed: list[str]) -> dict[str, Any]:
-    """Load, evaluate into `staged`, and place the outputs (place_outputs), unless `changed` (the overrides of task
-    settings that change what is measured) keeps them in `staged`. `reported`: the training run's score for the
+    """Load, evaluate into `staged`, and place the outputs (place_outputs), unless `changed` (the overrides that
+    change what is measured) keeps them in `staged`. `reported`: the training run's score for the
     checkpoint on this split, if it evaluated it there with these settings."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize

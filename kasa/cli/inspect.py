@@ -55,14 +55,17 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     from kasa.training.calibration import batches_of, calibration_rows, mean_loss, relative_increase
     from kasa.training.damage import measure_damage
 
+    from kasa.training.preflight import check_svd_device
+
+    check_svd_device(cfg.method.svd_device)
     task = build_task(cfg)
     dataset = task.train_dataset(load_tokenizer(cfg.model))  # the data's checks in seconds, before the model loads
     calibration_part, held_part = calibration_rows(dataset, cfg, held_out)
     if len(held_part) < held_out:
         raise ValueError(too_few_examples(len(dataset), held_out, cfg))
     tokenizer, model = task.load_model()
-    calibration, held = (batches_of(dataset, rows, task.collator(tokenizer), cfg) for rows in (calibration_part,
-                                                                                               held_part))
+    collate = task.collator(tokenizer)
+    calibration, held = (batches_of(dataset, rows, collate, cfg) for rows in (calibration_part, held_part))
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     base_loss = mean_loss(task.loss, model, held)

@@ -116,8 +116,10 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def check_config_values(cfg: RunConfig) -> None:
-    """Values the schema's types allow but a run cannot use (epochs 0, lr -1, ...): the first one found, named."""
+def check_config_values(cfg: RunConfig, decomposes: bool = True) -> None:
+    """Values the schema's types allow but a run cannot use (epochs 0, lr -1, ...): the first one found, named.
+    `decomposes`: whether the command truncates weights (not kasa-eval, which loads the removed components), and so
+    needs method.svd_device on this machine."""
     for key, (test, requirement) in _RULES.items():
         value = _get(cfg, key)
         if not test(value):
@@ -125,7 +127,8 @@ def check_config_values(cfg: RunConfig) -> None:
     from kasa.tasks.models import attention_implementation
 
     attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
-    check_svd_device(cfg.method.svd_device)
+    if decomposes:
+        check_svd_device(cfg.method.svd_device)
 
 
 def check_svd_device(device: str | None) -> None:
