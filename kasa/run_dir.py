@@ -174,16 +174,21 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def find_checkpoint(path: str | Path, which: str = BEST_CHECKPOINT) -> tuple[Path, Path]:
-    """(checkpoint directory, run directory) for a run directory or a checkpoint directory. A run without the
-    `which` checkpoint (best or last) falls back to `last` (a run with trainer.save_best=false has no `best`). A
-    checkpoint directory outside a run is its own run directory."""
-    if which not in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+def find_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path, Path]:
+    """(checkpoint directory, run directory) for a run directory or a checkpoint directory. In a run directory
+    `which` picks the checkpoint (best, the default, or last); a run without `best` falls back to `last` (a run with
+    trainer.save_best=false has none). A checkpoint directory outside a run is its own run directory; `which` given
+    with a checkpoint directory is an error, since it would be ignored."""
+    if which is not None and which not in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         raise ValueError(f"which={which!r} names no checkpoint: choose {BEST_CHECKPOINT} or {LAST_CHECKPOINT}, or pass "
                          "a checkpoint directory (e.g. checkpoints/step-00000100) as checkpoint=")
     path = Path(path)
     if (path / ADAPTER_WEIGHTS_FILE).is_file():
+        if which is not None:
+            raise ValueError(f"which={which} picks a checkpoint inside a run directory, but {path} is a checkpoint "
+                             f"directory itself: drop which=, or pass its run directory")
         return path, (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
+    which = which or BEST_CHECKPOINT
     names = list(dict.fromkeys((which, LAST_CHECKPOINT)))
     for name in names:
         if (path / CHECKPOINTS_DIR / name / ADAPTER_WEIGHTS_FILE).is_file():

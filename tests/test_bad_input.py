@@ -243,3 +243,14 @@ def test_a_run_without_an_evaluated_checkpoint_names_its_newest_step_checkpoint(
     assert steps
     result = run_cli("kasa.cli.evaluate", f"checkpoint={run_copy}")
     assert_one_line_error(result, f"{run_copy} has no best/ or last/ checkpoint", f"e.g. the newest, {steps[-1]}")
+
+
+@pytest.mark.parametrize("module", ["kasa.cli.evaluate", "kasa.cli.export"])
+def test_which_with_a_checkpoint_directory(finished_run, tmp_path, module):
+    """which= picks a checkpoint inside a run directory; given with a checkpoint directory it was silently ignored
+    (which=last exported best/)."""
+    output = [f"output={tmp_path / 'export'}"] if module == "kasa.cli.export" else []
+    result = run_cli(module, f"checkpoint={finished_run / 'checkpoints' / 'best'}", "which=last", *output)
+    assert_one_line_error(result, "which=last picks a checkpoint inside a run directory",
+                          "drop which=, or pass its run directory")
+    assert not (tmp_path / "export").exists()

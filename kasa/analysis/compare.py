@@ -19,7 +19,6 @@ precision, with the number of runs per cell) and comparison.tex (booktabs, \\tex
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field

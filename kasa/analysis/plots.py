@@ -41,7 +41,6 @@ from kasa.run_dir import (
     ABLATION_FIGURE,
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
-    BEST_CHECKPOINT,
     METRICS_FILE,
     RANK_FIGURE,
     RANK_TABLE_FILE,
@@ -139,7 +138,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 # Figure 4: knowledge-aware singular values per layer and position
 
 
-def singular_values(path: str | Path, which: str = BEST_CHECKPOINT,
+def singular_values(path: str | Path, which: str | None = None,
                     out_dir: str | Path | None = None) -> dict[str, Any]:
     """Figure 4: heatmaps of the learned dSigma (raw parameter values; the update is scaled by alpha / r on top), one
     per adapted matrix type, layer index on x and position on y."""
@@ -476,7 +475,7 @@ def truncation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path
 # Everything that applies
 
 
-def plot_run(run_dir: str | Path, layer: int | None = None, which: str = BEST_CHECKPOINT,
+def plot_run(run_dir: str | Path, layer: int | None = None, which: str | None = None,
              out_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The single-run plots the run's files support (figure 4 for KaSA checkpoints, figure 11 when
     regularization.jsonl exists)."""
@@ -491,6 +490,8 @@ def plot_run(run_dir: str | Path, layer: int | None = None, which: str = BEST_CH
     try:
         done["singular_values"] = singular_values(run_dir, which, out_dir)
     except (FileNotFoundError, ValueError) as err:
+        if which is not None:  # figure 4's checkpoint asked for by name: say why it cannot be drawn
+            raise
         log.info("no singular-value plot: %s", err)
     return done
 

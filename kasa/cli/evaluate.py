@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
 from kasa.run_dir import (
-    BEST_CHECKPOINT,
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
     LOCK_FILE,
@@ -76,7 +75,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     merge = bool_argument(args, "merge", False)  # the arguments before anything loads
     if "batch_size" in args and not (args["batch_size"].isdigit() and int(args["batch_size"]) >= 1):
         raise ValueError(f"batch_size={args['batch_size']!r} is not allowed: pass a whole number >= 1")
-    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", BEST_CHECKPOINT)))
+    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), args.get("which"))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
     if "batch_size" in args:  # classification evaluates in batches of its own; generation tasks generate in batches
         kind = read_config(run_dir).get("task", {}).get("kind", "glue")

@@ -33,7 +33,6 @@ from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_er
 from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
-    BEST_CHECKPOINT,
     CHECKPOINTS_DIR,
     STATE_FILE,
     check_checkpoint_unchanged,
@@ -91,7 +90,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown format={fmt!r}; choose one of: {', '.join(FORMATS)}")
     output = Path(str(args["output"])).expanduser().absolute()
     overwrite = bool_argument(args, "overwrite", False)
-    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), str(args.get("which", BEST_CHECKPOINT)))
+    checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), args.get("which"))
     checkpoint, run_dir = checkpoint.absolute(), run_dir.absolute()
     if output == checkpoint or output in checkpoint.parents:
         raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")

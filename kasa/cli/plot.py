@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the run or sweep directory; required for several sweeps)")
     parser.add_argument("--layer", type=int, default=None, help="figure 11's layer (default: the last)")
-    parser.add_argument("--checkpoint", default=BEST_CHECKPOINT, choices=(BEST_CHECKPOINT, LAST_CHECKPOINT),
-                        help="figure 4's checkpoint: best (default) or last")
+    parser.add_argument("--checkpoint", choices=(BEST_CHECKPOINT, LAST_CHECKPOINT),
+                        help="figure 4's checkpoint in a run directory: best (default) or last")
     parser.add_argument("--metric-scale", type=float, default=1.0, help="multiply the scores (e.g. 100)")
     args = parser.parse_args(argv)
     if not args.metric_scale > 0:
