@@ -88,6 +88,13 @@ def test_a_start_refused_after_the_lock_leaves_no_run_directory(tiny_model, tmp_
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE, "notes.txt"]
 
 
+def test_an_override_the_method_does_not_use_is_a_warning_before_the_start(tiny_model, tmp_path):
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, tmp_path / "nowhere", tmp_path / "run"),
+                     "method=lora", "method.beta=0.5")
+    assert "warning: method.beta=0.5 changes nothing with method=lora: it applies to kasa_l2, kasa\n" in result.stderr
+    assert_one_line_error(result, "task.data_dir")  # refused after the warning: the override is not an error
+
+
 @pytest.mark.parametrize("record", SWEEP_RECORDS)
 def test_a_sweeps_folder_is_not_a_run_directory(tiny_model, sentiment_dir, tmp_path, record):
     """`resume=auto hydra.run.dir=<sweep dir>` trained a run beside the sweep's runs; refused, the folder untouched."""

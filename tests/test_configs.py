@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from kasa.adapters.config import METHODS, AdapterConfig
 from kasa.cli.common import default_to_demo
+from kasa.training.preflight import unused_override_warnings
 from kasa.config import (
     TASK_KIND_NAMES,
     LoggingConfig,
@@ -262,6 +263,26 @@ def test_every_method_composes_under_a_recipe(hydra_initialised, method, tmp_pat
     assert run.method.method == method
     assert (run.method.beta, run.method.gamma, run.method.rank) == (1e-1, 1e-3, 8)
     assert run.method.target_modules == ["query", "value"]
+
+
+@pytest.mark.parametrize("overrides, warnings", [
+    # the recipe's beta and gamma under method=lora are no override: no warning
+    (["method=lora"], []),
+    (["method=lora", "method.beta=0.5", "method.svd_cache_dir=null"],
+     ["warning: method.beta=0.5 changes nothing with method=lora: it applies to kasa_l2, kasa"]),
+    (["method=kasa_sv", "++method.gamma=0.2", "method.init=principal"],
+     ["warning: method.gamma=0.2 changes nothing with method=kasa_sv: it applies to kasa"]),
+    (["method=full", "method.rank=4"],
+     ["warning: method.rank=4 changes nothing with method=full: it applies to every method but full, bitfit"]),
+    (["method=kasa", "method.calibration_samples=16"],
+     ["warning: method.calibration_samples=16 changes nothing with method=kasa: it applies to "
+      "truncation_basis=activation"]),
+    (["method=kasa", "method.truncation_basis=activation", "method.calibration_samples=16", "method.beta=0.5"], []),
+])
+def test_an_override_the_method_does_not_use_is_named(hydra_initialised, tmp_path, overrides, warnings):
+    """A sweep of beta under method=lora trained one run several times, without a word."""
+    run = _validate(_compose(["recipe=glue/roberta_base_mrpc", *overrides], tmp_path))
+    assert unused_override_warnings(run, ["recipe=glue/roberta_base_mrpc", *overrides]) == warnings
 
 
 @pytest.mark.parametrize("model", MODELS)

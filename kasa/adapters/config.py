@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from kasa.adapters.methods import METHOD_TABLE, methods_where
+from kasa.adapters.methods import METHOD_TABLE, Method, methods_where
 
 METHODS: dict[str, str] = {name: method.description for name, method in METHOD_TABLE.items()}  # name -> what it is
 PEFT_METHODS = methods_where(peft=True)
@@ -19,6 +19,21 @@ LOSS_WEIGHTS: dict[str, tuple[str, ...]] = {m.name: m.loss_weights for m in METH
 TRUNCATING_METHODS = methods_where(truncates=True)  # remove minor components that no adapter holds
 CONFIG_ATTRIBUTE = "kasa_adapter_config"  # where an adapted model keeps its AdapterConfig
 TRUNCATION_BASES = ("weight", "activation")
+
+
+# Settings of the trained model that only some methods use: setting -> whether a method uses it. Setting one that
+# the run's method does not use changes nothing, which kasa-train says (a sweep over beta with method=lora repeats
+# one run). Where and how the work runs (svd_device, svd_cache_dir, svd_method, calibration_memory_gib) is not here.
+METHOD_SETTINGS: dict[str, Callable[[Method], bool]] = {
+    "beta": lambda m: "beta" in m.loss_weights,
+    "gamma": lambda m: "gamma" in m.loss_weights,
+    "orth_form": lambda m: "gamma" in m.loss_weights,
+    "init": lambda m: m.block == "kasa",
+    **dict.fromkeys(("truncation_rank", "truncation_basis"), lambda m: m.truncates),
+    "peft_options": lambda m: m.peft,
+    **dict.fromkeys(("rank", "alpha", "dropout", "target_modules", "fused_modules"), lambda m: m.ranked),
+}
+CALIBRATION_SETTINGS = ("calibration_samples", "calibration_damping")  # used by truncation_basis=activation
 
 
 def has_loss_weight(method: str, weight: str) -> bool:
@@ -137,6 +152,18 @@ class AdapterConfig:
     @property
     def effective_gamma(self) -> float:
         return self.gamma if has_loss_weight(self.method, "gamma") else 0.0
+
+    def unused_settings(self) -> dict[str, str]:
+        """The settings this run does not use, each with where it applies: {setting: "kasa, kasa_l2"}."""
+        unused = {}
+        for name, uses in METHOD_SETTINGS.items():
+            if not uses(METHOD_TABLE[self.method]):
+                users = [m.name for m in METHOD_TABLE.values() if uses(m)]
+                others = [m.name for m in METHOD_TABLE.values() if not uses(m)]
+                unused[name] = ", ".join(users) if len(users) <= len(others) else f"every method but {', '.join(others)}"
+        if self.truncation_basis != "activation":
+            unused |= dict.fromkeys(CALIBRATION_SETTINGS, "truncation_basis=activation")
+        return unused
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

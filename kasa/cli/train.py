@@ -56,9 +56,12 @@ def _run(cfg: DictConfig) -> float:
 
         resolved = resolve(cfg)
         run_cfg = validate(resolved)
-        from kasa.training.preflight import check_config_values
+        from kasa.training.preflight import check_config_values, unused_override_warnings
 
         check_config_values(run_cfg)  # also the loop's first check: here, a bad value is refused in a second, not six
+        if launch_rank()[0] == 0:
+            for line in unused_override_warnings(run_cfg, list(hydra_config.overrides.task)):
+                print(line, file=sys.stderr)
         quiet_libraries()
         from kasa.training.loop import train  # heavy imports (torch, transformers, accelerate) once the config is valid
         from kasa.training.signals import (

@@ -131,6 +131,21 @@ def check_config_values(cfg: RunConfig, decomposes: bool = True) -> None:
         check_svd_device(cfg.method.svd_device)
 
 
+def unused_override_warnings(cfg: RunConfig, overrides: list[str]) -> list[str]:
+    """A warning line for each command-line override of a method setting that the run's method does not use
+    (method=lora method.beta=0.1): the run is the same without it."""
+    unused = cfg.method.unused_settings()
+    lines = []
+    for override in overrides:
+        key, assigns, _ = override.partition("=")
+        section, _, setting = key.lstrip("+~").partition(".")
+        if assigns and section == "method" and setting.split(".")[0] in unused:
+            name = setting.split(".")[0]
+            lines.append(f"warning: method.{name}={_get(cfg, f'method.{name}')} changes nothing with "
+                         f"method={cfg.method.method}: it applies to {unused[name]}")
+    return lines
+
+
 def check_svd_device(device: str | None) -> None:
     """method.svd_device names a device torch knows and this machine has (it was first used after the model loaded,
     and not at all when the decompositions came from the cache)."""
