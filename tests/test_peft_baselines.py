@@ -4,16 +4,18 @@ and one run each through kasa-train. Skipped when peft is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
-pytest.importorskip("peft")
+import kasa
+from cli_helpers import run_cli, train_args
+from kasa.adapters import peft_baselines
 
-import kasa  # noqa: E402
-from kasa.adapters import peft_baselines  # noqa: E402
-from cli_helpers import run_cli, train_args  # noqa: E402
+# find_spec, not importorskip: importing peft at collection cost every test worker seconds
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (kasa[peft])")
 
 HIDDEN, LAYERS, VOCAB = 32, 2, 30
 MODULES = 2 * LAYERS  # query and value of every layer, each HIDDEN x HIDDEN

@@ -3,18 +3,22 @@ quantized, save/load is exact and SVD-free, merging is explicit, unsupported com
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import transformers
 
-pytest.importorskip("bitsandbytes")
+import kasa
+from kasa.adapters import quantized, truncation
+from kasa.adapters.layer import AdaptedLayer
+from kasa.adapters.model import adapted_layers
+from kasa.config import ModelConfig, RunConfig
+from kasa.tasks.models import load_causal_lm
 
-import kasa  # noqa: E402
-from kasa.adapters import quantized, truncation  # noqa: E402
-from kasa.adapters.layer import AdaptedLayer  # noqa: E402
-from kasa.adapters.model import adapted_layers  # noqa: E402
-from kasa.config import ModelConfig, RunConfig  # noqa: E402
-from kasa.tasks.models import load_causal_lm  # noqa: E402
+# find_spec, not importorskip: importing bitsandbytes at collection cost every test worker a second or more
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                reason="bitsandbytes is not installed (kasa[quant])")
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
