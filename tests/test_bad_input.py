@@ -67,21 +67,22 @@ def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
 
 @pytest.mark.parametrize("override", ["trainer.lr=-1", "model.dtype=float8", "model.attn_implementation=flash"])
 def test_a_refused_value_leaves_no_run_directory(tiny_model, sentiment_dir, tmp_path, override):
-    """Checked before kasa locks or writes the folder; Hydra has created it, empty, by then, and it goes."""
-    run_dir = tmp_path / "run"
+    """Checked before kasa locks or writes the folder; Hydra has created it, empty, by then, and it goes, with the
+    parents Hydra created for it."""
+    run_dir = tmp_path / "runs" / "demo" / "run"
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), override)
     assert_one_line_error(result, override.split("=")[0])
-    assert not run_dir.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_start_refused_after_the_lock_leaves_no_run_directory(tiny_model, tmp_path):
     """Refused once the folder is locked (its data): the lock file and the folder go too; a folder with anything
     else in it stays as it was."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "run"
     result = run_cli("kasa.cli.train", *train_args(tiny_model, tmp_path / "nowhere", run_dir))
     assert_one_line_error(result, "nowhere", "task.data_dir")
-    assert not run_dir.exists()
-    run_dir.mkdir()
+    assert list(tmp_path.iterdir()) == []  # the parent Hydra created too
+    run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("mine")
     result = run_cli("kasa.cli.train", *train_args(tiny_model, tmp_path / "nowhere", run_dir))
     assert_one_line_error(result, "nowhere", "task.data_dir")

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 FAILED_SWEEP_JOBS: list[str] = []
 """The jobs of this process's --multirun that stopped with an error (their run directory and the error's line)."""
 
+CREATED_PARENTS: list[Path] = []
+"""The parents of this process's run folder that did not exist before Hydra made it, the deepest first."""
+
 
 def _run(cfg: DictConfig) -> float:
     hydra_config = HydraConfig.get()
@@ -89,7 +92,9 @@ def _run(cfg: DictConfig) -> float:
         try:
             return run_reporting_errors(job)
         except BaseException:  # Hydra made the run's folder before its config could be refused: none stays empty
-            remove_if_empty(hydra_config.runtime.output_dir)
+            for folder in (Path(hydra_config.runtime.output_dir), *CREATED_PARENTS):
+                if folder.exists() and not remove_if_empty(folder):  # gone: kasa removed it with its lock file
+                    break
             raise
     # One job's error (a diverging setting, a full disk, an unreachable judge) must not cost the sweep's other jobs:
     # it is reported now, and again when the sweep ends, which then exits with status 2.
@@ -104,10 +109,14 @@ def _run(cfg: DictConfig) -> float:
         return math.nan
 
 
-class SweepCallback(Callback):
-    """Before a --multirun starts, check its folder (not a run's) and every job's config (a bad value in the last
-    combination must not wait for the others to train); after it, write the sweep summary (markdown, CSV, beta x
-    gamma heatmap) and report the jobs that failed."""
+class TrainCallback(Callback):
+    """Before a run starts, note which of its folder's parents Hydra is about to create (a refused start removes
+    them, empty, with the folder). Before a --multirun starts, check its folder (not a run's) and every job's config
+    (a bad value in the last combination must not wait for the others to train); after it, write the sweep summary
+    (markdown, CSV, beta x gamma heatmap) and report the jobs that failed."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        CREATED_PARENTS[:] = [parent for parent in Path(config.hydra.run.dir).parents if not parent.exists()]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         FAILED_SWEEP_JOBS.clear()
