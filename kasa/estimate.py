@@ -268,6 +268,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
     LM's loss counted over `loss_share` of the columns; on a GPU, or with `device="cpu"` as the CPU runs attention
     (module docstring)."""
     from kasa.adapters.model import count_parameters
+    from kasa.adapters.quantized import check_quantization
 
     if not 0 < loss_share <= 1:
         raise ValueError(f"loss_share must be in (0, 1], got {loss_share}: the share of the columns that predict a "
@@ -276,6 +277,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         raise ValueError(f"unknown sharding={sharding!r}; choose one of: {', '.join(SHARDINGS)}")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    check_quantization(cfg.model.quantization, cfg.method.method, sharded=sharding != "none")  # as kasa-train would
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     architecture = architecture if architecture is not None else load_architecture(cfg.model)
@@ -337,7 +339,7 @@ def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: in
     options: list[tuple[list[str], Any]] = [([], cfg)]
     if not cfg.model.gradient_checkpointing:
         options.append((["model.gradient_checkpointing=true"], _with(cfg, model={"gradient_checkpointing": True})))
-    if cfg.model.quantization is None and cfg.method.method in QUANTIZABLE_METHODS:
+    if cfg.model.quantization is None and cfg.method.method in QUANTIZABLE_METHODS and sharding == "none":
         options += [(o + ["model.quantization=nf4"], _with(c, model={"quantization": "nf4"})) for o, c in options]
     found = []
     architecture = load_architecture(cfg.model)

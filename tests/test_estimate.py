@@ -119,6 +119,15 @@ def test_nf4_and_sharding_shrink_what_they_should(tmp_path) -> None:
     assert zero3["bytes"]["optimizer"] == plain["bytes"]["optimizer"] // 4
 
 
+def test_no_nf4_suggestion_under_sharding(capsys) -> None:
+    """nf4 does not run sharded, so a sharded run that does not fit is not told to use it."""
+    estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=10GiB", "num_processes=2", "sharding=fsdp"])
+    out = capsys.readouterr().out.split("does NOT fit")[1]
+    assert "fits with trainer.batch_size=4 trainer.grad_accum=4" in out and "nf4" not in out
+    estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=8GiB", "num_processes=2", "sharding=fsdp"])
+    assert "fits: use more processes (num_processes) or a larger GPU" in capsys.readouterr().out
+
+
 def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=16GiB"])
     out = capsys.readouterr().out
@@ -140,6 +149,9 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     (["recipe"], "arguments must be key=value"),
     (["gpu_memroy=24GiB"], "unknown key gpu_memroy (did you mean gpu_memory?); valid keys: gpu_memory, num_processes, "
                            "sharding, loss_share, model, task"),
+    # kasa-train refuses a quantized base under FSDP or DeepSpeed: the estimate said it fits
+    (["model.quantization=nf4", "num_processes=4", "sharding=zero3"],
+     "model.quantization=nf4 runs on one GPU or under DDP (multi_gpu.json), not under FSDP or DeepSpeed"),
     # was transformers' "Repo id must use alphanumeric chars ...", about a Hub id
     (["model.path=/nonexistent/kasa-model"], "model.path='/nonexistent/kasa-model' is not a folder: pass the folder "
                                              "holding config.json"),

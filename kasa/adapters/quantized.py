@@ -37,11 +37,14 @@ NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: the absmax values are themselves 8-bit, one float32 scale per 256
 
 
-def check_quantization(quantization: str | None, method: str) -> None:
-    """Fail at start for an unknown quantization or a method that cannot run on a quantized base."""
+def check_quantization(quantization: str | None, method: str, sharded: bool | None = None) -> None:
+    """Fail at start for an unknown quantization, a method that cannot run on a quantized base, or a launch under
+    FSDP or DeepSpeed (`sharded`; by default read from the environment Accelerate's launcher sets)."""
     if quantization is None:
         return
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    if sharded is None:
+        sharded = os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if sharded:
         raise ValueError(f"model.quantization={quantization} runs on one GPU or under DDP (multi_gpu.json), not "
                          "under FSDP or DeepSpeed, which would shard the packed 4/8-bit weights")
     if quantization not in QUANTIZATIONS:

@@ -73,8 +73,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     for overrides, peak in found:
         print(f"  fits with {overrides}  (peak {_gib(peak)})")
     if not fits and not found:
-        print("  no combination of checkpointing, nf4 and smaller micro-batches fits: use more GPUs with "
-              "sharding=zero3 or a larger GPU")
+        tried = "checkpointing, nf4 and smaller micro-batches" if sharding == "none" else (
+            "checkpointing and smaller micro-batches (nf4 does not run sharded)")
+        more = "more GPUs with sharding=zero3" if sharding == "none" else "more processes (num_processes)"
+        print(f"  no combination of {tried} fits: use {more} or a larger GPU")
     return {**estimate, "gpu_memory_bytes": gpu_bytes, "fits": fits,
             "fit_overrides": [{"overrides": o, "peak_bytes": p} for o, p in found]}
 
