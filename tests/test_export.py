@@ -26,6 +26,7 @@ from conftest import build_gpt2, build_roberta, outputs, randomize_adapters, ran
 from kasa.adapters.peft_format import (
     AUTHORS_ORTH_FORM_NOTE,
     check_peft_exportable,
+    check_peft_expressible,
     peft_regularizer,
     peft_state,
     save_peft_adapter,
@@ -387,3 +388,9 @@ def test_peft_format_refusals(make, config, expected):
     with pytest.raises(ValueError, match=expected) as err:
         check_peft_exportable(model)
     assert "\n" not in str(err.value)
+
+
+def test_a_quantized_lora_run_is_told_format_merged_at_once():
+    """The method first: a quantized LoRA run was told to add model.quantization=null, then that LoRA cannot go."""
+    with pytest.raises(ValueError, match="format=peft exports KaSA adapters only .* method=lora: use format=merged"):
+        check_peft_expressible(kasa.AdapterConfig(method="lora"), "nf4")

@@ -64,18 +64,19 @@ def peft_task_type(model: nn.Module) -> str | None:
 
 def check_peft_expressible(config: AdapterConfig, quantization: str | None) -> None:
     """Raise a one-line ValueError if an adapter of this `config`, trained over a base of this `quantization`, cannot
-    be written in PEFT's KaSA format: what the saved config alone says, checked before any model loads."""
+    be written in PEFT's KaSA format: what the saved config alone says, checked before any model loads. The method
+    first: no other setting makes another method's adapter exportable."""
+    if config.method not in KASA_METHODS:
+        raise ValueError(
+            f"format=peft exports KaSA adapters only (method kasa, kasa_l2 or kasa_sv), this checkpoint is "
+            f"method={config.method}: use format=merged"
+        )
     if quantization is not None:
         raise ValueError(
             f"format=peft needs a float base: this run trained over model.quantization={quantization}, and PEFT's KaSA "
             "would run as plain LoRA on bitsandbytes layers. Use format=merged (the dequantized base, merged), or "
             "add model.quantization=null to export the adapter for the float model, as QLoRA adapters are used "
             "(its outputs then differ from the trained model's by the quantization's rounding)"
-        )
-    if config.method not in KASA_METHODS:
-        raise ValueError(
-            f"format=peft exports KaSA adapters only (method kasa, kasa_l2 or kasa_sv), this checkpoint is "
-            f"method={config.method}: use format=merged"
         )
     if config.init == "principal":
         raise ValueError(
