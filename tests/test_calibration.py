@@ -5,6 +5,8 @@ the weight basis, exact reload without calibration, cache keys), checked against
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -275,3 +277,17 @@ def test_peft_export_refuses_the_activation_basis():
     model = kasa.apply_adapters(build_llama(), activation_config(), calibration=calibration_batches(count=1))
     with pytest.raises(ValueError, match="truncation_basis=activation"):
         check_peft_exportable(model)
+
+
+@pytest.mark.parametrize("packing, size", [(False, "6 examples"), (True, "6 packed rows (trainer.packing)")])
+def test_a_split_too_small_to_calibrate_is_counted_as_its_rows(packing, size):
+    """Under packing the rows are packed rows: the message said 6 examples of a split of 12 packed into 6."""
+    from kasa.config import RunConfig
+    from kasa.training.calibration import calibration_rows
+
+    cfg = RunConfig()
+    cfg.method.truncation_basis, cfg.trainer.packing = "activation", packing
+    rows = [{"input_ids": [1, 2, 3]}] * 6
+    with pytest.raises(ValueError, match=rf"the training split has {re.escape(size)}, fewer than "
+                                         r"method.calibration_samples=128"):
+        calibration_rows(rows, cfg, held_out=4)

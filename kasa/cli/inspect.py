@@ -35,10 +35,12 @@ def too_few_examples(available: int, held_out: int, cfg: RunConfig) -> str:
     activation basis takes), with the held_out= that fits."""
     calibration = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
     fits = available - calibration
+    from kasa.training.calibration import split_size
+
+    size = split_size(available, cfg)
     if not calibration:
-        return (f"the training split has {available} examples, fewer than held_out={held_out}: pass "
-                f"held_out={fits} or fewer")
-    return (f"the training split has {available} examples, fewer than method.calibration_samples={calibration} plus "
+        return f"the training split has {size}, fewer than held_out={held_out}: pass held_out={fits} or fewer"
+    return (f"the training split has {size}, fewer than method.calibration_samples={calibration} plus "
             f"held_out={held_out}: pass held_out={fits} or fewer, or lower method.calibration_samples")
 
 

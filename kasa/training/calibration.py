@@ -20,6 +20,12 @@ START_CHECK_EXAMPLES = 32  # held-out examples whose loss the training loop meas
 DAMAGE_THRESHOLD = 0.05  # a relative loss increase above this is reported (kasa-train warns, kasa-inspect flags)
 
 
+def split_size(rows: int, cfg: RunConfig) -> str:
+    """The training split's size in the rows that calibration and the held-out losses take: packed rows under
+    trainer.packing (each holds several examples), else examples."""
+    return f"{rows} packed rows (trainer.packing)" if cfg.trainer.packing else f"{rows} examples"
+
+
 def calibration_rows(dataset: Dataset, cfg: RunConfig, held_out: int) -> tuple[list[int], list[int]]:
     """(calibration rows, held-out rows) of `dataset`: the calibration part is empty unless the method truncates in
     the activation basis; the held-out part has up to `held_out` rows. It needs the data only, so the commands call
@@ -28,8 +34,8 @@ def calibration_rows(dataset: Dataset, cfg: RunConfig, held_out: int) -> tuple[l
     if len(dataset) == 0:
         raise ValueError(f"the training split {cfg.task.train_split!r} is empty: there is nothing to calibrate on")
     if len(dataset) < wanted:
-        raise ValueError(f"the training split has {len(dataset)} examples, fewer than method.calibration_samples="
-                         f"{wanted}: lower method.calibration_samples")
+        raise ValueError(f"the training split has {split_size(len(dataset), cfg)}, fewer than "
+                         f"method.calibration_samples={wanted}: lower method.calibration_samples")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     # Calibration batches of similar lengths: the statistics are sums over tokens, so the order is free, and the
     # forward pass computes on little padding. The held-out batches keep the permutation's order (their mean loss
