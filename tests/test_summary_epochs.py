@@ -66,3 +66,18 @@ def test_console_lines_are_printed_as_they_are(capsys):
     message = "skipping runs/[exp1]/step-3 [validation] [x=1] ['a', 'b'] [/tmp/a]: [bold]kept"
     Console().print(message)
     assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path):
+    """It was the next step's (the schedule had moved on when the losses were logged): 0.0075 for a first step at
+    0.01, and 0 for the last."""
+    import dataclasses
+
+    from cli_helpers import tiny_run_config
+    from kasa.training.loop import train
+
+    cfg = tiny_run_config(tmp_path)
+    cfg.trainer.lr, cfg.trainer.warmup_ratio, cfg.trainer.max_steps, cfg.trainer.log_every = 0.01, 0.0, 4, 1
+    train(cfg, dataclasses.asdict(cfg))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logged if r["type"] == "train"] == [0.01, 0.0075, 0.005, 0.0025]  # linear decay to 0

@@ -455,6 +455,7 @@ class TrainingRecipe:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.max_grad_norm)
             self.optimizer.step()
             if accelerator.sync_gradients:
+                self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, which the logs show
                 # AdaLoRA's rank budget (PEFT baselines; a no-op for other methods), then the schedule.
                 after_optimizer_step(self.model, self.state.step, self.total_steps)
                 self.scheduler.step()
@@ -475,7 +476,7 @@ class TrainingRecipe:
         loss, loss_task, aux = self.last_losses
         mean_loss, mean_task = self.accelerator.reduce(torch.stack([loss, loss_task]), "mean")
         record = {"type": "train", "step": step, "epoch": self.state.epoch, "loss": mean_loss.item(),
-                  "task_loss": mean_task.item(), "lr": self.scheduler.get_last_lr()[0]}
+                  "task_loss": mean_task.item(), "lr": self.step_lr}
         if aux is not None:
             record |= {"aux_loss": aux.total.item(), "l2": aux.l2.item(), "l3": aux.l3.item()}
             self.module_log.write({"step": step, "modules": aux.module_values()})
