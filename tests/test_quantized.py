@@ -135,6 +135,21 @@ def test_merging_is_explicit_and_dequantized() -> None:
     torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_an_int8_merge_differs_from_the_quantized_model_and_says_so() -> None:
+    """nf4 layers multiply by the dequantized weight, so the merge above is exact; LLM.int8 in evaluation also
+    rounds each layer's input to 8 bits, which the merged float model cannot repeat: kasa-eval merge=true and
+    kasa-export format=merged warn (merge_note) rather than claim the quantized model's outputs."""
+    model = kasa.apply_adapters(marked(build_llama(), "int8"), kasa.AdapterConfig(method="lora", rank=4,
+                                                                                  target_modules=TARGETS))
+    randomise_adapters(model)
+    expected = logits(model)
+    kasa.dequantize_base(model)
+    merged = logits(kasa.merge_and_unload(model))
+    assert (merged - expected).norm() / expected.norm() > 1e-3  # not a rounding of the float sums: a real gap
+    assert "LLM.int8 also rounds each layer's input" in quantized.merge_note("int8")
+    assert quantized.merge_note("nf4") is None and quantized.merge_note(None) is None
+
+
 def test_dequantize_growth_is_what_dequantizing_adds() -> None:
     model = kasa.apply_adapters(marked(build_llama()), kasa.AdapterConfig(method="kasa", rank=4, target_modules=TARGETS))
     layers = {name: m for name, m in model.named_modules() if quantized.is_quantized_layer(m)}

@@ -37,6 +37,18 @@ NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: the absmax values are themselves 8-bit, one float32 scale per 256
 
 
+def merge_note(quantization: str | None) -> str | None:
+    """A warning line for merging over this base, when the merged model cannot compute what the quantized one does:
+    bitsandbytes' 4-bit layers multiply by the dequantized weight, which the merged float model holds (exact), but
+    LLM.int8 also rounds each layer's input to 8 bits (outlier columns kept in 16 bits; on a GPU, and on the CPU in
+    evaluation mode, where bitsandbytes 0.50 trains with the dequantized weight), which no float model repeats."""
+    if quantization != "int8":
+        return None
+    return ("warning: an int8 base merges as the float model of its dequantized weights, but LLM.int8 also rounds "
+            "each layer's input to 8 bits, which the merged model does not: its outputs differ from the quantized "
+            "model's (on SmolLM2-135M by 7-11% of the logits' norm); an nf4 base merges exactly")
+
+
 def check_quantization(quantization: str | None, method: str, sharded: bool | None = None) -> None:
     """Fail at start for an unknown quantization, a method that cannot run on a quantized base, or a launch under
     FSDP or DeepSpeed (`sharded`; by default read from the environment Accelerate's launcher sets)."""

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
+from kasa.config import launch_rank
 from kasa.run_dir import (
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
@@ -85,6 +86,11 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     # an override's value (decoding, attention) is refused before the model loads; the saved svd_device is not
     # checked: the run may have decomposed on a GPU this machine lacks, and evaluating repeats no decomposition
     check_config_values(run_cfg, decomposes=False)
+    if merge and launch_rank()[0] == 0:
+        from kasa.adapters.quantized import merge_note
+
+        if note := merge_note(run_cfg.model.quantization):
+            print(note, file=sys.stderr)
     split = str(args.get("split") or run_cfg.task.eval_split)
     for folder in (checkpoint, run_dir):  # before the model loads, not after the evaluation
         if not os.access(folder, os.W_OK):

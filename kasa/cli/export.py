@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         peft_regularizer,
         save_peft_adapter,
     )
-    from kasa.adapters.quantized import check_room_to_dequantize
+    from kasa.adapters.quantized import check_room_to_dequantize, merge_note
     from kasa.tasks import build_task
     from kasa.tasks.models import model_source
 
@@ -120,6 +121,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft":
         check_peft_expressible(AdapterConfig.from_dict(meta["config"]), run_cfg.model.quantization)
+    elif note := merge_note(run_cfg.model.quantization):
+        print(note, file=sys.stderr)
 
     task = build_task(run_cfg)
     tokenizer, model = task.load_model()
