@@ -121,8 +121,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft":
         check_peft_expressible(AdapterConfig.from_dict(meta["config"]), run_cfg.model.quantization)
-    elif note := merge_note(run_cfg.model.quantization):
-        print(note, file=sys.stderr)
+    elif warning := merge_note(run_cfg.model.quantization):
+        print(warning, file=sys.stderr)
 
     task = build_task(run_cfg)
     tokenizer, model = task.load_model()
