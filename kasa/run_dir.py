@@ -100,21 +100,29 @@ def write_atomically(path: str | Path, fill: Callable[[Path], None], directory: 
         else:
             os.replace(tmp, path)
     except BaseException as err:
-        full = not isinstance(err, OSError) and isinstance(err, Exception) and _disk_full(path.parent)
+        full = _full_disk(err, path.parent) if isinstance(err, Exception) and not isinstance(err, OSError) else None
         _remove(tmp)
         if full:  # safetensors and torch.save report a full disk in errors of their own, without the path
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise OSError(full, os.strerror(full), str(path)) from err
         if isinstance(err, OSError) and err.errno and err.filename is None:  # a bare write error: name the file
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     return path
 
 
-def _disk_full(folder: Path) -> bool:
+def _full_disk(err: Exception, folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when a library's own error (not an OSError) is a full disk or quota: said in its text
+    (safetensors: "No space left on device (os error 28)", after removing its partial file, so the disk no longer
+    looks full), or not said (torch.save: "file write failed") with the disk nearly full, its partial file still
+    there."""
+    text = str(err)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in text or f"os error {code})" in text:
+            return code
     try:
-        return shutil.disk_usage(folder).free < 64 * 1024
+        return errno.ENOSPC if shutil.disk_usage(folder).free < 64 * 1024 else None
     except OSError:
-        return False
+        return None
 
 
 # write_atomically's temporary and moved-aside copies, and the staging folder of a DeepSpeed checkpoint

@@ -3,10 +3,12 @@ the checks made before any model loads, and the refusal of non-finite checkpoint
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +34,38 @@ def _standalone(module: str) -> str:
     path = Path(__file__).parents[1] / "kasa" / "training" / f"{module}.py"
     return (f"import importlib.util, sys\nspec = importlib.util.spec_from_file_location({module!r}, {str(path)!r})\n"
             f"{module} = importlib.util.module_from_spec(spec)\nspec.loader.exec_module({module})\n")
+
+
+@pytest.mark.parametrize("error, free, code", [
+    # safetensors, which removes its partial file before it raises: the disk no longer looks full
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), 2**30, errno.ENOSPC),
+    (Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)"), 2**30, errno.EDQUOT),
+    # torch.save says nothing of the cause; its partial file fills the disk
+    (RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), 1024, errno.ENOSPC),
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 2**30, None),
+])
+def test_a_full_disk_in_a_library_error_is_the_one_line_of_a_full_disk(tmp_path, monkeypatch, error, free, code):
+    """A disk that filled during a checkpoint save, with 1 MiB left once safetensors had removed its partial file,
+    gave safetensors' traceback and exit 1, not the README's line."""
+    from kasa.cli.common import describe_error
+    from kasa.run_dir import write_atomically
+
+    usage = shutil.disk_usage(tmp_path)._replace(free=free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage)
+
+    def fill(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise error
+
+    target = tmp_path / "adapter_model.safetensors"
+    with pytest.raises(OSError if code else type(error)) as raised:
+        write_atomically(target, fill)
+    assert list(tmp_path.iterdir()) == []  # no partial file left either way
+    if code:
+        assert raised.value.errno == code and raised.value.filename == str(target)
+        assert describe_error(raised.value) == (f"no space left on the device of {target}: free space, then continue "
+                                                "with resume=auto (every complete checkpoint is kept)")
 
 
 def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
