@@ -146,6 +146,21 @@ def test_first_signal_requests_a_stop_second_exits_at_once(tmp_path):
     assert "SIGINT again: stopping at once" in result.stderr
 
 
+def test_a_signal_during_an_evaluation_says_that_the_evaluation_finishes_first():
+    """It said "finishing this optimiser step", then ran an hour of generation: a user would send it again."""
+    script = _standalone("signals") + textwrap.dedent("""
+        import os, signal
+        with signals.StopSignals() as stop:
+            stop.checkpointable = stop.evaluating = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("SIGUSR1: finishing the evaluation under way, then saving a resumable checkpoint "
+                                     "(send it again to stop at once: resume=auto then runs the evaluation again, "
+                                     "from the checkpoint saved before it)")
+
+
 def test_in_a_launch_of_several_processes_a_repeated_signal_is_the_same_request():
     """accelerate launch's agent forwards a SIGTERM to its processes twice within milliseconds: that must not turn
     into "stop at once, without a checkpoint" (the launcher kills the processes itself after its own timeout)."""

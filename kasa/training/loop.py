@@ -360,8 +360,12 @@ class TrainingRecipe:
                     self.console.print(f"warning: {log.path} holds less than when {checkpoint.name} was saved "
                                        "(deleted or cut short since): what is missing stays missing, and the run "
                                        "logs on after it")
-        where = (f"epoch {self.state.epoch + 1}" if self.state.step < self.total_steps
-                 else "after the last step")  # killed after the last checkpoint, before the summary
+        if self.state.pending_evaluation is not None:  # stopped on an epoch's last step, or its evaluation failed
+            where = f"the evaluation of epoch {self.state.pending_evaluation + 1} first"
+        elif self.state.step < self.total_steps:
+            where = f"epoch {self.state.epoch + 1}"
+        else:  # killed after the last checkpoint, before the summary
+            where = "after the last step"
         self.console.print(f"resumed from {checkpoint} (step {self.state.step}, {where})")
 
     # ---------------------------------------------------------------------------------------------------------
@@ -503,6 +507,7 @@ class TrainingRecipe:
         if self.stop.stop_requested(self.accelerator):  # a stop on the epoch's last step: the evaluation is due in
             raise TrainingInterrupted(self.stop.received, checkpoint, state.step)  # the checkpoint, not run now
         try:
+            self.stop.evaluating = True  # a stop signal now waits for the evaluation, which its line says
             metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
                                          self.out / GENERATIONS_DIR)
         except Exception as err:
@@ -511,6 +516,8 @@ class TrainingRecipe:
             if isinstance(err, EvaluationFailed):  # every process failed here alike: they wait for the main one to
                 self.accelerator.wait_for_everyone()  # print, since a launcher stops it once another one has exited
             raise
+        finally:
+            self.stop.evaluating = False
         state.pending_evaluation = None
         score = main_metric(metrics, self.task.metric)
         record = {"type": "eval", "epoch": epoch, "step": state.step, "split": cfg.task.eval_split, **metrics}

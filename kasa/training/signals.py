@@ -46,11 +46,14 @@ def _say(message: str) -> None:
 class StopSignals:
     """Installs the handlers for the duration of a `with` block (in the main thread), and restores the old ones.
 
-    `checkpointable` is False until the loop can save a resumable checkpoint; until then a signal stops at once."""
+    `checkpointable` is False until the loop can save a resumable checkpoint; until then a signal stops at once.
+    `evaluating` is True during an evaluation, which a first signal lets finish (the epoch's training is saved
+    before it starts)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.checkpointable = False
+        self.evaluating = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -75,8 +78,13 @@ class StopSignals:
         if not self.checkpointable:
             raise TrainingInterrupted(signum)
         if rank == 0:  # one line for a launch of several processes, not one each
-            again = "" if processes > 1 else " (send it again to stop at once)"
-            _say(f"{name}: finishing this optimiser step and saving a resumable checkpoint{again}")
+            if self.evaluating:
+                again = "" if processes > 1 else (" (send it again to stop at once: resume=auto then runs the "
+                                                  "evaluation again, from the checkpoint saved before it)")
+                _say(f"{name}: finishing the evaluation under way, then saving a resumable checkpoint{again}")
+            else:
+                again = "" if processes > 1 else " (send it again to stop at once)"
+                _say(f"{name}: finishing this optimiser step and saving a resumable checkpoint{again}")
 
     def stop_requested(self, accelerator: Any) -> bool:
         """Whether any process got a stop signal. One process: a flag read; several: a one-element all-reduce per
