@@ -204,6 +204,24 @@ def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragment
     assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)
 
 
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda text: "{" + text, "Expecting property name enclosed in double quotes"),
+    (lambda text: text.replace('"method": {', '"method": {"bogus": 1, ', 1), "unknown key method.bogus"),
+    (lambda text: text.replace('"epochs": 1', '"epochs": 0', 1), "trainer.epochs=0 is not allowed"),
+])
+@pytest.mark.parametrize("module", ["kasa.cli.evaluate", "kasa.cli.export"])
+def test_a_hand_edited_run_config_is_named_as_the_file(finished_run, tmp_path, edit, fragment, module):
+    """A saved config.json edited by hand or damaged was reported as if an argument were wrong (a bare JSON error,
+    "unknown key method.bogus"), never naming the file."""
+    run_copy = tmp_path / "run"
+    shutil.copytree(finished_run, run_copy)
+    config = run_copy / "config.json"
+    config.write_text(edit(config.read_text()))
+    output = [f"output={tmp_path / 'export'}"] if module == "kasa.cli.export" else []
+    assert_one_line_error(run_cli(module, f"checkpoint={run_copy}", *output),
+                          f"{config}, the run's saved settings, is edited or damaged: {fragment}")
+
+
 @pytest.mark.parametrize("allow, fragments", [
     (False, ["differ from its own", "method.method: 'kasa' -> 'lora'", "resume_allow_changes=true"]),
     (True, ["does not match this run"]),  # changes allowed: the checkpoint itself does not fit

@@ -285,6 +285,26 @@ def bool_argument(args: dict[str, str], key: str, default: bool) -> bool:
     return text in ("true", "1", "yes")
 
 
+def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """A run's saved config with `overrides` (kasa-eval, kasa-export), its values checked as kasa-train checks them.
+    A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's."""
+    from kasa.run_dir import CONFIG_FILE, load_run_config
+    from kasa.training.preflight import check_config_values
+
+    try:
+        check_config_values(load_run_config(run_dir), decomposes=False)  # the file alone
+    except FileNotFoundError:
+        raise
+    except USER_ERRORS as err:
+        raise ValueError(f"{Path(run_dir) / CONFIG_FILE}, the run's saved settings, is edited or damaged: "
+                         f"{describe_error(err)}") from err
+    run_cfg = load_run_config(run_dir, overrides)
+    # an override's value (decoding, attention) is refused before the model loads; method.svd_device is not
+    # checked: the run may have decomposed on a GPU this machine lacks, and these commands repeat no decomposition
+    check_config_values(run_cfg, decomposes=False)
+    return run_cfg
+
+
 def default_to_demo(args: list[str]) -> list[str]:
     """The arguments of a command that composes a run, with `recipe=demo` added when no model, task or recipe is
     chosen: the bare command is the offline demo. A model and a task without a recipe keep the trainer's own

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
+from kasa.cli.common import bool_argument, key_value_arguments, load_saved_config, run_reporting_errors
 from kasa.config import launch_rank
 from kasa.run_dir import (
     EVALUATIONS_DIR,
@@ -44,7 +44,6 @@ from kasa.run_dir import (
     check_checkpoint_unchanged,
     checkpoint_version,
     find_checkpoint,
-    load_run_config,
     read_config,
     remove_if_empty,
     step_dir_name,
@@ -71,7 +70,6 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from kasa.tasks import build_task
-    from kasa.training.preflight import check_config_values
 
     merge = bool_argument(args, "merge", False)  # the arguments before anything loads
     if "batch_size" in args and not (args["batch_size"].isdigit() and int(args["batch_size"]) >= 1):
@@ -82,10 +80,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         kind = read_config(run_dir).get("task", {}).get("kind", "glue")
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
         overrides.append(f"{key}={args['batch_size']}")
-    run_cfg = load_run_config(run_dir, overrides)
-    # an override's value (decoding, attention) is refused before the model loads; the saved svd_device is not
-    # checked: the run may have decomposed on a GPU this machine lacks, and evaluating repeats no decomposition
-    check_config_values(run_cfg, decomposes=False)
+    run_cfg = load_saved_config(run_dir, overrides)
     if merge and launch_rank()[0] == 0:
         from kasa.adapters.quantized import merge_note
 

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kasa.cli.common import bool_argument, key_value_arguments, run_reporting_errors
+from kasa.cli.common import bool_argument, key_value_arguments, load_saved_config, run_reporting_errors
 from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
@@ -40,7 +40,6 @@ from kasa.run_dir import (
     checkpoint_version,
     find_checkpoint,
     follow_umask,
-    load_run_config,
     write_atomically,
     write_json,
 )
@@ -116,7 +115,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.tasks import build_task
     from kasa.tasks.models import model_source
 
-    run_cfg = load_run_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
+    run_cfg = load_saved_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is read
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft":
