@@ -34,7 +34,7 @@ TENSORBOARD_DIR, WANDB_DIR = "tensorboard", "wandb"  # where those trackers writ
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best", "last"  # checkpoints/<name>/: the best epoch's, and the newest
 STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-XXXXXXXX/: resumable, by optimiser step (step_dir_name)
-GENERATIONS_DIR = "generations"  # generation tasks' outputs, per evaluation
+GENERATIONS_DIR = "generations"  # generation tasks' outputs: a run's in epoch-<N>/ per evaluation
 EVALUATIONS_DIR = "evaluations"  # kasa-eval's outputs
 # What kasa-plot and kasa-compare write into the folder they are given (a run's, by default), which a fresh start
 # over the run (overwrite=true) removes: figures as <stem>.png with <stem>.json beside it (the stems of one run's

@@ -278,7 +278,7 @@ def test_e2e_trains_generates_and_scores(runs):
     [evaluation] = summary["eval_history"]  # evaluate_every_epoch=false: once, after the last epoch
     assert {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} <= set(evaluation) and evaluation["split"] == "test"
     assert summary["best"] == pytest.approx(evaluation["BLEU"]) and 0.0 <= summary["best"] <= 1.0
-    generations = run_dir / "generations"
+    generations = run_dir / "generations" / "epoch-2"  # each evaluation's outputs kept, named by its epoch
     predictions = (generations / "e2e-test-predictions.txt").read_text().splitlines()
     assert len(predictions) == 2  # one output per distinct MR
     references = (generations / "e2e-test-references.txt").read_text().strip().split("\n\n")
@@ -299,7 +299,7 @@ def test_e2e_kasa_eval_reproduces_the_score(runs):
     checkpoint = runs["dirs"]["e2e"] / "checkpoints" / "best"
     assert (checkpoint / "eval_test.json").is_file()
     assert (checkpoint / "generations" / "e2e-test-predictions.txt").read_text() == (
-        runs["dirs"]["e2e"] / "generations" / "e2e-test-predictions.txt").read_text()
+        runs["dirs"]["e2e"] / "generations" / "epoch-2" / "e2e-test-predictions.txt").read_text()
 
 
 def test_commonsense_trains_and_scores_every_set(runs):
@@ -316,12 +316,13 @@ def test_commonsense_trains_and_scores_every_set(runs):
     assert set(last) >= {"boolq", "piqa", "average"}
     assert last["average"] == pytest.approx((last["boolq"] + last["piqa"]) / 2)
     for name, rows in (("boolq", BOOLQ[:3]), ("piqa", PIQA[:3])):
-        lines = (run_dir / "generations" / f"commonsense-{name}-test.jsonl").read_text().splitlines()
+        lines = (run_dir / "generations" / "epoch-2" / f"commonsense-{name}-test.jsonl").read_text().splitlines()
         saved = [json.loads(line) for line in lines]
         assert [s["answer"] for s in saved] == [r["answer"] for r in rows]
         assert all(set(s) == {"instruction", "generation", "predicted", "answer", "correct"} for s in saved)
         assert last[name] == pytest.approx(sum(s["correct"] for s in saved) / len(saved))
-    table = (run_dir / "generations" / "commonsense-test-table.md").read_text()
+    table = (run_dir / "generations" / "epoch-2" / "commonsense-test-table.md").read_text()
+    assert (run_dir / "generations" / "epoch-1" / "commonsense-test-table.md").is_file()  # epoch 1's kept
     assert "| BoolQ | PIQA | Average |" in table
 
 
@@ -337,8 +338,8 @@ def test_instruction_trains_and_is_judged(runs):
     run_dir = runs["dirs"]["instruction"]
     summary = summary_of(run_dir)
     assert summary["metric"] == "judge_score" and 1.0 <= summary["best"] <= 10.0
-    records = [json.loads(line) for line in (run_dir / "generations" / "instruction-test.jsonl").read_text()
-               .splitlines()]
+    saved = run_dir / "generations" / "epoch-1" / "instruction-test.jsonl"
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(records) == 2 and all(len(r["responses"]) == 2 and len(r["scores"]) == 2 for r in records)
     assert records[0]["instruction"] == "Summarize the text.\n\nDogs bark at night."
     assert records[0]["reference"] == "Dogs are loud." and records[1]["reference"] is None
@@ -499,7 +500,7 @@ def test_a_run_whose_judging_failed_resumes_without_generating_again(tiny_llama,
     env = {**ENV, KEY_ENV: SECRET}
     run = (lambda *more: run_cli("kasa.cli.train", *args, *more, env=env)) if processes == 1 else (
         lambda *more: two_processes("kasa.cli.train", *args, *more, env=env))
-    saved = run_dir / "generations" / "instruction-test.jsonl"
+    saved = run_dir / "generations" / "epoch-1" / "instruction-test.jsonl"
     try:
         failed = run()
         assert failed.returncode != 0

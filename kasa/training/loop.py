@@ -509,7 +509,7 @@ class TrainingRecipe:
         try:
             self.stop.evaluating = True  # a stop signal now waits for the evaluation, which its line says
             metrics = self.task.evaluate(self.model, self.accelerator, self.tokenizer, cfg.task.eval_split,
-                                         self.out / GENERATIONS_DIR)
+                                         self.out / GENERATIONS_DIR / f"epoch-{epoch + 1}")  # each one kept
         except Exception as err:
             self.console.print(f"the evaluation of epoch {epoch + 1} failed; what was trained is kept in {checkpoint}: "
                                "remove the cause, then continue with resume=auto (it evaluates that epoch again)")
