@@ -295,3 +295,34 @@ def test_the_heatmaps_texts_do_not_overlap(tmp_path, monkeypatch, tasks):
     monkeypatch.setattr(Figure, "savefig", savefig)
     summarize_sweep(tmp_path)
     assert (tmp_path / "heatmap.png").is_file() and not overlaps
+
+
+@pytest.mark.parametrize("overrides, lrs", [
+    (["trainer.lr=3e-3", "trainer.lr=0.003", "trainer.lr=3E-3"], [0.003, 0.003, 0.003]),  # one value, three spellings
+    (["trainer.lr=4e-4", None, None], [0.0004, 0.0004, 0.0004]),  # the default, given once and left out twice
+])
+def test_one_setting_spelled_or_defaulted_differently_is_one_row(tmp_path, overrides, lrs):
+    """The summary compared the overrides' text: `trainer.lr=3e-3` and `trainer.lr=0.003` made two rows of n=1 where
+    kasa-compare pooled them; the value each run resolved (config.json) is what tells settings apart."""
+    for seed, (override, lr) in enumerate(zip(overrides, lrs)):
+        run = tmp_path / str(seed)
+        _write_run(run, beta=1e-4, gamma=1e-3, seed=seed, best=0.5 + seed / 10,
+                   overrides=[f"seed={seed}", *([override] if override else [])])
+        (run / "config.json").write_text(json.dumps({"trainer": {"lr": lr}, "seed": seed}))
+    runs, _ = sweep.load_runs(tmp_path)
+    keys = sweep.setting_keys(runs)
+    assert "trainer.lr" not in keys
+    [row] = sweep.summarize(runs, keys)
+    assert row["n"] == 3 and row["seeds"] == [0, 1, 2]
+
+
+def test_a_row_that_pools_runs_of_one_seed_is_named(tmp_path, caplog):
+    """method=lora with a beta sweep repeats one run; the summary counted it as n=2 with a std of 0, silently."""
+    for number, beta in enumerate((1e-4, 1e-2)):
+        _write_run(tmp_path / str(number), beta=beta, gamma=1e-3, seed=0, best=0.42, method="lora",
+                   overrides=["method=lora", f"method.beta={beta}", "seed=0"])
+    runs, _ = sweep.load_runs(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        [row] = sweep.summarize(runs, sweep.setting_keys(runs))
+    assert row["n"] == 2
+    assert "method=lora" in caplog.text and "pools runs with the same seed [0]" in caplog.text

@@ -29,9 +29,9 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, load_runs
+from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, config_value, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
-from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, read_config
+from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,8 @@ def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
     return sorted(runs.values(), key=lambda r: str(r.path))
 
 
-def run_config(run: Run) -> dict[str, Any]:
-    """The run's resolved config.json ({} when absent or unreadable), cached on the Run."""
-    cached = getattr(run, "_config", None)
-    if cached is None:
-        cached = read_config(run.path)
-        run._config = cached  # type: ignore[attr-defined]
-    return cached
-
-
 def model_name(run: Run) -> str | None:
-    model = run_config(run).get("model") or {}
+    model = run.config.get("model") or {}
     name = model.get("name") if isinstance(model, dict) else None
     return str(name).rstrip("/").split("/")[-1] if name else None
 
@@ -92,29 +83,20 @@ def setting_value(run: Run, key: str) -> Any:
         return run.summary[key]
     if key in run.overrides:
         return _number(run.overrides[key])
-    return _config_value(run_config(run), key)
-
-
-def _config_value(node: Any, key: str, missing: Any = None) -> Any:
-    """The value at dotted `key` in a config dict, else `missing`."""
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return missing
-        node = node[part]
-    return node
+    return config_value(run.config, key)
 
 
 def has_setting(run: Run, key: str) -> bool:
     """Whether `setting_value(run, key)` finds `key` anywhere (its value may be None)."""
     missing = object()
     return (key == "model" or key in run.summary or key in run.overrides
-            or _config_value(run_config(run), key, missing) is not missing)
+            or config_value(run.config, key, missing) is not missing)
 
 
 def _settings(run: Run) -> dict[str, Any]:
     """What a `--by` key can tell this run apart by: its config's settings and overrides (the bookkeeping ones, the
     seed and the fields that repeat the summary's aside), the summary's rank, beta, gamma and recipe, and `model`."""
-    found = {key: _hashable(value) for key, value in dotted_settings(run_config(run)).items()}
+    found = {key: _hashable(value) for key, value in dotted_settings(run.config).items()}
     found.update((key, _number(value)) for key, value in run.overrides.items())
     found = {k: v for k, v in found.items()
              if not is_bookkeeping(k) and k not in OVERRIDE_ALIASES and k not in IGNORED_BY_ROWS

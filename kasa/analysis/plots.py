@@ -29,7 +29,6 @@ import numpy as np
 from kasa.analysis.compare import (
     collect_runs,
     method_label,
-    run_config,
     task_label,
     task_sort_key,
     method_sort_key,
@@ -291,7 +290,7 @@ def _out_dir(source: Sequence[Any], out_dir: str | Path | None) -> Path:
 
 def configured_truncation_rank(run: Run) -> int | None:
     """method.truncation_rank as the run set it (summary, overrides or config.json), None when left null."""
-    method = run_config(run).get("method")
+    method = run.config.get("method")
     for value in (run.summary.get("truncation_rank"), run.overrides.get("method.truncation_rank"),
                   method.get("truncation_rank") if isinstance(method, dict) else None):
         if value not in (None, "null", "None"):

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.config import is_bookkeeping
-from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, holds_a_run, sweep_record
+from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, holds_a_run, read_config, sweep_record
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,22 @@ class Run:
     summary: dict[str, Any]
     overrides: dict[str, str] = field(default_factory=dict)
 
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The run's resolved config.json ({} when absent or unreadable)."""
+        return read_config(self.path)
+
     def value(self, key: str) -> Any:
-        """A setting value: summary fields for BASE_KEYS and OPTIONAL_SUMMARY_KEYS, the overrides for the rest.
-        beta and gamma are None (shown empty) for methods whose loss has no such term."""
+        """A setting value: summary fields for BASE_KEYS and OPTIONAL_SUMMARY_KEYS; for an override's key the value
+        the run resolved it to (config.json: `trainer.lr=3e-3` and `trainer.lr=0.003`, or no override and the
+        default, are the same setting), or the override's text for a config group (`model=minilm_l6`). beta and
+        gamma are None (shown empty) for methods whose loss has no such term."""
         if key in LOSS_WEIGHT_KEYS and not has_loss_weight(str(self.summary.get("method")), key):
             return None
         if key in BASE_KEYS or key in OPTIONAL_SUMMARY_KEYS:
             return self.summary.get(key)
-        return self.overrides.get(key)
+        resolved = config_value(self.config, key, MISSING)
+        return self.overrides.get(key) if resolved is MISSING or isinstance(resolved, dict) else resolved
 
     @property
     def params_without_head(self) -> int | None:
@@ -179,6 +188,18 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
     return runs, skipped
 
 
+MISSING = object()
+
+
+def config_value(node: Any, key: str, missing: Any = None) -> Any:
+    """The value at dotted `key` in a config dict, else `missing`."""
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
 def setting_keys(runs: Sequence[Run]) -> list[str]:
     """The columns that identify a setting: BASE_KEYS, then the other keys whose value differs between runs."""
     keys = list(BASE_KEYS)
@@ -188,7 +209,7 @@ def setting_keys(runs: Sequence[Run]) -> list[str]:
     override_keys = sorted({k for run in runs for k in run.overrides if not is_bookkeeping(k)}
                            - OVERRIDE_ALIASES - set(keys))
     for key in override_keys:
-        if len({run.overrides.get(key) for run in runs}) > 1:
+        if len({_hashable(run.value(key)) for run in runs}) > 1:
             keys.append(key)
     return keys
 
@@ -223,6 +244,11 @@ def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
         members = groups[setting]
         best = np.array([float(run.summary["best"]) for run in members])
         seeds = sorted((run.summary.get("seed") for run in members), key=_sort_key)
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=_sort_key)
+        if repeated:  # as kasa-compare warns: not the spread over seeds that the row's n and std suggest
+            log.warning("%s pools runs with the same seed %s: runs that differ only where the table shows no column "
+                        "(beta or gamma under a method without that term, say), or repeated runs",
+                        ", ".join(f"{k}={v}" for k, v in zip(keys, setting) if v is not None), repeated)
         row: dict[str, Any] = dict(zip(keys, setting))
         row.update(
             n=len(members),
