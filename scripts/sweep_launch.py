@@ -28,20 +28,29 @@ the jobs not yet started from scratch. A job whose folder holds a finished run w
 the same --sweep-dir) is refused before any job runs, one `error:` line per such job: overwrite=true replaces those
 runs. A failed job is reported and the sweep goes on (--stop-on-error to stop); the exit status is 1 if any job
 failed.
+
+A stop signal (SIGTERM, SIGINT, SIGUSR1) to this script is passed on to the job under way, which saves a resumable
+checkpoint and exits, as kasa-train does; the sweep then stops, writes its summary of the finished jobs, prints the
+command that continues it (this one again) and exits with status 75. A second signal stops the job at once, without
+its checkpoint. Jobs run in a session of their own, so a terminal's Ctrl-C reaches them only through this script.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from kasa.run_dir import SWEEP_JOBS_FILE, time_stamp, write_json
+from kasa.training.signals import FORWARDED_SIGNALS_ENV, INTERRUPTED_EXIT, STOP_SIGNALS
 
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
@@ -123,6 +132,41 @@ def check_jobs(fixed: list[str], jobs: list[list[str]], sweep_dir: Path) -> list
     return finished
 
 
+class JobSignals:
+    """The stop signals while the sweep runs: the first is passed on to the job under way (its process group), which
+    saves and exits, and the sweep stops after it; a second kills the job at once and exits."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.job: subprocess.Popen | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "JobSignals":
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        running = self.job is not None and self.job.poll() is None
+        if self.received is not None:
+            print(f"{name} again: stopping the sweep at once, its job without a checkpoint", file=sys.stderr,
+                  flush=True)
+            if running:
+                os.killpg(self.job.pid, signal.SIGKILL)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"{name}: " + ("the job under way saves a resumable checkpoint and stops, then the sweep stops"
+                             if running else "the sweep stops") + " (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+        if running:
+            os.killpg(self.job.pid, signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python scripts/sweep_launch.py", allow_abbrev=False,  # a flag's prefix is unknown, not that flag
@@ -179,33 +223,49 @@ def main(argv: list[str] | None = None) -> int:
         write_json(sweep_dir / SWEEP_JOBS_FILE, [])
     records: list[dict] = []
     failed = 0
-    for i, (job, command) in enumerate(zip(jobs, commands)):
-        record = {"job": i, "overrides": fixed + job, "command": shlex.join(command),
-                  "run_dir": str(sweep_dir / str(i))}
-        if i in finished:
-            print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}: already finished, skipped", flush=True)
-            records.append(record | {"returncode": 0, "skipped": True})
-            write_json(sweep_dir / SWEEP_JOBS_FILE, records)
-            continue
-        print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}", flush=True)
-        start = time.perf_counter()
-        try:
-            returncode = subprocess.run(command).returncode
-        except OSError as err:  # the launcher itself cannot be started (accelerate not installed, a typo)
-            print(f"error: cannot run {launcher[0]!r}: {err}", file=sys.stderr)
-            return 2
-        records.append(record | {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1)})
-        write_json(sweep_dir / SWEEP_JOBS_FILE, records)
-        if returncode != 0:
-            failed += 1
-            print(f"job {i} failed with exit status {returncode}: {shlex.join(command)}", file=sys.stderr, flush=True)
-            if args.stop_on_error:
+    env = {**os.environ, FORWARDED_SIGNALS_ENV: "1"}  # this script handles a repeated signal itself
+    with JobSignals() as stop:
+        for i, (job, command) in enumerate(zip(jobs, commands)):
+            if stop.received is not None:
                 break
+            record = {"job": i, "overrides": fixed + job, "command": shlex.join(command),
+                      "run_dir": str(sweep_dir / str(i))}
+            if i in finished:
+                print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}: already finished, skipped", flush=True)
+                records.append(record | {"returncode": 0, "skipped": True})
+                write_json(sweep_dir / SWEEP_JOBS_FILE, records)
+                continue
+            print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}", flush=True)
+            start = time.perf_counter()
+            try:
+                stop.job = subprocess.Popen(command, env=env, start_new_session=True)
+            except OSError as err:  # the launcher itself cannot be started (accelerate not installed, a typo)
+                print(f"error: cannot run {launcher[0]!r}: {err}", file=sys.stderr)
+                return 2
+            returncode = stop.job.wait()
+            records.append(record | {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1)})
+            write_json(sweep_dir / SWEEP_JOBS_FILE, records)
+            if stop.received is not None and returncode == INTERRUPTED_EXIT:
+                break  # the job saved and stopped, as asked
+            if returncode != 0:
+                failed += 1
+                print(f"job {i} failed with exit status {returncode}: {shlex.join(command)}", file=sys.stderr,
+                      flush=True)
+                if args.stop_on_error:
+                    break
 
     from kasa.analysis.sweep import summarize_sweep
 
     summary = summarize_sweep(sweep_dir)
-    print(f"sweep summary: {summary} ({len(jobs) - failed} of {len(jobs)} jobs finished)")
+    done = sum(1 for record in records if record["returncode"] == 0)
+    print(f"sweep summary: {summary} ({done} of {len(jobs)} jobs finished)")
+    if stop.received is not None:
+        given = sys.argv[1:] if argv is None else argv
+        pinned = [] if any(a == "--sweep-dir" or a.startswith("--sweep-dir=") for a in given) else [
+            "--sweep-dir", str(sweep_dir)]  # not a new time-stamped folder: this sweep's
+        command = shlex.join(["python", sys.argv[0] if argv is None else __file__, *pinned, *given])
+        print(f"stopped by {signal.Signals(stop.received).name}; continue the sweep with: {command}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 1 if failed else 0
 
 

@@ -161,6 +161,23 @@ def test_a_signal_during_an_evaluation_says_that_the_evaluation_finishes_first()
                                      "from the checkpoint saved before it)")
 
 
+def test_under_a_launcher_that_passes_signals_on_a_repeat_is_the_same_request():
+    """scripts/sweep_launch.py passes its signal on to the job, which a scheduler may also have signalled: a repeat
+    must not stop the job without its checkpoint (the launcher does that itself on a second signal)."""
+    script = _standalone("signals") + textwrap.dedent("""
+        import os, signal
+        with signals.StopSignals() as stop:
+            stop.checkpointable = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            print('still here', stop.received == signal.SIGTERM, flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "KASA_FORWARDED_SIGNALS": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "still here True", result.stderr
+    assert result.stderr.strip() == "SIGTERM: finishing this optimiser step and saving a resumable checkpoint"
+
+
 def test_in_a_launch_of_several_processes_a_repeated_signal_is_the_same_request():
     """accelerate launch's agent forwards a SIGTERM to its processes twice within milliseconds: that must not turn
     into "stop at once, without a checkpoint" (the launcher kills the processes itself after its own timeout)."""

@@ -120,3 +120,50 @@ def test_sweep_launch_refuses_a_launcher_that_is_not_there(tmp_path, capfd):
         "error: --launcher 'acelerate launch -m kasa.cli.train': no program 'acelerate' on PATH: check its spelling, "
         "or install it (e.g. 'accelerate launch -m kasa.cli.train', or 'python -m kasa.cli.train' for one process)"]
     assert not sweep_dir.exists()
+
+
+FAKE_JOB = """
+import os, pathlib, signal, sys, time
+run_dir = pathlib.Path(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.run.dir=")))
+run_dir.mkdir(parents=True, exist_ok=True)
+
+def stop(signum, frame):  # as kasa-train does: save, then exit 75
+    with (run_dir / "signals").open("a") as f:
+        f.write(f"{signal.Signals(signum).name} {os.environ.get('KASA_FORWARDED_SIGNALS')}\\n")
+    sys.exit(75)
+
+signal.signal(signal.SIGTERM, stop)
+(run_dir / "started").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_command(tmp_path):
+    """SIGTERM to the script killed it silently and left its job running, orphaned; running the sweep again then
+    failed that job ("in use by another kasa run"). Here a stand-in job records the signals it gets."""
+    import signal
+    import subprocess
+    import time
+
+    model = make_deterministic_bert(tmp_path / "model")
+    data = write_sentiment_data(tmp_path / "data")
+    (tmp_path / "job.py").write_text(FAKE_JOB)
+    sweep_dir = tmp_path / "sweep"
+    args = ["--launcher", f"{sys.executable} {tmp_path / 'job.py'}", "--sweep-dir", str(sweep_dir),
+            f"model.path={model}", f"task.data_dir={data}", "method.svd_cache_dir=null", "seed=0,1"]
+    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env={**ENV}, stderr=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (sweep_dir / "0" / "started").exists():
+        assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 75, err
+    assert (sweep_dir / "0" / "signals").read_text() == "SIGTERM 1\n"  # once, and told that the script handles repeats
+    assert not (sweep_dir / "1").exists()  # the sweep stopped after the job
+    assert "SIGTERM: the job under way saves a resumable checkpoint and stops, then the sweep stops" in err
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM; continue the sweep with: python ")
+    assert f"--sweep-dir {sweep_dir}" in err and "seed=0,1" in err
+    jobs = json.loads((sweep_dir / "sweep_jobs.json").read_text())
+    assert [(j["job"], j["returncode"]) for j in jobs] == [(0, 75)]

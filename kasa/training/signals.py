@@ -27,6 +27,10 @@ from kasa.config import launch_rank
 
 INTERRUPTED_EXIT = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Set to 1 by a launcher that passes its own stop signals on to this process and stops it at once itself on a repeat
+# (scripts/sweep_launch.py): here a repeat is then the same request, as in a multi-process launch (a scheduler may
+# signal the job's every process and the launcher pass the same signal on).
+FORWARDED_SIGNALS_ENV = "KASA_FORWARDED_SIGNALS"
 
 
 class TrainingInterrupted(Exception):
@@ -69,8 +73,9 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         rank, processes = launch_rank()
+        launched = processes > 1 or os.environ.get(FORWARDED_SIGNALS_ENV) == "1"
         if self.received is not None:
-            if processes > 1:  # the launcher's repeat (see the module's docstring)
+            if launched:  # the launcher's repeat (see the module's docstring)
                 return
             _say(f"{name} again: stopping at once, without a checkpoint")
             os._exit(128 + signum)
@@ -79,11 +84,11 @@ class StopSignals:
             raise TrainingInterrupted(signum)
         if rank == 0:  # one line for a launch of several processes, not one each
             if self.evaluating:
-                again = "" if processes > 1 else (" (send it again to stop at once: resume=auto then runs the "
-                                                  "evaluation again, from the checkpoint saved before it)")
+                again = "" if launched else (" (send it again to stop at once: resume=auto then runs the "
+                                             "evaluation again, from the checkpoint saved before it)")
                 _say(f"{name}: finishing the evaluation under way, then saving a resumable checkpoint{again}")
             else:
-                again = "" if processes > 1 else " (send it again to stop at once)"
+                again = "" if launched else " (send it again to stop at once)"
                 _say(f"{name}: finishing this optimiser step and saving a resumable checkpoint{again}")
 
     def stop_requested(self, accelerator: Any) -> bool:
