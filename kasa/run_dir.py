@@ -53,7 +53,8 @@ OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY = "hydra_overrides", "resumed_with_chang
 SWEEP_JOBS_FILE = "sweep_jobs.json"  # scripts/sweep_launch.py's record of its jobs, in the sweep directory
 SWEEP_RECORDS = ("multirun.yaml", SWEEP_JOBS_FILE)  # what marks a sweep directory (the first is Hydra's)
 # the way out of a refused run directory, in every refusal (a sweep job's folder comes from hydra.sweep.dir)
-CHOOSE_ANOTHER_RUN_DIR = "choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep)"
+CHOOSE_ANOTHER_RUN_DIR = ("choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep, --sweep-dir for "
+                          "scripts/sweep_launch.py)")
 HYDRA_DIR = ".hydra"  # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by kasa
 
 

@@ -405,8 +405,9 @@ def test_another_runs_checkpoint_continues_only_in_a_folder_without_a_run_of_its
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {holder} holds a run of its own, and resume={checkpoint} continues another run: pass resume=auto "
-        f"to continue the run in {holder}, or choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep) "
-        "for the continued run, or overwrite=true to replace this folder's run with it")
+        f"to continue the run in {holder}, or choose another hydra.run.dir (hydra.sweep.dir for a --multirun sweep, "
+        "--sweep-dir for scripts/sweep_launch.py) for the continued run, or overwrite=true to replace this folder's run "
+        "with it")
     assert files_of(holder) == before
 
     fresh = tmp_path / "fresh"
