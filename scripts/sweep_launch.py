@@ -50,7 +50,7 @@ from pathlib import Path
 from types import FrameType
 
 from kasa.run_dir import SWEEP_JOBS_FILE, time_stamp, write_json
-from kasa.training.signals import FORWARDED_SIGNALS_ENV, INTERRUPTED_EXIT, STOP_SIGNALS
+from kasa.training.signals import FORWARDED_SIGNALS_ENV, INTERRUPTED_EXIT, HandlingStopSignals
 
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
@@ -132,23 +132,13 @@ def check_jobs(fixed: list[str], jobs: list[list[str]], sweep_dir: Path) -> list
     return finished
 
 
-class JobSignals:
+class JobSignals(HandlingStopSignals):
     """The stop signals while the sweep runs: the first is passed on to the job under way (its process group), which
     saves and exits, and the sweep stops after it; a second kills the job at once and exits."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.job: subprocess.Popen | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "JobSignals":
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

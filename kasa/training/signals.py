@@ -47,8 +47,21 @@ def _say(message: str) -> None:
     os.write(sys.stderr.fileno(), f"{message}\n".encode())
 
 
-class StopSignals:
-    """Installs the handlers for the duration of a `with` block (in the main thread), and restores the old ones.
+class HandlingStopSignals:
+    """A `with` block (in the main thread) during which the stop signals go to the subclass's `_handle(signum,
+    frame)`; the previous handlers come back after it."""
+
+    def __enter__(self):
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class StopSignals(HandlingStopSignals):
+    """kasa-train's stop signals (the module's docstring says what each one does).
 
     `checkpointable` is False until the loop can save a resumable checkpoint; until then a signal stops at once.
     `evaluating` is True during an evaluation, which a first signal lets finish (the epoch's training is saved
@@ -58,17 +71,6 @@ class StopSignals:
         self.received: int | None = None
         self.checkpointable = False
         self.evaluating = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
