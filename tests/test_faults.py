@@ -72,7 +72,7 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     first = RunLock(tmp_path / "run").acquire()
     with pytest.raises(RunDirLocked, match=rf"in use by another kasa run \(pid {os.getpid()} on .*: wait for it to "
                                            r"end, or choose another hydra.run.dir \(hydra.sweep.dir for a --multirun "
-                                           r"sweep\)$"):
+                                           r"sweep, --sweep-dir for scripts/sweep_launch.py\)$"):
         RunLock(tmp_path / "run").acquire()
     first.release()
     RunLock(tmp_path / "run").acquire().release()  # free again

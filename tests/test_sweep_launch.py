@@ -87,7 +87,7 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capfd, monkeypatch)
     files = {f: f.read_bytes() for f in sorted(sweep_dir.rglob("*")) if f.is_file() and f.name != ".kasa.lock"}
     refusal = ("error: job {} (method.beta={}): {} already holds a finished run, with other settings (method.beta: {} "
                "-> {}): pass overwrite=true to replace it, or choose another hydra.run.dir (hydra.sweep.dir for a "
-               "--multirun sweep); no job has run")
+               "--multirun sweep, --sweep-dir for scripts/sweep_launch.py); no job has run")
     assert sweep.main([*args[:-1], "method.beta=1e-2,1e-3"]) == 2
     assert capfd.readouterr().err.strip().splitlines() == [refusal.format(0, "1e-2", sweep_dir / "0", 0.0001, 0.01)]
     assert sweep.main([*args[:-1], "method.beta=1e-3,1e-4"]) == 2
