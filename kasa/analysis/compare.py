@@ -29,7 +29,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.analysis.sweep import OVERRIDE_ALIASES, Run, _hashable, _sort_key, config_value, load_runs
+from kasa.analysis.sweep import MISSING, OVERRIDE_ALIASES, Run, _hashable, _sort_key, config_value, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
 from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE
 
@@ -88,9 +88,8 @@ def setting_value(run: Run, key: str) -> Any:
 
 def has_setting(run: Run, key: str) -> bool:
     """Whether `setting_value(run, key)` finds `key` anywhere (its value may be None)."""
-    missing = object()
     return (key == "model" or key in run.summary or key in run.overrides
-            or config_value(run.config, key, missing) is not missing)
+            or config_value(run.config, key, MISSING) is not MISSING)
 
 
 def _settings(run: Run) -> dict[str, Any]:

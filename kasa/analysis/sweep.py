@@ -69,6 +69,18 @@ OVERRIDE_ALIASES = {
 STAT_COLUMNS = ("n", "seeds", "median", "min", "max", "std")
 
 
+MISSING = object()
+
+
+def config_value(node: Any, key: str, missing: Any = None) -> Any:
+    """The value at dotted `key` in a config dict, else `missing`."""
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
 @dataclass
 class Run:
     """One finished run of the sweep: its folder, its summary and its parsed overrides."""
@@ -186,18 +198,6 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
             continue
         runs.append(Run(directory, summary, parse_overrides(summary.get("overrides") or [])))
     return runs, skipped
-
-
-MISSING = object()
-
-
-def config_value(node: Any, key: str, missing: Any = None) -> Any:
-    """The value at dotted `key` in a config dict, else `missing`."""
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return missing
-        node = node[part]
-    return node
 
 
 def setting_keys(runs: Sequence[Run]) -> list[str]:

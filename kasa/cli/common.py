@@ -292,12 +292,15 @@ def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     from kasa.training.preflight import check_config_values
 
     try:
-        check_config_values(load_run_config(run_dir), decomposes=False)  # the file alone
+        saved = load_run_config(run_dir)
+        check_config_values(saved, decomposes=False)  # the file alone
     except FileNotFoundError:
         raise
     except USER_ERRORS as err:
         raise ValueError(f"{Path(run_dir) / CONFIG_FILE}, the run's saved settings, is edited or damaged: "
                          f"{describe_error(err)}") from err
+    if not overrides:
+        return saved
     run_cfg = load_run_config(run_dir, overrides)
     # an override's value (decoding, attention) is refused before the model loads; method.svd_device is not
     # checked: the run may have decomposed on a GPU this machine lacks, and these commands repeat no decomposition

@@ -33,10 +33,10 @@ OWN_KEYS = ("threshold", "held_out", "output_dir")  # besides the run config's k
 def too_few_examples(available: int, held_out: int, cfg: RunConfig) -> str:
     """The refusal of a split too small for the held-out examples (and the calibration ones, which only the
     activation basis takes), with the held_out= that fits."""
-    calibration = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
-    fits = available - calibration
     from kasa.training.calibration import split_size
 
+    calibration = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
+    fits = available - calibration
     size = split_size(available, cfg)
     if not calibration:
         return f"the training split has {size}, fewer than held_out={held_out}: pass held_out={fits} or fewer"
@@ -56,7 +56,6 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     from kasa.tasks.models import load_tokenizer
     from kasa.training.calibration import batches_of, calibration_rows, mean_loss, relative_increase
     from kasa.training.damage import measure_damage
-
     from kasa.training.preflight import check_svd_device
 
     check_svd_device(cfg.method.svd_device)

@@ -139,8 +139,8 @@ def unused_override_warnings(cfg: RunConfig, overrides: list[str]) -> list[str]:
     for override in overrides:
         key, assigns, _ = override.partition("=")
         section, _, setting = key.lstrip("+~").partition(".")
-        if assigns and section == "method" and setting.split(".")[0] in unused:
-            name = setting.split(".")[0]
+        name = setting.split(".")[0]  # method.peft_options.init_r: peft_options
+        if assigns and section == "method" and name in unused:
             lines.append(f"warning: method.{name}={_get(cfg, f'method.{name}')} changes nothing with "
                          f"method={cfg.method.method}: it applies to {unused[name]}")
     return lines
