@@ -28,7 +28,7 @@ from chat_server import ChatServer, answer, closed_base_url, error
 from cli_helpers import run_cli
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX, generation_prompt, prompt_text, reference_answer, styled_prompt
-from kasa.data.sources import find_split_file, local_split_file
+from kasa.data.sources import find_split_file, local_split_file, split_label
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -180,7 +180,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     instruction.mkdir()
     (instruction / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTION_TRAIN))
     (instruction / "test.json").write_text(json.dumps(INSTRUCTION_TEST))
-    (instruction / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in MT_BENCH))
+    (instruction / "mt_bench").mkdir()  # the shipped recipes' layout: task.eval_split=mt_bench/question.jsonl
+    (instruction / "mt_bench" / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in MT_BENCH))
     return {"e2e": e2e, "commonsense": commonsense, "instruction": instruction}
 
 
@@ -242,7 +243,7 @@ def runs(tiny_gpt2, tiny_llama, data, tmp_path_factory) -> dict[str, Any]:
         trained = run_all(train, env)
         # kasa-eval on each checkpoint; the instruction one answers the MT-Bench-style question file instead.
         evaluate = {name: ["kasa.cli.evaluate", f"checkpoint={dirs[name]}"] for name in ("e2e", "commonsense")}
-        evaluate["mt_bench"] = ["kasa.cli.evaluate", f"checkpoint={dirs['instruction']}", "split=question"]
+        evaluate["mt_bench"] = ["kasa.cli.evaluate", f"checkpoint={dirs['instruction']}", "split=mt_bench/question.jsonl"]
         evaluated = run_all(evaluate, env)
     finally:
         judge.stop()
@@ -360,9 +361,12 @@ def test_instruction_trains_and_is_judged(runs):
 
 def test_instruction_kasa_eval_answers_mt_bench(runs):
     mt_bench = eval_report(runs["eval"]["mt_bench"])
-    assert mt_bench["split"] == "question" and mt_bench["metric"] == "judge_score"
+    assert mt_bench["split"] == "mt_bench/question.jsonl" and mt_bench["metric"] == "judge_score"
     assert 1.0 <= mt_bench["score"] <= 10.0
-    saved = runs["dirs"]["instruction"] / "checkpoints" / "best" / "generations" / "instruction-question.jsonl"
+    # a split given as a path is filed under one name beside the others (it was pasted into a path: lost outputs)
+    best = runs["dirs"]["instruction"] / "checkpoints" / "best"
+    assert json.loads((best / "eval_mt_bench-question.json").read_text())["score"] == mt_bench["score"]
+    saved = best / "generations" / "instruction-mt_bench-question.jsonl"
     records = [json.loads(line) for line in saved.read_text().splitlines()]
     assert [r["question_id"] for r in records] == [81, 111]
     assert all(len(r["responses"]) == 2 and len(r["scores"]) == 2 for r in records)
@@ -603,6 +607,17 @@ def test_split_files(tmp_path):
     assert local_split_file(None, "train_sft_gpt4o", ()) is None  # a Hub split
     with pytest.raises(DataError, match="does not exist"):
         local_split_file(None, "mt_bench/question.jsonl", ())
+    (tmp_path / "dev.tsv").mkdir()  # a folder where the file should be is said to be one
+    with pytest.raises(DataError, match="dev.tsv is a folder, not a data file"):
+        find_split_file(tmp_path, "validation", ("dev.tsv",))
+
+
+def test_split_labels_name_one_file():
+    assert split_label("validation") == "validation" and split_label("boolq") == "boolq"
+    assert split_label("mt_bench/question.jsonl") == "mt_bench-question"
+    assert split_label("/data/e2e/testset_w_refs.csv") == "data-e2e-testset_w_refs"
+    assert split_label("../shared/data/stsb/dev.TSV") == "shared-data-stsb-dev"
+    assert "/" not in split_label("/" + "long/" * 100 + "dev.tsv") and len(split_label("/" + "x/" * 200)) <= 150
 
 
 def test_prompt_only_rows_and_judge_texts():

@@ -11,7 +11,8 @@ dtype first, as there, and refused at once where that would not fit the GPU), `b
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
 override of the run's saved config (model.path=..., task.data_dir=...). Prints the score the training run reported
 for the checkpoint only when it evaluates the split the training run evaluated it on. Writes eval_<split>.json
-(`merge` records whether the adapter was merged), and a generation task's outputs under generations/, into the
+(a split given as a file's path: its folders and name joined by '-', without the file's ending; `merge` records
+whether the adapter was merged), and a generation task's outputs under generations/, into the
 checkpoint directory. They are written first to <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay
 there when the training run saved over the checkpoint while it was evaluated (best/ and last/ of a run still
 training), or when judging fails (run again, kasa-eval reuses the responses and the scores saved there). One
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, load_saved_config, run_reporting_errors
 from kasa.config import launch_rank
+from kasa.data.sources import split_label
 from kasa.run_dir import (
     EVALUATIONS_DIR,
     GENERATIONS_DIR,
@@ -103,7 +105,8 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     # evaluations/ instead of replacing the checkpoint's own eval_<split>.json.
     changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES))
     reported = state.get("score") if not changed and split == split_evaluated_in_training(run_dir, state) else None
-    label = f"{split}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else split
+    name = split_label(split)  # a split given as a file's path names a file here, not a path
+    label = f"{name}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else name
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
     # that fails leaves the responses there. One kasa-eval of a checkpoint's split at a time: two would mix their
     # outputs (other decoding settings, say) in that folder.
@@ -163,11 +166,12 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
     if reported is not None:
         result["reported_in_training"] = reported
     if accelerator.is_main_process:
+        result_name = f"eval_{split_label(split)}.json"
         if changed:
-            write_json(staged / f"eval_{split}.json", result)
+            write_json(staged / result_name, result)
             result["output_dir"] = str(staged)
         else:
-            result["output_dir"] = str(place_outputs(checkpoint, version, staged, f"eval_{split}.json", result))
+            result["output_dir"] = str(place_outputs(checkpoint, version, staged, result_name, result))
     return result
 
 

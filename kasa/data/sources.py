@@ -15,6 +15,18 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 """File name endings that mark a split value as a file rather than a Hub split name."""
 
 
+def split_label(split: str) -> str:
+    """The name that a split's outputs are filed under (eval_<label>.json, e2e-<label>-predictions.txt, ...): a
+    split name as it is, a split given as a path (`mt_bench/question.jsonl`, `/data/e2e/testset.csv`) as its folders
+    and file name joined by '-' without the data file's ending, so that it names a file beside the others and never
+    a path into other folders."""
+    path = Path(split)
+    if path.suffix.lower() in DATA_SUFFIXES:
+        path = path.with_suffix("")
+    label = "-".join(part for part in path.parts if part.strip("./~"))
+    return label[-150:] or "split"  # the end says the most; a file name is at most 255 bytes
+
+
 def find_split_file(data_dir: str | Path, split: str, candidates: Sequence[str],
                     suffixes: Sequence[str] = DATA_SUFFIXES) -> Path:
     """The first of `candidates` (file names) that exists in `data_dir`; `split` itself may also name a file
@@ -31,6 +43,10 @@ def find_split_file(data_dir: str | Path, split: str, candidates: Sequence[str],
     if Path(split).expanduser().is_file():
         return Path(split).expanduser()
     present = sorted(p.name for p in folder.iterdir())[:12]
+    folders = [name for name in dict.fromkeys(names) if (folder / name).is_dir()]
+    if folders:
+        raise DataError(f"{folder / folders[0]} is a folder, not a data file: put the split's file there, or set "
+                        "task.train_split / task.eval_split (kasa-eval: split=) to a file")
     raise DataError(
         f"no file for split '{split}' in {folder} (looked for {', '.join(dict.fromkeys(names))}; found {present}): "
         "set task.train_split / task.eval_split (kasa-eval: split=) to one of those files"

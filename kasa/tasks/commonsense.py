@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from kasa.data.errors import DataError
 from kasa.data.files import load_commonsense_file
 from kasa.data.prompts import styled_prompt
-from kasa.data.sources import load_hub_split, local_split_file
+from kasa.data.sources import load_hub_split, local_split_file, split_label
 from kasa.evaluation.commonsense import (
     COMMONSENSE_TASKS,
     accuracy,
@@ -93,13 +93,13 @@ class CommonsenseTask(CausalLMTask):
                 generations = [llm_adapters_response(p, g) for p, g in zip(prompts, generations)]
             predicted = [extract_answer(name, text) for text in generations]
             metrics[name] = accuracy(name, generations, [r["answer"] for r in rows])
-            if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{name}-{split}.jsonl")):
+            if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{name}-{split_label(split)}.jsonl")):
                 with path.open("w") as f:
                     for row, text, answer in zip(rows, generations, predicted):
                         f.write(json.dumps({"instruction": row["instruction"], "generation": text,
                                             "predicted": answer, "answer": row["answer"],
                                             "correct": answer == row["answer"]}) + "\n")
         metrics["average"] = sum(metrics.values()) / len(metrics)
-        if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{split}-table.md")):
+        if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{split_label(split)}-table.md")):
             path.write_text(results_table({k: v for k, v in metrics.items() if k != "average"}) + "\n")
         return metrics

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kasa.data.errors import DataError
 from kasa.data.files import read_e2e_file
-from kasa.data.sources import load_hub_split, local_split_file
+from kasa.data.sources import load_hub_split, local_split_file, split_label
 from kasa.evaluation.e2e_metrics import (
     JAVA_HINT,
     PYCOCOEVALCAP_HINT,
@@ -88,10 +88,11 @@ class E2ETask(CausalLMTask):
         outputs = self.generate(model, accelerator, tokenizer, [e2e_prompt(mr) for mr in mrs])
         predictions = [texts[0].split("\n")[0].strip() for texts in outputs]
         scores = e2e_scores(predictions, references)
-        if accelerator.is_main_process and (path := output_file(output_dir, f"e2e-{split}-predictions.txt")):
+        label = split_label(split)
+        if accelerator.is_main_process and (path := output_file(output_dir, f"e2e-{label}-predictions.txt")):
             path.write_text("\n".join(predictions) + "\n")
             # The official e2e-metrics layout: each MR's references, groups separated by a blank line.
-            path.with_name(f"e2e-{split}-references.txt").write_text(
+            path.with_name(f"e2e-{label}-references.txt").write_text(
                 "\n\n".join("\n".join(refs) for refs in references) + "\n")
-            path.with_name(f"e2e-{split}-mrs.txt").write_text("\n".join(mrs) + "\n")
+            path.with_name(f"e2e-{label}-mrs.txt").write_text("\n".join(mrs) + "\n")
         return scores

@@ -30,7 +30,7 @@ from kasa.data.prompts import (
     prompt_text,
     reference_answer,
 )
-from kasa.data.sources import load_hub_split, local_split_file
+from kasa.data.sources import load_hub_split, local_split_file, split_label
 from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
 from kasa.run_dir import write_atomically
 from kasa.tasks.base import EvaluationFailed
@@ -95,7 +95,7 @@ class InstructionTask(CausalLMTask):
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
         """The judge's mean score of the responses to `split`. The responses, then each record's scores as they
-        come, are saved in <output_dir>/instruction-<split>.jsonl; an evaluation that finds there the responses of
+        come, are saved in <output_dir>/instruction-<split label>.jsonl (data.sources.split_label); an evaluation that finds there the responses of
         the same model, prompts and decoding settings (a resume after judging failed, kasa-eval run again) reuses
         them, and the scores that the same judge gave, instead of generating and judging again."""
         rows = self._rows(split, self.cfg.task.max_eval_samples)
@@ -104,7 +104,7 @@ class InstructionTask(CausalLMTask):
         first_prompts = _each_row(rows, split, lambda row: conversation_prompt(
             [{"role": "user", "content": row["turns"][0]}], tokenizer) if mt_bench else generation_prompt(row, tokenizer))
         fingerprint = self._fingerprint(model, accelerator, tokenizer, first_prompts)
-        path = output_file(output_dir, f"instruction-{split}.jsonl") if accelerator.is_main_process else None
+        path = output_file(output_dir, f"instruction-{split_label(split)}.jsonl") if accelerator.is_main_process else None
         records = [_saved_records(path, questions, fingerprint)]
         if accelerator.num_processes > 1:  # generation is shared out: every process must take the same way
             records = broadcast_object_list(records)
