@@ -141,6 +141,22 @@ def test_a_cell_pooling_runs_of_different_settings_is_named(tmp_path, caplog):
     assert not caplog.text
 
 
+def test_rows_by_a_list_setting_and_no_average_over_a_task_twice(tmp_path, caplog):
+    """--by model.target_modules (the key the pooling warning names) crashed on the list; a task scored in two
+    metrics was averaged as two tasks."""
+    for job, targets in enumerate((["query", "value"], ["query", "key", "value"])):
+        write_run(tmp_path / str(job), task="sst2", method="lora", seed=0, best=0.7 + job / 10)
+        (tmp_path / str(job) / "config.json").write_text(json.dumps({"model": {"target_modules": targets}}))
+    write_run(tmp_path / "mcc", task="sst2", method="lora", seed=1, best=0.2, metric="matthews")
+    table = build_table(collect_runs([tmp_path]), by=["model.target_modules"])
+    assert table.columns == [("sst2", "accuracy"), ("sst2", "matthews")]
+    cells = {row.label: {c: cell.median for c, cell in row.cells.items()} for row in table.rows}
+    assert cells['LoRA model.target_modules=["query", "value"]'] == {("sst2", "accuracy"): 0.7}
+    assert cells['LoRA model.target_modules=["query", "key", "value"]'] == {("sst2", "accuracy"): pytest.approx(0.8)}
+    assert all(table.average(row) is None for row in table.rows)
+    assert "none here: a task is scored in several metrics" in compare.to_markdown(table)
+
+
 def test_a_single_run_directory_and_a_model_column(tmp_path):
     write_run(tmp_path / "a", task="rte", method="kasa", seed=0, best=0.8)
     (tmp_path / "a" / "config.json").write_text(json.dumps({"model": {"name": "FacebookAI/roberta-base"}}))

@@ -155,9 +155,9 @@ def test_regularization_of_a_chosen_layer(tmp_path):
 
 
 def write_run(directory: Path, *, task: str, method: str, seed: int, best: float, rank: int = 8,
-              truncation_rank: int | None = None) -> None:
+              truncation_rank: int | None = None, metric: str | None = None) -> None:
     directory.mkdir(parents=True)
-    metric = {"cola": "matthews"}.get(task, "accuracy")
+    metric = metric or {"cola": "matthews"}.get(task, "accuracy")
     (directory / "summary.json").write_text(json.dumps({
         "task": task, "method": method, "metric": metric, "best": best, "seed": seed, "rank": rank, "beta": 1e-4,
         "gamma": 1e-3, "trainable_params": 1000, "overrides": [f"seed={seed}"],
@@ -199,6 +199,33 @@ def test_ablation_bars_in_ladder_order(ablation_sweep):
         for method, median, n in zip(entry["methods"], entry["median"], entry["n"]):
             assert median == pytest.approx(100 * np.median(scores[(task, method)]))
             assert n == 3
+
+
+def test_a_task_scored_in_two_metrics_gets_a_panel_per_metric(tmp_path, caplog):
+    """A run with task.metric=matthews beside accuracy runs of the same task: its score was pooled into their bar."""
+    for seed, best in enumerate((0.70, 0.68)):
+        write_run(tmp_path / f"acc{seed}", task="sst2", method="lora", seed=seed, best=best)
+    write_run(tmp_path / "mcc", task="sst2", method="lora", seed=0, best=0.15, metric="matthews")
+    with caplog.at_level("WARNING"):
+        data = plots.ablation([tmp_path])
+    assert not caplog.text
+    assert list(data["tasks"]) == ["sst2 (accuracy)", "sst2 (matthews)"]
+    accuracy, matthews = data["tasks"].values()
+    assert (accuracy["task"], accuracy["metric"], accuracy["median"], accuracy["n"]) == ("sst2", "accuracy",
+                                                                                        [pytest.approx(0.69)], [2])
+    assert (matthews["metric"], matthews["median"], matthews["n"]) == ("matthews", [0.15], [1])
+
+
+def test_pooled_runs_of_one_seed_name_what_differs(tmp_path, caplog):
+    for job, lr in enumerate((1e-3, 1e-2)):
+        write_run(tmp_path / str(job), task="rte", method="kasa", seed=0, best=0.5, rank=4)
+        config = json.loads((tmp_path / str(job) / "config.json").read_text())
+        config["trainer"] = {"lr": lr}
+        (tmp_path / str(job) / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        plots.rank([tmp_path], out_dir=tmp_path / "plots")
+    assert "rte, KaSA at rank r 4: the median pools 2 runs of which some share a seed, and which differ in " \
+           "trainer.lr: plot the runs of one setting alone" in caplog.text
 
 
 def test_metric_against_rank(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.analysis.sweep import MISSING, OVERRIDE_ALIASES, Run, _hashable, _sort_key, config_value, load_runs
+from kasa.analysis.sweep import MISSING, OVERRIDE_ALIASES, Run, _sort_key, config_value, hashable, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
 from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE
 
@@ -95,12 +95,12 @@ def has_setting(run: Run, key: str) -> bool:
 def _settings(run: Run) -> dict[str, Any]:
     """What a `--by` key can tell this run apart by: its config's settings and overrides (the bookkeeping ones, the
     seed and the fields that repeat the summary's aside), the summary's rank, beta, gamma and recipe, and `model`."""
-    found = {key: _hashable(value) for key, value in dotted_settings(run.config).items()}
+    found = {key: hashable(value) for key, value in dotted_settings(run.config).items()}
     found.update((key, _number(value)) for key, value in run.overrides.items())
     found = {k: v for k, v in found.items()
              if not is_bookkeeping(k) and k not in OVERRIDE_ALIASES and k not in IGNORED_BY_ROWS
              and k not in (OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY)}
-    found.update((key, _hashable(setting_value(run, key))) for key in ("rank", "beta", "gamma", "recipe", "model"))
+    found.update((key, hashable(setting_value(run, key))) for key in ("rank", "beta", "gamma", "recipe", "model"))
     return found
 
 
@@ -226,10 +226,15 @@ class Table:
         cell = row.cells.get(column)
         return None if cell is None else cell.median * self.scale
 
+    @property
+    def one_column_per_task(self) -> bool:
+        return len({task for task, _ in self.columns}) == len(self.columns)
+
     def average(self, row: Row) -> float | None:
-        """Mean of the row's (scaled) medians over every column; None when a task is missing."""
+        """Mean of the row's (scaled) medians over the tasks; None when a task is missing, or when a task has
+        columns of several metrics (a task counted twice, its metrics averaged together)."""
         values = [self.value(row, c) for c in self.columns]
-        if not values or any(v is None for v in values):
+        if not values or any(v is None for v in values) or not self.one_column_per_task:
             return None
         return float(np.mean(values))
 
@@ -277,7 +282,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
     groups: dict[tuple, dict[tuple[str, str], list[Run]]] = {}
     for run in runs:
         method = str(run.summary.get("method"))
-        setting = tuple(setting_value(run, k) for k in keys)
+        setting = tuple(hashable(setting_value(run, k)) for k in keys)  # a list (target_modules) as its JSON
         column = (str(run.summary.get("task")), str(run.summary.get("metric")))
         groups.setdefault((method, truncation_basis(run), setting), {}).setdefault(column, []).append(run)
     columns = sorted({c for cells in groups.values() for c in cells}, key=lambda c: (task_sort_key(c[0]), c[1]))
@@ -363,7 +368,8 @@ def to_markdown(table: Table, sources: Sequence[Path] = ()) -> str:
         "",
         f"Cells: median over seeds of the best validation epoch (`best` in summary.json){scale}; "
         f"runs per cell: {', '.join(f'{n} ({k} cells)' for n, k in sorted(counts.items())) or 'none'}. "
-        "Best per column in bold. Avg.: mean over the tasks, for rows with every task. "
+        "Best per column in bold. Avg.: mean over the tasks, for rows with every task"
+        + (" (none here: a task is scored in several metrics)" if not table.one_column_per_task else "") + ". "
         "Trainable parameters: the adapters, without the task head.",
     ]
     if sources:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from kasa.analysis.compare import (
     collect_runs,
+    differing_settings,
     method_label,
     task_label,
     task_sort_key,
@@ -312,11 +314,13 @@ def _series_name(method: str, basis: str) -> str:
     return method if basis == "weight" else f"{method} ({basis})"
 
 
-def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str] | None) -> dict[str, Any]:
-    """{task: {metric, series: {name: {method, truncation_basis, label, x: [...], median: [...], n: [...],
-    seeds: [...]}}}} over `runs`; runs of one method truncated in different bases are different series."""
-    grouped: dict[str, dict[tuple[str, str], dict[Any, list[Run]]]] = {}
-    metrics: dict[str, set] = {}
+def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str] | None,
+             axis: str | None = None) -> dict[str, Any]:
+    """{panel: {task, metric, series: {name: {method, truncation_basis, label, x: [...], median: [...], n: [...],
+    seeds: [...]}}}} over `runs`, a panel per task and metric (named by the task, or "task (metric)" when its runs
+    report several metrics: their scores are never pooled); runs of one method truncated in different bases are
+    different series. `axis`: what x is (for the warnings), None for one point per series."""
+    grouped: dict[tuple[str, str], dict[tuple[str, str], dict[Any, list[Run]]]] = {}
     for run in runs:
         method = str(run.summary.get("method"))
         if methods is not None and method not in methods:
@@ -324,23 +328,27 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
         value = x(run)
         if value is None:
             continue
-        task = str(run.summary.get("task"))
-        metrics.setdefault(task, set()).add(str(run.summary.get("metric")))
+        panel = (str(run.summary.get("task")), str(run.summary.get("metric")))
         variant = (method, truncation_basis(run))
-        grouped.setdefault(task, {}).setdefault(variant, {}).setdefault(value, []).append(run)
-    for task, per_variant in grouped.items():
+        grouped.setdefault(panel, {}).setdefault(variant, {}).setdefault(value, []).append(run)
+    for (task, _), per_variant in grouped.items():
         for variant, points in per_variant.items():
             for value, members in points.items():
                 seeds = [r.summary.get("seed") for r in members]
                 if len(set(seeds)) < len(seeds):
-                    log.warning("%s, %s at %s: the median pools runs with the same seed (runs of different "
-                                "settings?)", task, method_label(*variant), value)
+                    differing = differing_settings(members)
+                    log.warning("%s, %s%s: the median pools %d runs of which some share a seed%s: plot the runs of "
+                                "one setting alone (their folders)", task, method_label(*variant),
+                                f" at {axis} {value}" if axis else "", len(members),
+                                f", and which differ in {', '.join(differing)}" if differing else "")
+    metric_count = Counter(task for task, _ in grouped)
     tasks: dict[str, Any] = {}
-    for task in sorted(grouped, key=task_sort_key):
+    for task, metric in sorted(grouped, key=lambda panel: (task_sort_key(panel[0]), panel[1])):
+        variants = grouped[(task, metric)]
         series = {}
-        order = list(methods) if methods is not None else sorted({m for m, _ in grouped[task]}, key=method_sort_key)
-        for method, basis in sorted(grouped[task], key=lambda v: (order.index(v[0]), v[1] != "weight", v[1])):
-            points = grouped[task][(method, basis)]
+        order = list(methods) if methods is not None else sorted({m for m, _ in variants}, key=method_sort_key)
+        for method, basis in sorted(variants, key=lambda v: (order.index(v[0]), v[1] != "weight", v[1])):
+            points = variants[(method, basis)]
             xs = sorted(points, key=lambda v: (isinstance(v, str), v))
             series[_series_name(method, basis)] = {
                 "method": method,
@@ -351,7 +359,8 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
                 "n": [len(points[v]) for v in xs],
                 "seeds": [[r.summary.get("seed") for r in points[v]] for v in xs],
             }
-        tasks[task] = {"metric": ", ".join(sorted(metrics[task])), "series": series}
+        tasks[task if metric_count[task] == 1 else f"{task} ({metric})"] = {"task": task, "metric": metric,
+                                                                           "series": series}
     return tasks
 
 
@@ -374,6 +383,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
     for task, entry in tasks.items():
         methods = list(entry["series"])
         bars[task] = {
+            "task": entry["task"],
             "metric": entry["metric"],
             "methods": methods,
             "labels": [entry["series"][m]["label"] for m in methods],
@@ -399,7 +409,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
             ax.text(p, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(positions), [str(step) + ("*" if basis != "weight" else "") for step, basis in
                                         zip(entry["ladder_steps"], entry["truncation_bases"])])
-        ax.set_title(task_label(task, entry["metric"]))
+        ax.set_title(task_label(entry["task"], entry["metric"]))
         ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
     handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(LADDER))]
     names = [f"{i + 1}: {method_label(m)}" for i, m in enumerate(LADDER)]
@@ -417,7 +427,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
 
 def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict[str, Any]:
     runs = _runs(source)
-    tasks = _medians(runs, x, methods)
+    tasks = _medians(runs, x, methods, xlabel)
     tasks = {t: e for t, e in tasks.items() if e["series"]}
     if not tasks:
         raise ValueError(f"no run to plot against {xlabel}")
@@ -437,7 +447,7 @@ def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict
         ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
-        ax.set_title(task_label(task, entry["metric"]))
+        ax.set_title(task_label(entry["task"], entry["metric"]))
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -456,7 +466,8 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
         for method, series in entry["series"].items():
             values = dict(zip(series["rank"], series["median"]))
             cells = [f"{values[r]:.{2 if scale >= 100 else 4}f}" if r in values else "" for r in ranks]
-            lines.append(f"| {task_label(task, entry['metric'])} | {series['label']} | " + " | ".join(cells) + " |")
+            name = task_label(entry["task"], entry["metric"])
+            lines.append(f"| {name} | {series['label']} | " + " | ".join(cells) + " |")
     (_out_dir(source, out_dir) / RANK_TABLE_FILE).write_text(
         "\n".join(lines) + "\n\nMedian over seeds of `best`" + (f" x {scale:g}" if scale != 1 else "") + ".\n"
     )

@@ -204,17 +204,18 @@ def setting_keys(runs: Sequence[Run]) -> list[str]:
     """The columns that identify a setting: BASE_KEYS, then the other keys whose value differs between runs."""
     keys = list(BASE_KEYS)
     for key in OPTIONAL_SUMMARY_KEYS:
-        if len({_hashable(run.summary.get(key)) for run in runs}) > 1:
+        if len({hashable(run.summary.get(key)) for run in runs}) > 1:
             keys.append(key)
     override_keys = sorted({k for run in runs for k in run.overrides if not is_bookkeeping(k)}
                            - OVERRIDE_ALIASES - set(keys))
     for key in override_keys:
-        if len({_hashable(run.value(key)) for run in runs}) > 1:
+        if len({hashable(run.value(key)) for run in runs}) > 1:
             keys.append(key)
     return keys
 
 
-def _hashable(value: Any) -> Any:
+def hashable(value: Any) -> Any:
+    """A setting's value as a key: a list or mapping (target_modules) as its JSON."""
     if isinstance(value, (list, dict)):
         return json.dumps(value, sort_keys=True)
     return value
@@ -238,7 +239,7 @@ def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
     the task and metric the scores are of (SCORE_KEYS: setting columns only when they vary, always in the row)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault(tuple(_hashable(run.value(k)) for k in keys), []).append(run)
+        groups.setdefault(tuple(hashable(run.value(k)) for k in keys), []).append(run)
     rows = []
     for setting in sorted(groups, key=lambda s: [_sort_key(v) for v in s]):
         members = groups[setting]
