@@ -336,3 +336,24 @@ def test_chunked_lm_loss_under_deepspeed_zero3_trains_like_one_process(tmp_path)
     start = dict(tiny_kasa_llama().named_parameters())
     moved = max((p.detach() - start[n]).abs().max().item() for n, p in params.items())
     assert moved > 1000 * DDP_TOL, f"training hardly moved the adapter ({moved:.3g}): the comparison proves nothing"
+
+
+@pytest.mark.parametrize("rows,batch_size,processes", [(100, 4, 2), (102, 4, 2), (96, 4, 2), (7, 2, 3), (5, 8, 2)])
+def test_the_uneven_batches_warning_counts_what_accelerate_repeats(rows, batch_size, processes):
+    """A multi-process run whose rows do not fill the last global batch trains on repeated rows: said, with their
+    number, which is what Accelerate's sharded batches really repeat."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from kasa.training.loop import uneven_batches_note
+
+    seen = [i for rank in range(processes) for batch in BatchSamplerShard(
+        BatchSampler(range(rows), batch_size, False), processes, rank, even_batches=True) for i in batch]
+    repeated = len(seen) - rows
+    assert sorted(set(seen)) == list(range(rows))
+    note = uneven_batches_note(rows, batch_size, processes, packing=False)
+    if repeated:
+        assert note.startswith(f"warning: the {rows} training rows do not fill") and f": {repeated} of the" in note
+    else:
+        assert note is None
+    assert uneven_batches_note(rows, batch_size, 1, packing=False) is None

@@ -118,6 +118,19 @@ def peak_memory_mib() -> dict[str, float]:
     return {k: round(v, 1) for k, v in peak.items()}
 
 
+
+def uneven_batches_note(rows: int, batch_size: int, processes: int, packing: bool) -> str | None:
+    """The warning for a multi-process run whose training rows do not fill its last global batch: Accelerate (as
+    PyTorch's DistributedSampler) completes it with the epoch's first rows, which one process would not see again."""
+    repeated = -rows % (batch_size * processes)
+    if processes == 1 or not repeated:
+        return None
+    kind = "packed rows" if packing else "training rows"
+    return (f"warning: the {rows} {kind} do not fill the last batch of each epoch on {processes} processes x "
+            f"{batch_size}: {repeated} of the epoch's first rows are repeated there (Accelerate's even batches), so the "
+            f"run differs slightly from one process with the same global batch; a row count that is a multiple of "
+            f"{batch_size * processes} avoids it")
+
 class NonFiniteLoss:
     """The first non-finite loss of the run and where it happened, kept on the device: observing a loss costs no
     host-device sync; `check` (a sync, and a gather over the processes) raises for it."""
@@ -328,6 +341,9 @@ class TrainingRecipe:
                                                      cfg.trainer.batch_size, cfg.seed)}
         self.train_loader = self.accelerator.prepare(DataLoader(
             dataset, batch_size=cfg.trainer.batch_size, collate_fn=self.task.collator(self.tokenizer), **order))
+        if note := uneven_batches_note(len(dataset), cfg.trainer.batch_size, self.accelerator.num_processes,
+                                       cfg.trainer.packing):
+            self.console.print(note)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.trainer.grad_accum)
         self.total_steps = steps_per_epoch * cfg.trainer.epochs
         if cfg.trainer.max_steps:
