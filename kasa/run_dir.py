@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -175,6 +176,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def finite_numbers(data: Any) -> Any:
+    """`data` with every nan or infinite float (an undefined metric) as None, which JSON files can hold."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_numbers(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_numbers(value) for value in data]
+    return data
 
 
 def write_json(path: str | Path, data: Any) -> Path:

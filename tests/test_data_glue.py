@@ -225,6 +225,10 @@ def test_bad_rows_and_labels(tmp_path: Path) -> None:
     write(tmp_path / "train.tsv", ["sentence\tlabel", "a\thigh"])
     with pytest.raises(DataError, match="score 'high' is not a number"):
         load_glue_splits(task(tmp_path, num_labels=1))
+    for score in ("nan", "inf", "-Infinity"):  # taken as labels before: a nan Pearson, or a nan loss mid-run
+        write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t1.5", f"b\t{score}"])
+        with pytest.raises(DataError, match=f"score '{score}' is not a finite number: fix or remove that row"):
+            load_glue_splits(task(tmp_path, num_labels=1))
 
 
 def test_same_train_and_eval_split(sst2: Path) -> None:

@@ -81,3 +81,27 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tmp_path):
     train(cfg, dataclasses.asdict(cfg))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in logged if r["type"] == "train"] == [0.01, 0.0075, 0.005, 0.0025]  # linear decay to 0
+
+
+def test_a_run_with_no_defined_score_has_no_best_in_valid_json(tmp_path, monkeypatch, capsys):
+    """Every evaluation undefined (a nan Pearson): summary.json said best nan (a bare NaN, not JSON) at epoch 1, where
+    the README promises best_epoch null; best/ still holds a checkpoint for kasa-eval."""
+    import dataclasses
+
+    import pytest
+
+    from cli_helpers import tiny_run_config
+    from kasa.training.loop import train
+
+    monkeypatch.setattr("kasa.training.loop.main_metric", lambda metrics, name: float("nan"))
+    cfg = tiny_run_config(tmp_path)
+    cfg.trainer.epochs = 2
+    train(cfg, dataclasses.asdict(cfg))
+
+    def no_constants(name):
+        pytest.fail(f"summary.json holds {name}, which is not JSON")
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=no_constants)
+    assert summary["best"] is None and summary["best_epoch"] is None and summary["last"] is None
+    assert (tmp_path / "run" / "checkpoints" / "best").is_dir()
+    assert f"no epoch gave a defined {summary['metric']}" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
             continue
         best = summary.get("best") if isinstance(summary, dict) else None
         if not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(float(best)):
-            log.warning("skipping %s: %s has no finite `best` (the run did not evaluate)", directory, SUMMARY_FILE)
+            log.warning("skipping %s: %s has no best score (no evaluation gave a defined one)", directory, SUMMARY_FILE)
             skipped.append(directory)
             continue
         runs.append(Run(directory, summary, parse_overrides(summary.get("overrides") or [])))

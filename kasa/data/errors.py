@@ -15,9 +15,10 @@ def not_text(path: str | Path, err: UnicodeDecodeError) -> DataError:
                      "or binary? point the task at the extracted TSV / CSV / JSON file")
 
 
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """The text of a data file; one that does not decode (binary, compressed) is a DataError naming the file."""
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 data file, a byte-order mark (Windows editors write one) left out; one that does not
+    decode (binary, compressed) is a DataError naming the file."""
     try:
-        return path.read_text(encoding=encoding)
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise not_text(path, err) from None

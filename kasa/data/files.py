@@ -22,11 +22,16 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     text = read_text(path)
     try:
         rows = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} is neither a JSON list nor JSON lines ({err})") from None
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):  # a JSON list: where it breaks (its end, for a truncated file)
+            raise DataError(f"{path} is not a valid JSON list ({err})") from None
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as line_err:
+                raise DataError(f"{path}: line {number} is not JSON ({line_err.msg}, column {line_err.colno}); the "
+                                "file is read as JSON lines, one object per line, or one JSON list") from None
     if isinstance(rows, dict):
         rows = [rows]
     if not isinstance(rows, list) or not rows:
@@ -104,7 +109,7 @@ def read_e2e_file(path: str | Path) -> tuple[list[str], list[str]]:
     Surrounding whitespace of each field is stripped, as the official script does. Anything else (for instance
     the MR-only test set) is a ValueError, so a wrong file fails loudly instead of being scored."""
     path = Path(path)
-    text = read_text(path, encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    text = read_text(path)
     first_line = text.split("\n", 1)[0].strip()
     if re.fullmatch(r'"?mr"?\s*,\s*"?ref"?', first_line, flags=re.IGNORECASE):
         return _read_csv_layout(path, text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -253,10 +254,13 @@ def _parse_label(value: Any, num_labels: int, where: str) -> Optional[Union[int,
         return None
     if num_labels == 1:
         try:
-            return float(text)
+            score = float(text)
         except ValueError:
             message = f"{where}: score {text!r} is not a number, as regression (task.num_labels=1) needs"
             raise DataError(message) from None
+        if not math.isfinite(score):  # a nan or inf label turns the loss, or every correlation, into nan
+            raise DataError(f"{where}: score {text!r} is not a finite number: fix or remove that row")
+        return score
     names = _LABEL_NAMES.get(num_labels, {})
     try:
         label = int(text)

@@ -79,7 +79,8 @@ class Console:
             table.add_row(f"{record['epoch']}{marker}", *(f"{record[n]:.4f}" for n in metric_names))
         self.rich.print(table)
         self.rich.print(
-            f"best {summary['metric']} {summary['best']:.4f} (epoch {summary['best_epoch'] or 'none'}), "
+            (f"best {summary['metric']} {summary['best']:.4f} (epoch {summary['best_epoch']}), "
+             if summary["best_epoch"] else f"no epoch gave a defined {summary['metric']}, ") +
             f"{summary['trainable_params_without_head']:,} trained parameters without the head, "
             f"{summary['train_seconds']:.0f} s"
         )

@@ -50,6 +50,7 @@ from kasa.run_dir import (
     analysis_outputs,
     clean_partial_writes,
     checkpoint_run,
+    finite_numbers,
     is_checkpoint_of,
     read_config,
     step_dir_name,
@@ -566,15 +567,18 @@ class TrainingRecipe:
         tokens = self.accelerator.reduce(self.tokens, "sum").item()  # every process's
         if not state.history:  # summary.json marks a finished run with a result: never for one that did not evaluate
             raise ValueError(f"the run in {self.out} ended without an evaluation: no summary written")
+        # best/ holds the first epoch when no evaluation gave a defined score (a nan Pearson), so that kasa-eval finds
+        # a checkpoint; the summary says there is no best.
+        defined = state.best_epoch >= 0 and not math.isnan(state.best)
         summary = {
             "task": cfg.task.name,
             "method": cfg.method.method,
             "recipe": cfg.recipe,
             "metric": self.task.metric,
-            "best": state.best,
+            "best": state.best if defined else None,
             # Epochs count from 1 here, as on the console (metrics.jsonl's `epoch` is the 0-based index); no best
             # epoch (null) when no evaluation gave a defined score.
-            "best_epoch": state.best_epoch + 1 if state.best_epoch >= 0 else None,
+            "best_epoch": state.best_epoch + 1 if defined else None,
             "last": state.last,
             "epochs_run": state.epoch,
             "steps": state.step,
@@ -593,7 +597,7 @@ class TrainingRecipe:
             "eval_history": [{**record, "epoch": record["epoch"] + 1} for record in state.history],
         }
         if self.main:
-            write_json(self.out / SUMMARY_FILE, summary)
+            write_json(self.out / SUMMARY_FILE, finite_numbers(summary))  # JSON has no nan
             self.console.summary_table(summary)
             self.console.print(f"run directory: {self.out}")
         self.accelerator.end_training()
