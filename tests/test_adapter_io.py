@@ -237,6 +237,23 @@ def test_model_of_a_different_size(saved):
         kasa.load_adapter(build_gpt2(), saved)  # another architecture
 
 
+@pytest.mark.parametrize("wrong", [dict(hidden_size=48, intermediate_size=48), dict(num_hidden_layers=1), "gpt2"])
+def test_a_load_that_does_not_fit_leaves_the_model_as_it_was(saved, wrong):
+    """The adapters were injected and the model frozen before the checks: a retry on the same model said 'already
+    has adapters applied', and a GPT-2 was left with no trainable parameter."""
+    model = build_gpt2() if wrong == "gpt2" else build_roberta(**wrong)
+    before = {name: (param.requires_grad, param.detach().clone()) for name, param in model.named_parameters()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError):
+        kasa.load_adapter(model, saved)
+    after = dict(model.named_parameters())
+    assert list(after) == list(before) and [type(m) for m in model.modules()] == modules
+    assert all(after[n].requires_grad == grad and torch.equal(after[n], value) for n, (grad, value) in before.items())
+    assert getattr(model, "kasa_adapter_config", None) is None
+    kasa.apply_adapters(model, kasa.AdapterConfig(method="lora", rank=2, target_modules=["c_attn"] if wrong == "gpt2"
+                                                  else ["query", "value"]))  # it can be adapted again
+
+
 def test_load_onto_adapted_model_and_save_plain_model(saved, tmp_path_factory):
     model = kasa.apply_adapters(build_roberta(), kasa.AdapterConfig(rank=4))
     with pytest.raises(ValueError, match="already has adapters"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from kasa.adapters import peft_baselines
 from kasa.adapters.config import AdapterConfig
-from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters
+from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters, unchanged_on_error
 from kasa.adapters.quantized import quantize_pending
 from kasa.run_dir import ADAPTER_CONFIG_FILE as CONFIG_FILE
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE as WEIGHTS_FILE
@@ -128,21 +128,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     except (SafetensorError, FileNotFoundError, OSError) as err:
         raise ValueError(f"cannot read {directory / WEIGHTS_FILE} ({err}): the checkpoint is missing or truncated") from err
     refuse_non_finite(tensors, directory / WEIGHTS_FILE)
-    apply_adapters(model, config, initialise=False)
+    with unchanged_on_error(model):  # the model as it was given, so that the right adapter can be loaded onto it
+        apply_adapters(model, config, initialise=False)
+        check_fits(model, tensors, directory, meta.get("base_model"))
     expected = adapter_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-            f"it was saved for base model {meta.get('base_model')!r}"
-        )
-    for key, target in expected.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise ValueError(
-                f"checkpoint tensor {key} has shape {tuple(tensors[key].shape)} but the model expects "
-                f"{tuple(target.shape)}: it was saved for base model {meta.get('base_model')!r}"
-            )
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
@@ -154,3 +143,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                 target.copy_(tensors[key])
     quantize_pending(model, config.method, config.trainable_modules)  # the truncated base, as in training
     return model
+
+
+def check_fits(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path, base_model: str | None) -> None:
+    """Refuse a checkpoint whose tensors are not those of `model`'s adapters, by name and shape."""
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            f"it was saved for base model {base_model!r}"
+        )
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise ValueError(
+                f"checkpoint tensor {key} has shape {tuple(tensors[key].shape)} but the model expects "
+                f"{tuple(target.shape)}: it was saved for base model {base_model!r}"
+            )

@@ -3,6 +3,7 @@ auxiliary loss, merging, parameter counts."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
@@ -62,6 +63,35 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     if initialise and config.truncation_basis == "activation" and not calibration:
         raise ValueError("truncation_basis=activation needs calibration batches: "
                          "apply_adapters(model, config, calibration=[batch, ...])")
+    if initialise and config.truncates:  # the base weights change as it goes: what can fail is checked first
+        if config.uses_layers and not config.uses_peft:
+            target_layers(model, config)
+        _adapt(model, config, initialise, calibration, calibration_inputs)
+    else:
+        with unchanged_on_error(model):
+            _adapt(model, config, initialise, calibration, calibration_inputs)
+    if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
+        quantize_pending(model, config.method, config.trainable_modules)
+    return model
+
+
+@contextlib.contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Adapters that fail to apply (no target matches, a checkpoint that does not fit) leave `model` as it was given:
+    its own layers in place and the parameters that trained training again, so it can be adapted again. Only for
+    adapters that have not changed the base weights (not a truncation under way)."""
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    try:
+        yield
+    except BaseException:
+        merge_and_unload(model, merge=False)
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable.get(name, False))
+        raise
+
+
+def _adapt(model: nn.Module, config: AdapterConfig, initialise: bool,
+           calibration: Sequence[dict[str, torch.Tensor]] | None, calibration_inputs: ModelInputs) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     if config.method == "full":
@@ -80,9 +110,6 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
         raise ValueError("method=bitfit trains the model's bias terms, and this model has none (nor a trained head): "
                          "choose another method, e.g. method=lora")
     setattr(model, CONFIG_ATTRIBUTE, config)
-    if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
-        quantize_pending(model, config.method, config.trainable_modules)
-    return model
 
 
 def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn.Module, list[str] | None]]:
@@ -250,14 +277,16 @@ def unmerge_adapters(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the adapters and put the plain base layers back: a model of the original architecture."""
+def merge_and_unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Merge the adapters and put the plain base layers back: a model of the original architecture. merge=False
+    drops the adapters instead (`load_adapter` undoing a load that does not fit: the base weights are untouched)."""
     if peft_baselines.tuner_of(model) is not None:
-        peft_baselines.merge_and_unload(model)
+        peft_baselines.merge_and_unload(model, merge)
         setattr(model, CONFIG_ATTRIBUTE, None)
         return model
     for name, layer in list(adapted_layers(model)):
-        layer.merge()
+        if merge:
+            layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     setattr(model, CONFIG_ATTRIBUTE, None)

@@ -213,9 +213,10 @@ def unmerge(model: nn.Module) -> None:
     tuner_of(model).unmerge_adapter()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The model's own layers back in place, with the adapters merged into them (merge=False: dropped)."""
     tuner = tuner_of(model)
-    tuner.merge_and_unload()
+    tuner.merge_and_unload() if merge else tuner.unload()
     del model.__dict__[TUNER_ATTRIBUTE]
     if "peft_config" in model.__dict__:
         del model.__dict__["peft_config"]
