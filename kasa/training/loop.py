@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
-from kasa.config import RunConfig
+from kasa.config import RunConfig, launch_rank
 from kasa.evaluation.metrics import improves, main_metric
 from kasa.run_dir import (
     BEST_CHECKPOINT,
@@ -118,6 +118,25 @@ def peak_memory_mib() -> dict[str, float]:
         peak["gpu"] = torch.cuda.max_memory_allocated() / 2**20
     return {k: round(v, 1) for k, v in peak.items()}
 
+
+
+
+def engine_warnings(engine: str, processes: int) -> list[str]:
+    """The launch's engine against what Accelerate runs (`engine`, its DistributedType): a launch of several
+    processes that Accelerate runs one by one (FSDP without a GPU: each would train alone, in the same folder) is
+    refused; a DeepSpeed or FSDP config that Accelerate does not use is a warning."""
+    launched = launch_rank()[1]
+    if launched > 1 and processes == 1:
+        raise ValueError(f"accelerate launch started {launched} processes, but Accelerate runs each of them alone "
+                         f"({engine}): FSDP needs GPUs; without one, launch with ACCELERATE_USE_CPU=1 and "
+                         "configs/accelerate/multi_gpu.json (DDP), or a DeepSpeed config")
+    warnings = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and engine != "DEEPSPEED":
+        warnings.append(f"warning: the launch's DeepSpeed config is not in use: Accelerate runs {engine} "
+                        "(ACCELERATE_USE_CPU=1 turns DeepSpeed off; unset it to run DeepSpeed on its CPU accelerator)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and engine != "FSDP":
+        warnings.append(f"warning: the launch's FSDP config is not in use: Accelerate runs {engine} (FSDP needs GPUs)")
+    return warnings
 
 
 def uneven_batches_note(rows: int, batch_size: int, processes: int, packing: bool) -> str | None:
@@ -263,10 +282,8 @@ class TrainingRecipe:
         )
         self.main = self.accelerator.is_main_process
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and self.accelerator.state.deepspeed_plugin is None:
-            self.console.print(f"warning: the launch's DeepSpeed config is not in use: Accelerate runs "
-                               f"{self.accelerator.distributed_type.value} (ACCELERATE_USE_CPU=1 turns DeepSpeed off; "
-                               "unset it to run DeepSpeed on its CPU accelerator)")
+        for warning in engine_warnings(self.accelerator.distributed_type.value, self.accelerator.num_processes):
+            self.console.print(warning)
 
     def clear_earlier_run(self) -> None:
         """A fresh start over an earlier run (overwrite=true) removes that run's logs, checkpoints, evaluations and
