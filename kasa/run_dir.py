@@ -189,6 +189,17 @@ def finite_numbers(data: Any) -> Any:
     return data
 
 
+def output_folder(path: str | Path, create: bool = True) -> Path:
+    """The folder that an analysis command (kasa-compare, kasa-plot: --out) writes into, created when missing
+    (`create=False`: only checked, before the work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder: pass a folder (it is created when missing)")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """JSON, indented, written atomically."""
     text = json.dumps(data, indent=2, default=str) + "\n"

@@ -265,3 +265,12 @@ def test_a_by_key_no_run_has_is_refused(tmp_path):
     assert not (tmp_path / "t").exists()
     result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lr", "--out", str(tmp_path / "t"))
     assert result.returncode == 0 and "KaSA trainer.lr=0.0001" in result.stdout
+
+
+def test_out_naming_a_file_is_one_line(runs, tmp_path):
+    folder, _ = runs
+    (tmp_path / "notes.txt").write_text("mine")
+    for module in ("kasa.cli.compare", "kasa.cli.plot"):
+        result = run_cli(module, str(folder / "sweep_a"), "--out", str(tmp_path / "notes.txt"))
+        assert_one_line_error(result, "--out", "notes.txt is a file, not a folder: pass a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

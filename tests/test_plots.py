@@ -127,6 +127,21 @@ def test_regularization_terms_of_the_last_layer_and_the_loss(tmp_path):
     assert data["loss"]["loss"] == pytest.approx([1 / 5, 1 / 10, 1 / 15, 1 / 20])
 
 
+@pytest.mark.parametrize("orth_form, u_label", [("paper", "||dU^T dU - I||_F"), ("authors", "||dU dU^T - I_n||_F")])
+def test_regularization_axes_name_the_norm_the_run_used(tmp_path, monkeypatch, orth_form, u_label):
+    """A run with method.orth_form=authors (the GLUE recipes) logs the large Grams' norms: its axes said r x r."""
+    from matplotlib.axes import Axes
+
+    run = tmp_path / "run"
+    write_training_logs(run)
+    (run / "config.json").write_text(json.dumps({"method": {"method": "kasa", "orth_form": orth_form}}))
+    labels = []
+    original = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda ax, text, *a, **k: labels.append(text) or original(ax, text, *a, **k))
+    assert plots.regularization(run)["orth_form"] == orth_form
+    assert u_label in labels and labels.count(u_label) == 2  # query and value
+
+
 def test_a_run_of_one_logged_step_draws_points(tmp_path, monkeypatch):
     """A line through one point draws nothing: the figure of a run that logged once was seven empty panels."""
     run = tmp_path / "run"

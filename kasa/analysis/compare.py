@@ -31,7 +31,7 @@ from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
 from kasa.analysis.sweep import MISSING, OVERRIDE_ALIASES, Run, _sort_key, config_value, hashable, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
-from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE
+from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, output_folder
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, scale: f
         raise ValueError(f"no finished run ({SUMMARY_FILE} with a finite `best`) under {', '.join(map(str, paths))}")
     table = build_table(runs, by=by, scale=scale, decimals=decimals)
     out = Path(out) if out is not None else (paths[0] if len(paths) == 1 else Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     files = {kind: out / name for kind, name in COMPARISON_FILES.items()}
     files["markdown"].write_text(to_markdown(table, paths))
     write_csv(table, files["csv"])

@@ -50,6 +50,8 @@ from kasa.run_dir import (
     SINGULAR_VALUES_FIGURE,
     TRUNCATION_FIGURE,
     find_checkpoint,
+    output_folder,
+    read_config,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ LADDER = ABLATION_LADDER  # the paper's figure 2, left to right
 TRUNCATING = methods_where(truncates=True)  # methods whose truncation rank k means something
 TERMS = ("l2", "l3_u", "l3_v")
 TERM_LABELS = {"l2": "L2 = sum(dSigma^2)", "l3_u": "||dU^T dU - I||_F", "l3_v": "||dV^T dV - I||_F"}
+# method.orth_form=authors (the GLUE recipes): the released code's norms of the large Grams, dU n x r, dV m x r
+AUTHORS_TERM_LABELS = {**TERM_LABELS, "l3_u": "||dU dU^T - I_n||_F", "l3_v": "||dV dV^T - I_m||_F"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,8 +82,16 @@ def _marker(steps: Sequence[Any]) -> str | None:
     return "o" if len(steps) == 1 else None
 
 
+def written_files(done: dict[str, dict[str, Any]]) -> list[str]:
+    """The files that drawing `done` (kind -> its plotted data) wrote, besides each PNG's JSON."""
+    files = [data["png"] for data in done.values()]
+    if "rank" in done:
+        files.append(str(Path(done["rank"]["png"]).with_name(RANK_TABLE_FILE)))
+    return files
+
+
 def _save(fig, data: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Any]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     data = {"png": f"{stem}.png", **data}
     fig.savefig(out_dir / f"{stem}.png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
@@ -246,6 +258,8 @@ def regularization(run_dir: str | Path, layer: int | None = None, out_dir: str |
                 loss["loss"].append(record["loss"])
                 loss["task_loss"].append(record.get("task_loss"))
 
+    orth_form = read_config(run_dir).get("method", {}).get("orth_form", "paper")
+    term_labels = AUTHORS_TERM_LABELS if orth_form == "authors" else TERM_LABELS
     plt = _pyplot()
     columns = max(1, len(modules))
     fig = plt.figure(figsize=(4.2 * columns, 9.0))
@@ -254,7 +268,7 @@ def regularization(run_dir: str | Path, layer: int | None = None, out_dir: str |
         for i, term in enumerate(TERMS):
             ax = fig.add_subplot(grid[i, j])
             ax.plot(series["step"], series[term], color=f"C{i}", marker=_marker(series["step"]))
-            ax.set_ylabel(TERM_LABELS[term])
+            ax.set_ylabel(term_labels[term])
             if i == 0:
                 ax.set_title(f"{label} (layer {layer})")
             if i == len(TERMS) - 1:
@@ -265,7 +279,8 @@ def regularization(run_dir: str | Path, layer: int | None = None, out_dir: str |
     ax.set_ylabel("training loss")
     ax.set_title("overall training loss")
     fig.tight_layout()
-    data = {"run": str(run_dir), "layer": layer, "layers": layers, "modules": modules, "loss": loss}
+    data = {"run": str(run_dir), "layer": layer, "layers": layers, "orth_form": orth_form, "modules": modules,
+            "loss": loss}
     return _save(fig, data, Path(out_dir) if out_dir else run_dir, f"{REGULARIZATION_FIGURE}{layer}")
 
 

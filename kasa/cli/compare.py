@@ -47,11 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(to_markdown(table, args.dirs), end="")
     written = list(files.values())
     if args.plots:
-        from kasa.analysis.plots import plot_sweep
+        from kasa.analysis.plots import plot_sweep, written_files
 
         out = files["markdown"].parent
         done = run_reporting_errors(lambda: plot_sweep(args.dirs, out, args.metric_scale))
-        written += [data["png"] for data in done.values()]
+        written += written_files(done)
         if not done:
             print("\nno plot: the runs hold no ablation (an intermediate rung of the ladder), no method at two ranks "
                   "and no truncating method at two truncation ranks")

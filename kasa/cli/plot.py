@@ -90,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: singular-values and regularization plots take one run directory", file=sys.stderr)
         return 2
 
+    if args.out is not None:
+        from kasa.run_dir import output_folder
+
+        run_reporting_errors(lambda: output_folder(args.out, create=False))
+
     def draw() -> dict[str, dict[str, Any]]:
         done: dict[str, dict[str, Any]] = {}
         if automatic and single:
@@ -112,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for kind, data in done.items():
         print(f"{kind}: {data['png']}")
+    if "rank" in done:
+        print(f"rank table: {plots.written_files(done)[-1]}")
     return 0
 
 
