@@ -262,6 +262,18 @@ def static_bytes(model: nn.Module, cfg) -> dict[str, int]:
             "gradients": trainable, "optimizer": 2 * trainable, "trainable_params": trainable_params}
 
 
+def gathered_bytes(model: nn.Module) -> int:
+    """What a process holds whole at once, beyond its shard, when ZeRO-3 or FSDP shard the weights: the embeddings
+    and the LM head (the root unit: gathered across forward, and again in backward) and two blocks (the one running,
+    the next one prefetched), the model's largest `_no_split_modules` block."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    largest = max((sum(_bytes(p) for p in module.parameters()) for module in model.modules()
+                   if type(module).__name__ in blocks), default=0)
+    ends = {id(p): _bytes(p) for embedding in (model.get_input_embeddings(), model.get_output_embeddings())
+            if embedding is not None for p in embedding.parameters()}  # a tied head counted once
+    return sum(ends.values()) + 2 * largest
+
+
 def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", architecture: Any = None,
                     loss_share: float = 1.0, device: str = "cuda") -> dict[str, Any]:
     """Peak memory of one training process of the run `cfg` (a validated kasa.config.RunConfig), in bytes; a causal
@@ -286,13 +298,14 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
     parts = static_bytes(model, cfg)
     shards = num_processes if sharding != "none" else 1
     weights = parts["weights"] / (shards if sharding in ("zero3", "fsdp") else 1)
+    gathered = gathered_bytes(model) * (shards - 1) / shards if sharding in ("zero3", "fsdp") else 0
     trainable = parts["trainable"] / (shards if sharding in ("zero3", "fsdp") else 1)
     gradients = parts["gradients"] / shards
     if sharding == "none" and num_processes > 1:
         gradients *= 2  # DDP's communication buckets hold a second copy of the gradients
     optimizer = parts["optimizer"] / shards
     acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length, loss_share, device)
-    static = weights + trainable + parts["removed"] + gradients + optimizer
+    static = weights + gathered + trainable + parts["removed"] + gradients + optimizer
     peak_plain = static + acts.saved + acts.transient
     peak_checkpointed = static + acts.saved_checkpointed + acts.transient
     checkpointing = bool(cfg.model.gradient_checkpointing)
@@ -311,6 +324,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         "loss": acts.loss,
         "bytes": {
             "weights": int(weights),
+            "gathered_weights": int(gathered),
             "adapters": int(trainable),
             "removed_components": int(parts["removed"]),
             "gradients": int(gradients),

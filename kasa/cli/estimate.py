@@ -54,7 +54,8 @@ def run(argv: list[str]) -> dict[str, Any]:
           f"{processes} (sharding {sharding}), batch {estimate['batch_size']} x {estimate['max_length']} tokens")
     print(f"  parameters            {estimate['parameters']:>16,}")
     print(f"  trainable parameters  {estimate['trainable_parameters']:>16,}")
-    for label, key in (("weights", "weights"), ("adapters (trainable)", "adapters"),
+    for label, key in (("weights", "weights"), ("  gathered (sharded)", "gathered_weights"),
+                       ("adapters (trainable)", "adapters"),
                        ("removed components", "removed_components"), ("gradients", "gradients"),
                        ("AdamW states", "optimizer"), ("activations", "activations"),
                        ("  with checkpointing", "activations_checkpointed"),
