@@ -235,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             returncode = stop.job.wait()
             records.append(record | {"returncode": returncode, "seconds": round(time.perf_counter() - start, 1)})
             write_json(sweep_dir / SWEEP_JOBS_FILE, records)
-            if stop.received is not None and returncode == INTERRUPTED_EXIT:
-                break  # the job saved and stopped, as asked
+            if stop.received is not None and returncode != 0:
+                # the job saved and stopped, as asked: kasa-train exits 75, accelerate's launcher 128 + the signal
+                print(f"job {i} stopped (exit status {returncode})", file=sys.stderr, flush=True)
+                break
             if returncode != 0:
                 failed += 1
                 print(f"job {i} failed with exit status {returncode}: {shlex.join(command)}", file=sys.stderr,

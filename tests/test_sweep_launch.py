@@ -130,7 +130,7 @@ run_dir.mkdir(parents=True, exist_ok=True)
 def stop(signum, frame):  # as kasa-train does: save, then exit 75
     with (run_dir / "signals").open("a") as f:
         f.write(f"{signal.Signals(signum).name} {os.environ.get('KASA_FORWARDED_SIGNALS')}\\n")
-    sys.exit(75)
+    sys.exit(int(os.environ.get("FAKE_JOB_EXIT", "75")))  # accelerate's launcher exits 143
 
 signal.signal(signal.SIGTERM, stop)
 (run_dir / "started").write_text(str(os.getpid()))
@@ -138,9 +138,11 @@ time.sleep(60)
 """
 
 
-def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_command(tmp_path):
+@pytest.mark.parametrize("job_exit", [75, 143])
+def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_command(tmp_path, job_exit):
     """SIGTERM to the script killed it silently and left its job running, orphaned; running the sweep again then
-    failed that job ("in use by another kasa run"). Here a stand-in job records the signals it gets."""
+    failed that job ("in use by another kasa run"). Here a stand-in job records the signals it gets. A job under
+    accelerate launch, whose launcher exits 143, was said to have failed."""
     import signal
     import subprocess
     import time
@@ -151,7 +153,8 @@ def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_com
     sweep_dir = tmp_path / "sweep"
     args = ["--launcher", f"{sys.executable} {tmp_path / 'job.py'}", "--sweep-dir", str(sweep_dir),
             f"model.path={model}", f"task.data_dir={data}", "method.svd_cache_dir=null", "seed=0,1"]
-    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env={**ENV}, stderr=subprocess.PIPE,
+    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env={**ENV, "FAKE_JOB_EXIT": str(job_exit)},
+                             stderr=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (sweep_dir / "0" / "started").exists():
@@ -166,4 +169,5 @@ def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_com
     assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM; continue the sweep with: python ")
     assert f"--sweep-dir {sweep_dir}" in err and "seed=0,1" in err
     jobs = json.loads((sweep_dir / "sweep_jobs.json").read_text())
-    assert [(j["job"], j["returncode"]) for j in jobs] == [(0, 75)]
+    assert [(j["job"], j["returncode"]) for j in jobs] == [(0, job_exit)]
+    assert f"job 0 stopped (exit status {job_exit})" in err and "job 0 failed" not in err
