@@ -216,3 +216,17 @@ LLM_ADAPTERS_EVAL_PROMPT = (
     "                ### Response:\n"
     "                "
 )
+
+
+def test_an_answer_outside_the_tasks_keywords_is_refused():
+    """A test row answered "Yes" for boolq was taken and could never be scored correct."""
+    from kasa.data.errors import DataError
+    from kasa.evaluation.commonsense import check_answers
+
+    check_answers("boolq", ["true", "false"], "boolq/test.json")
+    check_answers("ARC-Easy", ["answer1", "answer5"], "ARC-Easy/test.json")
+    with pytest.raises(DataError, match=r"boolq/test.json: row 1 has answer 'Yes', which is none of boolq's answers "
+                                        r"\(true, false\)"):
+        check_answers("boolq", ["true", "Yes"], "boolq/test.json")
+    with pytest.raises(DataError, match="row 0 has answer 'solution1 '"):
+        check_answers("piqa", ["solution1 "], "piqa/test.json")

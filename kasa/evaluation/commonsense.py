@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
+from kasa.data.errors import DataError
 from kasa.data.prompts import RESPONSE_MARKER, alpaca_prompt
 
 __all__ = [
@@ -59,6 +60,17 @@ def _pattern(task: str) -> re.Pattern[str]:
     except KeyError:
         valid = ", ".join(COMMONSENSE_TASKS)
         raise ValueError(f"unknown commonsense task '{task}'; valid tasks are {valid}") from None
+
+
+def check_answers(task: str, answers: Sequence[str], source: str) -> None:
+    """Refuse a test row whose answer is none of the task's keywords ("Yes" for boolq): it could never be scored
+    correct."""
+    pattern = _pattern(task)
+    bad = next((i for i, answer in enumerate(answers) if not pattern.fullmatch(answer)), None)
+    if bad is not None:
+        raise DataError(f"{source}: row {bad} has answer {answers[bad]!r}, which is none of {task}'s answers "
+                        f"({pattern.pattern.replace('|', ', ')}): fix that row, or point task.data_dir at "
+                        "LLM-Adapters' files")
 
 
 def extract_answer(task: str, text: str) -> Optional[str]:

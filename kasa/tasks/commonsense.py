@@ -21,6 +21,7 @@ from kasa.data.sources import load_hub_split, local_split_file, split_label
 from kasa.evaluation.commonsense import (
     COMMONSENSE_TASKS,
     accuracy,
+    check_answers,
     extract_answer,
     llm_adapters_response,
     results_table,
@@ -62,7 +63,9 @@ class CommonsenseTask(CausalLMTask):
         path = Path(self.cfg.task.data_dir) / name / f"{split}.json"
         rows = load_commonsense_file(path)
         limit = self.cfg.task.max_eval_samples
-        return rows[:limit] if limit else rows
+        rows = rows[:limit] if limit else rows
+        check_answers(name, [row["answer"] for row in rows], str(path))
+        return rows
 
     def check_evaluation(self, split: str) -> None:
         """Every set of task.eval_sets has its `split` file (exact-match answers need no tool)."""
@@ -93,13 +96,15 @@ class CommonsenseTask(CausalLMTask):
                 generations = [llm_adapters_response(p, g) for p, g in zip(prompts, generations)]
             predicted = [extract_answer(name, text) for text in generations]
             metrics[name] = accuracy(name, generations, [r["answer"] for r in rows])
-            if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{name}-{split_label(split)}.jsonl")):
+            outputs = f"commonsense-{name}-{split_label(split)}.jsonl"
+            if accelerator.is_main_process and (path := output_file(output_dir, outputs)):
                 with path.open("w") as f:
                     for row, text, answer in zip(rows, generations, predicted):
                         f.write(json.dumps({"instruction": row["instruction"], "generation": text,
                                             "predicted": answer, "answer": row["answer"],
                                             "correct": answer == row["answer"]}) + "\n")
         metrics["average"] = sum(metrics.values()) / len(metrics)
-        if accelerator.is_main_process and (path := output_file(output_dir, f"commonsense-{split_label(split)}-table.md")):
+        table = f"commonsense-{split_label(split)}-table.md"
+        if accelerator.is_main_process and (path := output_file(output_dir, table)):
             path.write_text(results_table({k: v for k, v in metrics.items() if k != "average"}) + "\n")
         return metrics
