@@ -368,7 +368,8 @@ def test_a_launch_that_accelerate_runs_one_by_one_is_refused(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="accelerate launch started 2 processes, but Accelerate runs each of them "
-                                         "alone \\(NO\\): FSDP needs GPUs; without one, launch with ACCELERATE_USE_CPU=1"):
+                                         "alone \\(NO\\): FSDP needs GPUs; without one, launch with "
+                                         "ACCELERATE_USE_CPU=1"):
         engine_warnings("NO", 1)
     assert engine_warnings("MULTI_CPU", 2) == []
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -243,7 +243,8 @@ def runs(tiny_gpt2, tiny_llama, data, tmp_path_factory) -> dict[str, Any]:
         trained = run_all(train, env)
         # kasa-eval on each checkpoint; the instruction one answers the MT-Bench-style question file instead.
         evaluate = {name: ["kasa.cli.evaluate", f"checkpoint={dirs[name]}"] for name in ("e2e", "commonsense")}
-        evaluate["mt_bench"] = ["kasa.cli.evaluate", f"checkpoint={dirs['instruction']}", "split=mt_bench/question.jsonl"]
+        evaluate["mt_bench"] = ["kasa.cli.evaluate", f"checkpoint={dirs['instruction']}",
+                                "split=mt_bench/question.jsonl"]
         evaluated = run_all(evaluate, env)
     finally:
         judge.stop()

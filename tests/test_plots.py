@@ -137,7 +137,8 @@ def test_regularization_axes_name_the_norm_the_run_used(tmp_path, monkeypatch, o
     (run / "config.json").write_text(json.dumps({"method": {"method": "kasa", "orth_form": orth_form}}))
     labels = []
     original = Axes.set_ylabel
-    monkeypatch.setattr(Axes, "set_ylabel", lambda ax, text, *a, **k: labels.append(text) or original(ax, text, *a, **k))
+    monkeypatch.setattr(Axes, "set_ylabel",
+                        lambda ax, text, *a, **k: labels.append(text) or original(ax, text, *a, **k))
     assert plots.regularization(run)["orth_form"] == orth_form
     assert u_label in labels and labels.count(u_label) == 2  # query and value
 

@@ -95,16 +95,18 @@ class InstructionTask(CausalLMTask):
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
         """The judge's mean score of the responses to `split`. The responses, then each record's scores as they
-        come, are saved in <output_dir>/instruction-<split label>.jsonl (data.sources.split_label); an evaluation that finds there the responses of
-        the same model, prompts and decoding settings (a resume after judging failed, kasa-eval run again) reuses
-        them, and the scores that the same judge gave, instead of generating and judging again."""
+        come, are saved in <output_dir>/instruction-<split label>.jsonl (data.sources.split_label); an evaluation
+        that finds there the responses of the same model, prompts and decoding settings (a resume after judging
+        failed, kasa-eval run again) reuses them, and the scores that the same judge gave, instead of generating and
+        judging again."""
         rows = self._rows(split, self.cfg.task.max_eval_samples)
         mt_bench = all("turns" in row for row in rows)
         questions = [_question(row, mt_bench) for row in rows]
         first_prompts = _each_row(rows, split, lambda row: conversation_prompt(
             [{"role": "user", "content": row["turns"][0]}], tokenizer) if mt_bench else generation_prompt(row, tokenizer))
         fingerprint = self._fingerprint(model, accelerator, tokenizer, first_prompts)
-        path = output_file(output_dir, f"instruction-{split_label(split)}.jsonl") if accelerator.is_main_process else None
+        name = f"instruction-{split_label(split)}.jsonl"
+        path = output_file(output_dir, name) if accelerator.is_main_process else None
         records = [_saved_records(path, questions, fingerprint)]
         if accelerator.num_processes > 1:  # generation is shared out: every process must take the same way
             records = broadcast_object_list(records)

@@ -147,9 +147,9 @@ def uneven_batches_note(rows: int, batch_size: int, processes: int, packing: boo
         return None
     kind = "packed rows" if packing else "training rows"
     return (f"warning: the {rows} {kind} do not fill the last batch of each epoch on {processes} processes x "
-            f"{batch_size}: {repeated} of the epoch's first rows are repeated there (Accelerate's even batches), so the "
-            f"run differs slightly from one process with the same global batch; a row count that is a multiple of "
-            f"{batch_size * processes} avoids it")
+            f"{batch_size}: {repeated} of the epoch's first rows are repeated there (Accelerate's even batches), so "
+            "the run differs slightly from one process with the same global batch; a row count that is a multiple "
+            f"of {batch_size * processes} avoids it")
 
 class NonFiniteLoss:
     """The first non-finite loss of the run and where it happened, kept on the device: observing a loss costs no
