@@ -274,3 +274,13 @@ def test_out_naming_a_file_is_one_line(runs, tmp_path):
         result = run_cli(module, str(folder / "sweep_a"), "--out", str(tmp_path / "notes.txt"))
         assert_one_line_error(result, "--out", "notes.txt is a file, not a folder: pass a folder")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_rows_by_process_count(tmp_path):
+    """Runs on 1 and 2 processes (the same batch_size, twice the global batch) could not be told apart."""
+    for job, processes in enumerate((1, 2, 1, 2)):
+        write_run(tmp_path / str(job), task="rte", method="kasa", seed=job // 2, best=0.5 + processes / 10,
+                  processes=processes)
+    table = build_table(collect_runs([tmp_path]), by=["processes"])
+    assert [(r.label, r.cells[("rte", "accuracy")].n) for r in table.rows] == [("KaSA processes=1", 2),
+                                                                              ("KaSA processes=2", 2)]

@@ -18,6 +18,7 @@ def test_summary_and_console_count_epochs_from_one(tmp_path):
     evals = [r for r in evals if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == [0, 1]  # the index, as logged
     assert [r["epoch"] for r in summary["eval_history"]] == [1, 2] and summary["epochs_run"] == 2
+    assert summary["processes"] == 1  # what tells a DDP run's global batch from one process's
     scores = [r[summary["metric"]] for r in evals]
     assert summary["best_epoch"] == 1 + scores.index(summary["best"])
     printed = re.search(r"best \w+ [-\d.]+ \(epoch (\d+)\)", result.stdout + result.stderr)

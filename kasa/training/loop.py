@@ -606,6 +606,7 @@ class TrainingRecipe:
             "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
             "peak_memory_mib": peak_memory_mib(),
             "seed": cfg.seed,
+            "processes": self.accelerator.num_processes,  # with trainer.batch_size and grad_accum: the global batch
             "rank": cfg.method.rank,
             "beta": cfg.method.beta,
             "gamma": cfg.method.gamma,
