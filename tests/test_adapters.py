@@ -237,6 +237,18 @@ def test_backward_through_fused_conv1d_layers(gpt2_inputs):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def test_a_float64_model_merges_and_unmerges_in_float64():
+    """Merging went through float32 whatever the model's dtype: a float64 model's round trip was off by 3e-8."""
+    model = kasa.apply_adapters(build_roberta(), kasa.AdapterConfig(method="kasa", rank=3, alpha=5.0)).double()
+    randomize_adapters(model)
+    weights = {name: layer.base_layer.weight.detach().clone() for name, layer in kasa.adapted_layers(model)}
+    kasa.merge_adapters(model)
+    kasa.unmerge_adapters(model)
+    for name, layer in kasa.adapted_layers(model):
+        assert layer.base_layer.weight.dtype == torch.float64
+        torch.testing.assert_close(layer.base_layer.weight, weights[name], atol=1e-14, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["kasa", "lora", "pissa", "milora", "svd_lora"])
 @pytest.mark.parametrize("arch", ["roberta", "gpt2_fused"])
 def test_merge_unmerge_and_unload(method, arch, roberta_inputs, gpt2_inputs):

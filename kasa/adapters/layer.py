@@ -51,7 +51,7 @@ class AdaptedLayer(nn.Module):
         self.adapters_enabled = True  # False: the layer computes with its base weight alone (kasa-inspect)
 
     def _update_weight(self, sign: int, part: Callable[[RemovedComponents], torch.Tensor]) -> None:
-        # Always in float32 whatever the model dtype, written back in the model dtype.
+        # In float32 for the half-precision dtypes (float64 stays float64), written back in the model dtype.
         w = weight_matrix(self.base_layer)
         if not torch.is_floating_point(w):  # a bitsandbytes 4/8-bit base: an update would be a second quantization
             raise ValueError(
@@ -62,8 +62,9 @@ class AdaptedLayer(nn.Module):
             for name, block in self.adapters.items():
                 start, stop = self.slices[name]
                 rows = w[start:stop]
-                update = part(block).to(device=rows.device, dtype=torch.float32)
-                rows.copy_((rows.float() + sign * update).to(rows.dtype))
+                dtype = torch.promote_types(rows.dtype, torch.float32)
+                update = part(block).to(device=rows.device, dtype=dtype)
+                rows.copy_((rows.to(dtype) + sign * update).to(rows.dtype))
 
     def removed_weight(self) -> torch.Tensor:
         """The whole removed part (out x in, float32): each block's removed matrix in its rows."""
