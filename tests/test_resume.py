@@ -226,3 +226,19 @@ def test_the_metrics_log_says_where_it_ends_past_a_line_cut_short(tmp_path):
         f.write('{"type": "train", "st')  # killed mid-write
     assert log.last_position() == (3, 1)
     assert MetricsLog(tmp_path / "metrics.jsonl", enabled=False).last_position() == (0, 0)
+
+
+def test_a_checkpoint_of_another_engine_is_refused_before_the_model_loads(uninterrupted, tiny_model, sentiment_dir,
+                                                                           tmp_path):
+    """A DeepSpeed checkpoint resumed without DeepSpeed was refused only after the model had loaded."""
+    import shutil
+
+    from cli_helpers import assert_one_line_error
+
+    checkpoint = tmp_path / "step"
+    shutil.copytree(sorted((uninterrupted / "checkpoints").glob("step-*"))[0], checkpoint)
+    (checkpoint / "optimizer.pt").unlink()
+    (checkpoint / "deepspeed").mkdir()  # what a DeepSpeed run saves in its place
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "run",
+                                                          f"resume={checkpoint}"))
+    assert_one_line_error(result, "has no optimizer.pt: it was written with DeepSpeed; resume it under the same engine")

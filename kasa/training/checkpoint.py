@@ -246,10 +246,7 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
     """The optimizer and schedule of a resumable checkpoint, into the prepared ones; returns its state. Every
     process calls it. The RNG states are put back later, by `epoch_batches`."""
     deepspeed = _uses_deepspeed(accelerator)
-    needed = directory / (DEEPSPEED_DIR if deepspeed else OPTIMIZER_FILE)
-    if not needed.exists():
-        raise ValueError(f"checkpoint {directory} has no {needed.name}: it was written "
-                         f"{'without' if deepspeed else 'with'} DeepSpeed; resume it under the same engine")
+    needed = check_same_engine(directory, accelerator)
     try:
         if deepspeed:
             model.load_checkpoint(str(needed), tag=DEEPSPEED_TAG, load_module_strict=False,
@@ -263,6 +260,17 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
     return TrainState.of_checkpoint(directory)
+
+
+def check_same_engine(directory: Path, accelerator: Accelerator) -> Path:
+    """Before anything loads: the optimizer state that resuming `directory` under this engine reads (DeepSpeed's own
+    checkpoint, or kasa's whole one), refused when the checkpoint was written under the other."""
+    deepspeed = _uses_deepspeed(accelerator)
+    needed = directory / (DEEPSPEED_DIR if deepspeed else OPTIMIZER_FILE)
+    if not needed.exists():
+        raise ValueError(f"checkpoint {directory} has no {needed.name}: it was written "
+                         f"{'without' if deepspeed else 'with'} DeepSpeed; resume it under the same engine")
+    return needed
 
 
 def check_batch_layout(directory: Path, processes: int, batch_size: int, grad_accum: int,

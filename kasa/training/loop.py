@@ -65,6 +65,7 @@ from kasa.training.checkpoint import (
     TrainState,
     check_batch_layout,
     check_same_data,
+    check_same_engine,
     data_fingerprint,
     epoch_batches,
     load_resumable_weights,
@@ -243,6 +244,7 @@ class TrainingRecipe:
         self.start: RunStart = check_run_start(self.cfg, self.out, self.resolved_config, self.console.print)
         if self.start.resume_from is not None:
             trainer = self.cfg.trainer
+            check_same_engine(self.start.resume_from, self.accelerator)
             check_batch_layout(self.start.resume_from, self.accelerator.num_processes, trainer.batch_size,
                                trainer.grad_accum, trainer.group_by_length)
         if self.main and self.start.finished_summary is None:
