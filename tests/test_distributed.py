@@ -362,7 +362,7 @@ def test_the_uneven_batches_warning_counts_what_accelerate_repeats(rows, batch_s
 def test_a_launch_that_accelerate_runs_one_by_one_is_refused(monkeypatch):
     """fsdp.json launched on 2 processes without a GPU: Accelerate ran each rank as a world of one, two runs in one
     folder (rank 1 then said the folder was in use by another run); under ACCELERATE_USE_CPU=1 it ran DDP silently."""
-    from kasa.training.loop import engine_warnings
+    from kasa.training.loop import check_launch
 
     for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(key, raising=False)
@@ -370,12 +370,12 @@ def test_a_launch_that_accelerate_runs_one_by_one_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="accelerate launch started 2 processes, but Accelerate runs each of them "
                                          "alone \\(NO\\): FSDP needs GPUs; without one, launch with "
                                          "ACCELERATE_USE_CPU=1"):
-        engine_warnings("NO", 1)
-    assert engine_warnings("MULTI_CPU", 2) == []
+        check_launch("NO", 1)
+    assert check_launch("MULTI_CPU", 2) == []
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert engine_warnings("MULTI_CPU", 2) == ["warning: the launch's FSDP config is not in use: Accelerate runs "
+    assert check_launch("MULTI_CPU", 2) == ["warning: the launch's FSDP config is not in use: Accelerate runs "
                                                "MULTI_CPU (FSDP needs GPUs)"]
-    assert engine_warnings("FSDP", 2) == []
+    assert check_launch("FSDP", 2) == []
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert engine_warnings("NO", 1) == ["warning: the launch's FSDP config is not in use: Accelerate runs NO (FSDP "
+    assert check_launch("NO", 1) == ["warning: the launch's FSDP config is not in use: Accelerate runs NO (FSDP "
                                         "needs GPUs)"]

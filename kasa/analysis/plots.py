@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -50,6 +49,7 @@ from kasa.run_dir import (
     SINGULAR_VALUES_FIGURE,
     TRUNCATION_FIGURE,
     find_checkpoint,
+    finite_numbers,
     output_folder,
     read_config,
 )
@@ -103,10 +103,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
-
-
-def _finite(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -182,7 +178,7 @@ def singular_values(path: str | Path, which: str | None = None,
         for column, sigma in enumerate(entry["sigma"]):
             grid[: len(sigma), column] = sigma
         entry["positions"] = list(range(rank))
-        entry["values"] = [[_finite(float(v)) for v in row] for row in grid]
+        entry["values"] = finite_numbers(grid.tolist())  # positions a layer lacks: null
         entry["_grid"] = grid
         del entry["sigma"]
     scaling = None

@@ -40,7 +40,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight
 from kasa.config import is_bookkeeping
-from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, holds_a_run, read_config, sweep_record
+from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, finite_numbers, holds_a_run, read_config, sweep_record
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Grid:
             "metric": self.metric,
             "beta": self.beta,
             "gamma": self.gamma,
-            "median": [[None if math.isnan(v) else float(v) for v in row] for row in self.median],
+            "median": finite_numbers(self.median.tolist()),
         }
 
 

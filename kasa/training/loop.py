@@ -120,12 +120,10 @@ def peak_memory_mib() -> dict[str, float]:
     return {k: round(v, 1) for k, v in peak.items()}
 
 
-
-
-def engine_warnings(engine: str, processes: int) -> list[str]:
-    """The launch's engine against what Accelerate runs (`engine`, its DistributedType): a launch of several
+def check_launch(engine: str, processes: int) -> list[str]:
+    """The launch against what Accelerate runs (`engine`, its DistributedType, on `processes`): a launch of several
     processes that Accelerate runs one by one (FSDP without a GPU: each would train alone, in the same folder) is
-    refused; a DeepSpeed or FSDP config that Accelerate does not use is a warning."""
+    refused; a DeepSpeed or FSDP config that Accelerate does not use is returned as a warning line."""
     launched = launch_rank()[1]
     if launched > 1 and processes == 1:
         raise ValueError(f"accelerate launch started {launched} processes, but Accelerate runs each of them alone "
@@ -151,6 +149,7 @@ def uneven_batches_note(rows: int, batch_size: int, processes: int, packing: boo
             f"{batch_size}: {repeated} of the epoch's first rows are repeated there (Accelerate's even batches), so "
             "the run differs slightly from one process with the same global batch; a row count that is a multiple "
             f"of {batch_size * processes} avoids it")
+
 
 class NonFiniteLoss:
     """The first non-finite loss of the run and where it happened, kept on the device: observing a loss costs no
@@ -284,7 +283,7 @@ class TrainingRecipe:
         )
         self.main = self.accelerator.is_main_process
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
-        for warning in engine_warnings(self.accelerator.distributed_type.value, self.accelerator.num_processes):
+        for warning in check_launch(self.accelerator.distributed_type.value, self.accelerator.num_processes):
             self.console.print(warning)
 
     def clear_earlier_run(self) -> None:
