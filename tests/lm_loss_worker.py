@@ -46,11 +46,14 @@ def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def main(out: str) -> None:
-    import deepspeed
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     from kasa.tasks.lm_loss import chunkable_head, labelled_token_loss
+    from kasa.training.loop import import_deepspeed_without_mlflow
+
+    import_deepspeed_without_mlflow()  # as kasa's training loop does
+    import deepspeed
 
     # DeepSpeed's CPU accelerator needs gloo named, as kasa's training loop does (else each rank is a world of one).
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])

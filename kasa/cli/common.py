@@ -64,10 +64,10 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # DeepSpeed's ZeRO gathers call the name torch 2.13 deprecated: every rank printed two lines per evaluation that
-    # nobody running kasa can act on.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    # DeepSpeed's ZeRO gathers and gradient reductions call names torch 2.13 deprecated: every rank printed two lines
+    # per evaluation and per step that nobody running kasa can act on.
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
 
 
 def register_resolvers() -> None:
