@@ -729,6 +729,10 @@ def test_bad_config_values():
         kasa.AdapterConfig(beta=-1e-4)
     with pytest.raises(ValueError, match="gamma must be >= 0"):
         kasa.AdapterConfig(gamma=-1.0)
+    for value in (float("nan"), float("inf")):  # the loss would be nan from the first step
+        for name in ("beta", "gamma"):
+            with pytest.raises(ValueError, match=f"{name} must be >= 0 and finite, got {value}"):
+                kasa.AdapterConfig(**{name: value})
     with pytest.raises(ValueError, match="rank"):
         kasa.AdapterConfig(rank=0)
     with pytest.raises(ValueError, match="rank"):

@@ -43,6 +43,8 @@ from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
                                       "it takes a list, e.g. 'logging.trackers=[wandb]' (quoted for the shell)"]),
         (["trainer.packing=maybe"], ["wrong value for trainer.packing", "it takes true or false"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
+        (["method.gamma=nan"], ["gamma must be >= 0 and finite, got nan"]),  # the loss was nan at step 1
+        (["~trainer.lr"], ["~trainer.lr: kasa's settings cannot be removed, only set: write trainer.lr=<value>"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),
         # decoding settings failed at the first evaluation, after training

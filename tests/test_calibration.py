@@ -262,8 +262,9 @@ def test_bad_configurations():
         kasa.AdapterConfig(truncation_basis="activations")
     with pytest.raises(ValueError, match="calibration_samples must be >= 1, got 0"):
         kasa.AdapterConfig(calibration_samples=0)
-    with pytest.raises(ValueError, match="calibration_damping must be >= 0, got -1"):  # named, not a list of three
-        kasa.AdapterConfig(calibration_damping=-1.0)
+    for damping in (-1.0, float("inf")):  # named, not a list of three
+        with pytest.raises(ValueError, match=f"calibration_damping must be >= 0 and finite, got {damping}"):
+            kasa.AdapterConfig(calibration_damping=damping)
     with pytest.raises(ValueError, match="calibration_memory_gib must be > 0, got 0"):
         kasa.AdapterConfig(calibration_memory_gib=0)
     padding_only = [{"input_ids": torch.zeros(2, 5).long(), "attention_mask": torch.zeros(2, 5).long()}]

@@ -449,6 +449,29 @@ def test_a_flag_after_the_overrides_is_one_line_saying_where_it_goes(args, line)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--info"], "Installed Hydra Plugins"),  # the recipe=demo kasa adds was taken for --info's value
+    (["--info", "defaults"], "| recipe/demo "),
+    (["--hydra-help"], "Hydra (1.3"),  # Hydra's own help config has no recipe group
+    (["--cfg", "job"], "name: sentence-transformers/all-MiniLM-L6-v2"),
+])
+def test_hydra_flags_given_alone_print_what_they_ask_for(args, expected):
+    from cli_helpers import run_cli
+
+    result = run_cli("kasa.cli.train", *args)
+    assert result.returncode == 0 and expected in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [["--cfg"], ["--cfg", "trainer.epochs=1"], ["-c"]])
+def test_cfg_without_its_value_is_one_line(args):
+    from cli_helpers import run_cli
+
+    result = run_cli("kasa.cli.train", *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {args[0]} needs the part of the config to print, job, hydra or all, before the overrides: e.g. "
+        "kasa-train --cfg job recipe=glue/roberta_base_cola"], result.stderr[-2000:]
+
+
 def test_a_key_of_a_free_mapping_without_its_plus_says_to_add_one():
     """method.peft_options holds the user's own keys (AdaLoRA's init_r): Hydra adds them with a +; the bare
     `unknown key` gave no way on."""

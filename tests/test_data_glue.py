@@ -189,6 +189,21 @@ def test_missing_split_file_lists_files(sst2: Path) -> None:
         load_glue_splits(task(sst2, eval_split="validation_mismatched"))
 
 
+def test_a_split_naming_a_missing_file_says_where_it_looked_and_what_to_set(tmp_path: Path, monkeypatch) -> None:
+    """The instruction recipes' MT-Bench question file is a relative path: offline, the error named neither the
+    folder it was looked for in nor the setting that names it."""
+    from kasa.data.sources import local_split_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"^split 'mt_bench/question.jsonl' names a file that does not exist in "
+                                        f"{tmp_path}: set task.eval_split / task.train_split \\(kasa-eval: split=\\) to "
+                                        "the path of an existing file$"):
+        local_split_file(None, "mt_bench/question.jsonl", [])
+    with pytest.raises(DataError, match=f"^split '{tmp_path / 'q.json'}' names a file that does not exist: set"):
+        local_split_file(None, str(tmp_path / "q.json"), [])
+    assert local_split_file(None, "validation", []) is None  # a Hub split
+
+
 def test_empty_split(tmp_path: Path) -> None:
     write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t1"])
     write(tmp_path / "dev.tsv", ["sentence\tlabel"])

@@ -507,3 +507,27 @@ def test_the_checkpoint_estimate_sizes_trained_weights_in_the_run_dtype(tiny_mod
             trained[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sizes["full", "float32"] - sizes["full", "bfloat16"] == 18 * trained["full"]
     assert sizes["kasa", "bfloat16"] == sizes["kasa", "float32"]
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_ctrl_c_outside_a_run_is_one_line(tmp_path, monkeypatch, capsys, sweep):
+    """Ctrl-C in the first seconds (imports, composition) or between a sweep's jobs, where no run's stop signals are
+    set up, printed Python's KeyboardInterrupt traceback; a sweep's line says how to continue it."""
+    from kasa.cli import train
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_hydra_main", interrupted)
+    monkeypatch.setattr(train, "SWEEP_DIR", [tmp_path / "sweep"] if sweep else [])
+    monkeypatch.setattr(sys, "argv", ["kasa-train", *(["--multirun"] if sweep else []), "method.beta=0,1e-4"])
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    if sweep:
+        assert stop.value.code == 75 and lines == [
+            "stopped by SIGINT between the sweep's jobs; continue with: kasa-train --multirun method.beta=0,1e-4 "
+            f"recipe=demo hydra.sweep.dir={tmp_path / 'sweep'} resume=auto"]
+    else:
+        assert stop.value.code == 130 and lines == [
+            "stopped by SIGINT before training started: nothing was trained or saved"]

@@ -96,8 +96,9 @@ class AdapterConfig:
             raise ValueError(f"alpha must be > 0 (the update is scaled by alpha / r; 0 would train nothing), got "
                              f"{self.alpha}")
         for name in ("beta", "gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}: use 0 to switch the term off")
+            if not 0 <= getattr(self, name) < float("inf"):  # also refuses nan, which fails every comparison
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}: use 0 to switch the "
+                                 "term off")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.svd_method not in SVD_METHODS:
@@ -111,7 +112,8 @@ class AdapterConfig:
             raise ValueError(f"truncation_basis=activation applies to the methods that truncate "
                              f"({', '.join(TRUNCATING_METHODS)}), not to {self.method!r}")
         for name, allowed, requirement in (("calibration_samples", self.calibration_samples >= 1, ">= 1"),
-                                           ("calibration_damping", self.calibration_damping >= 0, ">= 0"),
+                                           ("calibration_damping", 0 <= self.calibration_damping < float("inf"),
+                                            ">= 0 and finite"),
                                            ("calibration_memory_gib", self.calibration_memory_gib > 0, "> 0")):
             if not allowed:
                 raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)}")

@@ -105,6 +105,8 @@ def _describe_hydra(err: HydraException, own_keys: Sequence[str]) -> str:
     key = getattr(err.__cause__, "full_key", None)
     if key and isinstance(err.__cause__, ValidationError):  # a known key with a value of the wrong type
         return _wrong_value(key, err.__cause__)
+    if key and "does not support deletion" in str(err.__cause__):  # ~key on one of the schema's keys
+        return f"~{key}: kasa's settings cannot be removed, only set: write {key}=<value> (null where it may be unset)"
     if key:
         parent, _, leaf = key.rpartition(".")
         if parent == "method" and leaf in MODEL_MODULES:
@@ -312,8 +314,11 @@ def default_to_demo(args: list[str]) -> list[str]:
     """The arguments of a command that composes a run, with `recipe=demo` added when no model, task or recipe is
     chosen: the bare command is the offline demo. A model and a task without a recipe keep the trainer's own
     defaults (no recipe's values leak into them)."""
-    chosen = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a and not a.startswith("-")}
-    return args if chosen & {"recipe", "model", "task"} else [*args, "recipe=demo"]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    if {a.split("=", 1)[0].lstrip("+~") for a in overrides} & {"recipe", "model", "task"}:
+        return args
+    # after the overrides, or before flags given alone, where no flag takes it for its value (`kasa-train --info`)
+    return [*args, "recipe=demo"] if overrides else ["recipe=demo", *args]
 
 
 def compose_run(overrides: list[str], output_dir: str = "unused") -> RunConfig:

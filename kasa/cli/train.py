@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ FAILED_SWEEP_JOBS: list[str] = []
 
 CREATED_PARENTS: list[Path] = []
 """The parents of this process's run folder that did not exist before Hydra made it, the deepest first."""
+
+SWEEP_DIR: list[Path] = []
+"""The folder of this process's --multirun, once it has started."""
 
 
 def _run(cfg: DictConfig) -> float:
@@ -120,6 +124,7 @@ class TrainCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         FAILED_SWEEP_JOBS.clear()
+        SWEEP_DIR[:] = [Path(config.hydra.sweep.dir)]
         try:  # before Hydra creates the sweep's folder or writes multirun.yaml into it
             check_not_a_run(Path(config.hydra.sweep.dir))
         except ValueError as err:  # exit here, as below: Hydra turns a callback's exception into a warning
@@ -184,6 +189,9 @@ def _check_flags_first(args: list[str]) -> None:
     """Hydra reads its flags (--multirun, --cfg job, ...) only before the key=value overrides; after one, argparse
     stopped with a usage block naming the overrides (and the recipe=demo kasa adds) as unrecognized."""
     first_override = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    if any(a in ("--cfg", "-c") for a in args[first_override - 1:first_override]):
+        fail(f"{args[first_override - 1]} needs the part of the config to print, job, hydra or all, before the "
+             "overrides: e.g. kasa-train --cfg job recipe=glue/roberta_base_cola")
     late = next((a for a in args[first_override:] if a.startswith("-")), None)
     if late is not None:
         moved = [late, *(a for a in args if a != late)] if late in ("--multirun", "-m") else None
@@ -195,12 +203,29 @@ def _check_flags_first(args: list[str]) -> None:
 def main() -> None:
     _prepare_multiprocess_launch(sys.argv)
     _check_flags_first(sys.argv[1:])
-    sys.argv[1:] = default_to_demo(sys.argv[1:])
+    if "--hydra-help" not in sys.argv:  # the help of Hydra's own config, which has no recipe to choose
+        sys.argv[1:] = default_to_demo(sys.argv[1:])
     register_resolvers()
     # Hydra raises its composition errors (unknown recipe, key typo, unparsable override, a run directory it cannot
     # create) instead of printing its own multi-line report with exit status 1: they become one line, status 2.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    run_reporting_errors(_hydra_main)
+    try:
+        run_reporting_errors(_hydra_main)
+    except KeyboardInterrupt:  # Ctrl-C where no run's stop signals are set up: at the start, or between sweep jobs
+        _interrupted_outside_a_run()
+
+
+def _interrupted_outside_a_run() -> None:
+    """One line for a Ctrl-C that reached no run (before its training could start, or between a sweep's jobs),
+    where Python printed a KeyboardInterrupt traceback."""
+    from kasa.training.signals import INTERRUPTED_EXIT, resume_command
+
+    if not SWEEP_DIR:
+        print("stopped by SIGINT before training started: nothing was trained or saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    command = resume_command(sys.argv, SWEEP_DIR[0], sweep=True)
+    print(f"stopped by SIGINT between the sweep's jobs; continue with: {command}", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)
 
 
 def _hydra_main() -> None:

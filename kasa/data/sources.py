@@ -64,7 +64,9 @@ def local_split_file(data_dir: Optional[str | Path], split: str, candidates: Seq
     if path.is_file():
         return path
     if path.suffix.lower() in DATA_SUFFIXES:
-        raise DataError(f"split '{split}' names a file that does not exist: pass the path of an existing file")
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise DataError(f"split '{split}' names a file that does not exist{where}: set task.eval_split / "
+                        "task.train_split (kasa-eval: split=) to the path of an existing file")
     return None
 
 
