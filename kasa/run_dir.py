@@ -47,6 +47,7 @@ COMPARISON_FILES = {"markdown": "comparison.md", "csv": "comparison.csv", "latex
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # in every checkpoint directory
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"  # a checkpoint's training state (resumable ones: complete when present)
+EXPORT_INFO_FILE = "kasa_export.json"  # in a kasa-export folder: what it was made from
 LOCK_FILE = ".kasa.lock"  # held (flock) by the run writing the directory, or by a kasa-eval in evaluations/
 # config.json holds the resolved settings and two records that are not settings: the command line's overrides, and
 # the settings that resumes changed (resume_allow_changes=true)
@@ -215,6 +216,10 @@ def find_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path, P
         raise ValueError(f"which={which!r} names no checkpoint: choose {BEST_CHECKPOINT} or {LAST_CHECKPOINT}, or pass "
                          "a checkpoint directory (e.g. checkpoints/step-00000100) as checkpoint=")
     path = Path(path)
+    if (path / EXPORT_INFO_FILE).is_file():  # a PEFT export holds kasa's adapter file names too
+        source = json.loads((path / EXPORT_INFO_FILE).read_text(encoding="utf-8")).get("checkpoint")
+        raise ValueError(f"{path} is a kasa-export folder, not a checkpoint: pass the checkpoint it was made from"
+                         f"{f' ({source})' if source else ''}, or load the export with the line in {EXPORT_INFO_FILE}")
     if (path / ADAPTER_WEIGHTS_FILE).is_file():
         if which is not None:
             raise ValueError(f"which={which} picks a checkpoint inside a run directory, but {path} is a checkpoint "

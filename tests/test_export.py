@@ -195,6 +195,58 @@ def test_an_output_among_the_checkpoints_is_refused(trained_run, capsys, where, 
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
 
 
+def test_the_run_spelled_another_way_is_still_the_run(trained_run, tmp_path, capsys):
+    """With `..` or a symbolic link in one of the two paths, overwrite=true replaced the run being exported (its
+    checkpoints, config and logs) with the export."""
+    _, run_dir = trained_run
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    link = tmp_path / "link"
+    link.symlink_to(run_dir)
+    (tmp_path / "sub").mkdir()
+    for checkpoint, output in ((tmp_path / "sub" / ".." / "link", run_dir), (link, run_dir / ".." / run_dir.name),
+                               (run_dir, link / "checkpoints" / "merged")):
+        code, last = _main(capsys, f"checkpoint={checkpoint}", f"output={output}", "overwrite=true")
+        assert code == 2 and last.startswith(f"error: output={run_dir}") and "choose a" in last, last
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+
+
+def test_an_output_that_cannot_be_made_is_refused_before_the_model_loads(trained_run, tmp_path, capsys, monkeypatch):
+    import kasa.tasks
+
+    _, run_dir = trained_run
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(kasa.tasks, "build_task", lambda cfg: pytest.fail("the model was loaded"))
+    code, last = _main(capsys, f"checkpoint={run_dir}", f"output={tmp_path / 'afile' / 'out'}")
+    assert code == 2 and last == (f"error: output={tmp_path / 'afile' / 'out'} cannot be made: {tmp_path / 'afile'} "
+                                  "is a file, not a folder; choose another output")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_export_for_another_base_than_the_trained_one_says_so_and_records_it(trained_run, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (kasa[quant])")
+    _, run_dir = trained_run
+    code, last = _main(capsys, f"checkpoint={run_dir}", f"output={tmp_path / 'out'}", "model.quantization=nf4")
+    assert code == 0 and last == (
+        "warning: the run trained over a float base, exported here for the nf4 model: its outputs differ from the "
+        "trained model's by the quantization's rounding (recorded in kasa_export.json)")
+    record = json.loads((tmp_path / "out" / "kasa_export.json").read_text())
+    assert record["overrides"] == ["model.quantization=nf4"] and record["trained_quantization"] is None
+
+
+@pytest.mark.parametrize("command", ["kasa.cli.evaluate", "kasa.cli.export"])
+def test_an_export_folder_given_as_the_checkpoint_says_what_it_is(tmp_path, command):
+    """A PEFT export holds kasa's adapter file names: it was taken for a checkpoint outside a run."""
+    export = tmp_path / "peft-export"
+    export.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (export / name).write_text("")
+    (export / "kasa_export.json").write_text(json.dumps({"checkpoint": "/runs/x/checkpoints/best"}))
+    result = run_cli(command, f"checkpoint={export}", *([f"output={tmp_path / 'out'}"] if "export" in command else []))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {export} is a kasa-export folder, not a checkpoint: pass the checkpoint it was made from "
+        "(/runs/x/checkpoints/best), or load the export with the line in kasa_export.json")
+
+
 def test_peft_export_loads_in_peft(trained_run, tmp_path):
     _peft_or_skip()
     from peft import PeftModel

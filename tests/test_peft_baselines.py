@@ -133,6 +133,8 @@ def test_adalora_schedule_errors():
     model = kasa.apply_adapters(build_bert(), adapter_config("adalora", 4))
     with pytest.raises(ValueError, match="total_steps"):
         kasa.after_optimizer_step(model, 0)
+    with pytest.raises(ValueError, match="before optimizer.zero_grad"):  # a TypeError inside PEFT
+        kasa.after_optimizer_step(model, 0, 8)  # no gradients: a loop that zeroed them first
     with pytest.raises(ValueError, match="init_r"):
         kasa.apply_adapters(build_bert(), adapter_config("adalora", 4, init_r=4))
     with pytest.raises(ValueError, match="peft_options"):

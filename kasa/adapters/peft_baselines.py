@@ -166,6 +166,10 @@ def after_optimizer_step(model: nn.Module, step: int, total_steps: int | None = 
                              "call kasa.adapters.configure_schedule(model, total_steps) first, or set "
                              "method.peft_options.total_step")
         configure_schedule(model, total_steps)
+    if any(p.grad is None for name, p in tuner.model.named_parameters() if "lora_" in name and p.requires_grad):
+        # PEFT's rank allocator multiplies by the gradients: without them it failed with a TypeError inside PEFT
+        raise ValueError("AdaLoRA's rank budget reads the adapters' gradients: call after_optimizer_step after "
+                         "optimizer.step() and before optimizer.zero_grad()")
     tuner.update_and_allocate(step)
 
 

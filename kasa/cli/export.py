@@ -24,8 +24,10 @@ written under a temporary name and renamed into place; kasa_export.json in it re
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from kasa.config import ModelConfig
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     CHECKPOINTS_DIR,
+    EXPORT_INFO_FILE,
     STATE_FILE,
     check_checkpoint_unchanged,
     checkpoint_version,
@@ -46,7 +49,6 @@ from kasa.run_dir import (
 
 OWN_KEYS = ("checkpoint", "output", "format", "which", "overwrite")
 FORMATS = ("merged", "peft")
-EXPORT_INFO_FILE = "kasa_export.json"
 
 
 def _sha256(path: Path) -> str:
@@ -58,11 +60,19 @@ def _sha256(path: Path) -> str:
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless overwrite is set; nothing is written here."""
+    """Refuse a file, a non-empty folder unless overwrite is set, and a place where the folder cannot be made (it is
+    written beside itself and renamed into place): before the model loads, which takes minutes for a large one.
+    Nothing is written here."""
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"output={output} is a file: pass a folder path")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output={output} is not empty: pass overwrite=true to replace it, or another folder")
+    existing = next(folder for folder in output.parents if folder.exists())
+    if not existing.is_dir():
+        raise FileExistsError(f"output={output} cannot be made: {existing} is a file, not a folder; choose another "
+                              "output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output={output} cannot be made: {existing} is not writable; choose another output")
 
 
 def is_classifier(model: Any) -> bool:
@@ -88,10 +98,11 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     fmt = str(args.get("format", "merged")).lower()
     if fmt not in FORMATS:
         raise ValueError(f"unknown format={fmt!r}; choose one of: {', '.join(FORMATS)}")
-    output = Path(str(args["output"])).expanduser().absolute()
+    # resolved (.., symbolic links): two spellings of the run's own folder must not pass for two folders
+    output = Path(str(args["output"])).expanduser().resolve()
     overwrite = bool_argument(args, "overwrite", False)
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), args.get("which"))
-    checkpoint, run_dir = checkpoint.absolute(), run_dir.absolute()
+    checkpoint, run_dir = checkpoint.resolve(), run_dir.resolve()
     if output == checkpoint or output in checkpoint.parents:
         raise ValueError(f"output={output} would replace the checkpoint it exports: choose another folder")
     for folder in (checkpoint, run_dir / CHECKPOINTS_DIR):
@@ -115,7 +126,13 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.tasks import build_task
     from kasa.tasks.models import model_source
 
-    run_cfg = load_saved_config(run_dir, [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS])
+    overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
+    run_cfg = load_saved_config(run_dir, overrides)
+    trained_over = load_saved_config(run_dir, []).model.quantization if overrides else run_cfg.model.quantization
+    if run_cfg.model.quantization != trained_over:
+        print(f"warning: the run trained over a {trained_over or 'float'} base, exported here for the "
+              f"{run_cfg.model.quantization or 'float'} model: its outputs differ from the trained model's by the "
+              "quantization's rounding (recorded in kasa_export.json)", file=sys.stderr)
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is read
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft":
@@ -147,6 +164,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         "adapter_config": meta["config"],
         "base_model": base,
         "model_class": type(model).__name__,
+        "overrides": overrides,
+        "trained_quantization": trained_over,
         "task": run_cfg.task.name,
         "num_labels": run_cfg.task.num_labels,
         "training_state": json.loads(state_file.read_text()) if state_file.is_file() else None,
@@ -171,8 +190,15 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         write_json(tmp / EXPORT_INFO_FILE, info)
         follow_umask(tmp)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(output, fill, directory=True)  # a crash leaves the old folder or the new one, never half
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(output, fill, directory=True)  # a crash leaves the old folder or the new one, never half
+    except OSError as err:  # said for this command (the generic line's advice is kasa-train's)
+        kept = "the earlier folder there is unchanged" if output.exists() else "nothing was written"
+        reason = ("no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                  else f"{err.strerror}: {err.filename}")
+        raise ValueError(f"cannot write output={output} ({reason}); {kept}: free space or choose another "
+                         "output") from err
     note = info["peft_regularizer"]["note"] if fmt == "peft" else None
     return {"output": str(output), "format": fmt, "checkpoint": str(checkpoint), "load_with": load_with, "note": note}
 
