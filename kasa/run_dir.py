@@ -201,6 +201,18 @@ def output_folder(path: str | Path, create: bool = True) -> Path:
     return path
 
 
+def check_can_make(path: str | Path, option: str) -> None:
+    """`option` (the argument, e.g. `output=x`) names a folder that can be made, or written into, at `path`: the
+    nearest of it and its parents that exists is a writable folder. Said before the model loads or the work starts
+    rather than after it, and nothing is created (bad input leaves no folder behind)."""
+    path = Path(path).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} cannot be made: {existing} is a file, not a folder; choose another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} cannot be made: {existing} is not writable; choose another")
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """JSON, indented, written atomically."""
     text = json.dumps(data, indent=2, default=str) + "\n"

@@ -218,7 +218,7 @@ def test_an_output_that_cannot_be_made_is_refused_before_the_model_loads(trained
     monkeypatch.setattr(kasa.tasks, "build_task", lambda cfg: pytest.fail("the model was loaded"))
     code, last = _main(capsys, f"checkpoint={run_dir}", f"output={tmp_path / 'afile' / 'out'}")
     assert code == 2 and last == (f"error: output={tmp_path / 'afile' / 'out'} cannot be made: {tmp_path / 'afile'} "
-                                  "is a file, not a folder; choose another output")
+                                  "is a file, not a folder; choose another")
     assert (tmp_path / "afile").read_text() == "mine"
 
 

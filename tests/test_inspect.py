@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cli_helpers import write_tsv
 from kasa.cli import inspect
 from kasa.cli.common import compose_run
+from kasa.run_dir import check_can_make
 from kasa.tasks import build_task
 
 
@@ -119,7 +120,7 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
     (["recipe=glue/nonexistent"], "nonexistent"),
     (["threshhold=0.1"], "unknown key threshhold (did you mean threshold?); valid keys: threshold, held_out, output_dir, "
                          "model, task"),
-    (["output_dir=INPUT/train.tsv/report"], "cannot be created: INPUT/train.tsv is a file; choose another output_dir="),
+    (["output_dir=INPUT/train.tsv/report"], "cannot be made: INPUT/train.tsv is a file, not a folder; choose another"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, sentiment_dir, tmp_path, capsys, monkeypatch, extra, message):
     """Each refused before the model loads (the data's checks came after the load: minutes for an LLM)."""
@@ -151,7 +152,7 @@ def test_empty_split_is_one_line(tiny_model, tmp_path, capsys):
 
 def test_an_unwritable_output_folder_is_refused_before_anything(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes anywhere: a stand-in
-    with pytest.raises(ValueError, match=rf"^output_dir={tmp_path}/a/b cannot be written: {tmp_path} is not writable; "
-                                         "choose another output_dir=$"):
-        inspect.check_output_folder(tmp_path / "a" / "b")
+    with pytest.raises(ValueError, match=rf"^output_dir={tmp_path}/a/b cannot be made: {tmp_path} is not writable; "
+                                         "choose another$"):
+        check_can_make(tmp_path / "a" / "b", f"output_dir={tmp_path}/a/b")
     assert not (tmp_path / "a").exists()

@@ -27,7 +27,6 @@ import datetime
 import errno
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from kasa.run_dir import (
     CHECKPOINTS_DIR,
     EXPORT_INFO_FILE,
     STATE_FILE,
+    check_can_make,
     check_checkpoint_unchanged,
     checkpoint_version,
     find_checkpoint,
@@ -67,12 +67,7 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output={output} is a file: pass a folder path")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output={output} is not empty: pass overwrite=true to replace it, or another folder")
-    existing = next(folder for folder in output.parents if folder.exists())
-    if not existing.is_dir():
-        raise FileExistsError(f"output={output} cannot be made: {existing} is a file, not a folder; choose another "
-                              "output")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"output={output} cannot be made: {existing} is not writable; choose another output")
+    check_can_make(output.parent, f"output={output}")
 
 
 def is_classifier(model: Any) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from kasa.cli.common import compose_run, quiet_libraries, run_reporting_errors
 from kasa.config import RunConfig
-from kasa.run_dir import time_stamp
+from kasa.run_dir import check_can_make, time_stamp
 
 REPORT = "truncation_report"
 OWN_KEYS = ("threshold", "held_out", "output_dir")  # besides the run config's keys
@@ -202,16 +202,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def check_output_folder(out: Path) -> None:
-    """output_dir= must be a folder this process can create or write into: said before the model loads rather than
-    after the measurements, and without creating anything (bad input leaves no folder behind)."""
-    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
-    if not existing.is_dir():
-        raise ValueError(f"output_dir={out} cannot be created: {existing} is a file; choose another output_dir=")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir={out} cannot be written: {existing} is not writable; choose another output_dir=")
-
-
 def run(argv: list[str]) -> dict[str, Any]:
     """kasa-inspect with these arguments; returns the report (raises ValueError on bad input)."""
     own: dict[str, Any] = dict(zip(OWN_KEYS, (0.05, 64, f"runs/inspect/{time_stamp()}")))
@@ -231,7 +221,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         raise ValueError(f"threshold={own['threshold']} is not allowed: pass a relative loss increase >= 0, e.g. 0.05")
     if own["held_out"] < 1:
         raise ValueError(f"held_out={own['held_out']} is not allowed: pass a number of examples >= 1, e.g. 64")
-    check_output_folder(Path(own["output_dir"]))
+    check_can_make(own["output_dir"], f"output_dir={own['output_dir']}")
     cfg = compose_run(overrides, own["output_dir"])
     quiet_libraries()
     return inspect_truncation(cfg, own["threshold"], own["held_out"])
