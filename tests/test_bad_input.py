@@ -11,6 +11,7 @@ import torch
 
 from cli_helpers import assert_one_line_error, make_tiny_bert, run_cli, train_args, write_tsv
 from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
+from kasa.tasks.models import VOCABULARY_FILES
 
 
 @pytest.mark.parametrize(
@@ -164,6 +165,47 @@ def test_a_gguf_file_in_a_subfolder_is_named(tmp_path):
     (tmp_path / "model" / "m.gguf").write_bytes(b"")  # refused before anything reads it
     with pytest.raises(ModelLoadError, match=rf"its GGUF files are \[\], e.g. model.path={tmp_path / 'model'}$"):
         load_tokenizer(ModelConfig(name="tiny", path=str(tmp_path), gguf_file="m.gguf"))
+
+
+def test_a_model_folder_without_tokenizer_files(tiny_model, sentiment_dir, tmp_path):
+    """What a model's save_pretrained writes alone: transformers built a BERT tokenizer of 5 words from config.json
+    (every word [UNK]) and the run trained to chance without a word; other models failed with a cut-off message."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    for name in VOCABULARY_FILES:
+        (folder / name).unlink(missing_ok=True)
+    args = [a for a in train_args(tiny_model, sentiment_dir, tmp_path / "run") if not a.startswith("model.path")]
+    result = run_cli("kasa.cli.train", *args, f"model.path={folder}")
+    assert_one_line_error(result, f"model.path='{folder}' holds no tokenizer files (one of tokenizer.json, vocab.txt",
+                          "save the tokenizer into it too")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gguf_file_or_a_folder_of_them_as_model_path_is_told_model_gguf_file(tmp_path):
+    from kasa.config import ModelConfig
+    from kasa.tasks.models import ModelLoadError, load_tokenizer
+
+    (tmp_path / "m.gguf").write_bytes(b"")  # refused before anything reads it
+    with pytest.raises(ModelLoadError, match=rf"^model.path='{tmp_path / 'm.gguf'}' is a GGUF file: pass its folder and "
+                                             rf"its name, model.path='{tmp_path}' model.gguf_file='m.gguf'$"):
+        load_tokenizer(ModelConfig(name="tiny", path=str(tmp_path / "m.gguf")))
+    with pytest.raises(ModelLoadError, match=rf"^model.path='{tmp_path}' holds GGUF files and no config.json: name one "
+                                             r"as model.gguf_file \(e.g. model.gguf_file='m.gguf'; the folder has"):
+        load_tokenizer(ModelConfig(name="tiny", path=str(tmp_path)))
+
+
+def test_an_encoder_is_refused_for_a_causal_lm_task():
+    """transformers maps BERT and RoBERTa to a ...ForCausalLM too, which attends to the tokens it predicts."""
+    from transformers import BertConfig, LlamaConfig, RobertaConfig
+
+    from kasa.tasks.models import ModelLoadError, check_decoder
+
+    for config in (BertConfig(), RobertaConfig()):
+        with pytest.raises(ModelLoadError, match=rf"^m is an encoder \({config.model_type}\), whose attention sees the "
+                                                 "tokens it is to predict: a generation task needs a decoder-only"):
+            check_decoder(config, "m")
+    check_decoder(BertConfig(is_decoder=True), "m")
+    check_decoder(LlamaConfig(), "m")
 
 
 @pytest.fixture(scope="module")

@@ -275,7 +275,7 @@ def test_every_method_composes_under_a_recipe(hydra_initialised, method, tmp_pat
     (["method=full", "method.rank=4"],
      ["warning: method.rank=4 changes nothing with method=full: it applies to every method but full, bitfit"]),
     (["method=kasa", "method.calibration_samples=16"],
-     ["warning: method.calibration_samples=16 changes nothing with method=kasa: it applies to "
+     ["warning: method.calibration_samples=16 changes nothing with method.truncation_basis=weight: it applies to "
       "truncation_basis=activation"]),
     (["method=kasa", "method.truncation_basis=activation", "method.calibration_samples=16", "method.beta=0.5"], []),
 ])

@@ -155,16 +155,19 @@ class AdapterConfig:
     def effective_gamma(self) -> float:
         return self.gamma if has_loss_weight(self.method, "gamma") else 0.0
 
-    def unused_settings(self) -> dict[str, str]:
-        """The settings this run does not use, each with where it applies: {setting: "kasa, kasa_l2"}."""
+    def unused_settings(self) -> dict[str, tuple[str, str]]:
+        """The settings this run does not use, each with the setting that makes it so and where it applies:
+        {setting: ("method=lora", "kasa, kasa_l2")}."""
         unused = {}
         for name, uses in METHOD_SETTINGS.items():
             if not uses(METHOD_TABLE[self.method]):
                 users = [m.name for m in METHOD_TABLE.values() if uses(m)]
                 others = [m.name for m in METHOD_TABLE.values() if not uses(m)]
-                unused[name] = ", ".join(users) if len(users) <= len(others) else f"every method but {', '.join(others)}"
+                where = ", ".join(users) if len(users) <= len(others) else f"every method but {', '.join(others)}"
+                unused[name] = (f"method={self.method}", where)
         if self.truncation_basis != "activation":
-            unused |= dict.fromkeys(CALIBRATION_SETTINGS, "truncation_basis=activation")
+            unused |= dict.fromkeys(CALIBRATION_SETTINGS, (f"method.truncation_basis={self.truncation_basis}",
+                                                           "truncation_basis=activation"))
         return unused
 
     def to_dict(self) -> dict[str, Any]:

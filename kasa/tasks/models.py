@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -53,7 +53,39 @@ def model_source(model: ModelConfig) -> str:
     return model.path or model.name
 
 
+# A tokenizer's vocabulary, in one of the files transformers builds it from: without any, transformers 5 builds a
+# BERT tokenizer of 5 special words from config.json alone (every word [UNK]) and other models fail with a cut-off
+# "Couldn't instantiate the backend tokenizer from one of:".
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "spm.model")
+
+
+def check_tokenizer_files(model: ModelConfig) -> None:
+    """model.path (without a GGUF file, which carries its tokenizer) must hold the tokenizer's vocabulary."""
+    if not model.path or model.gguf_file or model.trust_remote_code:  # remote code may build its tokenizer its way
+        return
+    folder = Path(model.path).expanduser()
+    if folder.is_dir() and not any(_is_file(folder / name) for name in VOCABULARY_FILES):
+        raise ModelLoadError(f"model.path={model.path!r} holds no tokenizer files (one of {', '.join(VOCABULARY_FILES)}): "
+                             "save the tokenizer into it too (tokenizer.save_pretrained(folder)), as a model's "
+                             "save_pretrained does not")
+
+
+def check_decoder(config: Any, source: str) -> None:
+    """A causal-LM task needs a model whose attention is causal. transformers also maps encoders (BERT, RoBERTa and
+    their kin, the models with a masked-LM head) to a ...ForCausalLM class, which unless the config says is_decoder
+    attends to the very tokens it is to predict: the loss falls to near nothing and the model learns no language."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ModelLoadError(f"{source} is an encoder ({config.model_type}), whose attention sees the tokens it is to "
+                             "predict: a generation task needs a decoder-only causal LM (e.g. model=smollm2_135m, "
+                             "model=llama3_8b)")
+
+
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    check_model_folder(model)
+    check_tokenizer_files(model)
     kwargs = {"trust_remote_code": model.trust_remote_code}
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
@@ -81,7 +113,9 @@ def load_causal_lm(model: ModelConfig) -> nn.Module:
         from accelerate import PartialState
 
         kwargs["device_map"] = {"": PartialState().device}
-    return _load_model(AutoModelForCausalLM, model, **kwargs)
+    loaded = _load_model(AutoModelForCausalLM, model, **kwargs)
+    check_decoder(loaded.config, model_source(model))  # kasa-train checks it before loading (preflight.check_model)
+    return loaded
 
 
 def _load_model(factory, model: ModelConfig, **kwargs) -> nn.Module:
@@ -161,6 +195,9 @@ def check_model_folder(model: ModelConfig) -> None:
     if not model.path:
         return
     folder = Path(model.path).expanduser()
+    if folder.suffix.lower() == ".gguf" and folder.is_file():
+        raise ModelLoadError(f"model.path={model.path!r} is a GGUF file: pass its folder and its name, "
+                             f"model.path={str(folder.parent)!r} model.gguf_file={folder.name!r}")
     if not folder.is_dir():
         raise ModelLoadError(f"model.path={model.path!r} is not a folder: pass the folder holding config.json and the "
                              "weights, or leave model.path unset to load model.name from the Hub")
@@ -169,6 +206,10 @@ def check_model_folder(model: ModelConfig) -> None:
         raise ModelLoadError(f"model.gguf_file={model.gguf_file!r} is not in {folder}: its GGUF files are "
                              f"{present}{_subfolders_holding(folder, model.gguf_file)}")
     if not model.gguf_file and not (folder / "config.json").is_file():
+        gguf = sorted(p.name for p in folder.glob("*.gguf"))
+        if gguf:
+            raise ModelLoadError(f"model.path={model.path!r} holds GGUF files and no config.json: name one as "
+                                 f"model.gguf_file (e.g. model.gguf_file={gguf[0]!r}; the folder has {gguf})")
         raise ModelLoadError(f"model.path={model.path!r} holds no config.json: pass the folder holding config.json and "
                              f"the weights{_subfolders_holding(folder, 'config.json')}")
 

@@ -141,8 +141,9 @@ def unused_override_warnings(cfg: RunConfig, overrides: list[str]) -> list[str]:
         section, _, setting = key.lstrip("+~").partition(".")
         name = setting.split(".")[0]  # method.peft_options.init_r: peft_options
         if assigns and section == "method" and name in unused:
-            lines.append(f"warning: method.{name}={_get(cfg, f'method.{name}')} changes nothing with "
-                         f"method={cfg.method.method}: it applies to {unused[name]}")
+            because, where = unused[name]
+            lines.append(f"warning: method.{name}={_get(cfg, f'method.{name}')} changes nothing with {because}: it "
+                         f"applies to {where}")
     return lines
 
 
@@ -233,17 +234,24 @@ def _architecture(source: str, gguf_file: str | None, trust_remote_code: bool, l
 
 def _meta_base_model(cfg: RunConfig) -> Any:
     """The base model from its architecture alone, built on the meta device (no weights, no memory), or None when
-    that cannot be known cheaply (the loader then reports any problem itself)."""
+    that cannot be known cheaply (the loader then reports any problem itself). An encoder for a causal-LM task is
+    refused here (check_decoder)."""
     import torch
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
     from kasa.estimate import task_auto_class
-    from kasa.tasks.models import DTYPES, hub_options, model_source
+    from kasa.tasks.models import DTYPES, check_decoder, hub_options, model_source
 
     try:
         config = copy.deepcopy(_architecture(model_source(cfg.model), cfg.model.gguf_file, cfg.model.trust_remote_code,
                                              bool(hub_options(cfg.model).get("local_files_only"))))
         factory = task_auto_class(cfg, config)
+    except Exception:  # noqa: BLE001 (a check only: loading the model itself gives the real error)
+        return None
+    if factory is AutoModelForCausalLM:
+        check_decoder(config, model_source(cfg.model))
+    try:
         # The class itself, not from_config: under a DeepSpeed ZeRO-3 launch from_config partitions the model
         # with a collective that the other processes, which do not run this check, would never join.
         model_class = _get_model_class(config, factory._model_mapping)
@@ -266,6 +274,9 @@ def check_model(cfg: RunConfig) -> Any:
     model, or None where there is none (a PEFT method, an architecture not known cheaply)."""
     import torch
 
+    from kasa.tasks.models import check_tokenizer_files
+
+    check_tokenizer_files(cfg.model)
     model = _meta_base_model(cfg)
     if model is None:
         return None
