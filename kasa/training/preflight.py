@@ -266,6 +266,14 @@ def _meta_base_model(cfg: RunConfig) -> Any:
         return None
 
 
+def check_model_files(cfg: RunConfig) -> None:
+    """model.path holds a model and its tokenizer (see check_model_folder, check_tokenizer_files)."""
+    from kasa.tasks.models import check_model_folder, check_tokenizer_files
+
+    check_model_folder(cfg.model)
+    check_tokenizer_files(cfg.model)
+
+
 def check_model(cfg: RunConfig) -> Any:
     """The run against the model's architecture, before any weight downloads or loads: without a GPU, a model above
     CPU_PARAMETER_LIMIT parameters stops unless `trainer.allow_cpu=true`; and the method goes into the meta model
@@ -274,9 +282,6 @@ def check_model(cfg: RunConfig) -> Any:
     model, or None where there is none (a PEFT method, an architecture not known cheaply)."""
     import torch
 
-    from kasa.tasks.models import check_tokenizer_files
-
-    check_tokenizer_files(cfg.model)
     model = _meta_base_model(cfg)
     if model is None:
         return None
@@ -337,6 +342,7 @@ def check_sweep_job(cfg: RunConfig, checked_models: set[str]) -> None:
                       cfg.trainer.allow_cpu], sort_keys=True, default=str)
     if key not in checked_models:
         checked_models.add(key)
+        check_model_files(cfg)
         check_model(cfg)
 
 
@@ -448,6 +454,7 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
     if start.resume_from is not None:  # the settings of the run the checkpoint belongs to, this one's or another's
         start.config_changes = check_resume_config(checkpoint_run(start.resume_from) / CONFIG_FILE, resolved_config,
                                                    cfg.resume_allow_changes)
+    check_model_files(cfg)
     adapted = check_model(cfg)
     if adapted is not None:
         check_disk_space(out, adapted, cfg.trainer.keep_checkpoints)
