@@ -424,7 +424,7 @@ def run(quick: bool, data: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (a smoke run)")
     parser.add_argument("--data", type=Path, default=DATA, help="an Alpaca-format JSON file")
     parser.add_argument("--larger-shape", action="store_true",
@@ -441,7 +441,7 @@ def main() -> None:
         run_larger_shape()
         return
     if not args.data.is_file():
-        sys.exit(f"error: {args.data} not found: pass --data <alpaca-format JSON file>")
+        parser.error(f"{args.data} not found: pass --data <alpaca-format JSON file>")  # exit status 2
     if args.worker_memory:
         dtype, quantization = args.worker_memory
         print(json.dumps(worker_memory(dtype, None if quantization == "none" else quantization, args.data)))

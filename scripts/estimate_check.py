@@ -95,7 +95,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process
     args = parser.parse_args()

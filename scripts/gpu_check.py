@@ -242,7 +242,7 @@ def bench_memory(sizes: Sizes, device: torch.device, quantization: str | None) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", default=os.environ.get("KASA_GPU_CHECK_TINY") == "1",
                         help="tiny dimensions on any device (a test of the script itself)")
     args = parser.parse_args()

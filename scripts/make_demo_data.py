@@ -130,7 +130,7 @@ def make_demo_data(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = Path(__file__).resolve().parents[1] / "kasa" / "data" / "demo"
     parser.add_argument("--out", type=Path, default=default, help=f"output folder (default {default})")
     make_demo_data(parser.parse_args().out)

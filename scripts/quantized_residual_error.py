@@ -29,6 +29,7 @@ from transformers import AutoModel
 
 import kasa
 from kasa.adapters import quantized
+from kasa.adapters.methods import METHOD_TABLE
 from kasa.adapters.model import adapted_layers
 from kasa.cli.common import register_resolvers
 from kasa.config import ModelConfig
@@ -36,6 +37,8 @@ from kasa.tasks.models import load_causal_lm, load_tokenizer, model_source
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
+# kasa's adapter blocks over a quantized base (LoRA changes no W0: its two variants coincide)
+QUANTIZED_METHODS = [m for m in quantized.QUANTIZABLE_METHODS if METHOD_TABLE[m].block]
 TARGETS = {
     "smollm2_135m": ["q_proj", "k_proj", "up_proj", "down_proj"],  # v_proj left out: its truncation breaks SmolLM2
     "minilm_l6": ["query", "key", "value", "dense"],
@@ -100,14 +103,22 @@ def subtract_removed_in_forward(model) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(TARGETS), default="smollm2_135m")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--methods", default="kasa,pissa,milora,svd_lora")
-    parser.add_argument("--quantizations", default="nf4,int8")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(TARGETS), default="smollm2_135m", help="the model and its data")
+    parser.add_argument("--samples", type=int, default=8, help="prompts (SmolLM2) or sentences (MiniLM) measured on")
+    parser.add_argument("--max-length", type=int, default=96, help="tokens per sample at most")
+    parser.add_argument("--rank", type=int, default=32, help="the adapters' rank r")
+    parser.add_argument("--methods", default="kasa,pissa,milora,svd_lora",
+                        help=f"comma-separated, among the methods kasa runs over a quantized base: {', '.join(QUANTIZED_METHODS)}")
+    parser.add_argument("--quantizations", default="nf4,int8", help="comma-separated: nf4, int8")
     args = parser.parse_args()
+    for name in ("samples", "max_length", "rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for option, allowed in (("methods", QUANTIZED_METHODS), ("quantizations", quantized.QUANTIZATIONS)):
+        unknown = sorted(set(getattr(args, option).split(",")) - set(allowed))
+        if unknown:
+            parser.error(f"--{option}: unknown {unknown}; choose among {', '.join(allowed)}")
     torch.manual_seed(0)
     cfg = model_config(args.model)
     targets = TARGETS[args.model]

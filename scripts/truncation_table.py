@@ -80,8 +80,8 @@ def answer_loss(model: torch.nn.Module, batches: Sequence[dict]) -> float:
 
 def parse_row(text: str) -> tuple[list[str], int]:
     targets, sep, rank = text.rpartition(":")
-    if not sep or not targets or not rank.isdigit():
-        fail(f"row {text!r} is not `targets:rank` (e.g. q_proj,v_proj:4)")
+    if not sep or not targets or not rank.isdigit() or int(rank) < 1:
+        fail(f"row {text!r} is not `targets:rank` with a rank >= 1 (e.g. q_proj,v_proj:4)")
     return targets.split(","), int(rank)
 
 
@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown := [b for b in bases if b not in BASES]:
         fail(f"unknown basis {unknown[0]!r}; choose from {', '.join(BASES)}")
     rows = [parse_row(text) for text in args.rows]
+    for name in ("heldout", "calibration", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for split in ("train.json", "test.json"):
         if not (args.data_dir / split).is_file():
             fail(f"{args.data_dir / split} does not exist: pass --data-dir=<folder with "
@@ -129,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             adapter = kasa.AdapterConfig(method="kasa", rank=rank, target_modules=targets, truncation_basis=basis,
                                          calibration_damping=args.damping, svd_cache_dir=args.svd_cache_dir)
             start = time.perf_counter()
-            kasa.apply_adapters(model, adapter, calibration=calibration if basis == "activation" else None)
+            try:
+                kasa.apply_adapters(model, adapter, calibration=calibration if basis == "activation" else None)
+            except ValueError as err:  # a target that matches no layer, a rank too large for one
+                fail(str(err))
             seconds = time.perf_counter() - start
             loss = answer_loss(model, heldout)
             entry[basis] = {"loss": loss, "ratio": loss / base_loss, "truncation_seconds": seconds}

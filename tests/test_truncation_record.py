@@ -54,6 +54,11 @@ def test_damage_warning_threshold():
     assert damage_warning(3.0, 3.15, ["v_proj"]) is None  # exactly 5%
     assert damage_warning(3.0, 2.0, ["v_proj"]) is None  # a lower loss is no damage
     assert "from 3.0000 to 8.0000" in damage_warning(3.0, 8.0, ["q_proj", "v_proj"])
+    assert damage_warning(3.0, 8.0, ["v_proj"]).endswith("or set method.truncation_basis=activation")
+    # the activation basis in use already: the advice was to set it
+    assert damage_warning(3.0, 8.0, ["v_proj"], "activation").endswith(
+        "or remove fewer components (method.truncation_rank, which defaults to method.rank), or leave those modules out "
+        "of model.target_modules")
 
 
 def test_no_record_for_methods_without_truncation(tiny_model, sentiment_dir, tmp_path):

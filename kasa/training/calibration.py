@@ -67,11 +67,15 @@ def relative_increase(base: float, truncated: float) -> float:
     return (truncated - base) / abs(base) if base else float("inf") if truncated > base else 0.0
 
 
-def damage_warning(base: float, truncated: float, targets: Sequence[str]) -> str | None:
-    """One line when truncating `targets` raises the loss by more than DAMAGE_THRESHOLD (relative), else None."""
+def damage_warning(base: float, truncated: float, targets: Sequence[str], basis: str = "weight") -> str | None:
+    """One line when truncating `targets` in `basis` raises the loss by more than DAMAGE_THRESHOLD (relative), else
+    None; the remedies offered are those the run has not taken."""
     increase = relative_increase(base, truncated)
     if increase <= DAMAGE_THRESHOLD:
         return None
+    remedy = ("set method.truncation_basis=activation" if basis != "activation"
+              else "remove fewer components (method.truncation_rank, which defaults to method.rank), or leave those "
+              "modules out of model.target_modules")
     return (f"warning: the truncation of {list(targets)} raises the loss on held-out training examples from "
             f"{base:.4f} to {truncated:.4f} (+{increase:.0%}): run kasa-inspect with the same arguments to see which "
-            "modules cause it, or set method.truncation_basis=activation")
+            f"modules cause it, or {remedy}")

@@ -362,7 +362,7 @@ class TrainingRecipe:
         if held_out:
             truncated = mean_loss(self.task.loss, self.model, held_out)
             self.truncation_loss = {"base": base, "truncated": truncated}
-            warning = damage_warning(base, truncated, cfg.method.target_modules)
+            warning = damage_warning(base, truncated, cfg.method.target_modules, cfg.method.truncation_basis)
             if warning and self.main:
                 print(warning, file=sys.stderr, flush=True)  # one line, never wrapped
 
