@@ -78,8 +78,6 @@ class CausalLMTask:
                 f"task.generation.num_return_sequences={settings.num_return_sequences} needs num_beams >= that "
                 f"(got {settings.num_beams}) or do_sample=true: beam search returns its best beams"
             )
-        if cfg.trainer.packing and cfg.trainer.group_by_length:
-            raise ValueError("trainer.packing and trainer.group_by_length are two ways to avoid padding: set one")
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
