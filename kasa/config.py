@@ -267,6 +267,8 @@ def _check_task(run: RunConfig) -> None:
         raise ValueError("trainer.packing packs the examples of the generation tasks (e2e, instruction, "
                          "commonsense); a classification task keeps one example per row: use "
                          "trainer.group_by_length=true to avoid padding")
+    if run.trainer.packing and run.trainer.group_by_length:
+        raise ValueError("trainer.packing and trainer.group_by_length are two ways to avoid padding: set one")
 
 
 def launch_rank() -> tuple[int, int]:

@@ -375,6 +375,9 @@ def test_a_typo_fails_at_composition(hydra_initialised, tmp_path, override, mess
     (["task=glue/cola", "task.metric=BLEU"], "accuracy, matthews, f1"),
     (["recipe=e2e/gpt2_medium", "task.metric=accuracy"], "BLEU"),
     (["recipe=e2e/gpt2_medium", "trainer.eval_batch_size=8"], "task.generation.batch_size"),
+    # said when the task was built, ~20 s into the start
+    (["recipe=e2e/gpt2_medium", "trainer.packing=true", "trainer.group_by_length=true"],
+     "^trainer.packing and trainer.group_by_length are two ways to avoid padding: set one$"),
     (["task=glue/cola", "task.kind=summarization"],
      "^unknown task.kind 'summarization'; choose one of: glue, e2e, instruction, commonsense$"),
 ])

@@ -124,8 +124,6 @@ def check_config_values(cfg: RunConfig, decomposes: bool = True) -> None:
         value = _get(cfg, key)
         if not test(value):
             raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
-    if cfg.trainer.packing and cfg.trainer.group_by_length:
-        raise ValueError("trainer.packing and trainer.group_by_length are two ways to avoid padding: set one")
     from kasa.tasks.models import attention_implementation
 
     attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
