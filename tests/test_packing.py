@@ -127,13 +127,6 @@ def test_flash_attention_batches_are_one_row_without_padding() -> None:
     assert "attention_mask" not in inputs  # the varlen kernel splits the row where the positions restart
 
 
-def test_packing_excludes_group_by_length() -> None:
-    cfg = RunConfig()
-    cfg.trainer.packing = cfg.trainer.group_by_length = True
-    with pytest.raises(ValueError, match="set one"):
-        CausalLMTask(cfg)
-
-
 def test_length_grouped_batches_need_less_padding_and_are_reproducible() -> None:
     lengths = [random.Random(i).randint(1, 200) for i in range(1000)]
     sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
