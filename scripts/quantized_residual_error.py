@@ -109,8 +109,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=96, help="tokens per sample at most")
     parser.add_argument("--rank", type=int, default=32, help="the adapters' rank r")
     parser.add_argument("--methods", default="kasa,pissa,milora,svd_lora",
-                        help=f"comma-separated, among the methods kasa runs over a quantized base: {', '.join(QUANTIZED_METHODS)}")
-    parser.add_argument("--quantizations", default="nf4,int8", help="comma-separated: nf4, int8")
+                        help=f"comma-separated, among: {', '.join(QUANTIZED_METHODS)}")
+    parser.add_argument("--quantizations", default=",".join(quantized.QUANTIZATIONS),
+                        help=f"comma-separated: {', '.join(quantized.QUANTIZATIONS)}")
     args = parser.parse_args()
     for name in ("samples", "max_length", "rank"):
         if getattr(args, name) < 1:

@@ -61,14 +61,15 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.mode
 
 
 def check_tokenizer_files(model: ModelConfig) -> None:
-    """model.path (without a GGUF file, which carries its tokenizer) must hold the tokenizer's vocabulary."""
+    """A model folder (model.path holding config.json; without a GGUF file, which carries its tokenizer) must hold
+    the tokenizer's vocabulary. A path that is no model folder is check_model_folder's to name."""
     if not model.path or model.gguf_file or model.trust_remote_code:  # remote code may build its tokenizer its way
         return
     folder = Path(model.path).expanduser()
-    if folder.is_dir() and not any(_is_file(folder / name) for name in VOCABULARY_FILES):
-        raise ModelLoadError(f"model.path={model.path!r} holds no tokenizer files (one of {', '.join(VOCABULARY_FILES)}): "
-                             "save the tokenizer into it too (tokenizer.save_pretrained(folder)), as a model's "
-                             "save_pretrained does not")
+    if _is_file(folder / "config.json") and not any(_is_file(folder / name) for name in VOCABULARY_FILES):
+        raise ModelLoadError(f"model.path={model.path!r} holds no tokenizer files (one of "
+                             f"{', '.join(VOCABULARY_FILES)}): save the tokenizer into it too "
+                             "(tokenizer.save_pretrained(folder)), as a model's save_pretrained does not")
 
 
 def check_decoder(config: Any, source: str) -> None:
@@ -84,7 +85,6 @@ def check_decoder(config: Any, source: str) -> None:
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
-    check_model_folder(model)
     check_tokenizer_files(model)
     kwargs = {"trust_remote_code": model.trust_remote_code}
     if model.gguf_file:
