@@ -213,6 +213,14 @@ def main() -> None:
         run_reporting_errors(_hydra_main)
     except KeyboardInterrupt:  # Ctrl-C where no run's stop signals are set up: at the start, or between sweep jobs
         _interrupted_outside_a_run()
+    if launch_rank()[1] > 1:
+        # A process of a multi-process launch, its run finished and its files written: at interpreter teardown a
+        # gloo thread still joinable after destroy_process_group aborted a rank now and then ("terminate called
+        # without an active exception", SIGABRT), and the launch reported a finished run as failed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _interrupted_outside_a_run() -> None:
