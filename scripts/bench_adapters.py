@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared 
 
 import kasa  # noqa: E402
 from bench_timing import paired_ratio  # noqa: E402
+from kasa.cli.parser import ArgumentParser  # noqa: E402
 
 THREADS = 2
 BATCH, SEQ_LEN = 16, 128
@@ -467,8 +468,8 @@ def run_benchmark(quick: bool, sections: tuple[str, ...] = SECTIONS) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one process per method, fewer steps, no 4096 x 14336 SVD reference")
     parser.add_argument("--sections", default=",".join(SECTIONS),

@@ -73,6 +73,7 @@ from kasa.tasks.lm_loss import loss_positions  # noqa: E402
 from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
 from bench_timing import paired_ratio, paired_ratio_interval  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
+from kasa.cli.parser import ArgumentParser  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -424,7 +425,7 @@ def run(quick: bool, data: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer examples and repeats (a smoke run)")
     parser.add_argument("--data", type=Path, default=DATA, help="an Alpaca-format JSON file")
     parser.add_argument("--larger-shape", action="store_true",

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kasa.cli.parser import ArgumentParser
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 SMOLLM2 = ["model=smollm2_135m", "task=e2e", f"task.data_dir={DATA / 'e2e'}", "task.train_split=devset",
@@ -95,7 +97,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process
     args = parser.parse_args()

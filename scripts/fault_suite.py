@@ -17,7 +17,6 @@ the disk-full case could run)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 # Every command in a process of its own: the cases run in threads, and a fault is a process's death.
 from cli_helpers import ENV, make_tiny_bert, write_sentiment_data  # noqa: E402 (the tests' tiny model)
 from cli_helpers import run_cli_process as run_cli  # noqa: E402
+from kasa.cli.parser import ArgumentParser  # noqa: E402
 
 STEPS = 16  # 2 epochs of 8 steps
 DRIVER = textwrap.dedent(
@@ -307,7 +307,7 @@ def poison(weights: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=3, help="SIGKILL cases at random steps (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="random fault points")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")

@@ -44,6 +44,7 @@ from kasa.data.prompts import IGNORE_INDEX  # noqa: E402
 from kasa.tasks.batching import PackedCollator, pack_examples, packed_row  # noqa: E402
 from bench_timing import paired_ratio  # noqa: E402
 from kasa.tasks.causal_lm import CausalLMTask, PadCollator  # noqa: E402
+from kasa.cli.parser import ArgumentParser  # noqa: E402
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32.0
@@ -242,7 +243,7 @@ def bench_memory(sizes: Sizes, device: torch.device, quantization: str | None) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", default=os.environ.get("KASA_GPU_CHECK_TINY") == "1",
                         help="tiny dimensions on any device (a test of the script itself)")
     args = parser.parse_args()

@@ -18,6 +18,8 @@ import argparse
 import random
 from pathlib import Path
 
+from kasa.cli.parser import ArgumentParser
+
 SEED = 0
 TRAIN_PER_CLASS = 400
 DEV_PER_CLASS = 100
@@ -130,7 +132,7 @@ def make_demo_data(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = Path(__file__).resolve().parents[1] / "kasa" / "data" / "demo"
     parser.add_argument("--out", type=Path, default=default, help=f"output folder (default {default})")
     make_demo_data(parser.parse_args().out)

@@ -32,6 +32,7 @@ from kasa.adapters import quantized
 from kasa.adapters.methods import METHOD_TABLE
 from kasa.adapters.model import adapted_layers
 from kasa.cli.common import register_resolvers
+from kasa.cli.parser import ArgumentParser
 from kasa.config import ModelConfig
 from kasa.tasks.models import load_causal_lm, load_tokenizer, model_source
 
@@ -103,7 +104,7 @@ def subtract_removed_in_forward(model) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(TARGETS), default="smollm2_135m", help="the model and its data")
     parser.add_argument("--samples", type=int, default=8, help="prompts (SmolLM2) or sentences (MiniLM) measured on")
     parser.add_argument("--max-length", type=int, default=96, help="tokens per sample at most")

@@ -37,7 +37,6 @@ its checkpoint. Jobs run in a session of their own, so a terminal's Ctrl-C reach
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import shlex
@@ -49,6 +48,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from kasa.cli.parser import ArgumentParser
 from kasa.run_dir import SWEEP_JOBS_FILE, time_stamp, write_json
 from kasa.training.signals import FORWARDED_SIGNALS_ENV, INTERRUPTED_EXIT, HandlingStopSignals
 
@@ -158,7 +158,7 @@ class JobSignals(HandlingStopSignals):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python scripts/sweep_launch.py", allow_abbrev=False,  # a flag's prefix is unknown, not that flag
         description="Outer sweep for multi-process kasa-train jobs: every job's config checked first, then one launch "
         "per combination (each with resume=auto: run it again to continue a sweep), then the summary.",

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 import kasa
 from kasa.cli.common import fail, register_resolvers
+from kasa.cli.parser import ArgumentParser
 from kasa.config import ModelConfig
 from kasa.data.prompts import IGNORE_INDEX, alpaca_prompt
 from kasa.data.files import load_commonsense_file
@@ -86,7 +87,7 @@ def parse_row(text: str) -> tuple[list[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_135m", help="a kasa model config group (default smollm2_135m)")
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with train.json and test.json")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), help="targets:rank, e.g. q_proj,v_proj:4")

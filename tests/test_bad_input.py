@@ -4,6 +4,8 @@ exit, and nothing overwritten."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -324,3 +326,22 @@ def test_which_with_a_checkpoint_directory(finished_run, tmp_path, module):
     assert_one_line_error(result, "which=last picks a checkpoint inside a run directory",
                           "drop which=, or pass its run directory")
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kasa.cli.compare"], "the following arguments are required: dirs (usage: kasa-compare --help)"),
+    (["kasa.cli.plot", "--kind"], "argument --kind: expected one argument (usage: kasa-plot --help)"),
+    (["kasa.cli.sweep", "/tmp", "--bogus"], "unrecognized arguments: --bogus (usage: python -m kasa.cli.sweep --help)"),
+])
+def test_a_flag_command_says_a_usage_error_in_one_line(args, message):
+    """argparse's usage block is left out: the one error line names the problem and where the usage is."""
+    result = run_cli(*args)
+    assert_one_line_error(result, message)
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+def test_a_script_says_a_usage_error_in_one_line():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_data.py"
+    result = subprocess.run([sys.executable, str(script), "--out"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: argument --out: expected one argument (usage: make_demo_data.py --help)"]

@@ -273,7 +273,7 @@ def folder_argument(text: str) -> Path:
     `key=value` word that names nothing (the style of kasa-eval and kasa-export) is refused, pointing at the flags."""
     if "=" in text and not Path(text).exists():
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder; options here are flags (--out DIR, --metric-scale "
-                                         "100, ...: see --help), not key=value")
+                                         "100, ...), not key=value")
     return Path(text)
 
 

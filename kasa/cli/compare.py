@@ -6,17 +6,17 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from kasa.cli.common import folder_argument, run_reporting_errors
+from kasa.cli.parser import ArgumentParser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kasa-compare", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="A paper-style comparison table from finished runs: rows = methods (with trainable adapter "
         "parameters), columns = tasks, cells = median over seeds of the best validation score, best in bold, an "

@@ -10,13 +10,13 @@ A beta x gamma sweep's figure (the paper's table 15) is the heatmap.png that the
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from kasa.cli.common import folder_argument, run_reporting_errors
+from kasa.cli.parser import ArgumentParser
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     BEST_CHECKPOINT,
@@ -52,7 +52,7 @@ def _heatmap_hint(dirs: Sequence[Path]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kasa-plot", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="The paper's analysis plots (PNG + the plotted data as JSON) from saved run files. One run "
         "directory: singular values per layer and position (figure 4) and the regularisation terms with the loss "

@@ -9,15 +9,16 @@ each with its metric's colour bar; see kasa.analysis.sweep.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from kasa.cli.parser import ArgumentParser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m kasa.cli.sweep", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
         description="Summarise a Hydra multirun directory: median/min/max/std of the best score per setting over "
         "seeds (sweep_summary.md, sweep_summary.csv) and a beta x gamma heatmap when either varies. A sweep over "
