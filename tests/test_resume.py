@@ -175,6 +175,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tiny_model, sentimen
     assert saved, "the checkpoints written before the NaN are kept"
 
 
+def test_weights_broken_under_a_finite_loss_are_never_evaluated_or_saved(tiny_model, sentiment_dir, tmp_path):
+    """A last step whose loss was finite can still leave NaN or inf in the weights (here an overflowing update): the
+    run stops before the evaluation and the saves that would have written them as best/, last/ and a step."""
+    run_dir = tmp_path / "broken"
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "trainer.lr=1e39",
+                                                          "trainer.max_steps=1"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the trained weights hold nan or inf after step 1, whose loss was finite: lower trainer.lr or set "
+        "trainer.max_grad_norm; the checkpoints written so far are kept")
+    assert not (run_dir / "summary.json").exists() and not list(run_dir.glob("checkpoints/*"))
+
+
 def _checkpoint_of(tmp_path: Path, **state) -> Path:
     from kasa.run_dir import STATE_FILE
     from kasa.training.checkpoint import TrainState

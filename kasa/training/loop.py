@@ -7,8 +7,9 @@ happens on the main process only. `resume=auto` continues from the newest comple
 same weights, optimiser, schedule, RNG states and data position, so the run ends as if never interrupted.
 
 The host reads the loss from the device only at logging steps (a `.item()` is a device sync): non-finite losses are
-remembered on the device (`NonFiniteLoss`) and checked at every logging step and before every save and evaluation,
-so a run still stops at the first non-finite loss, naming its step, and never saves weights it produced. Nor does
+remembered on the device (`NonFiniteCheck`) and checked at every logging step and before every save and evaluation,
+so a run still stops at the first non-finite loss, naming its step, and never saves weights it produced; before every
+save and evaluation the trained weights themselves are checked too (a last step can break them under a finite loss). Nor does
 a step wait for the device otherwise: the token count stays on the device, and a causal-LM batch comes with where
 its loss lies, found on the host by the collator (kasa.tasks.lm_loss.loss_positions)."""
 
@@ -164,9 +165,10 @@ def uneven_batches_note(rows: int, batch_size: int, processes: int, packing: boo
             f"of {batch_size * processes} avoids it")
 
 
-class NonFiniteLoss:
+class NonFiniteCheck:
     """The first non-finite loss of the run and where it happened, kept on the device: observing a loss costs no
-    host-device sync; `check` (a sync, and a gather over the processes) raises for it."""
+    host-device sync; `check` (a sync, and a gather over the processes) raises for it, and with `weights` for a
+    non-finite trained weight too."""
 
     def __init__(self, device: torch.device) -> None:
         self.first = torch.zeros(3, device=device)  # step (0: none yet), epoch, loss
@@ -176,15 +178,33 @@ class NonFiniteLoss:
         seen = torch.stack([torch.full_like(loss, step), torch.full_like(loss, epoch), loss])
         self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), seen, self.first)
 
-    def check(self, accelerator: Accelerator) -> None:
-        """Every process calls it at the same points (a collective)."""
-        found = [row for row in accelerator.gather(self.first[None]).tolist() if row[0] > 0]
+    def check(self, accelerator: Accelerator, weights: list[torch.Tensor] | None = None, step: int = 0) -> None:
+        """Every process calls it at the same points (a collective). `weights`: the trained parameters, checked as
+        this process holds them (its shard under FSDP or ZeRO-3), after the optimiser step of `step`."""
+        broken = torch.zeros((), device=self.first.device)
+        if weights:
+            broken = torch.stack([~torch.isfinite(_local(w)).all() for w in weights]).any().float().to(broken.device)
+        rows = accelerator.gather(torch.cat([self.first, broken[None]])[None]).tolist()
+        found = [row[:3] for row in rows if row[0] > 0]
         if found:
             step, epoch, loss = min(found)
             raise FloatingPointError(
                 f"loss became {loss} at step {int(step)} (epoch {int(epoch) + 1}): lower trainer.lr or set "
                 "trainer.max_grad_norm; the checkpoints written so far are kept"
             )
+        if any(row[3] for row in rows):
+            raise FloatingPointError(
+                f"the trained weights hold nan or inf after step {step}, whose loss was finite: lower trainer.lr or "
+                "set trainer.max_grad_norm; the checkpoints written so far are kept"
+            )
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds: an FSDP2 shard's local tensor, ZeRO-3's partition (outside
+    forward the parameter itself is empty there), else the parameter."""
+    if hasattr(weight, "ds_tensor"):
+        return weight.ds_tensor
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 class TrainingRecipe:
@@ -240,7 +260,7 @@ class TrainingRecipe:
             self.write_record()
             if tracker_ids != resumed_ids:
                 write_json(self.out / TRACKERS_FILE, tracker_ids)
-        self.nonfinite = NonFiniteLoss(self.accelerator.device)
+        self.nonfinite = NonFiniteCheck(self.accelerator.device)
         # non-padding tokens trained on by this process (tokens/s in the summary), counted on the device: reading
         # each batch's count would be a host-device sync per step
         self.tokens = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
@@ -587,7 +607,8 @@ class TrainingRecipe:
 
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
-        self.nonfinite.check(self.accelerator)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.nonfinite.check(self.accelerator, trained, self.state.step)
         self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
         directory = self.out / CHECKPOINTS_DIR / step_dir_name(self.state.step)
         save_training_state(directory, self.accelerator, self.model, self.optimizer, self.scheduler, self.state)
