@@ -345,3 +345,12 @@ def test_a_script_says_a_usage_error_in_one_line():
     result = subprocess.run([sys.executable, str(script), "--out"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: argument --out: expected one argument (usage: make_demo_data.py --help)"]
+
+
+def test_fp16_on_the_cpu_is_said_to_do_nothing(tiny_model, sentiment_dir, tmp_path):
+    """Accelerate runs trainer.precision=fp16 in float32 on the CPU without a word; kasa-train says so."""
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run"), "trainer.max_steps=1",
+                     "trainer.precision=fp16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in float32); "
+            "trainer.precision=bf16 runs mixed precision there") in (result.stdout + result.stderr).splitlines()

@@ -321,6 +321,10 @@ class TrainingRecipe:
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
         for warning in check_launch(self.accelerator.distributed_type.value, self.accelerator.num_processes):
             self.console.print(warning)
+        if cfg.trainer.precision == "fp16" and self.accelerator.device.type == "cpu" and not uses_deepspeed:
+            # Accelerate ignores fp16 on the CPU without a word: the run would be float32 under an fp16 label
+            self.console.print("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in "
+                               "float32); trainer.precision=bf16 runs mixed precision there")
 
     def clear_earlier_run(self) -> None:
         """A fresh start over an earlier run (overwrite=true) removes that run's logs, checkpoints, evaluations and
