@@ -156,3 +156,28 @@ def test_an_unwritable_output_folder_is_refused_before_anything(tmp_path, monkey
                                          "choose another$"):
         check_can_make(tmp_path / "a" / "b", f"output_dir={tmp_path}/a/b")
     assert not (tmp_path / "a").exists()
+
+
+def test_the_report_of_a_new_task_head_follows_the_seed(tiny_model, sentiment_dir, tmp_path):
+    """A base model without the task's head gets one drawn at random at load, as in kasa-train: seeded by `seed`,
+    so the same command writes the same report."""
+    import shutil
+
+    from transformers import AutoModel
+
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(tiny_model).save_pretrained(bare)  # the encoder alone: no classifier in the folder
+    for name in os.listdir(tiny_model):
+        if not (bare / name).exists():
+            shutil.copy(os.path.join(tiny_model, name), bare / name)  # its tokenizer
+    losses = [inspect.run(inspect_args(bare, sentiment_dir, tmp_path / f"r{i}", f"seed={seed}"))["base_loss"]
+              for i, seed in enumerate((3, 3, 4))]
+    assert losses[0] == losses[1] != losses[2]
+
+
+def test_off_a_terminal_the_modules_are_counted_a_line_each(tiny_model, sentiment_dir, tmp_path, capsys):
+    inspect.run(inspect_args(tiny_model, sentiment_dir, tmp_path / "lines"))
+    counted = [line for line in capsys.readouterr().err.splitlines() if line.startswith("each module truncated alone")]
+    assert len(counted) == 4 and counted[-1].startswith("each module truncated alone: 4/4 ")
+    inspect.run(inspect_args(tiny_model, sentiment_dir, tmp_path / "quiet", "logging.progress=false"))
+    assert "each module truncated alone" not in capsys.readouterr().err

@@ -346,3 +346,15 @@ def test_kasa_plot_of_a_beta_gamma_sweep_names_its_heatmap(tmp_path, capsys):
         f"; a beta x gamma sweep's figure is the heatmap.png its summary draws when beta or gamma varies "
         f"(python -m kasa.cli.sweep {tmp_path} writes the summary again)")
     assert sorted(tmp_path.rglob("*")) == [f for f in before if f.name != "heatmap.png"]
+
+
+def test_kasa_plot_of_runs_of_several_methods_names_the_ablation_bars(tmp_path, capsys):
+    """Runs of kasa and lora alone draw nothing by default (a pair is as likely a rank sweep): the error says that
+    --kind ablation draws them side by side."""
+    for method in ("kasa", "lora"):
+        write_run(tmp_path / method, task="cola", method=method, seed=0, best=0.5)
+    assert plot_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
+        "truncation sweep among the runs (sweeps); --kind ablation draws the runs' methods side by side (kasa, lora)"]
+    assert plot_main([str(tmp_path), "--kind", "ablation"]) == 0

@@ -15,7 +15,7 @@ class Method:
     block: str | None = None  # kasa's own adapter block: "kasa" (KasaBlock) or "lora" (LoraBlock); None: no block
     truncates: bool = False  # removes minor singular components of W0 that no adapter holds
     loss_weights: tuple[str, ...] = ()  # beta scales L2 = sum(dSigma^2), gamma scales L3 (orthogonality)
-    peft: bool = False  # runs through PEFT (optional extra: pip install 'kasa[peft]'; kasa/adapters/peft_baselines.py)
+    peft: bool = False  # runs through PEFT (the optional extra `peft`; kasa/adapters/peft_baselines.py)
     ablation_step: int | None = None  # position in the paper's figure 2 ladder (1 = LoRA ... 5 = KaSA)
     ranked: bool = True  # has an adapter rank r (full fine-tuning and BitFit have none)
 

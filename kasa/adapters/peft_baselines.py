@@ -1,4 +1,4 @@
-"""Baselines kasa does not implement itself, run through PEFT (optional extra: `pip install 'kasa[peft]'`):
+"""Baselines kasa does not implement itself, run through PEFT (the optional extra `peft`):
 
     dora      LoraConfig(use_dora=True): LoRA plus a trained magnitude vector per output (Liu et al., 2024)
     adalora   AdaLoraConfig: SVD-form LoRA, P diag(E) Q, whose rank budget shrinks from `init_r` to `method.rank`
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kasa import install_extra
 from kasa.adapters.config import CONFIG_ATTRIBUTE, PEFT_METHODS, AdapterConfig
 from kasa.adapters.kasa import AuxLoss, Regularization
 
@@ -47,7 +48,7 @@ def _peft(method: str) -> Any:
     try:
         import peft
     except ImportError as err:
-        raise ValueError(f"method={method} runs through PEFT, which is not installed: pip install 'kasa[peft]'") from err
+        raise ValueError(f"method={method} runs through PEFT, which is not installed: {install_extra('peft')}") from err
     return peft
 
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from kasa import install_extra
+
 QUANTIZATIONS = ("nf4", "int8")
 # Methods that run over a quantized base: kasa's own adapter layers (their frozen base may be any module) and BitFit
 # (biases stay float parameters of the bitsandbytes layers). Full fine-tuning cannot train 4/8-bit weights, and the
@@ -92,7 +94,7 @@ def _bitsandbytes():
         import bitsandbytes
     except ImportError as err:
         raise ValueError(
-            f"model.quantization needs bitsandbytes ({err}): pip install -c constraints.txt 'kasa[quant]'"
+            f"model.quantization needs bitsandbytes ({err}): {install_extra('quant')}"
         ) from err
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE_EACH)  # one object: added once
     return bitsandbytes

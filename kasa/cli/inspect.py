@@ -50,6 +50,7 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
         raise ValueError(f"method {cfg.method.method!r} removes nothing from the base weights, so there is nothing "
                          "to inspect: choose a truncating method (kasa, kasa_l2, kasa_sv, svd_lora)")
     import torch
+    from accelerate.utils import set_seed
 
     from kasa.adapters import adapted_layers, apply_adapters
     from kasa.tasks import build_task
@@ -64,6 +65,7 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     calibration_part, held_part = calibration_rows(dataset, cfg, held_out)
     if len(held_part) < held_out:
         raise ValueError(too_few_examples(len(dataset), held_out, cfg))
+    set_seed(cfg.seed)  # a new task head (a classifier's) is drawn at random: the same report for the same command
     tokenizer, model = task.load_model()
     collate = task.collator(tokenizer)
     calibration, held = (batches_of(dataset, rows, collate, cfg) for rows in (calibration_part, held_part))
@@ -71,7 +73,8 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
         model.to("cuda")
     base_loss = mean_loss(task.loss, model, held)
     apply_adapters(model, cfg.method, calibration=calibration, calibration_inputs=task.model_inputs)
-    truncated_loss, modules = measure_damage(model, task.loss, held, task.model_inputs, progress=True)
+    truncated_loss, modules = measure_damage(model, task.loss, held, task.model_inputs,
+                                            progress=cfg.logging.progress)
     rows = []
     for damage in modules:
         increase = relative_increase(base_loss, damage.loss)

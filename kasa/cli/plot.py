@@ -51,6 +51,17 @@ def _heatmap_hint(dirs: Sequence[Path]) -> str:
     return ""
 
 
+def _ablation_hint(dirs: Sequence[Path]) -> str:
+    """The bars of figure 2 for runs of several methods, none of them the ladder's middle rungs (which alone make the
+    default draw them: a lora and kasa pair is as likely a rank sweep as an ablation)."""
+    from kasa.analysis.compare import collect_runs
+
+    methods = sorted({str(run.summary.get("method")) for run in collect_runs(dirs)})
+    if len(methods) < 2:
+        return ""
+    return f"; --kind ablation draws the runs' methods side by side ({', '.join(methods)})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="kasa-plot", allow_abbrev=False,  # a flag's prefix (--metric) is unknown, not that flag
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = run_reporting_errors(draw)
     if not done:
         print("error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
-              f"truncation sweep among the runs (sweeps){_heatmap_hint(args.dirs)}", file=sys.stderr)
+              f"truncation sweep among the runs (sweeps){_ablation_hint(args.dirs)}{_heatmap_hint(args.dirs)}", file=sys.stderr)
         return 2
     for kind, data in done.items():
         print(f"{kind}: {data['png']}")

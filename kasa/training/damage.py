@@ -8,6 +8,7 @@ is the module's original weight W0 with its adapter switched off."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -53,20 +54,24 @@ def untruncated(layers: Sequence[AdaptedLayer]) -> Iterator[None]:
 def measure_damage(model: nn.Module, loss: Callable[[nn.Module, Batch], torch.Tensor], batches: Sequence[Batch],
                    model_inputs: ModelInputs, progress: bool = False) -> tuple[float, list[ModuleDamage]]:
     """(loss with every adapted module truncated, each module's damage) of an adapted model on `batches`, whose
-    model inputs `model_inputs` makes (the task's). `progress`: a bar on stderr over the modules, one loss pass each
-    (minutes for an LLM's hundreds of modules)."""
+    model inputs `model_inputs` makes (the task's). `progress`: the modules counted on stderr, one loss pass each
+    (minutes for an LLM's hundreds of modules): a bar on a terminal, else a line per module (a bar's redraws would
+    make one endless line of a log file)."""
     from tqdm.auto import tqdm
 
     layers = dict(adapted_layers(model))
     truncated_loss = mean_loss(loss, model, batches)
+    label = "each module truncated alone"
+    bar = progress and sys.stderr.isatty()
     with untruncated(list(layers.values())):
         statistics = _input_statistics(model, layers, batches, model_inputs)
         alone = {}
-        for name, layer in tqdm(layers.items(), desc="each module truncated alone", unit="module",
-                                disable=not progress):
+        for i, (name, layer) in enumerate(tqdm(layers.items(), desc=label, unit="module", disable=not bar)):
             _set_truncated(layer, True)
             alone[name] = mean_loss(loss, model, batches)
             _set_truncated(layer, False)
+            if progress and not bar:
+                print(f"{label}: {i + 1}/{len(layers)} {name}", file=sys.stderr, flush=True)
     return truncated_loss, [ModuleDamage(name, alone[name], *statistics[name]) for name in layers]
 
 
