@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cli_helpers import ENV, checkpointed_args, run_cli
+from cli_helpers import ENV, assert_one_line_error, checkpointed_args, run_cli
 
 KILLING_DRIVER = textwrap.dedent(
     """
@@ -255,3 +255,15 @@ def test_a_checkpoint_of_another_engine_is_refused_before_the_model_loads(uninte
     result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "run",
                                                           f"resume={checkpoint}"))
     assert_one_line_error(result, "has no optimizer.pt: it was written with DeepSpeed; resume it under the same engine")
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_in_one_line(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+    """resume=<another run's checkpoint> with another method.rank (or task.num_labels) under resume_allow_changes:
+    one line naming the tensor and both shapes (it was a RuntimeError from copy_ after the model loaded)."""
+    checkpoint = sorted((uninterrupted / "checkpoints").glob("step-*"))[0]
+    run_dir = tmp_path / "other_rank"
+    rank = json.loads((uninterrupted / "config.json").read_text())["method"]["rank"]
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, f"resume={checkpoint}",
+                                                          "resume_allow_changes=true", f"method.rank={rank + 2}"))
+    assert_one_line_error(result, f"checkpoint {checkpoint} does not match this run: its tensor ", "has shape",
+                          "resume with the settings that wrote it", after_the_model_loaded=True)

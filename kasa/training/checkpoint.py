@@ -234,6 +234,11 @@ def load_resumable_weights(directory: Path, model: nn.Module) -> None:
     if missing:
         raise ValueError(f"checkpoint {directory} does not match this run (missing {missing[:3]}): resume the "
                          "run that wrote it, with the same model and method")
+    for key, tensor in target.items():  # a method.rank or task.num_labels changed under resume_allow_changes=true
+        if saved[key].shape != tensor.shape:
+            raise ValueError(f"checkpoint {directory} does not match this run: its tensor {key} has shape "
+                             f"{tuple(saved[key].shape)}, this run's {tuple(tensor.shape)}: resume with the settings "
+                             "that wrote it (method.rank, task.num_labels, the model)")
     with torch.no_grad():
         for key, tensor in target.items():
             if key.endswith(("removed_u", "removed_s", "removed_v")):
