@@ -250,6 +250,19 @@ def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragment
     assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)
 
 
+@pytest.mark.parametrize("override", ["method.rank=2", "method=lora", "model.target_modules=[query,key]",
+                                      "method.truncation_basis=weight"])
+@pytest.mark.parametrize("module", ["kasa.cli.evaluate", "kasa.cli.export"])
+def test_the_adapter_settings_come_from_the_checkpoint(finished_run, tmp_path, module, override):
+    """The adapter is rebuilt from adapter_config.json: an override of the method or its targets changed nothing,
+    yet kasa-eval filed the result as another evaluation (method=lora failed on an unrelated check)."""
+    result = run_cli(module, f"checkpoint={finished_run}", f"output={tmp_path / 'out'}", override) if \
+        module.endswith("export") else run_cli(module, f"checkpoint={finished_run}", override)
+    assert_one_line_error(result, f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
+                          "adapter_config.json", "leave it out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (lambda text: "{" + text, "Expecting property name enclosed in double quotes"),
     (lambda text: text.replace('"method": {', '"method": {"bogus": 1, ', 1), "unknown key method.bogus"),

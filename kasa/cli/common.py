@@ -303,6 +303,12 @@ def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                          f"{describe_error(err)}") from err
     if not overrides:
         return saved
+    for override in overrides:  # they would be recorded as changing what is measured, and change nothing
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("method", "model.target_modules") or key.startswith("method."):
+            raise ValueError(f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
+                             "adapter_config.json, so the method's settings and model.target_modules cannot be "
+                             "overridden here: leave it out (another adapter needs a run of its own)")
     run_cfg = load_run_config(run_dir, overrides)
     # an override's value (decoding, attention) is refused before the model loads; method.svd_device is not
     # checked: the run may have decomposed on a GPU this machine lacks, and these commands repeat no decomposition

@@ -9,7 +9,8 @@ run directory; without `best`, `last`), `split` (default: the run's evaluation s
 evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
 dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch:
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
-override of the run's saved config (model.path=..., task.data_dir=...). Prints the score the training run reported
+override of the run's saved config (model.path=..., task.data_dir=...; not the method's settings nor
+model.target_modules: the adapter is rebuilt as it was trained). Prints the score the training run reported
 for the checkpoint only when it evaluates the split the training run evaluated it on. Writes eval_<split>.json
 (a split given as a file's path: its folders and name joined by '-', without the file's ending; `merge` records
 whether the adapter was merged), and a generation task's outputs under generations/, into the
