@@ -221,8 +221,8 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def find_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path, Path]:
     """(checkpoint directory, run directory) for a run directory or a checkpoint directory. In a run directory
-    `which` picks the checkpoint (best, the default, or last); a run without `best` falls back to `last` (a run with
-    trainer.save_best=false has none). A checkpoint directory outside a run is its own run directory; `which` given
+    `which` picks the checkpoint (best, the default, or last); without `which`, a run without `best` falls back to
+    `last` (a run with trainer.save_best=false has none), and `which=best` asked for is refused there. A checkpoint directory outside a run is its own run directory; `which` given
     with a checkpoint directory is an error, since it would be ignored."""
     if which is not None and which not in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         raise ValueError(f"which={which!r} names no checkpoint: choose {BEST_CHECKPOINT} or {LAST_CHECKPOINT}, or pass "
@@ -237,18 +237,20 @@ def find_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path, P
             raise ValueError(f"which={which} picks a checkpoint inside a run directory, but {path} is a checkpoint "
                              f"directory itself: drop which=, or pass its run directory")
         return path, (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
-    which = which or BEST_CHECKPOINT
-    names = list(dict.fromkeys((which, LAST_CHECKPOINT)))
+    names = [which] if which is not None else [BEST_CHECKPOINT, LAST_CHECKPOINT]
     for name in names:
         if (path / CHECKPOINTS_DIR / name / ADAPTER_WEIGHTS_FILE).is_file():
             return path / CHECKPOINTS_DIR / name, path
+    if which == BEST_CHECKPOINT and (path / CHECKPOINTS_DIR / LAST_CHECKPOINT / ADAPTER_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} has no {BEST_CHECKPOINT}/ checkpoint (trained with trainer.save_best=false, "
+                                f"or its best epoch is in the run it was continued from): pass which={LAST_CHECKPOINT}")
     steps = sorted(d for d in (path / CHECKPOINTS_DIR).glob("step-*") if STEP_DIR.match(d.name)
                    and (d / ADAPTER_WEIGHTS_FILE).is_file())
     if steps:  # a run stopped before its first evaluation (or whose evaluation failed) has only resumable ones
         missing = " or ".join(f"{name}/" for name in names)
         raise FileNotFoundError(f"{path} has no {missing} checkpoint (it has not finished an evaluation): pass one of "
                                 f"its step checkpoints, e.g. the newest, {steps[-1]}")
-    raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{which}/) or a "
+    raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory (with {CHECKPOINTS_DIR}/{names[0]}/) or a "
                             f"checkpoint directory holding {ADAPTER_WEIGHTS_FILE}")
 
 

@@ -7,6 +7,7 @@ checkpoint writer, so the test does not race a fast tiny model."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -267,3 +268,43 @@ def test_a_checkpoint_of_other_shapes_is_refused_in_one_line(uninterrupted, tiny
                                                           "resume_allow_changes=true", f"method.rank={rank + 2}"))
     assert_one_line_error(result, f"checkpoint {checkpoint} does not match this run: its tensor ", "has shape",
                           "resume with the settings that wrote it", after_the_model_loaded=True)
+
+
+@pytest.mark.parametrize("best_state, line", [
+    ({"epoch": 0, "step": 8}, "best so far: epoch 1 of {source}, its best/ copied into this run"),
+    ({"epoch": 1, "step": 16}, "warning: the best epoch so far, 1, was trained in {source}, whose best/ no longer "
+                               "holds it: this run's best/ holds only what it evaluates itself"),
+])
+def test_another_runs_checkpoint_brings_its_best_along(uninterrupted, tiny_model, sentiment_dir, tmp_path,
+                                                       best_state, line):
+    """resume=<another run's step checkpoint> after that run's first evaluation: summary.json names the best epoch
+    so far, whose weights were in the other run only (kasa-eval which=best then fell back to last/ unsaid)."""
+    source = tmp_path / "source"
+    shutil.copytree(uninterrupted, source)
+    checkpoint = source / "checkpoints" / "step-00000012"  # epoch 2: epoch 1 was evaluated, its best recorded
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["best_epoch"] == 0
+    best_record = source / "checkpoints" / "best" / "trainer_state.json"
+    best_record.write_text(json.dumps(json.loads(best_record.read_text()) | best_state))
+    run_dir = tmp_path / "continued"
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, f"resume={checkpoint}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert line.format(source=source.resolve()) in (result.stdout + result.stderr).splitlines()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text()) \
+        if (run_dir / "checkpoints" / "best").is_dir() else None
+    if best_state["epoch"] == 0:  # best/ holds the epoch summary.json names, copied or this run's own
+        assert best is not None and best["epoch"] + 1 == summary["best_epoch"]
+
+
+def test_which_best_asked_for_is_never_last(tmp_path):
+    """Without `which`, a run without best/ (trainer.save_best=false) gives last/; which=best asked for is refused
+    there instead of giving last/ unsaid."""
+    from kasa.run_dir import ADAPTER_WEIGHTS_FILE, find_checkpoint
+
+    last = tmp_path / "checkpoints" / "last"
+    last.mkdir(parents=True)
+    (last / ADAPTER_WEIGHTS_FILE).write_bytes(b"")
+    assert find_checkpoint(tmp_path) == (last, tmp_path)
+    assert find_checkpoint(tmp_path, "last") == (last, tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no best/ checkpoint .*: pass which=last$"):
+        find_checkpoint(tmp_path, "best")

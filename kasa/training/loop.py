@@ -15,6 +15,7 @@ its loss lies, found on the host by the collator (kasa.tasks.lm_loss.loss_positi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -44,6 +45,7 @@ from kasa.run_dir import (
     OVERRIDES_KEY,
     REGULARIZATION_FILE,
     RESUMED_WITH_CHANGES_KEY,
+    STATE_FILE,
     SUMMARY_FILE,
     HYDRA_DIR,
     TENSORBOARD_DIR,
@@ -257,6 +259,8 @@ class TrainingRecipe:
         if self.main:  # only now: a start or resume that does not fit must leave the run's files as they were
             if not self.resumes_own_run():  # a fresh start, or another run's checkpoint continued here
                 self.clear_earlier_run()
+                if self.resume_from is not None:
+                    self.carry_best_over(checkpoint_run(self.resume_from))
             self.write_record()
             if tracker_ids != resumed_ids:
                 write_json(self.out / TRACKERS_FILE, tracker_ids)
@@ -336,6 +340,24 @@ class TrainingRecipe:
             shutil.rmtree(self.out / folder, ignore_errors=True)
         for output in analysis_outputs(self.out):
             output.unlink()
+
+    def carry_best_over(self, source: Path) -> None:
+        """Another run's checkpoint continued here: the best epoch so far (which summary.json will name unless this
+        run beats it) is that run's, so its best/ comes along, as it stood at the checkpoint; if it has changed since
+        (that run trained on and found a better one), a warning says where the weights are not."""
+        best_epoch = self.state.best_epoch
+        if best_epoch < 0 or not self.cfg.trainer.save_best:
+            return
+        best = source / CHECKPOINTS_DIR / BEST_CHECKPOINT
+        record = best / STATE_FILE
+        saved = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        if saved.get("epoch") == best_epoch and saved.get("step", self.state.step + 1) <= self.state.step:
+            write_atomically(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT,
+                             lambda tmp: shutil.copytree(best, tmp, dirs_exist_ok=True), directory=True)
+            self.console.print(f"best so far: epoch {best_epoch + 1} of {source}, its best/ copied into this run")
+        else:
+            self.console.print(f"warning: the best epoch so far, {best_epoch + 1}, was trained in {source}, whose "
+                               "best/ no longer holds it: this run's best/ holds only what it evaluates itself")
 
     def resumes_own_run(self) -> bool:
         """Whether the run continues from one of its own checkpoints (not from another run's, `resume=<path>`)."""
