@@ -5,8 +5,8 @@
     kasa-eval checkpoint=... merge=true                                 merge the adapter into the weights first
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
-run directory; when not given, best, or last in a run without best), `split` (default: the run's evaluation split), `merge` (true | false:
-evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
+run directory; when not given, best, or last in a run without best), `split` (default: the run's evaluation
+split), `merge` (true | false: evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
 dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch:
 trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
 override of the run's saved config (model.path=..., task.data_dir=...; not the method's settings nor
