@@ -4,26 +4,24 @@
     kasa-eval checkpoint=runs/.../checkpoints/last split=test task.data_dir=../shared/data/sst2
     kasa-eval checkpoint=... merge=true                                 merge the adapter into the weights first
 
-Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a
-run directory; when not given, best, or last in a run without best), `split` (default: the run's evaluation
-split), `merge` (true | false: evaluate the merged model that `kasa-export format=merged` writes; a quantized base is dequantized to its compute
-dtype first, as there, and refused at once where that would not fit the GPU), `batch_size` (the evaluation batch:
-trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation task), and any dotted
-override of the run's saved config (model.path=..., task.data_dir=...; not the method's settings nor
-model.target_modules: the adapter is rebuilt as it was trained). Prints the score the training run reported
-for the checkpoint only when it evaluates the split the training run evaluated it on. Writes eval_<split>.json
-(a split given as a file's path: its folders and name joined by '-', without the file's ending; `merge` records
-whether the adapter was merged), and a generation task's outputs under generations/, into the
-checkpoint directory. They are written first to <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay
-there when the training run saved over the checkpoint while it was evaluated (best/ and last/ of a run still
-training), or when judging fails (run again, kasa-eval reuses the responses and the scores saved there). One
-kasa-eval of a checkpoint on a split runs at a time (a second one stops with the first one's pid); other splits run
-beside it. An override that changes what is measured (eval sets, sample counts, decoding, the judge's model,
-trainer.max_length, model.dtype, any setting but model.path, task.data_dir, the split, the batch sizes, and where and
-how the judge is asked) makes another evaluation: it reports no training score, and its outputs stay in
-<run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/ (eval_<split>.json records them as `overrides`), never
-over the checkpoint's own.
-"""
+Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `which` (best | last, for a run
+directory; when not given, best, or last in a run without best), `split` (default: the run's evaluation split),
+`merge` (true | false: evaluate the merged model that `kasa-export format=merged` writes; a quantized base is
+dequantized to its compute dtype first, as there, and refused at once where that would not fit the GPU), `batch_size`
+(the evaluation batch: trainer.eval_batch_size of a classification task, task.generation.batch_size of a generation
+task), and any dotted override of the run's saved config (model.path=..., task.data_dir=...; not the method's settings
+nor model.target_modules: the adapter is rebuilt as it was trained). Prints the score the training run reported for
+the checkpoint only when it evaluates the split the training run evaluated it on. Writes eval_<split>.json (a split
+given as a file's path: its folders and name joined by '-', without the file's ending; `merge` records whether the
+adapter was merged), and a generation task's outputs under generations/, into the checkpoint directory. They are
+written first to <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>/, and stay there when the training run saved
+over the checkpoint while it was evaluated (best/ and last/ of a run still training), or when judging fails (run
+again, kasa-eval reuses the responses and the scores saved there). One kasa-eval of a checkpoint on a split runs at a
+time (a second one stops with the first one's pid); other splits run beside it. An override that changes what is
+measured (eval sets, sample counts, decoding, the judge's model, trainer.max_length, model.dtype, any setting but
+model.path, task.data_dir, the split, the batch sizes, and where and how the judge is asked) makes another evaluation:
+it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
+(eval_<split>.json records them as `overrides`), never over the checkpoint's own. """
 
 from __future__ import annotations
 
