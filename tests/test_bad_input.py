@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, make_tiny_bert, run_cli, train_args, write_tsv
+from cli_helpers import assert_one_line_error, make_tiny_bert, run_cli, run_cli_process, train_args, write_tsv
 from kasa.run_dir import LOCK_FILE, SWEEP_RECORDS
 from kasa.tasks.models import VOCABULARY_FILES
 
@@ -361,8 +361,9 @@ def test_a_script_says_a_usage_error_in_one_line():
 
 
 def test_fp16_on_the_cpu_is_said_to_do_nothing(tiny_model, sentiment_dir, tmp_path):
-    """Accelerate runs trainer.precision=fp16 in float32 on the CPU without a word; kasa-train says so."""
-    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run"), "trainer.max_steps=1",
+    """Accelerate runs trainer.precision=fp16 in float32 on the CPU without a word; kasa-train says so. (In a process
+    of its own: Accelerate's state, which another precision would have to change, is one per process.)"""
+    result = run_cli_process("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run"), "trainer.max_steps=1",
                      "trainer.precision=fp16")
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in float32); "
