@@ -702,3 +702,41 @@ def test_more_responses_than_beams_is_refused_at_start():
         CausalLMTask(cfg)
     cfg.task.generation.do_sample = True
     CausalLMTask(cfg)
+
+
+def test_accumulated_micro_batches_train_as_one_batch(tiny_llama, tmp_path, monkeypatch):
+    """Responses of very different lengths, one optimiser step of 4 examples as 1 batch of 4, 2 x 2 and 4 x 1 (plain
+    SGD, so that the update is the gradient itself, and no dropout): the same update. The loss is the mean over the
+    step's labelled tokens; a mean of the micro-batches' own means weighed the short responses' tokens more (walk W:
+    the update of 2 x 4 against 8 x 1 on BoolQ rows differed by 20%)."""
+    import kasa.training.loop as loop
+    from safetensors.torch import load_file
+
+    def sgd(model, cfg):
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.trainer.lr)
+
+    monkeypatch.setattr(loop, "build_optimizer", sgd)
+    data = tmp_path / "commonsense"
+    (data / "boolq").mkdir(parents=True)
+    rows = [commonsense_row("boolq", f"is question {i} true", "true" + " because it is so" * (1 + 6 * (i % 3)))
+            for i in range(8)]
+    (data / "commonsense_170k.json").write_text(json.dumps(rows))
+    (data / "boolq" / "test.json").write_text(json.dumps(BOOLQ[:1]))
+
+    def adapter_after_one_step(name: str, batch_size: int, grad_accum: int, lr: float = 0.5) -> dict:
+        run_dir = tmp_path / name
+        result = run_cli("kasa.cli.train", "model=llama2_7b", "task=commonsense", f"model.path={tiny_llama}",
+                         "model.dtype=float32", "model.gradient_checkpointing=false", f"task.data_dir={data}",
+                         "task.eval_sets=[boolq]", "task.generation.max_new_tokens=2", "method.dropout=0",
+                         "trainer.max_steps=1", f"trainer.lr={lr}", f"trainer.grad_accum={grad_accum}",
+                         *common_args(run_dir), f"trainer.batch_size={batch_size}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return load_file(str(run_dir / "checkpoints" / "last" / "adapter_model.safetensors"))
+
+    start = adapter_after_one_step("start", 4, 1, lr=1e-12)
+    whole = adapter_after_one_step("4x1", 4, 1)
+    update = max((whole[k] - start[k]).abs().max().item() for k in whole)
+    assert update > 1e-3
+    for batch_size, grad_accum in ((2, 2), (1, 4)):
+        accumulated = adapter_after_one_step(f"{batch_size}x{grad_accum}", batch_size, grad_accum)
+        assert max((accumulated[k] - whole[k]).abs().max().item() for k in whole) < 1e-4 * update

@@ -42,7 +42,11 @@ class Task(Protocol):
         calibration passes of the activation basis give the model."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The task loss (L1) of one batch."""
+        """The task loss (L1) of one batch: a mean over its `loss_items`."""
+
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the batch's loss is the mean of (examples, or labelled tokens), known without a
+        host-device sync: the training step weighs micro-batches by it."""
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:

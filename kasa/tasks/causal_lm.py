@@ -118,6 +118,9 @@ class CausalLMTask:
         return labelled_token_loss(model, self.model_inputs(batch), batch, self.cfg.trainer.label_smoothing,
                                    chunked=not self.cfg.trainer.compile)
 
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["loss_tokens"].numel()  # its size is on the host, wherever the tensor is
+
     def generate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  prompts: Sequence[str], add_special_tokens: bool = True) -> list[list[str]]:
         """Responses to `prompts` (num_return_sequences per prompt, prompt order), each process generating a

@@ -59,6 +59,9 @@ class GlueTask:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
 
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].shape[0]
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:

@@ -180,6 +180,19 @@ def epoch_batches(accelerator: Accelerator, loader: Any, epoch: int, resumed_fro
         yield batch
 
 
+def accumulation_windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """The micro-batches of each optimiser step: `size` (trainer.grad_accum) at a time, the epoch's last step taking
+    what is left, as Accelerate's gradient accumulation counts them (a resume starts at a step's first)."""
+    window: list[Any] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 def _uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 

@@ -15,6 +15,7 @@ its loss lies, found on the host by the collator (kasa.tasks.lm_loss.loss_positi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,7 @@ from kasa.tasks.base import EvaluationFailed
 from kasa.training.checkpoint import (
     MetricsLog,
     TrainState,
+    accumulation_windows,
     check_batch_layout,
     check_same_data,
     check_same_engine,
@@ -523,12 +525,13 @@ class TrainingRecipe:
         """The epoch's batches from where the run stands; returns at the epoch's end or at the last step."""
         self.model.train()
         resumed_from, self.resume_from = self.resume_from, None  # only the first epoch after a resume skips
-        for batch in epoch_batches(self.accelerator, self.train_loader, epoch, resumed_from,
-                                   self.state.batches_in_epoch):
-            self.train_step(batch)
-            self.state.batches_in_epoch += 1
-            if not self.accelerator.sync_gradients:
-                continue  # a micro-batch inside gradient accumulation
+        batches = epoch_batches(self.accelerator, self.train_loader, epoch, resumed_from, self.state.batches_in_epoch)
+        for window in accumulation_windows(batches, self.cfg.trainer.grad_accum):
+            weights = self.loss_weights(window)
+            for index, (batch, weight) in enumerate(zip(window, weights)):
+                self.train_step(batch, weight, sync=index == len(window) - 1,
+                                aux_weight=self.cfg.trainer.grad_accum / len(window))
+                self.state.batches_in_epoch += 1
             self.state.step += 1
             self.after_step()
             if self.state.step >= self.total_steps:
@@ -542,16 +545,40 @@ class TrainingRecipe:
                 if stop:
                     raise TrainingInterrupted(self.stop.received, checkpoint, self.state.step)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
-        """One micro-batch: forward, backward and, when the gradients are accumulated, the optimiser step."""
+    def loss_weights(self, window: list[dict[str, torch.Tensor]]) -> list[float | torch.Tensor | None]:
+        """What each micro-batch's loss is multiplied by, so that the step's task loss is the mean over all the loss
+        items (labelled tokens, examples) of its micro-batches on every process, as one batch of them all would
+        give: a mean of each micro-batch's own mean would weigh the tokens of short responses more. Accelerate
+        divides each micro-batch's loss by trainer.grad_accum and the processes' gradients are averaged, hence
+        n_i x grad_accum x processes / (the step's items). None where that is 1 (one micro-batch on one process)."""
+        counts = [self.task.loss_items(batch) for batch in window]
+        accumulation, processes = self.cfg.trainer.grad_accum, self.accelerator.num_processes
+        if processes == 1:
+            total = sum(counts)
+            return [None if count * accumulation == total else count * accumulation / total for count in counts]
+        # the processes' sum stays on the device: the weights scale the losses there, with no host-device sync
+        total = self.accelerator.reduce(torch.tensor(sum(counts), device=self.accelerator.device), "sum")
+        return [(count * accumulation * processes) / total for count in counts]
+
+    def train_step(self, batch: dict[str, torch.Tensor], weight: float | torch.Tensor | None, sync: bool,
+                   aux_weight: float = 1.0) -> None:
+        """One micro-batch: forward, backward and, on the last micro-batch of a step (`sync`), the optimiser step.
+        Its task loss counts `weight` times (loss_weights); KaSA's auxiliary loss `aux_weight` times, once per step
+        in all (the epoch's last step may hold fewer than trainer.grad_accum micro-batches)."""
         accelerator = self.accelerator
         self.tokens += batch["attention_mask"].sum()
-        with accelerator.accumulate(self.model):
+        # Accelerate's accumulate() with the step's end decided here, by the windows, not by Accelerate's own count
+        # (which a look-ahead at the data loader's end would set early)
+        accelerator.gradient_state._set_sync_gradients(sync)
+        with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
             loss_task = self.task.loss(self.model, batch)
             aux = aux_loss(self.model)
-            loss = loss_task + aux.total if aux is not None else loss_task
+            loss = loss_task + aux.total if aux is not None else loss_task  # what the logs show
             self.nonfinite.observe(loss, self.state.step + 1, self.state.epoch)
-            accelerator.backward(loss)
+            objective = loss_task if weight is None else loss_task * weight
+            if aux is not None:
+                objective = objective + (aux.total if aux_weight == 1 else aux.total * aux_weight)
+            accelerator.backward(objective)
             if accelerator.sync_gradients and self.cfg.trainer.max_grad_norm:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.max_grad_norm)
             self.optimizer.step()
