@@ -19,12 +19,6 @@ __version__ = "0.1.0"
 quiet_kernel_lookup()
 
 
-def install_extra(extra: str) -> str:
-    """The command that installs one of kasa's optional extras (pyproject.toml): from kasa's checkout, held to the
-    installed torch by constraints.txt (the `kasa` on PyPI is another project)."""
-    return f"pip install -c constraints.txt -e '.[{extra}]' in kasa's checkout"
-
-
 def __getattr__(name: str) -> Any:
     import kasa.adapters
 

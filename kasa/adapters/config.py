@@ -36,6 +36,12 @@ METHOD_SETTINGS: dict[str, Callable[[Method], bool]] = {
 CALIBRATION_SETTINGS = ("calibration_samples", "calibration_damping")  # used by truncation_basis=activation
 
 
+def install_extra(extra: str) -> str:
+    """The command that installs one of kasa's optional extras (pyproject.toml; `peft`, `quant`, ...): from kasa's
+    checkout, held to the installed torch by constraints.txt (the `kasa` on PyPI is another project)."""
+    return f"pip install -c constraints.txt -e '.[{extra}]' in kasa's checkout"
+
+
 def has_loss_weight(method: str, weight: str) -> bool:
     """Whether `method`'s loss has the term that `weight` ("beta" or "gamma") scales."""
     return weight in LOSS_WEIGHTS.get(method, ())
