@@ -101,7 +101,7 @@ def test_best_of_each_column_is_bold(runs):
     best = max(averages, key=averages.get)
     assert lines[names[best]][-1] == f"**{averages[best]:.1f}**"
     assert lines["PiSSA"][-1] == ""
-    assert lines["KaSA"][1] == "0.3M"
+    assert lines["KaSA"][1] == "0.30M"  # two decimals: LoRA's different count is 0.3M too at one
     assert latex.count("\\textbf") == len(table.bold())
     assert "\\# Trainable Parameters" in latex and latex.startswith("\\begin{tabular}")
 
@@ -285,3 +285,20 @@ def test_rows_by_process_count(tmp_path):
     table = build_table(collect_runs([tmp_path]), by=["processes"])
     assert [(r.label, r.cells[("rte", "accuracy")].n) for r in table.rows] == [("KaSA processes=1", 2),
                                                                               ("KaSA processes=2", 2)]
+
+
+def test_a_table_of_two_models_lists_each_models_rows_together_and_bolds_per_model(tmp_path):
+    """As the paper's tables 1-3: the RoBERTa-base rows, then the RoBERTa-large ones, the best of each model bold
+    (the larger model's rows won every column, so the base model's best was never marked, and the rows alternated)."""
+    for model, offset in (("FacebookAI/roberta-large", 0.02), ("FacebookAI/roberta-base", 0.0)):
+        for method, best, params in (("kasa", 0.66, 295_104), ("lora", 0.63, 294_912)):
+            run = tmp_path / f"{model.split('/')[1]}-{method}"
+            write_run(run, task="cola", method=method, seed=0, best=best + offset)
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps(summary | {"trainable_params_without_head": params}))
+            (run / "config.json").write_text(json.dumps({"model": {"name": model}}))
+    table = build_table(collect_runs([tmp_path]), scale=100)
+    assert [r.label for r in table.rows] == ["roberta-base (LoRA)", "roberta-base (KaSA)", "roberta-large (LoRA)",
+                                             "roberta-large (KaSA)"]
+    assert table.bold() == {(1, "cola:matthews"), (1, "average"), (3, "cola:matthews"), (3, "average")}
+    assert [table.params_text(r) for r in table.rows] == ["0.29M", "0.30M"] * 2  # 0.3M both at the paper's 1 decimal

@@ -179,16 +179,24 @@ def task_label(task: str, metric: str | None = None) -> str:
     return f"{name} ({METRIC_NAMES.get(metric, metric)})" if metric else name
 
 
-def format_params(count: int | None) -> str:
-    """Trainable parameters the way the paper prints them: 0.3M, 125.0M, 0.098M."""
+def format_params(count: int | None, decimals: int = 1) -> str:
+    """Trainable parameters the way the paper prints them: 0.3M, 125.0M, 0.098M; `decimals` for 0.1M and more (the
+    paper's table 2 prints 3.40M and 3.41M)."""
     if count is None:
         return ""
     millions = count / 1e6
     if count == 0:
         return "0"
     if millions >= 0.1:
-        return f"{millions:.1f}M"
+        return f"{millions:.{decimals}f}M"
     return f"{millions:.2g}M"
+
+
+def params_decimals(counts: Iterable[int | None]) -> int:
+    """The fewest decimals (1 to 3) that print different counts differently (LoRA's 3,407,872 and KaSA's 3,409,024
+    parameters are both 3.4M at one)."""
+    distinct = {c for c in counts if c is not None}
+    return next((d for d in (1, 2) if len({format_params(c, d) for c in distinct}) == len(distinct)), 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,6 +230,9 @@ class Table:
     scale: float = 1.0
     decimals: int = 4
 
+    def params_text(self, row: Row) -> str:
+        return format_params(row.params, params_decimals(r.params for r in self.rows))
+
     def value(self, row: Row, column: tuple[str, str]) -> float | None:
         cell = row.cells.get(column)
         return None if cell is None else cell.median * self.scale
@@ -239,16 +250,21 @@ class Table:
         return float(np.mean(values))
 
     def bold(self) -> set[tuple[int, str]]:
-        """(row index, column key) of the best value of each column and of the Average (ties at the printed
-        precision all bold); column key is `task:metric` or `average`."""
+        """(row index, column key) of the best value of each column and of the Average among the rows of one model
+        (the paper bolds the best RoBERTa-base row and the best RoBERTa-large row; ties at the printed precision all
+        bold); column key is `task:metric` or `average`."""
         marked: set[tuple[int, str]] = set()
         keyed = [(f"{t}:{m}", lambda row, c=(t, m): self.value(row, c)) for t, m in self.columns]
         keyed.append(("average", self.average))
+        blocks: dict[Any, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            blocks.setdefault(row.setting.get("model"), []).append(i)
         for key, get in keyed:
-            shown = {i: round(v, self.decimals) for i, row in enumerate(self.rows) if (v := get(row)) is not None}
-            if shown:
-                top = max(shown.values())
-                marked.update((i, key) for i, v in shown.items() if v == top)
+            for members in blocks.values():
+                shown = {i: round(v, self.decimals) for i in members if (v := get(self.rows[i])) is not None}
+                if shown:
+                    top = max(shown.values())
+                    marked.update((i, key) for i, v in shown.items() if v == top)
         return marked
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,8 +286,9 @@ class Table:
 
 
 def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0, decimals: int | None = None) -> Table:
-    """Group `runs` into rows (method + model when several + rank when it varies + `by`) and columns (task, metric);
-    each cell is the median `best` over its runs (the seeds)."""
+    """Group `runs` into rows (method + model when several + rank when it varies + `by`; a model's rows together, as
+    the paper's tables list them) and columns (task, metric); each cell is the median `best` over its runs (the
+    seeds)."""
     keys = []
     if len({model_name(r) for r in runs}) > 1:
         keys.append("model")
@@ -287,8 +304,14 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
         groups.setdefault((method, truncation_basis(run), setting), {}).setdefault(column, []).append(run)
     columns = sorted({c for cells in groups.values() for c in cells}, key=lambda c: (task_sort_key(c[0]), c[1]))
     rows = []
-    for method, basis, setting in sorted(groups, key=lambda g: (method_sort_key(g[0]), g[1] != "weight", g[1],
-                                                                [_sort_key(v) for v in g[2]])):
+    model_first = keys[:1] == ["model"]
+
+    def order(group: tuple) -> tuple:
+        method, basis, setting = group
+        model = _sort_key(setting[0]) if model_first else None
+        return model, method_sort_key(method), basis != "weight", basis, [_sort_key(v) for v in setting]
+
+    for method, basis, setting in sorted(groups, key=order):
         cells_runs = groups[(method, basis, setting)]
         values = dict(zip(keys, setting))
         shown = {k: v for k, v in values.items()
@@ -341,7 +364,7 @@ def _cells(table: Table, bold: set[tuple[int, str]], emphasise) -> list[list[str
     """Per row: label, parameters, the formatted cells and the average, bold ones wrapped by `emphasise`."""
     lines = []
     for i, row in enumerate(table.rows):
-        cells = [row.label, format_params(row.params)]
+        cells = [row.label, table.params_text(row)]
         for task, metric in table.columns:
             value = table.value(row, (task, metric))
             text = "" if value is None else f"{value:.{table.decimals}f}"
@@ -368,7 +391,7 @@ def to_markdown(table: Table, sources: Sequence[Path] = ()) -> str:
         "",
         f"Cells: median over seeds of the best validation epoch (`best` in summary.json){scale}; "
         f"runs per cell: {', '.join(f'{n} ({k} cells)' for n, k in sorted(counts.items())) or 'none'}. "
-        "Best per column in bold. Avg.: mean over the tasks, for rows with every task"
+        f"Best per column in bold{' (per model)' if len({r.setting.get('model') for r in table.rows}) > 1 else ''}. Avg.: mean over the tasks, for rows with every task"
         + (" (none here: a task is scored in several metrics)" if not table.one_column_per_task else "") + ". "
         "Trainable parameters: the adapters, without the task head.",
     ]
