@@ -9,9 +9,9 @@ same weights, optimiser, schedule, RNG states and data position, so the run ends
 The host reads the loss from the device only at logging steps (a `.item()` is a device sync): non-finite losses are
 remembered on the device (`NonFiniteCheck`) and checked at every logging step and before every save and evaluation,
 so a run still stops at the first non-finite loss, naming its step, and never saves weights it produced; before every
-save and evaluation the trained weights themselves are checked too (a last step can break them under a finite loss). Nor does
-a step wait for the device otherwise: the token count stays on the device, and a causal-LM batch comes with where
-its loss lies, found on the host by the collator (kasa.tasks.lm_loss.loss_positions)."""
+save and evaluation the trained weights themselves are checked too (a last step can break them under a finite loss).
+Nor does a step wait for the device otherwise: the token count stays on the device, and a causal-LM batch comes with
+where its loss lies, found on the host by the collator (kasa.tasks.lm_loss.loss_positions)."""
 
 from __future__ import annotations
 
