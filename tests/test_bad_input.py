@@ -368,3 +368,15 @@ def test_fp16_on_the_cpu_is_said_to_do_nothing(tiny_model, sentiment_dir, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in float32); "
             "trainer.precision=bf16 runs mixed precision there") in (result.stdout + result.stderr).splitlines()
+
+
+def test_accelerates_own_accumulation_setting_is_said_to_be_ignored(tiny_model, sentiment_dir, tmp_path):
+    """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS over the value kasa passes and divides each loss by
+    it: with 4 there and trainer.grad_accum=1, every update was a quarter of the gradient's, without a word."""
+    from cli_helpers import ENV
+
+    result = run_cli_process("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run"),
+                             "trainer.max_steps=1", env={**ENV, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("warning: ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 is ignored: a step accumulates trainer.grad_accum=1 "
+            "micro-batches") in (result.stdout + result.stderr).splitlines()

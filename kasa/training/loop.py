@@ -327,6 +327,13 @@ class TrainingRecipe:
         self.console = Console(enabled=self.main, progress_bars=cfg.logging.progress)
         for warning in check_launch(self.accelerator.distributed_type.value, self.accelerator.num_processes):
             self.console.print(warning)
+        if self.accelerator.gradient_accumulation_steps != cfg.trainer.grad_accum:
+            # ACCELERATE_GRADIENT_ACCUMULATION_STEPS overrides the value passed in, and Accelerate would divide each
+            # micro-batch's loss by it while kasa's steps hold trainer.grad_accum micro-batches
+            self.console.print(f"warning: ACCELERATE_GRADIENT_ACCUMULATION_STEPS="
+                               f"{self.accelerator.gradient_accumulation_steps} is ignored: a step accumulates "
+                               f"trainer.grad_accum={cfg.trainer.grad_accum} micro-batches")
+            self.accelerator.gradient_accumulation_steps = cfg.trainer.grad_accum
         if cfg.trainer.precision == "fp16" and self.accelerator.device.type == "cpu" and not uses_deepspeed:
             # Accelerate ignores fp16 on the CPU without a word: the run would be float32 under an fp16 label
             self.console.print("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in "
