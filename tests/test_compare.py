@@ -302,3 +302,22 @@ def test_a_table_of_two_models_lists_each_models_rows_together_and_bolds_per_mod
                                              "roberta-large (KaSA)"]
     assert table.bold() == {(1, "cola:matthews"), (1, "average"), (3, "cola:matthews"), (3, "average")}
     assert [table.params_text(r) for r in table.rows] == ["0.29M", "0.30M"] * 2  # 0.3M both at the paper's 1 decimal
+
+
+def test_all_metrics_gives_a_column_per_metric_of_the_best_epoch(tmp_path, capsys):
+    """Table 12's five E2E metrics and table 3's sets: --all-metrics takes every metric of each run's best epoch,
+    in the order the evaluation reports them; the main metric alone otherwise."""
+    for seed, bleu in enumerate((0.60, 0.70, 0.65)):
+        history = [{"type": "eval", "epoch": 1, "step": 5, "split": "test", "BLEU": 0.1, "NIST": 1.0, "METEOR": 0.1,
+                    "ROUGE_L": 0.1, "CIDEr": 0.1},
+                   {"type": "eval", "epoch": 2, "step": 10, "split": "test", "BLEU": bleu, "NIST": 8.0 + seed,
+                    "METEOR": 0.45, "ROUGE_L": 0.7, "CIDEr": 2.0}]
+        write_run(tmp_path / str(seed), task="e2e", method="kasa", seed=seed, best=bleu, metric="BLEU",
+                  eval_history=history)
+    runs = collect_runs([tmp_path])
+    assert build_table(runs).columns == [("e2e", "BLEU")]
+    table = build_table(runs, all_metrics=True)
+    assert table.columns == [("e2e", m) for m in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")]
+    assert [table.value(table.rows[0], c) for c in table.columns] == pytest.approx([0.65, 9.0, 0.45, 0.7, 2.0])
+    assert compare_main([str(tmp_path), "--all-metrics", "--out", str(tmp_path / "table")]) == 0
+    assert "| E2E (BLEU) | E2E (NIST) | E2E (METEOR) |" in capsys.readouterr().out

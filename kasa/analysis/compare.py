@@ -229,6 +229,7 @@ class Table:
     rows: list[Row]
     scale: float = 1.0
     decimals: int = 4
+    all_metrics: bool = False  # every metric of the runs' best epochs, not the main metric alone
 
     def params_text(self, row: Row) -> str:
         return format_params(row.params, params_decimals(r.params for r in self.rows))
@@ -285,10 +286,27 @@ class Table:
         }
 
 
-def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0, decimals: int | None = None) -> Table:
+RECORD_KEYS = ("type", "epoch", "step", "split")  # an evaluation record's keys that are not metrics
+
+
+def run_scores(run: Run, all_metrics: bool) -> dict[str, float]:
+    """{metric: score} of a run: its main metric's `best`, or with `all_metrics` every metric its best epoch's
+    evaluation reported (E2E's five, each commonsense set and their average), where its eval_history has that epoch."""
+    main = {str(run.summary.get("metric")): float(run.summary["best"])}
+    if not all_metrics:
+        return main
+    epoch = run.summary.get("best_epoch")  # counted from 1, as eval_history's epochs
+    record = next((r for r in run.summary.get("eval_history") or () if r.get("epoch") == epoch), None)
+    if record is None:
+        return main
+    return {k: float(v) for k, v in record.items() if k not in RECORD_KEYS and isinstance(v, (int, float))}
+
+
+def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0, decimals: int | None = None,
+                all_metrics: bool = False) -> Table:
     """Group `runs` into rows (method + model when several + rank when it varies + `by`; a model's rows together, as
     the paper's tables list them) and columns (task, metric); each cell is the median `best` over its runs (the
-    seeds)."""
+    seeds); with `all_metrics`, a column per metric of the runs' best epochs (run_scores)."""
     keys = []
     if len({model_name(r) for r in runs}) > 1:
         keys.append("model")
@@ -300,9 +318,12 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
     for run in runs:
         method = str(run.summary.get("method"))
         setting = tuple(hashable(setting_value(run, k)) for k in keys)  # a list (target_modules) as its JSON
-        column = (str(run.summary.get("task")), str(run.summary.get("metric")))
-        groups.setdefault((method, truncation_basis(run), setting), {}).setdefault(column, []).append(run)
-    columns = sorted({c for cells in groups.values() for c in cells}, key=lambda c: (task_sort_key(c[0]), c[1]))
+        for metric in run_scores(run, all_metrics):
+            column = (str(run.summary.get("task")), metric)
+            groups.setdefault((method, truncation_basis(run), setting), {}).setdefault(column, []).append(run)
+    # a task's metrics in the order its evaluations report them (BLEU, NIST, ...; the sets, then their average)
+    reported = {c: i for i, c in enumerate(dict.fromkeys(c for cells in groups.values() for c in cells))}
+    columns = sorted(reported, key=lambda c: (task_sort_key(c[0]), reported[c] if all_metrics else 0, c[1]))
     rows = []
     model_first = keys[:1] == ["model"]
 
@@ -333,7 +354,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
                         sorted(counts))
         row = Row(method, values, label, params)
         for column, members in cells_runs.items():
-            best = [float(r.summary["best"]) for r in members]
+            best = [run_scores(r, all_metrics)[column[1]] for r in members]
             seeds = [r.summary.get("seed") for r in members]
             repeated = [s for s, n in Counter(seeds).items() if n > 1]
             differing = [k for k in differing_settings(members) if k not in keys]
@@ -347,7 +368,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
         rows.append(row)
     if decimals is None:
         decimals = 1 if scale >= 100 else 4
-    return Table(columns, rows, scale, decimals)
+    return Table(columns, rows, scale, decimals, all_metrics)
 
 
 def _fmt(value: Any) -> str:
@@ -389,7 +410,9 @@ def to_markdown(table: Table, sources: Sequence[Path] = ()) -> str:
     scale = f" x {table.scale:g}" if table.scale != 1 else ""
     notes = [
         "",
-        f"Cells: median over seeds of the best validation epoch (`best` in summary.json){scale}; "
+        ("Cells: median over seeds of each metric at the best validation epoch (by the task's main metric; "
+         "eval_history in summary.json)" if table.all_metrics else
+         "Cells: median over seeds of the best validation epoch (`best` in summary.json)") + f"{scale}; "
         f"runs per cell: {', '.join(f'{n} ({k} cells)' for n, k in sorted(counts.items())) or 'none'}. "
         f"Best per column in bold{' (per model)' if len({r.setting.get('model') for r in table.rows}) > 1 else ''}. Avg.: mean over the tasks, for rows with every task"
         + (" (none here: a task is scored in several metrics)" if not table.one_column_per_task else "") + ". "
@@ -441,13 +464,14 @@ def write_csv(table: Table, path: Path) -> Path:
 
 
 def compare(paths: Sequence[str | Path], out: str | Path | None = None, scale: float = 1.0,
-            decimals: int | None = None, by: Sequence[str] = ()) -> tuple[Table, dict[str, Path]]:
+            decimals: int | None = None, by: Sequence[str] = (), all_metrics: bool = False
+            ) -> tuple[Table, dict[str, Path]]:
     """Build the comparison table of the runs under `paths` and write it (markdown, CSV, LaTeX) into `out`."""
     paths = [Path(p) for p in paths]
     runs = collect_runs(paths)
     if not runs:
         raise ValueError(f"no finished run ({SUMMARY_FILE} with a finite `best`) under {', '.join(map(str, paths))}")
-    table = build_table(runs, by=by, scale=scale, decimals=decimals)
+    table = build_table(runs, by=by, scale=scale, decimals=decimals, all_metrics=all_metrics)
     out = Path(out) if out is not None else (paths[0] if len(paths) == 1 else Path.cwd())
     output_folder(out)
     files = {kind: out / name for kind, name in COMPARISON_FILES.items()}

@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
                         help="also tell rows apart by this setting (a summary key such as beta, or a config key "
                         "such as method.truncation_rank); repeatable")
+    parser.add_argument("--all-metrics", action="store_true",
+                        help="a column per metric of each run's best epoch (E2E's BLEU, NIST, METEOR, ROUGE-L and "
+                        "CIDEr as in table 12; each commonsense set as in table 3) instead of the main metric alone")
     parser.add_argument("--plots", action="store_true",
                         help="also draw the sweep plots the runs support (ablation, rank, truncation) into --out")
     args = parser.parse_args(argv)
@@ -43,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from kasa.analysis.compare import compare, to_markdown
 
-    table, files = run_reporting_errors(lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by))
+    table, files = run_reporting_errors(lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by,
+                                                             args.all_metrics))
     print(to_markdown(table, args.dirs), end="")
     written = list(files.values())
     if args.plots:
