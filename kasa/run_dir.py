@@ -222,8 +222,9 @@ def write_json(path: str | Path, data: Any) -> Path:
 def find_checkpoint(path: str | Path, which: str | None = None) -> tuple[Path, Path]:
     """(checkpoint directory, run directory) for a run directory or a checkpoint directory. In a run directory
     `which` picks the checkpoint (best, the default, or last); without `which`, a run without `best` falls back to
-    `last` (a run with trainer.save_best=false has none), and `which=best` asked for is refused there. A checkpoint directory outside a run is its own run directory; `which` given
-    with a checkpoint directory is an error, since it would be ignored."""
+    `last` (a run with trainer.save_best=false has none), and `which=best` asked for is refused there. A checkpoint
+    directory outside a run is its own run directory; `which` given with a checkpoint directory is an error, since it
+    would be ignored."""
     if which is not None and which not in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         raise ValueError(f"which={which!r} names no checkpoint: choose {BEST_CHECKPOINT} or {LAST_CHECKPOINT}, or pass "
                          "a checkpoint directory (e.g. checkpoints/step-00000100) as checkpoint=")

@@ -250,6 +250,13 @@ class Table:
             return None
         return float(np.mean(values))
 
+    def model_blocks(self) -> dict[Any, list[int]]:
+        """The row indices of each model (one block, keyed None, when the rows do not tell models apart)."""
+        blocks: dict[Any, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            blocks.setdefault(row.setting.get("model"), []).append(i)
+        return blocks
+
     def bold(self) -> set[tuple[int, str]]:
         """(row index, column key) of the best value of each column and of the Average among the rows of one model
         (the paper bolds the best RoBERTa-base row and the best RoBERTa-large row; ties at the printed precision all
@@ -257,11 +264,8 @@ class Table:
         marked: set[tuple[int, str]] = set()
         keyed = [(f"{t}:{m}", lambda row, c=(t, m): self.value(row, c)) for t, m in self.columns]
         keyed.append(("average", self.average))
-        blocks: dict[Any, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            blocks.setdefault(row.setting.get("model"), []).append(i)
         for key, get in keyed:
-            for members in blocks.values():
+            for members in self.model_blocks().values():
                 shown = {i: round(v, self.decimals) for i in members if (v := get(self.rows[i])) is not None}
                 if shown:
                     top = max(shown.values())
@@ -315,10 +319,11 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
     check_by_keys(runs, by)
     keys += [k for k in by if k not in keys and k not in IGNORED_BY_ROWS]
     groups: dict[tuple, dict[tuple[str, str], list[Run]]] = {}
+    scores = {id(run): run_scores(run, all_metrics) for run in runs}
     for run in runs:
         method = str(run.summary.get("method"))
         setting = tuple(hashable(setting_value(run, k)) for k in keys)  # a list (target_modules) as its JSON
-        for metric in run_scores(run, all_metrics):
+        for metric in scores[id(run)]:
             column = (str(run.summary.get("task")), metric)
             groups.setdefault((method, truncation_basis(run), setting), {}).setdefault(column, []).append(run)
     # a task's metrics in the order its evaluations report them (BLEU, NIST, ...; the sets, then their average)
@@ -354,7 +359,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
                         sorted(counts))
         row = Row(method, values, label, params)
         for column, members in cells_runs.items():
-            best = [run_scores(r, all_metrics)[column[1]] for r in members]
+            best = [scores[id(r)][column[1]] for r in members]
             seeds = [r.summary.get("seed") for r in members]
             repeated = [s for s, n in Counter(seeds).items() if n > 1]
             differing = [k for k in differing_settings(members) if k not in keys]
@@ -414,7 +419,8 @@ def to_markdown(table: Table, sources: Sequence[Path] = ()) -> str:
          "eval_history in summary.json)" if table.all_metrics else
          "Cells: median over seeds of the best validation epoch (`best` in summary.json)") + f"{scale}; "
         f"runs per cell: {', '.join(f'{n} ({k} cells)' for n, k in sorted(counts.items())) or 'none'}. "
-        f"Best per column in bold{' (per model)' if len({r.setting.get('model') for r in table.rows}) > 1 else ''}. Avg.: mean over the tasks, for rows with every task"
+        f"Best per column in bold{' (per model)' if len(table.model_blocks()) > 1 else ''}. "
+        "Avg.: mean over the tasks, for rows with every task"
         + (" (none here: a task is scored in several metrics)" if not table.one_column_per_task else "") + ". "
         "Trainable parameters: the adapters, without the task head.",
     ]

@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from kasa.analysis.compare import compare, to_markdown
 
-    table, files = run_reporting_errors(lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by,
-                                                             args.all_metrics))
+    table, files = run_reporting_errors(
+        lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by, args.all_metrics))
     print(to_markdown(table, args.dirs), end="")
     written = list(files.values())
     if args.plots:

@@ -21,7 +21,8 @@ time (a second one stops with the first one's pid); other splits run beside it. 
 measured (eval sets, sample counts, decoding, the judge's model, trainer.max_length, model.dtype, any setting but
 model.path, task.data_dir, the split, the batch sizes, and where and how the judge is asked) makes another evaluation:
 it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
-(eval_<split>.json records them as `overrides`), never over the checkpoint's own. """
+(eval_<split>.json records them as `overrides`), never over the checkpoint's own.
+"""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ orthogonality form: for a run with orth_form=authors the export says so in one l
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `output` (a new or empty
 folder), `format` (merged | peft), `which` (best | last, for a run directory), `overwrite` (true: replace a
-non-empty output folder), and any dotted override of the run's saved config (model.path=...; not the method's settings nor
-model.target_modules: the adapter is rebuilt as it was trained). The folder is
-written under a temporary name and renamed into place; kasa_export.json in it records what it was made from.
+non-empty output folder), and any dotted override of the run's saved config (model.path=...; not the method's
+settings nor model.target_modules: the adapter is rebuilt as it was trained). The folder is written under a temporary
+name and renamed into place; kasa_export.json in it records what it was made from.
 """
 
 from __future__ import annotations

@@ -123,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     done = run_reporting_errors(draw)
     if not done:
+        hints = _ablation_hint(args.dirs) + _heatmap_hint(args.dirs)
         print("error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
-              f"truncation sweep among the runs (sweeps){_ablation_hint(args.dirs)}{_heatmap_hint(args.dirs)}", file=sys.stderr)
+              f"truncation sweep among the runs (sweeps){hints}", file=sys.stderr)
         return 2
     for kind, data in done.items():
         print(f"{kind}: {data['png']}")
