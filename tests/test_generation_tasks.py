@@ -708,7 +708,8 @@ def test_accumulated_micro_batches_train_as_one_batch(tiny_llama, tmp_path, monk
     """Responses of very different lengths, one optimiser step of 4 examples as 1 batch of 4, 2 x 2 and 4 x 1 (plain
     SGD, so that the update is the gradient itself, and no dropout): the same update. The loss is the mean over the
     step's labelled tokens; a mean of the micro-batches' own means weighed the short responses' tokens more (walk W:
-    the update of 2 x 4 against 8 x 1 on BoolQ rows differed by 20%)."""
+    the update of 2 x 4 against 8 x 1 on BoolQ rows differed by 20%). The logged loss is that step's, too, not the
+    last micro-batch's (walk Z)."""
     import kasa.training.loop as loop
     from safetensors.torch import load_file
 
@@ -731,12 +732,15 @@ def test_accumulated_micro_batches_train_as_one_batch(tiny_llama, tmp_path, monk
                          "trainer.max_steps=1", f"trainer.lr={lr}", f"trainer.grad_accum={grad_accum}",
                          *common_args(run_dir), f"trainer.batch_size={batch_size}")
         assert result.returncode == 0, result.stderr[-3000:]
-        return load_file(str(run_dir / "checkpoints" / "last" / "adapter_model.safetensors"))
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses = next((r["loss"], r["task_loss"]) for r in logged if r["type"] == "train")
+        return load_file(str(run_dir / "checkpoints" / "last" / "adapter_model.safetensors")), losses
 
-    start = adapter_after_one_step("start", 4, 1, lr=1e-12)
-    whole = adapter_after_one_step("4x1", 4, 1)
+    start, _ = adapter_after_one_step("start", 4, 1, lr=1e-12)
+    whole, whole_losses = adapter_after_one_step("4x1", 4, 1)
     update = max((whole[k] - start[k]).abs().max().item() for k in whole)
     assert update > 1e-3
     for batch_size, grad_accum in ((2, 2), (1, 4)):
-        accumulated = adapter_after_one_step(f"{batch_size}x{grad_accum}", batch_size, grad_accum)
+        accumulated, losses = adapter_after_one_step(f"{batch_size}x{grad_accum}", batch_size, grad_accum)
         assert max((accumulated[k] - whole[k]).abs().max().item() for k in whole) < 1e-4 * update
+        assert losses == pytest.approx(whole_losses, rel=1e-5)

@@ -535,10 +535,12 @@ class TrainingRecipe:
         batches = epoch_batches(self.accelerator, self.train_loader, epoch, resumed_from, self.state.batches_in_epoch)
         for window in accumulation_windows(batches, self.cfg.trainer.grad_accum):
             weights = self.loss_weights(window)
+            step_task_loss = 0.0
             for index, (batch, weight) in enumerate(zip(window, weights)):
-                self.train_step(batch, weight, sync=index == len(window) - 1,
-                                aux_weight=self.cfg.trainer.grad_accum / len(window))
+                step_task_loss = step_task_loss + self.train_step(batch, weight, sync=index == len(window) - 1,
+                                                                  aux_weight=self.cfg.trainer.grad_accum / len(window))
                 self.state.batches_in_epoch += 1
+            self.last_task_loss = step_task_loss
             self.state.step += 1
             self.after_step()
             if self.state.step >= self.total_steps:
@@ -568,10 +570,12 @@ class TrainingRecipe:
         return [(count * accumulation * processes) / total for count in counts]
 
     def train_step(self, batch: dict[str, torch.Tensor], weight: float | torch.Tensor | None, sync: bool,
-                   aux_weight: float = 1.0) -> None:
+                   aux_weight: float = 1.0) -> torch.Tensor:
         """One micro-batch: forward, backward and, on the last micro-batch of a step (`sync`), the optimiser step.
         Its task loss counts `weight` times (loss_weights); KaSA's auxiliary loss `aux_weight` times, once per step
-        in all (the epoch's last step may hold fewer than trainer.grad_accum micro-batches)."""
+        in all (the epoch's last step may hold fewer than trainer.grad_accum micro-batches). Returns the task
+        loss's share of this process's part of the step's loss (detached, on the device): summed over the
+        micro-batches and averaged over the processes, the step's task loss over all its loss items."""
         accelerator = self.accelerator
         self.tokens += batch["attention_mask"].sum()
         # Accelerate's accumulate() with the step's end decided here, by the windows, not by Accelerate's own count
@@ -595,7 +599,8 @@ class TrainingRecipe:
                 after_optimizer_step(self.model, self.state.step, self.total_steps)
                 self.scheduler.step()
             self.optimizer.zero_grad()
-        self.last_losses = (loss.detach(), loss_task.detach(), aux)  # the step's last micro-batch, for logging
+        self.last_aux = aux  # the same for every micro-batch of a step: it depends on the weights only
+        return loss_task.detach().float() * ((1.0 if weight is None else weight) / self.cfg.trainer.grad_accum)
 
     def after_step(self) -> None:
         """After each optimiser step: the progress bar, and at logging steps the losses (read from the device only
@@ -608,8 +613,9 @@ class TrainingRecipe:
     def log_losses(self, step: int) -> None:
         """Every process reaches a logging step: the logged losses are means over all of them."""
         self.nonfinite.check(self.accelerator)
-        loss, loss_task, aux = self.last_losses
-        mean_loss, mean_task = self.accelerator.reduce(torch.stack([loss, loss_task]), "mean")
+        aux = self.last_aux
+        mean_task = self.accelerator.reduce(self.last_task_loss, "mean")  # each process's share: see train_step
+        mean_loss = mean_task + aux.total.detach() if aux is not None else mean_task
         record = {"type": "train", "step": step, "epoch": self.state.epoch, "loss": mean_loss.item(),
                   "task_loss": mean_task.item(), "lr": self.step_lr}
         if aux is not None:
