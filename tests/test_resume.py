@@ -308,3 +308,31 @@ def test_which_best_asked_for_is_never_last(tmp_path):
     assert find_checkpoint(tmp_path, "last") == (last, tmp_path)
     with pytest.raises(FileNotFoundError, match="has no best/ checkpoint .*: pass which=last$"):
         find_checkpoint(tmp_path, "best")
+
+
+@pytest.mark.parametrize("saved_files, stage, refused", [
+    (["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 3, True),
+    (["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 2, True),
+    (["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 3, False),
+    (["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 1, False),
+])
+def test_a_deepspeed_checkpoint_of_the_other_zero_stage_is_refused_before_it_loads(tmp_path, saved_files, stage,
+                                                                                    refused):
+    """ZeRO-2 resumed under ZeRO-3 (or back) met a bare AssertionError from DeepSpeed on every rank (walk Z)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from kasa.training.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, check_same_engine
+
+    for name in saved_files:
+        (tmp_path / DEEPSPEED_DIR / DEEPSPEED_TAG).mkdir(parents=True, exist_ok=True)
+        (tmp_path / DEEPSPEED_DIR / DEEPSPEED_TAG / name).write_bytes(b"")
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=plugin))
+    if refused:
+        with pytest.raises(ValueError, match=f"this launch runs stage {stage}: resume it with the launch's DeepSpeed"):
+            check_same_engine(tmp_path, accelerator)
+    else:
+        assert check_same_engine(tmp_path, accelerator) == tmp_path / DEEPSPEED_DIR

@@ -275,7 +275,7 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
             set_optimizer_state_dict(model, optimizer.optimizer, torch.load(needed, weights_only=True),
                                      options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, AssertionError) as err:  # DeepSpeed asserts what it cannot read
         raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
     return TrainState.of_checkpoint(directory)
 
@@ -288,6 +288,15 @@ def check_same_engine(directory: Path, accelerator: Accelerator) -> Path:
     if not needed.exists():
         raise ValueError(f"checkpoint {directory} has no {needed.name}: it was written "
                          f"{'without' if deepspeed else 'with'} DeepSpeed; resume it under the same engine")
+    if deepspeed:
+        # ZeRO-3 partitions the model states too (a file per process), ZeRO-1/2 keep them whole: DeepSpeed cannot
+        # read one as the other, and says so with a bare assertion on every rank
+        saved_stage_3 = any((needed / DEEPSPEED_TAG).glob("zero_pp_rank_*_model_states.pt"))
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+        if saved_stage_3 != (stage == 3):
+            raise ValueError(f"checkpoint {directory} was written under DeepSpeed ZeRO "
+                             f"{'stage 3' if saved_stage_3 else 'stage 1 or 2'}, this launch runs stage {stage}: "
+                             "resume it with the launch's DeepSpeed config that wrote it")
     return needed
 
 
