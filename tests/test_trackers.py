@@ -239,3 +239,31 @@ def test_a_tracker_error_names_the_tracker_whose_code_raised_it() -> None:
     assert _failing_tracker(raised.value, ["tensorboard", "mlflow"]) == "mlflow"
     assert _failing_tracker(ValueError("x"), ["tensorboard", "mlflow"]) == "a"
     assert _failing_tracker(ValueError("x"), ["wandb"]) == "wandb"
+
+
+def test_a_tracker_error_does_not_print_the_password_of_a_tracking_uri(tmp_path, tiny_model, sentiment_dir) -> None:
+    """MLflow's error names the URI it could not reach, user:password included (walk AB: into SLURM logs)."""
+    pytest.importorskip("mlflow")
+    env = {**ENV, "MLFLOW_TRACKING_URI": "http://alice:s3cretpw@127.0.0.1:9/", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run", "trainer.epochs=1",
+                                                   "logging.trackers=[mlflow]"), env=env)
+    assert_one_line_error(result, "cannot start the mlflow tracker")
+    assert "s3cretpw" not in result.stderr + result.stdout and "***@127.0.0.1" in result.stderr
+
+
+def test_a_fresh_start_over_an_earlier_run_removes_its_tracker_logs(tmp_path, tiny_model, sentiment_dir) -> None:
+    """overwrite=true kept the earlier run's TensorBoard log beside the new one (one TensorBoard run showing both
+    sessions' steps) and its W&B run folder (walk AB)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    args = train_args(tiny_model, sentiment_dir, run_dir, "trainer.epochs=1", "logging.trackers=[tensorboard,wandb]")
+    for extra in ((), ("overwrite=true",)):
+        result = run_cli("kasa.cli.train", *args, *extra, env={**ENV, "WANDB_MODE": "offline"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    logs = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len({path.name.split(".")[4] for path in logs}) == 1  # one process's logs: the second start's
+    assert len(list((run_dir / "tensorboard").rglob("hparams.yml"))) == 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert (run_dir / "wandb" / "latest-run").resolve() == next((run_dir / "wandb").glob("offline-run-*")).resolve()

@@ -94,7 +94,14 @@ from kasa.training.preflight import RunStart, check_config_values, check_not_a_s
 from kasa.training.run_lock import RunLock
 from kasa.training.schedule import build_scheduler
 from kasa.training.signals import StopSignals, TrainingInterrupted
-from kasa.training.trackers import check_trackers, end_trackers, recorded_tracker_ids, start_trackers
+from kasa.training.trackers import (
+    check_trackers,
+    end_trackers,
+    recorded_tracker_ids,
+    remove_tracker_files,
+    start_trackers,
+    tracker_files,
+)
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -243,6 +250,9 @@ class TrainingRecipe:
         self.setup_task()
         # after the data's checks, before the model loads: a tracker that cannot start fails in seconds
         resumed_ids = recorded_tracker_ids(self.out) if self.resumes_own_run() else {}
+        # an earlier run's TensorBoard and W&B logs, which a fresh start removes once its setup has passed (its new
+        # tracker runs write beside them until then)
+        self.earlier_tracker_files = set() if self.resumes_own_run() else tracker_files(self.out)
         tracker_ids = resumed_ids | start_trackers(self.accelerator, self.cfg.logging.trackers, self.resolved_config,
                                                    self.out, resumed_ids)  # the recorded ones kept, for a later resume
         # once the checks that refuse a start with one line have passed, before the (long) load of the weights
@@ -340,15 +350,17 @@ class TrainingRecipe:
                                "float32); trainer.precision=bf16 runs mixed precision there")
 
     def clear_earlier_run(self) -> None:
-        """A fresh start over an earlier run (overwrite=true) removes that run's logs, checkpoints, evaluations and
-        figures, so that nothing of it is mixed in or left to be taken for this run's: only at the end of setup, so
-        that a start refused on the way (bad data, a model that does not load) leaves the earlier run whole."""
+        """A fresh start over an earlier run (overwrite=true) removes that run's logs (its TensorBoard and W&B ones
+        too), checkpoints, evaluations and figures, so that nothing of it is mixed in or left to be taken for this
+        run's: only at the end of setup, so that a start refused on the way (bad data, a model that does not load)
+        leaves the earlier run whole."""
         for name in (METRICS_FILE, REGULARIZATION_FILE, SUMMARY_FILE, TRACKERS_FILE):
             (self.out / name).unlink(missing_ok=True)
         for folder in (CHECKPOINTS_DIR, GENERATIONS_DIR, EVALUATIONS_DIR):
             shutil.rmtree(self.out / folder, ignore_errors=True)
         for output in analysis_outputs(self.out):
             output.unlink()
+        remove_tracker_files(self.earlier_tracker_files, keep_links=True)
 
     def carry_best_over(self, source: Path) -> None:
         """Another run's checkpoint continued here: the best epoch so far (which summary.json will name unless this

@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -80,7 +81,7 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         sweep = out.parent.resolve()
         wandb["group"] = f"{sweep.parent.name}/{sweep.name}"
         mlflow["tags"] = {"kasa.sweep": str(sweep)}
-    written_before = _tracker_files(out)
+    written_before = tracker_files(out)
     try:
         accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
         for tracker in accelerator.trackers:  # none on the other processes
@@ -91,11 +92,10 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         # TensorBoard log would otherwise sit beside the next start's in the same folder)
         end_trackers(accelerator, interrupted=False)
         accelerator.trackers.clear()  # closed: the failed run's own ending (end_trackers) finds none to close again
-        for path in sorted(_tracker_files(out) - written_before, reverse=True):  # a folder after what it holds
-            with contextlib.suppress(OSError):  # what cannot go stays: the tracker's error is the one to report
-                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()  # W&B links latest-run
+        remove_tracker_files(tracker_files(out) - written_before)
         name = _failing_tracker(err, names)
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = re.sub(r"(?<=://)[^/\s@]+@", "***@", message)  # a URI's user:password (MLFLOW_TRACKING_URI's)
         fresh = f", or remove {out / TRACKERS_FILE} to start new tracker runs" if name in resumed_ids else ""
         raise ValueError(f"cannot start the {name} tracker of logging.trackers ({message}): fix its settings (its "
                          f"environment variables){fresh}, or leave it out of logging.trackers") from err
@@ -112,10 +112,22 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
     return ids
 
 
-def _tracker_files(out: Path) -> set[Path]:
+def tracker_files(out: Path) -> set[Path]:
     """What the trackers have written into the run directory (TensorBoard's and W&B's folders), files and folders."""
     return {path for folder in (out / TENSORBOARD_DIR, out / WANDB_DIR) if folder.is_dir()
             for path in (folder, *folder.rglob("*"))}
+
+
+def remove_tracker_files(paths: set[Path], keep_links: bool = False) -> None:
+    """`paths` (from tracker_files) removed, a folder after what it holds and only once empty: what a later tracker
+    run wrote beside them stays. The links at the top of W&B's folder (latest-run, debug.log) point at its newest
+    run: `keep_links` keeps them, which a newer run has taken over. What cannot go stays (the caller has a more
+    useful error to give)."""
+    for path in sorted(paths, reverse=True):
+        if keep_links and path.is_symlink() and path.parent.name == WANDB_DIR:
+            continue
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def recorded_tracker_ids(out: Path) -> dict[str, str]:
@@ -147,6 +159,8 @@ def end_trackers(accelerator: Accelerator, interrupted: bool) -> None:
     the next job of a --multirun in this process starts runs of its own (MLflow refuses a second active run). A run
     that finishes closes them in `Accelerator.end_training`."""
     for tracker in accelerator.trackers:  # none on the other processes
+        if getattr(tracker, "tracker", None) is None:  # never started: its start is what failed
+            continue
         try:
             if tracker.name == "mlflow":
                 import mlflow
