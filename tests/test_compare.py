@@ -174,6 +174,17 @@ def test_parameter_counts_print_like_the_paper(count, text):
     assert format_params(count) == text
 
 
+@pytest.mark.parametrize("counts, texts", [((3_407_872, 3_409_024), ("3.408M", "3.409M")),
+                                           ((73_728, 73_824), ("0.0737M", "0.0738M")),
+                                           ((73_728, 73_729), ("0.073728M", "0.073729M"))])
+def test_different_parameter_counts_print_differently(counts, texts):
+    """MiniLM's LoRA and KaSA counts (73,728, 73,824) both printed 0.074M, whatever the decimals (walk AB)."""
+    from kasa.analysis.compare import params_decimals
+
+    decimals = params_decimals(counts)
+    assert tuple(format_params(count, decimals) for count in counts) == texts
+
+
 def test_cli_writes_three_files_and_prints_the_table(runs, capsys):
     root, _ = runs
     assert compare_main([str(root), "--metric-scale", "100", "--out", str(root / "table"), "--decimals", "2"]) == 0

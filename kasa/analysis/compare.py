@@ -181,7 +181,7 @@ def task_label(task: str, metric: str | None = None) -> str:
 
 def format_params(count: int | None, decimals: int = 1) -> str:
     """Trainable parameters the way the paper prints them: 0.3M, 125.0M, 0.098M; `decimals` for 0.1M and more (the
-    paper's table 2 prints 3.40M and 3.41M)."""
+    paper's table 2 prints 3.40M and 3.41M), and below, one significant digit more than it (0.074M at 1)."""
     if count is None:
         return ""
     millions = count / 1e6
@@ -189,14 +189,14 @@ def format_params(count: int | None, decimals: int = 1) -> str:
         return "0"
     if millions >= 0.1:
         return f"{millions:.{decimals}f}M"
-    return f"{millions:.2g}M"
+    return f"{millions:.{decimals + 1}g}M"
 
 
 def params_decimals(counts: Iterable[int | None]) -> int:
-    """The fewest decimals (1 to 3) that print different counts differently (LoRA's 3,407,872 and KaSA's 3,409,024
-    parameters are both 3.4M at one)."""
+    """The fewest decimals (from 1; 6 print every count whole) that print different counts differently (LoRA's
+    3,407,872 and KaSA's 3,409,024 parameters are both 3.4M at one, MiniLM's 73,728 and 73,824 both 0.074M)."""
     distinct = {c for c in counts if c is not None}
-    return next((d for d in (1, 2) if len({format_params(c, d) for c in distinct}) == len(distinct)), 3)
+    return next((d for d in range(1, 6) if len({format_params(c, d) for c in distinct}) == len(distinct)), 6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
