@@ -135,6 +135,20 @@ def test_multirun_writes_sweep_summary_and_heatmap(tiny_model, sentiment_dir, tm
     assert (sweep_dir / "heatmap.png").is_file()
 
 
+def test_a_sweep_over_tasks_keeps_its_jobs_and_summary_in_one_default_folder(tiny_model, sentiment_dir, tmp_path,
+                                                                             monkeypatch):
+    """The default sweep folder named ${task.name}, which Hydra resolves again in each job's config: a sweep over
+    tasks put each task's jobs in a folder of their own and an empty summary in a third, and exited 0 (walk AB)."""
+    monkeypatch.chdir(tmp_path)
+    args = train_args(tiny_model, sentiment_dir, tmp_path / "unused", "trainer.epochs=1")
+    result = run_cli("kasa.cli.train", "--multirun", *args, "task=demo,glue/sst2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [sweep_dir] = (tmp_path / "runs" / "sweeps").glob("*/*")
+    assert sweep_dir.parent.name == "demo+sst2"
+    assert (sweep_dir / "0" / "summary.json").is_file() and (sweep_dir / "1" / "summary.json").is_file()
+    assert "runs summarised: 2" in (sweep_dir / "sweep_summary.md").read_text()
+
+
 def test_multirun_checks_every_job_before_the_first_runs(tiny_model, sentiment_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = train_args(tiny_model, sentiment_dir, tmp_path / "unused", "trainer.epochs=1")

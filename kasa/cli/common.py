@@ -70,6 +70,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
 
 
+def _sweep_name(_root_: Any) -> str:
+    """The name of a --multirun's default folder (runs/sweeps/<name>/<time stamp>): the task's, or the swept tasks'
+    or recipes' (task=glue/cola,glue/rte: cola+rte), read from the sweep's overrides. kasa-train resolves the folder
+    once, from the sweep's own config, and pins it for the jobs (TrainCallback.on_multirun_start)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = _root_.hydra
+    given = [*hydra.overrides.task, *(f"{key}={value}" for key, value in (hydra.sweeper.get("params") or {}).items())]
+    swept = [value.rsplit("/", 1)[-1] for override in OverridesParser.create().parse_overrides(given)
+             if override.key_or_group in ("task", "recipe") and override.is_sweep_override()
+             for value in override.sweep_string_iterator()]
+    return "+".join(dict.fromkeys(swept)) if swept else str(_root_.task.name)
+
+
 def register_resolvers() -> None:
     """What every command does first, before it composes kasa's configs: the offline mode when the Hub cannot be
     reached (before transformers or peft are imported), the resolvers above and the typed schema."""
@@ -80,6 +94,8 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function)
     if not OmegaConf.has_resolver("kasa_time_stamp"):  # cached: one config resolves it to one folder, as ${now:}
         OmegaConf.register_new_resolver("kasa_time_stamp", time_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("kasa_sweep_name"):
+        OmegaConf.register_new_resolver("kasa_sweep_name", _sweep_name)
 
 
 def _config_options(group: str) -> list[str]:

@@ -24,7 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, flag_override, open_dict
 
 from kasa.cli.common import (
     USER_ERRORS,
@@ -125,6 +125,10 @@ class TrainCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         FAILED_SWEEP_JOBS.clear()
         SWEEP_DIR[:] = [Path(config.hydra.sweep.dir)]
+        # Hydra resolves the folder again in each job's config, where ${task.name} is that job's: the jobs of a sweep
+        # over tasks went to a folder per task and the summary to a third. Pinned here as the user would pin it.
+        with flag_override(config, "readonly", False), open_dict(config):
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={SWEEP_DIR[0]}")
         try:  # before Hydra creates the sweep's folder or writes multirun.yaml into it
             check_not_a_run(Path(config.hydra.sweep.dir))
         except ValueError as err:  # exit here, as below: Hydra turns a callback's exception into a warning
