@@ -232,6 +232,23 @@ def test_a_task_scored_in_two_metrics_gets_a_panel_per_metric(tmp_path, caplog):
     assert (matthews["metric"], matthews["median"], matthews["n"]) == ("matthews", [0.15], [1])
 
 
+def test_runs_of_different_models_get_panels_of_their_own(tmp_path, capsys):
+    """kasa-plot pooled a tiny-bert run into MiniLM's bar and put its r 4 on MiniLM's rank line (walk AB), where
+    kasa-compare gives each model its rows."""
+    runs = [("org/MiniLM", "kasa_l2", 8, 0.64), ("org/MiniLM", "kasa_l2", 8, 0.53), ("org/MiniLM", "lora", 8, 0.60),
+            ("tiny-bert", "kasa_l2", 4, 0.39)]
+    for job, (model, method, rank, best) in enumerate(runs):
+        write_run(tmp_path / str(job), task="sst2", method=method, seed=job, best=best, rank=rank)
+        config = json.loads((tmp_path / str(job) / "config.json").read_text())
+        (tmp_path / str(job) / "config.json").write_text(json.dumps(config | {"model": {"name": model}}))
+    done = plots.plot_sweep([tmp_path])
+    assert set(done) == {"ablation"}  # no model ran at two ranks
+    bars = done["ablation"]["tasks"]
+    assert list(bars) == ["sst2 [MiniLM]", "sst2 [tiny-bert]"]
+    assert bars["sst2 [MiniLM]"]["median"] == [0.60, pytest.approx(0.585)] and bars["sst2 [tiny-bert]"]["n"] == [1]
+    assert bars["sst2 [tiny-bert]"]["title"] == "SST-2 (Acc.) [tiny-bert]"
+
+
 def test_pooled_runs_of_one_seed_name_what_differs(tmp_path, caplog):
     for job, lr in enumerate((1e-3, 1e-2)):
         write_run(tmp_path / str(job), task="rte", method="kasa", seed=0, best=0.5, rank=4)

@@ -30,6 +30,7 @@ from kasa.analysis.compare import (
     collect_runs,
     differing_settings,
     method_label,
+    model_name,
     task_label,
     task_sort_key,
     method_sort_key,
@@ -327,11 +328,12 @@ def _series_name(method: str, basis: str) -> str:
 
 def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str] | None,
              axis: str | None = None) -> dict[str, Any]:
-    """{panel: {task, metric, series: {name: {method, truncation_basis, label, x: [...], median: [...], n: [...],
-    seeds: [...]}}}} over `runs`, a panel per task and metric (named by the task, or "task (metric)" when its runs
-    report several metrics: their scores are never pooled); runs of one method truncated in different bases are
-    different series. `axis`: what x is (for the warnings), None for one point per series."""
-    grouped: dict[tuple[str, str], dict[tuple[str, str], dict[Any, list[Run]]]] = {}
+    """{panel: {task, metric, model, title, series: {name: {method, truncation_basis, label, x: [...], median: [...],
+    n: [...], seeds: [...]}}}} over `runs`, a panel per task, metric and model (named by the task, "task (metric)"
+    when its runs report several metrics, and " [model]" added when they come from several models: scores of
+    different metrics or models are never pooled); runs of one method truncated in different bases are different
+    series. `axis`: what x is (for the warnings), None for one point per series."""
+    grouped: dict[tuple[str, str, str | None], dict[tuple[str, str], dict[Any, list[Run]]]] = {}
     for run in runs:
         method = str(run.summary.get("method"))
         if methods is not None and method not in methods:
@@ -339,10 +341,10 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
         value = x(run)
         if value is None:
             continue
-        panel = (str(run.summary.get("task")), str(run.summary.get("metric")))
+        panel = (str(run.summary.get("task")), str(run.summary.get("metric")), model_name(run))
         variant = (method, truncation_basis(run))
         grouped.setdefault(panel, {}).setdefault(variant, {}).setdefault(value, []).append(run)
-    for (task, _), per_variant in grouped.items():
+    for (task, _, _), per_variant in grouped.items():
         for variant, points in per_variant.items():
             for value, members in points.items():
                 seeds = [r.summary.get("seed") for r in members]
@@ -352,10 +354,12 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
                                 "one setting alone (their folders)", task, method_label(*variant),
                                 f" at {axis} {value}" if axis else "", len(members),
                                 f", and which differ in {', '.join(differing)}" if differing else "")
-    metric_count = Counter(task for task, _ in grouped)
+    several_metrics = {task for task, count in Counter(task for task, _ in {p[:2] for p in grouped}).items()
+                       if count > 1}
+    several_models = len({model for _, _, model in grouped}) > 1
     tasks: dict[str, Any] = {}
-    for task, metric in sorted(grouped, key=lambda panel: (task_sort_key(panel[0]), panel[1])):
-        variants = grouped[(task, metric)]
+    for task, metric, model in sorted(grouped, key=lambda p: (task_sort_key(p[0]), p[1], str(p[2]))):
+        variants = grouped[(task, metric, model)]
         series = {}
         order = list(methods) if methods is not None else sorted({m for m, _ in variants}, key=method_sort_key)
         for method, basis in sorted(variants, key=lambda v: (order.index(v[0]), v[1] != "weight", v[1])):
@@ -370,8 +374,10 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
                 "n": [len(points[v]) for v in xs],
                 "seeds": [[r.summary.get("seed") for r in points[v]] for v in xs],
             }
-        tasks[task if metric_count[task] == 1 else f"{task} ({metric})"] = {"task": task, "metric": metric,
-                                                                           "series": series}
+        model_part = f" [{model}]" if several_models else ""
+        name = (f"{task} ({metric})" if task in several_metrics else task) + model_part
+        tasks[name] = {"task": task, "metric": metric, "model": model,
+                       "title": task_label(task, metric) + model_part, "series": series}
     return tasks
 
 
@@ -396,6 +402,8 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
         bars[task] = {
             "task": entry["task"],
             "metric": entry["metric"],
+            "model": entry["model"],
+            "title": entry["title"],
             "methods": methods,
             "labels": [entry["series"][m]["label"] for m in methods],
             "ladder_steps": [LADDER.index(entry["series"][m]["method"]) + 1 for m in methods],
@@ -420,7 +428,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
             ax.text(p, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(positions), [str(step) + ("*" if basis != "weight" else "") for step, basis in
                                         zip(entry["ladder_steps"], entry["truncation_bases"])])
-        ax.set_title(task_label(entry["task"], entry["metric"]))
+        ax.set_title(entry["title"])
         ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
     handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(LADDER))]
     names = [f"{i + 1}: {method_label(m)}" for i, m in enumerate(LADDER)]
@@ -458,7 +466,7 @@ def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict
         ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
-        ax.set_title(task_label(entry["task"], entry["metric"]))
+        ax.set_title(entry["title"])
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -477,7 +485,7 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
         for method, series in entry["series"].items():
             values = dict(zip(series["rank"], series["median"]))
             cells = [f"{values[r]:.{2 if scale >= 100 else 4}f}" if r in values else "" for r in ranks]
-            name = task_label(entry["task"], entry["metric"])
+            name = entry["title"]
             lines.append(f"| {name} | {series['label']} | " + " | ".join(cells) + " |")
     (_out_dir(source, out_dir) / RANK_TABLE_FILE).write_text(
         "\n".join(lines) + "\n\nMedian over seeds of `best`" + (f" x {scale:g}" if scale != 1 else "") + ".\n"
@@ -526,12 +534,12 @@ def plot_sweep(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path
     done: dict[str, dict[str, Any]] = {}
 
     def varies(x: Callable[[Run], Any], methods: Sequence[str] | None, fixed: Callable[[Run], Any]) -> bool:
-        """Does x take two or more values for one task and method with `fixed` the same?"""
+        """Does x take two or more values for one task, model and method with `fixed` the same?"""
         seen: dict[tuple, set] = {}
         for run in runs:
             method = run.summary.get("method")
             if methods is None or method in methods:
-                seen.setdefault((run.summary.get("task"), method, fixed(run)), set()).add(x(run))
+                seen.setdefault((run.summary.get("task"), model_name(run), method, fixed(run)), set()).add(x(run))
         return any(len(v - {None}) >= 2 for v in seen.values())
 
     # The ablation bars need the ablation-only methods (a rank sweep of lora and kasa is not an ablation).
