@@ -531,3 +531,33 @@ def test_ctrl_c_outside_a_run_is_one_line(tmp_path, monkeypatch, capsys, sweep):
     else:
         assert stop.value.code == 130 and lines == [
             "stopped by SIGINT before training started: nothing was trained or saved"]
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_signal_while_the_model_loads_says_whether_anything_is_saved(uninterrupted, tiny_model, sentiment_dir,
+                                                                       tmp_path, monkeypatch, resumed):
+    """SIGTERM while a fresh run loaded exited 75 ("saved, resume me") with a continue command, and its folder gone
+    (walk AA): a requeue wrapper would requeue a job its user cancelled. A run with checkpoints to resume keeps 75."""
+    import signal
+
+    from kasa.training import loop
+
+    run_dir = tmp_path / "run"
+    if resumed:  # an interrupted run: its checkpoints, no summary
+        shutil.copytree(uninterrupted, run_dir)
+        (run_dir / "summary.json").unlink()
+    load = loop.TrainingRecipe.setup_model
+
+    def signalled_while_loading(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        load(self)
+
+    monkeypatch.setattr(loop.TrainingRecipe, "setup_model", signalled_while_loading)
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    line = result.stderr.strip().splitlines()[-1]
+    if resumed:
+        assert result.returncode == 75 and "before training started (nothing new to save); continue with:" in line
+    else:
+        assert (result.returncode, line) == (143, "stopped by SIGTERM before training started: nothing was trained "
+                                                  "or saved")
+        assert not run_dir.exists()

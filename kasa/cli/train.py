@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -88,6 +88,10 @@ def _run(cfg: DictConfig) -> float:
             return train(run_cfg, resolved, hydra_files)["best"]
         except TrainingInterrupted as err:  # a stop signal stops a whole sweep too
             ignore_stop_signals()
+            from kasa.training.checkpoint import resumable_checkpoints
+
+            if err.checkpoint is None and sweep_dir is None and not resumable_checkpoints(Path(run_cfg.output_dir)):
+                _stopped_before_training(err.signum)  # while a fresh run loaded: 75 would say "saved, resume me"
             if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each
                 print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir), sweep_dir), file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT)
@@ -227,14 +231,20 @@ def main() -> None:
         os._exit(0)
 
 
+def _stopped_before_training(signum: int) -> NoReturn:
+    if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each
+        print(f"stopped by {signal.Signals(signum).name} before training started: nothing was trained or saved",
+              file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def _interrupted_outside_a_run() -> None:
     """One line for a Ctrl-C that reached no run (before its training could start, or between a sweep's jobs),
     where Python printed a KeyboardInterrupt traceback."""
     from kasa.training.signals import INTERRUPTED_EXIT, resume_command
 
     if not SWEEP_DIR:
-        print("stopped by SIGINT before training started: nothing was trained or saved", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        _stopped_before_training(signal.SIGINT)
     command = resume_command(sys.argv, SWEEP_DIR[0], sweep=True)
     print(f"stopped by SIGINT between the sweep's jobs; continue with: {command}", file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT)
