@@ -132,11 +132,12 @@ def _full_disk(err: Exception, folder: Path) -> int | None:
 _LEFTOVER = re.compile(r"^\.(?P<name>.+?)(\.\d+)?\.(?P<kind>tmp|old|deepspeed)$")
 
 
-def clean_partial_writes(run_dir: str | Path) -> list[Path]:
+def clean_partial_writes(run_dir: str | Path, remove: bool = True) -> list[Path]:
     """Remove what interrupted writes left in a run directory and its checkpoints folder (`write_atomically`'s
     `.<name>.<pid>.tmp`); a `.<name>.<pid>.old` whose `<name>` is missing goes back into place (the kill came
-    between its two renames, and it is the complete previous version). Only while holding the run's lock: another
-    live writer's temporary files look the same. Returns the paths removed."""
+    between its two renames, and it is the complete previous version). `remove=False` only puts those back (before
+    a run chooses the checkpoint to resume). Only while holding the run's lock: another live writer's temporary
+    files look the same. Returns the paths removed."""
     removed = []
     for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS_DIR):
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -146,7 +147,7 @@ def clean_partial_writes(run_dir: str | Path) -> list[Path]:
             target = folder / match["name"]
             if match["kind"] == "old" and not target.exists():
                 os.replace(path, target)
-            else:
+            elif remove:
                 _remove(path)
                 removed.append(path)
     return removed

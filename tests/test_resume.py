@@ -7,6 +7,7 @@ checkpoint writer, so the test does not race a fast tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -336,3 +337,17 @@ def test_a_deepspeed_checkpoint_of_the_other_zero_stage_is_refused_before_it_loa
             check_same_engine(tmp_path, accelerator)
     else:
         assert check_same_engine(tmp_path, accelerator) == tmp_path / DEEPSPEED_DIR
+
+
+def test_a_checkpoint_that_a_kill_left_moved_aside_is_the_one_resumed(uninterrupted, tiny_model, sentiment_dir,
+                                                                      tmp_path):
+    """A kill between write_atomically's two renames leaves the newest checkpoint as .step-N.<pid>.old: resume=auto
+    chose an older one (or, with none, started over) before the .old was put back (walk AA)."""
+    run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    (run_dir / "summary.json").unlink()
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    os.replace(newest, newest.with_name(f".{newest.name}.999.old"))
+    resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {newest}" in resumed.stderr
+    assert metrics(run_dir) == metrics(uninterrupted)

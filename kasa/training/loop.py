@@ -289,6 +289,9 @@ class TrainingRecipe:
         check_config_values(self.cfg)
         check_not_a_sweep(self.out)
         self.lock = RunLock(self.out).acquire() if self.main else None
+        if self.main and self.out.is_dir():  # a checkpoint that a kill left moved aside, back before one is chosen
+            clean_partial_writes(self.out, remove=False)
+        self.accelerator.wait_for_everyone()
         self.start: RunStart = check_run_start(self.cfg, self.out, self.resolved_config, self.console.print)
         if self.start.resume_from is not None:
             trainer = self.cfg.trainer
