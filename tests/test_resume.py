@@ -351,3 +351,21 @@ def test_a_checkpoint_that_a_kill_left_moved_aside_is_the_one_resumed(uninterrup
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {newest}" in resumed.stderr
     assert metrics(run_dir) == metrics(uninterrupted)
+
+
+@pytest.mark.parametrize("damaged", ["rng.safetensors", "optimizer.pt", "scheduler.pt"])
+def test_a_damaged_optimizer_schedule_or_rng_file_is_skipped_by_resume_auto(uninterrupted, tiny_model, sentiment_dir,
+                                                                           tmp_path, damaged):
+    """Only the state and adapter files were read before the model loaded: a truncated rng.safetensors ended in a
+    traceback (exit 1), a truncated optimizer.pt in 'written by another setup', and the intact older checkpoint was
+    never tried (walk AA: what a partial copy of a run folder leaves)."""
+    run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    (run_dir / "summary.json").unlink()
+    older, newest = sorted((run_dir / "checkpoints").glob("step-*"))[-2:]
+    with open(newest / damaged, "r+b") as file:
+        file.truncate(50)
+    resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping {newest.name}: cannot read checkpoint {newest}" in resumed.stderr
+    assert f"resumed from {older}" in resumed.stderr
+    assert metrics(run_dir) == metrics(uninterrupted)

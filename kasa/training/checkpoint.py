@@ -276,7 +276,8 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
                                      options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError, AssertionError) as err:  # DeepSpeed asserts what it cannot read
-        raise ValueError(f"checkpoint {directory} cannot be resumed ({err}): it was written by another setup") from err
+        raise ValueError(f"checkpoint {directory} cannot be resumed ({str(err).splitlines()[0][:200]}): it is damaged "
+                         "or was written by another setup; resume from another one (resume=<checkpoint dir>)") from err
     return TrainState.of_checkpoint(directory)
 
 

@@ -200,20 +200,33 @@ def check_not_a_run(sweep_dir: Path, option: str = "hydra.sweep.dir") -> None:
 
 
 def check_resume_checkpoint(directory: Path) -> None:
-    """A checkpoint to resume from must be complete (its state file is written last), and its tensors readable and
-    finite: a broken one is found now, not after the model has loaded."""
+    """A checkpoint to resume from must be complete (its state file is written last), and its files readable (the
+    adapter's tensors finite): a broken one is found now, not after the model has loaded. The optimizer's archives
+    (the largest files) are checked for their zip directory, at their end, which a truncated copy lacks."""
+    import zipfile
+
+    import torch
     from safetensors.torch import load_file
 
     from kasa.adapters.io import refuse_non_finite
+    from kasa.training.checkpoint import DEEPSPEED_DIR, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE
 
     if not directory.is_dir():
         raise FileNotFoundError(f"resume={directory}: no such checkpoint directory")
-    for name in (STATE_FILE, ADAPTER_WEIGHTS_FILE):
+    for name in (STATE_FILE, ADAPTER_WEIGHTS_FILE, SCHEDULER_FILE, RNG_FILE):
         if not (directory / name).is_file():
             raise ValueError(f"checkpoint {directory} is incomplete ({name} missing): resume from another one")
+    deepspeed = directory / DEEPSPEED_DIR  # DeepSpeed's own checkpoint in place of optimizer.pt
+    archives = sorted(deepspeed.rglob("*.pt")) if deepspeed.is_dir() else [directory / OPTIMIZER_FILE]
+    if not deepspeed.is_dir() and not archives[0].is_file():
+        raise ValueError(f"checkpoint {directory} is incomplete ({OPTIMIZER_FILE} missing): resume from another one")
     try:
         json.loads((directory / STATE_FILE).read_text())
         tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
+        load_file(str(directory / RNG_FILE))
+        torch.load(directory / SCHEDULER_FILE, weights_only=True)
+        for archive in archives:
+            zipfile.ZipFile(archive).close()
     except Exception as err:  # noqa: BLE001 (safetensors raises its own error types; any failure means unreadable)
         raise ValueError(f"cannot read checkpoint {directory} ({str(err).splitlines()[0][:120]}): it is corrupt or "
                          "truncated; resume from another one (resume=<checkpoint dir>) or start again") from None
