@@ -13,6 +13,7 @@ Light on purpose (no torch): kasa-compare, kasa-plot, the sweep summary and scri
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -103,29 +104,38 @@ def write_atomically(path: str | Path, fill: Callable[[Path], None], directory: 
         else:
             os.replace(tmp, path)
     except BaseException as err:
-        full = _full_disk(err, path.parent) if isinstance(err, Exception) and not isinstance(err, OSError) else None
+        failed = _write_error(err, path.parent) if isinstance(err, Exception) and not isinstance(err, OSError) else None
         _remove(tmp)
-        if full:  # safetensors and torch.save report a full disk in errors of their own, without the path
-            raise OSError(full, os.strerror(full), str(path)) from err
-        if isinstance(err, OSError) and err.errno and err.filename is None:  # a bare write error: name the file
-            raise OSError(err.errno, err.strerror, str(path)) from err
+        if failed:  # safetensors and torch.save report a failed write in errors of their own, without the path
+            raise OSError(*failed, str(path)) from err
+        if isinstance(err, OSError) and err.errno and (err.filename is None or str(err.filename).startswith(str(tmp))):
+            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file, not its temporary copy
         raise
     return path
 
 
-def _full_disk(err: Exception, folder: Path) -> int | None:
-    """ENOSPC or EDQUOT when a library's own error (not an OSError) is a full disk or quota: said in its text
-    (safetensors: "No space left on device (os error 28)", after removing its partial file, so the disk no longer
-    looks full), or not said (torch.save: "file write failed") with the disk nearly full, its partial file still
-    there."""
+# torch.save's writer, which names no error number: "file write failed", "unexpected pos 1206144 vs 1206032"
+_TORCH_WRITE_FAILED = re.compile(r"file write failed|unexpected pos \d+|PytorchStreamWriter failed")
+
+
+def _write_error(err: Exception, folder: Path) -> tuple[int, str] | None:
+    """(error number, what it says) when a library's own error (not an OSError) is a failed write: said in its
+    text (safetensors: "No space left on device (os error 28)", "File too large (os error 27)" under `ulimit -f`,
+    after removing its partial file, so the disk no longer looks full), or not said (torch.save) and then a full
+    disk when it is nearly full, its partial file still there, else an EIO of unknown cause. None for any other
+    error."""
     text = str(err)
-    for code in (errno.ENOSPC, errno.EDQUOT):
-        if os.strerror(code) in text or f"os error {code})" in text:
-            return code
-    try:
-        return errno.ENOSPC if shutil.disk_usage(folder).free < 64 * 1024 else None
-    except OSError:
+    said = next((code for code in (errno.ENOSPC, errno.EDQUOT) if os.strerror(code) in text), None)
+    if said is None and (number := re.search(r"\(os error (\d+)\)", text)):
+        said = int(number.group(1))
+    if said is not None:
+        return said, os.strerror(said)
+    if not _TORCH_WRITE_FAILED.search(text):
         return None
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < 64 * 1024:
+            return errno.ENOSPC, os.strerror(errno.ENOSPC)
+    return errno.EIO, "the write failed (torch.save does not say why: a full quota, a file size limit?)"
 
 
 # write_atomically's temporary and moved-aside copies, and the staging folder of a DeepSpeed checkpoint

@@ -43,11 +43,15 @@ def _standalone(module: str) -> str:
     # torch.save says nothing of the cause; its partial file fills the disk
     (RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
                   "file write failed"), 1024, errno.ENOSPC),
-    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 2**30, None),
+    # other failed writes (walk AA: `ulimit -f`, a traceback and exit 1)
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 2**30, errno.EIO),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1206144 vs 1206032"), 2**30, errno.EIO),
+    (Exception("Error while serializing: I/O error: File too large (os error 27)"), 2**30, errno.EFBIG),
+    (RuntimeError("not a write error"), 1024, None),
 ])
-def test_a_full_disk_in_a_library_error_is_the_one_line_of_a_full_disk(tmp_path, monkeypatch, error, free, code):
+def test_a_failed_write_in_a_library_error_is_one_line(tmp_path, monkeypatch, error, free, code):
     """A disk that filled during a checkpoint save, with 1 MiB left once safetensors had removed its partial file,
-    gave safetensors' traceback and exit 1, not the README's line."""
+    gave safetensors' traceback and exit 1, not the README's line; so did a file size limit."""
     from kasa.cli.common import describe_error
     from kasa.run_dir import write_atomically
 
@@ -64,8 +68,12 @@ def test_a_full_disk_in_a_library_error_is_the_one_line_of_a_full_disk(tmp_path,
     assert list(tmp_path.iterdir()) == []  # no partial file left either way
     if code:
         assert raised.value.errno == code and raised.value.filename == str(target)
-        assert describe_error(raised.value) == (f"no space left on the device of {target}: free space, then continue "
-                                                "with resume=auto (every complete checkpoint is kept)")
+        cause = {errno.EIO: "the write failed (torch.save does not say why: a full quota, a file size limit?)",
+                 errno.EFBIG: "File too large (a file size limit: ulimit -f)"}
+        expected = (f"cannot write {target}: {cause[code]}; fix the cause" if code in cause
+                    else f"no space left on the device of {target}: free space")
+        assert describe_error(raised.value) == (f"{expected}, then continue with resume=auto (every complete "
+                                                "checkpoint is kept)")
 
 
 def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
@@ -296,7 +304,14 @@ def test_resume_checkpoint_checks(tmp_path):
     (ckpt / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match="incomplete"):
         preflight.check_resume_checkpoint(ckpt)
+    torch.save({}, ckpt / "scheduler.pt")
+    save_file({"torch": torch.zeros(2)}, str(ckpt / "rng.safetensors"))
+    with pytest.raises(ValueError, match=r"incomplete \(adapter_model.safetensors missing\)"):
+        preflight.check_resume_checkpoint(ckpt)
     (ckpt / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=r"incomplete \(optimizer.pt missing\)"):
+        preflight.check_resume_checkpoint(ckpt)
+    torch.save({}, ckpt / "optimizer.pt")
     with pytest.raises(ValueError, match="corrupt or truncated"):
         preflight.check_resume_checkpoint(ckpt)
     save_file({"layer.adapters.sigma": torch.tensor([1.0, math.inf])}, str(ckpt / "adapter_model.safetensors"))

@@ -154,6 +154,10 @@ def _describe_os_error(err: OSError) -> str:
                 "complete checkpoint is kept)")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{err.strerror}: {where}: check its permissions, or choose another folder (e.g. hydra.run.dir=...)"
+    if err.errno in (errno.EFBIG, errno.EIO):
+        limit = " (a file size limit: ulimit -f)" if err.errno == errno.EFBIG else ""
+        return (f"cannot write {where}: {err.strerror}{limit}; fix the cause, then continue with resume=auto (every "
+                "complete checkpoint is kept)")
     return f"{err.strerror}: {where}"
 
 
