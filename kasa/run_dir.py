@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import json
 import math
 import os
@@ -139,7 +140,7 @@ def _write_error(err: Exception, folder: Path) -> tuple[int, str] | None:
 
 
 # write_atomically's temporary and moved-aside copies, and the staging folder of a DeepSpeed checkpoint
-_LEFTOVER = re.compile(r"^\.(?P<name>.+?)(\.\d+)?\.(?P<kind>tmp|old|deepspeed)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+?)(\.(?P<pid>\d+))?\.(?P<kind>tmp|old|deepspeed)$")
 
 
 def clean_partial_writes(run_dir: str | Path, remove: bool = True) -> list[Path]:
@@ -161,6 +162,33 @@ def clean_partial_writes(run_dir: str | Path, remove: bool = True) -> list[Path]
                 _remove(path)
                 removed.append(path)
     return removed
+
+
+def clean_dead_writes(path: Path) -> list[Path]:
+    """What killed processes' write_atomically left beside `path` (an output written without a run's lock:
+    kasa-export's folder, up to a merged model's size), as clean_partial_writes does in a run directory; the
+    copies of a process still running on this machine stay. Returns the paths removed."""
+    removed = []
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
+        match = _LEFTOVER.match(leftover.name)
+        if match is None or match["name"] != path.name or match["pid"] is None or _running(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not path.exists():
+            os.replace(leftover, path)
+        else:
+            _remove(leftover)
+            removed.append(leftover)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def analysis_outputs(folder: Path) -> list[Path]:

@@ -172,6 +172,20 @@ def test_export_refuses_a_non_empty_output_and_overwrites_when_asked(trained_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
 
 
+def test_what_a_killed_export_left_is_removed_by_the_next(trained_run, tmp_path, capsys):
+    """kill -9 during a merged export left a hidden .out.<pid>.tmp (a 7B model's size) that nothing removed (walk
+    AA); a running export's copy is left alone."""
+    _, run_dir = trained_run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = f".out.{os.getppid()}.tmp"  # the copy of a process that is still running
+    for leftover in (f".out.{int(dead.stdout)}.tmp", running):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"partial")
+    code, _ = _main(capsys, f"checkpoint={run_dir}", f"output={tmp_path / 'out'}", "which=last")
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running, "out"]
+
+
 def test_a_typo_of_its_own_key_is_named_with_the_key_meant(trained_run, tmp_path, capsys):
     _, run_dir = trained_run
     code, last = _main(capsys, f"checkpoint={run_dir}", f"output={tmp_path / 'out'}", "fromat=peft")

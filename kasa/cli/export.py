@@ -42,6 +42,7 @@ from kasa.run_dir import (
     check_can_make,
     check_checkpoint_unchanged,
     checkpoint_version,
+    clean_dead_writes,
     find_checkpoint,
     follow_umask,
     write_atomically,
@@ -188,6 +189,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in clean_dead_writes(output):
+            print(f"removed {leftover}: what a killed export left", file=sys.stderr)
         write_atomically(output, fill, directory=True)  # a crash leaves the old folder or the new one, never half
     except OSError as err:  # said for this command (the generic line's advice is kasa-train's)
         kept = "the earlier folder there is unchanged" if output.exists() else "nothing was written"
