@@ -372,6 +372,35 @@ def test_the_uneven_batches_warning_counts_what_accelerate_repeats(rows, batch_s
     assert uneven_batches_note(rows, batch_size, 1, packing=False) is None
 
 
+@pytest.mark.parametrize("rows, saved, now", [(200, (2, 2, 3), (2, 6, 1)), (200, (2, 2, 3), (1, 12, 1)),
+                                              (102, (2, 4, 1), (1, 8, 1)), (102, (2, 4, 1), (4, 2, 1))])
+def test_a_resume_on_another_layout_says_when_its_epochs_end_otherwise(rows, saved, now):
+    """A resume with as many examples per step on another layout (2 x 2 x 3 as 2 x 6 x 1) passed check_batch_layout
+    and then trained another last step in each epoch, the rows that Accelerate repeats there being others (walk Z):
+    said exactly when the last step's rows differ."""
+    from collections import Counter
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from kasa.training.checkpoint import TrainState
+    from kasa.training.loop import resumed_layout_note
+
+    def last_step_rows(processes: int, batch_size: int, grad_accum: int) -> Counter:
+        step = Counter()
+        for rank in range(processes):  # one process's loader is not sharded
+            batches = list(BatchSampler(range(rows), batch_size, False) if processes == 1 else BatchSamplerShard(
+                BatchSampler(range(rows), batch_size, False), processes, rank, even_batches=True))
+            step.update(i for batch in batches[-(len(batches) % grad_accum or grad_accum):] for i in batch)
+        return step
+
+    differ = last_step_rows(*saved) != last_step_rows(*now)
+    note = resumed_layout_note(rows, TrainState(processes=saved[0], batch_size=saved[1], grad_accum=saved[2]),
+                               now[1], now[0])
+    assert (note is not None) == differ
+    assert note is None or note.startswith("warning: each epoch's last step will differ from the run's")
+
+
 def test_a_launch_that_accelerate_runs_one_by_one_is_refused(monkeypatch):
     """fsdp.json launched on 2 processes without a GPU: Accelerate ran each rank as a world of one, two runs in one
     folder (rank 1 then said the folder was in use by another run); under ACCELERATE_USE_CPU=1 it ran DDP silently."""

@@ -163,11 +163,31 @@ def import_deepspeed_without_mlflow() -> None:
         del sys.modules["mlflow"]
 
 
+def repeated_rows(rows: int, batch_size: int, processes: int) -> int:
+    """How many of the epoch's first rows Accelerate (as PyTorch's DistributedSampler) repeats to complete the last
+    global batch of several processes."""
+    return 0 if processes == 1 else -rows % (batch_size * processes)
+
+
+def resumed_layout_note(rows: int, saved: TrainState, batch_size: int, processes: int) -> str | None:
+    """The warning for a resume on another layout that check_batch_layout accepts (as many examples per step) but
+    whose epochs end otherwise: the last step of each repeats another number of the epoch's first rows."""
+    if saved.processes is None or saved.batch_size is None:  # a checkpoint from before layouts were recorded
+        return None
+    before, now = repeated_rows(rows, saved.batch_size, saved.processes), repeated_rows(rows, batch_size, processes)
+    if before == now:
+        return None
+    return (f"warning: each epoch's last step will differ from the run's: {processes} process(es) x trainer."
+            f"batch_size={batch_size} repeat {now} of the epoch's first rows there, where the run's {saved.processes} "
+            f"x {saved.batch_size} repeated {before} (Accelerate's even batches); resume with the run's layout to "
+            "continue it exactly")
+
+
 def uneven_batches_note(rows: int, batch_size: int, processes: int, packing: bool) -> str | None:
-    """The warning for a multi-process run whose training rows do not fill its last global batch: Accelerate (as
-    PyTorch's DistributedSampler) completes it with the epoch's first rows, which one process would not see again."""
-    repeated = -rows % (batch_size * processes)
-    if processes == 1 or not repeated:
+    """The warning for a multi-process run whose training rows do not fill its last global batch: Accelerate
+    completes it with the epoch's first rows, which one process would not see again."""
+    repeated = repeated_rows(rows, batch_size, processes)
+    if not repeated:
         return None
     kind = "packed rows" if packing else "training rows"
     return (f"warning: the {rows} {kind} do not fill the last batch of each epoch on {processes} processes x "
@@ -448,6 +468,10 @@ class TrainingRecipe:
             dataset, batch_size=cfg.trainer.batch_size, collate_fn=self.task.collator(self.tokenizer), **order))
         if note := uneven_batches_note(len(dataset), cfg.trainer.batch_size, self.accelerator.num_processes,
                                        cfg.trainer.packing):
+            self.console.print(note)
+        if self.resume_from is not None and (note := resumed_layout_note(
+                len(dataset), TrainState.of_checkpoint(self.resume_from), cfg.trainer.batch_size,
+                self.accelerator.num_processes)):
             self.console.print(note)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.trainer.grad_accum)
         self.total_steps = steps_per_epoch * cfg.trainer.epochs
