@@ -124,6 +124,19 @@ def test_runs_without_summary_are_skipped_with_a_warning(grid_sweep, caplog):
     assert "- folders skipped: `12/`, `13/`" in md.read_text()  # folders, not counts
 
 
+def test_a_failed_setting_is_an_empty_cell_of_the_heatmap(grid_sweep):
+    """A 2 x 2 sweep whose beta=1e38 jobs failed was drawn as a 1 x 2 grid, the failed setting nowhere (walk AB)."""
+    sweep_dir, scores = grid_sweep
+    for job, gamma in enumerate(GAMMAS, start=12):  # failed before a summary: config.json only
+        (sweep_dir / str(job) / ".hydra").mkdir(parents=True)
+        (sweep_dir / str(job) / "config.json").write_text(json.dumps({"method": {"method": "kasa", "beta": 1e38,
+                                                                                  "gamma": gamma}}))
+    summarize_sweep(sweep_dir)
+    [panel] = json.loads((sweep_dir / "heatmap.json").read_text())
+    assert panel["beta"] == [*BETAS, 1e38] and panel["gamma"] == GAMMAS
+    assert panel["median"][-1] == [None, None]
+
+
 def test_single_column_heatmap_when_only_beta_varies(tmp_path):
     for job, (beta, seed) in enumerate((b, s) for b in BETAS for s in SEEDS):
         _write_run(tmp_path / str(job), beta=beta, gamma=1e-3, seed=seed, best=_score(beta, 1e-3, seed))

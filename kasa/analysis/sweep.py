@@ -279,12 +279,29 @@ def score_label(task: Any, metric: Any) -> str:
     return f"{task or '?'} ({metric or '?'})"
 
 
-def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[Grid]:
+def unfinished_loss_weights(skipped: Sequence[Path]) -> dict[str, set[float]]:
+    """The beta and gamma values that the skipped runs (failed, stopped or still training) were set to, from their
+    config.json, for the methods with those terms: the heatmap's rows and columns that they leave empty ('-')."""
+    values: dict[str, set[float]] = {key: set() for key in LOSS_WEIGHT_KEYS}
+    for directory in skipped:
+        method = read_config(directory).get("method")
+        for key in LOSS_WEIGHT_KEYS if isinstance(method, dict) else ():
+            if has_loss_weight(str(method.get("method")), key) and isinstance(method.get(key), (int, float)):
+                values[key].add(float(method[key]))
+    return values
+
+
+def heatmap_grids(rows: Sequence[dict[str, Any]], keys: Sequence[str],
+                  unfinished: dict[str, set[float]] | None = None) -> list[Grid]:
     """The beta x gamma matrices of median `best` (one per combination of the other setting values that has a run
     with both terms), or [] when neither beta nor gamma varies (a sweep over one of them gives a single row or
-    column)."""
-    betas = sorted({row["beta"] for row in rows if row["beta"] is not None}, key=_sort_key)
-    gammas = sorted({row["gamma"] for row in rows if row["gamma"] is not None}, key=_sort_key)
+    column). `unfinished` (unfinished_loss_weights) adds the values of runs without a result, as empty cells, so
+    that a failed setting shows as '-' and not as a grid without it."""
+    unfinished = unfinished or {}
+    betas = sorted({row["beta"] for row in rows if row["beta"] is not None} | unfinished.get("beta", set()),
+                   key=_sort_key)
+    gammas = sorted({row["gamma"] for row in rows if row["gamma"] is not None} | unfinished.get("gamma", set()),
+                    key=_sort_key)
     if len(betas) < 2 and len(gammas) < 2:
         return []
     others = [k for k in keys if k not in ("beta", "gamma")]
@@ -456,7 +473,7 @@ def summarize_sweep(sweep_dir: Path) -> Path:
     keys = setting_keys(runs)
     rows = summarize(runs, keys)
     write_csv(rows, keys, sweep_dir / CSV_FILE)
-    grids = heatmap_grids(rows, keys) if rows else []
+    grids = heatmap_grids(rows, keys, unfinished_loss_weights(skipped)) if rows else []
     heatmap = None
     for stale in (sweep_dir / HEATMAP_FILE, sweep_dir / HEATMAP_DATA_FILE):
         stale.unlink(missing_ok=True)
