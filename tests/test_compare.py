@@ -53,7 +53,7 @@ def runs(tmp_path):
                     scores.setdefault((method, task), []).append(best)
                     write_run(tmp_path / sweep / str(job), task=task, method=method, seed=seed, best=best)
                     job += 1
-    (tmp_path / "sweep_b" / "99").mkdir()  # a crashed job: no summary.json
+    (tmp_path / "sweep_b" / "99" / ".hydra").mkdir(parents=True)  # a crashed job: no summary.json
     return tmp_path, scores
 
 
@@ -109,7 +109,7 @@ def test_best_of_each_column_is_bold(runs):
 def test_ties_are_all_bold(tmp_path):
     for job, (method, best) in enumerate((("lora", 0.9), ("kasa", 0.9), ("pissa", 0.8))):
         write_run(tmp_path / str(job), task="mrpc", method=method, seed=0, best=best)
-    table = build_table(collect_runs([tmp_path]), scale=100)
+    table = build_table(collect_runs([tmp_path])[0], scale=100)
     assert table.bold() == {(0, "mrpc:accuracy"), (2, "mrpc:accuracy"), (0, "average"), (2, "average")}
 
 
@@ -121,7 +121,7 @@ def test_rows_split_by_rank_and_by_keys(tmp_path):
                 write_run(tmp_path / str(job), task="rte", method="kasa", seed=seed, best=0.5 + rank / 100 + beta,
                           rank=rank, beta=beta)
                 job += 1
-    table = build_table(collect_runs([tmp_path]), by=["beta"])
+    table = build_table(collect_runs([tmp_path])[0], by=["beta"])
     assert [r.label for r in table.rows] == ["KaSA r=4, beta=0.01", "KaSA r=4, beta=0.1", "KaSA r=8, beta=0.01",
                                              "KaSA r=8, beta=0.1"]
     assert [r.cells[("rte", "accuracy")].median for r in table.rows] == pytest.approx([0.55, 0.64, 0.59, 0.68])
@@ -133,11 +133,11 @@ def test_a_cell_pooling_runs_of_different_settings_is_named(tmp_path, caplog):
         write_run(tmp_path / str(job), task="rte", method="kasa", seed=job, best=0.5 + job / 10,
                   overrides=["method=kasa", f"seed={job}", f"trainer.lr={lr}"])
     with caplog.at_level("WARNING"):
-        build_table(collect_runs([tmp_path]))
+        build_table(collect_runs([tmp_path])[0])
     assert "KaSA on rte pools 2 runs that differ in trainer.lr: pass --by" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        build_table(collect_runs([tmp_path]), by=["trainer.lr"])
+        build_table(collect_runs([tmp_path])[0], by=["trainer.lr"])
     assert not caplog.text
 
 
@@ -148,7 +148,7 @@ def test_rows_by_a_list_setting_and_no_average_over_a_task_twice(tmp_path, caplo
         write_run(tmp_path / str(job), task="sst2", method="lora", seed=0, best=0.7 + job / 10)
         (tmp_path / str(job) / "config.json").write_text(json.dumps({"model": {"target_modules": targets}}))
     write_run(tmp_path / "mcc", task="sst2", method="lora", seed=1, best=0.2, metric="matthews")
-    table = build_table(collect_runs([tmp_path]), by=["model.target_modules"])
+    table = build_table(collect_runs([tmp_path])[0], by=["model.target_modules"])
     assert table.columns == [("sst2", "accuracy"), ("sst2", "matthews")]
     cells = {row.label: {c: cell.median for c, cell in row.cells.items()} for row in table.rows}
     assert cells['LoRA model.target_modules=["query", "value"]'] == {("sst2", "accuracy"): 0.7}
@@ -162,7 +162,7 @@ def test_a_single_run_directory_and_a_model_column(tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps({"model": {"name": "FacebookAI/roberta-base"}}))
     write_run(tmp_path / "b", task="rte", method="kasa", seed=0, best=0.7)
     (tmp_path / "b" / "config.json").write_text(json.dumps({"model": {"name": "FacebookAI/roberta-large"}}))
-    runs = collect_runs([tmp_path / "a", tmp_path / "b", tmp_path])  # overlapping inputs: each run once
+    runs = collect_runs([tmp_path / "a", tmp_path / "b", tmp_path])[0]  # overlapping inputs: each run once
     assert len(runs) == 2
     table = build_table(runs)
     assert [r.label for r in table.rows] == ["roberta-base (KaSA)", "roberta-large (KaSA)"]
@@ -193,6 +193,9 @@ def test_cli_writes_three_files_and_prints_the_table(runs, capsys):
     for name in ("comparison.md", "comparison.csv", "comparison.tex"):
         assert (root / "table" / name).is_file()
     assert "runs per cell: 5 (8 cells)" in (root / "table" / "comparison.md").read_text()
+    # the crashed job, which only a warning named (walk AB): the cells hold fewer runs than the sweep has jobs
+    assert (f"Skipped, without a result (failed, stopped or still training): `{root / 'sweep_b' / '99'}`"
+            in (root / "table" / "comparison.md").read_text())
     # --plots over runs that no sweep plot fits (lora, pissa and kasa at one rank) says so instead of nothing
     assert compare_main([str(root), "--out", str(root / "table"), "--plots"]) == 0
     assert "no plot: the runs hold no ablation" in capsys.readouterr().out
@@ -293,7 +296,7 @@ def test_rows_by_process_count(tmp_path):
     for job, processes in enumerate((1, 2, 1, 2)):
         write_run(tmp_path / str(job), task="rte", method="kasa", seed=job // 2, best=0.5 + processes / 10,
                   processes=processes)
-    table = build_table(collect_runs([tmp_path]), by=["processes"])
+    table = build_table(collect_runs([tmp_path])[0], by=["processes"])
     assert [(r.label, r.cells[("rte", "accuracy")].n) for r in table.rows] == [("KaSA processes=1", 2),
                                                                               ("KaSA processes=2", 2)]
 
@@ -308,7 +311,7 @@ def test_a_table_of_two_models_lists_each_models_rows_together_and_bolds_per_mod
             summary = json.loads((run / "summary.json").read_text())
             (run / "summary.json").write_text(json.dumps(summary | {"trainable_params_without_head": params}))
             (run / "config.json").write_text(json.dumps({"model": {"name": model}}))
-    table = build_table(collect_runs([tmp_path]), scale=100)
+    table = build_table(collect_runs([tmp_path])[0], scale=100)
     assert [r.label for r in table.rows] == ["roberta-base (LoRA)", "roberta-base (KaSA)", "roberta-large (LoRA)",
                                              "roberta-large (KaSA)"]
     assert table.bold() == {(1, "cola:matthews"), (1, "average"), (3, "cola:matthews"), (3, "average")}
@@ -325,7 +328,7 @@ def test_all_metrics_gives_a_column_per_metric_of_the_best_epoch(tmp_path, capsy
                     "METEOR": 0.45, "ROUGE_L": 0.7, "CIDEr": 2.0}]
         write_run(tmp_path / str(seed), task="e2e", method="kasa", seed=seed, best=bleu, metric="BLEU",
                   eval_history=history)
-    runs = collect_runs([tmp_path])
+    runs = collect_runs([tmp_path])[0]
     assert build_table(runs).columns == [("e2e", "BLEU")]
     table = build_table(runs, all_metrics=True)
     assert table.columns == [("e2e", m) for m in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")]

@@ -403,7 +403,7 @@ def test_compare_and_sweep_skip_and_name_runs_without_a_finite_result(tmp_path, 
         (tmp_path / job / "summary.json").write_text(json.dumps(summary))
     with caplog.at_level(logging.WARNING):
         runs, skipped = sweep.load_runs(tmp_path)
-        table = compare.build_table(compare.collect_runs([tmp_path]))
+        table = compare.build_table(compare.collect_runs([tmp_path])[0])
     assert [r.path.name for r in runs] == ["0", "2"] and [p.name for p in skipped] == ["1"]
     assert sorted(table.rows[0].cells[("cola", "matthews")].values) == [0.7, 0.8]
     named = [r.getMessage() for r in caplog.records if "has no best score" in r.getMessage()]

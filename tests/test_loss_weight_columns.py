@@ -65,7 +65,7 @@ def test_sweep_leaves_beta_and_gamma_empty_where_the_method_has_no_such_term(mix
 
 
 def test_comparison_labels_show_beta_only_for_methods_with_the_term(mixed_sweep):
-    table = compare.build_table(compare.collect_runs([mixed_sweep]), by=["beta", "method.gamma"])
+    table = compare.build_table(compare.collect_runs([mixed_sweep])[0], by=["beta", "method.gamma"])
     labels = sorted(row.label for row in table.rows)
     assert labels == sorted([
         "LoRA",
@@ -82,5 +82,5 @@ def test_parameter_count_under_the_new_and_the_old_key(tmp_path):
     (tmp_path / "old" / "0" / "summary.json").write_text(json.dumps(
         {k: v for k, v in json.loads((tmp_path / "old" / "0" / "summary.json").read_text()).items()
          if k != "trainable_params_without_head"}))
-    table = compare.build_table(compare.collect_runs([tmp_path]))
+    table = compare.build_table(compare.collect_runs([tmp_path])[0])
     assert {row.method: row.params for row in table.rows} == {"kasa": 295_104, "lora": 294_912}

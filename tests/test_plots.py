@@ -375,3 +375,13 @@ def test_kasa_plot_of_runs_of_several_methods_names_the_ablation_bars(tmp_path, 
         "error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
         "truncation sweep among the runs (sweeps); --kind ablation draws the runs' methods side by side (kasa, lora)"]
     assert plot_main([str(tmp_path), "--kind", "ablation"]) == 0
+
+
+def test_kasa_plot_names_a_skipped_run_once(ablation_sweep, caplog):
+    """Each plot read the sweep's runs again, and each read warned of the same crashed job (walk AB)."""
+    sweep, _ = ablation_sweep
+    (sweep / "99" / ".hydra").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        assert plot_main([str(sweep), "--kind", "ablation", "--kind", "rank"]) == 0
+    assert [r.getMessage() for r in caplog.records if "99" in r.getMessage()] == [
+        f"skipping {sweep / '99'}: no summary.json (still training, stopped, or failed)"]

@@ -36,7 +36,7 @@ def sweep(tmp_path):
 
 
 def test_compare_rows_per_truncation_basis(sweep):
-    table = build_table(collect_runs([sweep]))
+    table = build_table(collect_runs([sweep])[0])
     rows = {row.label: row for row in table.rows}
     assert list(rows) == ["LoRA", "SVD + LoRA", "KaSA", "KaSA (activation)"]
     assert rows["KaSA"].cells[("rte", "accuracy")].median == pytest.approx(0.72)

@@ -53,16 +53,20 @@ METRIC_NAMES = {"accuracy": "Acc.", "matthews": "Mcc.", "pearson": "Pcc.", "spea
 # Runs
 
 
-def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """The finished runs under `paths` (run folders, sweep folders or any folder above them), each once."""
+def collect_runs(paths: Iterable[str | Path]) -> tuple[list[Run], list[Path]]:
+    """The finished runs under `paths` (run folders, sweep folders or any folder above them), each once, and the
+    run folders skipped there (no result: failed, stopped, still training; each named in a warning)."""
     runs: dict[Path, Run] = {}
+    skipped: dict[Path, Path] = {}
     for path in map(Path, paths):
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory: pass run or sweep directories")
-        found, _ = load_runs(path)  # a run's own folder is that one run
+        found, unfinished = load_runs(path)  # a run's own folder is that one run
         for run in found:
             runs.setdefault(run.path.resolve(), run)
-    return sorted(runs.values(), key=lambda r: str(r.path))
+        for folder in unfinished:
+            skipped.setdefault(folder.resolve(), folder)
+    return sorted(runs.values(), key=lambda r: str(r.path)), sorted(skipped.values(), key=str)
 
 
 def model_name(run: Run) -> str | None:
@@ -406,7 +410,7 @@ def header(table: Table) -> list[str]:
     return ["Method", "# Trainable Parameters", *(task_label(t, m) for t, m in table.columns), "Avg."]
 
 
-def to_markdown(table: Table, sources: Sequence[Path] = ()) -> str:
+def to_markdown(table: Table, sources: Sequence[Path] = (), skipped: Sequence[Path] = ()) -> str:
     bold = table.bold()
     head = header(table)
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -426,6 +430,9 @@ def to_markdown(table: Table, sources: Sequence[Path] = ()) -> str:
     ]
     if sources:
         notes.append(f"Runs from: {', '.join(str(p) for p in sources)}")
+    if skipped:  # a sweep with failed or unfinished jobs: its cells hold fewer runs than it has seeds
+        notes.append(f"Skipped, without a result (failed, stopped or still training): "
+                     f"{', '.join(f'`{p}`' for p in skipped)}")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -474,14 +481,14 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, scale: f
             ) -> tuple[Table, dict[str, Path]]:
     """Build the comparison table of the runs under `paths` and write it (markdown, CSV, LaTeX) into `out`."""
     paths = [Path(p) for p in paths]
-    runs = collect_runs(paths)
+    runs, skipped = collect_runs(paths)
     if not runs:
         raise ValueError(f"no finished run ({SUMMARY_FILE} with a finite `best`) under {', '.join(map(str, paths))}")
     table = build_table(runs, by=by, scale=scale, decimals=decimals, all_metrics=all_metrics)
     out = Path(out) if out is not None else (paths[0] if len(paths) == 1 else Path.cwd())
     output_folder(out)
     files = {kind: out / name for kind, name in COMPARISON_FILES.items()}
-    files["markdown"].write_text(to_markdown(table, paths))
+    files["markdown"].write_text(to_markdown(table, paths, skipped))
     write_csv(table, files["csv"])
     files["latex"].write_text(to_latex(table))
     return table, files

@@ -289,7 +289,7 @@ def _runs(source: Sequence[str | Path] | Sequence[Run]) -> list[Run]:
     items = list(source)
     if items and all(isinstance(r, Run) for r in items):
         return items  # type: ignore[return-value]
-    return collect_runs(items)  # type: ignore[arg-type]
+    return collect_runs(items)[0]  # type: ignore[arg-type]
 
 
 def _out_dir(source: Sequence[Any], out_dir: str | Path | None) -> Path:

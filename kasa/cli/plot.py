@@ -51,12 +51,10 @@ def _heatmap_hint(dirs: Sequence[Path]) -> str:
     return ""
 
 
-def _ablation_hint(dirs: Sequence[Path]) -> str:
+def _ablation_hint(runs: Sequence[Any]) -> str:
     """The bars of figure 2 for runs of several methods, none of them the ladder's middle rungs (which alone make the
     default draw them: a lora and kasa pair is as likely a rank sweep as an ablation)."""
-    from kasa.analysis.compare import collect_runs
-
-    methods = sorted({str(run.summary.get("method")) for run in collect_runs(dirs)})
+    methods = sorted({str(run.summary.get("method")) for run in runs})
     if len(methods) < 2:
         return ""
     return f"; --kind ablation draws the runs' methods side by side ({', '.join(methods)})"
@@ -106,24 +104,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_reporting_errors(lambda: output_folder(args.out, create=False))
 
+    from kasa.analysis.compare import collect_runs
+
+    runs: list[Any] = []  # the sweeps' runs, read once: each read warns of the folders it skips
+    out = args.out if args.out is not None or len(args.dirs) > 1 else args.dirs[0]
+
     def draw() -> dict[str, dict[str, Any]]:
         done: dict[str, dict[str, Any]] = {}
         if automatic and single:
             return plots.plot_run(args.dirs[0], args.layer, args.checkpoint, args.out)
+        runs[:] = collect_runs(args.dirs)[0]
         if automatic:
-            return plots.plot_sweep(args.dirs, args.out, args.metric_scale)
+            return plots.plot_sweep(runs, out, args.metric_scale) if runs else {}
         for kind in run_kinds:
             if kind == "singular-values":
                 done[kind] = plots.singular_values(args.dirs[0], args.checkpoint, args.out)
             else:
                 done[kind] = plots.regularization(args.dirs[0], args.layer, args.out)
         for kind in sweep_kinds:
-            done[kind] = getattr(plots, kind)(args.dirs, args.out, args.metric_scale)
+            done[kind] = getattr(plots, kind)(runs, out, args.metric_scale)
         return done
 
     done = run_reporting_errors(draw)
     if not done:
-        hints = _ablation_hint(args.dirs) + _heatmap_hint(args.dirs)
+        hints = _ablation_hint(runs) + _heatmap_hint(args.dirs)
         print("error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "
               f"truncation sweep among the runs (sweeps){hints}", file=sys.stderr)
         return 2
