@@ -296,3 +296,16 @@ def test_kasa_eval_refuses_a_bad_argument_before_loading(classification_run: Pat
     result = run_cli("kasa.cli.evaluate", f"checkpoint={classification_run}", argument)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_kasa_eval_under_a_launch_prints_its_result_once(monkeypatch, capsys, rank, printed):
+    """kasa-eval under `accelerate launch` on 2 processes printed its result once per process (walk Z)."""
+    from kasa.cli import evaluate
+
+    result = {"split": "validation", "metric": "accuracy", "score": 0.5, "metrics": {"accuracy": 0.5}}
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda args: result)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    evaluate.main(["checkpoint=run"])
+    assert bool(capsys.readouterr().out) == printed
