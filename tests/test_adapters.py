@@ -793,3 +793,31 @@ def test_module_matched_by_two_targets_is_adapted_once(roberta_inputs):
     with pytest.raises(ValueError, match="both as a whole and by its fused parts"):
         kasa.apply_adapters(build_gpt2(), kasa.AdapterConfig(
             rank=2, target_modules=["c_attn.q", "attn.c_attn"], fused_modules={"c_attn": ["q", "k", "v"]}))
+
+
+def test_a_misspelled_name_beside_others_is_refused_and_leaves_the_model_as_it_was():
+    """[query, vaule] adapted the query layers alone, without a word, in apply_adapters and kasa-train; KaSA with a
+    misspelled trainable module had truncated the base before it was refused (walk AC)."""
+    with pytest.raises(ValueError, match=r"no module matches 'vaule' of target_modules \['query', 'vaule'\]"):
+        kasa.apply_adapters(build_roberta(), kasa.AdapterConfig(target_modules=["query", "vaule"]))
+    model = build_roberta()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with pytest.raises(ValueError, match="trainable module 'clasifier' not found"):
+        kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, trainable_modules=["clasifier"]))
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules="query"))  # one name
+    assert [name.rsplit(".", 1)[-1] for name, _ in kasa.adapted_layers(model)] == ["query", "query"]
+
+
+def test_a_tied_output_embedding_is_not_a_target():
+    """lm_head tied to the input embeddings: KaSA's truncation changed the embeddings too, and a merge changed the
+    logits by 3x their size (walk AC)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    for method in ("kasa", "lora"):
+        with pytest.raises(ValueError, match=r"'lm_head' shares its weight with 'model.embed_tokens.weight'"):
+            kasa.apply_adapters(model, kasa.AdapterConfig(method=method, rank=4, target_modules=["lm_head"]))
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)

@@ -246,3 +246,19 @@ def test_quantized_bytes_match_what_bitsandbytes_stores(mode: str) -> None:
     else:
         stored = weight.numel() + weight.SCB.numel() * weight.SCB.element_size()
     assert quantized.quantized_bytes(128, 192, mode) == stored
+
+
+def test_quantize_base_checks_the_method_of_the_adapters_on_the_model():
+    """quantize_base checked 'lora' whatever the model carried: a DoRA model was quantized, and its merge then failed
+    on a shape mismatch (walk AC); a base quantized before apply_adapters was read as a (512 x 1) weight."""
+    model = build_llama()
+    kasa.apply_adapters(model, kasa.AdapterConfig(method="dora", rank=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="method=dora cannot run on a quantized base"):
+        kasa.quantize_base(model, "nf4")
+    base = build_llama()
+    for param in base.parameters():
+        param.requires_grad_(False)
+    kasa.quantize_base(base, "nf4")
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is already quantized: call quantize_base "
+                                         "after apply_adapters"):
+        kasa.apply_adapters(base, kasa.AdapterConfig(method="lora", rank=4, target_modules=["q_proj"]))

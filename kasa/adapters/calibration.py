@@ -125,7 +125,9 @@ class _InputHooks:
         mask = self.mask.to(x.device)
         if tuple(x.shape[:-1]) != tuple(mask.shape):
             raise ValueError(f"module {name!r} reads an input of shape {tuple(x.shape)} that does not line up with "
-                             f"the attention mask {tuple(mask.shape)}: use method.truncation_basis=weight")
+                             f"the attention mask {tuple(mask.shape)} (not one row per token: a pooler's, say): "
+                             "leave it out of target_modules (name the modules meant more fully, so that it no "
+                             "longer matches), or use method.truncation_basis=weight")
         rows = x[mask].to(torch.float64)
         if name not in self.sums:
             self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)

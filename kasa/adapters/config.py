@@ -125,8 +125,11 @@ class AdapterConfig:
                 raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)}")
         if self.init not in KASA_INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(KASA_INITS)}")
-        self.target_modules = list(self.target_modules)
-        self.trainable_modules = list(self.trainable_modules)
+        # one name given as a string is that name (list() would split it into letters)
+        self.target_modules = [self.target_modules] if isinstance(self.target_modules, str) else list(
+            self.target_modules)
+        self.trainable_modules = [self.trainable_modules] if isinstance(self.trainable_modules, str) else list(
+            self.trainable_modules)
         self.fused_modules = {k: list(v) for k, v in dict(self.fused_modules).items()}
         self.peft_options = dict(self.peft_options or {})  # ignored by the methods kasa implements itself
 

@@ -18,7 +18,13 @@ from kasa.adapters.kasa import AuxLoss, KasaBlock, batched_regularization, weigh
 from kasa.adapters.layer import SUPPORTED_LAYERS, AdaptedLayer, weight_matrix
 from kasa.adapters.lora import LoraBlock
 from kasa.adapters.methods import METHOD_TABLE
-from kasa.adapters.quantized import PENDING_ATTRIBUTE, check_quantization, logical_numel, quantize_pending
+from kasa.adapters.quantized import (
+    PENDING_ATTRIBUTE,
+    check_quantization,
+    is_quantized_layer,
+    logical_numel,
+    quantize_pending,
+)
 from kasa.adapters.truncation import singular_components
 
 
@@ -60,6 +66,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already has adapters applied; load a fresh base model")
     check_quantization(getattr(model, PENDING_ATTRIBUTE, None), config.method)
+    _check_names(model, config)  # before anything changes: a truncation cannot be undone
     if initialise and config.truncation_basis == "activation" and not calibration:
         raise ValueError("truncation_basis=activation needs calibration batches: "
                          "apply_adapters(model, config, calibration=[batch, ...])")
@@ -113,7 +120,8 @@ def _adapt(model: nn.Module, config: AdapterConfig, initialise: bool,
 
 
 def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn.Module, list[str] | None]]:
-    """The layers `config.target_modules` select: name -> (layer, fused parts to adapt or None for the whole)."""
+    """The layers `config.target_modules` select: name -> (layer, fused parts to adapt or None for the whole); each
+    name matches a module (`_check_names`, before it)."""
     targets = _parse_targets(config)
     # module name -> (module, parts); a module that several targets match (`query` and `self.query`) is adapted once
     matched: dict[str, tuple[nn.Module, list[str] | None]] = {}
@@ -129,16 +137,22 @@ def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn
                 raise ValueError(f"module {name!r} is targeted both as a whole and by its fused parts")
             if known is not None:
                 known.extend(part for part in parts if part not in known)
-    if not matched:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
-        raise ValueError(
-            f"no module matches target_modules {config.target_modules}; linear layers in this model: {linear}"
-        )
+    shared = {}  # parameter -> the names it has: tied weights (an output embedding tied to the input's) have two
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
     for name, (module, _) in matched.items():
         if not isinstance(module, SUPPORTED_LAYERS):
             raise ValueError(
                 f"module {name!r} is a {type(module).__name__}; adapters apply to nn.Linear and Conv1D layers only"
             )
+        if is_quantized_layer(module):
+            raise ValueError(f"module {name!r} is already quantized: call quantize_base after apply_adapters, "
+                             "which quantizes the base that the adapters leave (the truncated weights)")
+        tied = [other for other in shared[id(module.weight)] if other != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"module {name!r} shares its weight with {tied[0]!r} (tied word embeddings): adapting "
+                             f"it would truncate and merge into that one too; leave {name.split('.')[-1]!r} out of "
+                             "target_modules")
     return matched
 
 
@@ -209,16 +223,27 @@ def _initialise(layer: tuple[nn.Module, dict], decompose) -> None:
         block.initialise(weight[start:stop], decompose)
 
 
+def _check_names(model: nn.Module, config: AdapterConfig) -> None:
+    """Every name of target_modules and trainable_modules is a module of `model`: a misspelled one beside others
+    that match ([query, vaule]) would leave its layers unadapted without a word."""
+    names = [name for name, _ in model.named_modules()]
+    targets = _parse_targets(config) if config.uses_layers else {}
+    for target in targets:
+        if not any(_matches(name, target) for name in names):
+            linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
+            raise ValueError(f"no module matches {target!r} of target_modules {config.target_modules}; linear "
+                             f"layers in this model: {linear}")
+    for target in config.trainable_modules:
+        if not any(_matches(name, target) for name in names):
+            raise ValueError(f"trainable module {target!r} not found in the model")
+
+
 def _unfreeze(model: nn.Module, names: list[str]) -> None:
     for target in names:
-        found = False
         for name, module in model.named_modules():
             if _matches(name, target):
-                found = True
                 for param in module.parameters():
                     param.requires_grad_(True)
-        if not found:
-            raise ValueError(f"trainable module {target!r} not found in the model")
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:

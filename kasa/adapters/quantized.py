@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kasa.adapters.config import install_extra
+from kasa.adapters.config import CONFIG_ATTRIBUTE, install_extra
 
 QUANTIZATIONS = ("nf4", "int8")
 # Methods that run over a quantized base: kasa's own adapter layers (their frozen base may be any module) and BitFit
@@ -168,7 +168,8 @@ def quantize_base(model: nn.Module, quantization: str, skip: list[str] | tuple[s
     bitsandbytes `quantization` in the layer's own dtype as compute dtype, in place. Modules named in `skip` (task
     heads), anything under them, layers with a trainable weight, and the output embedding stay float. `device`:
     where the quantized layers go (default: this process's GPU when there is one, else the layer's device)."""
-    check_quantization(quantization, "lora")
+    adapted = getattr(model, CONFIG_ATTRIBUTE, None)  # a plain base is quantized as QLoRA's is, for any adapters after
+    check_quantization(quantization, adapted.method if adapted is not None else "lora")
     if device is None and torch.cuda.is_available():
         from accelerate import PartialState
 
