@@ -179,6 +179,9 @@ def test_prompt_wording():
     ('{"score": [7], "justification": "Echoes the format line."}', 7),
     ('```\n{"justification": "ok", "score": 5}\n```', 5),
     ('{"score": 6, "justification": "The "best" answer, unescaped quotes."}', 6),
+    # the prompt's example quoted before the judge's own answer (walk AD: the 9 was taken)
+    ('As in {"score": 9, "justification": "..."}, my verdict: {"score": 2, "justification": "Wrong."}', 2),
+    ('{"score": 3, "detail": {"score": 8}}', 3),  # the outer object's
 ])
 def test_parse_score_accepts(text, expected):
     assert parse_score(text) == expected

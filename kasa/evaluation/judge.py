@@ -108,26 +108,31 @@ _SCORE_FIELD = re.compile(r'"score"\s*:\s*\[?\s*"?\s*(-?\d+(?:\.\d+)?)\s*"?\s*\]
 def parse_score(text: str) -> int:
     """The integer 1-10 `score` of the judge's JSON answer. The JSON may sit in ```json fences or among prose, and
     the score may be a number, an integral float (8.0), a numeric string ("7") or a one-element list ([7], echoing
-    the prompt's format line). Anything else, a fractional or out-of-range score included, raises JudgeError."""
+    the prompt's format line). The last such object is the judge's own: an earlier one may quote the prompt's example
+    ({"score": 9, ...}). Anything else, a fractional or out-of-range score included, raises JudgeError."""
     candidates = [*_FENCE.findall(text), text]
     for candidate in candidates:
-        for obj in _json_objects(candidate):
-            if "score" in obj:
-                return _as_score(obj["score"], text)
-    match = _SCORE_FIELD.search(text)
-    if match:
-        return _as_score(match.group(1), text)
+        scored = [obj for obj in _json_objects(candidate) if "score" in obj]
+        if scored:
+            return _as_score(scored[-1]["score"], text)
+    matches = _SCORE_FIELD.findall(text)
+    if matches:
+        return _as_score(matches[-1], text)
     raise JudgeError(f"no JSON score in the judge's answer: {_excerpt(text)}")
 
 
 def _json_objects(text: str) -> Iterable[dict[str, Any]]:
-    """Every JSON object that starts at some '{' in `text` and parses, in order of position."""
+    """The JSON objects of `text` in order of position: each from a '{' where one parses, the next searched after
+    its end (an object inside another is the outer one's)."""
     decoder = json.JSONDecoder()
-    for start in (i for i, char in enumerate(text) if char == "{"):
+    position = 0
+    while (start := text.find("{", position)) >= 0:
         try:
-            obj, _ = decoder.raw_decode(text, start)
+            obj, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
+            position = start + 1
             continue
+        position = end
         if isinstance(obj, dict):
             yield obj
 
