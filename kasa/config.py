@@ -22,6 +22,16 @@ often it saves, the progress display, the decomposition cache. A run resumes wit
 summary never tells runs apart by them."""
 
 
+TRAINING_ONLY_SETTINGS = ("output_dir", "resume", "overwrite", "resume_allow_changes", "recipe", "logging.trackers",
+                          "trainer.epochs", "trainer.batch_size", "trainer.grad_accum", "trainer.lr",
+                          "trainer.head_lr", "trainer.weight_decay", "trainer.scheduler", "trainer.warmup_ratio",
+                          "trainer.warmup_steps", "trainer.max_steps", "trainer.max_grad_norm", "trainer.log_every",
+                          "trainer.evaluate_every_epoch", "trainer.save_every", "trainer.keep_checkpoints",
+                          "trainer.save_best", "trainer.group_by_length")
+"""Settings that only training reads (where a run lives and starts, the optimisation, the schedule of saves and
+logs): kasa-eval, which evaluates a saved checkpoint, refuses them as overrides that would change nothing."""
+
+
 def is_bookkeeping(key: str) -> bool:
     """Whether a dotted config key is one of BOOKKEEPING_SETTINGS or under one."""
     return any(key == setting or key.startswith(f"{setting}.") for setting in BOOKKEEPING_SETTINGS)

@@ -744,3 +744,18 @@ def test_accumulated_micro_batches_train_as_one_batch(tiny_llama, tmp_path, monk
         accumulated, losses = adapter_after_one_step(f"{batch_size}x{grad_accum}", batch_size, grad_accum)
         assert max((accumulated[k] - whole[k]).abs().max().item() for k in whole) < 1e-4 * update
         assert losses == pytest.approx(whole_losses, rel=1e-5)
+
+
+def test_kasa_eval_draws_sampled_generations_from_the_runs_seed(runs, tmp_path):
+    """kasa-eval set no seed: the same command with sampled decoding generated other outputs each time, into one
+    folder, and seed= changed nothing (walk AD)."""
+    run_dir = Path(shutil.copytree(runs["dirs"]["commonsense"], tmp_path / "run"))
+    sampled = ["kasa.cli.evaluate", f"checkpoint={run_dir}", "task.eval_sets=[boolq]",
+               "task.generation.do_sample=true", "task.generation.temperature=5.0"]
+    outputs = []
+    for seed in ("0", "0", "1"):
+        report = eval_report(run_cli(*sampled, f"seed={seed}"))
+        generations = sorted(Path(report["output_dir"]).rglob("*.jsonl"))
+        outputs.append([json.loads(line)["generation"] for path in generations
+                        for line in path.read_text().splitlines()])
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]

@@ -88,6 +88,24 @@ def test_kasa_eval_on_other_task_settings_keeps_apart_and_reports_no_training_sc
     assert json.loads((kept / "eval_validation.json").read_text())["score"] == report["score"]
 
 
+def test_kasa_eval_overrides_that_change_nothing(classification_run: Path, tmp_path, capsys):
+    """A training-only key (output_dir=, resume=, trainer.lr=) was accepted, did nothing (no folder at output_dir),
+    and filed the evaluation as another one; so did an override equal to the run's own value (walk AD)."""
+    run_dir = Path(shutil.copytree(classification_run, tmp_path / "run"))
+    for override in (f"output_dir={tmp_path / 'elsewhere'}", "resume=auto", "trainer.lr=1", "logging.trackers=[]"):
+        key = override.split("=")[0]
+        assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", override),
+                              f"{override}: only training reads {key}, so it would change nothing kasa-eval measures")
+    assert not (tmp_path / "elsewhere").exists()
+    saved = read_config(run_dir)
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"seed={saved['seed']}",
+                     f"trainer.max_length={saved['trainer']['max_length']}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["overrides"] == [] and "reported_in_training" in report
+    assert report["max_eval_samples"] == saved["task"]["max_eval_samples"]
+
+
 @pytest.mark.parametrize("argument, recorded", [("split=test", True), ("task.eval_split=test", True),
                                                 ("split=test", False)])
 def test_kasa_eval_of_another_split_reports_no_training_score(classification_run: Path, sentiment_dir, tmp_path,

@@ -21,11 +21,15 @@ time (a second one stops with the first one's pid); other splits run beside it. 
 measured (eval sets, sample counts, decoding, the judge's model, trainer.max_length, model.dtype, any setting but
 model.path, task.data_dir, the split, the batch sizes, and where and how the judge is asked) makes another evaluation:
 it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
-(eval_<split>.json records them as `overrides`), never over the checkpoint's own.
+(eval_<split>.json records them as `overrides`), never over the checkpoint's own. An override equal to the run's own
+value changes nothing; one that only training reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...)
+is refused. Each split is cut to the run's task.max_eval_samples (null: all of it); sampled decoding draws from the
+run's seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kasa.cli.common import bool_argument, key_value_arguments, load_saved_config, run_reporting_errors
-from kasa.config import launch_rank
+from kasa.config import TRAINING_ONLY_SETTINGS, dotted_settings, launch_rank
 from kasa.data.sources import split_label
 from kasa.run_dir import (
     EVALUATIONS_DIR,
@@ -70,6 +74,7 @@ NEUTRAL_OVERRIDES = ("model.path=", "task.data_dir=", "task.eval_split=", "train
 
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
     from kasa.tasks import build_task
 
@@ -78,6 +83,11 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"batch_size={args['batch_size']!r} is not allowed: pass a whole number >= 1")
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), args.get("which"))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
+    for override in overrides:  # accepted, they were filed as another evaluation and did nothing (output_dir=...)
+        key = override.split("=", 1)[0].lstrip("+~")
+        if any(key == setting or key.startswith(f"{setting}.") for setting in TRAINING_ONLY_SETTINGS):
+            raise ValueError(f"{override}: only training reads {key}, so it would change nothing kasa-eval measures "
+                             "(its outputs go beside the checkpoint and under <run>/evaluations/): leave it out")
     if "batch_size" in args:  # classification evaluates in batches of its own; generation tasks generate in batches
         kind = read_config(run_dir).get("task", {}).get("kind", "glue")
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
@@ -95,6 +105,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                              f"copy of the run (cp -r {run_dir} <folder>)")
 
     accelerator = Accelerator()
+    set_seed(run_cfg.seed)  # sampled decoding draws from it: the same command generates the same outputs
     task = build_task(run_cfg)
     task.check_evaluation(split)  # a split= typo fails before the model loads
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
@@ -103,7 +114,10 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     # An evaluation on other settings (eval sets, sample counts, decoding, max_length, dtype) measures something else
     # than the training run did: it reports no training score, and its outputs keep a folder of their own under
     # evaluations/ instead of replacing the checkpoint's own eval_<split>.json.
-    changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES))
+    saved = dotted_settings(dataclasses.asdict(load_saved_config(run_dir, [])))
+    resolved = dotted_settings(dataclasses.asdict(run_cfg))
+    changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES)  # a value the run had is no change
+                     and resolved.get(o.split("=", 1)[0].lstrip("+~")) != saved.get(o.split("=", 1)[0].lstrip("+~")))
     reported = state.get("score") if not changed and split == split_evaluated_in_training(run_dir, state) else None
     name = split_label(split)  # a split given as a file's path names a file here, not a path
     label = f"{name}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else name
@@ -117,7 +131,8 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     if accelerator.is_main_process:
         lock.acquire()
     try:
-        return evaluate_staged(task, accelerator, checkpoint, version, reported, split, staged, merge, changed)
+        return evaluate_staged(task, accelerator, checkpoint, version, reported, split, staged, merge, changed,
+                               run_cfg.task.max_eval_samples)
     finally:
         lock.release(discard_empty=True)
         for folder in (staged.parent, staged.parent.parent):  # evaluations/<checkpoint>/ and evaluations/
@@ -135,7 +150,7 @@ def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | N
 
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
                     reported: float | None, split: str, staged: Path, merge: bool,
-                    changed: list[str]) -> dict[str, Any]:
+                    changed: list[str], max_eval_samples: int | None) -> dict[str, Any]:
     """Load, evaluate into `staged`, and place the outputs (place_outputs), unless `changed` (the overrides that
     change what is measured) keeps them in `staged`. `reported`: the training run's score for the
     checkpoint on this split, if it evaluated it there with these settings."""
@@ -162,6 +177,7 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         "metrics": metrics,
         "merge": merge,  # eval_<split>.json of a merged model replaces the unmerged one's: it says which it holds
         "overrides": changed,
+        "max_eval_samples": max_eval_samples,  # each evaluated set's first rows at most (null: all)
     }
     if reported is not None:
         result["reported_in_training"] = reported
@@ -224,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     if launch_rank()[0] != 0:  # under `accelerate launch`: the result once, not once per process
         return
     print(f"{result['split']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    if result["max_eval_samples"] is not None:
+        print(f"(on the first {result['max_eval_samples']} examples at most of each evaluated set: the run's "
+              "task.max_eval_samples; task.max_eval_samples=null evaluates them all)")
     reported = result.get("reported_in_training")
     if reported is not None:
         print(f"{result['metric']} reported by the training run for this checkpoint: {reported:.4f}")
