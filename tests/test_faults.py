@@ -364,8 +364,8 @@ def test_targets_and_ranks_are_checked_on_the_architecture_before_any_weight_loa
     cfg = _llama_run(tmp_path / "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, vocab_size=100)
     cfg.method = replace(cfg.method, target_modules=["q_prj"], trainable_modules=[])
-    with pytest.raises(ValueError, match=r"no module matches target_modules \['q_prj'\]; linear layers in this "
-                                         r"model: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
+    with pytest.raises(ValueError, match=r"no module matches 'q_prj' of target_modules \['q_prj'\]; linear layers "
+                                         r"in this model: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj'"):
         preflight.check_model(cfg)
     cfg.method = replace(cfg.method, target_modules=["k_proj"], rank=64)
     with pytest.raises(ValueError, match=r"rank 64 .* must be < min\(n, m\) = 64 for 'model.layers.0.self_attn.k_proj"):

@@ -321,7 +321,8 @@ def test_kasa_eval_under_a_launch_prints_its_result_once(monkeypatch, capsys, ra
     """kasa-eval under `accelerate launch` on 2 processes printed its result once per process (walk Z)."""
     from kasa.cli import evaluate
 
-    result = {"split": "validation", "metric": "accuracy", "score": 0.5, "metrics": {"accuracy": 0.5}}
+    result = {"split": "validation", "metric": "accuracy", "score": 0.5, "metrics": {"accuracy": 0.5},
+              "max_eval_samples": None}
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda args: result)
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
