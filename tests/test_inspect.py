@@ -22,9 +22,10 @@ def inspect_args(model, data, out, *extra: str) -> list[str]:
             "trainer.max_length=16", "method.svd_cache_dir=null", "method.rank=6", "held_out=8", *extra]
 
 
-def direct_losses(cfg, names: list[str]) -> tuple[float, float, float]:
+def direct_losses(cfg, names: list[str], kept: list[str] = ()) -> tuple[float, float, float, float]:
     """Held-out loss of the untouched model, with every target's 6 smallest singular triplets removed (float64 SVD),
-    and with only names[0]'s removed: written out with torch alone."""
+    with only names[0]'s removed, and with those of every target but `kept` removed: written out with torch
+    alone."""
     task = build_task(cfg)
     tokenizer, model = task.load_model()
     dataset = task.train_dataset(tokenizer)
@@ -50,9 +51,12 @@ def direct_losses(cfg, names: list[str]) -> tuple[float, float, float]:
     for name in names[1:]:
         truncate(name)
     everything = loss()
+    for name in kept:
+        model.get_submodule(name).weight.data.copy_(originals[name])
+    all_but_kept = loss()
     for name, weight in originals.items():
         model.get_submodule(name).weight.data.copy_(weight)
-    return base, everything, alone
+    return base, everything, alone, all_but_kept
 
 
 def test_the_leave_out_override_keeps_whole_targets_short() -> None:
@@ -73,10 +77,12 @@ def test_report_losses_equal_a_direct_computation(tiny_model, sentiment_dir, tmp
     names = [row["name"] for row in report["modules"]]
     assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)
     cfg = compose_run(inspect_args(tiny_model, sentiment_dir, out)[:-1], str(out))
-    base, everything, alone = direct_losses(cfg, names)
+    base, everything, alone, override = direct_losses(cfg, names, report["flagged"])
     assert report["base_loss"] == pytest.approx(base, abs=1e-5)
     assert report["truncated_loss"] == pytest.approx(everything, abs=1e-5)
     assert report["modules"][0]["loss"] == pytest.approx(alone, abs=1e-5)
+    # what the override leaves, measured (walk AE: the modules kept raised the loss by 17% together, unsaid)
+    assert report["override_loss"] == (pytest.approx(override, abs=1e-5) if report["flagged"] else None)
     for row in report["modules"]:
         assert 0 <= row["energy_share"] <= 1 and row["uniform_share"] == pytest.approx(6 / 32)
         assert row["output_change"] > 0
@@ -93,6 +99,23 @@ def test_report_losses_equal_a_direct_computation(tiny_model, sentiment_dir, tmp
     assert (out / "truncation_report.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "held-out training examples" in printed and str(out / "truncation_report.json") in printed
+
+
+@pytest.mark.parametrize("basis, override_loss, advice", [
+    ("weight", 5.48, "the modules kept still raise the loss by +16.6% together: method.truncation_basis=activation"),
+    ("activation", 5.48, "the modules kept still raise the loss by +16.6% together: lower method.truncation_rank"),
+    ("weight", 4.72, None),
+])
+def test_the_summary_says_what_the_override_leaves(tmp_path, basis, override_loss, advice):
+    """SmolLM2's v_proj r 4: leaving out the one module flagged alone still left the loss 17% up, and kasa-inspect
+    said nothing of it, nor of the activation basis (walk AE)."""
+    report = {"method": "kasa", "truncation_rank": 4, "target_modules": ["q_proj", "v_proj"], "truncation_basis": basis,
+              "held_out_examples": 16, "base_loss": 4.7, "truncated_loss": 8.2, "relative_increase": 8.2 / 4.7 - 1,
+              "threshold": 0.05, "flagged": ["model.layers.1.self_attn.v_proj"], "override_loss": override_loss,
+              "override": "'model.target_modules=[q_proj,v_proj]'"}
+    lines = inspect._summary_lines(report, tmp_path)
+    assert f"(loss then {override_loss:.4f}, {override_loss / 4.7 - 1:+.1%})" in lines[2]
+    assert (advice is None and len(lines) == 4) or lines[3].startswith(advice)
 
 
 def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):

@@ -40,8 +40,9 @@ def too_few_examples(available: int, held_out: int, cfg: RunConfig) -> str:
     size = split_size(available, cfg)
     if not calibration:
         return f"the training split has {size}, fewer than held_out={held_out}: pass held_out={fits} or fewer"
+    fewer = f"pass held_out={fits} or fewer, or " if fits >= 1 else ""  # held_out is at least 1
     return (f"the training split has {size}, fewer than method.calibration_samples={calibration} plus "
-            f"held_out={held_out}: pass held_out={fits} or fewer, or lower method.calibration_samples")
+            f"held_out={held_out}: {fewer}lower method.calibration_samples")
 
 
 def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     from kasa.tasks import build_task
     from kasa.tasks.models import load_tokenizer
     from kasa.training.calibration import batches_of, calibration_rows, mean_loss, relative_increase
-    from kasa.training.damage import measure_damage
+    from kasa.training.damage import measure_damage, untruncated
     from kasa.training.preflight import check_svd_device
 
     check_svd_device(cfg.method.svd_device)
@@ -85,8 +86,12 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
             "energy_ratio": damage.energy_share / damage.uniform_share if damage.uniform_share else None,
             "output_change": damage.output_change, "flagged": increase > threshold,
         })
-    parts = {name: list(layer.adapters) for name, layer in adapted_layers(model)}
+    layers = dict(adapted_layers(model))
+    parts = {name: list(layer.adapters) for name, layer in layers.items()}
     flagged = {r["name"] for r in rows if r["flagged"]}
+    # the override's loss, measured: each module's damage alone does not add up to what the others leave together
+    with untruncated([layers[name] for name in flagged]):
+        override_loss = mean_loss(task.loss, model, held) if flagged else None
     adapted = {f"{r['name']}.{p}" if p != "weight" else r["name"]: r["name"] in flagged for r in rows
                for p in parts[r["name"]]}
     report = {
@@ -105,6 +110,7 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
         "flagged": [r["name"] for r in rows if r["flagged"]],
         "override": (f"'model.target_modules=[{','.join(leave_out(cfg.method.target_modules, adapted))}]'"
                      if flagged else None),
+        "override_loss": override_loss,  # every module truncated but the flagged ones
     }
     _write_report(Path(cfg.output_dir), report)
     return report
@@ -147,19 +153,29 @@ def _table(report: dict[str, Any]) -> str:
 
 
 def _summary_lines(report: dict[str, Any], out: Path) -> list[str]:
+    from kasa.training.calibration import relative_increase
+
     lines = [
         f"{report['method']} r {report['truncation_rank']} on {report['target_modules']}, "
         f"{report['truncation_basis']} basis: loss on {report['held_out_examples']} held-out training examples "
         f"{report['base_loss']:.4f} untruncated, {report['truncated_loss']:.4f} truncated "
         f"({report['relative_increase']:+.1%})",
     ]
-    flagged = report["flagged"]
+    flagged, threshold = report["flagged"], report["threshold"]
+    remaining = report["relative_increase"]
     if flagged:
-        lines.append(f"{len(flagged)} module(s) raise the loss by more than {report['threshold']:.0%} alone: "
+        remaining = relative_increase(report["base_loss"], report["override_loss"])
+        lines.append(f"{len(flagged)} module(s) raise the loss by more than {threshold:.0%} alone: "
                      f"{', '.join(flagged)}")
-        lines.append(f"to leave them out: {report['override']}")
+        lines.append(f"to leave them out: {report['override']} (loss then {report['override_loss']:.4f}, "
+                     f"{remaining:+.1%})")
     else:
-        lines.append(f"no module raises the loss by more than {report['threshold']:.0%} alone")
+        lines.append(f"no module raises the loss by more than {threshold:.0%} alone")
+    if remaining > threshold:
+        lines.append(f"the modules kept still raise the loss by {remaining:+.1%} together"
+                     + (": method.truncation_basis=activation removes what their inputs use least (run kasa-inspect "
+                        "with it to compare), or lower method.truncation_rank"
+                        if report["truncation_basis"] == "weight" else ": lower method.truncation_rank"))
     lines.append(f"report: {out / (REPORT + '.json')}, {out / (REPORT + '.md')}, {out / (REPORT + '.png')}")
     return lines
 
