@@ -256,7 +256,12 @@ def validate(cfg: Any) -> RunConfig:
     a metric that the task does not compute, a setting that the task ignores."""
     from omegaconf import OmegaConf
 
-    run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolve(cfg)))
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolve(cfg)))
+    except ValueError as err:  # AdapterConfig's own checks name its fields (beta, rank): in a run they are method.*
+        if str(err).split(" ", 1)[0] in {f.name for f in dataclasses.fields(AdapterConfig)}:
+            raise ValueError(f"method.{err}") from err
+        raise
     _check_task(run)
     return run
 

@@ -46,7 +46,7 @@ from kasa.tasks.models import VOCABULARY_FILES
                                       "it takes a list, e.g. 'logging.trackers=[wandb]' (quoted for the shell)"]),
         (["trainer.packing=maybe"], ["wrong value for trainer.packing", "it takes true or false"]),
         (["method.beta=-1"], ["beta must be >= 0"]),
-        (["method.gamma=nan"], ["gamma must be >= 0 and finite, got nan"]),  # the loss was nan at step 1
+        (["method.gamma=nan"], ["method.gamma must be >= 0 and finite, got nan"]),  # the loss was nan at step 1
         (["~trainer.lr"], ["~trainer.lr: kasa's settings cannot be removed, only set: write trainer.lr=<value>"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),

@@ -79,7 +79,7 @@ def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capfd, monkeypatch)
 
     assert sweep.main([*args[:-1], "method.beta=1e-4,-1"]) == 2  # checked before any launch
     assert capfd.readouterr().err.strip().splitlines()[-1] == (
-        "error: job 1 (method.beta=-1): beta must be >= 0 and finite, got -1.0: use 0 to switch the term off; no job has run")
+        "error: job 1 (method.beta=-1): method.beta must be >= 0 and finite, got -1.0: use 0 to switch the term off; no job has run")
 
     # Another grid in the same folder: a job whose folder holds a finished run with other settings is refused before
     # any job runs, in kasa-train's words (kasa.training.preflight.check_finished_run), one line per such job, and
