@@ -36,7 +36,16 @@ logs): kasa-eval, which evaluates a saved checkpoint, refuses them as overrides 
 
 def is_bookkeeping(key: str) -> bool:
     """Whether a dotted config key is one of BOOKKEEPING_SETTINGS or under one."""
-    return any(key == setting or key.startswith(f"{setting}.") for setting in BOOKKEEPING_SETTINGS)
+    return _under(key, BOOKKEEPING_SETTINGS)
+
+
+def is_training_only(key: str) -> bool:
+    """Whether a dotted config key is one of TRAINING_ONLY_SETTINGS or under one."""
+    return _under(key, TRAINING_ONLY_SETTINGS)
+
+
+def _under(key: str, settings: tuple[str, ...]) -> bool:
+    return any(key == setting or key.startswith(f"{setting}.") for setting in settings)
 
 
 def dotted_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -155,11 +155,7 @@ def clean_partial_writes(run_dir: str | Path, remove: bool = True) -> list[Path]
             match = _LEFTOVER.match(path.name)
             if match is None:
                 continue
-            target = folder / match["name"]
-            if match["kind"] == "old" and not target.exists():
-                os.replace(path, target)
-            elif remove:
-                _remove(path)
+            if _put_back_or_remove(path, match, remove):
                 removed.append(path)
     return removed
 
@@ -173,12 +169,21 @@ def clean_dead_writes(path: Path) -> list[Path]:
         match = _LEFTOVER.match(leftover.name)
         if match is None or match["name"] != path.name or match["pid"] is None or _running(int(match["pid"])):
             continue
-        if match["kind"] == "old" and not path.exists():
-            os.replace(leftover, path)
-        else:
-            _remove(leftover)
+        if _put_back_or_remove(leftover, match):
             removed.append(leftover)
     return removed
+
+
+def _put_back_or_remove(leftover: Path, match: re.Match, remove: bool = True) -> bool:
+    """A moved-aside `.old` whose original is missing goes back into place (the kill came between write_atomically's
+    two renames: it is the complete previous version); anything else is removed when `remove`. Whether it was."""
+    target = leftover.with_name(match["name"])
+    if match["kind"] == "old" and not target.exists():
+        os.replace(leftover, target)
+        return False
+    if remove:
+        _remove(leftover)
+    return remove
 
 
 def _running(pid: int) -> bool:

@@ -36,6 +36,11 @@ METHOD_SETTINGS: dict[str, Callable[[Method], bool]] = {
 CALIBRATION_SETTINGS = ("calibration_samples", "calibration_damping")  # used by truncation_basis=activation
 
 
+def _names(value: Any) -> list[str]:
+    """Module names as a list: one name given as a string is that name (list() would split it into letters)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def install_extra(extra: str) -> str:
     """The command that installs one of kasa's optional extras (pyproject.toml; `peft`, `quant`, ...): from kasa's
     checkout, held to the installed torch by constraints.txt (the `kasa` on PyPI is another project)."""
@@ -125,11 +130,7 @@ class AdapterConfig:
                 raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)}")
         if self.init not in KASA_INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(KASA_INITS)}")
-        # one name given as a string is that name (list() would split it into letters)
-        self.target_modules = [self.target_modules] if isinstance(self.target_modules, str) else list(
-            self.target_modules)
-        self.trainable_modules = [self.trainable_modules] if isinstance(self.trainable_modules, str) else list(
-            self.trainable_modules)
+        self.target_modules, self.trainable_modules = map(_names, (self.target_modules, self.trainable_modules))
         self.fused_modules = {k: list(v) for k, v in dict(self.fused_modules).items()}
         self.peft_options = dict(self.peft_options or {})  # ignored by the methods kasa implements itself
 

@@ -307,6 +307,11 @@ def bool_argument(args: dict[str, str], key: str, default: bool) -> bool:
     return text in ("true", "1", "yes")
 
 
+def override_key(override: str) -> str:
+    """The dotted key of a `key=value` override, without Hydra's `+` / `~` prefixes."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     """A run's saved config with `overrides` (kasa-eval, kasa-export), its values checked as kasa-train checks them.
     A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's."""
@@ -324,7 +329,7 @@ def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     if not overrides:
         return saved
     for override in overrides:  # they would be recorded as changing what is measured, and change nothing
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = override_key(override)
         if key in ("method", "model.target_modules") or key.startswith("method."):
             raise ValueError(f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
                              "adapter_config.json, so the method's settings and model.target_modules cannot be "
@@ -341,7 +346,7 @@ def default_to_demo(args: list[str]) -> list[str]:
     chosen: the bare command is the offline demo. A model and a task without a recipe keep the trainer's own
     defaults (no recipe's values leak into them)."""
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    if {a.split("=", 1)[0].lstrip("+~") for a in overrides} & {"recipe", "model", "task"}:
+    if {override_key(a) for a in overrides} & {"recipe", "model", "task"}:
         return args
     # after the overrides, or before flags given alone, where no flag takes it for its value (`kasa-train --info`)
     return [*args, "recipe=demo"] if overrides else ["recipe=demo", *args]

@@ -38,8 +38,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kasa.cli.common import bool_argument, key_value_arguments, load_saved_config, run_reporting_errors
-from kasa.config import TRAINING_ONLY_SETTINGS, dotted_settings, launch_rank
+from kasa.cli.common import (
+    bool_argument,
+    key_value_arguments,
+    load_saved_config,
+    override_key,
+    run_reporting_errors,
+)
+from kasa.config import dotted_settings, is_training_only, launch_rank
 from kasa.data.sources import split_label
 from kasa.run_dir import (
     EVALUATIONS_DIR,
@@ -84,8 +90,8 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), args.get("which"))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
     for override in overrides:  # accepted, they were filed as another evaluation and did nothing (output_dir=...)
-        key = override.split("=", 1)[0].lstrip("+~")
-        if any(key == setting or key.startswith(f"{setting}.") for setting in TRAINING_ONLY_SETTINGS):
+        key = override_key(override)
+        if is_training_only(key):
             raise ValueError(f"{override}: only training reads {key}, so it would change nothing kasa-eval measures "
                              "(its outputs go beside the checkpoint and under <run>/evaluations/): leave it out")
     if "batch_size" in args:  # classification evaluates in batches of its own; generation tasks generate in batches
@@ -117,7 +123,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     saved = dotted_settings(dataclasses.asdict(load_saved_config(run_dir, [])))
     resolved = dotted_settings(dataclasses.asdict(run_cfg))
     changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES)  # a value the run had is no change
-                     and resolved.get(o.split("=", 1)[0].lstrip("+~")) != saved.get(o.split("=", 1)[0].lstrip("+~")))
+                     and resolved.get(override_key(o)) != saved.get(override_key(o)))
     reported = state.get("score") if not changed and split == split_evaluated_in_training(run_dir, state) else None
     name = split_label(split)  # a split given as a file's path names a file here, not a path
     label = f"{name}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else name

@@ -89,9 +89,10 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     layers = dict(adapted_layers(model))
     parts = {name: list(layer.adapters) for name, layer in layers.items()}
     flagged = {r["name"] for r in rows if r["flagged"]}
-    # the override's loss, measured: each module's damage alone does not add up to what the others leave together
-    with untruncated([layers[name] for name in flagged]):
-        override_loss = mean_loss(task.loss, model, held) if flagged else None
+    override_loss = None  # the override's loss, measured: the damages of the modules alone do not add up
+    if flagged:
+        with untruncated([layers[name] for name in flagged]):
+            override_loss = mean_loss(task.loss, model, held)
     adapted = {f"{r['name']}.{p}" if p != "weight" else r["name"]: r["name"] in flagged for r in rows
                for p in parts[r["name"]]}
     report = {

@@ -237,10 +237,8 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
 
 def load_resumable_weights(directory: Path, model: nn.Module) -> None:
     """The adapter and head weights of a resumable checkpoint, into the adapted `model` before
-    `accelerator.prepare` shards it (and before DeepSpeed copies them into its optimizer)."""
-    for name in (STATE_FILE, SCHEDULER_FILE, RNG_FILE, ADAPTER_WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise ValueError(f"checkpoint {directory} is incomplete ({name} missing): resume from another one")
+    `accelerator.prepare` shards it (and before DeepSpeed copies them into its optimizer). Its files were checked
+    whole before the model loaded (kasa.training.preflight.check_resume_checkpoint)."""
     saved = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
     target = adapter_state(model)
     missing = sorted(set(target) - set(saved))
