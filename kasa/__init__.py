@@ -2,7 +2,8 @@
 
     import kasa
     model = kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=8, target_modules=["query", "value"]))
-    loss = task_loss + kasa.aux_loss(model).total
+    aux = kasa.aux_loss(model)  # before the forward pass in one process: see kasa.aux_loss_needs_forward
+    loss = task_loss(model, batch) + aux.total
 
 The names of kasa.adapters are importable from here; they load on first use, so that `import kasa` (and every
 command's --help) does not import torch.

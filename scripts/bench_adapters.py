@@ -141,9 +141,8 @@ def adapt(model: nn.Module, method: str) -> tuple[nn.Module, Callable[[], torch.
 def train_step(model: nn.Module, aux: Callable[[], torch.Tensor] | None, optimizer: torch.optim.Optimizer,
                batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     start = time.perf_counter()
-    loss = model(input_ids=batch[0], labels=batch[1]).loss
-    if aux is not None:
-        loss = loss + aux()
+    extra = aux() if aux is not None else 0.0  # before the forward pass, as kasa's loop computes it
+    loss = model(input_ids=batch[0], labels=batch[1]).loss + extra
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -149,9 +149,8 @@ class Trainer:
 
     def step(self, batch: dict[str, torch.Tensor], task: CausalLMTask | None = None) -> float:
         start = time.perf_counter()
-        loss = (task or self.task).loss(self.model, batch)
-        if self.with_aux:
-            loss = loss + aux_loss(self.model).total
+        extra = aux_loss(self.model).total if self.with_aux else 0.0  # before the forward pass, as kasa's loop
+        loss = (task or self.task).loss(self.model, batch) + extra
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -86,8 +86,8 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     lengths = []
     for batch in batches:
         lengths.append(tuple(batch["input_ids"].shape))
+        extra = aux_loss(model)  # before the forward pass, as kasa's loop computes it
         loss = task.loss(model, batch)
-        extra = aux_loss(model)
         (loss + extra.total if extra is not None else loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

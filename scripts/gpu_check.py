@@ -112,9 +112,8 @@ class Stepper:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         synchronize(self.device)
         start = time.perf_counter()
-        loss = (task or self.task).loss(self.model, batch)
-        if self.aux is not None:
-            loss = loss + self.aux()
+        extra = self.aux() if self.aux is not None else 0.0  # before the forward pass, as kasa's loop computes it
+        loss = (task or self.task).loss(self.model, batch) + extra
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -405,6 +405,20 @@ def test_the_written_out_regularization_gradient_passes_gradcheck(authors):
     assert torch.autograd.gradcheck(lambda *p: _GroupRegularization.apply(7, 5, authors, *p), params)
 
 
+def test_the_auxiliary_loss_graph_holds_no_copy_of_the_adapters():
+    """The loop computes the loss before the model's forward pass, so that its backward runs last: its graph must then
+    keep the parameters themselves, not stacked copies of every dU and dV, or the whole step would hold them."""
+    model = kasa_model()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
+    nodes, held = [kasa.aux_loss(model).total.grad_fn], []
+    while nodes:
+        node = nodes.pop()
+        if type(node).__name__ == "_GroupRegularizationBackward":
+            held += [t for t in node.saved_tensors if t.untyped_storage().data_ptr() not in params]
+        nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
+    assert held and all(t.dim() < 3 or t.shape[1] == t.shape[2] == 4 for t in held)  # r x r Grams, dSigma, norms
+
+
 def test_the_terms_are_computed_in_the_parameters_dtype_under_autocast_and_on_the_meta_device():
     """Under torch.distributed a block computes its terms inside forward, where autocast may be on: they stay float32
     and their backward runs; kasa-estimate traces models on the meta device."""
@@ -459,11 +473,11 @@ def test_methods_without_aux_loss(method):
 @pytest.mark.parametrize("distributed", [False, True])
 def test_aux_loss_from_forward_records_or_batched_equals_each_blocks_terms(roberta_inputs, monkeypatch, distributed):
     """Under torch.distributed a training forward records each block's terms (FSDP / ZeRO-3 hold the full parameters
-    only then); a single process records nothing and computes all blocks at once after forward. Either way the
+    only then); a single process records nothing and computes all blocks at once. Either way the
     terms equal KasaBlock.regularization's and reading them clears the records."""
     from kasa.adapters import kasa as kasa_block
 
-    monkeypatch.setattr(kasa_block, "_distributed", lambda: distributed)
+    monkeypatch.setattr(kasa_block, "aux_loss_needs_forward", lambda: distributed)
     model = kasa_model(beta=0.3, gamma=0.7)
     blocks = [b for _, b in kasa.kasa_blocks(model)]
     for i, b in enumerate(blocks):  # away from the initial dU = 0, so that every term is exercised

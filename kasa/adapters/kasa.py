@@ -95,9 +95,9 @@ class KasaBlock(RemovedComponents):
         self.set_removed(*removed)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and (self.beta or self.gamma) and _distributed():
+        if self.training and torch.is_grad_enabled() and (self.beta or self.gamma) and aux_loss_needs_forward():
             # Computed here, inside forward, because that is when FSDP / ZeRO-3 hold the full parameters. A single
-            # process computes every block's terms at once after forward instead (batched_regularization): the
+            # process computes every block's terms at once, before forward, instead (batched_regularization): the
             # dozen small ops per block and step would cost ~5% of a step with hundreds of blocks.
             self.last_regularization = self.regularization()
         return F.linear(F.linear(h, self.delta_v) * (self.delta_sigma * self.scaling), self.delta_u)
@@ -111,9 +111,12 @@ class KasaBlock(RemovedComponents):
         return Regularization(*(t[0] for t in terms))
 
 
-def _distributed() -> bool:
-    """Whether this process is one of several (DDP, FSDP, ZeRO-3): then sharding may hide parameters outside
-    forward."""
+def aux_loss_needs_forward() -> bool:
+    """Whether `aux_loss` must be called after the forward pass, not before it: when this process is one of several
+    (DDP, FSDP, ZeRO-3), where sharding may hide parameters outside forward, so that each block records its terms
+    in its forward pass. Otherwise call it before: autograd runs a graph's newest nodes first, so the auxiliary
+    loss's backward then runs after the model's and the adapters' gradients appear layer by layer, instead of all
+    of them being held from the start of the backward pass, where a step's memory peaks."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -174,16 +177,19 @@ class _GroupRegularization(torch.autograd.Function):
                 # ||A^T A - I_m||_F^2 = ||A A^T - I_r||_F^2 + (m - r) for any r x m matrix A.
                 squares_u, squares_v = squares_u + (n - r), squares_v + (m - r)
             l3_u, l3_v = squares_u.sqrt(), squares_v.sqrt()
-        ctx.save_for_backward(delta_u, delta_sigma, delta_v, off_u, off_v, l3_u, l3_v)
+        # The parameters themselves, not the stacked copies: the loop computes this before the model's forward pass,
+        # so that its backward runs last, and copies of every adapter's dU and dV would be held all through the step
+        ctx.save_for_backward(delta_sigma, off_u, off_v, l3_u, l3_v, *params[0::3], *params[2::3])
         return delta_sigma.square().sum(1), l3_u, l3_v
 
     @staticmethod
     def backward(ctx, grad_l2: torch.Tensor, grad_l3_u: torch.Tensor, grad_l3_v: torch.Tensor):
-        delta_u, delta_sigma, delta_v, off_u, off_v, l3_u, l3_v = ctx.saved_tensors
+        delta_sigma, off_u, off_v, l3_u, l3_v, *factors = ctx.saved_tensors
+        blocks = len(delta_sigma)
         tiny = torch.finfo(l3_u.dtype).tiny  # a zero norm has a zero matrix under it: gradient 0, not 0/0
         grad_sigma = 2 * delta_sigma * grad_l2[:, None]
         # the factor scales the r x r matrices, not the n x r products: one pass less over the gradients' memory
-        grad_u = delta_u @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
-        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ delta_v
+        grad_u = torch.stack(factors[:blocks]) @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
+        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ torch.stack(factors[blocks:])
         grads = [g for block in zip(grad_u.unbind(), grad_sigma.unbind(), grad_v.unbind()) for g in block]
         return None, None, None, *grads

@@ -267,7 +267,8 @@ def kasa_blocks(model: nn.Module) -> Iterator[tuple[str, KasaBlock]]:
 
 
 def aux_loss(model: nn.Module) -> AuxLoss | None:
-    """KaSA's auxiliary loss for the last training forward pass (None for methods without one).
+    """KaSA's auxiliary loss of the model's current adapters (None for methods without one): call it before the
+    training forward pass in a single process, after it under torch.distributed (`aux_loss_needs_forward`).
 
     Under torch.distributed each KaSA block records its terms during forward, so the loss is built from the full
     parameters even when FSDP / ZeRO-3 shard them outside forward; reading the terms clears them. Blocks without a

@@ -32,7 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, Pr
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, count_parameters
+from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, aux_loss_needs_forward, count_parameters
 from kasa.config import RunConfig, launch_rank
 from kasa.evaluation.metrics import improves, main_metric
 from kasa.run_dir import (
@@ -621,8 +621,10 @@ class TrainingRecipe:
         # (which a look-ahead at the data loader's end would set early)
         accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
+            aux = None if aux_loss_needs_forward() else aux_loss(self.model)  # its backward then runs last
             loss_task = self.task.loss(self.model, batch)
-            aux = aux_loss(self.model)
+            if aux_loss_needs_forward():
+                aux = aux_loss(self.model)
             loss = loss_task + aux.total if aux is not None else loss_task  # what the logs show
             self.nonfinite.observe(loss, self.state.step + 1, self.state.epoch)
             objective = loss_task if weight is None else loss_task * weight
