@@ -621,9 +621,12 @@ class TrainingRecipe:
         # (which a look-ahead at the data loader's end would set early)
         accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(self.model):
-            aux = None if aux_loss_needs_forward() else aux_loss(self.model)  # its backward then runs last
+            # KaSA's terms before the forward pass, so that their backward runs last, or after it where the blocks
+            # record them (several processes)
+            after_forward = aux_loss_needs_forward()
+            aux = None if after_forward else aux_loss(self.model)
             loss_task = self.task.loss(self.model, batch)
-            if aux_loss_needs_forward():
+            if after_forward:
                 aux = aux_loss(self.model)
             loss = loss_task + aux.total if aux is not None else loss_task  # what the logs show
             self.nonfinite.observe(loss, self.state.step + 1, self.state.epoch)
