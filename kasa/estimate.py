@@ -336,11 +336,20 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         "peak_bytes": int(peak_checkpointed if checkpointing else peak_plain),
         "peak_bytes_without_checkpointing": int(peak_plain),
         "peak_bytes_with_checkpointing": int(peak_checkpointed),
-        # what grows with the micro-batch (saved activations and backward's temporaries), per row
-        "activation_bytes_per_row": {"plain": (acts.saved + acts.transient) / cfg.trainer.batch_size,
-                                     "checkpointed": (acts.saved_checkpointed + acts.transient)
-                                     / cfg.trainer.batch_size},
     }
+
+
+def _peak_at_batch(cfg, estimate: dict[str, Any], batch: int, architecture: Any, loss_share: float) -> int:
+    """`estimate`'s peak (of the run `cfg`) with micro-batches of `batch` rows: the activations traced again, since
+    the chunked loss's chunk and backward's temporaries do not shrink in proportion to the batch."""
+    if batch == cfg.trainer.batch_size:
+        return estimate["peak_bytes"]
+    parts = estimate["bytes"]
+    static = sum(parts[key] for key in ("weights", "gathered_weights", "adapters", "removed_components",
+                                        "gradients", "optimizer"))
+    acts = activation_bytes(cfg, architecture, batch, cfg.trainer.max_length, loss_share)
+    saved = acts.saved_checkpointed if cfg.model.gradient_checkpointing else acts.saved
+    return int(static + saved + acts.transient)
 
 
 def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: int = 1,
@@ -361,11 +370,8 @@ def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: in
         result = estimate if not overrides else estimate_memory(option, num_processes, sharding, architecture,
                                                                 loss_share)
         batch, accum = cfg.trainer.batch_size, cfg.trainer.grad_accum
-        per_row = result["activation_bytes_per_row"]["checkpointed" if option.model.gradient_checkpointing
-                                                       else "plain"]
-        fixed = result["peak_bytes"] - per_row * batch
         while batch >= 1:
-            peak = int(fixed + per_row * batch)
+            peak = _peak_at_batch(option, result, batch, architecture, loss_share)
             if peak <= budget:
                 extra = [] if batch == cfg.trainer.batch_size else [
                     f"trainer.batch_size={batch}", f"trainer.grad_accum={accum * cfg.trainer.batch_size // batch}"]
@@ -399,5 +405,5 @@ def parse_memory(text: str) -> int:
                 break
             if size > 0 and math.isfinite(size):
                 return int(size * units[unit])
-            break
+            raise ValueError(f"gpu_memory={text!r} is not allowed: the size must be a number > 0, e.g. gpu_memory=24GiB")
     raise ValueError(f"gpu_memory={text!r} is not a memory size: write e.g. gpu_memory=24GiB or gpu_memory=80GB")

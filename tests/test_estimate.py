@@ -126,6 +126,27 @@ def test_nf4_and_sharding_shrink_what_they_should(tmp_path) -> None:
     assert zero3["bytes"]["gathered_weights"] == int((2 * 512 * 64 * 4 + 2 * layer) * 3 / 4)
 
 
+def test_a_suggested_override_gives_the_peak_it_was_quoted_with(tmp_path) -> None:
+    """Passed back, every suggestion fits with the peak it was given with: the activations of a smaller micro-batch are
+    traced again (the chunked loss's chunk and backward's temporaries do not shrink with the rows; a per-row
+    extrapolation suggested micro-batches that did not fit)."""
+    cfg = tiny_run(tmp_path)
+    cfg.trainer.batch_size, cfg.trainer.max_length, cfg.trainer.grad_accum = 16, 64, 1
+    full = estimate.estimate_memory(cfg)
+    cfg_two = estimate._with(cfg, trainer={"batch_size": 2})
+    budget = estimate.estimate_memory(cfg_two)["peak_bytes"] - 1  # batch 2 misses by a byte
+    found = estimate.suggestions(cfg, full, budget + estimate.RESERVE_BYTES)
+    assert found[0][0] == "trainer.batch_size=1 trainer.grad_accum=16"  # batch 2 alone does not fit
+    for overrides, peak in found:
+        changes: dict = {}
+        for override in overrides.split():
+            key, value = override.split("=")
+            section, name = key.split(".")
+            changes.setdefault(section, {})[name] = {"true": True}.get(value, int(value) if value.isdigit() else value)
+        again = estimate.estimate_memory(estimate._with(cfg, **changes))["peak_bytes"]
+        assert again == peak <= budget, overrides
+
+
 def test_no_nf4_suggestion_under_sharding(capsys) -> None:
     """nf4 does not run sharded, so a sharded run that does not fit is not told to use it."""
     estimate_cli.main(["recipe=commonsense/llama3_8b", "gpu_memory=12GiB", "num_processes=2", "sharding=fsdp"])
@@ -147,8 +168,12 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["gpu_memory=lots"], "gpu_memory='lots' is not a memory size"),
-    (["gpu_memory=-3GiB"], "gpu_memory='-3GiB' is not a memory size"),  # was taken, and a GPU of -3 GiB judged
-    (["gpu_memory=0GB"], "gpu_memory='0GB' is not a memory size"),
+    (["gpu_memory=-3GiB"], "gpu_memory='-3GiB' is not allowed: the size must be a number > 0"),  # was judged
+    (["gpu_memory=0GB"], "gpu_memory='0GB' is not allowed: the size must be a number > 0"),
+    # as kasa-train refuses them (were a traceback, a failed trace, or "fits")
+    (["trainer.batch_size=-1"], "trainer.batch_size=-1 is not allowed: it must be an integer >= 1"),
+    (["trainer.max_length=0"], "trainer.max_length=0 is not allowed: it must be an integer >= 1"),
+    (["trainer.grad_accum=0"], "trainer.grad_accum=0 is not allowed: it must be an integer >= 1"),
     (["sharding=zero9"], "unknown sharding='zero9'"),
     (["num_processes=two"], "num_processes='two' is not a whole number"),
     (["loss_share=most"], "loss_share='most' is not a number"),

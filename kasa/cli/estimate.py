@@ -4,7 +4,8 @@
     kasa-estimate recipe=instruction/llama2_13b_alpaca model.quantization=nf4 gpu_memory=24GiB
     kasa-estimate recipe=commonsense/llama3_8b gpu_memory=80GiB num_processes=4 sharding=zero3
 
-Takes the recipe and overrides of kasa-train, plus `gpu_memory` (e.g. 24GiB; default 24GiB), `num_processes`
+Takes the recipe and overrides of kasa-train, plus `gpu_memory` (e.g. 24GiB; default 24GiB; GB and G are read as
+GiB, as GPU makers mean them: a 24 GB RTX 3090 is 24GiB, and 1 GiB of it is kept for the CUDA context), `num_processes`
 (default 1), `sharding` (none | zero2 | zero3 | fsdp: what the Accelerate config shards; default none) and, for the
 causal-LM tasks, `loss_share` (the share of the max_length columns that predict a response token, where kasa
 computes the logits; default 1.0, an upper bound; e.g. 0.35 for Alpaca rows of 256 tokens). The architecture comes
@@ -33,6 +34,7 @@ def _gib(value: float) -> str:
 
 def run(argv: list[str]) -> dict[str, Any]:
     from kasa.estimate import RESERVE_BYTES, estimate_memory, parse_memory, suggestions
+    from kasa.training.preflight import check_config_values
 
     own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in OWN_KEYS and "=" in a}
     gpu_bytes = parse_memory(own.get("gpu_memory", "24GiB"))
@@ -46,6 +48,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         raise ValueError(f"loss_share={own['loss_share']!r} is not a number: e.g. loss_share=0.35")
     sharding = own.get("sharding", "none")
     cfg = compose_run([a for a in argv if a.split("=", 1)[0] not in OWN_KEYS])
+    check_config_values(cfg, decomposes=False, on_this_machine=False)  # kasa-train's refusals, in its words
     quiet_libraries()
     estimate = estimate_memory(cfg, processes, sharding, loss_share=loss_share)
     parts = estimate["bytes"]

@@ -58,9 +58,9 @@ def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[
     from kasa.tasks.models import load_tokenizer
     from kasa.training.calibration import batches_of, calibration_rows, mean_loss, relative_increase
     from kasa.training.damage import measure_damage, untruncated
-    from kasa.training.preflight import check_svd_device
+    from kasa.training.preflight import check_config_values
 
-    check_svd_device(cfg.method.svd_device)
+    check_config_values(cfg)  # as kasa-train checks the same settings
     task = build_task(cfg)
     dataset = task.train_dataset(load_tokenizer(cfg.model))  # the data's checks in seconds, before the model loads
     calibration_part, held_part = calibration_rows(dataset, cfg, held_out)

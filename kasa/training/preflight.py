@@ -116,14 +116,17 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def check_config_values(cfg: RunConfig, decomposes: bool = True) -> None:
+def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine: bool = True) -> None:
     """Values the schema's types allow but a run cannot use (epochs 0, lr -1, ...): the first one found, named.
     `decomposes`: whether the command truncates weights (not kasa-eval, which loads the removed components), and so
-    needs method.svd_device on this machine."""
+    needs method.svd_device on this machine. `on_this_machine`: whether the command runs the model here (not
+    kasa-estimate, which sizes a run for another machine), and so needs the attention implementation here."""
     for key, (test, requirement) in _RULES.items():
         value = _get(cfg, key)
         if not test(value):
             raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
+    if not on_this_machine:
+        return
     from kasa.tasks.models import attention_implementation
 
     attention_implementation(cfg.model)  # flash-attention without its package or a GPU: now, not after the data
