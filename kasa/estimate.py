@@ -16,6 +16,9 @@ training (`apply_adapters(..., initialise=False)`), so parameter counts are exac
                 with attention dropout in training, SDPA on the CPU takes the math path, which saves the
                 batch x heads x length x length probabilities and dropout mask (`device="cpu"` counts those).
                 With gradient checkpointing each layer keeps its input and one layer is recomputed at a time.
+                Under autocast (trainer.precision bf16 / fp16 over weights of another dtype) the linear layers and
+                attention are traced in its dtype: the copies of the frozen weights that autocast makes at each
+                call and the matmul's backward keeps count too (one layer's with checkpointing).
   transient     the largest temporaries on top of what is saved: backward's, twice the largest saved tensor, or
                 the chunked causal-LM loss's one chunk of logits (kasa.tasks.lm_loss) at the end of forward
 
@@ -46,6 +49,7 @@ from torch import nn
 GIB = 2**30
 RESERVE_BYTES = GIB  # CUDA context (~0.5 GiB) and allocator fragmentation, kept free by the fit verdict
 SHARDINGS = ("none", "zero2", "zero3", "fsdp")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision -> Accelerate's autocast dtype
 ARCHITECTURES = Path(__file__).parent / "architectures"
 
 
@@ -130,11 +134,25 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | None,
-                 chunked: bool = True, device: str = "cuda") -> tuple[int, int]:
+def _autocast(cfg, model: nn.Module) -> tuple[torch.dtype, set[int]] | None:
+    """Accelerate's autocast dtype for trainer.precision, and the weights of the layers it leaves alone (the ones
+    quantize_base replaces: bitsandbytes' own kernels); None without autocast."""
+    from kasa.adapters.quantized import quantizable_layers
+
+    dtype = AUTOCAST_DTYPES.get(cfg.trainer.precision)
+    if dtype is None:
+        return None
+    quantized = quantizable_layers(model, cfg.method.trainable_modules) if cfg.model.quantization else []
+    return dtype, {id(module.weight) for _, module in quantized}
+
+
+def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | None, chunked: bool = True,
+                 device: str = "cuda", autocast: tuple[torch.dtype, set[int]] | None = None) -> tuple[int, int]:
     """(total, largest) bytes of the distinct tensors autograd saves for backward in one training forward:
     a classifier's (loss_columns None) or a causal LM's with its head and loss at `loss_columns` columns, with the
-    attention kernels of `device` (module docstring)."""
+    attention kernels of `device` (module docstring); under `autocast` (its dtype, and the weights it leaves alone)
+    as autocast runs it, which the meta device cannot: the linear layers and attention in that dtype, so that a
+    frozen weight's copy, made at each call and kept for the matmul's backward, counts."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from kasa.tasks.lm_loss import LOSS_POSITION_KEYS, labelled_token_loss
@@ -150,9 +168,24 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
             sizes[key] = storage.nbytes()
         return tensor
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa, linear, addmm = torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.linear, torch.addmm
+    dtype, left_alone = autocast if autocast is not None else (None, set())
+
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if dtype is None or tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+            return tensor
+        return tensor.to(dtype)
+
+    def autocast_linear(input, weight, bias=None):
+        if id(weight) in left_alone:
+            return linear(input.to(weight.dtype), weight, bias)
+        return linear(cast(input), cast(weight), cast(bias))
+
+    def autocast_addmm(input, mat1, mat2, **kwargs):  # GPT-2's Conv1D
+        return addmm(cast(input), cast(mat1), cast(mat2), **kwargs)
 
     def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        query, key, value = cast(query), cast(key), cast(value)
         if device == "cpu" and dropout_p > 0:  # the math path, as the CPU runs it
             return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p,
                                                                      is_causal, None, **kwargs)[0]
@@ -165,6 +198,8 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
     model.train()
     model.config.pad_token_id = None  # no padding check: it would read the (absent) token values
     torch.nn.functional.scaled_dot_product_attention = fused
+    if dtype is not None:
+        torch.nn.functional.linear, torch.addmm = autocast_linear, autocast_addmm
     from torch.fx.experimental import _config as fx_config
 
     try:  # DeBERTa's relative positions call nonzero(), whose size the meta device cannot know: all count
@@ -181,6 +216,7 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
                          "its activations cannot be estimated") from err
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
+        torch.nn.functional.linear, torch.addmm = linear, addmm
     return sum(sizes.values()), max(sizes.values(), default=0)
 
 
@@ -205,7 +241,7 @@ def activation_bytes(cfg, architecture, batch: int, length: int, loss_share: flo
         small = copy.deepcopy(architecture)
         small.num_hidden_layers = layers
         model = _meta_model(cfg, small)
-        total, big = _saved_bytes(model, batch, length, loss_columns, chunked, device)
+        total, big = _saved_bytes(model, batch, length, loss_columns, chunked, device, _autocast(cfg, model))
         totals.append(total)
         largest = max(largest, big)
         if loss_columns is not None:
