@@ -231,11 +231,13 @@ def test_bad_rows_and_labels(tmp_path: Path) -> None:
     write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t1", "b\twith\ttab\t0"])
     with pytest.raises(DataError, match="train.tsv, line 3: 4 fields where the header has 2"):
         load_glue_splits(task(tmp_path))
-    write(tmp_path / "train.tsv", ["sentence\tlabel", "a\tpositive"])
-    with pytest.raises(DataError, match="label 'positive' is neither a class id nor a GLUE label name"):
+    write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t0", "b\tpositive"])  # the file's line named
+    with pytest.raises(DataError, match=r"train.tsv\), line 3: label 'positive' is not a class id 0..1 or one of GLUE's "
+                                        r"label names \['entailment', 'not_entailment'\]: write the labels as class ids"):
         load_glue_splits(task(tmp_path))
     write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t2"])
-    with pytest.raises(DataError, match="label 2 is outside 0..1; check task.num_labels"):
+    with pytest.raises(DataError, match="line 2: label 2 is outside 0..1: number the classes from 0, or set "
+                                        "task.num_labels to their count"):
         load_glue_splits(task(tmp_path))
     write(tmp_path / "train.tsv", ["sentence\tlabel", "a\thigh"])
     with pytest.raises(DataError, match="score 'high' is not a number"):
@@ -244,6 +246,21 @@ def test_bad_rows_and_labels(tmp_path: Path) -> None:
         write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t1.5", f"b\t{score}"])
         with pytest.raises(DataError, match=f"score '{score}' is not a finite number: fix or remove that row"):
             load_glue_splits(task(tmp_path, num_labels=1))
+
+
+def test_a_regression_score_of_minus_one_is_a_score(tmp_path: Path) -> None:
+    """-1 marks GLUE's unlabeled test rows, but it is also a score (sentiment in [-1, 1]): a regression split keeps
+    its -1 scores, and only a split whose every label is -1 (or empty) is unlabeled. Every -1 was dropped silently."""
+    write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t-1", "b\t0.5", "c\t-1.0", "d\t"])
+    write(tmp_path / "dev.tsv", ["sentence\tlabel", "e\t-1", "f\t-1"])
+    with pytest.raises(DataError, match="dev.tsv.* has no labels"):  # every label -1: a test split
+        load_glue_splits(task(tmp_path, num_labels=1))
+    write(tmp_path / "dev.tsv", ["sentence\tlabel", "e\t-1", "f\t1"])
+    splits = load_glue_splits(task(tmp_path, num_labels=1))
+    assert splits["train"]["label"] == [-1.0, 0.5, -1.0]  # the empty label alone is unlabeled
+    assert splits["validation"]["label"] == [-1.0, 1.0]
+    write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t-1", "b\t1"])
+    assert load_glue_splits(task(tmp_path))["train"]["label"] == [1]  # a class id is never -1: unlabeled
 
 
 def test_same_train_and_eval_split(sst2: Path) -> None:

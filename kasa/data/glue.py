@@ -46,6 +46,8 @@ _LABEL_NAMES: dict[int, dict[str, int]] = {
     3: {"entailment": 0, "neutral": 1, "contradiction": 2},  # MNLI
 }
 _UNLABELED = frozenset({"", "-1", "-1.0"})  # GLUE test files and the Hub's test splits mark labels so
+# ...but -1 is also a score: a regression split's -1 means "no label" only where every row has it (a test split)
+_NO_SCORE = frozenset({""})
 
 # The GLUE release's TSVs name some columns differently from the Hub's GLUE data set: a file column is read under
 # the Hub's name when the file lacks that name, so one task config serves both sources.
@@ -134,7 +136,8 @@ def _load_local(task: TaskConfig, splits: Sequence[str]) -> dict[str, Dataset]:
         _check_columns(columns, task, split, str(path))
         index = {name: columns.index(name) for name in wanted}
         table = {name: [row[index[name]] for _, row in rows] for name in wanted}
-        result[split] = _normalise(Dataset.from_dict(table), task, split, str(path))
+        lines = [f"line {line}" for line, _ in rows]
+        result[split] = _normalise(Dataset.from_dict(table), task, split, str(path), lines)
     return result
 
 
@@ -213,8 +216,10 @@ def _check_columns(found: list[str], task: TaskConfig, split: str, source: str) 
         )
 
 
-def _normalise(dataset: Dataset, task: TaskConfig, split: str, source: str) -> Dataset:
-    """`dataset` cut to `text_fields + ["label"]`, labels parsed to ids or scores, unlabeled rows dropped."""
+def _normalise(dataset: Dataset, task: TaskConfig, split: str, source: str,
+               lines: Optional[list[str]] = None) -> Dataset:
+    """`dataset` cut to `text_fields + ["label"]`, labels parsed to ids or scores, unlabeled rows dropped. A bad label
+    is named by its place in `lines` (a file's line numbers), else by its row counted from 1."""
     where = f"split '{split}' ({source})"
     if len(dataset) == 0:
         raise DataError(f"{where} has no rows; choose another split or fill the file")
@@ -223,12 +228,19 @@ def _normalise(dataset: Dataset, task: TaskConfig, split: str, source: str) -> D
     label_type = Value("float32") if task.num_labels == 1 else Value("int64")
     features = Features({**{name: Value("string") for name in text_fields}, "label": label_type})
 
-    def parse(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return {"label": [_parse_label(value, task.num_labels, where) for value in batch[task.label_field]]}
+    unlabeled = _UNLABELED
+    if task.num_labels == 1 and not all(_cell(value) in _UNLABELED for value in dataset[task.label_field]):
+        unlabeled = _NO_SCORE
+
+    def parse(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        places = [lines[index] if lines else f"row {index + 1}" for index in indices]
+        return {"label": [_parse_label(value, task.num_labels, f"{where}, {place}", unlabeled)
+                          for value, place in zip(batch[task.label_field], places)]}
 
     parsed = dataset.map(
         parse,
         batched=True,
+        with_indices=True,
         remove_columns=[name for name in dataset.column_names if name not in text_fields],
         features=features,
         desc=f"Reading labels of {split}",
@@ -246,11 +258,16 @@ def _normalise(dataset: Dataset, task: TaskConfig, split: str, source: str) -> D
     return labeled.select_columns([*text_fields, "label"])
 
 
-def _parse_label(value: Any, num_labels: int, where: str) -> Optional[Union[int, float]]:
-    """A class id or score from a file cell or Hub value; None for an unlabeled row. String class names map to the
-    Hub's GLUE ids (see _LABEL_NAMES)."""
-    text = "" if value is None else str(value).strip()
-    if text in _UNLABELED:
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _parse_label(value: Any, num_labels: int, where: str,
+                 unlabeled: frozenset[str] = _UNLABELED) -> Optional[Union[int, float]]:
+    """A class id or score from a file cell or Hub value; None for an unlabeled row (a value in `unlabeled`).
+    String class names map to the Hub's GLUE ids (see _LABEL_NAMES)."""
+    text = _cell(value)
+    if text in unlabeled:
         return None
     if num_labels == 1:
         try:
@@ -266,12 +283,13 @@ def _parse_label(value: Any, num_labels: int, where: str) -> Optional[Union[int,
         label = int(text)
     except ValueError:
         if text.lower() not in names:
-            known = f" nor a GLUE label name {list(names)}" if names else ""
-            message = f"{where}: label {text!r} is neither a class id{known} (task.num_labels={num_labels})"
-            raise DataError(message) from None
+            known = f" or one of GLUE's label names {list(names)}" if names else ""
+            raise DataError(f"{where}: label {text!r} is not a class id 0..{num_labels - 1}{known}: write the labels "
+                            f"as class ids (task.num_labels={num_labels}; 1 for a regression score)") from None
         label = names[text.lower()]
     if not 0 <= label < num_labels:
-        raise DataError(f"{where}: label {label} is outside 0..{num_labels - 1}; check task.num_labels")
+        raise DataError(f"{where}: label {label} is outside 0..{num_labels - 1}: number the classes from 0, or set "
+                        f"task.num_labels to their count")
     return label
 
 
