@@ -126,6 +126,7 @@ class TaskConfig:
     label_field: str = "label"
     num_labels: int = 2  # 1 = regression
     metric: str = "accuracy"  # the metric that picks the best epoch
+    # at most this many examples of a split: GLUE a fixed shuffled sample, the generation tasks their first ones
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     eval_sets: list[str] = field(default_factory=list)  # commonsense: test sets, <data_dir>/<set>/test.json

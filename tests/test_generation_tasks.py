@@ -575,8 +575,31 @@ def test_a_malformed_instruction_row_is_named_by_its_index(tiny_llama, tmp_path)
     (tmp_path / "test.json").write_text(json.dumps(INSTRUCTION_TEST))
     cfg = RunConfig()
     cfg.task.kind, cfg.task.data_dir, cfg.task.eval_split = "instruction", str(tmp_path), "test"
-    with pytest.raises(DataError, match=r"^split 'train', row 2: example has no string 'output'"):
+    with pytest.raises(DataError, match=rf"^split 'train' \({tmp_path / 'train.json'}\), row 2: example has no "
+                                        "string 'output'"):
         build_task(cfg).train_dataset(AutoTokenizer.from_pretrained(tiny_llama))
+
+
+def test_a_malformed_evaluation_row_is_refused_before_the_training(tiny_llama, tmp_path, monkeypatch):
+    """check_evaluation (kasa-train and kasa-eval, before the model loads) reads every evaluated row: a row without
+    an instruction failed only when the evaluation ran, after the training, naming no file and no row."""
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    rows = [dict(row) for row in INSTRUCTION_TEST] + [{"prompt": "Say bye."}]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    cfg = RunConfig()
+    cfg.task.kind, cfg.task.data_dir, cfg.task.eval_split = "instruction", str(tmp_path), "test"
+    cfg.task.judge.base_url, cfg.task.judge.api_key_env = closed_base_url(), KEY_ENV
+    with pytest.raises(DataError, match=rf"^split 'test' \({tmp_path / 'test.json'}\), row {len(rows) - 1}: example "
+                                        "has no string 'instruction'"):
+        build_task(cfg).check_evaluation("test")
+    cfg.task.max_eval_samples = len(rows) - 1  # the rows evaluated only
+    build_task(cfg).check_evaluation("test")
+    (tmp_path / "test.json").write_text(json.dumps({"data": rows}))
+    with pytest.raises(DataError, match="holds a JSON object whose 'data' holds the examples: write the list itself"):
+        build_task(cfg).check_evaluation("test")
 
 
 def test_an_instruction_run_exports_without_the_judges_key(runs, tmp_path):
@@ -640,7 +663,7 @@ def test_prompt_only_rows_and_judge_texts():
     assert reference_answer({"instruction": "Add.", "output": ""}) is None
 
 
-def test_loss_is_the_mean_over_response_tokens_and_unlabelled_rows_are_dropped():
+def test_loss_is_the_mean_over_response_tokens_and_unlabelled_rows_are_dropped(capsys):
     from types import SimpleNamespace
 
     from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset
@@ -663,6 +686,9 @@ def test_loss_is_the_mean_over_response_tokens_and_unlabelled_rows_are_dropped()
     assert task.loss(Model(), batch).item() == pytest.approx(expected.item(), rel=1e-6)
     kept = training_dataset([rows[0], {"input_ids": [1], "attention_mask": [1], "labels": [-100]}], 5)
     assert len(kept) == 1
+    assert capsys.readouterr().err == (  # it was left out without a word
+        "warning: 1 of 2 training examples have no response token within trainer.max_length=5 (the prompt fills it) "
+        "and are left out: raise trainer.max_length to train on them\n")
     with pytest.raises(DataError, match="trainer.max_length=5"):
         training_dataset([{"input_ids": [1], "attention_mask": [1], "labels": [-100]}], 5)
 

@@ -247,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{result['split']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     if result["max_eval_samples"] is not None:
-        print(f"(on the first {result['max_eval_samples']} examples at most of each evaluated set: the run's "
-              "task.max_eval_samples; task.max_eval_samples=null evaluates them all)")
+        limit = result["max_eval_samples"]
+        print(f"(on {limit} examples at most of each evaluated set, task.max_eval_samples={limit}: GLUE tasks take a "
+              "fixed shuffled sample, the others the first ones; task.max_eval_samples=null evaluates them all)")
     reported = result.get("reported_in_training")
     if reported is not None:
         print(f"{result['metric']} reported by the training run for this checkpoint: {reported:.4f}")

@@ -33,6 +33,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}: line {number} is not JSON ({line_err.msg}, column {line_err.colno}); the "
                                 "file is read as JSON lines, one object per line, or one JSON list") from None
     if isinstance(rows, dict):
+        wrapped = [key for key, value in rows.items() if isinstance(value, list) and value
+                   and all(isinstance(item, dict) for item in value)]
+        if wrapped:  # {"data": [...]}: read as one example, it only failed later for lacking every field
+            raise DataError(f"{path} holds a JSON object whose {wrapped[0]!r} holds the examples: write the list "
+                            "itself, or one example object per line (JSON lines)")
         rows = [rows]
     if not isinstance(rows, list) or not rows:
         raise DataError(f"{path} holds no examples")

@@ -4,6 +4,7 @@ generation spread over the processes."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -13,7 +14,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from kasa.config import RunConfig
+from kasa.config import RunConfig, launch_rank
 from kasa.data.errors import DataError
 from kasa.data.prompts import IGNORE_INDEX
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
@@ -58,6 +59,10 @@ def training_dataset(rows: list[dict[str, list[int]]], max_length: int, packing:
     if not kept:
         raise DataError(f"no training example has a response token within trainer.max_length={max_length} "
                         f"(of {len(rows)} examples): raise trainer.max_length")
+    if len(kept) < len(rows) and launch_rank()[0] == 0:
+        print(f"warning: {len(rows) - len(kept)} of {len(rows)} training examples have no response token within "
+              f"trainer.max_length={max_length} (the prompt fills it) and are left out: raise trainer.max_length "
+              "to train on them", file=sys.stderr, flush=True)
     if packing:
         groups = pack_examples([len(row["input_ids"]) for row in kept], max_length)
         kept = [packed_row([kept[i] for i in group]) for group in groups]

@@ -51,7 +51,9 @@ class InstructionTask(CausalLMTask):
     def check_evaluation(self, split: str) -> None:
         """The split's rows, the judge's endpoint, and its API key in the environment; a judge that does not answer
         now is a warning, not an error (on one 24 GB GPU it often runs only after the training)."""
-        self._rows(split, 1)
+        rows = self._rows(split, self.cfg.task.max_eval_samples)
+        mt_bench = all("turns" in row for row in rows)
+        _each_row(rows, self._where(split), lambda row: _question(row, mt_bench))  # before the training, not after
         judge = self._judge()
         if launch_rank()[0] == 0 and (problem := judge.unanswered()) is not None:
             print(f"warning: the judge at {judge.config.base_url} does not answer now ({problem}): start it before the "
@@ -69,6 +71,12 @@ class InstructionTask(CausalLMTask):
             return Judge(config)
         except JudgeError as err:
             raise ValueError(str(err)) from None
+
+    def _where(self, split: str) -> str:
+        """`split` and the file or Hub data set it is read from, for a message about one of its rows."""
+        task = self.cfg.task
+        path = local_split_file(task.data_dir, split, (f"{split}.json", f"{split}.jsonl"))
+        return f"split '{split}' ({path})" if path is not None else f"split '{split}' of {task.hub_id}"
 
     def _rows(self, split: str, limit: int | None) -> list[dict[str, Any]]:
         """Rows of `split`: <data_dir>/<split>.json(l), a JSON / JSON-lines file named by the split itself (e.g. the
@@ -88,7 +96,7 @@ class InstructionTask(CausalLMTask):
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         max_length = self.cfg.trainer.max_length
         rows = self._rows(self.cfg.task.train_split, self.cfg.task.max_train_samples)
-        encoded = _each_row(rows, self.cfg.task.train_split,
+        encoded = _each_row(rows, self._where(self.cfg.task.train_split),
                             lambda row: format_instruction_example(row, tokenizer, max_length))
         return training_dataset(encoded, max_length, self.cfg.trainer.packing)
 
@@ -101,8 +109,8 @@ class InstructionTask(CausalLMTask):
         judging again."""
         rows = self._rows(split, self.cfg.task.max_eval_samples)
         mt_bench = all("turns" in row for row in rows)
-        questions = [_question(row, mt_bench) for row in rows]
-        first_prompts = _each_row(rows, split, lambda row: conversation_prompt(
+        questions = _each_row(rows, self._where(split), lambda row: _question(row, mt_bench))
+        first_prompts = _each_row(rows, self._where(split), lambda row: conversation_prompt(
             [{"role": "user", "content": row["turns"][0]}], tokenizer) if mt_bench else generation_prompt(row, tokenizer))
         fingerprint = self._fingerprint(model, accelerator, tokenizer, first_prompts)
         name = f"instruction-{split_label(split)}.jsonl"
@@ -259,12 +267,13 @@ def _save_records(path: Path | None, records: list[dict[str, Any]]) -> None:
         write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def _each_row(rows: list[dict[str, Any]], split: str, function: Callable[[dict[str, Any]], T]) -> list[T]:
-    """`function` of every row; a row it refuses is named by its index (counted from 0) in the split."""
+def _each_row(rows: list[dict[str, Any]], where: str, function: Callable[[dict[str, Any]], T]) -> list[T]:
+    """`function` of every row; a row it refuses is named by its index (counted from 0) in `where` (InstructionTask.
+    _where: the split and its file)."""
     results = []
     for index, row in enumerate(rows):
         try:
             results.append(function(row))
         except ValueError as err:
-            raise DataError(f"split '{split}', row {index}: {err}") from None
+            raise DataError(f"{where}, row {index}: {err}") from None
     return results
