@@ -94,6 +94,9 @@ def test_load_commonsense_file(tmp_path):
     ('["q"]', "row 0 is a str"),
     ('[{"instruction": "q", "output": "o", "answer": "a"}, {"instruction": "q", "output": "o"}]', "row 1 .*answer"),
     ('[{"instruction": "q", "output": "o", "answer": "a", "input": 3}]', "non-string 'input'"),
+    ('{"instruction": "q", "output": "o", "answer": "a"}\n{"instruction": "r", "output": "o", "answer": "a"}\n',
+     "it looks like JSON lines, one object per line: write one JSON list"),
+    ("", "the file is empty: an LLM-Adapters file is one JSON list"),
 ])
 def test_load_commonsense_file_errors(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -230,3 +233,20 @@ def test_an_answer_outside_the_tasks_keywords_is_refused():
         check_answers("boolq", ["true", "Yes"], "boolq/test.json")
     with pytest.raises(DataError, match="row 0 has answer 'solution1 '"):
         check_answers("piqa", ["solution1 "], "piqa/test.json")
+
+
+def test_the_evaluated_files_are_named_with_the_setting_that_chose_them(tmp_path):
+    """A data_dir that is a file, and an eval split without its file: named as the settings the user wrote."""
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    cfg = RunConfig()
+    cfg.task.kind, cfg.task.eval_sets = "commonsense", ["boolq"]
+    cfg.task.data_dir = str(tmp_path / "a-file.json")
+    (tmp_path / "a-file.json").write_text("[]")
+    with pytest.raises(DataError, match=r"task.data_dir=.*a-file.json is not a folder"):
+        build_task(cfg).check_evaluation("test")
+    cfg.task.data_dir = str(tmp_path)
+    with pytest.raises(DataError, match=r"boolq/nosuch.json does not exist: the evaluated split is 'nosuch' "
+                                        r"\(task.eval_split, kasa-eval's split=\)"):
+        build_task(cfg).check_evaluation("nosuch")

@@ -301,8 +301,12 @@ def test_read_rejects_unknown_or_broken_files(tmp_path):
     mr_only = tmp_path / "testset.csv"
     mr_only.write_text('MR\n"name[Aromi], eatType[pub]"\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"holds meaning representations without references \(an 'MR' column "
-                       r"only\): it cannot be scored; evaluate on the file with references"):
+                       r"only\): it can be neither trained on nor scored; use a file with references"):
         read_e2e_file(mr_only)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.csv is empty: an E2E split needs a 'mr,ref' header"):  # "unknown layout"
+        read_e2e_file(empty)
     unknown = tmp_path / "other.csv"
     unknown.write_text('meaning,text\n"name[Aromi]","Aromi."\n', encoding="utf-8")
     with pytest.raises(ValueError, match="unknown E2E layout"):

@@ -53,10 +53,15 @@ def load_commonsense_file(path: Union[str, Path]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; point to an LLM-Adapters file such as dataset/boolq/test.json")
+    text = read_text(path)
     try:
-        rows = json.loads(read_text(path))
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err})") from None
+        lines = "; it looks like JSON lines, one object per line: write one JSON list" if (
+            text.lstrip().startswith("{") and "Extra data" in str(err)) else ""
+        empty = "; the file is empty" if not text.strip() else ""
+        raise DataError(f"{path} is not valid JSON ({err}){lines}{empty}: an LLM-Adapters file is one JSON list of "
+                        "objects") from None
     if not isinstance(rows, list) or not rows:
         raise DataError(f"{path} must hold a non-empty JSON list of objects, one per example")
     for i, row in enumerate(rows):
@@ -116,13 +121,16 @@ def read_e2e_file(path: str | Path) -> tuple[list[str], list[str]]:
     path = Path(path)
     text = read_text(path)
     first_line = text.split("\n", 1)[0].strip()
+    if not text.strip():
+        raise ValueError(f"{path} is empty: an E2E split needs a 'mr,ref' header and rows, or 'MR||reference' lines")
     if re.fullmatch(r'"?mr"?\s*,\s*"?ref"?', first_line, flags=re.IGNORECASE):
         return _read_csv_layout(path, text)
     if "||" in first_line:
         return _read_lora_layout(path, text)
     if re.fullmatch(r'"?mr"?', first_line, flags=re.IGNORECASE):  # the official release's test MRs
-        raise ValueError(f"{path} holds meaning representations without references (an 'MR' column only): it cannot "
-                         "be scored; evaluate on the file with references (the official testset_w_refs.csv)")
+        raise ValueError(f"{path} holds meaning representations without references (an 'MR' column only): it can be "
+                         "neither trained on nor scored; use a file with references (the official testset_w_refs.csv "
+                         "to evaluate)")
     raise ValueError(
         f"{path}: unknown E2E layout (first line {first_line[:80]!r}); expected the official CSV with a 'mr,ref' "
         "header or the LoRA layout 'name : X | area : Y||reference' per line"

@@ -60,7 +60,14 @@ class CommonsenseTask(CausalLMTask):
         if self.cfg.task.data_dir is None:
             raise DataError("commonsense evaluation reads the LLM-Adapters test files: set task.data_dir=<folder "
                             "holding boolq/test.json, piqa/test.json, ...>")
-        path = Path(self.cfg.task.data_dir) / name / f"{split}.json"
+        data_dir = Path(self.cfg.task.data_dir)
+        if not data_dir.is_dir():
+            raise DataError(f"task.data_dir={self.cfg.task.data_dir} is not a folder: point it at the folder holding "
+                            "boolq/test.json, piqa/test.json, ...")
+        path = data_dir / name / f"{split}.json"
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: the evaluated split is {split!r} (task.eval_split, kasa-eval's "
+                            f"split=), read from <task.data_dir>/<set>/{split}.json for each of task.eval_sets")
         rows = load_commonsense_file(path)
         limit = self.cfg.task.max_eval_samples
         rows = rows[:limit] if limit else rows

@@ -67,7 +67,8 @@ class E2ETask(CausalLMTask):
             mr_field, ref_field = task.text_fields
             mrs, refs = [str(m).strip() for m in rows[mr_field]], [str(r).strip() for r in rows[ref_field]]
         if not mrs:
-            raise DataError(f"E2E split '{split}' is empty: choose another split or file")
+            source = path if path is not None else task.hub_id
+            raise DataError(f"E2E split '{split}' ({source}) holds no examples: choose another split or file")
         return (mrs[:limit], refs[:limit]) if limit else (mrs, refs)
 
     def check_evaluation(self, split: str) -> None:
