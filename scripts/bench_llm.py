@@ -52,14 +52,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kasa
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers, however loaded
@@ -72,6 +69,7 @@ from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # 
 from kasa.tasks.lm_loss import loss_positions  # noqa: E402
 from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
 from bench_timing import paired_ratio, paired_ratio_interval  # noqa: E402
+from tensor_peak import storage_bytes, tensor_peak_bytes  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
 from kasa.cli.parser import ArgumentParser  # noqa: E402
 
@@ -213,37 +211,6 @@ def resident_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """The bytes held by the tensors that the ops run inside it create (views and the `existing` storages not
-    counted again), at their peak: a CPU step's counterpart of torch.cuda.max_memory_allocated's growth."""
-
-    def __init__(self, existing: set[int]) -> None:
-        super().__init__()
-        self.existing, self.live, self.bytes, self.peak = existing, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key in self.live or key in self.existing or storage.nbytes() == 0:
-                continue
-            self.live[key] = storage.nbytes()
-            self.bytes += storage.nbytes()
-            self.peak = max(self.peak, self.bytes)
-            weakref.finalize(storage, self.freed, key)  # the storage's Python object lives as long as its memory
-        return out
-
-    def freed(self, key: int) -> None:
-        self.bytes -= self.live.pop(key, 0)
-
-
-def storage_bytes(tensors: list[torch.Tensor]) -> dict[int, int]:
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # shared storage once
-
-
 def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str, Any]:
     """Peak resident memory of two KaSA steps on this base, above the process's memory before the model loaded."""
     torch.set_num_threads(THREADS)
@@ -277,12 +244,7 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
 
 def tensor_peak_mib(trainer: Trainer, batch: dict[str, torch.Tensor]) -> float:
     """The model's tensors and the AdamW states plus the most that one more step's own tensors hold at once."""
-    existing = storage_bytes([*trainer.model.parameters(), *trainer.model.buffers(),
-                              *(t for state in trainer.optimizer.state.values() for t in state.values()
-                                if isinstance(t, torch.Tensor))])
-    with LiveTensorBytes(set(existing)) as tensors:
-        trainer.step(batch)
-    return (sum(existing.values()) + tensors.peak) / 2**20
+    return tensor_peak_bytes(trainer.model, trainer.optimizer, lambda: trainer.step(batch)) / 2**20
 
 
 def estimate_for(cfg: RunConfig, batch: dict[str, torch.Tensor], architecture: Any = None) -> dict[str, float]:

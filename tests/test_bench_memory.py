@@ -1,4 +1,4 @@
-"""scripts/bench_llm.py's count of the bytes that a step's tensors hold at their peak (its CPU counterpart of
+"""scripts/tensor_peak.py's count (scripts/bench_llm.py's and scripts/estimate_check.py's) of the bytes that a step's tensors hold at their peak (its CPU counterpart of
 torch.cuda.max_memory_allocated): exact on ops whose allocations are known, views and existing storages not counted."""
 
 from __future__ import annotations
@@ -10,18 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_llm.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def bench_llm():
-    spec = importlib.util.spec_from_file_location("bench_llm", SCRIPT)
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def bench_llm():
+    return script("bench_llm")
+
+
 def test_live_tensor_bytes_follows_allocations_and_frees() -> None:
-    bench = bench_llm()
+    bench = script("tensor_peak")
     weight = torch.ones(256, 256)  # 256 KiB that exists before: never counted
     with bench.LiveTensorBytes(set(bench.storage_bytes([weight]))) as tensors:
         a = weight * 2  # 256 KiB
