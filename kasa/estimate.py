@@ -49,6 +49,8 @@ from torch import nn
 GIB = 2**30
 RESERVE_BYTES = GIB  # CUDA context (~0.5 GiB) and allocator fragmentation, kept free by the fit verdict
 SHARDINGS = ("none", "zero2", "zero3", "fsdp")
+# estimate_memory's "bytes" that a process holds throughout a step, whatever its micro-batch
+STATIC_PARTS = ("weights", "gathered_weights", "adapters", "removed_components", "gradients", "optimizer")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision -> Accelerate's autocast dtype
 ARCHITECTURES = Path(__file__).parent / "architectures"
 
@@ -341,9 +343,9 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         gradients *= 2  # DDP's communication buckets hold a second copy of the gradients
     optimizer = parts["optimizer"] / shards
     acts = activation_bytes(cfg, architecture, cfg.trainer.batch_size, cfg.trainer.max_length, loss_share, device)
-    static = weights + gathered + trainable + parts["removed"] + gradients + optimizer
-    peak_plain = static + acts.saved + acts.transient
-    peak_checkpointed = static + acts.saved_checkpointed + acts.transient
+    static = dict(zip(STATIC_PARTS, map(int, (weights, gathered, trainable, parts["removed"], gradients, optimizer))))
+    peak_plain = _peak(static, acts, checkpointing=False)
+    peak_checkpointed = _peak(static, acts, checkpointing=True)
     checkpointing = bool(cfg.model.gradient_checkpointing)
     return {
         "parameters": counts.total,
@@ -359,12 +361,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         "loss_share": loss_share,
         "loss": acts.loss,
         "bytes": {
-            "weights": int(weights),
-            "gathered_weights": int(gathered),
-            "adapters": int(trainable),
-            "removed_components": int(parts["removed"]),
-            "gradients": int(gradients),
-            "optimizer": int(optimizer),
+            **static,
             "activations": int(acts.saved),
             "activations_checkpointed": int(acts.saved_checkpointed),
             "backward_transient": int(acts.transient),
@@ -375,17 +372,20 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
     }
 
 
+def _peak(static: dict[str, int], acts: Activations, checkpointing: bool) -> int:
+    """The peak: what a process holds throughout (`static`, estimate_memory's first parts) plus a step's
+    activations and backward's temporaries."""
+    return sum(static.values()) + (acts.saved_checkpointed if checkpointing else acts.saved) + acts.transient
+
+
 def _peak_at_batch(cfg, estimate: dict[str, Any], batch: int, architecture: Any, loss_share: float) -> int:
     """`estimate`'s peak (of the run `cfg`) with micro-batches of `batch` rows: the activations traced again, since
     the chunked loss's chunk and backward's temporaries do not shrink in proportion to the batch."""
     if batch == cfg.trainer.batch_size:
         return estimate["peak_bytes"]
-    parts = estimate["bytes"]
-    static = sum(parts[key] for key in ("weights", "gathered_weights", "adapters", "removed_components",
-                                        "gradients", "optimizer"))
+    static = {key: estimate["bytes"][key] for key in STATIC_PARTS}
     acts = activation_bytes(cfg, architecture, batch, cfg.trainer.max_length, loss_share)
-    saved = acts.saved_checkpointed if cfg.model.gradient_checkpointing else acts.saved
-    return int(static + saved + acts.transient)
+    return _peak(static, acts, bool(cfg.model.gradient_checkpointing))
 
 
 def suggestions(cfg, estimate: dict[str, Any], gpu_bytes: int, num_processes: int = 1,

@@ -23,8 +23,8 @@ model.path, task.data_dir, the split, the batch sizes, and where and how the jud
 it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
 (eval_<split>.json records them as `overrides`), never over the checkpoint's own. An override equal to the run's own
 value changes nothing; one that only training reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...)
-is refused. Each split is cut to the run's task.max_eval_samples (null: all of it); sampled decoding draws from the
-run's seed.
+is refused. Each split is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the generation tasks: the first
+examples; null: all of it); sampled decoding draws from the run's seed.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         "metrics": metrics,
         "merge": merge,  # eval_<split>.json of a merged model replaces the unmerged one's: it says which it holds
         "overrides": changed,
-        "max_eval_samples": max_eval_samples,  # each evaluated set's first rows at most (null: all)
+        "max_eval_samples": max_eval_samples,  # each evaluated set cut to this many rows at most (null: all)
     }
     if reported is not None:
         result["reported_in_training"] = reported

@@ -109,8 +109,9 @@ class InstructionTask(CausalLMTask):
         judging again."""
         rows = self._rows(split, self.cfg.task.max_eval_samples)
         mt_bench = all("turns" in row for row in rows)
-        questions = _each_row(rows, self._where(split), lambda row: _question(row, mt_bench))
-        first_prompts = _each_row(rows, self._where(split), lambda row: conversation_prompt(
+        where = self._where(split)
+        questions = _each_row(rows, where, lambda row: _question(row, mt_bench))
+        first_prompts = _each_row(rows, where, lambda row: conversation_prompt(
             [{"role": "user", "content": row["turns"][0]}], tokenizer) if mt_bench else generation_prompt(row, tokenizer))
         fingerprint = self._fingerprint(model, accelerator, tokenizer, first_prompts)
         name = f"instruction-{split_label(split)}.jsonl"
