@@ -125,6 +125,25 @@ def test_unlabeled_rows_are_dropped_but_an_unlabeled_split_is_an_error(tmp_path:
         load_glue_splits(task(tmp_path, eval_split="test"))
 
 
+def test_training_reads_the_checked_eval_split_once(tmp_path: Path, tokenizer, caplog) -> None:
+    """kasa-train checks the eval split before the model loads, then trains and evaluates on it: one read, so its
+    warnings (dropped rows) are printed once."""
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    write(tmp_path / "train.tsv", ["sentence\tlabel", "a\t1", "b\t0"])
+    write(tmp_path / "dev.tsv", ["sentence\tlabel", "a\t1", "b\t-1"])
+    cfg = RunConfig()
+    cfg.task.data_dir = str(tmp_path)
+    glue = build_task(cfg)
+    with caplog.at_level("WARNING", logger="kasa"):
+        glue.check_evaluation("validation")
+        assert len(glue.train_dataset(tokenizer)) == 2
+        assert len(glue._split(tokenizer, "validation")) == 1
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped == ["split 'validation' (%s): dropped 1 unlabeled rows of 2" % (tmp_path / "dev.tsv")]
+
+
 def test_subsampling_is_deterministic(sst2: Path) -> None:
     first = load_glue_splits(task(sst2, max_train_samples=5, max_eval_samples=1))
     second = load_glue_splits(task(sst2, max_train_samples=5, max_eval_samples=1))

@@ -23,11 +23,17 @@ class GlueTask:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.metric = cfg.task.metric
+        self._raw: dict[str, Dataset] = {}  # read once: a second read would repeat its warnings
         self._encoded: dict[str, Dataset] = {}
 
     def check_evaluation(self, split: str) -> None:
         """The split's data, with labels (the metrics need scikit-learn and scipy, installed with kasa)."""
-        task_data.load_glue_splits(self.cfg.task, [split])
+        self._read(split)
+
+    def _read(self, *splits: str) -> None:
+        missing = [s for s in splits if s not in self._raw]
+        if missing:
+            self._raw |= task_data.load_glue_splits(self.cfg.task, missing)
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
@@ -39,7 +45,10 @@ class GlueTask:
     def _split(self, tokenizer: PreTrainedTokenizerBase, *splits: str) -> Dataset:
         missing = [s for s in splits if s not in self._encoded]
         if missing:
-            raw = task_data.load_glue_splits(self.cfg.task, missing)
+            from datasets import DatasetDict  # loaded by now: _read imported it
+
+            self._read(*missing)
+            raw = DatasetDict({s: self._raw[s] for s in missing})
             self._encoded |= task_data.encode_glue(raw, tokenizer, self.cfg.task, self.cfg.trainer.max_length)
         return self._encoded[splits[0]]
 
