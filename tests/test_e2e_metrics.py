@@ -319,6 +319,14 @@ def test_read_rejects_unknown_or_broken_files(tmp_path):
     no_separator.write_text("name : Aromi||Aromi is a pub .\nname : Zizzi Zizzi serves food .\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 2: no '\\|\\|'"):
         read_e2e_file(no_separator)
+    empty_reference = tmp_path / "noref.csv"
+    empty_reference.write_text('mr,ref\n"name[Aromi]","Aromi."\n"name[Zizzi]"," "\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="noref.csv, line 3: the reference is empty; fill or remove that row"):
+        read_e2e_file(empty_reference)
+    empty_mr = tmp_path / "nomr.txt"
+    empty_mr.write_text("name : Aromi||Aromi is a pub .\n ||Zizzi serves food .\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="nomr.txt, line 2: the meaning representation is empty"):
+        read_e2e_file(empty_mr)
 
 
 def test_group_references_first_seen_order():

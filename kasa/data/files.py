@@ -146,8 +146,7 @@ def _read_csv_layout(path: Path, text: str) -> tuple[list[str], list[str]]:
             continue
         if len(row) != 2:
             raise ValueError(f"{path}, line {reader.line_num}: expected 2 fields (mr, ref), got {len(row)}")
-        mrs.append(row[0].strip())
-        refs.append(row[1].strip())
+        _append_pair(mrs, refs, row[0], row[1], f"{path}, line {reader.line_num}")
     return mrs, refs
 
 
@@ -158,7 +157,15 @@ def _read_lora_layout(path: Path, text: str) -> tuple[list[str], list[str]]:
             continue
         if "||" not in line:
             raise ValueError(f"{path}, line {line_number}: no '||' between the MR and the reference")
-        mr, ref = line.split("||", 1)
-        mrs.append(mr.strip())
-        refs.append(ref.strip())
+        _append_pair(mrs, refs, *line.split("||", 1), f"{path}, line {line_number}")
     return mrs, refs
+
+
+def _append_pair(mrs: list[str], refs: list[str], mr: str, ref: str, where: str) -> None:
+    """One (MR, reference) pair, stripped; an empty side would train towards an empty text or score against one."""
+    mr, ref = mr.strip(), ref.strip()
+    for name, value in (("meaning representation", mr), ("reference", ref)):
+        if not value:
+            raise ValueError(f"{where}: the {name} is empty; fill or remove that row")
+    mrs.append(mr)
+    refs.append(ref)
