@@ -636,6 +636,19 @@ def test_split_files(tmp_path):
         find_split_file(tmp_path, "validation", ("dev.tsv",))
 
 
+def test_a_missing_split_lists_only_the_files_its_task_reads(tmp_path):
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    (tmp_path / "notes.tsv").write_text("a\n")
+    for kind, names in (("e2e", "nope.csv, nope.txt, nope;"), ("instruction", "nope.json, nope.jsonl, nope;")):
+        cfg = RunConfig()
+        cfg.task.kind, cfg.task.data_dir = kind, str(tmp_path)
+        with pytest.raises(DataError, match=f"no file for split 'nope' in {tmp_path} \\(looked for {names} found "
+                                            "\\['notes.tsv'\\]\\)"):
+            build_task(cfg).check_evaluation("nope")
+
+
 def test_split_labels_name_one_file():
     assert split_label("validation") == "validation" and split_label("boolq") == "boolq"
     assert split_label("mt_bench/question.jsonl") == "mt_bench-question"

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 # Split -> file names of the official release (CSV) and of the LoRA paper's layout (text).
+E2E_SUFFIXES = (".csv", ".txt")  # the official release's CSVs and the LoRA paper's text files
 SPLIT_FILES = {
     "train": ("trainset.csv", "train.txt"),
     "validation": ("devset.csv", "valid.txt"),
@@ -53,7 +54,7 @@ class E2ETask(CausalLMTask):
     def _pairs(self, split: str, limit: int | None) -> tuple[list[str], list[str]]:
         task = self.cfg.task
         candidates = SPLIT_FILES.get(split, (f"{split}.csv", f"{split}.txt"))
-        path = local_split_file(task.data_dir, split, candidates)
+        path = local_split_file(task.data_dir, split, candidates, E2E_SUFFIXES)
         if path is not None:
             try:
                 mrs, refs = read_e2e_file(path)

@@ -74,15 +74,17 @@ class InstructionTask(CausalLMTask):
 
     def _where(self, split: str) -> str:
         """`split` and the file or Hub data set it is read from, for a message about one of its rows."""
-        task = self.cfg.task
-        path = local_split_file(task.data_dir, split, (f"{split}.json", f"{split}.jsonl"))
-        return f"split '{split}' ({path})" if path is not None else f"split '{split}' of {task.hub_id}"
+        path = self._split_file(split)
+        return f"split '{split}' ({path})" if path is not None else f"split '{split}' of {self.cfg.task.hub_id}"
+
+    def _split_file(self, split: str) -> Path | None:
+        return local_split_file(self.cfg.task.data_dir, split, (f"{split}.json", f"{split}.jsonl"), (".json", ".jsonl"))
 
     def _rows(self, split: str, limit: int | None) -> list[dict[str, Any]]:
         """Rows of `split`: <data_dir>/<split>.json(l), a JSON / JSON-lines file named by the split itself (e.g. the
         MT-Bench question file next to a Hub training set), or the Hub data set's split."""
         task = self.cfg.task
-        path = local_split_file(task.data_dir, split, (f"{split}.json", f"{split}.jsonl"))
+        path = self._split_file(split)
         if path is not None:
             rows = read_rows(path)
             if rows and all("turns" in row for row in rows):  # an MT-Bench question file: every question checked now
