@@ -245,8 +245,9 @@ def test_empty_sweep_still_writes_a_summary(tmp_path):
     assert not (tmp_path / "heatmap.png").exists()
 
 
-def _task_sweep(folder: Path) -> dict[str, dict[float, list[float]]]:
-    """`task=glue/cola,glue/rte method.beta=...`: CoLA scored by Matthews' correlation, RTE by accuracy."""
+def _task_sweep(folder: Path, data_dir: str = "") -> dict[str, dict[float, list[float]]]:
+    """`task=glue/cola,glue/rte method.beta=...`: CoLA scored by Matthews' correlation, RTE by accuracy (with
+    `data_dir`, each task's files in <data_dir>/<task>, which then tells the panels apart too)."""
     scores: dict[str, dict[float, list[float]]] = {}
     job = 0
     for task, metric, offset in (("cola", "matthews", -0.4), ("rte", "accuracy", 0.0)):
@@ -255,7 +256,8 @@ def _task_sweep(folder: Path) -> dict[str, dict[float, list[float]]]:
                 best = _score(beta, 1e-3, seed) + offset
                 scores.setdefault(task, {}).setdefault(beta, []).append(best)
                 _write_run(folder / str(job), beta=beta, gamma=1e-3, seed=seed, best=best, task=task, metric=metric,
-                           overrides=[f"task=glue/{task}", f"method.beta={beta}", f"seed={seed}"])
+                           overrides=[f"task=glue/{task}", f"method.beta={beta}", f"seed={seed}",
+                                      *([f"task.data_dir={data_dir}/{task}"] if data_dir else [])])
                 job += 1
     (folder / "multirun.yaml").write_text("hydra: {}\n")
     return scores
@@ -280,14 +282,15 @@ def test_a_sweep_over_tasks_gives_each_task_its_metric_and_best(tmp_path):
         ("task=cola, metric=matthews", "cola", "matthews"), ("task=rte, metric=accuracy", "rte", "accuracy")]
 
 
-@pytest.mark.parametrize("tasks", [False, True])
+@pytest.mark.parametrize("tasks", [False, True, "long titles"])
 def test_the_heatmaps_texts_do_not_overlap(tmp_path, monkeypatch, tasks):
     """The figure's title clear of the panels' titles, and each panel (its tick labels, axis labels, title) clear of
-    the other panels and the colour bars: one panel, and one per task, each with its own colour bar."""
+    the other panels and the colour bars: one panel, and one per task, each with its own colour bar (and titles
+    that name each task's data folder, wrapped to their panel)."""
     from matplotlib.figure import Figure
 
     if tasks:
-        _task_sweep(tmp_path)
+        _task_sweep(tmp_path, "/work/shared/data/glue" if tasks == "long titles" else "")
     else:
         for job, (beta, gamma, seed) in enumerate((b, g, s) for b in BETAS for g in GAMMAS for s in SEEDS):
             _write_run(tmp_path / str(job), beta=beta, gamma=gamma, seed=seed, best=_score(beta, gamma, seed))

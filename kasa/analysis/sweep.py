@@ -31,6 +31,7 @@ import csv
 import json
 import logging
 import math
+import textwrap
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -339,7 +340,11 @@ def plot_heatmap(grids: Sequence[Grid], path: Path) -> Path:
     n = len(grids)
     scores = {(grid.task, grid.metric) for grid in grids}
     shared = len(scores) == 1
-    width = max(4.0, 1.1 * len(grids[0].gamma) + 2.0) + (0.0 if shared else 1.0)
+    # Panel titles wrapped at their commas, a long value (a data_dir path) kept whole on a line of its own: each panel
+    # is made wide enough for its longest line (~11 characters an inch), beside its labels and colour bar.
+    titles = [textwrap.fill(grid.title, 36, break_long_words=False) for grid in grids]
+    longest = max((len(line) for title in titles for line in title.splitlines()), default=0)
+    width = max(4.0, 1.1 * len(grids[0].gamma) + 2.0, longest / 11 + 2.2) + (0.0 if shared else 1.0)
     height = max(3.0, 0.8 * len(grids[0].beta) + 1.5)
     # constrained layout keeps the title, the panels' titles and labels and the colour bars apart
     fig, axes = plt.subplots(1, n, figsize=(width * n + (1.0 if shared else 0.0), height + 0.6), squeeze=False,
@@ -350,15 +355,15 @@ def plot_heatmap(grids: Sequence[Grid], path: Path) -> Path:
         vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         pad = 0.05 * (abs(vmin) or 1.0)  # one value: a scale around it (not one of width 2e-6, ticked as offsets)
         limits[score] = (vmin - pad, vmax + pad) if vmin == vmax else (vmin, vmax)
-    for ax, grid in zip(axes[0], grids):
+    for ax, grid, title in zip(axes[0], grids, titles):
         vmin, vmax = limits[(grid.task, grid.metric)]
         image = ax.imshow(np.ma.masked_invalid(grid.median), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(grid.gamma)), [_fmt(g) for g in grid.gamma])
         ax.set_yticks(range(len(grid.beta)), [_fmt(b) for b in grid.beta])
         ax.set_xlabel("gamma (orthogonality, L3)")
         ax.set_ylabel("beta (singular values, L2)")
-        if grid.title:
-            ax.set_title(grid.title)
+        if title:
+            ax.set_title(title)
         for i in range(len(grid.beta)):
             for j in range(len(grid.gamma)):
                 value = grid.median[i, j]
