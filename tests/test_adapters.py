@@ -835,3 +835,39 @@ def test_a_tied_output_embedding_is_not_a_target():
         with pytest.raises(ValueError, match=r"'lm_head' shares its weight with 'model.embed_tokens.weight'"):
             kasa.apply_adapters(model, kasa.AdapterConfig(method=method, rank=4, target_modules=["lm_head"]))
     assert torch.equal(model.model.embed_tokens.weight, embeddings)
+
+
+@pytest.mark.parametrize("method", ["kasa", "dora"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_trains_its_head_and_adapters_in_float32(method, dtype, roberta_inputs, tmp_path):
+    """AdamW keeps its moments in the weights' dtype: a float16 head's second moments underflowed to 0, and its steps
+    grew past lr (bfloat16 drops small updates instead). Heads and adapters train in float32 (PEFT's too) while the
+    model's outputs keep its dtype; merging gives the original architecture back, in the model's dtype."""
+    if method == "dora":
+        pytest.importorskip("peft")
+    from kasa.cli.common import compose_run
+    from kasa.training.loop import build_optimizer
+
+    model = build_roberta().to(dtype)
+    config = kasa.AdapterConfig(method=method, rank=4, target_modules=["query", "value"],
+                                trainable_modules=["classifier"])
+    kasa.apply_adapters(model, config)
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    assert {param.dtype for param in trainable.values()} == {torch.float32}
+    assert any(name.startswith("classifier.") for name in trainable)
+    assert model(**roberta_inputs).logits.dtype == dtype  # what the layers around the head see is unchanged
+
+    cfg = compose_run(["trainer.lr=1e-3", "trainer.head_lr=1e-3", "trainer.weight_decay=0"])
+    cfg.method.trainable_modules = ["classifier"]
+    optimizer = build_optimizer(model, cfg)
+    weight = model.classifier.out_proj.weight
+    before = weight.detach().clone()
+    for _ in range(3):
+        for param in trainable.values():
+            param.grad = torch.full_like(param, 1e-5)
+        optimizer.step()
+    assert torch.allclose(before - weight.detach(), torch.full_like(before, 3e-3), rtol=1e-2)  # Adam's steps: lr
+
+    kasa.merge_and_unload(model)
+    assert {param.dtype for param in model.parameters()} == {dtype}
+    assert not model.classifier._forward_pre_hooks and not model.classifier._forward_hooks

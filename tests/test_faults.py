@@ -267,6 +267,21 @@ def test_good_values_pass():
     preflight.check_config_values(_config(head_lr=None, max_steps=5, save_every=1, max_grad_norm=1.0))
 
 
+@pytest.mark.parametrize("method", ["full", "bitfit"])
+def test_the_model_own_weights_do_not_train_in_float16(method):
+    """AdamW's moments in float16 underflow (adapters and heads train in float32 instead; these train the model's own
+    weights): refused at start, bfloat16 and float32 models allowed."""
+    cfg = _config()
+    cfg.method.method, cfg.model.dtype = method, "float16"
+    with pytest.raises(ValueError, match=f"method={method} trains the model's own float16 weights.*model.dtype=float32"):
+        preflight.check_config_values(cfg, on_this_machine=False)
+    for dtype in ("bfloat16", "float32"):
+        cfg.model.dtype = dtype
+        preflight.check_config_values(cfg, on_this_machine=False)
+    cfg.method.method, cfg.model.dtype = "kasa", "float16"
+    preflight.check_config_values(cfg, on_this_machine=False)
+
+
 def test_a_gpu_for_the_decompositions_is_checked_only_where_they_run():
     """kasa-eval repeats no decomposition: a run that decomposed on a GPU evaluates on a machine without one."""
     cfg = _config()

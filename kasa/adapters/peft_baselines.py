@@ -117,6 +117,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False but the target module is Conv1D"
         tuner = tuner_class(model, settings, ADAPTER_NAME)
+    # float32 adapter weights in a float16 / bfloat16 model, as PEFT's own get_peft_model does (and kasa's blocks):
+    # AdamW keeps its moments in the weights' dtype, where float16's underflow. PEFT's layers cast their inputs.
+    peft.tuners.tuners_utils.cast_adapter_dtype(model, ADAPTER_NAME)
     # Not a submodule: the tuner holds the model, so registering it would make a cycle in state_dict().
     model.__dict__[TUNER_ATTRIBUTE] = tuner
     tuner.kasa_schedule_fixed = config.method != "adalora" or bool(config.peft_options.get("total_step"))

@@ -125,6 +125,11 @@ def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine
         value = _get(cfg, key)
         if not test(value):
             raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
+    if cfg.method.method in ("full", "bitfit") and cfg.model.dtype == "float16":
+        raise ValueError(f"method={cfg.method.method} trains the model's own float16 weights, which AdamW cannot "
+                         "update in float16 (its second moments underflow; a GPU's fp16 loss scaler refuses them): "
+                         "load the model with model.dtype=float32 (trainer.precision=fp16 still computes in float16 "
+                         "on a GPU) or model.dtype=bfloat16")
     if not on_this_machine:
         return
     from kasa.tasks.models import attention_implementation
