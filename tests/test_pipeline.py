@@ -81,7 +81,8 @@ def test_kasa_eval_on_other_task_settings_keeps_apart_and_reports_no_training_sc
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert "reported_in_training" not in report and "reported by the training run" not in result.stdout
-    assert report["overrides"] == ["task.max_eval_samples=4", "trainer.max_length=6"]
+    assert report["overrides"][:2] == ["task.max_eval_samples=4", "trainer.max_length=6"]
+    assert report["overrides"][2].startswith("evaluated data ")  # 4 examples: not those the training run evaluated
     assert (run_dir / "checkpoints/best/eval_validation.json").read_text() == before
     kept = Path(report["output_dir"])
     assert kept.parent.parent == run_dir / "evaluations" and kept.name.startswith("validation-")
@@ -104,6 +105,34 @@ def test_kasa_eval_overrides_that_change_nothing(classification_run: Path, tmp_p
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["overrides"] == [] and "reported_in_training" in report
     assert report["max_eval_samples"] == saved["task"]["max_eval_samples"]
+
+
+def test_kasa_eval_of_other_data_in_task_data_dir_keeps_apart(classification_run: Path, sentiment_dir, tmp_path):
+    """task.data_dir may move the data (the same files elsewhere: still the checkpoint's own evaluation), but a
+    folder of other files was scored as the checkpoint's own: the training run's score printed beside it and its
+    eval_validation.json replaced (walk AI). The evaluated examples' fingerprint, recorded with the training score,
+    tells them apart."""
+    run_dir = Path(shutil.copytree(classification_run, tmp_path / "run"))
+    state = json.loads((run_dir / "checkpoints/best/trainer_state.json").read_text())
+    moved = Path(shutil.copytree(sentiment_dir, tmp_path / "moved"))
+    same = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"task.data_dir={moved}")
+    assert same.returncode == 0, same.stderr[-3000:]
+    report = json.loads(same.stdout.strip().splitlines()[-1])
+    assert report["overrides"] == [] and "reported_in_training" in report
+    assert report["eval_data"] == state["eval_data"]
+    own = (run_dir / "checkpoints/best/eval_validation.json").read_text()
+
+    other = Path(shutil.copytree(sentiment_dir, tmp_path / "other"))
+    rows = (other / "dev.tsv").read_text().splitlines()
+    (other / "dev.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"task.data_dir={other}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "reported_in_training" not in report and "reported by the training run" not in result.stdout
+    assert report["overrides"] == [f"evaluated data {report['eval_data'][:12]} (the training run's: "
+                                   f"{state['eval_data'][:12]})"]
+    assert (run_dir / "checkpoints/best/eval_validation.json").read_text() == own
+    assert Path(report["output_dir"]).parent.parent == run_dir / "evaluations"
 
 
 @pytest.mark.parametrize("argument, recorded", [("split=test", True), ("task.eval_split=test", True),

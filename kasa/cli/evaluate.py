@@ -21,9 +21,10 @@ time (a second one stops with the first one's pid); other splits run beside it. 
 measured (eval sets, sample counts, decoding, the judge's model, trainer.max_length, model.dtype, any setting but
 model.path, task.data_dir, the split, the batch sizes, and where and how the judge is asked) makes another evaluation:
 it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
-(eval_<split>.json records them as `overrides`), never over the checkpoint's own. An override equal to the run's own
-value changes nothing; one that only training reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...)
-is refused. Each split is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the generation tasks: the first
+(eval_<split>.json records them as `overrides`), never over the checkpoint's own. So does other data (a
+task.data_dir of other files): the examples' fingerprint differs from the one the training run recorded with its
+score. An override equal to the run's own value changes nothing; one that only training reads (output_dir, resume,
+recipe, trainer.lr, logging.trackers, ...) is refused. Each split is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the generation tasks: the first
 examples; null: all of it); sampled decoding draws from the run's seed.
 """
 
@@ -113,7 +114,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     accelerator = Accelerator()
     set_seed(run_cfg.seed)  # sampled decoding draws from it: the same command generates the same outputs
     task = build_task(run_cfg)
-    task.check_evaluation(split)  # a split= typo fails before the model loads
+    fingerprint = task.check_evaluation(split)  # a split= typo fails before the model loads
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is evaluated
     state_file = checkpoint / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -124,7 +125,11 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     resolved = dotted_settings(dataclasses.asdict(run_cfg))
     changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES)  # a value the run had is no change
                      and resolved.get(override_key(o)) != saved.get(override_key(o)))
-    reported = state.get("score") if not changed and split == split_evaluated_in_training(run_dir, state) else None
+    same_split = split == split_evaluated_in_training(run_dir, state)
+    trained_on = state.get("eval_data")  # what the training run evaluated (checkpoints from before: not recorded)
+    if same_split and trained_on is not None and trained_on != fingerprint:  # a data_dir with other files, or edited
+        changed.append(f"evaluated data {fingerprint[:12]} (the training run's: {trained_on[:12]})")
+    reported = state.get("score") if not changed and same_split else None
     name = split_label(split)  # a split given as a file's path names a file here, not a path
     label = f"{name}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else name
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
@@ -138,7 +143,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         lock.acquire()
     try:
         return evaluate_staged(task, accelerator, checkpoint, version, reported, split, staged, merge, changed,
-                               run_cfg.task.max_eval_samples)
+                               run_cfg.task.max_eval_samples, fingerprint)
     finally:
         lock.release(discard_empty=True)
         for folder in (staged.parent, staged.parent.parent):  # evaluations/<checkpoint>/ and evaluations/
@@ -156,9 +161,9 @@ def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | N
 
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
                     reported: float | None, split: str, staged: Path, merge: bool,
-                    changed: list[str], max_eval_samples: int | None) -> dict[str, Any]:
+                    changed: list[str], max_eval_samples: int | None, fingerprint: str) -> dict[str, Any]:
     """Load, evaluate into `staged`, and place the outputs (place_outputs), unless `changed` (the overrides that
-    change what is measured) keeps them in `staged`. `reported`: the training run's score for the
+    change what is measured, and other evaluated data) keeps them in `staged`. `reported`: the training run's score for the
     checkpoint on this split, if it evaluated it there with these settings."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize
@@ -184,6 +189,7 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         "merge": merge,  # eval_<split>.json of a merged model replaces the unmerged one's: it says which it holds
         "overrides": changed,
         "max_eval_samples": max_eval_samples,  # each evaluated set cut to this many rows at most (null: all)
+        "eval_data": fingerprint,  # sha256 of the evaluated examples, as the training run records with its scores
     }
     if reported is not None:
         result["reported_in_training"] = reported

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -10,6 +12,12 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+
+def examples_fingerprint(examples: Any) -> str:
+    """sha256 of evaluated examples (rows of JSON values): the same data gives the same text, wherever it lies."""
+    text = json.dumps(examples, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class EvaluationFailed(ValueError):
@@ -23,10 +31,11 @@ class EvaluationFailed(ValueError):
 class Task(Protocol):
     metric: str  # the metric that picks the best epoch (higher is better)
 
-    def check_evaluation(self, split: str) -> None:
+    def check_evaluation(self, split: str) -> str:
         """Fail now, with one line, if the evaluation of `split` cannot run here: its data is missing or malformed,
         or a tool or a credential it needs is. kasa-train and kasa-eval call it before the model loads; kasa-export
-        and kasa-inspect, which never evaluate, do not."""
+        and kasa-inspect, which never evaluate, do not. Returns the `examples_fingerprint` of the examples the
+        evaluation reads (after task.max_eval_samples): kasa-eval tells the training run's data from other data."""
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         """Tokenizer and base model (before adapters)."""

@@ -26,6 +26,7 @@ from kasa.evaluation.commonsense import (
     llm_adapters_response,
     results_table,
 )
+from kasa.tasks.base import examples_fingerprint
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
 
 if TYPE_CHECKING:
@@ -74,13 +75,12 @@ class CommonsenseTask(CausalLMTask):
         check_answers(name, [row["answer"] for row in rows], str(path))
         return rows
 
-    def check_evaluation(self, split: str) -> None:
+    def check_evaluation(self, split: str) -> str:
         """Every set of task.eval_sets has its `split` file (exact-match answers need no tool)."""
         unknown = [s for s in self.cfg.task.eval_sets if s not in COMMONSENSE_TASKS]
         if unknown or not self.cfg.task.eval_sets:
             raise DataError(f"task.eval_sets={self.cfg.task.eval_sets}: choose from {', '.join(COMMONSENSE_TASKS)}")
-        for name in self.cfg.task.eval_sets:
-            self._eval_rows(name, split)
+        return examples_fingerprint({name: self._eval_rows(name, split) for name in self.cfg.task.eval_sets})
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         max_length = self.cfg.trainer.max_length

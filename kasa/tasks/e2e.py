@@ -24,6 +24,7 @@ from kasa.evaluation.e2e_metrics import (
     e2e_scores,
     group_references,
 )
+from kasa.tasks.base import examples_fingerprint
 from kasa.tasks.causal_lm import CausalLMTask, encode_prompt_response, output_file, training_dataset
 
 if TYPE_CHECKING:
@@ -72,9 +73,15 @@ class E2ETask(CausalLMTask):
             raise DataError(f"E2E split '{split}' ({source}) holds no examples: choose another split or file")
         return (mrs[:limit], refs[:limit]) if limit else (mrs, refs)
 
-    def check_evaluation(self, split: str) -> None:
+    def check_evaluation(self, split: str) -> str:
         check_metric_dependencies()
-        self._pairs(split, 1)
+        return examples_fingerprint(self._evaluated(split))
+
+    def _evaluated(self, split: str) -> tuple[list[str], list[list[str]]]:
+        """The MRs and their references (grouped) that an evaluation of `split` scores: max_eval_samples MRs."""
+        mrs, references = group_references(*self._pairs(split, None))
+        limit = self.cfg.task.max_eval_samples
+        return (mrs[:limit], references[:limit]) if limit else (mrs, references)
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         mrs, refs = self._pairs(self.cfg.task.train_split, self.cfg.task.max_train_samples)
@@ -84,9 +91,7 @@ class E2ETask(CausalLMTask):
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
-        mrs, references = group_references(*self._pairs(split, None))
-        limit = self.cfg.task.max_eval_samples
-        mrs, references = (mrs[:limit], references[:limit]) if limit else (mrs, references)
+        mrs, references = self._evaluated(split)
         outputs = self.generate(model, accelerator, tokenizer, [e2e_prompt(mr) for mr in mrs])
         predictions = [texts[0].split("\n")[0].strip() for texts in outputs]
         scores = e2e_scores(predictions, references)

@@ -16,6 +16,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from kasa.config import RunConfig
 from kasa import data as task_data  # its GLUE readers load on first use (they import datasets)
 from kasa.evaluation.metrics import compute_metrics
+from kasa.tasks.base import examples_fingerprint
 from kasa.tasks.models import load_classifier, load_tokenizer
 
 
@@ -26,9 +27,10 @@ class GlueTask:
         self._raw: dict[str, Dataset] = {}  # read once: a second read would repeat its warnings
         self._encoded: dict[str, Dataset] = {}
 
-    def check_evaluation(self, split: str) -> None:
+    def check_evaluation(self, split: str) -> str:
         """The split's data, with labels (the metrics need scikit-learn and scipy, installed with kasa)."""
         self._read(split)
+        return examples_fingerprint(self._raw[split].to_list())
 
     def _read(self, *splits: str) -> None:
         missing = [s for s in splits if s not in self._raw]

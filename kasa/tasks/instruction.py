@@ -33,7 +33,7 @@ from kasa.data.prompts import (
 from kasa.data.sources import load_hub_split, local_split_file, split_label
 from kasa.evaluation.judge import Judge, JudgeConfig, JudgeError, mean_score
 from kasa.run_dir import write_atomically
-from kasa.tasks.base import EvaluationFailed
+from kasa.tasks.base import EvaluationFailed, examples_fingerprint
 from kasa.tasks.causal_lm import CausalLMTask, output_file, training_dataset
 from kasa.tasks.models import inner_model
 
@@ -48,7 +48,7 @@ GENERATED_BY, JUDGED_BY = "generated_by", "judged_by"
 
 
 class InstructionTask(CausalLMTask):
-    def check_evaluation(self, split: str) -> None:
+    def check_evaluation(self, split: str) -> str:
         """The split's rows, the judge's endpoint, and its API key in the environment; a judge that does not answer
         now is a warning, not an error (on one 24 GB GPU it often runs only after the training)."""
         rows = self._rows(split, self.cfg.task.max_eval_samples)
@@ -59,6 +59,7 @@ class InstructionTask(CausalLMTask):
             print(f"warning: the judge at {judge.config.base_url} does not answer now ({problem}): start it before the "
                   "evaluation; if it is still down then, the responses are kept, and resume=auto (or kasa-eval) "
                   "judges them later", file=sys.stderr, flush=True)
+        return examples_fingerprint(rows)
 
     def _judge(self) -> Judge:
         settings = self.cfg.task.judge

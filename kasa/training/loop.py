@@ -411,7 +411,8 @@ class TrainingRecipe:
         """The task and its data, before anything heavy (a tokenizer loads in seconds): the evaluation's data and
         tools, the encoded training set, and on resume that it is the data the checkpoint was trained on."""
         self.task = build_task(self.cfg)
-        self.task.check_evaluation(self.cfg.task.eval_split)  # its data, a judge key, Java: now, not after training
+        # its data, a judge key, Java: now, not after training; what it reads is recorded with each score
+        self.eval_fingerprint = self.task.check_evaluation(self.cfg.task.eval_split)
         self.train_dataset = self.task.train_dataset(load_tokenizer(self.cfg.model))
         self.data_fingerprint = data_fingerprint(self.train_dataset)
         if self.cfg.method.truncates:  # the examples the truncation is calibrated and checked on (apply_method)
@@ -710,7 +711,7 @@ class TrainingRecipe:
             state.best, state.best_epoch = score, epoch
         state.last = score
         saved = {"epoch": epoch, "step": state.step, "split": cfg.task.eval_split, "metric": self.task.metric,
-                 "score": score, "metrics": metrics}  # what kasa-eval compares its own result with
+                 "score": score, "metrics": metrics, "eval_data": self.eval_fingerprint}  # what kasa-eval compares
         if improved and cfg.trainer.save_best:
             save_checkpoint(self.out / CHECKPOINTS_DIR / BEST_CHECKPOINT, self.accelerator, self.model, saved)
         save_checkpoint(self.out / CHECKPOINTS_DIR / LAST_CHECKPOINT, self.accelerator, self.model, saved)
