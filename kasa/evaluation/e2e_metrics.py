@@ -27,6 +27,8 @@ import tempfile
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
+from kasa.adapters.config import install_extra
+
 
 E2E_METRIC_NAMES: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -37,7 +39,7 @@ JAVA_HINT = (
     "METEOR, ROUGE-L and CIDEr (pycocoevalcap's METEOR 1.5 jar and its PTB tokenizer) need a Java runtime on "
     "PATH, and `java` was not found: install one (Debian/Ubuntu: apt-get install default-jre-headless)"
 )
-PYCOCOEVALCAP_HINT = "METEOR, ROUGE-L and CIDEr need the pycocoevalcap package: pip install pycocoevalcap"
+PYCOCOEVALCAP_HINT = f"METEOR, ROUGE-L and CIDEr need the pycocoevalcap package: {install_extra('e2e')}"
 
 # mteval-v13a `tokenization` (its default, non-international rules), in the order the script applies them.
 _SGML_ENTITIES = (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">"))
