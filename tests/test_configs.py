@@ -278,6 +278,10 @@ def test_every_method_composes_under_a_recipe(hydra_initialised, method, tmp_pat
      ["warning: method.calibration_samples=16 changes nothing with method.truncation_basis=weight: it applies to "
       "truncation_basis=activation"]),
     (["method=kasa", "method.truncation_basis=activation", "method.calibration_samples=16", "method.beta=0.5"], []),
+    # not "applies to truncation_basis=activation", which lora refuses (walk AI)
+    (["method=lora", "method.calibration_samples=16"],
+     ["warning: method.calibration_samples=16 changes nothing with method=lora: it applies to truncation_basis="
+      "activation of the methods that truncate (svd_lora, kasa_sv, kasa_l2, kasa)"]),
 ])
 def test_an_override_the_method_does_not_use_is_named(hydra_initialised, tmp_path, overrides, warnings):
     """A sweep of beta under method=lora trained one run several times, without a word."""

@@ -175,7 +175,10 @@ class AdapterConfig:
                 others = [m.name for m in METHOD_TABLE.values() if not uses(m)]
                 where = ", ".join(users) if len(users) <= len(others) else f"every method but {', '.join(others)}"
                 unused[name] = (f"method={self.method}", where)
-        if self.truncation_basis != "activation":
+        if self.method not in TRUNCATING_METHODS:  # activation truncation is theirs alone: say so, not the basis
+            where = f"truncation_basis=activation of the methods that truncate ({', '.join(TRUNCATING_METHODS)})"
+            unused |= dict.fromkeys(CALIBRATION_SETTINGS, (f"method={self.method}", where))
+        elif self.truncation_basis != "activation":
             unused |= dict.fromkeys(CALIBRATION_SETTINGS, (f"method.truncation_basis={self.truncation_basis}",
                                                            "truncation_basis=activation"))
         return unused
