@@ -3,6 +3,7 @@ the checks made before any model loads, and the refusal of non-finite checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -403,6 +404,22 @@ def test_resume_config_differences(tmp_path):
     assert preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=True) == {
         "trainer.lr": (0.001, 0.5)}
     assert preflight.check_resume_config(tmp_path / "config.json", saved | {"resume": "auto"}, False) == {}
+
+
+def test_settings_the_method_does_not_use_are_no_difference():
+    """A lora run resumed or rerun without its method.beta=0.1 (which kasa-train said changed nothing) was refused as
+    one with other settings (walk AI); under kasa, which uses beta, it is one; and so is the method itself."""
+    saved = dataclasses.asdict(RunConfig())
+    saved["method"] |= {"method": "lora", "beta": 0.1, "calibration_samples": 64}
+    saved["trainer"]["lr"] = 0.5
+    now = dataclasses.asdict(RunConfig())
+    now["method"]["method"] = "lora"
+    assert preflight.config_differences(saved, now) == {"trainer.lr": (0.5, now["trainer"]["lr"])}
+    for config in (saved, now):
+        config["method"]["method"] = "kasa"
+    assert set(preflight.config_differences(saved, now)) == {"method.beta", "trainer.lr"}  # weight basis: no calibration
+    now["method"]["method"] = "lora"
+    assert {"method.method", "method.beta"} <= set(preflight.config_differences(saved, now))
 
 
 def test_compare_and_sweep_skip_and_name_runs_without_a_finite_result(tmp_path, caplog):

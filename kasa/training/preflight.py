@@ -369,11 +369,25 @@ def check_sweep_job(cfg: RunConfig, checked_models: set[str]) -> None:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings whose value differs between a run's saved config and the one resuming it: {key: (saved, now)}.
-    Bookkeeping settings (kasa.config.BOOKKEEPING_SETTINGS) and the recorded overrides may differ; settings the saved
+    Bookkeeping settings (kasa.config.BOOKKEEPING_SETTINGS), the recorded overrides and method settings that neither
+    config's method uses (method.beta of a lora run: the same run, as kasa-train warns) may differ; settings the saved
     config does not have (added to kasa since the run was saved) are not differences."""
     old, new = dotted_settings(saved), dotted_settings(current)
+    unused = {f"method.{name}" for name in _unused_method_settings(saved) & _unused_method_settings(current)}
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() & new.keys())
-            if old.get(key) != new.get(key) and not is_bookkeeping(key) and key.split(".")[0] != OVERRIDES_KEY}
+            if old.get(key) != new.get(key) and not is_bookkeeping(key) and key.split(".")[0] != OVERRIDES_KEY
+            and ".".join(key.split(".")[:2]) not in unused}
+
+
+def _unused_method_settings(config: dict[str, Any]) -> set[str]:
+    """The method settings (names under `method.`) that a resolved config's method does not use; none for a config
+    whose method section kasa cannot read (saved by another version)."""
+    from kasa.adapters.config import AdapterConfig
+
+    try:
+        return set(AdapterConfig.from_dict(dict(config.get("method") or {})).unused_settings())
+    except (TypeError, ValueError):
+        return set()
 
 
 def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
