@@ -43,9 +43,10 @@ def _python_warning_defaults() -> None:
 def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m module args` run inside the test process (no new interpreter importing torch): the module runs as
     __main__ with sys.argv and the environment patched, and its exit status, stdout and stderr are returned as
-    subprocess.run would. What a run leaves in process-wide state (Hydra's singletons, logging handlers, the
-    environment, the working directory) is put back afterwards, so one run cannot leak into the next."""
+    subprocess.run would. What a run leaves in process-wide state (Hydra's and Accelerate's singletons, logging
+    handlers, the environment, the working directory) is put back afterwards, so one run cannot leak into the next."""
     import torch
+    from accelerate.state import AcceleratorState, GradientState
     from hydra.core.global_hydra import GlobalHydra
 
     env = env or ENV
@@ -78,6 +79,10 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
                 status = 1
     finally:
         GlobalHydra.instance().clear()
+        # Accelerate's process-wide state (a singleton): a bf16 run's mixed precision was inherited by the next
+        # command's Accelerator() and hid kasa-eval's missing one
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         for handler in root.handlers:
             if handler not in saved_handlers:
                 handler.close()

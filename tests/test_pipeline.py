@@ -47,8 +47,11 @@ def test_classification_run_writes_every_file(classification_run: Path):
     run_config = load_run_config(classification_run, [])
     dataset = build_task(run_config).train_dataset(load_tokenizer(run_config.model))
     assert summary["train_tokens"] == 2 * sum(len(row["input_ids"]) for row in dataset)
-    rate, seconds = summary["tokens_per_second"], summary["train_seconds"]  # rounded to 0.1 and to 0.01
-    assert abs(rate * seconds - summary["train_tokens"]) <= rate * 0.005 + 0.05 * seconds + 1
+    # the steps' rate: the time spent evaluating (two epochs) and saving left out (walk AH)
+    assert 0 < summary["evaluation_and_saving_seconds"] < summary["train_seconds"]
+    rate = summary["tokens_per_second"]  # rounded to 0.1, the seconds to 0.01
+    seconds = summary["train_seconds"] - summary["evaluation_and_saving_seconds"]
+    assert abs(rate * seconds - summary["train_tokens"]) <= rate * 0.01 + 0.05 * seconds + 1
 
 
 def test_kasa_eval_reproduces_the_training_metric(classification_run: Path):
@@ -93,7 +96,8 @@ def test_kasa_eval_overrides_that_change_nothing(classification_run: Path, tmp_p
     """A training-only key (output_dir=, resume=, trainer.lr=) was accepted, did nothing (no folder at output_dir),
     and filed the evaluation as another one; so did an override equal to the run's own value (walk AD)."""
     run_dir = Path(shutil.copytree(classification_run, tmp_path / "run"))
-    for override in (f"output_dir={tmp_path / 'elsewhere'}", "resume=auto", "trainer.lr=1", "logging.trackers=[]"):
+    for override in (f"output_dir={tmp_path / 'elsewhere'}", "resume=auto", "trainer.lr=1", "logging.trackers=[]",
+                     "trainer.packing=true", "trainer.compile=true"):  # the last two: walk AH
         key = override.split("=")[0]
         assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", override),
                               f"{override}: only training reads {key}, so it would change nothing kasa-eval measures")
@@ -169,6 +173,30 @@ def test_regression_run_and_eval(tiny_model, similarity_dir, tmp_path):
     evaluation = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert json.loads(evaluation.stdout.strip().splitlines()[-1])["score"] == pytest.approx(summary["best"], abs=1e-6)
+
+
+def test_kasa_eval_evaluates_under_the_run_mixed_precision(tiny_model, sentiment_dir, tmp_path, monkeypatch):
+    """The training run's evaluations ran under its autocast (trainer.precision=bf16), kasa-eval's in float32 beside
+    the training score it printed as the same measure (walk AH)."""
+    import accelerate
+
+    run_dir = tmp_path / "bf16"
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir, "trainer.epochs=1",
+                                                   "trainer.precision=bf16"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    used = []
+
+    class Recording(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            used.append(self.mixed_precision)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Recording)
+    evaluation = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}")  # Accelerate's state reset after each run
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert used == ["bf16"]
+    report = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    assert report["score"] == report["reported_in_training"]
 
 
 def test_multirun_writes_sweep_summary_and_heatmap(tiny_model, sentiment_dir, tmp_path):

@@ -111,7 +111,8 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{folder} is not writable, and kasa-eval writes its outputs there: evaluate a writable "
                              f"copy of the run (cp -r {run_dir} <folder>)")
 
-    accelerator = Accelerator()
+    # the training run's mixed precision: its evaluations ran under that autocast, so the same scores come back
+    accelerator = Accelerator(mixed_precision=run_cfg.trainer.precision)
     set_seed(run_cfg.seed)  # sampled decoding draws from it: the same command generates the same outputs
     task = build_task(run_cfg)
     fingerprint = task.check_evaluation(split)  # a split= typo fails before the model loads

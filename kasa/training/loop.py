@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -300,6 +300,20 @@ class TrainingRecipe:
         # non-padding tokens trained on by this process (tokens/s in the summary), counted on the device: reading
         # each batch's count would be a host-device sync per step
         self.tokens = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self.off_step_seconds, self.off_step_depth = 0.0, 0  # evaluating and saving: not the steps' tokens/s
+
+    @contextlib.contextmanager
+    def off_the_steps(self) -> Iterator[None]:
+        """Time that the summary's tokens_per_second leaves out (evaluations, with their generation and judging, and
+        checkpoint saves), counted once where one runs inside another."""
+        self.off_step_depth += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.off_step_depth -= 1
+            if self.off_step_depth == 0:
+                self.off_step_seconds += time.perf_counter() - start
 
     def check_start(self) -> None:
         """Before anything loads: check the config's values (before the run directory exists: a refused value
@@ -542,7 +556,7 @@ class TrainingRecipe:
                     self.lock.release()
 
     def train_epochs(self) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, self.off_step_seconds = time.perf_counter(), 0.0
         self.progress = self.console.progress(self.total_steps, self.epochs, completed=self.state.step)
         try:
             if self.state.pending_evaluation is not None:  # resumed after a failed evaluation: that one first,
@@ -683,6 +697,10 @@ class TrainingRecipe:
         """Evaluate on the eval split; keep the best and the last adapter. The epoch's training is saved first, as a
         resumable checkpoint whose evaluation is due: an evaluation may take hours (generation, a judge) and fail or
         be killed, and resume=auto then runs it again, from the same random states, instead of the training."""
+        with self.off_the_steps():
+            self._evaluate_and_save(epoch)
+
+    def _evaluate_and_save(self, epoch: int) -> None:
         state, cfg = self.state, self.cfg
         state.pending_evaluation = epoch
         checkpoint = self.save_resumable()
@@ -718,6 +736,10 @@ class TrainingRecipe:
 
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the run as it stands. Every process takes part: sharded tensors are gathered."""
+        with self.off_the_steps():
+            return self._save_resumable()
+
+    def _save_resumable(self) -> Path:
         trained = [p for p in self.model.parameters() if p.requires_grad]
         self.nonfinite.check(self.accelerator, trained, self.state.step)
         self.state.metrics_size, self.state.regularization_size = self.metrics_log.size(), self.module_log.size()
@@ -750,9 +772,11 @@ class TrainingRecipe:
             "steps": state.step,
             "trainable_params_without_head": self.params.adapter,  # the paper's count
             "trainable_params_with_head": self.params.trainable,
-            "train_seconds": round(train_seconds, 2),  # this session's, after a resume
+            "train_seconds": round(train_seconds, 2),  # this session's, after a resume: evaluations and saves too
+            "evaluation_and_saving_seconds": round(self.off_step_seconds, 2),  # of those
             "train_tokens": tokens,  # real (non-padding) tokens trained on in those seconds, every process's
-            "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+            # the steps' throughput: what packing or group_by_length changes, not the evaluations' generation
+            "tokens_per_second": round(tokens / max(train_seconds - self.off_step_seconds, 1e-9), 1),
             "peak_memory_mib": peak_memory_mib(),
             "seed": cfg.seed,
             "processes": self.accelerator.num_processes,  # with trainer.batch_size and grad_accum: the global batch
