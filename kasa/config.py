@@ -29,7 +29,8 @@ TRAINING_ONLY_SETTINGS = ("output_dir", "resume", "overwrite", "resume_allow_cha
                           "trainer.head_lr", "trainer.weight_decay", "trainer.scheduler", "trainer.warmup_ratio",
                           "trainer.warmup_steps", "trainer.max_steps", "trainer.max_grad_norm", "trainer.log_every",
                           "trainer.evaluate_every_epoch", "trainer.save_every", "trainer.keep_checkpoints",
-                          "trainer.save_best", "trainer.group_by_length", "trainer.packing", "trainer.compile")
+                          "trainer.save_best", "trainer.group_by_length", "trainer.packing", "trainer.compile",
+                          "task.train_on_inputs")
 """Settings that only training reads (where a run lives and starts, the optimisation, the schedule of saves and
 logs): kasa-eval, which evaluates a saved checkpoint, refuses them as overrides that would change nothing."""
 
@@ -131,6 +132,8 @@ class TaskConfig:
     max_eval_samples: Optional[int] = None
     eval_sets: list[str] = field(default_factory=list)  # commonsense: test sets, <data_dir>/<set>/test.json
     prompt_style: str = "clean"  # commonsense: clean (Alpaca template) | llm_adapters (LLM-Adapters' exact bytes)
+    # generation tasks: the loss on the prompt's tokens too, not only the response's (LLM-Adapters' finetune.py default)
+    train_on_inputs: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
 

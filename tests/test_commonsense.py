@@ -192,6 +192,9 @@ def test_commonsense_task_trains_and_evaluates_in_its_prompt_style(tmp_path, sty
     assert tokenizer.decode(features["input_ids"]) == train_prompt + row["output"] + "</s>"
     answer_ids = [t for t, label in zip(features["input_ids"], features["labels"]) if label != -100]
     assert tokenizer.decode(answer_ids) == row["output"] + "</s>"
+    cfg.task.train_on_inputs = True  # the loss on the prompt too, as LLM-Adapters' finetune.py by default
+    every = CommonsenseTask(cfg).train_dataset(tokenizer)[0]
+    assert every["input_ids"] == features["input_ids"] == every["labels"]
 
     seen = []
 

@@ -283,6 +283,15 @@ def test_the_model_own_weights_do_not_train_in_float16(method):
     preflight.check_config_values(cfg, on_this_machine=False)
 
 
+def test_train_on_inputs_is_for_the_generation_tasks():
+    cfg = _config()
+    cfg.task.train_on_inputs = True
+    with pytest.raises(ValueError, match="task.train_on_inputs=true applies to the generation tasks"):
+        preflight.check_config_values(cfg, on_this_machine=False)
+    cfg.task.kind = "instruction"
+    preflight.check_config_values(cfg, on_this_machine=False)
+
+
 def test_a_gpu_for_the_decompositions_is_checked_only_where_they_run():
     """kasa-eval repeats no decomposition: a run that decomposed on a GPU evaluates on a machine without one."""
     cfg = _config()

@@ -146,6 +146,24 @@ def test_bad_examples(trained, example, message):
         format_instruction_example(example, wrap(trained), 512)
 
 
+@pytest.mark.parametrize("chat_template", [None, CHAT_TEMPLATE])
+def test_train_on_inputs_labels_the_prompt_too(trained, chat_template):
+    """task.train_on_inputs: every token labelled (LLM-Adapters' finetune.py default), the same ids and cut."""
+    from kasa.tasks.causal_lm import encode_prompt_response
+
+    tokenizer = wrap(trained, chat_template)
+    for max_length in (512, 9):
+        response_only = format_instruction_example(EXAMPLE, tokenizer, max_length)
+        everything = format_instruction_example(EXAMPLE, tokenizer, max_length, train_on_inputs=True)
+        assert everything["input_ids"] == response_only["input_ids"] == everything["labels"]
+        assert response_only["labels"] != everything["labels"]
+    prompt = alpaca_prompt(EXAMPLE["instruction"])
+    encoded = encode_prompt_response(tokenizer, prompt, EXAMPLE["output"], 512, train_on_inputs=True)
+    assert encoded["labels"] == encoded["input_ids"] and encoded["input_ids"][-1] == tokenizer.eos_token_id
+    assert split(encode_prompt_response(tokenizer, prompt, EXAMPLE["output"], 512))[0] == encoded["input_ids"][
+        :len(tokenizer(prompt)["input_ids"])]
+
+
 def test_bad_settings(trained):
     with pytest.raises(ValueError, match="max_length"):
         format_instruction_example(EXAMPLE, wrap(trained), 0)

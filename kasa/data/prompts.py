@@ -123,11 +123,21 @@ def alpaca_prompt(instruction: str, input: Optional[str] = None) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
+def prompt_response_features(prompt_ids: list[int], response_ids: list[int], max_length: int,
+                             train_on_inputs: bool = False) -> dict[str, list[int]]:
+    """`input_ids` (prompt then response, cut to `max_length`), `attention_mask`, and `labels`: the response's ids
+    with IGNORE_INDEX on the prompt, or every id with `train_on_inputs` (the loss on the prompt too, as LLM-Adapters'
+    finetune.py does by default)."""
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = list(input_ids) if train_on_inputs else ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
 def format_instruction_example(
-    example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int
+    example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int, train_on_inputs: bool = False
 ) -> dict[str, list[int]]:
     """Training features for one example: `input_ids`, `attention_mask`, and `labels` equal to the input ids on the
-    response tokens and IGNORE_INDEX on the prompt tokens.
+    response tokens and IGNORE_INDEX on the prompt tokens (on every token with `train_on_inputs`).
 
     `example` holds either `instruction`, `output` and an optional `input` (Alpaca, LLM-Adapters), or `messages`, a
     list of {"role", "content"} whose last turn is the assistant's target; earlier turns are context without loss.
@@ -153,9 +163,7 @@ def format_instruction_example(
         prompt, target = _alpaca_turn(example)
         prompt_ids = tokenizer(prompt)["input_ids"]
         response_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return prompt_response_features(prompt_ids, response_ids, max_length, train_on_inputs)
 
 
 def _chat_turns(example: Mapping[str, Any]) -> tuple[list[dict[str, str]], str]:

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kasa.config import RunConfig, launch_rank
 from kasa.data.errors import DataError
-from kasa.data.prompts import IGNORE_INDEX
+from kasa.data.prompts import IGNORE_INDEX, prompt_response_features
 from kasa.tasks.batching import FLASH_ATTENTION, PackedCollator, block_causal_mask, pack_examples, packed_row
 from kasa.tasks.lm_loss import labelled_token_loss, loss_positions
 from kasa.tasks.models import inner_model, load_causal_lm, load_tokenizer
@@ -42,13 +42,12 @@ class PadCollator:
 
 
 def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
-                           max_length: int) -> dict[str, list[int]]:
-    """input_ids of prompt + response + EOS, labels masking the prompt: the loss is on the response only."""
+                           max_length: int, train_on_inputs: bool = False) -> dict[str, list[int]]:
+    """input_ids of prompt + response + EOS, labels masking the prompt (the loss on the response only) unless
+    `train_on_inputs`."""
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return prompt_response_features(prompt_ids, response_ids, max_length, train_on_inputs)
 
 
 def training_dataset(rows: list[dict[str, list[int]]], max_length: int, packing: bool = False) -> Dataset:

@@ -88,7 +88,8 @@ class CommonsenseTask(CausalLMTask):
         return training_dataset([encode_prompt_response(tokenizer,
                                                         styled_prompt(style, r["instruction"], r.get("input"),
                                                                       training=True),
-                                                        r["output"], max_length) for r in self._train_rows()],
+                                                        r["output"], max_length, self.cfg.task.train_on_inputs)
+                                 for r in self._train_rows()],
                                 max_length, self.cfg.trainer.packing)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,

@@ -86,7 +86,8 @@ class E2ETask(CausalLMTask):
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
         mrs, refs = self._pairs(self.cfg.task.train_split, self.cfg.task.max_train_samples)
         max_length = self.cfg.trainer.max_length
-        return training_dataset([encode_prompt_response(tokenizer, e2e_prompt(mr), f" {ref}", max_length)
+        return training_dataset([encode_prompt_response(tokenizer, e2e_prompt(mr), f" {ref}", max_length,
+                                                        self.cfg.task.train_on_inputs)
                                  for mr, ref in zip(mrs, refs)], max_length, self.cfg.trainer.packing)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,

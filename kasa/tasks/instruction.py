@@ -100,7 +100,8 @@ class InstructionTask(CausalLMTask):
         max_length = self.cfg.trainer.max_length
         rows = self._rows(self.cfg.task.train_split, self.cfg.task.max_train_samples)
         encoded = _each_row(rows, self._where(self.cfg.task.train_split),
-                            lambda row: format_instruction_example(row, tokenizer, max_length))
+                            lambda row: format_instruction_example(row, tokenizer, max_length,
+                                                                   self.cfg.task.train_on_inputs))
         return training_dataset(encoded, max_length, self.cfg.trainer.packing)
 
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,

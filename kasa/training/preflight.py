@@ -130,6 +130,9 @@ def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine
                          "update in float16 (its second moments underflow; a GPU's fp16 loss scaler refuses them): "
                          "load the model with model.dtype=float32 (trainer.precision=fp16 still computes in float16 "
                          "on a GPU) or model.dtype=bfloat16")
+    if cfg.task.train_on_inputs and cfg.task.kind == "glue":
+        raise ValueError("task.train_on_inputs=true applies to the generation tasks (e2e, instruction, commonsense), "
+                         "whose prompts it adds to the loss; a GLUE classifier has none: leave it out")
     if not on_this_machine:
         return
     from kasa.tasks.models import attention_implementation
