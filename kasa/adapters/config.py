@@ -41,12 +41,6 @@ def _names(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def install_extra(extra: str) -> str:
-    """The command that installs one of kasa's optional extras (pyproject.toml; `peft`, `quant`, ...): from kasa's
-    checkout, held to the installed torch by constraints.txt (the `kasa` on PyPI is another project)."""
-    return f"pip install -c constraints.txt -e '.[{extra}]' in kasa's checkout"
-
-
 def has_loss_weight(method: str, weight: str) -> bool:
     """Whether `method`'s loss has the term that `weight` ("beta" or "gamma") scales."""
     return weight in LOSS_WEIGHTS.get(method, ())

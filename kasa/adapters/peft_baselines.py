@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kasa.adapters.config import CONFIG_ATTRIBUTE, PEFT_METHODS, AdapterConfig, install_extra
+from kasa.adapters.config import CONFIG_ATTRIBUTE, PEFT_METHODS, AdapterConfig
+from kasa.extras import install_extra
 from kasa.adapters.kasa import AuxLoss, Regularization
 
 TUNER_ATTRIBUTE = "kasa_peft_tuner"  # the PEFT tuner object, kept in the model's __dict__ (not a submodule)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kasa.adapters.config import CONFIG_ATTRIBUTE, install_extra
+from kasa.adapters.config import CONFIG_ATTRIBUTE
+from kasa.extras import install_extra
 
 QUANTIZATIONS = ("nf4", "int8")
 # Methods that run over a quantized base: kasa's own adapter layers (their frozen base may be any module) and BitFit

@@ -27,7 +27,7 @@ import tempfile
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
-from kasa.adapters.config import install_extra
+from kasa.extras import install_extra
 
 
 E2E_METRIC_NAMES: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
