@@ -388,4 +388,13 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
             raise ValueError(f"{override} would replace the saved run's whole {key} settings, and a saved run's config "
                              f"groups cannot be swapped: override single settings instead (e.g. {key}.{next(iter(node))}"
                              f"=...), or train a run with {key}={value}")
-    return validate(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides or []))))
+    # Read as kasa-train's Hydra reads them (YAML would make `trainer.precision=no` the boolean False)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    config = OmegaConf.create(saved)
+    for override in OverridesParser.create().parse_overrides(list(overrides or [])):
+        if override.is_delete() or override.is_sweep_override():
+            raise ValueError(f"{override.input_line}: a saved run's settings can be set here, one value each, not "
+                             "removed or swept")
+        OmegaConf.update(config, override.key_or_group, override.value(), merge=False, force_add=True)
+    return validate(config)

@@ -431,6 +431,23 @@ def test_settings_the_method_does_not_use_are_no_difference():
     assert {"method.method", "method.beta"} <= set(preflight.config_differences(saved, now))
 
 
+def test_a_saved_run_overrides_read_as_kasa_train_reads_them(tmp_path):
+    """kasa-eval and kasa-export parsed overrides as YAML, where `no` is the boolean False: `trainer.precision=no`,
+    the one way to evaluate a bf16 run in float32, was refused as `trainer.precision=False` (walk AK)."""
+    from kasa.run_dir import load_run_config
+
+    saved = dataclasses.asdict(RunConfig())
+    saved["trainer"]["precision"], saved["model"]["name"], saved["task"]["name"] = "bf16", "tiny", "sst2"
+    saved["output_dir"] = str(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = load_run_config(tmp_path, ["trainer.precision=no", "task.eval_sets=[boolq,piqa]", "task.max_eval_samples=null",
+                                     "trainer.lr=1e-3"])
+    assert (cfg.trainer.precision, cfg.task.eval_sets, cfg.task.max_eval_samples) == ("no", ["boolq", "piqa"], None)
+    assert cfg.trainer.lr == 1e-3
+    with pytest.raises(ValueError, match="trainer.lr=1,2: a saved run's settings can be set here, one value each"):
+        load_run_config(tmp_path, ["trainer.lr=1,2"])
+
+
 def test_compare_and_sweep_skip_and_name_runs_without_a_finite_result(tmp_path, caplog):
     """A summary with best -Infinity (written by older versions for a run that never evaluated) is no result."""
     import logging
