@@ -871,3 +871,17 @@ def test_a_half_precision_model_trains_its_head_and_adapters_in_float32(method, 
     kasa.merge_and_unload(model)
     assert {param.dtype for param in model.parameters()} == {dtype}
     assert not model.classifier._forward_pre_hooks and not model.classifier._forward_hooks
+
+
+def test_adalora_trains_the_same_parameters_in_every_dtype():
+    """PEFT makes AdaLoRA's ranknum (a constant it divides by) a trainable Parameter when it moves or casts a
+    half-precision model's adapters: AdamW drifted it, and bf16 checkpoints did not load in float32 (walk AJ)."""
+    pytest.importorskip("peft")
+    config = kasa.AdapterConfig(method="adalora", rank=4, target_modules=["query", "value"],
+                                peft_options={"total_step": 10})
+    trained = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = kasa.apply_adapters(build_roberta().to(dtype), config)
+        trained[dtype] = sorted(name for name, param in model.named_parameters() if param.requires_grad)
+    assert trained[torch.float32] == trained[torch.bfloat16] == trained[torch.float16]
+    assert not any("ranknum" in name for name in trained[torch.float32])

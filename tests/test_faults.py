@@ -276,6 +276,8 @@ def test_the_model_own_weights_do_not_train_in_float16(method):
     cfg.method.method, cfg.model.dtype = method, "float16"
     with pytest.raises(ValueError, match=f"method={method} trains the model's own float16 weights.*model.dtype=float32"):
         preflight.check_config_values(cfg, on_this_machine=False)
+    # kasa-eval and kasa-export read such runs (trained before the refusal, walk AJ), or evaluate one in float16
+    preflight.check_config_values(cfg, decomposes=False, on_this_machine=False, trains=False)
     for dtype in ("bfloat16", "float32"):
         cfg.model.dtype = dtype
         preflight.check_config_values(cfg, on_this_machine=False)

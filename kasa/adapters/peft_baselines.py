@@ -121,6 +121,11 @@ def inject(model: nn.Module, config: AdapterConfig) -> None:
     # float32 adapter weights in a float16 / bfloat16 model, as PEFT's own get_peft_model does (and kasa's blocks):
     # AdamW keeps its moments in the weights' dtype, where float16's underflow. PEFT's layers cast their inputs.
     peft.tuners.tuners_utils.cast_adapter_dtype(model, ADAPTER_NAME)
+    # AdaLoRA's `ranknum` is a constant it divides by; PEFT's moves and casts of a half-precision model's adapters
+    # make it a new, trainable Parameter (AdamW then drifted it, and the checkpoint held it in bf16 runs only)
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(False)
     # Not a submodule: the tuner holds the model, so registering it would make a cycle in state_dict().
     model.__dict__[TUNER_ATTRIBUTE] = tuner
     tuner.kasa_schedule_fixed = config.method != "adalora" or bool(config.peft_options.get("total_step"))

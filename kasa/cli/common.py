@@ -320,7 +320,7 @@ def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
 
     try:
         saved = load_run_config(run_dir)
-        check_config_values(saved, decomposes=False)  # the file alone
+        check_config_values(saved, decomposes=False, trains=False)  # the file alone
     except FileNotFoundError:
         raise
     except USER_ERRORS as err:
@@ -337,7 +337,7 @@ def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     run_cfg = load_run_config(run_dir, overrides)
     # an override's value (decoding, attention) is refused before the model loads; method.svd_device is not
     # checked: the run may have decomposed on a GPU this machine lacks, and these commands repeat no decomposition
-    check_config_values(run_cfg, decomposes=False)
+    check_config_values(run_cfg, decomposes=False, trains=False)
     return run_cfg
 
 

@@ -46,7 +46,7 @@ from kasa.cli.common import (
     override_key,
     run_reporting_errors,
 )
-from kasa.config import dotted_settings, is_training_only, launch_rank
+from kasa.config import dotted_settings, is_bookkeeping, is_training_only, launch_rank
 from kasa.data.sources import split_label
 from kasa.run_dir import (
     EVALUATIONS_DIR,
@@ -125,6 +125,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     saved = dotted_settings(dataclasses.asdict(load_saved_config(run_dir, [])))
     resolved = dotted_settings(dataclasses.asdict(run_cfg))
     changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES)  # a value the run had is no change
+                     and not is_bookkeeping(override_key(o))  # logging.progress, trainer.allow_cpu: the same scores
                      and resolved.get(override_key(o)) != saved.get(override_key(o)))
     same_split = split == split_evaluated_in_training(run_dir, state)
     trained_on = state.get("eval_data")  # what the training run evaluated (checkpoints from before: not recorded)

@@ -116,16 +116,18 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine: bool = True) -> None:
+def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine: bool = True,
+                        trains: bool = True) -> None:
     """Values the schema's types allow but a run cannot use (epochs 0, lr -1, ...): the first one found, named.
     `decomposes`: whether the command truncates weights (not kasa-eval, which loads the removed components), and so
-    needs method.svd_device on this machine. `on_this_machine`: whether the command runs the model here (not
+    needs method.svd_device on this machine. `trains`: whether it trains (not kasa-eval or kasa-export, which read
+    runs that earlier versions trained, in any dtype). `on_this_machine`: whether the command runs the model here (not
     kasa-estimate, which sizes a run for another machine), and so needs the attention implementation here."""
     for key, (test, requirement) in _RULES.items():
         value = _get(cfg, key)
         if not test(value):
             raise ValueError(f"{key}={value} is not allowed: it must be {requirement}")
-    if cfg.method.method in ("full", "bitfit") and cfg.model.dtype == "float16":
+    if trains and cfg.method.method in ("full", "bitfit") and cfg.model.dtype == "float16":
         raise ValueError(f"method={cfg.method.method} trains the model's own float16 weights, which AdamW cannot "
                          "update in float16 (its second moments underflow; a GPU's fp16 loss scaler refuses them): "
                          "load the model with model.dtype=float32 (trainer.precision=fp16 still computes in float16 "
