@@ -30,7 +30,8 @@ TRAINING_ONLY_SETTINGS = ("output_dir", "resume", "overwrite", "resume_allow_cha
                           "trainer.warmup_steps", "trainer.max_steps", "trainer.max_grad_norm", "trainer.log_every",
                           "trainer.evaluate_every_epoch", "trainer.save_every", "trainer.keep_checkpoints",
                           "trainer.save_best", "trainer.group_by_length", "trainer.packing", "trainer.compile",
-                          "trainer.label_smoothing", "task.train_on_inputs")
+                          "trainer.label_smoothing", "task.train_on_inputs", "task.train_split",
+                          "task.max_train_samples")
 """Settings that only training reads (where a run lives and starts, the optimisation, the schedule of saves and
 logs): kasa-eval, which evaluates a saved checkpoint, refuses them as overrides that would change nothing."""
 

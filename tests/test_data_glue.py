@@ -139,9 +139,25 @@ def test_training_reads_the_checked_eval_split_once(tmp_path: Path, tokenizer, c
     with caplog.at_level("WARNING", logger="kasa"):
         glue.check_evaluation("validation")
         assert len(glue.train_dataset(tokenizer)) == 2
-        assert len(glue._split(tokenizer, "validation")) == 1
+        assert len(glue._split(tokenizer, "validation", evaluated=True)) == 1
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert dropped == ["split 'validation' (%s): dropped 1 unlabeled rows of 2" % (tmp_path / "dev.tsv")]
+
+
+def test_an_evaluated_training_split_is_cut_to_max_eval_samples(sst2: Path, tokenizer) -> None:
+    """kasa-eval split=train scored max_train_samples rows (all of SST-2's 67K when unset) while its console line and
+    eval_train.json said max_eval_samples (walk AK): evaluated, every split is cut to max_eval_samples."""
+    from kasa.config import RunConfig
+    from kasa.tasks import build_task
+
+    assert len(load_glue_splits(task(sst2, max_train_samples=5, max_eval_samples=2), ["train"], evaluated=True)[
+        "train"]) == 2
+    cfg = RunConfig()
+    cfg.task = task(sst2, max_train_samples=5, max_eval_samples=2)
+    glue = build_task(cfg)
+    glue.check_evaluation("train")
+    assert len(glue._split(tokenizer, "train", evaluated=True)) == 2
+    assert len(glue.train_dataset(tokenizer)) == 5
 
 
 def test_subsampling_is_deterministic(sst2: Path) -> None:

@@ -97,7 +97,8 @@ def test_kasa_eval_overrides_that_change_nothing(classification_run: Path, tmp_p
     and filed the evaluation as another one; so did an override equal to the run's own value (walk AD)."""
     run_dir = Path(shutil.copytree(classification_run, tmp_path / "run"))
     for override in (f"output_dir={tmp_path / 'elsewhere'}", "resume=auto", "trainer.lr=1", "logging.trackers=[]",
-                     "trainer.packing=true", "trainer.compile=true", "trainer.label_smoothing=0.1"):  # walks AH, AK
+                     "trainer.packing=true", "trainer.compile=true", "trainer.label_smoothing=0.1",
+                     "task.train_split=test", "task.max_train_samples=8"):  # the last five: walks AH, AK
         key = override.split("=")[0]
         assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", override),
                               f"{override}: only training reads {key}, so it would change nothing kasa-eval measures")

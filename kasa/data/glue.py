@@ -63,7 +63,7 @@ _FILE_COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 _COLA_COLUMNS = ("source", "label", "mark", "sentence")
 
 
-def load_glue_splits(task: TaskConfig, splits: Optional[Sequence[str]] = None) -> DatasetDict:
+def load_glue_splits(task: TaskConfig, splits: Optional[Sequence[str]] = None, evaluated: bool = False) -> DatasetDict:
     """The task's train and eval splits as a DatasetDict keyed by `task.train_split` and `task.eval_split`, with
     columns `task.text_fields + ["label"]` (int64 class ids, or float32 scores when `task.num_labels == 1`).
 
@@ -74,7 +74,7 @@ def load_glue_splits(task: TaskConfig, splits: Optional[Sequence[str]] = None) -
 
     `splits` loads other splits instead (kasa-eval: only the one it evaluates); `task.train_split` is cut to
     max_train_samples and every other split to max_eval_samples, so evaluating a test split costs what the eval
-    split does."""
+    split does; with `evaluated`, every split is cut to max_eval_samples (kasa-eval of the training split)."""
     if splits is None:
         if task.train_split == task.eval_split:
             raise DataError(
@@ -84,7 +84,8 @@ def load_glue_splits(task: TaskConfig, splits: Optional[Sequence[str]] = None) -
         splits = [task.train_split, task.eval_split]
     splits = list(dict.fromkeys(splits))
     raw = _load_local(task, splits) if task.data_dir is not None else _load_hub(task, splits)
-    limits = {name: task.max_train_samples if name == task.train_split else task.max_eval_samples for name in splits}
+    limits = {name: task.max_train_samples if name == task.train_split and not evaluated else task.max_eval_samples
+              for name in splits}
     return DatasetDict({name: _subsample(raw[name], limits[name], name) for name in splits})
 
 

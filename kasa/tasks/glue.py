@@ -24,18 +24,19 @@ class GlueTask:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.metric = cfg.task.metric
-        self._raw: dict[str, Dataset] = {}  # read once: a second read would repeat its warnings
-        self._encoded: dict[str, Dataset] = {}
+        # read and encoded once, keyed by (split, evaluated): a second read would repeat its warnings, and a split is
+        # cut to max_eval_samples when evaluated, to max_train_samples when it is the training split
+        self._raw: dict[tuple[str, bool], Dataset] = {}
+        self._encoded: dict[tuple[str, bool], Dataset] = {}
 
     def check_evaluation(self, split: str) -> str:
         """The split's data, with labels (the metrics need scikit-learn and scipy, installed with kasa)."""
-        self._read(split)
-        return examples_fingerprint(self._raw[split].to_list())
+        return examples_fingerprint(self._read(split, evaluated=True).to_list())
 
-    def _read(self, *splits: str) -> None:
-        missing = [s for s in splits if s not in self._raw]
-        if missing:
-            self._raw |= task_data.load_glue_splits(self.cfg.task, missing)
+    def _read(self, split: str, evaluated: bool) -> Dataset:
+        if (split, evaluated) not in self._raw:
+            self._raw[split, evaluated] = task_data.load_glue_splits(self.cfg.task, [split], evaluated)[split]
+        return self._raw[split, evaluated]
 
     def load_model(self) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         tokenizer = load_tokenizer(self.cfg.model)
@@ -44,18 +45,18 @@ class GlueTask:
             model.config.pad_token_id = tokenizer.pad_token_id
         return tokenizer, model
 
-    def _split(self, tokenizer: PreTrainedTokenizerBase, *splits: str) -> Dataset:
-        missing = [s for s in splits if s not in self._encoded]
-        if missing:
+    def _split(self, tokenizer: PreTrainedTokenizerBase, split: str, evaluated: bool) -> Dataset:
+        if (split, evaluated) not in self._encoded:
             from datasets import DatasetDict  # loaded by now: _read imported it
 
-            self._read(*missing)
-            raw = DatasetDict({s: self._raw[s] for s in missing})
-            self._encoded |= task_data.encode_glue(raw, tokenizer, self.cfg.task, self.cfg.trainer.max_length)
-        return self._encoded[splits[0]]
+            raw = DatasetDict({split: self._read(split, evaluated)})
+            encoded = task_data.encode_glue(raw, tokenizer, self.cfg.task, self.cfg.trainer.max_length)
+            self._encoded[split, evaluated] = encoded[split]
+        return self._encoded[split, evaluated]
 
     def train_dataset(self, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-        return self._split(tokenizer, self.cfg.task.train_split, self.cfg.task.eval_split)
+        self._split(tokenizer, self.cfg.task.eval_split, evaluated=True)  # its problems now, not after an epoch
+        return self._split(tokenizer, self.cfg.task.train_split, evaluated=False)
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         return DataCollatorWithPadding(tokenizer)
@@ -77,7 +78,7 @@ class GlueTask:
     def evaluate(self, model: nn.Module, accelerator: Accelerator, tokenizer: PreTrainedTokenizerBase,
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
         """The split's metrics, the same for the training loop's evaluations and kasa-eval's (both call this)."""
-        loader = accelerator.prepare(DataLoader(self._split(tokenizer, split),
+        loader = accelerator.prepare(DataLoader(self._split(tokenizer, split, evaluated=True),
                                                 batch_size=self.cfg.trainer.eval_batch_size,
                                                 collate_fn=self.collator(tokenizer)))
         was_training = model.training
