@@ -285,6 +285,17 @@ def test_the_model_own_weights_do_not_train_in_float16(method):
     preflight.check_config_values(cfg, on_this_machine=False)
 
 
+@pytest.mark.parametrize("dtype, precision", [("float16", "bf16"), ("bfloat16", "fp16")])
+def test_two_half_precision_types_are_refused(dtype, precision):
+    """float16 weights under bf16 autocast ended in a traceback from LayerNorm on the CPU (walk AJ)."""
+    cfg = _config(precision=precision)
+    cfg.model.dtype = dtype
+    with pytest.raises(ValueError, match=f"model.dtype={dtype} with trainer.precision={precision} mixes two"):
+        preflight.check_config_values(cfg, on_this_machine=False)
+    cfg.model.dtype = "float32"
+    preflight.check_config_values(cfg, on_this_machine=False)
+
+
 def test_train_on_inputs_is_for_the_generation_tasks():
     cfg = _config()
     cfg.task.train_on_inputs = True

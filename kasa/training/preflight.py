@@ -132,6 +132,11 @@ def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine
                          "update in float16 (its second moments underflow; a GPU's fp16 loss scaler refuses them): "
                          "load the model with model.dtype=float32 (trainer.precision=fp16 still computes in float16 "
                          "on a GPU) or model.dtype=bfloat16")
+    mixed = {("float16", "bf16"): "bfloat16", ("bfloat16", "fp16"): "float16"}.get((cfg.model.dtype,
+                                                                                   cfg.trainer.precision))
+    if trains and mixed:  # MiniLM, float16 under bf16 autocast on the CPU: LayerNorm's "mixed dtype" traceback
+        raise ValueError(f"model.dtype={cfg.model.dtype} with trainer.precision={cfg.trainer.precision} mixes two "
+                         f"half-precision types: load the model with model.dtype={mixed} or float32")
     if cfg.task.train_on_inputs and cfg.task.kind == "glue":
         raise ValueError("task.train_on_inputs=true applies to the generation tasks (e2e, instruction, commonsense), "
                          "whose prompts it adds to the loss; a GLUE classifier has none: leave it out")
