@@ -885,3 +885,21 @@ def test_adalora_trains_the_same_parameters_in_every_dtype():
         trained[dtype] = sorted(name for name, param in model.named_parameters() if param.requires_grad)
     assert trained[torch.float32] == trained[torch.bfloat16] == trained[torch.float16]
     assert not any("ranknum" in name for name in trained[torch.float32])
+
+
+def test_a_bf16_adalora_checkpoint_saved_with_its_ranknum_still_loads(tmp_path):
+    """bf16 AdaLoRA runs saved ranknum (a constant, trainable by mistake) before it was frozen: still loadable."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    config = kasa.AdapterConfig(method="adalora", rank=4, target_modules=["query", "value"],
+                                peft_options={"total_step": 10})
+    model = kasa.apply_adapters(build_roberta().to(torch.bfloat16), config)
+    kasa.save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    ranknum = {name: param.detach().clone() for name, param in model.named_parameters() if ".ranknum." in name}
+    assert ranknum and not set(ranknum) & set(tensors)
+    save_file({**tensors, **ranknum}, weights)
+    loaded = kasa.load_adapter(build_roberta().to(torch.bfloat16), tmp_path / "adapter")
+    assert all(torch.equal(loaded.get_parameter(name), value) for name, value in ranknum.items())

@@ -23,9 +23,11 @@ model.path, task.data_dir, the split, the batch sizes, and where and how the jud
 it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
 (eval_<split>.json records them as `overrides`), never over the checkpoint's own. So does other data (a
 task.data_dir of other files): the examples' fingerprint differs from the one the training run recorded with its
-score. An override equal to the run's own value changes nothing; one that only training reads (output_dir, resume,
-recipe, trainer.lr, logging.trackers, ...) is refused. Each split is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the generation tasks: the first
-examples; null: all of it); sampled decoding draws from the run's seed.
+score. An override equal to the run's own value, or of where and how it runs (logging.progress, trainer.allow_cpu),
+changes nothing; one that only training reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...) is
+refused. Each split, the training split too, is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the
+generation tasks: the first examples; null: all of it); it runs under the run's trainer.precision, and sampled
+decoding draws from the run's seed.
 """
 
 from __future__ import annotations
@@ -165,8 +167,8 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
                     reported: float | None, split: str, staged: Path, merge: bool,
                     changed: list[str], max_eval_samples: int | None, fingerprint: str) -> dict[str, Any]:
     """Load, evaluate into `staged`, and place the outputs (place_outputs), unless `changed` (the overrides that
-    change what is measured, and other evaluated data) keeps them in `staged`. `reported`: the training run's score for the
-    checkpoint on this split, if it evaluated it there with these settings."""
+    change what is measured, and other evaluated data) keeps them in `staged`. `reported`: the training run's score
+    for the checkpoint on this split, if it evaluated it there with these settings."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize
     from kasa.evaluation.metrics import main_metric

@@ -56,9 +56,9 @@ def find_split_file(data_dir: str | Path, split: str, candidates: Sequence[str],
 def local_split_file(data_dir: Optional[str | Path], split: str, candidates: Sequence[str],
                      suffixes: Sequence[str] = DATA_SUFFIXES) -> Optional[Path]:
     """The local file of `split`, or None when it should come from the Hub. With a data_dir, the file must be there
-    (see find_split_file; `suffixes`: the file types the caller reads). Without one, a split that is the path of an existing file is read directly (e.g. the
-    MT-Bench question file beside a Hub training set), one that looks like a file name but does not exist is an
-    error, and anything else is a Hub split name."""
+    (see find_split_file; `suffixes`: the file types the caller reads). Without one, a split that is the path of an
+    existing file is read directly (e.g. the MT-Bench question file beside a Hub training set), one that looks like a
+    file name but does not exist is an error, and anything else is a Hub split name."""
     if data_dir is not None:
         return find_split_file(data_dir, split, candidates, suffixes)
     path = Path(split).expanduser()
