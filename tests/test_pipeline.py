@@ -199,6 +199,10 @@ def test_kasa_eval_evaluates_under_the_run_mixed_precision(tiny_model, sentiment
     assert used == ["bf16"]
     report = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert report["score"] == report["reported_in_training"]
+    fp16 = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", "trainer.precision=fp16")  # float32 on the CPU
+    assert fp16.returncode == 0, fp16.stderr[-3000:]
+    if not torch.cuda.is_available():  # said, as kasa-train says it (walk AK)
+        assert "warning: trainer.precision=fp16 has no effect on the CPU" in fp16.stderr
 
 
 def test_multirun_writes_sweep_summary_and_heatmap(tiny_model, sentiment_dir, tmp_path):

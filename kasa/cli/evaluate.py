@@ -86,6 +86,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from kasa.tasks import build_task
+    from kasa.training.preflight import ignored_precision_warning
 
     merge = bool_argument(args, "merge", False)  # the arguments before anything loads
     if "batch_size" in args and not (args["batch_size"].isdigit() and int(args["batch_size"]) >= 1):
@@ -115,6 +116,9 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     # the training run's mixed precision: its evaluations ran under that autocast, so the same scores come back
     accelerator = Accelerator(mixed_precision=run_cfg.trainer.precision)
+    if launch_rank()[0] == 0 and (ignored := ignored_precision_warning(run_cfg.trainer.precision,
+                                                                        accelerator.device.type)):
+        print(ignored, file=sys.stderr)
     set_seed(run_cfg.seed)  # sampled decoding draws from it: the same command generates the same outputs
     task = build_task(run_cfg)
     fingerprint = task.check_evaluation(split)  # a split= typo fails before the model loads

@@ -90,7 +90,13 @@ from kasa.training.calibration import (
 )
 from kasa.training.console import Console
 from kasa.tasks.models import load_tokenizer, whole_weights
-from kasa.training.preflight import RunStart, check_config_values, check_not_a_sweep, check_run_start
+from kasa.training.preflight import (
+    RunStart,
+    check_config_values,
+    check_not_a_sweep,
+    check_run_start,
+    ignored_precision_warning,
+)
 from kasa.training.run_lock import RunLock
 from kasa.training.schedule import build_scheduler
 from kasa.training.signals import StopSignals, TrainingInterrupted
@@ -381,10 +387,9 @@ class TrainingRecipe:
                                f"{self.accelerator.gradient_accumulation_steps} is ignored: a step accumulates "
                                f"trainer.grad_accum={cfg.trainer.grad_accum} micro-batches")
             self.accelerator.gradient_accumulation_steps = cfg.trainer.grad_accum
-        if cfg.trainer.precision == "fp16" and self.accelerator.device.type == "cpu" and not uses_deepspeed:
-            # Accelerate ignores fp16 on the CPU without a word: the run would be float32 under an fp16 label
-            self.console.print("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in "
-                               "float32); trainer.precision=bf16 runs mixed precision there")
+        ignored = ignored_precision_warning(cfg.trainer.precision, self.accelerator.device.type)
+        if ignored and not uses_deepspeed:
+            self.console.print(ignored)
 
     def clear_earlier_run(self) -> None:
         """A fresh start over an earlier run (overwrite=true) removes that run's logs (its TensorBoard and W&B ones

@@ -149,6 +149,15 @@ def check_config_values(cfg: RunConfig, decomposes: bool = True, on_this_machine
         check_svd_device(cfg.method.svd_device)
 
 
+def ignored_precision_warning(precision: str, device_type: str) -> str | None:
+    """The warning line for trainer.precision=fp16 on the CPU, which Accelerate runs in float32 without a word (the
+    run, or the evaluation, would be float32 under an fp16 label); None otherwise."""
+    if precision == "fp16" and device_type == "cpu":
+        return ("warning: trainer.precision=fp16 has no effect on the CPU (Accelerate runs it in float32); "
+                "trainer.precision=bf16 runs mixed precision there")
+    return None
+
+
 def unused_override_warnings(cfg: RunConfig, overrides: list[str]) -> list[str]:
     """A warning line for each command-line override of a method setting that the run's method does not use
     (method=lora method.beta=0.1): the run is the same without it."""
