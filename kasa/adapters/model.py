@@ -256,16 +256,18 @@ def _train_in_float32(head: nn.Module) -> None:
     its moments in the weights' dtype, where float16's second moments underflow to 0 (gradients of 1e-5: steps of
     2 x lr by the fourth; MiniLM in float16 trained to a higher loss than in float32 by its third step) and
     bfloat16's 8-bit mantissa drops small updates (100 steps of lr 1e-5 left a weight of 0.05 at 0.05, float32 moved
-    it to 0.049). Its inputs are cast to its weights' dtype (float32; DeepSpeed's bf16 engine casts the head back)
-    and its outputs to the model's dtype, so the layers around it see what they did. Its parent, once converted, holds
-    no half-precision weights, so nested heads (a RoBERTa head's `dense`) are converted once."""
+    it to 0.049). Its inputs are cast to its weights' dtype at each call (float32, or whatever an engine that casts
+    the model later gives it) and its outputs to the model's dtype, so the layers around it see what they did. Its
+    parent, once converted, holds no half-precision weights, so nested heads (a RoBERTa head's `dense`) are converted
+    once."""
     half = {p.dtype for p in head.parameters()} & set(HALF_DTYPES)
     if not half or getattr(head, HEAD_ATTRIBUTE, None) is not None:
         return
     model_dtype = half.pop()
     head.float()
-    setattr(head, HEAD_ATTRIBUTE, (model_dtype, head.register_forward_pre_hook(_inputs_to_head_dtype, with_kwargs=True),
-                                   head.register_forward_hook(partial(_outputs_to, model_dtype))))
+    hooks = (head.register_forward_pre_hook(_inputs_to_head_dtype, with_kwargs=True),
+             head.register_forward_hook(partial(_outputs_to, model_dtype)))
+    setattr(head, HEAD_ATTRIBUTE, (model_dtype, *hooks))
 
 
 def _restore_heads(model: nn.Module) -> None:
