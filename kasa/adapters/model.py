@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from kasa.adapters import peft_baselines
 from kasa.adapters.calibration import ModelInputs, batch_inputs, moment_groups
@@ -282,13 +283,9 @@ def _restore_heads(model: nn.Module) -> None:
 
 
 def _cast_floats(value: object, dtype: torch.dtype) -> object:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast_floats(item, dtype) for item in value)
-    if isinstance(value, dict):
-        return {key: _cast_floats(item, dtype) for key, item in value.items()}
-    return value
+    """`value`'s floating tensors in `dtype`, wherever they sit in it (tuples, lists, dicts, a transformers
+    ModelOutput, which keeps its type)."""
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
 
 
 def _inputs_to_head_dtype(head: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
