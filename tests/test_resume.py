@@ -6,6 +6,7 @@ checkpoint writer, so the test does not race a fast tiny model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -121,6 +122,26 @@ def test_a_killed_run_on_an_nf4_base_resumes_bit_for_bit(tiny_model, sentiment_d
     assert finished.returncode == 0, finished.stderr[-3000:]
     args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "model.quantization=nf4")
     assert killed_run(args, "after_save", 2).returncode == -9
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    expected, got = adapter(full), adapter(run_dir)
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert metrics(run_dir) == metrics(full)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (kasa[peft])")
+def test_a_killed_adalora_run_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp_path):
+    """AdaLoRA's rank allocator keeps importance averages and, from its final phase on (step 10 of 16 here), the rank
+    pattern it masks with: a run killed after its step-12 checkpoint must resume to the very adapter of an
+    uninterrupted run (it crashed inside PEFT, with no rank pattern, before the checkpoint kept them)."""
+    options = ["method=adalora", "method.rank=2", "+method.peft_options.init_r=4", "method.peft_options.tinit=2",
+               "method.peft_options.tfinal=6"]
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    finished = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, full, *options))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir, *options)
+    assert killed_run(args, "after_save", 7).returncode == -9
+    assert "step-00000012" in {p.name for p in (run_dir / "checkpoints").iterdir()}
     resumed = run_cli("kasa.cli.train", *args, "resume=auto")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     expected, got = adapter(full), adapter(run_dir)

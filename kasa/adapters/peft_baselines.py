@@ -21,8 +21,8 @@ gradients are zeroed: it scores the parameters by |p * grad|). The training loop
 same, or calls `configure_schedule(model, total_steps)` first. In `peft_options`, `tinit` and `tfinal` (the warm-up
 and final fine-tuning phases) may be fractions of the total steps (a float below 1) or step counts (an integer);
 `init_r` defaults to 1.5 x rank (12 for r = 8, AdaLoRA's GLUE budget). AdaLoRA's orthogonal regularisation
-(`orth_reg_weight`, PEFT default 0.5) is returned by `kasa.aux_loss`, like KaSA's. A resumed AdaLoRA run keeps its
-weights and masks but restarts the importance averages of the rank allocator.
+(`orth_reg_weight`, PEFT default 0.5) is returned by `kasa.aux_loss`, like KaSA's. A resumable checkpoint keeps the
+rank allocator's importance averages and rank pattern (`allocator_state`), so a resumed AdaLoRA run goes on bit for bit.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ TUNER_ATTRIBUTE = "kasa_peft_tuner"  # the PEFT tuner object, kept in the model'
 ADAPTER_NAME = "default"
 ADALORA_PLACEHOLDER_STEPS = 1_000_000  # AdaLoraConfig needs a total_step before the loop knows the real one
 PROJECTION_BUFFERS = (".vera_A.", ".vera_B.")
+ALLOCATOR_AVERAGES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the rank allocator's per-parameter importance scores
 
 
 def _peft(method: str) -> Any:
@@ -180,6 +181,28 @@ def after_optimizer_step(model: nn.Module, step: int, total_steps: int | None = 
         raise ValueError("AdaLoRA's rank budget reads the adapters' gradients: call after_optimizer_step after "
                          "optimizer.step() and before optimizer.zero_grad()")
     tuner.update_and_allocate(step)
+
+
+def allocator_state(model: nn.Module) -> dict[str, Any] | None:
+    """AdaLoRA's rank allocator as a resumable checkpoint keeps it: the importance averages its budget masks are
+    chosen by and, from the final phase on, the rank pattern every step masks with (PEFT keeps neither in the adapter
+    weights). None for every other method."""
+    tuner = tuner_of(model)
+    if tuner is None or not hasattr(tuner, "rankallocator"):
+        return None
+    allocator = tuner.rankallocator
+    averages = {name: {key: tensor.detach().cpu() for key, tensor in getattr(allocator, name).items()}
+                for name in ALLOCATOR_AVERAGES}
+    return {**averages, "rank_pattern": tuner.peft_config[ADAPTER_NAME].rank_pattern}
+
+
+def load_allocator_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Put back what `allocator_state` returned, onto the devices of the adapters it scores."""
+    tuner = tuner_of(model)
+    devices = {name: p.device for name, p in tuner.model.named_parameters()}
+    for name in ALLOCATOR_AVERAGES:
+        setattr(tuner.rankallocator, name, {key: t.to(devices[key]) for key, t in state[name].items()})
+    tuner.peft_config[ADAPTER_NAME].rank_pattern = state["rank_pattern"]
 
 
 def aux_loss(tuner: Any) -> Any | None:

@@ -1,9 +1,10 @@
 """Run-directory files: checkpoints written atomically, resumable training state, metrics as JSON lines.
 
 Layout of `<run>/checkpoints/`:
-    step-00000120/   resumable: adapter + heads, optimizer, scheduler, RNG states, counters (the newest N kept);
-                     the optimizer state is whole and keyed by parameter name (also under FSDP2), except under
-                     DeepSpeed, whose ZeRO partitions only its own checkpoint format (`deepspeed/`) can rebuild
+    step-00000120/   resumable: adapter + heads, optimizer, scheduler, RNG states, counters, AdaLoRA's rank
+                     allocator (the newest N kept); the optimizer state is whole and keyed by parameter name (also
+                     under FSDP2), except under DeepSpeed, whose ZeRO partitions only its own checkpoint format
+                     (`deepspeed/`) can rebuild
     best/            adapter of the best epoch
     last/            adapter of the last finished epoch
 A checkpoint directory is first written as `.<name>.<pid>.tmp` and renamed into place, so a kill during a save leaves
@@ -33,12 +34,14 @@ from torch import nn
 
 from kasa.adapters import save_adapter
 from kasa.adapters.io import adapter_state, full_adapter_state, save_tensors
+from kasa.adapters.peft_baselines import allocator_state, load_allocator_state
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, write_atomically, write_json
 from kasa.tasks.models import inner_model
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.safetensors"
+ALLOCATOR_FILE = "adalora_allocator.pt"  # AdaLoRA's rank allocator (importance averages, rank pattern), AdaLoRA only
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint of its ZeRO optimizer partitions, in place of OPTIMIZER_FILE
 DEEPSPEED_TAG = "state"
 
@@ -207,6 +210,7 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
     deepspeed_staging = directory.with_name(f".{directory.name}.{DEEPSPEED_DIR}")
     optimizer_state = None
     rng = _every_process_rng(accelerator)
+    allocator = allocator_state(unwrapped)
     if _uses_deepspeed(accelerator):  # every process writes its ZeRO partitions, then they move in with the rest
         if main:
             shutil.rmtree(deepspeed_staging, ignore_errors=True)
@@ -228,6 +232,8 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
             else:
                 torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            if allocator is not None:
+                torch.save(allocator, tmp / ALLOCATOR_FILE)
             save_tensors(rng, tmp / RNG_FILE)
             write_json(tmp / STATE_FILE, state.to_json())  # last: its presence marks the checkpoint complete
 
@@ -273,6 +279,9 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
             set_optimizer_state_dict(model, optimizer.optimizer, torch.load(needed, weights_only=True),
                                      options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
+        if (directory / ALLOCATOR_FILE).exists():  # checkpoints of AdaLoRA runs (older ones restart its averages)
+            load_allocator_state(inner_model(accelerator, model),
+                                 torch.load(directory / ALLOCATOR_FILE, weights_only=True))
     except (RuntimeError, ValueError, KeyError, AssertionError) as err:  # DeepSpeed asserts what it cannot read
         raise ValueError(f"checkpoint {directory} cannot be resumed ({str(err).splitlines()[0][:200]}): it is damaged "
                          "or was written by another setup; resume from another one (resume=<checkpoint dir>)") from err

@@ -236,7 +236,7 @@ def check_resume_checkpoint(directory: Path) -> None:
     from safetensors.torch import load_file
 
     from kasa.adapters.io import refuse_non_finite
-    from kasa.training.checkpoint import DEEPSPEED_DIR, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE
+    from kasa.training.checkpoint import ALLOCATOR_FILE, DEEPSPEED_DIR, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE
 
     if not directory.is_dir():
         raise FileNotFoundError(f"resume={directory}: no such checkpoint directory")
@@ -252,6 +252,8 @@ def check_resume_checkpoint(directory: Path) -> None:
         tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
         load_file(str(directory / RNG_FILE))
         torch.load(directory / SCHEDULER_FILE, weights_only=True)
+        if (directory / ALLOCATOR_FILE).is_file():
+            torch.load(directory / ALLOCATOR_FILE, weights_only=True)
         for archive in archives:
             zipfile.ZipFile(archive).close()
     except Exception as err:  # noqa: BLE001 (safetensors raises its own error types; any failure means unreadable)
