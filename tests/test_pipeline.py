@@ -141,6 +141,29 @@ def test_kasa_eval_of_other_data_in_task_data_dir_keeps_apart(classification_run
     assert Path(report["output_dir"]).parent.parent == run_dir / "evaluations"
 
 
+def test_kasa_eval_of_a_step_checkpoint_on_other_data_keeps_apart(uninterrupted: Path, sentiment_dir, tmp_path):
+    """A step checkpoint has no score, so it recorded no evaluated data either, and kasa-eval on a folder of other
+    files filed the result as the checkpoint's own eval_validation.json (walk AK). Every resumable checkpoint now
+    records the fingerprint of the examples its run evaluates."""
+    run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    step = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    recorded = json.loads((step / "trainer_state.json").read_text())["eval_data"]
+    other = Path(shutil.copytree(sentiment_dir, tmp_path / "other"))
+    rows = (other / "dev.tsv").read_text().splitlines()
+    (other / "dev.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={step}", f"task.data_dir={other}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["overrides"] == [f"evaluated data {report['eval_data'][:12]} (the training run's: {recorded[:12]})"]
+    assert not (step / "eval_validation.json").exists()
+    assert Path(report["output_dir"]).parent.parent == run_dir / "evaluations"
+
+    own = run_cli("kasa.cli.evaluate", f"checkpoint={step}", f"task.data_dir={sentiment_dir}")
+    assert own.returncode == 0, own.stderr[-3000:]
+    report = json.loads(own.stdout.strip().splitlines()[-1])
+    assert report["overrides"] == [] and report["eval_data"] == recorded and report["output_dir"] == str(step)
+
+
 @pytest.mark.parametrize("argument, recorded", [("split=test", True), ("task.eval_split=test", True),
                                                 ("split=test", False)])
 def test_kasa_eval_of_another_split_reports_no_training_score(classification_run: Path, sentiment_dir, tmp_path,

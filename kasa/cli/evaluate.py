@@ -23,7 +23,7 @@ model.path, task.data_dir, the split, the batch sizes, and where and how the jud
 it reports no training score, and its outputs stay in <run>/evaluations/<checkpoint>-step-XXXXXXXX/<split>-<hash>/
 (eval_<split>.json records them as `overrides`), never over the checkpoint's own. So does other data (a
 task.data_dir of other files): the examples' fingerprint differs from the one the training run recorded with its
-score. An override equal to the run's own value, or of where and how it runs (logging.progress, trainer.allow_cpu),
+score (a step checkpoint: with the checkpoint, for the run's evaluation split). An override equal to the run's own value, or of where and how it runs (logging.progress, trainer.allow_cpu),
 changes nothing; one that only training reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...) is
 refused. Each split, the training split too, is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the
 generation tasks: the first examples; null: all of it); it runs under the run's trainer.precision, and sampled
@@ -134,8 +134,10 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                      and not is_bookkeeping(override_key(o))  # logging.progress, trainer.allow_cpu: the same scores
                      and resolved.get(override_key(o)) != saved.get(override_key(o)))
     same_split = split == split_evaluated_in_training(run_dir, state)
-    trained_on = state.get("eval_data")  # what the training run evaluated (checkpoints from before: not recorded)
-    if same_split and trained_on is not None and trained_on != fingerprint:  # a data_dir with other files, or edited
+    # what the training run evaluated (best/, last/) or would evaluate (a step checkpoint) on that split: other files
+    # in task.data_dir, or edited ones, are another evaluation (checkpoints from before it was recorded: not compared)
+    trained_on = state.get("eval_data")
+    if split == state.get("split", state.get("eval_split")) and trained_on not in (None, fingerprint):
         changed.append(f"evaluated data {fingerprint[:12]} (the training run's: {trained_on[:12]})")
     reported = state.get("score") if not changed and same_split else None
     name = split_label(split)  # a split given as a file's path names a file here, not a path

@@ -70,10 +70,15 @@ class TrainState:
     # sha256 of the encoded training rows (`data_fingerprint`; None in checkpoints from before it was recorded): a
     # resume checks that it trains on the data the checkpoint was trained on
     data_fingerprint: str | None = None
+    # The run's evaluation split and the sha256 of the examples it evaluates there (the task's `check_evaluation`):
+    # kasa-eval files an evaluation of this checkpoint on other data apart, as it does with best/ and last/
+    eval_split: str | None = None
+    eval_data: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("last", "pending_evaluation", "processes", "batch_size", "grad_accum", "data_fingerprint"):
+        for key in ("last", "pending_evaluation", "processes", "batch_size", "grad_accum", "data_fingerprint",
+                    "eval_split", "eval_data"):
             if data[key] is None:  # absent when unset, as runs wrote it before these existed
                 del data[key]
         return data

@@ -293,7 +293,9 @@ class TrainingRecipe:
             self.resume(self.resume_from)
         trainer = self.cfg.trainer
         self.state.continue_with(self.accelerator.num_processes, trainer.batch_size, trainer.grad_accum)
-        self.state.data_fingerprint = self.data_fingerprint  # what the next save records
+        # what the next save records
+        self.state.data_fingerprint = self.data_fingerprint
+        self.state.eval_split, self.state.eval_data = self.cfg.task.eval_split, self.eval_fingerprint
         if self.main:  # only now: a start or resume that does not fit must leave the run's files as they were
             if not self.resumes_own_run():  # a fresh start, or another run's checkpoint continued here
                 self.clear_earlier_run()
