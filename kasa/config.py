@@ -33,7 +33,7 @@ TRAINING_ONLY_SETTINGS = ("output_dir", "resume", "overwrite", "resume_allow_cha
                           "trainer.label_smoothing", "task.train_on_inputs", "task.train_split",
                           "task.max_train_samples")
 """Settings that only training reads (where a run lives and starts, the optimisation, the schedule of saves and
-logs): kasa-eval, which evaluates a saved checkpoint, refuses them as overrides that would change nothing."""
+logs): kasa-eval and kasa-export, which read a saved checkpoint, refuse them as overrides that would change nothing."""
 
 
 def is_bookkeeping(key: str) -> bool:

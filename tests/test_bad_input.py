@@ -263,6 +263,16 @@ def test_the_adapter_settings_come_from_the_checkpoint(finished_run, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("override", ["trainer.lr=1", "output_dir=elsewhere", "trainer.packing=true"])
+def test_kasa_export_refuses_what_only_training_reads(finished_run, tmp_path, override):
+    """kasa-eval refused them; kasa-export accepted them, recorded them in kasa_export.json and changed nothing."""
+    result = run_cli("kasa.cli.export", f"checkpoint={finished_run}", f"output={tmp_path / 'out'}", override)
+    key = override.split("=")[0]
+    assert_one_line_error(result, f"{override}: only training reads {key}, so it would change nothing kasa-export "
+                          "writes", "leave it out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (lambda text: "{" + text, "Expecting property name enclosed in double quotes"),
     (lambda text: text.replace('"method": {', '"method": {"bogus": 1, ', 1), "unknown key method.bogus"),

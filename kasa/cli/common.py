@@ -312,9 +312,11 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str = "") -> RunConfig:
     """A run's saved config with `overrides` (kasa-eval, kasa-export), its values checked as kasa-train checks them.
-    A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's."""
+    A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's. An
+    override that only training reads is refused, saying that it would change nothing of `what_it_changes`."""
+    from kasa.config import is_training_only
     from kasa.run_dir import CONFIG_FILE, load_run_config
     from kasa.training.preflight import check_config_values
 
@@ -330,6 +332,9 @@ def load_saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         return saved
     for override in overrides:  # they would be recorded as changing what is measured, and change nothing
         key = override_key(override)
+        if is_training_only(key):  # accepted, they were recorded as changes and did nothing (output_dir=...)
+            raise ValueError(f"{override}: only training reads {key}, so it would change nothing {what_it_changes}: "
+                             "leave it out")
         if key in ("method", "model.target_modules") or key.startswith("method."):
             raise ValueError(f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
                              "adapter_config.json, so the method's settings and model.target_modules cannot be "

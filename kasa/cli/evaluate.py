@@ -48,7 +48,7 @@ from kasa.cli.common import (
     override_key,
     run_reporting_errors,
 )
-from kasa.config import dotted_settings, is_bookkeeping, is_training_only, launch_rank
+from kasa.config import dotted_settings, is_bookkeeping, launch_rank
 from kasa.data.sources import split_label
 from kasa.run_dir import (
     EVALUATIONS_DIR,
@@ -93,16 +93,12 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"batch_size={args['batch_size']!r} is not allowed: pass a whole number >= 1")
     checkpoint, run_dir = find_checkpoint(Path(str(args["checkpoint"])), args.get("which"))
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
-    for override in overrides:  # accepted, they were filed as another evaluation and did nothing (output_dir=...)
-        key = override_key(override)
-        if is_training_only(key):
-            raise ValueError(f"{override}: only training reads {key}, so it would change nothing kasa-eval measures "
-                             "(its outputs go beside the checkpoint and under <run>/evaluations/): leave it out")
     if "batch_size" in args:  # classification evaluates in batches of its own; generation tasks generate in batches
         kind = read_config(run_dir).get("task", {}).get("kind", "glue")
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
         overrides.append(f"{key}={args['batch_size']}")
-    run_cfg = load_saved_config(run_dir, overrides)
+    run_cfg = load_saved_config(run_dir, overrides, "kasa-eval measures (its outputs go beside the checkpoint and "
+                                "under <run>/evaluations/)")
     if merge and launch_rank()[0] == 0:
         from kasa.adapters.quantized import merge_note
 
