@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -224,10 +225,34 @@ def _resume_on_one_process(two: Path, tmp_path: Path, single: list[str], one_ada
     assert worst <= DDP_TOL, f"resumed on one process, the adapter differs by {worst:.3g}"
 
 
+BUFFER_SYNC_COUNTING_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from torch.nn.parallel import DistributedDataParallel
+
+    count_file = Path(sys.argv.pop(1))
+    sync_buffers = DistributedDataParallel._sync_buffers
+
+    def counting_sync_buffers(self):
+        with count_file.open("a") as f:
+            f.write("x")
+        return sync_buffers(self)
+
+    DistributedDataParallel._sync_buffers = counting_sync_buffers
+    from kasa.cli.train import main
+    sys.argv = ["kasa-train", *sys.argv[1:]]
+    main()
+    """
+)
+
+
 def test_a_two_process_run_with_dropout_resumes_bit_for_bit(tmp_path):
     """With dropout (the tiny BERT's own and the adapter's), each process draws its own masks from its own RNG state,
     and the states part ways as soon as the processes' batches differ in shape: a resumed DDP run ends bit for bit
-    like the uninterrupted one only if every process gets back its own state, not the main process's."""
+    like the uninterrupted one only if every process gets back its own state, not the main process's. The first run
+    also counts DDP's buffer broadcasts: none, where DDP's default sent every removed component from rank 0 before
+    each forward (they never change)."""
     from cli_helpers import make_tiny_bert, write_tsv
 
     model = make_tiny_bert(tmp_path / "model")
@@ -239,15 +264,19 @@ def test_a_two_process_run_with_dropout_resumes_bit_for_bit(tmp_path):
     write_tsv(data / "train.tsv", ["sentence", "label"], rows)
     write_tsv(data / "dev.tsv", ["sentence", "label"], rows[::2])
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch",
-              "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.json"),
-              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
-              "-m", "kasa.cli.train", f"model.path={model}", f"task.data_dir={data}", "trainer.epochs=1",
-              "trainer.batch_size=4", "trainer.max_length=16", "trainer.save_every=2", "logging.progress=false",
-              "method.svd_cache_dir=null", "method.rank=4", "method.dropout=0.1"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch",
+                  "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.json"),
+                  "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    settings = [f"model.path={model}", f"task.data_dir={data}", "trainer.epochs=1", "trainer.batch_size=4",
+                "trainer.max_length=16", "trainer.save_every=2", "logging.progress=false", "method.svd_cache_dir=null",
+                "method.rank=4", "method.dropout=0.1"]
+    launch = [*accelerate, "-m", "kasa.cli.train", *settings]
     env = {**ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    log = tmp_path / "run.log"
-    _finish(_start([*launch, f"hydra.run.dir={run}"], env, log), time.monotonic() + TIMEOUT, log)
+    log, driver, syncs = tmp_path / "run.log", tmp_path / "driver.py", tmp_path / "buffer_syncs"
+    driver.write_text(BUFFER_SYNC_COUNTING_DRIVER)
+    _finish(_start([*accelerate, str(driver), str(syncs), *settings, f"hydra.run.dir={run}"], env, log),
+            time.monotonic() + TIMEOUT, log)
+    assert not syncs.exists(), f"DDP broadcast the buffers {len(syncs.read_text())} times"
 
     resumed = tmp_path / "resumed"  # as after a kill right after the step-2 checkpoint
     shutil.copytree(run, resumed)

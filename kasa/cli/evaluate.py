@@ -86,6 +86,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from kasa.tasks import build_task
+    from kasa.tasks.models import ddp_settings
     from kasa.training.preflight import ignored_precision_warning
 
     merge = bool_argument(args, "merge", False)  # the arguments before anything loads
@@ -111,7 +112,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                              f"copy of the run (cp -r {run_dir} <folder>)")
 
     # the training run's mixed precision: its evaluations ran under that autocast, so the same scores come back
-    accelerator = Accelerator(mixed_precision=run_cfg.trainer.precision)
+    accelerator = Accelerator(mixed_precision=run_cfg.trainer.precision, kwargs_handlers=[ddp_settings()])
     if launch_rank()[0] == 0 and (ignored := ignored_precision_warning(run_cfg.trainer.precision,
                                                                         accelerator.device.type)):
         print(ignored, file=sys.stderr)

@@ -89,7 +89,7 @@ from kasa.training.calibration import (
     mean_loss,
 )
 from kasa.training.console import Console
-from kasa.tasks.models import load_tokenizer, whole_weights
+from kasa.tasks.models import ddp_settings, load_tokenizer, whole_weights
 from kasa.training.preflight import (
     RunStart,
     check_config_values,
@@ -368,8 +368,11 @@ class TrainingRecipe:
         if uses_deepspeed:
             import_deepspeed_without_mlflow()
         cpu_deepspeed = uses_deepspeed and not torch.cuda.is_available()
+        handlers: list[Any] = [ddp_settings()]
+        if cpu_deepspeed:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(
-            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else None,
+            kwargs_handlers=handlers,
             mixed_precision=cfg.trainer.precision,
             gradient_accumulation_steps=cfg.trainer.grad_accum,
             log_with=check_trackers(cfg.logging.trackers) or None,
