@@ -113,6 +113,14 @@ def test_kasa_eval_overrides_that_change_nothing(classification_run: Path, tmp_p
     assert report["max_eval_samples"] == saved["task"]["max_eval_samples"]
 
 
+def dev_set_one_row_shorter(data_dir: Path, folder: Path) -> Path:
+    """A copy of `data_dir` whose dev.tsv lacks its last row: other evaluation data under the same file names."""
+    other = Path(shutil.copytree(data_dir, folder))
+    rows = (other / "dev.tsv").read_text().splitlines()
+    (other / "dev.tsv").write_text("\n".join(rows[:-1]) + "\n")
+    return other
+
+
 def test_kasa_eval_of_other_data_in_task_data_dir_keeps_apart(classification_run: Path, sentiment_dir, tmp_path):
     """task.data_dir may move the data (the same files elsewhere: still the checkpoint's own evaluation), but a
     folder of other files was scored as the checkpoint's own: the training run's score printed beside it and its
@@ -128,9 +136,7 @@ def test_kasa_eval_of_other_data_in_task_data_dir_keeps_apart(classification_run
     assert report["eval_data"] == state["eval_data"]
     own = (run_dir / "checkpoints/best/eval_validation.json").read_text()
 
-    other = Path(shutil.copytree(sentiment_dir, tmp_path / "other"))
-    rows = (other / "dev.tsv").read_text().splitlines()
-    (other / "dev.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
+    other = dev_set_one_row_shorter(sentiment_dir, tmp_path / "other")
     result = run_cli("kasa.cli.evaluate", f"checkpoint={run_dir}", f"task.data_dir={other}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -148,9 +154,7 @@ def test_kasa_eval_of_a_step_checkpoint_on_other_data_keeps_apart(uninterrupted:
     run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
     step = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     recorded = json.loads((step / "trainer_state.json").read_text())["eval_data"]
-    other = Path(shutil.copytree(sentiment_dir, tmp_path / "other"))
-    rows = (other / "dev.tsv").read_text().splitlines()
-    (other / "dev.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
+    other = dev_set_one_row_shorter(sentiment_dir, tmp_path / "other")
     result = run_cli("kasa.cli.evaluate", f"checkpoint={step}", f"task.data_dir={other}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
