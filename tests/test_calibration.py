@@ -283,15 +283,20 @@ def test_peft_export_refuses_the_activation_basis():
         check_peft_exportable(model)
 
 
-@pytest.mark.parametrize("packing, size", [(False, "6 examples"), (True, "6 packed rows (trainer.packing)")])
-def test_a_split_too_small_to_calibrate_is_counted_as_its_rows(packing, size):
-    """Under packing the rows are packed rows: the message said 6 examples of a split of 12 packed into 6."""
+@pytest.mark.parametrize("packing, cut, size, fix", [
+    (False, None, "6 examples", "lower method.calibration_samples$"),
+    (True, None, "6 packed rows (trainer.packing)", "lower method.calibration_samples$"),
+    (False, 6, "6 examples after task.max_train_samples=6", "lower method.calibration_samples, or raise "
+                                                             "task.max_train_samples$")])
+def test_a_split_too_small_to_calibrate_is_counted_as_its_rows(packing, cut, size, fix):
+    """Under packing the rows are packed rows: the message said 6 examples of a split of 12 packed into 6. A split
+    cut by the run's own task.max_train_samples was blamed on the data (SST-2's 60,614 rows "have 16", walk AM)."""
     from kasa.config import RunConfig
     from kasa.training.calibration import calibration_rows
 
     cfg = RunConfig()
-    cfg.method.truncation_basis, cfg.trainer.packing = "activation", packing
+    cfg.method.truncation_basis, cfg.trainer.packing, cfg.task.max_train_samples = "activation", packing, cut
     rows = [{"input_ids": [1, 2, 3]}] * 6
     with pytest.raises(ValueError, match=rf"the training split has {re.escape(size)}, fewer than "
-                                         r"method.calibration_samples=128"):
+                                         rf"method.calibration_samples=128: {fix}"):
         calibration_rows(rows, cfg, held_out=4)

@@ -136,7 +136,10 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
      "fewer than method.calibration_samples=16 plus held_out=1000: pass held_out=16 or fewer, or lower "
      "method.calibration_samples"),
     (["method.truncation_basis=activation", "method.calibration_samples=1000"], "calibration_samples"),
+    (["held_out=1000", "task.max_train_samples=20"], "the training split has 20 examples after "
+     "task.max_train_samples=20, fewer than held_out=1000: pass held_out=20 or fewer, or raise task.max_train_samples"),
     (["threshold=abc"], "not a number"),
+    (["held_out=1.5"], "held_out='1.5' is not a whole number of examples: e.g. held_out="),
     (["threshold=-1"], "threshold=-1.0 is not allowed: pass a relative loss increase >= 0"),
     (["held_out=0"], "held_out=0 is not allowed: pass a number of examples >= 1"),
     (["method.svd_device=gpu0"], "method.svd_device=gpu0 is not a device"),

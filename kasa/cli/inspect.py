@@ -33,16 +33,17 @@ OWN_KEYS = ("threshold", "held_out", "output_dir")  # besides the run config's k
 def too_few_examples(available: int, held_out: int, cfg: RunConfig) -> str:
     """The refusal of a split too small for the held-out examples (and the calibration ones, which only the
     activation basis takes), with the held_out= that fits."""
-    from kasa.training.calibration import split_size
+    from kasa.training.calibration import more_rows, split_size
 
     calibration = cfg.method.calibration_samples if cfg.method.truncation_basis == "activation" else 0
     fits = available - calibration
     size = split_size(available, cfg)
     if not calibration:
-        return f"the training split has {size}, fewer than held_out={held_out}: pass held_out={fits} or fewer"
+        return (f"the training split has {size}, fewer than held_out={held_out}: pass held_out={fits} or "
+                f"fewer{more_rows(cfg)}")
     fewer = f"pass held_out={fits} or fewer, or " if fits >= 1 else ""  # held_out is at least 1
     return (f"the training split has {size}, fewer than method.calibration_samples={calibration} plus "
-            f"held_out={held_out}: {fewer}lower method.calibration_samples")
+            f"held_out={held_out}: {fewer}lower method.calibration_samples{more_rows(cfg)}")
 
 
 def inspect_truncation(cfg: RunConfig, threshold: float, held_out: int) -> dict[str, Any]:
@@ -236,7 +237,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         try:
             own[key] = type(own[key])(value)
         except ValueError:
-            raise ValueError(f"{key}={value!r} is not a number: e.g. {key}={own[key]}") from None
+            kind = "a whole number of examples" if isinstance(own[key], int) else "a number"
+            raise ValueError(f"{key}={value!r} is not {kind}: e.g. {key}={own[key]}") from None
     if not own["threshold"] >= 0:  # nan too
         raise ValueError(f"threshold={own['threshold']} is not allowed: pass a relative loss increase >= 0, e.g. 0.05")
     if own["held_out"] < 1:

@@ -22,8 +22,16 @@ DAMAGE_THRESHOLD = 0.05  # a relative loss increase above this is reported (kasa
 
 def split_size(rows: int, cfg: RunConfig) -> str:
     """The training split's size in the rows that calibration and the held-out losses take: packed rows under
-    trainer.packing (each holds several examples), else examples."""
-    return f"{rows} packed rows (trainer.packing)" if cfg.trainer.packing else f"{rows} examples"
+    trainer.packing (each holds several examples), else examples; and task.max_train_samples where it cut the split
+    (the data files may hold many more)."""
+    size = f"{rows} packed rows (trainer.packing)" if cfg.trainer.packing else f"{rows} examples"
+    cut = cfg.task.max_train_samples
+    return size if cut is None else f"{size} after task.max_train_samples={cut}"
+
+
+def more_rows(cfg: RunConfig) -> str:
+    """The other fix of a training split too small for calibration, where the run's own setting cut it."""
+    return "" if cfg.task.max_train_samples is None else ", or raise task.max_train_samples"
 
 
 def calibration_rows(dataset: Dataset, cfg: RunConfig, held_out: int) -> tuple[list[int], list[int]]:
@@ -35,7 +43,7 @@ def calibration_rows(dataset: Dataset, cfg: RunConfig, held_out: int) -> tuple[l
         raise ValueError(f"the training split {cfg.task.train_split!r} is empty: there is nothing to calibrate on")
     if len(dataset) < wanted:
         raise ValueError(f"the training split has {split_size(len(dataset), cfg)}, fewer than "
-                         f"method.calibration_samples={wanted}: lower method.calibration_samples")
+                         f"method.calibration_samples={wanted}: lower method.calibration_samples{more_rows(cfg)}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     # Calibration batches of similar lengths: the statistics are sums over tokens, so the order is free, and the
     # forward pass computes on little padding. The held-out batches keep the permutation's order (their mean loss
