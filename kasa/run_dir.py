@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -248,13 +249,17 @@ def output_folder(path: str | Path, create: bool = True) -> Path:
 def check_can_make(path: str | Path, option: str) -> None:
     """`option` (the argument, e.g. `output=x`) names a folder that can be made, or written into, at `path`: the
     nearest of it and its parents that exists is a writable folder. Said before the model loads or the work starts
-    rather than after it, and nothing is created (bad input leaves no folder behind)."""
+    rather than after it, and nothing is left behind (bad input leaves no folder). The test makes and removes a
+    folder there: permission bits say nothing for root, nor for /proc or a file system mounted read-only."""
     path = Path(path).absolute()
     existing = next(folder for folder in (path, *path.parents) if folder.exists())
     if not existing.is_dir():
         raise ValueError(f"{option} cannot be made: {existing} is a file, not a folder; choose another")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} cannot be made: {existing} is not writable; choose another")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kasa-write-test-", dir=existing))
+    except OSError as err:
+        raise ValueError(f"{option} cannot be made: {existing} is not writable ({err.strerror}); choose another") \
+            from None
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -176,12 +176,14 @@ def test_empty_split_is_one_line(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error:")
 
 
-def test_an_unwritable_output_folder_is_refused_before_anything(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes anywhere: a stand-in
-    with pytest.raises(ValueError, match=rf"^output_dir={tmp_path}/a/b cannot be made: {tmp_path} is not writable; "
+def test_an_unwritable_output_folder_is_refused_before_anything(tmp_path):
+    """Tried, not read from the permission bits: root passed os.access for /proc and a read-only mount, and the
+    command failed at its end, after all the work (walk AM)."""
+    with pytest.raises(ValueError, match=r"^output_dir=/proc/kasa/report cannot be made: /proc is not writable \(.+\); "
                                          "choose another$"):
-        check_can_make(tmp_path / "a" / "b", f"output_dir={tmp_path}/a/b")
-    assert not (tmp_path / "a").exists()
+        check_can_make("/proc/kasa/report", "output_dir=/proc/kasa/report")
+    check_can_make(tmp_path / "a" / "b", f"output_dir={tmp_path}/a/b")
+    assert list(tmp_path.iterdir()) == []  # the test folder went again
 
 
 def test_the_report_of_a_new_task_head_follows_the_seed(tiny_model, sentiment_dir, tmp_path):
