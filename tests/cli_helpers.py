@@ -87,6 +87,7 @@ def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
             if handler not in saved_handlers:
                 handler.close()
         root.handlers, root.level = saved_handlers, saved_level
+        logging.disable(logging.NOTSET)  # a run stopped before training disables INFO records for its exit
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)

@@ -9,6 +9,7 @@ wraps the recipe's `after_step`), so the tests do not race a fast tiny model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -510,27 +511,40 @@ def test_the_checkpoint_estimate_sizes_trained_weights_in_the_run_dtype(tiny_mod
 
 
 @pytest.mark.parametrize("sweep", [False, True])
-def test_ctrl_c_outside_a_run_is_one_line(tmp_path, monkeypatch, capsys, sweep):
-    """Ctrl-C in the first seconds (imports, composition) or between a sweep's jobs, where no run's stop signals are
-    set up, printed Python's KeyboardInterrupt traceback; a sweep's line says how to continue it."""
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_outside_a_run_is_one_line(tmp_path, monkeypatch, capsys, sweep, name):
+    """A stop signal in the first seconds (composition) or between a sweep's jobs, where no run's stop signals are
+    set up: Ctrl-C printed Python's KeyboardInterrupt traceback, and SIGTERM killed the process without a word, its
+    empty run folder left behind (walk AL); a sweep's line says how to continue it."""
+    import signal
+    import time
+
     from kasa.cli import train
+    from kasa.training.signals import STOP_SIGNALS
 
-    def interrupted() -> None:
-        raise KeyboardInterrupt
+    def signalled() -> None:
+        os.kill(os.getpid(), getattr(signal, name))
+        time.sleep(5)  # the handler interrupts it
 
-    monkeypatch.setattr(train, "_hydra_main", interrupted)
+    monkeypatch.setattr(train, "_hydra_main", signalled)
     monkeypatch.setattr(train, "SWEEP_DIR", [tmp_path / "sweep"] if sweep else [])
     monkeypatch.setattr(sys, "argv", ["kasa-train", *(["--multirun"] if sweep else []), "method.beta=0,1e-4"])
-    with pytest.raises(SystemExit) as stop:
-        train.main()
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}  # main() sets its own
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.main()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        logging.disable(logging.NOTSET)  # set for the exit of a run stopped before training
     lines = capsys.readouterr().err.strip().splitlines()
     if sweep:
         assert stop.value.code == 75 and lines == [
-            "stopped by SIGINT between the sweep's jobs; continue with: kasa-train --multirun method.beta=0,1e-4 "
+            f"stopped by {name} between the sweep's jobs; continue with: kasa-train --multirun method.beta=0,1e-4 "
             f"recipe=demo hydra.sweep.dir={tmp_path / 'sweep'} resume=auto"]
     else:
-        assert stop.value.code == 130 and lines == [
-            "stopped by SIGINT before training started: nothing was trained or saved"]
+        assert stop.value.code == 128 + getattr(signal, name) and lines == [
+            f"stopped by {name} before training started: nothing was trained or saved"]
 
 
 @pytest.mark.parametrize("resumed", [False, True])
@@ -561,3 +575,54 @@ def test_a_signal_while_the_model_loads_says_whether_anything_is_saved(uninterru
         assert (result.returncode, line) == (143, "stopped by SIGTERM before training started: nothing was trained "
                                                   "or saved")
         assert not run_dir.exists()
+
+
+def test_a_signal_inside_a_library_that_catches_exception_still_stops(tiny_model, sentiment_dir, tmp_path,
+                                                                     monkeypatch):
+    """SIGTERM or Ctrl-C landing in transformers' lazy import of the model class (~3.7 s into a run): its `except
+    Exception` turned kasa's stop into "Could not import module 'BertForSequenceClassification'", a 139-line
+    traceback and exit 1 (walk AL). The stop is a BaseException now, as KeyboardInterrupt is."""
+    import signal
+    import time
+
+    from kasa.training import loop
+
+    load = loop.TrainingRecipe.setup_model
+
+    def signalled_inside_a_library(self) -> None:
+        try:  # what transformers' _LazyModule.__getattr__ does around an import
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts it
+        except Exception as err:
+            raise ModuleNotFoundError("Could not import module 'BertForSequenceClassification'") from err
+        load(self)
+
+    monkeypatch.setattr(loop.TrainingRecipe, "setup_model", signalled_inside_a_library)
+    run_dir = tmp_path / "run"
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir))
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        143, "stopped by SIGTERM before training started: nothing was trained or saved")
+    assert not run_dir.exists()
+
+
+def test_a_signal_after_the_run_finished_changes_nothing(uninterrupted, tiny_model, sentiment_dir, tmp_path,
+                                                         monkeypatch):
+    """A stop signal after the summary was written (the interpreter's teardown takes a second or more) exited 143,
+    which says "killed before it could save", for a finished run (walk AL)."""
+    import signal
+    import time
+
+    from kasa.cli import train
+
+    hydra_main = train._hydra_main
+
+    def signalled_after_the_run() -> None:
+        hydra_main()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(train, "_hydra_main", signalled_after_the_run)
+    run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already holds a finished run" in result.stdout + result.stderr

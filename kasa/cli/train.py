@@ -37,6 +37,15 @@ from kasa.cli.common import (
 )
 from kasa.config import launch_rank, resolve, validate
 from kasa.run_dir import remove_if_empty
+from kasa.training.signals import (
+    INTERRUPTED_EXIT,
+    STOP_SIGNALS,
+    TrainingInterrupted,
+    ignore_stop_signals,
+    interrupted_message,
+    resume_command,
+    stop_outside_a_run,
+)
 from kasa.training.preflight import check_finished_run, check_not_a_run, check_sweep_job
 
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
@@ -69,15 +78,6 @@ def _run(cfg: DictConfig) -> float:
         if launch_rank()[0] == 0:
             for line in unused_override_warnings(run_cfg, list(hydra_config.overrides.task)):
                 print(line, file=sys.stderr)
-        quiet_libraries()
-        from kasa.training.loop import train  # heavy imports (torch, transformers, accelerate) once the config is valid
-        from kasa.training.signals import (
-            INTERRUPTED_EXIT,
-            TrainingInterrupted,
-            ignore_stop_signals,
-            interrupted_message,
-        )
-
         resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
         # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
         # only once the run is accepted, so a refused run leaves a finished run's record untouched.
@@ -85,7 +85,10 @@ def _run(cfg: DictConfig) -> float:
                        "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
                        "overrides.yaml": OmegaConf.to_yaml(hydra_config.overrides.task)}
         try:
-            return train(run_cfg, resolved, hydra_files)["best"]
+            quiet_libraries()
+            from kasa.training.loop import train  # heavy imports (torch, transformers, accelerate) once it is valid
+
+            best = train(run_cfg, resolved, hydra_files)["best"]
         except TrainingInterrupted as err:  # a stop signal stops a whole sweep too
             ignore_stop_signals()
             from kasa.training.checkpoint import resumable_checkpoints
@@ -95,6 +98,9 @@ def _run(cfg: DictConfig) -> float:
             if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each
                 print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir), sweep_dir), file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT)
+        if sweep_dir is None:  # finished and written: a signal during the interpreter's teardown changes nothing
+            ignore_stop_signals()
+        return best
 
     if sweep_dir is None:
         try:
@@ -171,8 +177,6 @@ class TrainCallback(Callback):
         path = summarize_sweep(Path(config.hydra.sweep.dir))
         log.info("sweep summary: %s", path)
         if FAILED_SWEEP_JOBS:
-            from kasa.training.signals import resume_command
-
             shown = "; ".join(FAILED_SWEEP_JOBS[:3]) + ("; ..." if len(FAILED_SWEEP_JOBS) > 3 else "")
             command = resume_command(sys.argv, Path(config.hydra.sweep.dir), sweep=True)
             fail(f"{len(FAILED_SWEEP_JOBS)} sweep job(s) failed ({shown}): fix the cause, then continue the sweep "
@@ -217,10 +221,12 @@ def main() -> None:
     # Hydra raises its composition errors (unknown recipe, key typo, unparsable override, a run directory it cannot
     # create) instead of printing its own multi-line report with exit status 1: they become one line, status 2.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    for signum in STOP_SIGNALS:  # until a run sets up its own (the process died silently with 143 here)
+        signal.signal(signum, stop_outside_a_run)
     try:
         run_reporting_errors(_hydra_main)
-    except KeyboardInterrupt:  # Ctrl-C where no run's stop signals are set up: at the start, or between sweep jobs
-        _interrupted_outside_a_run()
+    except TrainingInterrupted as err:  # no run's stop signals were set up: at the start, or between sweep jobs
+        _interrupted_outside_a_run(err.signum)
     if launch_rank()[1] > 1:
         # A process of a multi-process launch, its run finished and its files written: at interpreter teardown a
         # gloo thread still joinable after destroy_process_group aborted a rank now and then ("terminate called
@@ -232,21 +238,23 @@ def main() -> None:
 
 
 def _stopped_before_training(signum: int) -> NoReturn:
+    # a signal that cut torch's import short left its loggers unset: its exit hooks logged cache statistics at INFO
+    logging.disable(logging.INFO)
     if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each
         print(f"stopped by {signal.Signals(signum).name} before training started: nothing was trained or saved",
               file=sys.stderr)
     sys.exit(128 + signum)
 
 
-def _interrupted_outside_a_run() -> None:
-    """One line for a Ctrl-C that reached no run (before its training could start, or between a sweep's jobs),
-    where Python printed a KeyboardInterrupt traceback."""
-    from kasa.training.signals import INTERRUPTED_EXIT, resume_command
-
+def _interrupted_outside_a_run(signum: int) -> NoReturn:
+    """One line for a stop signal that reached no run (before its training could start, or between a sweep's jobs),
+    where Python printed a KeyboardInterrupt traceback (SIGINT) or the process died without a word (SIGTERM)."""
+    ignore_stop_signals()
     if not SWEEP_DIR:
-        _stopped_before_training(signal.SIGINT)
+        _stopped_before_training(signum)
     command = resume_command(sys.argv, SWEEP_DIR[0], sweep=True)
-    print(f"stopped by SIGINT between the sweep's jobs; continue with: {command}", file=sys.stderr)
+    print(f"stopped by {signal.Signals(signum).name} between the sweep's jobs; continue with: {command}",
+          file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT)
 
 

@@ -33,9 +33,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 FORWARDED_SIGNALS_ENV = "KASA_FORWARDED_SIGNALS"
 
 
-class TrainingInterrupted(Exception):
-    """Raised by the loop after a stop signal, once the resumable checkpoint is written (or before training when
-    nothing could be saved yet)."""
+class TrainingInterrupted(BaseException):
+    """Raised by the loop after a stop signal, once the resumable checkpoint is written, or by the signal handler
+    itself before training, when nothing could be saved yet. A BaseException, as KeyboardInterrupt is: raised from
+    a handler, it lands wherever the main thread is, and libraries' `except Exception` blocks (transformers'
+    lazy imports) turned it into an error of their own."""
 
     def __init__(self, signum: int, checkpoint: Path | None = None, step: int | None = None) -> None:
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
@@ -106,6 +108,12 @@ class StopSignals(HandlingStopSignals):
         if stop and self.received is None:
             self.received = int(signal.SIGTERM)  # another process was signalled: stop the same way
         return stop
+
+
+def stop_outside_a_run(signum: int, frame: FrameType | None) -> None:
+    """kasa-train's handler of the stop signals where no run's `StopSignals` is set up (while Hydra composes the
+    config, between a sweep's jobs): the process stops at once, in one line, as it does while a run loads."""
+    raise TrainingInterrupted(signum)
 
 
 def ignore_stop_signals() -> None:
