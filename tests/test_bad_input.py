@@ -390,3 +390,37 @@ def test_accelerates_own_accumulation_setting_is_said_to_be_ignored(tiny_model, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("warning: ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 is ignored: a step accumulates trainer.grad_accum=1 "
             "micro-batches") in (result.stdout + result.stderr).splitlines()
+
+
+@pytest.mark.parametrize("architecture, method, trained, refused", [
+    ("LlamaForCausalLM", "kasa", [], "score"),  # walk AL: SmolLM2 on SST-2 trained under a random, frozen head
+    ("LlamaForCausalLM", "kasa", ["score"], None),
+    ("LlamaForCausalLM", "full", [], None),  # every weight trains
+    ("LlamaForSequenceClassification", "kasa", [], None),  # the checkpoint's own head: frozen on purpose
+    ("BertModel", "lora", ["pooler"], "classifier"),
+    ("BertModel", "lora", ["classifier", "pooler"], None),
+])
+def test_a_new_classification_head_must_train(architecture, method, trained, refused):
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from kasa.config import RunConfig
+    from kasa.training.preflight import check_new_head_trains
+
+    if architecture.startswith("Bert"):
+        config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, architectures=[architecture])
+        model_class = BertForSequenceClassification
+    else:
+        config = LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, architectures=[architecture])
+        model_class = LlamaForSequenceClassification
+    with torch.device("meta"):
+        model = model_class(config)
+    cfg = RunConfig()
+    cfg.task.kind, cfg.method.method, cfg.method.trainable_modules = "glue", method, trained
+    if refused is None:
+        check_new_head_trains(cfg, model)
+    else:
+        with pytest.raises(ValueError, match=rf"has no classification head: the task's head \({refused}\) is made at "
+                                             rf"random .* train it with model.head_modules=\[{refused}\]$"):
+            check_new_head_trains(cfg, model)

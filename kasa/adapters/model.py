@@ -30,7 +30,8 @@ from kasa.adapters.truncation import singular_components
 
 
 
-def _matches(module_name: str, target: str) -> bool:
+def module_matches(module_name: str, target: str) -> bool:
+    """Whether `target` of target_modules / trainable_modules names this module: its whole name or its last parts."""
     return module_name == target or module_name.endswith("." + target)
 
 
@@ -128,7 +129,7 @@ def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn
     matched: dict[str, tuple[nn.Module, list[str] | None]] = {}
     for name, module in model.named_modules():
         for target, parts in targets.items():
-            if not _matches(name, target):
+            if not module_matches(name, target):
                 continue
             if name not in matched:
                 matched[name] = (module, None if parts is None else list(parts))
@@ -230,19 +231,19 @@ def _check_names(model: nn.Module, config: AdapterConfig) -> None:
     names = [name for name, _ in model.named_modules()]
     targets = _parse_targets(config) if config.uses_layers else {}
     for target in targets:
-        if not any(_matches(name, target) for name in names):
+        if not any(module_matches(name, target) for name in names):
             linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
             raise ValueError(f"no module matches {target!r} of target_modules {config.target_modules}; linear "
                              f"layers in this model: {linear}")
     for target in config.trainable_modules:
-        if not any(_matches(name, target) for name in names):
+        if not any(module_matches(name, target) for name in names):
             raise ValueError(f"trainable module {target!r} not found in the model")
 
 
 def _unfreeze(model: nn.Module, names: list[str]) -> None:
     for target in names:
         for name, module in model.named_modules():
-            if _matches(name, target):
+            if module_matches(name, target):
                 for param in module.parameters():
                     param.requires_grad_(True)
                 _train_in_float32(module)
@@ -387,7 +388,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     adapter = sum(p.numel() for p in model.parameters() if id(p) in adapter_ids)
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is not None and (not config.uses_layers or config.uses_peft):  # what trains outside the task head
-        head_ids = {id(p) for t in config.trainable_modules for n, m in model.named_modules() if _matches(n, t)
+        head_ids = {id(p) for t in config.trainable_modules for n, m in model.named_modules() if module_matches(n, t)
                     for p in m.parameters()}
         adapter = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in head_ids)
     return ParameterCount(adapter, trainable, sum(logical_numel(p) for p in model.parameters()))

@@ -38,7 +38,7 @@ from kasa.adapters.config import AdapterConfig
 from kasa.adapters.io import adapter_state
 from kasa.adapters.kasa import KasaBlock
 from kasa.adapters.methods import methods_where
-from kasa.adapters.model import _matches, adapted_layers, adapter_config
+from kasa.adapters.model import adapted_layers, adapter_config, module_matches
 from kasa.adapters.quantized import QUANTIZED_ATTRIBUTE
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -116,7 +116,7 @@ def check_peft_exportable(model: nn.Module) -> None:
             raise ValueError(f"format=peft: {name!r} holds a {type(block).__name__}, not a KaSA block")
     for head in config.trainable_modules:
         for name, _ in layers:
-            if any(_matches(prefix, head) for prefix in [*_prefixes(name), name]):
+            if any(module_matches(prefix, head) for prefix in [*_prefixes(name), name]):
                 raise ValueError(
                     f"format=peft: trainable module {head!r} contains the adapted layer {name!r}, which PEFT cannot "
                     "both adapt and save: use format=merged"
@@ -141,7 +141,7 @@ def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if ".adapters." in key:
             continue
         module = key.rpartition(".")[0]
-        if not any(_matches(m, h) for h in heads for m in [module, *_prefixes(module)]):
+        if not any(module_matches(m, h) for h in heads for m in [module, *_prefixes(module)]):
             raise ValueError(
                 f"format=peft: the checkpoint trains {key!r}, which is outside the adapted layers and the "
                 f"trainable modules {heads}: use format=merged"

@@ -122,11 +122,11 @@ def leave_out(targets: list[str], adapted: dict[str, bool]) -> list[str]:
     """The target_modules that adapt exactly the modules of `adapted` (name -> flagged) that are not flagged, as short
     as it goes: a target none of whose modules is flagged stays as it was written (`q_proj`), the others give way to
     the full names of their modules that are kept."""
-    from kasa.adapters.model import _matches
+    from kasa.adapters.model import module_matches
 
     kept: list[str] = []
     for target in targets:
-        matched = [name for name in adapted if _matches(name, target)]
+        matched = [name for name in adapted if module_matches(name, target)]
         kept.extend([target] if not any(adapted[name] for name in matched) else
                     [name for name in matched if not adapted[name]])
     return list(dict.fromkeys(kept))

@@ -332,12 +332,36 @@ def check_model(cfg: RunConfig) -> Any:
         raise ValueError(f"{cfg.model.path or cfg.model.name} has {count / 1e9:.2f}B parameters and no GPU is visible: "
                          "on a CPU it would take hours to days; run on a GPU, or pass trainer.allow_cpu=true to "
                          "proceed anyway")
+    check_new_head_trains(cfg, model)
     if cfg.method.uses_peft:  # PEFT's methods check their targets themselves, on the loaded model
         return None
     from kasa.adapters import apply_adapters
 
     apply_adapters(model, cfg.method, initialise=False)
     return model
+
+
+def check_new_head_trains(cfg: RunConfig, model: Any) -> None:
+    """A classification task's head that the checkpoint lacks (a causal LM's `score`, an encoder's `classifier`) is
+    initialised at random when the model loads: it must be among the trained modules, or the adapters learn under a
+    random, frozen head (SmolLM2 on SST-2 did, with model.head_modules unset). `model`: the task's meta model."""
+    from kasa.adapters.model import module_matches
+    from kasa.tasks.models import model_source
+
+    architectures = getattr(model.config, "architectures", None) or []
+    if cfg.task.kind != "glue" or cfg.method.method == "full" or any(
+            name.endswith("ForSequenceClassification") for name in architectures):  # a checkpoint with its own head
+        return
+    def trained(head: str) -> bool:
+        inside = [name for name, _ in model.named_modules() if name == head or name.startswith(f"{head}.")]
+        return any(module_matches(name, target) for name in inside for target in cfg.method.trainable_modules)
+
+    frozen = [head for head, module in model.named_children() if head != model.base_model_prefix
+              and any(True for _ in module.parameters()) and not trained(head)]
+    if frozen:
+        raise ValueError(f"{model_source(cfg.model)} has no classification head: the task's head ({', '.join(frozen)}) "
+                         "is made at random when the model loads, and this run would leave it frozen; train it with "
+                         f"model.head_modules=[{','.join(frozen)}]")
 
 
 def checkpoint_bytes(adapted_model: Any, keep: int) -> dict[str, int]:
