@@ -430,8 +430,9 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
                                         zip(entry["ladder_steps"], entry["truncation_bases"])])
         ax.set_title(entry["title"])
         ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(LADDER))]
-    names = [f"{i + 1}: {method_label(m)}" for i, m in enumerate(LADDER)]
+    steps = sorted({step for e in bars.values() for step in e["ladder_steps"]})  # the rungs that ran, no others
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{step - 1}") for step in steps]
+    names = [f"{step}: {method_label(LADDER[step - 1])}" for step in steps]
     variants = sorted({(step, label) for e in bars.values() for step, label, basis in
                        zip(e["ladder_steps"], e["labels"], e["truncation_bases"]) if basis != "weight"})
     for step, label in variants:
@@ -441,7 +442,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
                bbox_to_anchor=(0.5, -0.08 * (1 + (len(names) > len(LADDER)))))
     fig.suptitle("components ablation (median over seeds)")
     fig.tight_layout()
-    return _save(fig, {"scale": scale, "tasks": bars}, _out_dir(source, out_dir), ABLATION_FIGURE)
+    return _save(fig, {"scale": scale, "legend": names, "tasks": bars}, _out_dir(source, out_dir), ABLATION_FIGURE)
 
 
 def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict[str, Any]:
