@@ -418,3 +418,17 @@ def test_kasa_eval_under_a_launch_prints_its_result_once(monkeypatch, capsys, ra
     monkeypatch.setenv("WORLD_SIZE", "2")
     evaluate.main(["checkpoint=run"])
     assert bool(capsys.readouterr().out) == printed
+
+
+def test_summary_names_only_the_settings_its_method_has(classification_run: Path, tiny_model, sentiment_dir,
+                                                          tmp_path):
+    """BitFit's and full fine-tuning's summaries said rank 8 and beta 1e-4 (walk AO): sweep summaries and the rank
+    figure then drew them at r = 8. A setting the method does not have is null."""
+    kasa_summary = json.loads((classification_run / "summary.json").read_text())
+    assert kasa_summary["rank"] == 4 and kasa_summary["beta"] is not None and kasa_summary["gamma"] is not None
+    run_dir = tmp_path / "bitfit"
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir, "method=bitfit",
+                                                   "trainer.epochs=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["rank"], summary["beta"], summary["gamma"]) == (None, None, None)

@@ -271,6 +271,8 @@ def test_metric_against_rank(tmp_path):
                 scores.setdefault((method, rank), []).append(best)
                 write_run(tmp_path / str(job), task="rte", method=method, seed=seed, best=best, rank=rank)
                 job += 1
+    for method in ("full", "bitfit"):  # no rank: their summaries said 8 (walk AO), and the figure drew them at r = 8
+        write_run(tmp_path / method, task="rte", method=method, seed=0, best=0.5, rank=8)
     done = plots.plot_sweep([tmp_path])
     assert set(done) == {"rank"}  # neither an ablation nor a truncation sweep (k = r follows the rank)
     data = done["rank"]

@@ -46,6 +46,13 @@ def has_loss_weight(method: str, weight: str) -> bool:
     return weight in LOSS_WEIGHTS.get(method, ())
 
 
+def method_uses(method: str, setting: str) -> bool:
+    """Whether `method` reads `setting` of the method group (full fine-tuning has no rank, LoRA no beta); True for
+    a setting every method reads, and for a method kasa does not know (a summary written by another version)."""
+    uses = METHOD_SETTINGS.get(setting)
+    return uses is None or method not in METHOD_TABLE or uses(METHOD_TABLE[method])
+
+
 @dataclass
 class AdapterConfig:
     """How to adapt a model.

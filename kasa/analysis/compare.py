@@ -318,7 +318,7 @@ def build_table(runs: Sequence[Run], by: Sequence[str] = (), scale: float = 1.0,
     keys = []
     if len({model_name(r) for r in runs}) > 1:
         keys.append("model")
-    if len({r.summary.get("rank") for r in runs if not _unranked(r.summary.get("method"))}) > 1:
+    if len({r.value("rank") for r in runs if not _unranked(r.summary.get("method"))}) > 1:
         keys.append("rank")
     check_by_keys(runs, by)
     keys += [k for k in by if k not in keys and k not in IGNORED_BY_ROWS]

@@ -317,7 +317,7 @@ def truncation_rank(run: Run) -> int | None:
     configured = configured_truncation_rank(run)
     if configured is not None:
         return configured
-    rank = run.summary.get("rank")
+    rank = run.value("rank")
     return int(rank) if rank is not None else None
 
 
@@ -478,7 +478,7 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
          methods: Sequence[str] | None = None) -> dict[str, Any]:
     """Figure 3 / table 13: median `best` against the rank r (log2 axis), one line per method, one panel per task;
     also writes rank_table.md (rows task x method, columns r)."""
-    data = _lines(source, out_dir, scale, methods, lambda run: run.summary.get("rank"), "rank r", RANK_FIGURE,
+    data = _lines(source, out_dir, scale, methods, lambda run: run.value("rank"), "rank r", RANK_FIGURE,
                   "budget parameter scalability (median over seeds)", "rank")
     ranks = sorted({r for e in data["tasks"].values() for s in e["series"].values() for r in s["rank"]})
     lines = ["| Dataset | Method | " + " | ".join(str(r) for r in ranks) + " |", "|---|---|" + "---:|" * len(ranks)]
@@ -546,8 +546,8 @@ def plot_sweep(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path
     # The ablation bars need the ablation-only methods (a rank sweep of lora and kasa is not an ablation).
     if any(run.summary.get("method") in LADDER[1:-1] for run in runs):
         done["ablation"] = ablation(runs, target, scale)
-    if varies(lambda run: run.summary.get("rank"), None, configured_truncation_rank):
+    if varies(lambda run: run.value("rank"), None, configured_truncation_rank):
         done["rank"] = rank(runs, target, scale)
-    if varies(truncation_rank, TRUNCATING, lambda run: run.summary.get("rank")):
+    if varies(truncation_rank, TRUNCATING, lambda run: run.value("rank")):
         done["truncation"] = truncation(runs, target, scale)
     return done

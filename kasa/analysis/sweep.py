@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from kasa.adapters.config import has_loss_weight
+from kasa.adapters.config import has_loss_weight, method_uses
 from kasa.config import is_bookkeeping
 from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, finite_numbers, holds_a_run, read_config, sweep_record
 
@@ -99,8 +99,8 @@ class Run:
         """A setting value: summary fields for BASE_KEYS and OPTIONAL_SUMMARY_KEYS; for an override's key the value
         the run resolved it to (config.json: `trainer.lr=3e-3` and `trainer.lr=0.003`, or no override and the
         default, are the same setting), or the override's text for a config group (`model=minilm_l6`). beta and
-        gamma are None (shown empty) for methods whose loss has no such term."""
-        if key in LOSS_WEIGHT_KEYS and not has_loss_weight(str(self.summary.get("method")), key):
+        gamma are None (shown empty) for methods whose loss has no such term, and rank for those without one."""
+        if key in BASE_KEYS and not method_uses(str(self.summary.get("method")), key):  # FFT's rank, LoRA's beta
             return None
         if key in BASE_KEYS or key in OPTIONAL_SUMMARY_KEYS:
             return self.summary.get(key)

@@ -763,6 +763,7 @@ class TrainingRecipe:
         """summary.json and the console's table."""
         cfg, state = self.cfg, self.state
         tokens = self.accelerator.reduce(self.tokens, "sum").item()  # every process's
+        unused = cfg.method.unused_settings()
         if not state.history:  # summary.json marks a finished run with a result: never for one that did not evaluate
             raise ValueError(f"the run in {self.out} ended without an evaluation: no summary written")
         # best/ holds the first epoch when no evaluation gave a defined score (a nan Pearson), so that kasa-eval finds
@@ -790,9 +791,8 @@ class TrainingRecipe:
             "peak_memory_mib": peak_memory_mib(),
             "seed": cfg.seed,
             "processes": self.accelerator.num_processes,  # with trainer.batch_size and grad_accum: the global batch
-            "rank": cfg.method.rank,
-            "beta": cfg.method.beta,
-            "gamma": cfg.method.gamma,
+            # null where the method has no such setting (full fine-tuning's rank, LoRA's beta): not a value it ran with
+            **{key: None if key in unused else getattr(cfg.method, key) for key in ("rank", "beta", "gamma")},
             "overrides": self.resolved_config.get(OVERRIDES_KEY, []),
             "truncation_loss": self.truncation_loss,  # held-out loss before / after the truncation
             "eval_history": [{**record, "epoch": record["epoch"] + 1} for record in state.history],
