@@ -605,10 +605,11 @@ def test_a_signal_inside_a_library_that_catches_exception_still_stops(tiny_model
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("sweep", [False, True])
 def test_a_signal_after_the_run_finished_changes_nothing(uninterrupted, tiny_model, sentiment_dir, tmp_path,
-                                                         monkeypatch):
+                                                         monkeypatch, sweep):
     """A stop signal after the summary was written (the interpreter's teardown takes a second or more) exited 143,
-    which says "killed before it could save", for a finished run (walk AL)."""
+    which says "killed before it could save", for a finished run (walk AL) and after a finished sweep (walk AN)."""
     import signal
     import time
 
@@ -622,7 +623,38 @@ def test_a_signal_after_the_run_finished_changes_nothing(uninterrupted, tiny_mod
         time.sleep(0.5)
 
     monkeypatch.setattr(train, "_hydra_main", signalled_after_the_run)
-    run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
-    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    if sweep:  # a sweep of one job, finished already
+        shutil.copytree(uninterrupted, tmp_path / "sweep" / "0")
+        args = ["--multirun", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "unused", "resume=auto"),
+                f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    else:
+        run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+        args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto")
+    result = run_cli("kasa.cli.train", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already holds a finished run" in result.stdout + result.stderr
+
+
+def test_a_resume_stopped_while_its_config_is_checked_exits_75(uninterrupted, tiny_model, sentiment_dir, tmp_path,
+                                                               monkeypatch):
+    """The config's check imports torch (seconds): a stop there reached no run's handler and said "nothing was
+    trained or saved" with 143 for a run that has checkpoints to resume (walk AN); a requeue keyed on 75 dropped it."""
+    import signal
+    import time
+
+    from kasa.training import preflight
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "summary.json").unlink()  # an interrupted run: its checkpoints, no summary
+    check = preflight.check_config_values
+
+    def signalled_while_checking(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts it
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(preflight, "check_config_values", signalled_while_checking)
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 75 and "before training started (nothing new to save); continue with:" in line, line

@@ -70,21 +70,22 @@ def _run(cfg: DictConfig) -> float:
     def job() -> float:
         from kasa.run_dir import OVERRIDES_KEY
 
-        resolved = resolve(cfg)
-        run_cfg = validate(resolved)
-        from kasa.training.preflight import check_config_values, unused_override_warnings
+        run_dir = Path(str(cfg.output_dir))
+        try:  # from the start: a resume stopped while its config is checked (torch imports for seconds) exits 75
+            resolved = resolve(cfg)
+            run_cfg = validate(resolved)
+            from kasa.training.preflight import check_config_values, unused_override_warnings
 
-        check_config_values(run_cfg)  # also the loop's first check: here, a bad value is refused in a second, not six
-        if launch_rank()[0] == 0:
-            for line in unused_override_warnings(run_cfg, list(hydra_config.overrides.task)):
-                print(line, file=sys.stderr)
-        resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
-        # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
-        # only once the run is accepted, so a refused run leaves a finished run's record untouched.
-        hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),
-                       "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
-                       "overrides.yaml": OmegaConf.to_yaml(hydra_config.overrides.task)}
-        try:
+            check_config_values(run_cfg)  # the loop's first check too: here a bad value is refused in a second, not six
+            if launch_rank()[0] == 0:
+                for line in unused_override_warnings(run_cfg, list(hydra_config.overrides.task)):
+                    print(line, file=sys.stderr)
+            resolved[OVERRIDES_KEY] = list(hydra_config.overrides.task)
+            # What Hydra itself would write into .hydra/ before the job (hydra.output_subdir is null): kasa writes it
+            # only once the run is accepted, so a refused run leaves a finished run's record untouched.
+            hydra_files = {"config.yaml": OmegaConf.to_yaml(cfg),
+                           "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+                           "overrides.yaml": OmegaConf.to_yaml(hydra_config.overrides.task)}
             quiet_libraries()
             from kasa.training.loop import train  # heavy imports (torch, transformers, accelerate) once it is valid
 
@@ -93,10 +94,10 @@ def _run(cfg: DictConfig) -> float:
             ignore_stop_signals()
             from kasa.training.checkpoint import resumable_checkpoints
 
-            if err.checkpoint is None and sweep_dir is None and not resumable_checkpoints(Path(run_cfg.output_dir)):
+            if err.checkpoint is None and sweep_dir is None and not resumable_checkpoints(run_dir):
                 _stopped_before_training(err.signum)  # while a fresh run loaded: 75 would say "saved, resume me"
             if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each
-                print(interrupted_message(err, sys.argv, Path(run_cfg.output_dir), sweep_dir), file=sys.stderr)
+                print(interrupted_message(err, sys.argv, run_dir, sweep_dir), file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT)
         if sweep_dir is None:  # finished and written: a signal during the interpreter's teardown changes nothing
             ignore_stop_signals()
@@ -176,6 +177,7 @@ class TrainCallback(Callback):
 
         path = summarize_sweep(Path(config.hydra.sweep.dir))
         log.info("sweep summary: %s", path)
+        ignore_stop_signals()  # every job has ended and the summary is written: a signal now changes nothing
         if FAILED_SWEEP_JOBS:
             shown = "; ".join(FAILED_SWEEP_JOBS[:3]) + ("; ..." if len(FAILED_SWEEP_JOBS) > 3 else "")
             command = resume_command(sys.argv, Path(config.hydra.sweep.dir), sweep=True)
@@ -227,6 +229,7 @@ def main() -> None:
         run_reporting_errors(_hydra_main)
     except TrainingInterrupted as err:  # no run's stop signals were set up: at the start, or between sweep jobs
         _interrupted_outside_a_run(err.signum)
+    ignore_stop_signals()  # the run or sweep has finished: a signal during the interpreter's teardown changes nothing
     if launch_rank()[1] > 1:
         # A process of a multi-process launch, its run finished and its files written: at interpreter teardown a
         # gloo thread still joinable after destroy_process_group aborted a rank now and then ("terminate called
