@@ -86,7 +86,6 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from kasa.tasks import build_task
-    from kasa.tasks.models import ddp_settings
     from kasa.training.preflight import ignored_precision_warning
 
     merge = bool_argument(args, "merge", False)  # the arguments before anything loads
@@ -112,7 +111,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                              f"copy of the run (cp -r {run_dir} <folder>)")
 
     # the training run's mixed precision: its evaluations ran under that autocast, so the same scores come back
-    accelerator = Accelerator(mixed_precision=run_cfg.trainer.precision, kwargs_handlers=[ddp_settings()])
+    accelerator = Accelerator(mixed_precision=run_cfg.trainer.precision)
     if launch_rank()[0] == 0 and (ignored := ignored_precision_warning(run_cfg.trainer.precision,
                                                                         accelerator.device.type)):
         print(ignored, file=sys.stderr)
@@ -174,6 +173,7 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
     for the checkpoint on this split, if it evaluated it there with these settings."""
     from kasa.adapters import dequantize_base, load_adapter, merge_adapters
     from kasa.adapters.quantized import check_room_to_dequantize
+    from kasa.tasks.models import stop_buffer_broadcast
     from kasa.evaluation.metrics import main_metric
 
     tokenizer, model = task.load_model()
@@ -186,6 +186,7 @@ def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, vers
         dequantize_base(model)
         merge_adapters(model)
     model = accelerator.prepare(model)
+    stop_buffer_broadcast(model)
     metrics = task.evaluate(model, accelerator, tokenizer, split, staged / GENERATIONS_DIR)
     result = {
         "checkpoint": str(checkpoint),

@@ -42,14 +42,16 @@ def whole_weights(accelerator: Accelerator) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-def ddp_settings() -> Any:
-    """Accelerate's DDP settings for kasa's models. DDP broadcasts every buffer from rank 0 before each forward by
+def stop_buffer_broadcast(model: nn.Module) -> None:
+    """DDP (`model` as `accelerator.prepare` returned it) broadcasts every buffer from rank 0 before each forward by
     default: here the removed components (r x (n + m) floats per adapted matrix, ~170 MB for a 7-8B model with r 16
-    on seven projections; 58 ms a forward over gloo for SmolLM2-135M's 19 MB). No buffer of the adapted models
-    changes after the wrap, whose start copies rank 0's buffers to every process once."""
-    from accelerate.utils import DistributedDataParallelKwargs
+    on seven projections; 58 ms a forward over gloo for SmolLM2-135M's 19 MB), which never change. The wrap has
+    copied rank 0's buffers to every process once; set here after it, as torch's `forward_sync_buffers=False` would
+    (Accelerate passes only the deprecated `broadcast_buffers`, whose False also skips that first copy)."""
+    from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallelKwargs(broadcast_buffers=False)
+    if isinstance(model, DistributedDataParallel):
+        model.forward_sync_buffers = False
 
 
 def inner_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:

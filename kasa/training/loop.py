@@ -89,7 +89,7 @@ from kasa.training.calibration import (
     mean_loss,
 )
 from kasa.training.console import Console
-from kasa.tasks.models import ddp_settings, load_tokenizer, whole_weights
+from kasa.tasks.models import load_tokenizer, stop_buffer_broadcast, whole_weights
 from kasa.training.preflight import (
     RunStart,
     check_config_values,
@@ -368,11 +368,8 @@ class TrainingRecipe:
         if uses_deepspeed:
             import_deepspeed_without_mlflow()
         cpu_deepspeed = uses_deepspeed and not torch.cuda.is_available()
-        handlers: list[Any] = [ddp_settings()]
-        if cpu_deepspeed:
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(
-            kwargs_handlers=handlers,
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else None,
             mixed_precision=cfg.trainer.precision,
             gradient_accumulation_steps=cfg.trainer.grad_accum,
             log_with=check_trackers(cfg.logging.trackers) or None,
@@ -517,6 +514,7 @@ class TrainingRecipe:
             # fills an "auto" clipping with 1.0: 0 is DeepSpeed's "no clipping", as max_grad_norm=null is kasa's
             deepspeed_plugin.deepspeed_config["gradient_clipping"] = cfg.trainer.max_grad_norm or 0.0
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        stop_buffer_broadcast(self.model)
 
     def resume(self, checkpoint: Path) -> None:
         """Optimiser, schedule and counters from `checkpoint`; this run's logs lose what was written after it. (Its
