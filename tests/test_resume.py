@@ -130,10 +130,12 @@ def test_a_killed_run_on_an_nf4_base_resumes_bit_for_bit(tiny_model, sentiment_d
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (kasa[peft])")
-def test_a_killed_adalora_run_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp_path):
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_killed_adalora_run_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp_path, kept):
     """AdaLoRA's rank allocator keeps importance averages and, from its final phase on (step 10 of 16 here), the rank
-    pattern it masks with: a run killed after its step-12 checkpoint must resume to the very adapter of an
-    uninterrupted run (it crashed inside PEFT, with no rank pattern, before the checkpoint kept them)."""
+    pattern it masks with: a run killed after a final-phase checkpoint must resume to the very adapter of an
+    uninterrupted run (it crashed inside PEFT, with no rank pattern, before the checkpoint kept them). A checkpoint
+    written before kasa kept them (kept=False) resumes too, its pattern taken from the step's gradients (walk AN)."""
     options = ["method=adalora", "method.rank=2", "+method.peft_options.init_r=4", "method.peft_options.tinit=2",
                "method.peft_options.tfinal=6"]
     full, run_dir = tmp_path / "full", tmp_path / "run"
@@ -141,9 +143,16 @@ def test_a_killed_adalora_run_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp
     assert finished.returncode == 0, finished.stderr[-3000:]
     args = checkpointed_args(tiny_model, sentiment_dir, run_dir, *options)
     assert killed_run(args, "after_save", 7).returncode == -9
-    assert "step-00000012" in {p.name for p in (run_dir / "checkpoints").iterdir()}
+    newest = max((run_dir / "checkpoints").glob("step-*"))  # what resume=auto continues from
+    assert int(newest.name.split("-")[1]) > 10  # in the final phase
+    if not kept:
+        (newest / "adalora_allocator.pt").unlink()
     resumed = run_cli("kasa.cli.train", *args, "resume=auto")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    if not kept:  # the same masks: the masked values were zero, with the lowest scores
+        masks = [{k: t == 0 for k, t in adapter(run).items() if ".lora_E." in k} for run in (full, run_dir)]
+        assert masks[0].keys() == masks[1].keys() and all(masks[0][k].equal(masks[1][k]) for k in masks[0])
+        return
     expected, got = adapter(full), adapter(run_dir)
     assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
     assert metrics(run_dir) == metrics(full)

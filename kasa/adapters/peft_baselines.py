@@ -180,7 +180,23 @@ def after_optimizer_step(model: nn.Module, step: int, total_steps: int | None = 
         # PEFT's rank allocator multiplies by the gradients: without them it failed with a TypeError inside PEFT
         raise ValueError("AdaLoRA's rank budget reads the adapters' gradients: call after_optimizer_step after "
                          "optimizer.step() and before optimizer.zero_grad()")
+    _recover_final_budget(tuner, step)
     tuner.update_and_allocate(step)
+
+
+def _recover_final_budget(tuner: Any, step: int) -> None:
+    """In the final phase PEFT masks by a rank pattern chosen from its importance averages, which a resume lacks
+    where the checkpoint did not keep them (kasa before it saved `allocator_state`), or where resume_allow_changes
+    moved the final phase's start (PEFT clears the averages there): PEFT then failed with a KeyError or on a None
+    pattern. They are taken from this step's gradients instead; the adapters' masked values are already zero, so
+    they keep the lowest scores."""
+    settings, allocator = tuner.peft_config[ADAPTER_NAME], tuner.rankallocator
+    final = settings.total_step - settings.tfinal
+    if step < final or (allocator.exp_avg_ipt and step == final) or (settings.rank_pattern and step > final):
+        return
+    allocator.update_ipt(tuner.model)
+    if step > final:
+        settings.rank_pattern = allocator.mask_to_budget(tuner.model, allocator.target_bgt)
 
 
 def allocator_state(model: nn.Module) -> dict[str, Any] | None:
