@@ -397,6 +397,7 @@ def test_accelerates_own_accumulation_setting_is_said_to_be_ignored(tiny_model, 
     ("LlamaForCausalLM", "kasa", ["score"], None),
     ("LlamaForCausalLM", "full", [], None),  # every weight trains
     ("LlamaForSequenceClassification", "kasa", [], None),  # the checkpoint's own head: frozen on purpose
+    ("LlamaForSequenceClassification/3", "kasa", [], "score"),  # walk AN: a head of 3 labels is replaced by 2
     ("BertModel", "lora", ["pooler"], "classifier"),
     ("BertModel", "lora", ["classifier", "pooler"], None),
 ])
@@ -406,6 +407,7 @@ def test_a_new_classification_head_must_train(architecture, method, trained, ref
     from kasa.config import RunConfig
     from kasa.training.preflight import check_new_head_trains
 
+    architecture, _, labels = architecture.partition("/")
     if architecture.startswith("Bert"):
         config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=32, architectures=[architecture])
@@ -416,11 +418,12 @@ def test_a_new_classification_head_must_train(architecture, method, trained, ref
         model_class = LlamaForSequenceClassification
     with torch.device("meta"):
         model = model_class(config)
+    checkpoint = config.__class__(**{**config.to_dict(), "num_labels": int(labels or 2)})  # as saved
     cfg = RunConfig()
-    cfg.task.kind, cfg.method.method, cfg.method.trainable_modules = "glue", method, trained
+    cfg.task.kind, cfg.task.num_labels, cfg.method.method, cfg.method.trainable_modules = "glue", 2, method, trained
     if refused is None:
-        check_new_head_trains(cfg, model)
+        check_new_head_trains(cfg, model, checkpoint)
     else:
-        with pytest.raises(ValueError, match=rf"has no classification head: the task's head \({refused}\) is made at "
+        with pytest.raises(ValueError, match=rf"^the task's classification head \({refused}\) is new, made at "
                                              rf"random .* train it with model.head_modules=\[{refused}\]$"):
-            check_new_head_trains(cfg, model)
+            check_new_head_trains(cfg, model, checkpoint)

@@ -274,6 +274,14 @@ def _architecture(source: str, gguf_file: str | None, trust_remote_code: bool, l
     return AutoConfig.from_pretrained(source, **kwargs)
 
 
+def _checkpoint_config(cfg: RunConfig) -> Any:
+    """The model's config as its checkpoint holds it (read once per process; never change it: copy)."""
+    from kasa.tasks.models import hub_options, model_source
+
+    return _architecture(model_source(cfg.model), cfg.model.gguf_file, cfg.model.trust_remote_code,
+                         bool(hub_options(cfg.model).get("local_files_only")))
+
+
 def _meta_base_model(cfg: RunConfig) -> Any:
     """The base model from its architecture alone, built on the meta device (no weights, no memory), or None when
     that cannot be known cheaply (the loader then reports any problem itself). An encoder for a causal-LM task is
@@ -283,11 +291,10 @@ def _meta_base_model(cfg: RunConfig) -> Any:
     from transformers.models.auto.auto_factory import _get_model_class
 
     from kasa.estimate import task_auto_class
-    from kasa.tasks.models import DTYPES, check_decoder, hub_options, model_source
+    from kasa.tasks.models import DTYPES, check_decoder, model_source
 
     try:
-        config = copy.deepcopy(_architecture(model_source(cfg.model), cfg.model.gguf_file, cfg.model.trust_remote_code,
-                                             bool(hub_options(cfg.model).get("local_files_only"))))
+        config = copy.deepcopy(_checkpoint_config(cfg))
         factory = task_auto_class(cfg, config)
     except Exception:  # noqa: BLE001 (a check only: loading the model itself gives the real error)
         return None
@@ -332,7 +339,7 @@ def check_model(cfg: RunConfig) -> Any:
         raise ValueError(f"{cfg.model.path or cfg.model.name} has {count / 1e9:.2f}B parameters and no GPU is visible: "
                          "on a CPU it would take hours to days; run on a GPU, or pass trainer.allow_cpu=true to "
                          "proceed anyway")
-    check_new_head_trains(cfg, model)
+    check_new_head_trains(cfg, model, _checkpoint_config(cfg))
     if cfg.method.uses_peft:  # PEFT's methods check their targets themselves, on the loaded model
         return None
     from kasa.adapters import apply_adapters
@@ -341,16 +348,19 @@ def check_model(cfg: RunConfig) -> Any:
     return model
 
 
-def check_new_head_trains(cfg: RunConfig, model: Any) -> None:
+def check_new_head_trains(cfg: RunConfig, model: Any, checkpoint_config: Any) -> None:
     """A classification task's head that the checkpoint lacks (a causal LM's `score`, an encoder's `classifier`) is
     initialised at random when the model loads: it must be among the trained modules, or the adapters learn under a
-    random, frozen head (SmolLM2 on SST-2 did, with model.head_modules unset). `model`: the task's meta model."""
+    random, frozen head (SmolLM2 on SST-2 did, with model.head_modules unset; so did a 2-label classifier's checkpoint
+    on STS-B, whose head is replaced by one of a single output). `model`: the task's meta model."""
     from kasa.adapters.model import module_matches
     from kasa.tasks.models import model_source
 
-    architectures = getattr(model.config, "architectures", None) or []
-    if cfg.task.kind != "glue" or cfg.method.method == "full" or any(
-            name.endswith("ForSequenceClassification") for name in architectures):  # a checkpoint with its own head
+    if cfg.task.kind != "glue" or cfg.method.method == "full":
+        return
+    saved = checkpoint_config
+    if any(name.endswith("ForSequenceClassification") for name in getattr(saved, "architectures", None) or []) \
+            and saved.num_labels == cfg.task.num_labels:  # the checkpoint's own head (one of another size is replaced)
         return
     def trained(head: str) -> bool:
         inside = [name for name, _ in model.named_modules() if name == head or name.startswith(f"{head}.")]
@@ -359,9 +369,9 @@ def check_new_head_trains(cfg: RunConfig, model: Any) -> None:
     frozen = [head for head, module in model.named_children() if head != model.base_model_prefix
               and any(True for _ in module.parameters()) and not trained(head)]
     if frozen:
-        raise ValueError(f"{model_source(cfg.model)} has no classification head: the task's head ({', '.join(frozen)}) "
-                         "is made at random when the model loads, and this run would leave it frozen; train it with "
-                         f"model.head_modules=[{','.join(frozen)}]")
+        raise ValueError(f"the task's classification head ({', '.join(frozen)}) is new, made at random when the model "
+                         f"loads ({model_source(cfg.model)} has none, or one of another size), and this run would leave "
+                         f"it frozen; train it with model.head_modules=[{','.join(frozen)}]")
 
 
 def checkpoint_bytes(adapted_model: Any, keep: int) -> dict[str, int]:
