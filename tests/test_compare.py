@@ -335,3 +335,10 @@ def test_all_metrics_gives_a_column_per_metric_of_the_best_epoch(tmp_path, capsy
     assert [table.value(table.rows[0], c) for c in table.columns] == pytest.approx([0.65, 9.0, 0.45, 0.7, 2.0])
     assert compare_main([str(tmp_path), "--all-metrics", "--out", str(tmp_path / "table")]) == 0
     assert "| E2E (BLEU) | E2E (NIST) | E2E (METEOR) |" in capsys.readouterr().out
+    # table 12: BLEU, METEOR, ROUGE-L x 100 beside NIST and CIDEr as they are (all x 100 gave NIST 900.0, walk AO)
+    scaled = build_table(runs, scale=100, all_metrics=True)
+    assert [scaled.value(scaled.rows[0], c) for c in scaled.columns] == pytest.approx([65.0, 9.0, 45.0, 70.0, 2.0])
+    assert compare_main([str(tmp_path), "--all-metrics", "--metric-scale", "100", "--out", str(tmp_path / "x")]) == 0
+    printed = capsys.readouterr().out
+    assert "| **65.0** | **9.00** | **45.0** | **70.0** | **2.00** |" in printed
+    assert "x 100 (CIDEr, NIST unscaled)" in printed

@@ -31,6 +31,7 @@ from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
 from kasa.analysis.sweep import MISSING, OVERRIDE_ALIASES, Run, _sort_key, config_value, hashable, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
+from kasa.evaluation.e2e_metrics import UNSCALED_METRICS
 from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, output_folder
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,16 @@ class Table:
 
     def value(self, row: Row, column: tuple[str, str]) -> float | None:
         cell = row.cells.get(column)
-        return None if cell is None else cell.median * self.scale
+        return None if cell is None else cell.median * self.column_scale(column)
+
+    def column_scale(self, column: tuple[str, str]) -> float:
+        """The scale of a column's values: --metric-scale, except for metrics that are not fractions (E2E's NIST
+        and CIDEr, which table 12 prints unscaled beside BLEU x 100)."""
+        return 1.0 if column[1] in UNSCALED_METRICS else self.scale
+
+    def column_decimals(self, column: tuple[str, str]) -> int:
+        """An unscaled column beside scaled ones keeps two decimals (NIST 8.86, CIDEr 2.55), as table 12 prints."""
+        return max(self.decimals, 2) if self.column_scale(column) != self.scale else self.decimals
 
     @property
     def one_column_per_task(self) -> bool:
@@ -270,7 +280,8 @@ class Table:
         keyed.append(("average", self.average))
         for key, get in keyed:
             for members in self.model_blocks().values():
-                shown = {i: round(v, self.decimals) for i in members if (v := get(self.rows[i])) is not None}
+                digits = self.column_decimals(tuple(key.split(":", 1))) if key != "average" else self.decimals
+                shown = {i: round(v, digits) for i in members if (v := get(self.rows[i])) is not None}
                 if shown:
                     top = max(shown.values())
                     marked.update((i, key) for i, v in shown.items() if v == top)
@@ -397,7 +408,7 @@ def _cells(table: Table, bold: set[tuple[int, str]], emphasise) -> list[list[str
         cells = [row.label, table.params_text(row)]
         for task, metric in table.columns:
             value = table.value(row, (task, metric))
-            text = "" if value is None else f"{value:.{table.decimals}f}"
+            text = "" if value is None else f"{value:.{table.column_decimals((task, metric))}f}"
             cells.append(emphasise(text) if (i, f"{task}:{metric}") in bold and text else text)
         average = table.average(row)
         text = "" if average is None else f"{average:.{table.decimals}f}"
@@ -416,7 +427,9 @@ def to_markdown(table: Table, sources: Sequence[Path] = (), skipped: Sequence[Pa
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(cells) + " |" for cells in _cells(table, bold, lambda t: f"**{t}**")]
     counts = Counter(c.n for row in table.rows for c in row.cells.values())
-    scale = f" x {table.scale:g}" if table.scale != 1 else ""
+    unscaled = sorted({m for c in table.columns if table.column_scale(c) != table.scale for m in c[1:]})
+    scale = f" x {table.scale:g}" + (f" ({', '.join(unscaled)} unscaled)" if unscaled else "") \
+        if table.scale != 1 else ""
     notes = [
         "",
         ("Cells: median over seeds of each metric at the best validation epoch (by the task's main metric; "

@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: the one directory given, else the current folder)")
     parser.add_argument("--metric-scale", type=float, default=1.0,
-                        help="multiply the scores, e.g. 100 for percentages as in the paper (default 1)")
+                        help="multiply the scores, e.g. 100 for percentages as in the paper (default 1); E2E's NIST "
+                             "and CIDEr, not fractions, stay as they are, as in table 12")
     parser.add_argument("--decimals", type=int, default=None,
                         help="decimals printed (default: 1 with --metric-scale 100, else 4)")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
