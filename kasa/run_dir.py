@@ -262,6 +262,24 @@ def check_can_make(path: str | Path, option: str) -> None:
             from None
 
 
+VERSIONED_PACKAGES = ("kasa", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed")
+
+
+def software_versions() -> dict[str, str | None]:
+    """Python's and the installed versions of the packages a run's numbers depend on (None: not installed), as a
+    run's summary and an export record them: what a result was computed with."""
+    import platform
+    from importlib import metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{package: version(package) for package in VERSIONED_PACKAGES}}
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """JSON, indented, written atomically."""
     text = json.dumps(data, indent=2, default=str) + "\n"

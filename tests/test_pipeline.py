@@ -432,3 +432,5 @@ def test_summary_names_only_the_settings_its_method_has(classification_run: Path
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["rank"], summary["beta"], summary["gamma"]) == (None, None, None)
+    # what the numbers were computed with (only kasa-export recorded it, walk AO)
+    assert kasa_summary["versions"]["torch"] == torch.__version__ and kasa_summary["versions"]["kasa"]

@@ -46,6 +46,7 @@ from kasa.run_dir import (
     clean_dead_writes,
     find_checkpoint,
     follow_umask,
+    software_versions,
     write_atomically,
     write_json,
 )
@@ -109,10 +110,6 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                              "outside it")
     check_output(output, overwrite)
 
-    import torch
-    import transformers
-
-    import kasa
     from kasa.adapters import AdapterConfig, dequantize_base, load_adapter, merge_and_unload, read_adapter_config
     from kasa.adapters.peft_format import (
         check_peft_exportable,
@@ -170,8 +167,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         "load_with": load_with,
         "peft_regularizer": peft_regularizer(model) if fmt == "peft" else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"kasa": getattr(kasa, "__version__", None), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": software_versions(),
     }
     check_checkpoint_unchanged(checkpoint, version, "kasa-export read it")  # the record matches the weights
 

@@ -57,6 +57,7 @@ from kasa.run_dir import (
     finite_numbers,
     is_checkpoint_of,
     read_config,
+    software_versions,
     step_dir_name,
     sweep_record,
     write_atomically,
@@ -794,6 +795,7 @@ class TrainingRecipe:
             "overrides": self.resolved_config.get(OVERRIDES_KEY, []),
             "truncation_loss": self.truncation_loss,  # held-out loss before / after the truncation
             "eval_history": [{**record, "epoch": record["epoch"] + 1} for record in state.history],
+            "versions": software_versions(),
         }
         if self.main:
             write_json(self.out / SUMMARY_FILE, finite_numbers(summary))  # JSON has no nan
