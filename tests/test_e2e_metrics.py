@@ -393,3 +393,14 @@ def test_the_meteor_jar_is_stopped_at_exit_while_the_interpreter_is_whole(monkey
     assert process.poll() is None
     e2e_metrics._release_meteor()  # what atexit runs
     assert e2e_metrics._meteor is None and process.poll() is not None
+
+
+def test_a_prediction_is_one_line_of_the_file_the_official_script_reads():
+    """A form feed (and the other line boundaries str.splitlines knows) inside an output made the predictions file
+    one line longer than the MRs, shifting every later prediction for the official script (walk AO)."""
+    from kasa.tasks.e2e import first_line
+
+    outputs = ["The Eagle is a pub.\nSecond line", "A cafe\x0cnear the river", "x\u2028y", "  \n", ""]
+    predictions = [first_line(text) for text in outputs]
+    assert predictions == ["The Eagle is a pub.", "A cafe", "x", "", ""]
+    assert ("\n".join(predictions) + "\n").splitlines() == predictions

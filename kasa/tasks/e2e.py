@@ -51,6 +51,14 @@ def e2e_prompt(mr: str) -> str:
     return f"{mr} ||"
 
 
+def first_line(output: str) -> str:
+    """An E2E prediction: the generated text up to its first line boundary of any kind (str.splitlines: a form
+    feed or a Unicode line separator too), so that the predictions file holds exactly one line per MR, which the
+    official e2e-metrics script reads line by line (a form feed inside one shifted every later output)."""
+    lines = output.splitlines()
+    return lines[0].strip() if lines else ""
+
+
 class E2ETask(CausalLMTask):
     def _pairs(self, split: str, limit: int | None) -> tuple[list[str], list[str]]:
         task = self.cfg.task
@@ -94,7 +102,7 @@ class E2ETask(CausalLMTask):
                  split: str, output_dir: Path | None = None) -> dict[str, float]:
         mrs, references = self._evaluated(split)
         outputs = self.generate(model, accelerator, tokenizer, [e2e_prompt(mr) for mr in mrs])
-        predictions = [texts[0].split("\n")[0].strip() for texts in outputs]
+        predictions = [first_line(texts[0]) for texts in outputs]
         scores = e2e_scores(predictions, references)
         label = split_label(split)
         if accelerator.is_main_process and (path := output_file(output_dir, f"e2e-{label}-predictions.txt")):
