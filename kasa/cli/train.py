@@ -37,6 +37,7 @@ from kasa.cli.common import (
 )
 from kasa.config import launch_rank, resolve, validate
 from kasa.run_dir import remove_if_empty
+from kasa.training.preflight import check_finished_run, check_not_a_run, check_sweep_job
 from kasa.training.signals import (
     INTERRUPTED_EXIT,
     STOP_SIGNALS,
@@ -46,7 +47,6 @@ from kasa.training.signals import (
     resume_command,
     stop_outside_a_run,
 )
-from kasa.training.preflight import check_finished_run, check_not_a_run, check_sweep_job
 
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"  # hydra.sweeper._target_ of the default
 
