@@ -341,4 +341,4 @@ def test_all_metrics_gives_a_column_per_metric_of_the_best_epoch(tmp_path, capsy
     assert compare_main([str(tmp_path), "--all-metrics", "--metric-scale", "100", "--out", str(tmp_path / "x")]) == 0
     printed = capsys.readouterr().out
     assert "| **65.0** | **9.00** | **45.0** | **70.0** | **2.00** |" in printed
-    assert "x 100 (CIDEr, NIST unscaled)" in printed
+    assert "x 100 (CIDEr, NIST unscaled)" in printed and "| E2E (ROUGE-L) |" in printed  # table 12's names

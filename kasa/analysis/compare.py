@@ -47,7 +47,8 @@ TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "
 # Settings that always tell rows apart already (the method, and the truncation basis in its label): a --by of them
 # adds nothing.
 IGNORED_BY_ROWS = ("method", "method.truncation_basis")
-METRIC_NAMES = {"accuracy": "Acc.", "matthews": "Mcc.", "pearson": "Pcc.", "spearman": "Scc.", "f1": "F1"}
+METRIC_NAMES = {"accuracy": "Acc.", "matthews": "Mcc.", "pearson": "Pcc.", "spearman": "Scc.", "f1": "F1",
+                "ROUGE_L": "ROUGE-L"}  # as the paper's tables name them
 
 
 # ---------------------------------------------------------------------------------------------------------------
