@@ -352,16 +352,18 @@ def check_new_head_trains(cfg: RunConfig, model: Any, checkpoint_config: Any) ->
     """A classification task's head that the checkpoint lacks (a causal LM's `score`, an encoder's `classifier`) is
     initialised at random when the model loads: it must be among the trained modules, or the adapters learn under a
     random, frozen head (SmolLM2 on SST-2 did, with model.head_modules unset; so did a 2-label classifier's checkpoint
-    on STS-B, whose head is replaced by one of a single output). `model`: the task's meta model."""
+    on STS-B, whose head is replaced by one of a single output). `model`: the task's meta model; `checkpoint_config`:
+    the model's config as its checkpoint holds it."""
     from kasa.adapters.model import module_matches
     from kasa.tasks.models import model_source
 
     if cfg.task.kind != "glue" or cfg.method.method == "full":
         return
-    saved = checkpoint_config
-    if any(name.endswith("ForSequenceClassification") for name in getattr(saved, "architectures", None) or []) \
-            and saved.num_labels == cfg.task.num_labels:  # the checkpoint's own head (one of another size is replaced)
+    architectures = getattr(checkpoint_config, "architectures", None) or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures) \
+            and checkpoint_config.num_labels == cfg.task.num_labels:  # its own head (one of another size is replaced)
         return
+
     def trained(head: str) -> bool:
         inside = [name for name, _ in model.named_modules() if name == head or name.startswith(f"{head}.")]
         return any(module_matches(name, target) for name in inside for target in cfg.method.trainable_modules)
@@ -369,9 +371,9 @@ def check_new_head_trains(cfg: RunConfig, model: Any, checkpoint_config: Any) ->
     frozen = [head for head, module in model.named_children() if head != model.base_model_prefix
               and any(True for _ in module.parameters()) and not trained(head)]
     if frozen:
-        raise ValueError(f"the task's classification head ({', '.join(frozen)}) is new, made at random when the model "
-                         f"loads ({model_source(cfg.model)} has none, or one of another size), and this run would leave "
-                         f"it frozen; train it with model.head_modules=[{','.join(frozen)}]")
+        raise ValueError(f"the task's classification head ({', '.join(frozen)}) is new, made at random when the "
+                         f"model loads ({model_source(cfg.model)} has none, or one of another size), and this run would "
+                         f"leave it frozen; train it with model.head_modules=[{','.join(frozen)}]")
 
 
 def checkpoint_bytes(adapted_model: Any, keep: int) -> dict[str, int]:
