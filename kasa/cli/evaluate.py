@@ -24,8 +24,8 @@ it reports no training score, and its outputs stay in <run>/evaluations/<checkpo
 (eval_<split>.json records them as `overrides`), never over the checkpoint's own. So does other data (a
 task.data_dir of other files): the examples' fingerprint differs from the one the training run recorded with its
 score (a step checkpoint: with the checkpoint, for the run's evaluation split). An override equal to the run's own
-value, or of where and how it runs (logging.progress, trainer.allow_cpu), changes nothing; one that only training reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...) is
-refused. Each split, the training split too, is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the
+value, or of where and how it runs (logging.progress, trainer.allow_cpu), changes nothing; one that only training
+reads (output_dir, resume, recipe, trainer.lr, logging.trackers, ...) is refused. Each split, the training split too, is cut to task.max_eval_samples (GLUE: a fixed shuffled sample; the
 generation tasks: the first examples; null: all of it); it runs under the run's trainer.precision, and sampled
 decoding draws from the run's seed.
 """

@@ -229,7 +229,6 @@ def main() -> None:
         run_reporting_errors(_hydra_main)
     except TrainingInterrupted as err:  # no run's stop signals were set up: at the start, or between sweep jobs
         _interrupted_outside_a_run(err.signum)
-    ignore_stop_signals()  # the run or sweep has finished: a signal during the interpreter's teardown changes nothing
     if launch_rank()[1] > 1:
         # A process of a multi-process launch, its run finished and its files written: at interpreter teardown a
         # gloo thread still joinable after destroy_process_group aborted a rank now and then ("terminate called

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, aux_loss_needs_forward, count_parameters
+from kasa.adapters.config import method_uses
 from kasa.config import RunConfig, launch_rank
 from kasa.evaluation.metrics import improves, main_metric
 from kasa.run_dir import (
@@ -762,7 +763,6 @@ class TrainingRecipe:
         """summary.json and the console's table."""
         cfg, state = self.cfg, self.state
         tokens = self.accelerator.reduce(self.tokens, "sum").item()  # every process's
-        unused = cfg.method.unused_settings()
         if not state.history:  # summary.json marks a finished run with a result: never for one that did not evaluate
             raise ValueError(f"the run in {self.out} ended without an evaluation: no summary written")
         # best/ holds the first epoch when no evaluation gave a defined score (a nan Pearson), so that kasa-eval finds
@@ -791,7 +791,8 @@ class TrainingRecipe:
             "seed": cfg.seed,
             "processes": self.accelerator.num_processes,  # with trainer.batch_size and grad_accum: the global batch
             # null where the method has no such setting (full fine-tuning's rank, LoRA's beta): not a value it ran with
-            **{key: None if key in unused else getattr(cfg.method, key) for key in ("rank", "beta", "gamma")},
+            **{key: getattr(cfg.method, key) if method_uses(cfg.method.method, key) else None
+               for key in ("rank", "beta", "gamma")},
             "overrides": self.resolved_config.get(OVERRIDES_KEY, []),
             "truncation_loss": self.truncation_loss,  # held-out loss before / after the truncation
             "eval_history": [{**record, "epoch": record["epoch"] + 1} for record in state.history],
