@@ -156,6 +156,7 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
     as autocast runs it, which the meta device cannot: the linear layers and attention in that dtype, so that a
     frozen weight's copy, made at each call and kept for the matmul's backward, counts."""
     from torch.multiprocessing.reductions import StorageWeakRef
+    from transformers import PreTrainedModel
 
     from kasa.tasks.lm_loss import LOSS_POSITION_KEYS, labelled_token_loss
 
@@ -198,7 +199,10 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
 
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
     model.train()
-    model.config.pad_token_id = None  # no padding check: it would read the (absent) token values
+    if model.config.pad_token_id is None:  # a decoder's classifier finds each row's last token by it
+        model.config.pad_token_id = 0
+    padding_check = PreTrainedModel.warn_if_padding_and_no_attention_mask  # an encoder's would read token values
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = lambda *args: None
     torch.nn.functional.scaled_dot_product_attention = fused
     if dtype is not None:
         torch.nn.functional.linear, torch.addmm = autocast_linear, autocast_addmm
@@ -217,6 +221,7 @@ def _saved_bytes(model: nn.Module, batch: int, length: int, loss_columns: int | 
         raise ValueError(f"cannot trace {type(model).__name__} on the meta device ({str(err).splitlines()[0]}): "
                          "its activations cannot be estimated") from err
     finally:
+        PreTrainedModel.warn_if_padding_and_no_attention_mask = padding_check
         torch.nn.functional.scaled_dot_product_attention = sdpa
         torch.nn.functional.linear, torch.addmm = linear, addmm
     return sum(sizes.values()), max(sizes.values(), default=0)
@@ -319,6 +324,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
     (module docstring)."""
     from kasa.adapters.model import count_parameters
     from kasa.adapters.quantized import check_quantization
+    from kasa.training.preflight import check_new_head_trains
 
     if not 0 < loss_share <= 1:
         raise ValueError(f"loss_share must be in (0, 1], got {loss_share}: the share of the columns that predict a "
@@ -332,6 +338,7 @@ def estimate_memory(cfg, num_processes: int = 1, sharding: str = "none", archite
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     architecture = architecture if architecture is not None else load_architecture(cfg.model)
     model = _meta_model(cfg, architecture)
+    check_new_head_trains(cfg, model, architecture)  # a run kasa-train would refuse has no peak to tell
     counts = count_parameters(model)
     parts = static_bytes(model, cfg)
     shards = num_processes if sharding != "none" else 1

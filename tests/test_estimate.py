@@ -112,6 +112,24 @@ def test_autocast_copies_of_the_frozen_weights_are_counted(tmp_path) -> None:
     assert frozen < measured and traced.saved_checkpointed < traced.saved
 
 
+def test_a_classification_task_on_a_causal_lm(tmp_path) -> None:
+    """A GLUE task on a decoder without a padding token (Llama's config has none): the classifier finds each row's
+    last token by it, so the trace had failed ("Cannot handle batch sizes > 1 if no padding token is defined"); and
+    a new head left frozen is refused, as kasa-train refuses it."""
+    cfg = tiny_run(tmp_path)
+    cfg.task = TaskConfig(name="cola", kind="glue", num_labels=2)
+    with pytest.raises(ValueError, match=r"train it with model.head_modules=\[score\]"):
+        estimate.estimate_memory(cfg)
+    cfg.method.trainable_modules = ["score"]
+    result = estimate.estimate_memory(cfg)
+    architecture = transformers.AutoConfig.from_pretrained(tmp_path, num_labels=2, pad_token_id=0)
+    real = transformers.AutoModelForSequenceClassification.from_config(architecture, attn_implementation="sdpa")
+    ids = torch.randint(1, 512, (4, 32))
+    measured = saved_by_a_real_forward(real, cfg, lambda: real(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)))
+    assert result["trainable_parameters"] == kasa.count_parameters(real).trainable
+    assert abs(result["bytes"]["activations"] - measured) / measured < 0.1
+
+
 def test_the_loss_share_shrinks_only_the_causal_lm_head(tmp_path) -> None:
     cfg = tiny_run(tmp_path)
     full, half = (estimate.estimate_memory(cfg, loss_share=share) for share in (1.0, 0.5))
