@@ -294,6 +294,58 @@ def test_a_two_process_run_with_dropout_resumes_bit_for_bit(tmp_path):
     assert (resumed / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
 
 
+SIGNAL_AT_THE_START_DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from kasa.training.loop import TrainingRecipe
+
+    train_epochs = TrainingRecipe.train_epochs
+
+    def signalled_as_training_starts(self):
+        # As a launcher's SIGTERM that reaches rank 0 just before it can save and rank 1 just after: rank 0 stops
+        # at once, rank 1 goes on to the step's first collective, to save a checkpoint with its peer.
+        if self.accelerator.process_index == 0:
+            self.stop.checkpointable = False
+        os.kill(os.getpid(), signal.SIGTERM)
+        return train_epochs(self)
+
+    TrainingRecipe.train_epochs = signalled_as_training_starts
+    from kasa.cli.train import main
+    sys.argv = ["kasa-train", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def test_a_signal_as_training_starts_stops_every_rank_in_one_line(tmp_path):
+    """A stop signal that one process of a launch gets before it can save and another just after: the first stops at
+    once, and the other's collective then fails for want of its peer. That failure is the same stop (exit 143, rank
+    0's one line), where rank 1 printed gloo's "Connection closed by peer" traceback of ~80 lines."""
+    from cli_helpers import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "model")
+    write_sentiment_data(tmp_path / "data")
+    driver, log, run = tmp_path / "driver.py", tmp_path / "run.log", tmp_path / "run"
+    driver.write_text(SIGNAL_AT_THE_START_DRIVER)
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.json"),
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", str(driver),
+              f"model.path={model}", f"task.data_dir={tmp_path / 'data'}", "trainer.epochs=1", "trainer.batch_size=4",
+              "trainer.max_length=16", "logging.progress=false", "method.svd_cache_dir=null", "method.rank=4",
+              f"hydra.run.dir={run}"]
+    process = _start(launch, {**ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, log)
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"timed out after {TIMEOUT} s:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    assert process.returncode != 0
+    assert text.count("stopped by SIGTERM before training started: nothing was trained or saved") == 1, text[-3000:]
+    assert "Connection closed by peer" not in text and "[rank1]: Traceback" not in text, text[-3000:]
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
 @pytest.mark.parametrize("env, argv, expected", [
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["recipe=demo"], "needs hydra.run.dir"),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ["--multirun", "seed=0,1", "hydra.run.dir=x"], "sweep_launch.py"),

@@ -554,12 +554,18 @@ class TrainingRecipe:
                 self.stop.checkpointable = True
                 return self.train_epochs()
             except BaseException as err:
+                # A process of a launch that was signalled, like every other, but whose collective failed: a process
+                # signalled before it could save had stopped at once and left this one without its peer.
+                peer_stopped = (isinstance(err, RuntimeError) and self.stop.received is not None
+                                and launch_rank()[1] > 1)
                 if getattr(self, "accelerator", None) is not None:  # the next job of a sweep starts its own
-                    interrupted = isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
+                    interrupted = peer_stopped or isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
                     end_trackers(self.accelerator, interrupted=interrupted)
                 if getattr(self, "lock", None) is not None:  # a refused start leaves no empty run directory (a
                     # sweep job's stays: the sweep's summary lists it among the jobs that did not finish)
                     self.lock.release(discard_empty=sweep_record(self.out.parent) is None)
+                if peer_stopped:
+                    raise TrainingInterrupted(self.stop.received) from err
                 raise
             finally:
                 if getattr(self, "lock", None) is not None:
