@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import kasa
 from kasa.cli.plot import main as plot_main
+from kasa.adapters.methods import METHOD_TABLE
 from kasa.analysis import plots
 
 
@@ -284,6 +285,34 @@ def test_metric_against_rank(tmp_path):
         assert series[method]["median"] == pytest.approx([np.median(scores[(method, r)]) for r in (1, 4, 16)])
     table = (tmp_path / "rank_table.md").read_text()
     assert "| Dataset | Method | 1 | 4 | 16 |" in table and "| RTE (Acc.) | KaSA |" in table
+
+
+def test_more_lines_than_colours_still_look_apart(tmp_path, monkeypatch):
+    """Eleven series in one panel (every ranked method and KaSA in the activation basis): matplotlib has ten colours,
+    and the eleventh line had taken the first one's look (walk AO)."""
+    from matplotlib.axes import Axes
+
+    ranked = [name for name, method in METHOD_TABLE.items() if method.ranked]
+    for method in ranked:
+        for rank in (4, 8):
+            write_run(tmp_path / f"{method}-{rank}", task="rte", method=method, seed=0, best=0.5, rank=rank)
+    for rank in (4, 8):
+        write_run(tmp_path / f"activation-{rank}", task="rte", method="kasa", seed=0, best=0.5, rank=rank)
+        config = json.loads((tmp_path / f"activation-{rank}" / "config.json").read_text())
+        config["method"]["truncation_basis"] = "activation"
+        (tmp_path / f"activation-{rank}" / "config.json").write_text(json.dumps(config))
+    lines = []
+    plot = Axes.plot
+
+    def recorded_plot(self, *args, **kwargs):
+        drawn = plot(self, *args, **kwargs)
+        lines.extend(drawn)
+        return drawn
+
+    monkeypatch.setattr(Axes, "plot", recorded_plot)
+    data = plots.rank([tmp_path])
+    looks = {(line.get_color(), line.get_linestyle()) for line in lines}
+    assert len(data["tasks"]["rte"]["series"]) == len(ranked) + 1 == len(lines) == len(looks) > 10
 
 
 def test_metric_against_truncation_rank(tmp_path):

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 LADDER = ABLATION_LADDER  # the paper's figure 2, left to right
 TRUNCATING = methods_where(truncates=True)  # methods whose truncation rank k means something
+LINE_STYLES = ("-", "--", ":", "-.")  # with the colour, a line series' own look: 40 series before one repeats
 TERMS = ("l2", "l3_u", "l3_v")
 TERM_LABELS = {"l2": "L2 = sum(dSigma^2)", "l3_u": "||dU^T dU - I||_F", "l3_v": "||dV^T dV - I||_F"}
 # method.orth_form=authors (the GLUE recipes): the released code's norms of the large Grams, dU n x r, dV m x r
@@ -459,8 +460,10 @@ def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
     for ax, (task, entry) in zip(axes[0], tasks.items()):
         ticks: set = set()
-        for method, series in entry["series"].items():
-            ax.plot(series[key], series["median"], marker="o", label=series["label"])
+        for i, series in enumerate(entry["series"].values()):
+            # matplotlib's ten colours come round again: the line style tells the 11th series from the 1st
+            ax.plot(series[key], series["median"], marker="o", label=series["label"], color=f"C{i % 10}",
+                    linestyle=LINE_STYLES[i // 10 % len(LINE_STYLES)])
             ticks.update(series[key])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
