@@ -273,6 +273,15 @@ def test_kasa_export_refuses_what_only_training_reads(finished_run, tmp_path, ov
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("override", ["seed=3", "trainer.eval_batch_size=2", "task.max_eval_samples=4"])
+def test_kasa_export_refuses_what_no_export_reads(finished_run, tmp_path, override):
+    """Evaluation settings and the seed: accepted, recorded in kasa_export.json, and changing nothing."""
+    result = run_cli("kasa.cli.export", f"checkpoint={finished_run}", f"output={tmp_path / 'out'}", override)
+    assert_one_line_error(result, f"{override}: of the run's settings only model.* change anything kasa-export writes",
+                          "leave it out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (lambda text: "{" + text, "Expecting property name enclosed in double quotes"),
     (lambda text: text.replace('"method": {', '"method": {"bogus": 1, ', 1), "unknown key method.bogus"),

@@ -312,10 +312,12 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str = "") -> RunConfig:
+def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str = "",
+                      reads: tuple[str, ...] | None = None) -> RunConfig:
     """A run's saved config with `overrides` (kasa-eval, kasa-export), its values checked as kasa-train checks them.
     A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's. An
-    override that only training reads is refused, saying that it would change nothing of `what_it_changes`."""
+    override that only training reads, or outside the config sections `reads` (None: all), is refused, saying that it
+    would change nothing of `what_it_changes`."""
     from kasa.config import is_training_only
     from kasa.run_dir import CONFIG_FILE, load_run_config
     from kasa.training.preflight import check_config_values
@@ -339,7 +341,12 @@ def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str 
             raise ValueError(f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
                              "adapter_config.json, so the method's settings and model.target_modules cannot be "
                              "overridden here: leave it out (another adapter needs a run of its own)")
-    run_cfg = load_run_config(run_dir, overrides)
+    run_cfg = load_run_config(run_dir, overrides)  # first: a misspelt key is said as one
+    unread = [o for o in overrides if reads is not None and override_key(o).split(".")[0] not in reads]
+    if unread:
+        sections = " and ".join(f"{section}.*" for section in reads)
+        raise ValueError(f"{unread[0]}: of the run's settings only {sections} change anything {what_it_changes}: "
+                         "leave it out")
     # an override's value (decoding, attention) is refused before the model loads; method.svd_device is not
     # checked: the run may have decomposed on a GPU this machine lacks, and these commands repeat no decomposition
     check_config_values(run_cfg, decomposes=False, trains=False)

@@ -17,9 +17,9 @@ orthogonality form: for a run with orth_form=authors the export says so in one l
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `output` (a new or empty
 folder), `format` (merged | peft), `which` (best | last, for a run directory), `overwrite` (true: replace a
-non-empty output folder), and any dotted override of the run's saved config (model.path=...; not the method's
-settings nor model.target_modules: the adapter is rebuilt as it was trained; nor one that only training reads, such
-as trainer.lr or output_dir: they would change nothing). The folder is written under a temporary
+non-empty output folder), and dotted overrides of the run's saved model settings (model.path=..., model.dtype=...;
+not model.target_modules: the adapter is rebuilt as it was trained). Other overrides (trainer.lr, seed,
+task.max_eval_samples, ...) would change nothing of the export and are refused. The folder is written under a temporary
 name and renamed into place; kasa_export.json in it records what it was made from.
 """
 
@@ -122,7 +122,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     from kasa.tasks.models import model_source
 
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
-    run_cfg = load_saved_config(run_dir, overrides, "kasa-export writes (the folder goes to output=)")
+    # the task's settings and the head come from the run; evaluation and the seed play no part in an export
+    run_cfg = load_saved_config(run_dir, overrides, "kasa-export writes (the folder goes to output=)", reads=("model",))
     trained_over = load_saved_config(run_dir, []).model.quantization if overrides else run_cfg.model.quantization
     if run_cfg.model.quantization != trained_over:
         print(f"warning: the run trained over a {trained_over or 'float'} base, exported here for the "
