@@ -134,6 +134,16 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         expected = adapter_state(model)
         tensors = {key: value for key, value in tensors.items() if ".ranknum." not in key or key in expected}
         check_fits(model, tensors, directory, meta.get("base_model"))
+    fill_adapter(model, tensors)
+    return model
+
+
+def fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """An adapter's saved tensors (checked to fit) into `model`, adapted with `initialise=False`: the blocks and the
+    triplets they removed, the base weights truncated by those (no decomposition), the trained base weights, then a
+    pending quantization of the truncated base, as in training."""
+    config = adapter_config(model)
+    expected = adapter_state(model)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
@@ -144,7 +154,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             if ".adapters." not in key:
                 target.copy_(tensors[key])
     quantize_pending(model, config.method, config.trainable_modules)  # the truncated base, as in training
-    return model
 
 
 def check_fits(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path, base_model: str | None) -> None:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kasa.adapters import save_adapter
-from kasa.adapters.io import adapter_state, full_adapter_state, save_tensors
+from kasa.adapters.io import adapter_state, fill_adapter, full_adapter_state, save_tensors
 from kasa.adapters.peft_baselines import allocator_state, load_allocator_state
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, write_atomically, write_json
 from kasa.tasks.models import inner_model
@@ -74,6 +74,9 @@ class TrainState:
     # kasa-eval files an evaluation of this checkpoint on other data apart, as it does with best/ and last/
     eval_split: str | None = None
     eval_data: str | None = None
+    # The held-out loss before and after the run's truncation (the summary's `truncation_loss`; None where it was
+    # not measured), absent in checkpoints from before it was recorded: a resume then decomposes again
+    truncation_loss: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -100,6 +103,13 @@ class TrainState:
     def of_checkpoint(cls, directory: Path) -> "TrainState":
         """The state a resumable checkpoint saved."""
         return cls.from_json(json.loads((directory / STATE_FILE).read_text()))
+
+
+def records_truncation(directory: Path) -> bool:
+    """Whether a resumable checkpoint records its run's truncation measurement, so that a resume rebuilds the
+    truncated base from the checkpoint's removed triplets alone, without calibrating or decomposing again (older
+    checkpoints hold the same triplets but not the measurement that the summary reports)."""
+    return "truncation_loss" in json.loads((directory / STATE_FILE).read_text())
 
 
 def save_checkpoint(directory: Path, accelerator: Accelerator, model: nn.Module, state: dict[str, Any]) -> None:
@@ -246,10 +256,11 @@ def save_training_state(directory: Path, accelerator: Accelerator, model: nn.Mod
     accelerator.wait_for_everyone()
 
 
-def load_resumable_weights(directory: Path, model: nn.Module) -> None:
+def load_resumable_weights(directory: Path, model: nn.Module, base_truncated: bool = True) -> None:
     """The adapter and head weights of a resumable checkpoint, into the adapted `model` before
     `accelerator.prepare` shards it (and before DeepSpeed copies them into its optimizer). Its files were checked
-    whole before the model loaded (kasa.training.preflight.check_resume_checkpoint)."""
+    whole before the model loaded (kasa.training.preflight.check_resume_checkpoint). A model adapted with
+    `initialise=False` (not `base_truncated`) has its base truncated by the triplets the checkpoint removed."""
     saved = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
     target = adapter_state(model)
     missing = sorted(set(target) - set(saved))
@@ -260,7 +271,10 @@ def load_resumable_weights(directory: Path, model: nn.Module) -> None:
         if saved[key].shape != tensor.shape:
             raise ValueError(f"checkpoint {directory} does not match this run: its tensor {key} has shape "
                              f"{tuple(saved[key].shape)}, this run's {tuple(tensor.shape)}: resume with the settings "
-                             "that wrote it (method.rank, task.num_labels, the model)")
+                             "that wrote it (method.rank, method.truncation_rank, task.num_labels, the model)")
+    if not base_truncated:
+        fill_adapter(model, saved)
+        return
     with torch.no_grad():
         for key, tensor in target.items():
             if key.endswith(("removed_u", "removed_s", "removed_v")):

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, aux_loss_needs_forward, count_parameters
-from kasa.adapters.config import method_uses
+from kasa.adapters.config import CALIBRATION_SETTINGS, method_uses
 from kasa.config import RunConfig, launch_rank
 from kasa.evaluation.metrics import improves, main_metric
 from kasa.run_dir import (
@@ -77,6 +77,7 @@ from kasa.training.checkpoint import (
     epoch_batches,
     load_resumable_weights,
     prune_checkpoints,
+    records_truncation,
     restore_rng,
     restore_training_state,
     save_checkpoint,
@@ -298,6 +299,7 @@ class TrainingRecipe:
         # what the next save records
         self.state.data_fingerprint = self.data_fingerprint
         self.state.eval_split, self.state.eval_data = self.cfg.task.eval_split, self.eval_fingerprint
+        self.state.truncation_loss = self.truncation_loss
         if self.main:  # only now: a start or resume that does not fit must leave the run's files as they were
             if not self.resumes_own_run():  # a fresh start, or another run's checkpoint continued here
                 self.clear_earlier_run()
@@ -448,15 +450,34 @@ class TrainingRecipe:
         """The pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
         with whole_weights(self.accelerator):
             self.tokenizer, self.model = self.task.load_model()
-        self.apply_method()
+        rebuilt = self.resume_from is not None and self.cfg.method.uses_layers and not self.cfg.method.uses_peft \
+            and records_truncation(self.resume_from)
+        if rebuilt:
+            self.reapply_method(self.resume_from)
+        else:
+            self.apply_method()
         if self.resume_from is not None:  # before prepare: sharding engines and DeepSpeed's optimizer copy from here
-            load_resumable_weights(self.resume_from, self.model)
+            load_resumable_weights(self.resume_from, self.model, base_truncated=not rebuilt)
         if self.cfg.trainer.compile:  # in place: parameter names, and so checkpoints, stay those of the model
             self.model.compile()
         self.params = count_parameters(self.model)
         kind = "adapter" if self.cfg.method.uses_layers else "trained"  # full / bitfit train the model's own weights
         self.console.print(f"{self.cfg.method.method}: {self.params.adapter:,} {kind} parameters, "
                            f"{self.params.trainable:,} trainable of {self.params.total:,}")
+
+    def reapply_method(self, checkpoint: Path) -> None:
+        """The adapters of a resumed run, their blocks left empty for the checkpoint's tensors, which truncate the
+        base by the triplets it removed (load_resumable_weights): no calibration and no decomposition again. The
+        truncation's measurement is the one the run made at its start."""
+        self.truncation_loss = TrainState.of_checkpoint(checkpoint).truncation_loss
+        ignored = [key for key in self.start.config_changes
+                   if key in ("method.truncation_basis", *(f"method.{name}" for name in CALIBRATION_SETTINGS))]
+        if ignored and self.main:  # allowed by resume_allow_changes=true
+            self.console.print(f"warning: the run goes on over the base its checkpoint truncated; the change of "
+                               f"{', '.join(ignored)} applies to a new run only")
+        if self.cfg.method.truncates:  # truncated where apply_method truncates a fresh start's: the same bits
+            self.model.to(self.accelerator.device)
+        apply_adapters(self.model, self.cfg.method, initialise=False)
 
     def apply_method(self) -> None:
         """The method's adapters. A truncating method is measured on a few held-out training examples before and
