@@ -32,11 +32,13 @@ failed.
 A stop signal (SIGTERM, SIGINT, SIGUSR1) to this script is passed on to the job under way, which saves a resumable
 checkpoint and exits, as kasa-train does; the sweep then stops, writes its summary of the finished jobs, prints the
 command that continues it (this one again) and exits with status 75. A second signal stops the job at once, without
-its checkpoint. Jobs run in a session of their own, so a terminal's Ctrl-C reaches them only through this script.
+its checkpoint. Jobs run in a session of their own, so a terminal's Ctrl-C reaches them only through this script;
+on Linux a job gets SIGTERM when this script dies, even of SIGKILL, so that it saves and stops rather than run on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shlex
@@ -47,12 +49,14 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Callable
 
 from kasa.cli.parser import ArgumentParser
 from kasa.run_dir import SWEEP_JOBS_FILE, time_stamp, write_json
 from kasa.training.signals import FORWARDED_SIGNALS_ENV, INTERRUPTED_EXIT, HandlingStopSignals
 
 DEFAULT_LAUNCHER = "accelerate launch -m kasa.cli.train"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 RESERVED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode")
 
 
@@ -157,6 +161,21 @@ class JobSignals(HandlingStopSignals):
             os.killpg(self.job.pid, signum)
 
 
+def stop_with_parent(parent: int) -> Callable[[], None] | None:
+    """For a job's process, run before it starts (Linux): SIGTERM when `parent`, this script, dies, even of SIGKILL (an
+    out-of-memory kill, a scheduler's): the job saves a resumable checkpoint and stops, where it trained on orphaned
+    and the sweep run again found its folder in use. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_parent_death_signal() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the script died before the signal was set up
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python scripts/sweep_launch.py", allow_abbrev=False,  # a flag's prefix is unknown, not that flag
@@ -228,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(jobs)}] {' '.join(job) or '(no axis)'}", flush=True)
             start = time.perf_counter()
             try:
-                stop.job = subprocess.Popen(command, env=env, start_new_session=True)
+                stop.job = subprocess.Popen(command, env=env, start_new_session=True,
+                                            preexec_fn=stop_with_parent(os.getpid()))
             except OSError as err:  # the launcher itself cannot be started (accelerate not installed, a typo)
                 print(f"error: cannot run {launcher[0]!r}: {err}", file=sys.stderr)
                 return 2

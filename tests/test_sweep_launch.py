@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -171,3 +172,38 @@ def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_com
     jobs = json.loads((sweep_dir / "sweep_jobs.json").read_text())
     assert [(j["job"], j["returncode"]) for j in jobs] == [(0, job_exit)]
     assert f"job 0 stopped (exit status {job_exit})" in err and "job 0 failed" not in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_killed_sweep_stops_its_job(tmp_path):
+    """SIGKILL to the script (an out-of-memory kill) left its job training on, orphaned, in a folder that the sweep
+    run again then found in use; the job now gets SIGTERM, with which kasa-train saves and stops."""
+    import signal
+    import subprocess
+    import time
+
+    model = make_deterministic_bert(tmp_path / "model")
+    data = write_sentiment_data(tmp_path / "data")
+    (tmp_path / "job.py").write_text(FAKE_JOB)
+    sweep_dir = tmp_path / "sweep"
+    args = ["--launcher", f"{sys.executable} {tmp_path / 'job.py'}", "--sweep-dir", str(sweep_dir),
+            f"model.path={model}", f"task.data_dir={data}", "method.svd_cache_dir=null", "seed=0,1"]
+    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env=ENV, stderr=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (sweep_dir / "0" / "started").exists():
+        assert time.monotonic() < deadline and sweep.poll() is None
+        time.sleep(0.1)
+    sweep.kill()
+    sweep.wait()
+    deadline = time.monotonic() + 30
+    while not (sweep_dir / "0" / "signals").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job = int((sweep_dir / "0" / "started").read_text())
+    try:
+        assert (sweep_dir / "0" / "signals").read_text() == "SIGTERM 1\n"
+    finally:
+        try:
+            os.kill(job, signal.SIGKILL)  # an orphan left by the code before this fix
+        except ProcessLookupError:
+            pass
