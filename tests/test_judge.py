@@ -182,6 +182,11 @@ def test_prompt_wording():
     # the prompt's example quoted before the judge's own answer (walk AD: the 9 was taken)
     ('As in {"score": 9, "justification": "..."}, my verdict: {"score": 2, "justification": "Wrong."}', 2),
     ('{"score": 3, "detail": {"score": 8}}', 3),  # the outer object's
+    # the example quoted, then the judge's own answer broken by unescaped quotes; the example fenced, the answer not
+    # (walk AP: the 9 was taken in both)
+    ('The format {"score": 9, "justification": "..."}, mine:\n{"score": 2, "justification": "says "hi" only"}', 2),
+    ('```json\n{"score": 9, "justification": "example"}\n```\nMy score: {"score": 4, "justification": "x"}', 4),
+    ('{"evaluation": {"score": 7, "note": "nested"}}', 7),
 ])
 def test_parse_score_accepts(text, expected):
     assert parse_score(text) == expected

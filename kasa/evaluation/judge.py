@@ -100,30 +100,32 @@ def build_judge_prompt(instruction: str, response: str, reference: Optional[str]
     return JUDGE_PROMPT.substitute(instruction=instruction, lm_response=response, reference_block=block)
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
-# Last resort for JSON that a model broke elsewhere (an unescaped quote in the justification is common).
+# For JSON that a model broke (an unescaped quote in the justification is common): the score field alone.
 _SCORE_FIELD = re.compile(r'"score"\s*:\s*\[?\s*"?\s*(-?\d+(?:\.\d+)?)\s*"?\s*\]?')
 
 
 def parse_score(text: str) -> int:
     """The integer 1-10 `score` of the judge's JSON answer. The JSON may sit in ```json fences or among prose, and
     the score may be a number, an integral float (8.0), a numeric string ("7") or a one-element list ([7], echoing
-    the prompt's format line). The last such object is the judge's own: an earlier one may quote the prompt's example
-    ({"score": 9, ...}). Anything else, a fractional or out-of-range score included, raises JudgeError."""
-    candidates = [*_FENCE.findall(text), text]
-    for candidate in candidates:
-        scored = [obj for obj in _json_objects(candidate) if "score" in obj]
-        if scored:
-            return _as_score(scored[-1]["score"], text)
-    matches = _SCORE_FIELD.findall(text)
-    if matches:
-        return _as_score(matches[-1], text)
-    raise JudgeError(f"no JSON score in the judge's answer: {_excerpt(text)}")
+    the prompt's format line); a broken object's "score" field counts too. The last one in the text is the judge's
+    own: an earlier one may quote the prompt's example ({"score": 9, ...}), fenced or not. Anything else, a
+    fractional or out-of-range score included, raises JudgeError."""
+    found: list[tuple[int, Any]] = []  # (position in the text, score)
+    spans = []
+    for start, end, obj in _json_objects(text):
+        if "score" in obj:
+            found.append((start, obj["score"]))
+            spans.append((start, end))
+    found += [(match.start(), match.group(1)) for match in _SCORE_FIELD.finditer(text)
+              if not any(start <= match.start() < end for start, end in spans)]  # not a parsed object's own
+    if not found:
+        raise JudgeError(f"no JSON score in the judge's answer: {_excerpt(text)}")
+    return _as_score(max(found, key=lambda position_score: position_score[0])[1], text)
 
 
-def _json_objects(text: str) -> Iterable[dict[str, Any]]:
-    """The JSON objects of `text` in order of position: each from a '{' where one parses, the next searched after
-    its end (an object inside another is the outer one's)."""
+def _json_objects(text: str) -> Iterable[tuple[int, int, dict[str, Any]]]:
+    """(start, end, object) of the JSON objects of `text` in order of position: each from a '{' where one parses,
+    the next searched after its end (an object inside another is the outer one's)."""
     decoder = json.JSONDecoder()
     position = 0
     while (start := text.find("{", position)) >= 0:
@@ -134,7 +136,7 @@ def _json_objects(text: str) -> Iterable[dict[str, Any]]:
             continue
         position = end
         if isinstance(obj, dict):
-            yield obj
+            yield start, end, obj
 
 
 def _as_score(value: Any, text: str) -> int:
