@@ -318,6 +318,20 @@ def test_a_table_of_two_models_lists_each_models_rows_together_and_bolds_per_mod
     assert [table.params_text(r) for r in table.rows] == ["0.29M", "0.30M"] * 2  # 0.3M both at the paper's 1 decimal
 
 
+def test_the_judge_score_is_not_a_fraction(tmp_path, capsys):
+    """--metric-scale 100 printed an LLM judge's mean score of 7 as 700.0 (walk AP); table 2 prints it as it is,
+    beside accuracies x 100."""
+    for seed, judged in enumerate((7.0, 7.5, 6.5)):
+        write_run(tmp_path / "alpaca" / str(seed), task="alpaca", method="kasa", seed=seed, best=judged,
+                  metric="judge_score")
+        write_run(tmp_path / "rte" / str(seed), task="rte", method="kasa", seed=seed, best=0.7)
+    table = build_table(collect_runs([tmp_path])[0], scale=100)
+    assert [table.value(table.rows[0], c) for c in table.columns] == pytest.approx([70.0, 7.0])  # rte, alpaca
+    assert compare_main([str(tmp_path), "--metric-scale", "100", "--out", str(tmp_path / "table")]) == 0
+    printed = capsys.readouterr().out
+    assert "**7.00**" in printed and "**70.0**" in printed and "(judge_score unscaled)" in printed
+
+
 def test_all_metrics_gives_a_column_per_metric_of_the_best_epoch(tmp_path, capsys):
     """Table 12's five E2E metrics and table 3's sets: --all-metrics takes every metric of each run's best epoch,
     in the order the evaluation reports them; the main metric alone otherwise."""

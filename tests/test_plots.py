@@ -315,6 +315,18 @@ def test_more_lines_than_colours_still_look_apart(tmp_path, monkeypatch):
     assert len(data["tasks"]["rte"]["series"]) == len(ranked) + 1 == len(lines) == len(looks) > 10
 
 
+def test_a_metric_that_is_not_a_fraction_is_plotted_as_it_is(tmp_path):
+    """kasa-plot --metric-scale 100 drew an LLM judge's 1-10 score x 100, as kasa-compare printed it (walk AP)."""
+    for rank in (4, 8):
+        write_run(tmp_path / f"alpaca-{rank}", task="alpaca", method="kasa", seed=0, best=7.0, rank=rank,
+                  metric="judge_score")
+        write_run(tmp_path / f"rte-{rank}", task="rte", method="kasa", seed=0, best=0.7, rank=rank)
+    panels = plots.rank([tmp_path], scale=100)["tasks"]
+    assert [(p["metric"], p["scale"], p["series"]["kasa"]["median"]) for p in panels.values()] == [
+        ("accuracy", 100, pytest.approx([70.0, 70.0])), ("judge_score", 1.0, [7.0, 7.0])]
+    assert "| 7.00 | 7.00 |" in (tmp_path / "rank_table.md").read_text()
+
+
 def test_metric_against_truncation_rank(tmp_path):
     scores: dict[int, list[float]] = {}
     job = 0

@@ -31,7 +31,7 @@ from kasa.adapters.config import has_loss_weight
 from kasa.adapters.methods import METHOD_TABLE
 from kasa.analysis.sweep import MISSING, OVERRIDE_ALIASES, Run, _sort_key, config_value, hashable, load_runs
 from kasa.config import dotted_settings, is_bookkeeping
-from kasa.evaluation.e2e_metrics import UNSCALED_METRICS
+from kasa.evaluation.metrics import metric_scale
 from kasa.run_dir import COMPARISON_FILES, OVERRIDES_KEY, RESUMED_WITH_CHANGES_KEY, SUMMARY_FILE, output_folder
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,8 @@ class Table:
 
     def column_scale(self, column: tuple[str, str]) -> float:
         """The scale of a column's values: --metric-scale, except for metrics that are not fractions (E2E's NIST
-        and CIDEr, which table 12 prints unscaled beside BLEU x 100)."""
-        return 1.0 if column[1] in UNSCALED_METRICS else self.scale
+        and CIDEr, which table 12 prints unscaled beside BLEU x 100; the judge's 1-10 score)."""
+        return metric_scale(column[1], self.scale)
 
     def column_decimals(self, column: tuple[str, str]) -> int:
         """An unscaled column beside scaled ones keeps two decimals (NIST 8.86, CIDEr 2.55), as table 12 prints."""

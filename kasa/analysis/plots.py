@@ -38,6 +38,7 @@ from kasa.analysis.compare import (
 )
 from kasa.adapters.methods import ABLATION_LADDER, methods_where
 from kasa.analysis.sweep import Run
+from kasa.evaluation.metrics import UNSCALED_METRICS, metric_scale
 from kasa.run_dir import (
     ABLATION_FIGURE,
     ADAPTER_CONFIG_FILE,
@@ -383,9 +384,16 @@ def _medians(runs: Sequence[Run], x: Callable[[Run], Any], methods: Sequence[str
 
 
 def _scaled(tasks: dict[str, Any], scale: float) -> None:
+    """Each panel's medians times `scale`, or as they are for a metric that is not a fraction (metric_scale); the
+    panel's factor in its "scale"."""
     for entry in tasks.values():
+        entry["scale"] = metric_scale(entry["metric"], scale)
         for series in entry["series"].values():
-            series["median"] = [v * scale for v in series["median"]]
+            series["median"] = [v * entry["scale"] for v in series["median"]]
+
+
+def _metric_label(entry: dict[str, Any]) -> str:
+    return f"median {entry['metric']}" + (f" x {entry['scale']:g}" if entry["scale"] != 1 else "")
 
 
 def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | None = None,
@@ -397,6 +405,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
     tasks = {t: e for t, e in tasks.items() if e["series"]}
     if not tasks:
         raise ValueError(f"no run of the ablation methods ({', '.join(LADDER)}) found")
+    _scaled(tasks, scale)
     bars: dict[str, Any] = {}
     for task, entry in tasks.items():
         methods = list(entry["series"])
@@ -405,11 +414,12 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
             "metric": entry["metric"],
             "model": entry["model"],
             "title": entry["title"],
+            "scale": entry["scale"],
             "methods": methods,
             "labels": [entry["series"][m]["label"] for m in methods],
             "ladder_steps": [LADDER.index(entry["series"][m]["method"]) + 1 for m in methods],
             "truncation_bases": [entry["series"][m]["truncation_basis"] for m in methods],
-            "median": [entry["series"][m]["median"][0] * scale for m in methods],
+            "median": [entry["series"][m]["median"][0] for m in methods],
             "n": [entry["series"][m]["n"][0] for m in methods],
             "seeds": [entry["series"][m]["seeds"][0] for m in methods],
         }
@@ -430,7 +440,7 @@ def ablation(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path |
         ax.set_xticks(list(positions), [str(step) + ("*" if basis != "weight" else "") for step, basis in
                                         zip(entry["ladder_steps"], entry["truncation_bases"])])
         ax.set_title(entry["title"])
-        ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
+        ax.set_ylabel(_metric_label(entry))
     steps = sorted({step for e in bars.values() for step in e["ladder_steps"]})  # the rungs that ran, no others
     handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{step - 1}") for step in steps]
     names = [f"{step}: {method_label(LADDER[step - 1])}" for step in steps]
@@ -469,7 +479,7 @@ def _lines(source, out_dir, scale, methods, x, xlabel, stem, title, key) -> dict
         ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
         ax.minorticks_off()
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"median {entry['metric']}" + (f" x {scale:g}" if scale != 1 else ""))
+        ax.set_ylabel(_metric_label(entry))
         ax.set_title(entry["title"])
         ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -488,12 +498,12 @@ def rank(source: Sequence[str | Path] | Sequence[Run], out_dir: str | Path | Non
     for task, entry in data["tasks"].items():
         for method, series in entry["series"].items():
             values = dict(zip(series["rank"], series["median"]))
-            cells = [f"{values[r]:.{2 if scale >= 100 else 4}f}" if r in values else "" for r in ranks]
+            decimals = 2 if entry["scale"] >= 100 or entry["metric"] in UNSCALED_METRICS else 4
+            cells = [f"{values[r]:.{decimals}f}" if r in values else "" for r in ranks]
             name = entry["title"]
             lines.append(f"| {name} | {series['label']} | " + " | ".join(cells) + " |")
-    (_out_dir(source, out_dir) / RANK_TABLE_FILE).write_text(
-        "\n".join(lines) + "\n\nMedian over seeds of `best`" + (f" x {scale:g}" if scale != 1 else "") + ".\n"
-    )
+    scaled = f" x {scale:g} ({', '.join(UNSCALED_METRICS)}, not fractions, as they are)" if scale != 1 else ""
+    (_out_dir(source, out_dir) / RANK_TABLE_FILE).write_text("\n".join(lines) + f"\n\nMedian over seeds of `best`{scaled}.\n")
     return data
 
 

@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="output folder (default: the one directory given, else the current folder)")
     parser.add_argument("--metric-scale", type=float, default=1.0,
                         help="multiply the scores, e.g. 100 for percentages as in the paper (default 1); E2E's NIST "
-                             "and CIDEr, not fractions, stay as they are, as in table 12")
+                             "and CIDEr and the LLM judge's 1-10 score, not fractions, stay as they are, as in tables "
+                             "12 and 2")
     parser.add_argument("--decimals", type=int, default=None,
                         help="decimals printed (default: 1 with --metric-scale 100, else 4)")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",

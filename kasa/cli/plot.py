@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=None, help="figure 11's layer (default: the last)")
     parser.add_argument("--checkpoint", choices=(BEST_CHECKPOINT, LAST_CHECKPOINT),
                         help="figure 4's checkpoint in a run directory: best (default) or last")
-    parser.add_argument("--metric-scale", type=float, default=1.0, help="multiply the scores (e.g. 100)")
+    parser.add_argument("--metric-scale", type=float, default=1.0,
+                        help="multiply the scores (e.g. 100); NIST, CIDEr and the LLM judge's 1-10 score, not "
+                             "fractions, stay as they are")
     args = parser.parse_args(argv)
     if not args.metric_scale > 0:
         parser.error(f"--metric-scale must be > 0 (e.g. 100 for percentages), got {args.metric_scale}")

@@ -12,7 +12,7 @@ length penalty (total reference words / mean number of non-empty references per 
 punctuation removal), exactly as the official script runs them; those three need a Java runtime.
 
 Scales are the official script's: BLEU, METEOR and ROUGE_L in 0..1 (papers report them x100), NIST around 8,
-CIDEr around 2 on E2E (UNSCALED_METRICS: papers print them as they are)."""
+CIDEr around 2 on E2E (kasa.evaluation.metrics.UNSCALED_METRICS: papers print them as they are)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ from collections import Counter
 from typing import Any, Iterator, Sequence
 
 from kasa.extras import install_extra
-
-UNSCALED_METRICS = ("NIST", "CIDEr")  # not fractions: table 12 prints them as they are, beside BLEU x 100
-
 
 E2E_METRIC_NAMES: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 

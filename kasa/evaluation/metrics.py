@@ -17,6 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Metrics that are not fractions, printed as they are where the others are scaled (--metric-scale 100): E2E's NIST
+# and CIDEr (table 12 prints them beside BLEU x 100) and the LLM judge's 1-10 score (table 2)
+UNSCALED_METRICS = ("NIST", "CIDEr", "judge_score")
 CLASSIFICATION_METRICS = ("accuracy", "matthews", "f1")
 REGRESSION_METRICS = ("pearson", "spearman")
 METRIC_NAMES: tuple[str, ...] = CLASSIFICATION_METRICS + REGRESSION_METRICS
@@ -39,6 +42,11 @@ def task_metrics(kind: str, num_labels: int, eval_sets: Sequence[str] = ()) -> t
 
         return ("average", *(eval_sets or COMMONSENSE_TASKS))
     raise ValueError(f"unknown task.kind {kind!r}")  # kasa.config.validate names the kinds before this
+
+
+def metric_scale(metric: str, scale: float) -> float:
+    """The factor a table or plot scaled by `scale` applies to `metric`: 1 for UNSCALED_METRICS."""
+    return 1.0 if metric in UNSCALED_METRICS else scale
 
 
 def compute_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
