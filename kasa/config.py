@@ -15,13 +15,16 @@ from kasa.adapters.config import AdapterConfig
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: torch dtypes of these names (kasa.tasks.models)
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+JUDGE_CONNECTION_SETTINGS = ("task.judge.base_url", "task.judge.api_key_env", "task.judge.max_retries",
+                             "task.judge.timeout", "task.judge.concurrency")
+"""Where and how the LLM judge is asked; the judge itself is task.judge.model."""
 BOOKKEEPING_SETTINGS = ("resume", "overwrite", "resume_allow_changes", "output_dir", "logging", "trainer.save_every",
                         "trainer.keep_checkpoints", "trainer.allow_cpu", "method.svd_cache_dir",
-                        "method.calibration_memory_gib")
+                        "method.calibration_memory_gib", *JUDGE_CONNECTION_SETTINGS)
 """Settings (and everything under them) that do not change what a run computes: where it lives, how it starts, how
 often it saves, the progress display, the decomposition cache, the memory bound of the calibration pass (which
-groups the modules, each one's moments summed alike: bit for bit the same). A run resumes with other values of them,
-and a sweep's summary never tells runs apart by them."""
+groups the modules, each one's moments summed alike: bit for bit the same), where and how the judge is asked. A run
+resumes with other values of them, and a sweep's summary and kasa-compare never tell runs apart by them."""
 
 
 TRAINING_ONLY_SETTINGS = ("output_dir", "resume", "overwrite", "resume_allow_changes", "recipe", "logging.trackers",

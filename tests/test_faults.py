@@ -428,6 +428,19 @@ def test_resume_config_differences(tmp_path):
     assert preflight.check_resume_config(tmp_path / "config.json", saved | {"resume": "auto"}, False) == {}
 
 
+def test_where_the_judge_is_asked_is_no_difference():
+    """A resume that only points at another judge endpoint (the one that failed the evaluation) needed
+    resume_allow_changes=true, and kasa-compare told runs apart by the judge's retries (walk AP); the judge's model is
+    a difference."""
+    saved = dataclasses.asdict(RunConfig())
+    now = dataclasses.asdict(RunConfig())
+    now["task"]["judge"] |= {"base_url": "http://other:8000/v1", "api_key_env": "OTHER_KEY", "max_retries": 9,
+                             "timeout": 5.0, "concurrency": 1}
+    assert preflight.config_differences(saved, now) == {}
+    now["task"]["judge"]["model"] = "another-judge"
+    assert set(preflight.config_differences(saved, now)) == {"task.judge.model"}
+
+
 def test_settings_the_method_does_not_use_are_no_difference():
     """A lora run resumed or rerun without its method.beta=0.1 (which kasa-train said changed nothing) was refused as
     one with other settings (walk AI); under kasa, which uses beta, it is one; and so is the method itself."""

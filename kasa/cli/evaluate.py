@@ -48,7 +48,7 @@ from kasa.cli.common import (
     override_key,
     run_reporting_errors,
 )
-from kasa.config import dotted_settings, is_bookkeeping, launch_rank
+from kasa.config import JUDGE_CONNECTION_SETTINGS, dotted_settings, is_bookkeeping, launch_rank
 from kasa.data.sources import split_label
 from kasa.run_dir import (
     EVALUATIONS_DIR,
@@ -77,8 +77,7 @@ OWN_KEYS = ("checkpoint", "which", "split", "merge", "batch_size")
 # names the evaluation already), the evaluation and generation batches, and where and how the judge (the same judge
 # model) is asked. Any other (task, trainer, model or method settings) changes what is measured.
 NEUTRAL_OVERRIDES = ("model.path=", "task.data_dir=", "task.eval_split=", "trainer.eval_batch_size=",
-                     "task.generation.batch_size=", "task.judge.base_url=", "task.judge.api_key_env=",
-                     "task.judge.max_retries=", "task.judge.timeout=", "task.judge.concurrency=")
+                     "task.generation.batch_size=", *(f"{key}=" for key in JUDGE_CONNECTION_SETTINGS))
 
 
 def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
