@@ -241,11 +241,39 @@ def test_a_tracker_error_names_the_tracker_whose_code_raised_it() -> None:
     assert _failing_tracker(ValueError("x"), ["wandb"]) == "wandb"
 
 
+def test_an_mlflow_server_out_of_reach_fails_the_start_without_minutes_of_retries(tmp_path, monkeypatch) -> None:
+    """MLflow retried an unreachable server 7 times, its pauses doubling, for about 5 minutes before the start's one
+    line (walk AP): the start asks it with two retries and a 20 s timeout, unless the user set MLflow's own
+    variables, and the run's logging keeps MLflow's defaults."""
+    import os
+
+    from kasa.training.trackers import MLFLOW_START_LIMITS
+
+    seen = []
+
+    class Recording:
+        trackers: list = []
+        is_main_process = True
+
+        def init_trackers(self, *args, **kwargs):
+            seen.append({key: os.environ.get(key) for key in MLFLOW_START_LIMITS})
+
+    for key in MLFLOW_START_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    start_trackers(Recording(), ["mlflow"], {}, tmp_path)
+    assert seen.pop() == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    assert not set(MLFLOW_START_LIMITS) & set(os.environ)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the user's own
+    start_trackers(Recording(), ["mlflow"], {}, tmp_path)
+    assert seen.pop()["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+    start_trackers(Recording(), ["tensorboard"], {}, tmp_path)
+    assert seen.pop() == dict.fromkeys(MLFLOW_START_LIMITS) | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
+
+
 def test_a_tracker_error_does_not_print_the_password_of_a_tracking_uri(tmp_path, tiny_model, sentiment_dir) -> None:
     """MLflow's error names the URI it could not reach, user:password included (walk AB: into SLURM logs)."""
     pytest.importorskip("mlflow")
-    env = {**ENV, "MLFLOW_TRACKING_URI": "http://alice:s3cretpw@127.0.0.1:9/", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    env = {**ENV, "MLFLOW_TRACKING_URI": "http://alice:s3cretpw@127.0.0.1:9/"}
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run", "trainer.epochs=1",
                                                    "logging.trackers=[mlflow]"), env=env)
     assert_one_line_error(result, "cannot start the mlflow tracker")

@@ -23,7 +23,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from accelerate import Accelerator
 
@@ -31,6 +31,9 @@ from kasa.run_dir import TENSORBOARD_DIR, TRACKERS_FILE, WANDB_DIR, sweep_record
 
 PROJECT = "kasa"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+# MLflow retries a server it cannot reach 7 times, its pauses doubling (about 5 minutes), before it says so: a start
+# tries twice and waits 20 s for an answer instead, unless these are set; the run's own logging keeps MLflow's
+MLFLOW_START_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 RESUMABLE = ("wandb", "mlflow", "tensorboard")  # tracker runs a later session continues: by id, TensorBoard's by
 # its folder (relative to the run directory), which already holds the run's hyperparameters
 
@@ -83,7 +86,8 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         mlflow["tags"] = {"kasa.sweep": str(sweep)}
     written_before = tracker_files(out)
     try:
-        accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
+        with _environment_defaults(MLFLOW_START_LIMITS if "mlflow" in names else {}):
+            accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
         for tracker in accelerator.trackers:  # none on the other processes
             if tracker.name not in resumed_ids:
                 tracker.store_init_configuration(hyperparameters(config))
@@ -110,6 +114,18 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
     if "tensorboard" in runs:  # its SummaryWriter
         ids["tensorboard"] = os.path.relpath(runs["tensorboard"].log_dir, out)
     return ids
+
+
+@contextlib.contextmanager
+def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ, for the variables that are not set, within the block."""
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def tracker_files(out: Path) -> set[Path]:
