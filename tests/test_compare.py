@@ -278,6 +278,9 @@ def test_a_by_key_no_run_has_is_refused(tmp_path):
     assert_one_line_error(result, "--by trainer is a section of the config, not a setting: pass one of its settings (",
                           "trainer.lr")  # it raised TypeError: unhashable type 'dict'
     assert not (tmp_path / "t").exists()
+    result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lr,trainer.epochs", "--out",
+                     str(tmp_path / "t"))  # it said no run has the setting "trainer.lr,trainer.epochs" (walk AQ)
+    assert_one_line_error(result, "--by takes one setting; repeat it for several: --by trainer.lr --by trainer.epochs")
     result = run_cli("kasa.cli.compare", str(tmp_path / "grid"), "--by", "trainer.lr", "--out", str(tmp_path / "t"))
     assert result.returncode == 0 and "KaSA trainer.lr=0.0001" in result.stdout
 

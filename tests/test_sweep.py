@@ -114,6 +114,9 @@ def test_runs_without_summary_are_skipped_with_a_warning(grid_sweep, caplog):
     broken = sweep_dir / "13"
     broken.mkdir()
     (broken / "summary.json").write_text("{not json")
+    exported = sweep_dir / "13_merged"  # a kasa-export folder put there: no job, failed or not (walk AQ)
+    exported.mkdir()
+    (exported / "kasa_export.json").write_text("{}")
     with caplog.at_level(logging.WARNING, logger="kasa.analysis.sweep"):
         md = summarize_sweep(sweep_dir)
     assert any("12" in r.getMessage() and "summary.json" in r.getMessage() for r in caplog.records)

@@ -127,6 +127,9 @@ def differing_settings(runs: Sequence[Run]) -> list[str]:
 def check_by_keys(runs: Sequence[Run], by: Sequence[str]) -> None:
     """Refuse a `--by` key that no run has (a typo would otherwise pool the runs as if --by were absent)."""
     for key in by:
+        if "," in key and not any(has_setting(run, key) for run in runs):
+            keys = [part.strip() for part in key.split(",") if part.strip()]
+            raise ValueError(f"--by takes one setting; repeat it for several: {' '.join(f'--by {k}' for k in keys)}")
         sections = [value for run in runs if isinstance(value := setting_value(run, key), dict)]
         if sections:  # trainer, method.target_modules' parent...: the rows would be keyed by a whole dict
             inside = sorted({f"{key}.{name}" for section in sections for name in section})

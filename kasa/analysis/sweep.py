@@ -41,7 +41,7 @@ import numpy as np
 
 from kasa.adapters.config import has_loss_weight, method_uses
 from kasa.config import is_bookkeeping
-from kasa.run_dir import HYDRA_DIR, SUMMARY_FILE, finite_numbers, holds_a_run, read_config, sweep_record
+from kasa.run_dir import EXPORT_INFO_FILE, HYDRA_DIR, SUMMARY_FILE, finite_numbers, holds_a_run, read_config, sweep_record
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
 
 def _run_dirs(sweep_dir: Path) -> list[Path]:
     """Every folder that looks like one job of the sweep: it holds summary.json or Hydra's .hydra/ folder, or it is a
-    direct, non-hidden subfolder of the sweep (a job that crashed early); folders that contain other runs are not
-    runs themselves. A run's own folder is that one run: its direct subfolders are not jobs that crashed."""
+    direct, non-hidden subfolder of the sweep (a job that crashed early), not a kasa-export folder; folders that
+    contain other runs are not runs themselves. A run's own folder is that one run: its direct subfolders are not jobs that crashed."""
     if holds_a_run(sweep_dir):
         return [sweep_dir]
     candidates: set[Path] = set()
@@ -163,7 +163,8 @@ def _run_dirs(sweep_dir: Path) -> list[Path]:
     candidates.update(p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir())
     candidates.update(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     candidates.discard(sweep_dir)
-    candidates = {p for p in candidates if not any(part.startswith(".") for part in p.relative_to(sweep_dir).parts)}
+    candidates = {p for p in candidates if not any(part.startswith(".") for part in p.relative_to(sweep_dir).parts)
+                  and not (p / EXPORT_INFO_FILE).is_file()}  # a kasa-export folder put there is no job
     runs = {p for p in candidates if not any(q != p and p in q.parents for q in candidates)}
     return sorted(runs, key=_natural_key)
 
