@@ -10,10 +10,12 @@ no kasa and no peft needed, and gives the adapter model's outputs. Works for eve
 
 format=peft: a PEFT adapter folder (adapter_config.json with `kasa_config`, adapter_model.safetensors) for KaSA on
 nn.Linear layers, loaded with peft >= 0.21 by PeftModel.from_pretrained(<the original base model>, folder). PEFT
-repeats the SVD truncation on load, so it must be the same base model the run trained on. PEFT sums KaSA's loss over
-the M adapted modules where kasa averages it, so `kasa_config` holds beta / M and gamma / M: the same loss when the
-adapter trains further in PEFT (kasa_export.json records the run's beta, gamma and M). PEFT has only the paper's
-orthogonality form: for a run with orth_form=authors the export says so in one line, and records it.
+repeats the SVD truncation on load, so it must be the same base model the run trained on; for a GGUF base
+(model.gguf_file) pass gguf_file= as the printed line does (AutoPeftModel cannot: adapter_config.json names a
+folder). PEFT sums KaSA's loss over the M adapted modules where kasa averages it, so `kasa_config` holds beta / M
+and gamma / M: the same loss when the adapter trains further in PEFT (kasa_export.json records the run's beta,
+gamma and M). PEFT has only the paper's orthogonality form: for a run with orth_form=authors the export says so in
+one line, and records it.
 
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `output` (a new or empty
 folder), `format` (merged | peft), `which` (best | last, for a run directory), `overwrite` (true: replace a
