@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,28 +143,29 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("job_exit", [75, 143])
-def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_command(tmp_path, job_exit):
-    """SIGTERM to the script killed it silently and left its job running, orphaned; running the sweep again then
-    failed that job ("in use by another kasa run"). Here a stand-in job records the signals it gets. A job under
-    accelerate launch, whose launcher exits 143, was said to have failed."""
-    import signal
-    import subprocess
-    import time
-
+def _sweep_of_stand_in_jobs(tmp_path: Path, env: dict, **popen: Any) -> tuple[subprocess.Popen, Path]:
+    """scripts/sweep_launch.py running two jobs of FAKE_JOB (seed=0,1), and its folder, once the first job started."""
     model = make_deterministic_bert(tmp_path / "model")
     data = write_sentiment_data(tmp_path / "data")
     (tmp_path / "job.py").write_text(FAKE_JOB)
     sweep_dir = tmp_path / "sweep"
     args = ["--launcher", f"{sys.executable} {tmp_path / 'job.py'}", "--sweep-dir", str(sweep_dir),
             f"model.path={model}", f"task.data_dir={data}", "method.svd_cache_dir=null", "seed=0,1"]
-    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env={**ENV, "FAKE_JOB_EXIT": str(job_exit)},
-                             stderr=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env=env, **popen)
     deadline = time.monotonic() + 120
     while not (sweep_dir / "0" / "started").exists():
         assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()
         time.sleep(0.1)
+    return sweep, sweep_dir
+
+
+@pytest.mark.parametrize("job_exit", [75, 143])
+def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_command(tmp_path, job_exit):
+    """SIGTERM to the script killed it silently and left its job running, orphaned; running the sweep again then
+    failed that job ("in use by another kasa run"). Here a stand-in job records the signals it gets. A job under
+    accelerate launch, whose launcher exits 143, was said to have failed."""
+    sweep, sweep_dir = _sweep_of_stand_in_jobs(tmp_path, {**ENV, "FAKE_JOB_EXIT": str(job_exit)},
+                                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     sweep.send_signal(signal.SIGTERM)
     out, err = sweep.communicate(timeout=60)
     assert sweep.returncode == 75, err
@@ -178,22 +183,7 @@ def test_a_stop_signal_reaches_the_job_and_stops_the_sweep_with_its_continue_com
 def test_a_killed_sweep_stops_its_job(tmp_path):
     """SIGKILL to the script (an out-of-memory kill) left its job training on, orphaned, in a folder that the sweep
     run again then found in use; the job now gets SIGTERM, with which kasa-train saves and stops."""
-    import signal
-    import subprocess
-    import time
-
-    model = make_deterministic_bert(tmp_path / "model")
-    data = write_sentiment_data(tmp_path / "data")
-    (tmp_path / "job.py").write_text(FAKE_JOB)
-    sweep_dir = tmp_path / "sweep"
-    args = ["--launcher", f"{sys.executable} {tmp_path / 'job.py'}", "--sweep-dir", str(sweep_dir),
-            f"model.path={model}", f"task.data_dir={data}", "method.svd_cache_dir=null", "seed=0,1"]
-    sweep = subprocess.Popen([sys.executable, str(SWEEP_SCRIPT), *args], env=ENV, stderr=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (sweep_dir / "0" / "started").exists():
-        assert time.monotonic() < deadline and sweep.poll() is None
-        time.sleep(0.1)
+    sweep, sweep_dir = _sweep_of_stand_in_jobs(tmp_path, ENV, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     sweep.kill()
     sweep.wait()
     deadline = time.monotonic() + 30
