@@ -94,21 +94,10 @@ def loss_share_of(labels: torch.Tensor, max_length: int) -> float:
     return len(loss_positions(labels)["loss_columns"]) / max_length
 
 
-def task_auto_class(cfg, architecture) -> type:
-    """The transformers auto class that builds the run's model: for a GLUE task a sequence classifier, whose labels
-    it sets on `architecture`; else a causal LM."""
-    import transformers
-
-    if cfg.task.kind == "glue":
-        architecture.num_labels = max(cfg.task.num_labels, 1)
-        return transformers.AutoModelForSequenceClassification
-    return transformers.AutoModelForCausalLM
-
-
 def _meta_model(cfg, architecture) -> nn.Module:
     """The run's model with its adapters, on the meta device."""
     from kasa.adapters import apply_adapters
-    from kasa.tasks.models import DTYPES
+    from kasa.tasks.models import DTYPES, task_auto_class
 
     dtype = DTYPES[cfg.model.dtype]
     architecture = copy.deepcopy(architecture)

@@ -84,6 +84,15 @@ def check_tokenizer_files(model: ModelConfig) -> None:
                              "(tokenizer.save_pretrained(folder)), as a model's save_pretrained does not")
 
 
+def task_auto_class(cfg: Any, architecture: Any) -> type:
+    """The transformers auto class that builds a run's model (`cfg`: its RunConfig) without loading it: for a GLUE
+    task a sequence classifier, whose labels it sets on `architecture`; else a causal LM."""
+    if cfg.task.kind == "glue":
+        architecture.num_labels = max(cfg.task.num_labels, 1)
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
 def check_decoder(config: Any, source: str) -> None:
     """A causal-LM task needs a model whose attention is causal. transformers also maps encoders (BERT, RoBERTa and
     their kin, the models with a masked-LM head) to a ...ForCausalLM class, which unless the config says is_decoder

@@ -290,8 +290,7 @@ def _meta_base_model(cfg: RunConfig) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.auto_factory import _get_model_class
 
-    from kasa.estimate import task_auto_class
-    from kasa.tasks.models import DTYPES, check_decoder, model_source
+    from kasa.tasks.models import DTYPES, check_decoder, model_source, task_auto_class
 
     try:
         config = copy.deepcopy(_checkpoint_config(cfg))
