@@ -187,6 +187,9 @@ def test_prompt_wording():
     ('The format {"score": 9, "justification": "..."}, mine:\n{"score": 2, "justification": "says "hi" only"}', 2),
     ('```json\n{"score": 9, "justification": "example"}\n```\nMy score: {"score": 4, "justification": "x"}', 4),
     ('{"evaluation": {"score": 7, "note": "nested"}}', 7),
+    # a whole answer, then prose that mentions a score (walk AR: the 10 was taken)
+    ('{"justification": "Correct.", "score": 7}\n\nNote: a "score": 10 would need an example.', 7),
+    ('My verdict, "score": 6, as asked.', 6),  # no object at all: the field wherever it is
 ])
 def test_parse_score_accepts(text, expected):
     assert parse_score(text) == expected

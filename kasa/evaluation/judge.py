@@ -110,14 +110,20 @@ def parse_score(text: str) -> int:
     the prompt's format line); a broken object's "score" field counts too. The last one in the text is the judge's
     own: an earlier one may quote the prompt's example ({"score": 9, ...}), fenced or not. Anything else, a
     fractional or out-of-range score included, raises JudgeError."""
-    found: list[tuple[int, Any]] = []  # (position in the text, score)
-    spans = []
-    for start, end, obj in _json_objects(text):
-        if "score" in obj:
-            found.append((start, obj["score"]))
-            spans.append((start, end))
-    found += [(match.start(), match.group(1)) for match in _SCORE_FIELD.finditer(text)
-              if not any(start <= match.start() < end for start, end in spans)]  # not a parsed object's own
+    objects = list(_json_objects(text))
+    found = [(start, obj["score"]) for start, _, obj in objects if "score" in obj]  # (position, score)
+    fields = list(_SCORE_FIELD.finditer(text))
+
+    def in_an_object(position: int, scored: bool) -> bool:
+        return any(start <= position < end for start, end, obj in objects if ("score" in obj) == scored)
+
+    for match in fields:  # a field of a broken object, or nested in an object without a score of its own: not prose
+        brace = text.rfind("{", 0, match.start())
+        if not in_an_object(match.start(), scored=True) and (
+                in_an_object(match.start(), scored=False) or (brace >= 0 and not in_an_object(brace, scored=True))):
+            found.append((match.start(), match.group(1)))
+    if not found and fields:  # no object at all: the field wherever it is
+        found = [(match.start(), match.group(1)) for match in fields]
     if not found:
         raise JudgeError(f"no JSON score in the judge's answer: {_excerpt(text)}")
     return _as_score(max(found, key=lambda position_score: position_score[0])[1], text)
