@@ -408,9 +408,10 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
         for part in key.lstrip("+").split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):  # `model=roberta_base`: a config group, which only kasa-train composes
+            example = f" (e.g. {key}.{next(iter(node))}=...)" if node else ""
             raise ValueError(f"{override} would replace the saved run's whole {key} settings, and a saved run's config "
-                             f"groups cannot be swapped: override single settings instead (e.g. {key}.{next(iter(node))}"
-                             f"=...), or train a run with {key}={value}")
+                             f"groups cannot be swapped: override single settings instead{example}, or train a run "
+                             f"with {key}={value}")
     # Read as kasa-train's Hydra reads them (YAML would make `trainer.precision=no` the boolean False)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

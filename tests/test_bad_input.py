@@ -251,7 +251,8 @@ def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragment
 
 
 @pytest.mark.parametrize("override", ["method.rank=2", "method=lora", "model.target_modules=[query,key]",
-                                      "method.truncation_basis=weight"])
+                                      "method.truncation_basis=weight", "model.head_modules=[classifier]",
+                                      "model.fused_modules={}", "model.fused_modules.c_attn=[q]"])
 @pytest.mark.parametrize("module", ["kasa.cli.evaluate", "kasa.cli.export"])
 def test_the_adapter_settings_come_from_the_checkpoint(finished_run, tmp_path, module, override):
     """The adapter is rebuilt from adapter_config.json: an override of the method or its targets changed nothing,
@@ -261,6 +262,16 @@ def test_the_adapter_settings_come_from_the_checkpoint(finished_run, tmp_path, m
     assert_one_line_error(result, f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
                           "adapter_config.json", "leave it out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_section_replaced_whole_is_one_line(finished_run):
+    """A saved run's empty section (a BERT run's model.fused_modules: {}) replaced whole raised StopIteration while
+    the message looked for one of its keys to show (walk AR)."""
+    from kasa.run_dir import load_run_config
+
+    with pytest.raises(ValueError, match=r"would replace the saved run's whole model.fused_modules settings.*"
+                                         r"override single settings instead, or train"):
+        load_run_config(finished_run, ["model.fused_modules={}"])
 
 
 @pytest.mark.parametrize("override", ["trainer.lr=1", "output_dir=elsewhere", "trainer.packing=true"])

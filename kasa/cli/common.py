@@ -337,10 +337,11 @@ def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str 
         if is_training_only(key):  # accepted, they were recorded as changes and did nothing (output_dir=...)
             raise ValueError(f"{override}: only training reads {key}, so it would change nothing {what_it_changes}: "
                              "leave it out")
-        if key in ("method", "model.target_modules") or key.startswith("method."):
+        adapter_modules = tuple(f"model.{name}" for name in MODEL_MODULES.values())  # the adapter's, set on the model
+        if key in ("method", *adapter_modules) or key.startswith(("method.", *(f"{m}." for m in adapter_modules))):
             raise ValueError(f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
-                             "adapter_config.json, so the method's settings and model.target_modules cannot be "
-                             "overridden here: leave it out (another adapter needs a run of its own)")
+                             f"adapter_config.json, so the method's settings and {', '.join(adapter_modules)} cannot "
+                             "be overridden here: leave it out (another adapter needs a run of its own)")
     run_cfg = load_run_config(run_dir, overrides)  # first: a misspelt key is said as one
     unread = [o for o in overrides if reads is not None and override_key(o).split(".")[0] not in reads]
     if unread:

@@ -20,9 +20,9 @@ one line, and records it.
 Arguments are key=value: `checkpoint` (a run directory or a checkpoint directory), `output` (a new or empty
 folder), `format` (merged | peft), `which` (best | last, for a run directory), `overwrite` (true: replace a
 non-empty output folder), and dotted overrides of the run's saved model settings (model.path=..., model.dtype=...;
-not model.target_modules: the adapter is rebuilt as it was trained). Other overrides (trainer.lr, seed,
-task.max_eval_samples, ...) would change nothing of the export and are refused. The folder is written under a temporary
-name and renamed into place; kasa_export.json in it records what it was made from.
+not model.target_modules, head_modules or fused_modules: the adapter is rebuilt as it was trained). Other overrides
+(trainer.lr, seed, task.max_eval_samples, ...) would change nothing of the export and are refused. The folder is
+written under a temporary name and renamed into place; kasa_export.json in it records what it was made from.
 """
 
 from __future__ import annotations
