@@ -27,7 +27,13 @@ from kasa.config import RunConfig
 from kasa.run_dir import LOCK_FILE
 from kasa.training import preflight
 from kasa.training.run_lock import RunDirLocked, RunLock
-from kasa.training.signals import StopSignals, TrainingInterrupted, interrupted_message, resume_command
+from kasa.training.signals import (
+    StopSignals,
+    TrainingInterrupted,
+    interrupted_message,
+    raised_by_a_collective,
+    resume_command,
+)
 
 
 def _standalone(module: str) -> str:
@@ -168,6 +174,22 @@ def test_a_signal_during_an_evaluation_says_that_the_evaluation_finishes_first()
     assert result.stderr.strip() == ("SIGUSR1: finishing the evaluation under way, then saving a resumable checkpoint "
                                      "(send it again to stop at once: resume=auto then runs the evaluation again, "
                                      "from the checkpoint saved before it)")
+
+
+def test_only_a_collective_s_error_counts_as_a_stopped_peer():
+    """Under a launch, a RuntimeError that meets a stop signal is the stop only when torch.distributed raised it (a peer
+    that stopped at once left the collective); the step's own error, an out-of-memory one say, stays itself."""
+    import torch.distributed
+
+    def own_work():
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError) as own:
+        own_work()
+    assert not raised_by_a_collective(own.value)
+    with pytest.raises((RuntimeError, ValueError)) as collective:  # no process group: torch.distributed's own error
+        torch.distributed.all_reduce(torch.zeros(1))
+    assert raised_by_a_collective(collective.value)
 
 
 def test_under_a_launcher_that_passes_signals_on_a_repeat_is_the_same_request():

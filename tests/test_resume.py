@@ -117,32 +117,34 @@ def test_a_resume_rebuilds_the_truncated_base_without_calibrating_or_decomposing
                                                                                   tmp_path, monkeypatch):
     """A resumed run truncates its base by the triplets its checkpoint removed: it had calibrated and decomposed
     every weight again (minutes for a 7B model in the activation basis, at every preemption). It ends bit for bit
-    like the uninterrupted run and reports the truncation measured at its start."""
+    like the uninterrupted run and reports the truncation measured at its start. A resume that changes the model or
+    the method (resume_allow_changes=true: another base, another calibration) decomposes again, for those."""
     import kasa.adapters.model as adapter_model
 
     extra = ("method.truncation_basis=activation", "method.calibration_samples=8", "method.svd_cache_dir=null")
-    full, run_dir = tmp_path / "full", tmp_path / "run"
+    full, run_dir, changed = tmp_path / "full", tmp_path / "run", tmp_path / "changed"
     finished = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, full, *extra))
     assert finished.returncode == 0, finished.stderr[-3000:]
     args = checkpointed_args(tiny_model, sentiment_dir, run_dir, *extra)
     assert killed_run(args, "after_save", 2).returncode == -9
+    shutil.copytree(run_dir, changed)
 
-    def never(*args, **kwargs):
-        raise AssertionError("a resume calibrated or decomposed again")
-
-    monkeypatch.setattr(adapter_model, "singular_components", never)
-    monkeypatch.setattr(adapter_model, "moment_groups", never)
-    # a calibration setting changed on the way keeps the checkpoint's truncation, and says so
-    resumed = run_cli("kasa.cli.train", *args, "resume=auto", "method.calibration_samples=4",
-                      "resume_allow_changes=true")
+    calls = []
+    decompose, gather = adapter_model.singular_components, adapter_model.moment_groups
+    monkeypatch.setattr(adapter_model, "singular_components", lambda *a, **k: calls.append(1) or decompose(*a, **k))
+    monkeypatch.setattr(adapter_model, "moment_groups", lambda *a, **k: calls.append(1) or gather(*a, **k))
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
-    assert "warning: the run goes on over the base its checkpoint truncated; the change of " \
-           "method.calibration_samples applies to a new run only" in resumed.stderr
+    assert not calls
     expected, got = adapter(full), adapter(run_dir)
     assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
     assert metrics(run_dir) == metrics(full)
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in (full, run_dir)]
     assert summaries[0]["truncation_loss"] == summaries[1]["truncation_loss"] is not None
+
+    resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, changed, *extra), "resume=auto",
+                      "method.calibration_samples=4", "resume_allow_changes=true")
+    assert resumed.returncode == 0 and calls, resumed.stderr[-3000:]
 
 
 def test_a_killed_run_on_an_nf4_base_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp_path):

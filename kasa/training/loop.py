@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kasa.adapters import after_optimizer_step, apply_adapters, aux_loss, aux_loss_needs_forward, count_parameters
-from kasa.adapters.config import CALIBRATION_SETTINGS, method_uses
+from kasa.adapters.config import method_uses
 from kasa.config import RunConfig, launch_rank
 from kasa.evaluation.metrics import improves, main_metric
 from kasa.run_dir import (
@@ -102,7 +102,7 @@ from kasa.training.preflight import (
 )
 from kasa.training.run_lock import RunLock
 from kasa.training.schedule import build_scheduler
-from kasa.training.signals import StopSignals, TrainingInterrupted
+from kasa.training.signals import StopSignals, TrainingInterrupted, raised_by_a_collective
 from kasa.training.trackers import (
     check_trackers,
     end_trackers,
@@ -450,8 +450,10 @@ class TrainingRecipe:
         """The pretrained model with adapters applied, and (on resume) the checkpoint's trained weights."""
         with whole_weights(self.accelerator):
             self.tokenizer, self.model = self.task.load_model()
+        # a resume_allow_changes=true of the model or the method (another base, basis, calibration) decomposes again
         rebuilt = self.resume_from is not None and self.cfg.method.uses_layers and not self.cfg.method.uses_peft \
-            and records_truncation(self.resume_from)
+            and records_truncation(self.resume_from) \
+            and not any(key.startswith(("model.", "method.")) for key in self.start.config_changes)
         if rebuilt:
             self.reapply_method(self.resume_from)
         else:
@@ -470,11 +472,6 @@ class TrainingRecipe:
         base by the triplets it removed (load_resumable_weights): no calibration and no decomposition again. The
         truncation's measurement is the one the run made at its start."""
         self.truncation_loss = TrainState.of_checkpoint(checkpoint).truncation_loss
-        ignored = [key for key in self.start.config_changes
-                   if key in ("method.truncation_basis", *(f"method.{name}" for name in CALIBRATION_SETTINGS))]
-        if ignored and self.main:  # allowed by resume_allow_changes=true
-            self.console.print(f"warning: the run goes on over the base its checkpoint truncated; the change of "
-                               f"{', '.join(ignored)} applies to a new run only")
         if self.cfg.method.truncates:  # truncated where apply_method truncates a fresh start's: the same bits
             self.model.to(self.accelerator.device)
         apply_adapters(self.model, self.cfg.method, initialise=False)
@@ -578,7 +575,7 @@ class TrainingRecipe:
                 # A process of a launch that was signalled, like every other, but whose collective failed: a process
                 # signalled before it could save had stopped at once and left this one without its peer.
                 peer_stopped = (isinstance(err, RuntimeError) and self.stop.received is not None
-                                and launch_rank()[1] > 1)
+                                and launch_rank()[1] > 1 and raised_by_a_collective(err))
                 if getattr(self, "accelerator", None) is not None:  # the next job of a sweep starts its own
                     interrupted = peer_stopped or isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
                     end_trackers(self.accelerator, interrupted=interrupted)

@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -108,6 +109,13 @@ class StopSignals(HandlingStopSignals):
         if stop and self.received is None:
             self.received = int(signal.SIGTERM)  # another process was signalled: stop the same way
         return stop
+
+
+def raised_by_a_collective(err: BaseException) -> bool:
+    """Whether `err` came out of torch.distributed (a collective whose peer is gone), not from the step's own work
+    (an out-of-memory error that met a stop signal stays that error)."""
+    part = f"{os.sep}torch{os.sep}distributed{os.sep}"
+    return any(part in frame.filename for frame in traceback.extract_tb(err.__traceback__))
 
 
 def stop_outside_a_run(signum: int, frame: FrameType | None) -> None:
