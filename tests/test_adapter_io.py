@@ -115,6 +115,21 @@ def test_loaded_adapter_merges_and_trains_like_the_original(tmp_path, roberta_in
     torch.testing.assert_close(outputs(plain, roberta_inputs), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["kasa", "lora", "dora"])
+def test_adapters_take_the_mode_of_the_model_they_join(method, tmp_path, roberta_inputs):
+    """A model in eval mode (as from_pretrained returns it) kept its new adapter layers in training mode: their
+    dropout made two calls of the loaded model differ (walk AS). Training mode is kept as well."""
+    if method == "dora":
+        pytest.importorskip("peft")
+    model = trained(build_roberta, dict(method=method, rank=4, dropout=0.5))
+    kasa.save_adapter(model, tmp_path)
+    for adapted in (model, kasa.load_adapter(build_roberta(), tmp_path)):
+        assert not any(module.training for module in adapted.modules())
+        torch.testing.assert_close(outputs(adapted, roberta_inputs), outputs(adapted, roberta_inputs), atol=0, rtol=0)
+    training = kasa.apply_adapters(build_roberta().train(), kasa.AdapterConfig(method=method, rank=4, dropout=0.5))
+    assert all(module.training for module in training.modules())
+
+
 def test_checkpoint_contents(tmp_path):
     model = trained(build_roberta, dict(method="kasa", rank=4, trainable_modules=["classifier"]))
     out = kasa.save_adapter(model, tmp_path / "ckpt")

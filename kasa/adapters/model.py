@@ -69,6 +69,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
         raise ValueError("this model already has adapters applied; load a fresh base model")
     check_quantization(getattr(model, PENDING_ATTRIBUTE, None), config.method)
     _check_names(model, config)  # before anything changes: a truncation cannot be undone
+    known = {id(module) for module in model.modules()}
     if initialise and config.truncation_basis == "activation" and not calibration:
         raise ValueError("truncation_basis=activation needs calibration batches: "
                          "apply_adapters(model, config, calibration=[batch, ...])")
@@ -81,7 +82,17 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
             _adapt(model, config, initialise, calibration, calibration_inputs)
     if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
         quantize_pending(model, config.method, config.trainable_modules)
+    _new_modules_follow_mode(model, known)
     return model
+
+
+def _new_modules_follow_mode(module: nn.Module, known: set[int]) -> None:
+    """The modules the adapters added take the training mode of the module they sit in: an nn.Module starts in
+    training mode, and a model in eval mode (as from_pretrained returns it) applied the adapters' dropout."""
+    for child in module.children():
+        if id(child) not in known:
+            child.training = module.training
+        _new_modules_follow_mode(child, known)
 
 
 @contextlib.contextmanager
