@@ -130,6 +130,31 @@ def test_adapters_take_the_mode_of_the_model_they_join(method, tmp_path, roberta
     assert all(module.training for module in training.modules())
 
 
+def test_unmerge_undoes_the_merge_even_after_the_adapters_moved(roberta_inputs):
+    """A KaSA model trained while merged (the auxiliary loss still moves the adapters) and then unmerged had its base
+    weight off by the adapters' change: unmerge subtracted the update as it was then, not as merged (walk AS)."""
+    model = trained(build_roberta, dict(method="kasa", rank=4))
+    bases = {name: layer.base_layer.weight.clone() for name, layer in kasa.adapted_layers(model)}
+    kasa.merge_adapters(model)
+    randomize_trainable(model, seed=7)  # as an optimiser step on the auxiliary loss would
+    kasa.unmerge_adapters(model)
+    for name, layer in kasa.adapted_layers(model):
+        torch.testing.assert_close(layer.base_layer.weight, bases[name], atol=1e-7, rtol=0)
+
+
+def test_a_compiled_model_saves_as_the_plain_one_and_a_merged_one_not_at_all(tmp_path, roberta_inputs):
+    """save_adapter(torch.compile(model)) wrote every name with the wrapper's `_orig_mod.` prefix, which load_adapter
+    then refused as a checkpoint of another base model; a merged model's save would count its update twice."""
+    model = trained(build_roberta, dict(method="kasa", rank=4))
+    kasa.save_adapter(torch.compile(model), tmp_path / "compiled")
+    loaded = kasa.load_adapter(build_roberta(), tmp_path / "compiled")
+    torch.testing.assert_close(outputs(loaded, roberta_inputs), outputs(model, roberta_inputs), atol=0, rtol=0)
+    kasa.merge_adapters(model)
+    with pytest.raises(ValueError, match=r"merged into their base weights: unmerge_adapters\(model\) before saving"):
+        kasa.save_adapter(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_checkpoint_contents(tmp_path):
     model = trained(build_roberta, dict(method="kasa", rank=4, trainable_modules=["classifier"]))
     out = kasa.save_adapter(model, tmp_path / "ckpt")

@@ -42,8 +42,24 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> N
                              "this checkpoint is unusable; use another one")
 
 
+def _named_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DDP's wrappers, whose names carry a prefix of theirs (`_orig_mod.`,
+    `module.`) that a checkpoint loaded into the plain model would not find. No compiled model exists before
+    torch._dynamo is imported, and importing it only to ask costs seconds."""
+    dynamo = sys.modules.get("torch._dynamo")
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor an adapter checkpoint needs, by its name in `model.state_dict()`."""
+    """Every tensor an adapter checkpoint needs, by its name in the plain model's `state_dict()` (inside a
+    torch.compile or DDP wrapper)."""
+    model = _named_model(model)
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model):
         for key, tensor in layer.adapters.state_dict().items():
@@ -87,7 +103,11 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of `model` to `directory`. Under FSDP2 / ZeRO-3, every process computes
-    `tensors = full_adapter_state(model)` and the main process alone passes them here."""
+    `tensors = full_adapter_state(model)` and the main process alone passes them here. Merged adapters are refused:
+    the saved base weights of trained modules around them and the adapter would both hold the update."""
+    model = _named_model(model)
+    if any(layer.merged for _, layer in adapted_layers(model)):
+        raise ValueError("the adapters are merged into their base weights: unmerge_adapters(model) before saving")
     config = adapter_config(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -102,8 +102,13 @@ class KasaBlock(RemovedComponents):
             self.last_regularization = self.regularization()
         return F.linear(F.linear(h, self.delta_v) * (self.delta_sigma * self.scaling), self.delta_u)
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right), left @ right = dW: n x r and r x m."""
+        return self.delta_u * (self.delta_sigma * self.scaling), self.delta_v
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.delta_u * (self.delta_sigma * self.scaling)) @ self.delta_v
+        left, right = self.delta_factors()
+        return left @ right
 
     def regularization(self) -> Regularization:
         terms = _GroupRegularization.apply(self.n, self.m, self.authors_orth_form, self.delta_u, self.delta_sigma,

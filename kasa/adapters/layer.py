@@ -48,9 +48,12 @@ class AdaptedLayer(nn.Module):
         self.out_features = weight_matrix(base_layer).shape[0]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # each block's (left, right) factors as merged: unmerge subtracts these, not the adapters' values now, which
+        # the auxiliary loss's gradients may have moved since (a model trained while merged)
+        self.merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.adapters_enabled = True  # False: the layer computes with its base weight alone (kasa-inspect)
 
-    def _update_weight(self, sign: int, part: Callable[[RemovedComponents], torch.Tensor]) -> None:
+    def _update_weight(self, sign: int, part: Callable[[str, RemovedComponents], torch.Tensor]) -> None:
         # In float32 for the half-precision dtypes (float64 stays float64), written back in the model dtype.
         w = weight_matrix(self.base_layer)
         if not torch.is_floating_point(w):  # a bitsandbytes 4/8-bit base: an update would be a second quantization
@@ -63,7 +66,7 @@ class AdaptedLayer(nn.Module):
                 start, stop = self.slices[name]
                 rows = w[start:stop]
                 dtype = torch.promote_types(rows.dtype, torch.float32)
-                update = part(block).to(device=rows.device, dtype=dtype)
+                update = part(name, block).to(device=rows.device, dtype=dtype)
                 rows.copy_((rows.to(dtype) + sign * update).to(rows.dtype))
 
     def removed_weight(self) -> torch.Tensor:
@@ -77,20 +80,27 @@ class AdaptedLayer(nn.Module):
 
     def truncate_base(self) -> None:
         """W_base = W0 - removed part, once, after the blocks hold their removed triplets."""
-        self._update_weight(-1, lambda block: block.removed_matrix())
+        self._update_weight(-1, lambda name, block: block.removed_matrix())
 
     def restore_base(self) -> None:
-        self._update_weight(+1, lambda block: block.removed_matrix())
+        self._update_weight(+1, lambda name, block: block.removed_matrix())
+
+    def _merged_delta(self, name: str, block: RemovedComponents) -> torch.Tensor:
+        left, right = self.merged_factors[name]
+        return left @ right
 
     def merge(self) -> None:
         if not self.merged:
-            self._update_weight(+1, lambda block: block.delta_weight())
+            with torch.no_grad():
+                self.merged_factors = {name: tuple(t.detach().clone() for t in block.delta_factors())
+                                       for name, block in self.adapters.items()}
+            self._update_weight(+1, self._merged_delta)
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            self._update_weight(-1, lambda block: block.delta_weight())
-            self.merged = False
+            self._update_weight(-1, self._merged_delta)
+            self.merged, self.merged_factors = False, {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

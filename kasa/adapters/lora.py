@@ -50,5 +50,10 @@ class LoraBlock(RemovedComponents):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(h, self.lora_a) * self.scaling, self.lora_b)
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right), left @ right = dW: n x r and r x m."""
+        return self.lora_b * self.scaling, self.lora_a
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_b * self.scaling) @ self.lora_a
+        left, right = self.delta_factors()
+        return left @ right
