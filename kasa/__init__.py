@@ -11,6 +11,7 @@ command's --help) does not import torch.
 
 from typing import Any
 
+import kasa.adapters  # light: its names load on first use
 from kasa.hub import quiet_kernel_lookup  # light: logging and sockets
 
 __version__ = "0.1.0"
@@ -20,15 +21,14 @@ __version__ = "0.1.0"
 quiet_kernel_lookup()
 
 
-def __getattr__(name: str) -> Any:
-    import kasa.adapters
+__all__ = kasa.adapters.__all__  # `from kasa import *`, help(kasa)
 
+
+def __getattr__(name: str) -> Any:
     if name in kasa.adapters.__all__:
         return getattr(kasa.adapters, name)
     raise AttributeError(f"module 'kasa' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    import kasa.adapters
-
     return sorted([*globals(), *kasa.adapters.__all__])

@@ -819,6 +819,11 @@ def test_a_misspelled_name_beside_others_is_refused_and_leaves_the_model_as_it_w
     with pytest.raises(ValueError, match="trainable module 'clasifier' not found"):
         kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, trainable_modules=["clasifier"]))
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    # no target at all froze the whole model and trained nothing, without a word (walk AS)
+    with pytest.raises(ValueError, match=r"method=kasa adapts the modules of target_modules, which is empty: name "
+                                         r"the layers to adapt; linear layers in this model: \['dense'"):
+        kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules=[]))
+    assert all(param.requires_grad for param in model.parameters())
     kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules="query"))  # one name
     assert [name.rsplit(".", 1)[-1] for name, _ in kasa.adapted_layers(model)] == ["query", "query"]
 

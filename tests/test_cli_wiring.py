@@ -31,3 +31,13 @@ def test_console_script_runs_its_command(name):
     assert result.returncode == 0, result.stderr
     assert name in result.stdout.splitlines()[0], result.stdout  # its own help, under its own name
     assert result.stderr == ""
+
+
+def test_the_package_exports_its_api_without_importing_torch():
+    """`from kasa import *` imported nothing (no __all__; walk AS); `import kasa` stays light (every command's --help
+    imports it)."""
+    code = ("import sys, kasa; light = 'torch' not in sys.modules\n"
+            "from kasa import *\n"
+            "print(light, apply_adapters.__module__, sorted(kasa.__all__) == sorted(kasa.adapters.__all__))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.stdout.split() == ["True", "kasa.adapters.model", "True"], result.stderr
