@@ -275,6 +275,28 @@ def test_bad_configurations():
         kasa.apply_adapters(build_llama(), activation_config(), calibration=padding_only)
 
 
+def test_a_data_loader_calibrates_and_a_failed_start_leaves_the_model_as_it_was():
+    """A DataLoader as `calibration` failed with "'DataLoader' object is not subscriptable", left the calibration hooks
+    on the model and the whole model frozen, and a retry then failed ("received no input"); a rank too large for a
+    layer left a truncating method's model frozen too (walk AS)."""
+    from torch.utils.data import DataLoader
+
+    rows = [{k: v[i] for k, v in batch.items()} for batch in calibration_batches() for i in range(4)]
+    from_list = kasa.apply_adapters(build_llama(), activation_config(), calibration=calibration_batches())
+    from_loader = kasa.apply_adapters(build_llama(), activation_config(), calibration=DataLoader(rows, batch_size=4))
+    truncation = [name for name in from_list.state_dict() if "removed_" in name or name.endswith("base_layer.weight")]
+    assert truncation and all(torch.equal(from_list.state_dict()[n], from_loader.state_dict()[n]) for n in truncation)
+    for config, batches in ((activation_config(), [{"input_ids": torch.ones(2, 5).long()}]),  # no attention_mask
+                            (activation_config(rank=40), calibration_batches())):
+        model = build_llama()
+        weights = {name: param.detach().clone() for name, param in model.named_parameters()}
+        with pytest.raises(ValueError):
+            kasa.apply_adapters(model, config, calibration=batches)
+        assert all(param.requires_grad and torch.equal(param, weights[name]) for name, param in model.named_parameters())
+        assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
+        kasa.apply_adapters(model, activation_config(), calibration=calibration_batches())  # as on a fresh model
+
+
 def test_peft_export_refuses_the_activation_basis():
     from kasa.adapters.peft_format import check_peft_exportable
 

@@ -213,9 +213,9 @@ def moment_groups(model: nn.Module, modules: dict[str, nn.Module], batches: Sequ
     A first forward of one example finds the order and which modules share an input."""
     if not batches:
         raise ValueError("no calibration batch: raise method.calibration_samples or check the training split")
-    probe = _InputHooks(modules, accumulate=False)
     # its per-token tensors (batch x length), cut to the first row; what else a batch holds is the loss's
     first_example = {k: v[:1] for k, v in batches[0].items() if torch.is_tensor(v) and v.dim() == 2}
+    probe = _InputHooks(modules, accumulate=False)  # after what can fail outside _run, which removes its hooks
     _run(model, probe, [first_example], model_inputs)
     _check_all_ran(modules, probe)
     budget = memory_gib * 2**30

@@ -48,6 +48,7 @@ class AdaptedLayer(nn.Module):
         self.out_features = weight_matrix(base_layer).shape[0]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.truncated = False  # the base weight is W0 minus the removed part
         # each block's (left, right) factors as merged: unmerge subtracts these, not the adapters' values now, which
         # the auxiliary loss's gradients may have moved since (a model trained while merged)
         self.merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -80,10 +81,12 @@ class AdaptedLayer(nn.Module):
 
     def truncate_base(self) -> None:
         """W_base = W0 - removed part, once, after the blocks hold their removed triplets."""
+        self.truncated = True  # first: a failure part way has changed the weight already
         self._update_weight(-1, lambda name, block: block.removed_matrix())
 
     def restore_base(self) -> None:
         self._update_weight(+1, lambda name, block: block.removed_matrix())
+        self.truncated = False
 
     def _merged_delta(self, name: str, block: RemovedComponents) -> torch.Tensor:
         left, right = self.merged_factors[name]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -55,31 +55,30 @@ def _parse_targets(config: AdapterConfig) -> dict[str, list[str] | None]:
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = True,
-                   calibration: Sequence[dict[str, torch.Tensor]] | None = None,
+                   calibration: Iterable[dict[str, torch.Tensor]] | None = None,
                    calibration_inputs: ModelInputs = batch_inputs) -> nn.Module:
     """Freeze `model` and adapt it in place with `config`; returns the same model.
 
     With `initialise=False` the adapter blocks are created empty and the base weights untouched: `load_adapter`
     fills them from a checkpoint instead of decomposing the weights again. `config.truncation_basis="activation"`
     needs `calibration`: batches (dicts with input_ids, a 2-D attention_mask marking the tokens that count, and any
-    other model inputs) whose inputs to the adapted modules give the second moments (kasa.adapters.calibration).
+    other model inputs; a list, or a DataLoader, read once) whose inputs to the adapted modules give the second
+    moments (kasa.adapters.calibration). Every batch given counts: `config.calibration_samples` is the number of
+    examples that kasa-train and kasa-inspect put in them.
     `calibration_inputs` turns a batch into the model's inputs: by default its input_ids, attention_mask,
     token_type_ids and position_ids; kasa's training gives its task's (packed examples kept apart)."""
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already has adapters applied; load a fresh base model")
+    if calibration is not None and not isinstance(calibration, Sequence):  # a DataLoader: read once, used per group
+        calibration = list(calibration)
     check_quantization(getattr(model, PENDING_ATTRIBUTE, None), config.method)
     _check_names(model, config)  # before anything changes: a truncation cannot be undone
     known = {id(module) for module in model.modules()}
     if initialise and config.truncation_basis == "activation" and not calibration:
         raise ValueError("truncation_basis=activation needs calibration batches: "
                          "apply_adapters(model, config, calibration=[batch, ...])")
-    if initialise and config.truncates:  # the base weights change as it goes: what can fail is checked first
-        if config.uses_layers and not config.uses_peft:
-            target_layers(model, config)
+    with unchanged_on_error(model):
         _adapt(model, config, initialise, calibration, calibration_inputs)
-    else:
-        with unchanged_on_error(model):
-            _adapt(model, config, initialise, calibration, calibration_inputs)
     if initialise:  # a quantized base is the truncated one, W0 - removed (load_adapter quantizes after truncating)
         quantize_pending(model, config.method, config.trainable_modules)
     _new_modules_follow_mode(model, known)
@@ -97,13 +96,16 @@ def _new_modules_follow_mode(module: nn.Module, known: set[int]) -> None:
 
 @contextlib.contextmanager
 def unchanged_on_error(model: nn.Module) -> Iterator[None]:
-    """Adapters that fail to apply (no target matches, a checkpoint that does not fit) leave `model` as it was given:
-    its own layers in place and the parameters that trained training again, so it can be adapted again. Only for
-    adapters that have not changed the base weights (not a truncation under way)."""
+    """Adapters that fail to apply (no target matches, a rank too large, calibration batches it cannot read, a
+    checkpoint that does not fit) leave `model` as it was given: its own layers in place and the parameters that
+    trained training again, so it can be adapted again. Not once a truncation has begun (the layers are swapped in
+    as their base weights are truncated, last): that cannot be undone exactly."""
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     try:
         yield
     except BaseException:
+        if any(layer.truncated for _, layer in adapted_layers(model)):
+            raise
         merge_and_unload(model, merge=False)
         for name, param in model.named_parameters():
             param.requires_grad_(trainable.get(name, False))
