@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -826,6 +827,23 @@ def test_a_misspelled_name_beside_others_is_refused_and_leaves_the_model_as_it_w
     assert all(param.requires_grad for param in model.parameters())
     kasa.apply_adapters(model, kasa.AdapterConfig(method="kasa", rank=4, target_modules="query"))  # one name
     assert [name.rsplit(".", 1)[-1] for name, _ in kasa.adapted_layers(model)] == ["query", "query"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(alpha="16"), "alpha must be a number, got '16'"),  # TypeError: '<' not supported (walk AS)
+    (dict(truncation_rank=2.5), "truncation_rank must be a whole number, got 2.5"),  # crashed in torch.zeros
+    (dict(rank=True), "rank must be a whole number, got True"),
+    (dict(beta=None), "beta must be a number, got None"),
+])
+def test_a_setting_of_the_wrong_type_is_one_clear_error(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kasa.AdapterConfig(**settings)
+
+
+def test_a_config_that_is_not_an_adapter_config_is_named():
+    with pytest.raises(ValueError, match=r"config must be a kasa.AdapterConfig, got dict: build it with "
+                                         r"kasa.AdapterConfig\(method=..., ...\) or AdapterConfig.from_dict"):
+        kasa.apply_adapters(build_roberta(), {"method": "kasa"})
 
 
 def test_a_tied_output_embedding_is_not_a_target():

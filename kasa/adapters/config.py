@@ -53,6 +53,11 @@ def method_uses(method: str, setting: str) -> bool:
     return uses is None or method not in METHOD_TABLE or uses(METHOD_TABLE[method])
 
 
+# The numeric settings: name -> whether it is a whole number (a count) rather than any real number
+NUMBER_SETTINGS = {"rank": True, "truncation_rank": True, "calibration_samples": True, "alpha": False, "beta": False,
+                   "gamma": False, "dropout": False, "calibration_damping": False, "calibration_memory_gib": False}
+
+
 @dataclass
 class AdapterConfig:
     """How to adapt a model.
@@ -98,6 +103,11 @@ class AdapterConfig:
     peft_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, whole in NUMBER_SETTINGS.items():  # before the comparisons below, which a string or float would fail
+            value = getattr(self, name)
+            if not (value is None and name == "truncation_rank") and (
+                    isinstance(value, bool) or not isinstance(value, int if whole else (int, float))):
+                raise ValueError(f"{name} must be {'a whole number' if whole else 'a number'}, got {value!r}")
         if self.truncation_rank is not None and self.truncation_rank < 1:
             raise ValueError(f"truncation_rank must be a positive integer or null, got {self.truncation_rank!r}")
         if self.method not in METHODS:

@@ -67,6 +67,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, initialise: bool = T
     examples that kasa-train and kasa-inspect put in them.
     `calibration_inputs` turns a batch into the model's inputs: by default its input_ids, attention_mask,
     token_type_ids and position_ids; kasa's training gives its task's (packed examples kept apart)."""
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(f"config must be a kasa.AdapterConfig, got {type(config).__name__}: build it with "
+                         "kasa.AdapterConfig(method=..., ...) or AdapterConfig.from_dict(settings)")
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ValueError("this model already has adapters applied; load a fresh base model")
     if calibration is not None and not isinstance(calibration, Sequence):  # a DataLoader: read once, used per group
