@@ -135,6 +135,23 @@ def test_merging_is_explicit_and_dequantized() -> None:
     torch.testing.assert_close(logits(plain), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_quantize_base_in_the_wrong_order_says_what_to_do() -> None:
+    """A fresh (trainable) model said only "no frozen linear layer"; a second quantize_base raised bitsandbytes' own
+    uint8 error; merge_and_unload refused a quantized base only after turning float32 heads back (walk AS)."""
+    with pytest.raises(ValueError, match="no frozen linear layer to quantize .*call it after kasa.apply_adapters"):
+        kasa.quantize_base(build_llama(), "nf4")
+    # a half-precision model: its trained head is kept in float32 (with casting hooks) while it trains
+    model = kasa.apply_adapters(build_llama().half(), kasa.AdapterConfig(method="lora", rank=4, target_modules=TARGETS,
+                                                                         trainable_modules=["lm_head"]))
+    kasa.quantize_base(model, "nf4")
+    with pytest.raises(ValueError, match=r"quantized already \(nf4\): quantize a float model, once"):
+        kasa.quantize_base(model, "nf4")
+    with pytest.raises(ValueError, match="quantized base weight"):
+        kasa.merge_and_unload(model)
+    assert model.lm_head.weight.dtype == torch.float32 and isinstance(model.model.layers[0].self_attn.q_proj,
+                                                                       AdaptedLayer)
+
+
 def test_an_int8_merge_differs_from_the_quantized_model_and_says_so() -> None:
     """nf4 layers multiply by the dequantized weight, so the merge above is exact; LLM.int8 in evaluation also
     rounds each layer's input to 8 bits, which the merged float model cannot repeat: kasa-eval merge=true and

@@ -379,14 +379,17 @@ def merge_and_unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Merge the adapters and put the plain base layers back: a model of the original architecture. merge=False
     drops the adapters instead (`load_adapter` undoing a load that does not fit: the base weights are untouched).
     Heads trained in float32 return to the model's dtype."""
-    _restore_heads(model)
     if peft_baselines.tuner_of(model) is not None:
+        _restore_heads(model)
         peft_baselines.merge_and_unload(model, merge)
         setattr(model, CONFIG_ATTRIBUTE, None)
         return model
-    for name, layer in list(adapted_layers(model)):
-        if merge:
+    layers = list(adapted_layers(model))
+    if merge:  # first: a base that cannot take the update (a quantized one) refuses before anything changed
+        for _, layer in layers:
             layer.merge()
+    _restore_heads(model)
+    for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     setattr(model, CONFIG_ATTRIBUTE, None)

@@ -169,6 +169,8 @@ def quantize_base(model: nn.Module, quantization: str, skip: list[str] | tuple[s
     bitsandbytes `quantization` in the layer's own dtype as compute dtype, in place. Modules named in `skip` (task
     heads), anything under them, layers with a trainable weight, and the output embedding stay float. `device`:
     where the quantized layers go (default: this process's GPU when there is one, else the layer's device)."""
+    if (done := getattr(model, QUANTIZED_ATTRIBUTE, None)) is not None:
+        raise ValueError(f"the model's base is quantized already ({done}): quantize a float model, once")
     adapted = getattr(model, CONFIG_ATTRIBUTE, None)  # a plain base is quantized as QLoRA's is, for any adapters after
     check_quantization(quantization, adapted.method if adapted is not None else "lora")
     if device is None and torch.cuda.is_available():
@@ -177,7 +179,9 @@ def quantize_base(model: nn.Module, quantization: str, skip: list[str] | tuple[s
         device = PartialState().device
     layers = quantizable_layers(model, skip)
     if not layers:
-        raise ValueError(f"model.quantization={quantization}: the model has no frozen linear layer to quantize")
+        raise ValueError(f"model.quantization={quantization}: the model has no frozen linear layer to quantize "
+                         "(quantize_base quantizes the frozen ones: call it after kasa.apply_adapters, which freezes "
+                         "the base)")
     for name, module in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
