@@ -277,11 +277,18 @@ def test_model_of_a_different_size(saved):
         kasa.load_adapter(build_gpt2(), saved)  # another architecture
 
 
-@pytest.mark.parametrize("wrong", [dict(hidden_size=48, intermediate_size=48), dict(num_hidden_layers=1), "gpt2"])
+@pytest.mark.parametrize("wrong", [dict(hidden_size=48, intermediate_size=48), dict(num_hidden_layers=1), "gpt2",
+                                   "another seed"])
 def test_a_load_that_does_not_fit_leaves_the_model_as_it_was(saved, wrong):
     """The adapters were injected and the model frozen before the checks: a retry on the same model said 'already
-    has adapters applied', and a GPT-2 was left with no trainable parameter."""
-    model = build_gpt2() if wrong == "gpt2" else build_roberta(**wrong)
+    has adapters applied', and a GPT-2 was left with no trainable parameter. Another model of the same shapes (another
+    seed) took the adapter without a word, its own weights minus the first model's singular components (walk AS)."""
+    if wrong == "another seed":
+        with pytest.raises(ValueError, match="the singular components it removed from roberta.encoder.layer.0."
+                                             "attention.self.query are not those of this model's weight"):
+            kasa.load_adapter(build_roberta(seed=1), saved)
+    model = build_gpt2() if wrong == "gpt2" else build_roberta(seed=1) if wrong == "another seed" else \
+        build_roberta(**wrong)
     before = {name: (param.requires_grad, param.detach().clone()) for name, param in model.named_parameters()}
     modules = [type(m) for m in model.modules()]
     with pytest.raises(ValueError):

@@ -18,6 +18,7 @@ from torch import nn
 
 from kasa.adapters import peft_baselines
 from kasa.adapters.config import AdapterConfig
+from kasa.adapters.layer import weight_matrix
 from kasa.adapters.model import adapted_layers, adapter_config, apply_adapters, unchanged_on_error
 from kasa.adapters.quantized import quantize_pending
 from kasa.run_dir import ADAPTER_CONFIG_FILE as CONFIG_FILE
@@ -154,8 +155,30 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         expected = adapter_state(model)
         tensors = {key: value for key, value in tensors.items() if ".ranknum." not in key or key in expected}
         check_fits(model, tensors, directory, meta.get("base_model"))
+        if config.truncation_basis == "weight":
+            check_removed_components(model, tensors, meta.get("base_model"))
     fill_adapter(model, tensors)
     return model
+
+
+def check_removed_components(model: nn.Module, tensors: dict[str, torch.Tensor], base_model: str | None) -> None:
+    """Refuse tensors whose removed singular triplets (u, s, v) are not those of `model`'s weights, u^T W v = diag(s):
+    a checkpoint loaded onto another model of the same shapes had its other model's components subtracted, without
+    a word. Off by more than 1% of s and float noise (1e-3 of the weight's RMS singular value) is another weight.
+    The weight basis only: the activation basis's v is not orthonormal."""
+    for name, layer in adapted_layers(model):
+        weight = weight_matrix(layer.base_layer)
+        for part, (start, stop) in layer.slices.items():
+            u, s, v = (tensors[f"{name}.adapters.{part}.removed_{x}"] for x in "usv")
+            if not s.numel():
+                continue
+            rows = weight[start:stop].detach().float()
+            projected = (u.to(rows.device).T @ rows @ v.to(rows.device)).diagonal().cpu()
+            noise = 1e-3 * rows.norm().item() / min(rows.shape) ** 0.5 * s.numel() ** 0.5
+            if (projected - s).norm() > 0.01 * s.norm() + noise:
+                raise ValueError(f"this adapter does not fit this model: the singular components it removed from "
+                                 f"{name} are not those of this model's weight (it was trained on "
+                                 f"{base_model or 'another model'}): load it onto the base model it was trained on")
 
 
 def fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
