@@ -3,6 +3,7 @@ holds, and clear errors for corrupt files and mismatched models."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -149,10 +150,28 @@ def test_a_compiled_model_saves_as_the_plain_one_and_a_merged_one_not_at_all(tmp
     kasa.save_adapter(torch.compile(model), tmp_path / "compiled")
     loaded = kasa.load_adapter(build_roberta(), tmp_path / "compiled")
     torch.testing.assert_close(outputs(loaded, roberta_inputs), outputs(model, roberta_inputs), atol=0, rtol=0)
-    kasa.merge_adapters(model)
-    with pytest.raises(ValueError, match=r"merged into their base weights: unmerge_adapters\(model\) before saving"):
-        kasa.save_adapter(model, tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
+    merged = [model]
+    if importlib.util.find_spec("peft") is not None:  # PEFT's layers too (walk AT)
+        merged.append(kasa.apply_adapters(build_roberta(), kasa.AdapterConfig(method="dora", rank=4)))
+    for adapted in merged:
+        kasa.merge_adapters(adapted)
+        with pytest.raises(ValueError, match=r"merged into their base weights: unmerge_adapters\(model\) before "):
+            kasa.save_adapter(adapted, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
+
+
+def test_a_layer_inside_a_trained_new_head_loads_whatever_the_head_s_random_start(tmp_path, roberta_inputs):
+    """target_modules [query, dense] adapts classifier.dense too, inside the trained head, whose truncated and trained
+    weight the checkpoint holds: the check of the removed components had compared them with the loading model's new
+    random head and refused a legitimate adapter (walk AT)."""
+    model = trained(build_roberta, dict(method="kasa", rank=4, target_modules=["query", "dense"],
+                                        trainable_modules=["classifier"]))
+    kasa.save_adapter(model, tmp_path)
+    fresh = build_roberta()
+    torch.manual_seed(99)
+    fresh.classifier.dense.reset_parameters()  # as from_pretrained makes a head the checkpoint lacks
+    loaded = kasa.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(outputs(loaded, roberta_inputs), outputs(model, roberta_inputs), atol=0, rtol=0)
 
 
 def test_checkpoint_contents(tmp_path):

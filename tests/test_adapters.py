@@ -834,10 +834,18 @@ def test_a_misspelled_name_beside_others_is_refused_and_leaves_the_model_as_it_w
     (dict(truncation_rank=2.5), "truncation_rank must be a whole number, got 2.5"),  # crashed in torch.zeros
     (dict(rank=True), "rank must be a whole number, got True"),
     (dict(beta=None), "beta must be a number, got None"),
+    (dict(method="lora", rank=4.0), "rank must be a whole number, got 4.0"),
 ])
 def test_a_setting_of_the_wrong_type_is_one_clear_error(settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         kasa.AdapterConfig(**settings)
+
+
+def test_a_method_without_a_rank_takes_none_and_a_numpy_count_is_a_whole_number():
+    import numpy as np
+
+    assert kasa.AdapterConfig(method="full", rank=None).method == "full"  # refused as "not a whole number" (walk AT)
+    assert kasa.AdapterConfig(rank=np.int64(4), truncation_rank=np.int64(2)).removed_rank == 2
 
 
 def test_a_config_that_is_not_an_adapter_config_is_named():

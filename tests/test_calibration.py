@@ -241,6 +241,17 @@ def test_gpt2_conv1d_and_fused_slices():
             torch.testing.assert_close(block.removed_matrix(), expected.matrix())
 
 
+def test_an_activation_basis_adapter_does_not_load_onto_another_model(tmp_path):
+    """The removed components of the activation basis hold W^T u = v diag(s) as the weight basis's do; only the weight
+    basis was checked, and another model of the same shapes took the adapter (walk AT)."""
+    model = kasa.apply_adapters(build_llama(), activation_config(), calibration=calibration_batches())
+    kasa.save_adapter(model, tmp_path)
+    kasa.load_adapter(build_llama(), tmp_path)
+    with pytest.raises(ValueError, match="the singular components it removed from model.layers.0.self_attn.q_proj are "
+                                         "not those of this model's weight"):
+        kasa.load_adapter(build_llama(seed=1), tmp_path)
+
+
 def test_exact_reload_without_calibration(tmp_path, monkeypatch):
     from conftest import randomize_adapters
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,16 +104,18 @@ class AdapterConfig:
     peft_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        ranked = self.method not in METHOD_TABLE or METHOD_TABLE[self.method].ranked  # unknown: refused below
         for name, whole in NUMBER_SETTINGS.items():  # before the comparisons below, which a string or float would fail
             value = getattr(self, name)
-            if not (value is None and name == "truncation_rank") and (
-                    isinstance(value, bool) or not isinstance(value, int if whole else (int, float))):
+            if (value is None and name == "truncation_rank") or (name == "rank" and not ranked):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
                 raise ValueError(f"{name} must be {'a whole number' if whole else 'a number'}, got {value!r}")
         if self.truncation_rank is not None and self.truncation_rank < 1:
             raise ValueError(f"truncation_rank must be a positive integer or null, got {self.truncation_rank!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if METHOD_TABLE[self.method].ranked and (not isinstance(self.rank, int) or self.rank < 1):
+        if METHOD_TABLE[self.method].ranked and self.rank < 1:  # a whole number (checked above)
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if METHOD_TABLE[self.method].ranked and not 0 < self.alpha < float("inf"):
             raise ValueError(f"alpha must be > 0 (the update is scaled by alpha / r; 0 would train nothing), got "

@@ -107,7 +107,7 @@ def save_adapter(model: nn.Module, directory: str | Path, tensors: dict[str, tor
     `tensors = full_adapter_state(model)` and the main process alone passes them here. Merged adapters are refused:
     the saved base weights of trained modules around them and the adapter would both hold the update."""
     model = _named_model(model)
-    if any(layer.merged for _, layer in adapted_layers(model)):
+    if any(getattr(module, "merged", False) is True for module in model.modules()):  # kasa's layers and PEFT's
         raise ValueError("the adapters are merged into their base weights: unmerge_adapters(model) before saving")
     config = adapter_config(model)
     directory = Path(directory)
@@ -155,27 +155,30 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         expected = adapter_state(model)
         tensors = {key: value for key, value in tensors.items() if ".ranknum." not in key or key in expected}
         check_fits(model, tensors, directory, meta.get("base_model"))
-        if config.truncation_basis == "weight":
-            check_removed_components(model, tensors, meta.get("base_model"))
+        check_removed_components(model, tensors, meta.get("base_model"))
     fill_adapter(model, tensors)
     return model
 
 
 def check_removed_components(model: nn.Module, tensors: dict[str, torch.Tensor], base_model: str | None) -> None:
-    """Refuse tensors whose removed singular triplets (u, s, v) are not those of `model`'s weights, u^T W v = diag(s):
-    a checkpoint loaded onto another model of the same shapes had its other model's components subtracted, without
-    a word. Off by more than 1% of s and float noise (1e-3 of the weight's RMS singular value) is another weight.
-    The weight basis only: the activation basis's v is not orthonormal."""
+    """Refuse tensors whose removed singular triplets (u, s, v) are not those of `model`'s weights: a checkpoint
+    loaded onto another model of the same shapes had its other model's components subtracted, without a word. In
+    either truncation basis W^T u = v diag(s) (the activation basis's v = L^-T V_r: U_r^T W L = S_r V_r^T); off by
+    more than 1% of v diag(s) and float noise (1e-3 of the weight's RMS singular value) is another weight. A base
+    weight that the checkpoint holds itself (a trained module around the layer) is not the model's to check."""
     for name, layer in adapted_layers(model):
+        if f"{name}.base_layer.weight" in tensors:
+            continue
         weight = weight_matrix(layer.base_layer)
         for part, (start, stop) in layer.slices.items():
             u, s, v = (tensors[f"{name}.adapters.{part}.removed_{x}"] for x in "usv")
             if not s.numel():
                 continue
             rows = weight[start:stop].detach().float()
-            projected = (u.to(rows.device).T @ rows @ v.to(rows.device)).diagonal().cpu()
+            expected = v * s
+            mismatch = (rows.T @ u.to(rows.device)).cpu() - expected
             noise = 1e-3 * rows.norm().item() / min(rows.shape) ** 0.5 * s.numel() ** 0.5
-            if (projected - s).norm() > 0.01 * s.norm() + noise:
+            if mismatch.norm() > 0.01 * expected.norm() + noise:
                 raise ValueError(f"this adapter does not fit this model: the singular components it removed from "
                                  f"{name} are not those of this model's weight (it was trained on "
                                  f"{base_model or 'another model'}): load it onto the base model it was trained on")
