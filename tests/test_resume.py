@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cli_helpers import ENV, assert_one_line_error, checkpointed_args, run_cli
@@ -145,6 +146,27 @@ def test_a_resume_rebuilds_the_truncated_base_without_calibrating_or_decomposing
     resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, changed, *extra), "resume=auto",
                       "method.calibration_samples=4", "resume_allow_changes=true")
     assert resumed.returncode == 0 and calls, resumed.stderr[-3000:]
+
+
+def test_a_resume_over_model_files_replaced_at_the_same_path_is_refused(tiny_model, sentiment_dir, tmp_path):
+    """The truncated base is rebuilt from the checkpoint's triplets: over another model's weights at the same path
+    (no setting changed) they would be subtracted from the wrong weights; refused in one line."""
+    import transformers
+
+    model_dir, run_dir = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(tiny_model, model_dir)
+    args = checkpointed_args(model_dir, sentiment_dir, run_dir)
+    assert killed_run(args, "after_save", 2).returncode == -9
+    other = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    other.save_pretrained(model_dir)
+    saved = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    resumed = run_cli("kasa.cli.train", *args, "resume=auto")
+    assert resumed.returncode == 2 and resumed.stderr.strip().splitlines()[-1].startswith(
+        "error: this adapter does not fit this model: the singular components it removed from"), resumed.stderr
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == saved  # nothing lost
 
 
 def test_a_killed_run_on_an_nf4_base_resumes_bit_for_bit(tiny_model, sentiment_dir, tmp_path):

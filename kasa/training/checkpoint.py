@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kasa.adapters import save_adapter
-from kasa.adapters.io import adapter_state, fill_adapter, full_adapter_state, save_tensors
+from kasa.adapters.io import adapter_state, check_removed_components, fill_adapter, full_adapter_state, save_tensors
 from kasa.adapters.peft_baselines import allocator_state, load_allocator_state
 from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, write_atomically, write_json
 from kasa.tasks.models import inner_model
@@ -273,6 +273,7 @@ def load_resumable_weights(directory: Path, model: nn.Module, base_truncated: bo
                              f"{tuple(saved[key].shape)}, this run's {tuple(tensor.shape)}: resume with the settings "
                              "that wrote it (method.rank, method.truncation_rank, task.num_labels, the model)")
     if not base_truncated:
+        check_removed_components(model, saved, None)  # the model's files replaced since, at the same path
         fill_adapter(model, saved)
         return
     with torch.no_grad():
