@@ -246,15 +246,17 @@ def _check_names(model: nn.Module, config: AdapterConfig) -> None:
     that match ([query, vaule]) would leave its layers unadapted without a word."""
     names = [name for name, _ in model.named_modules()]
     targets = _parse_targets(config) if config.uses_layers else {}
+
+    def linear() -> list[str]:  # for the messages: the names a target may take
+        return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
+
     if config.uses_layers and not targets:  # it froze the whole model and trained nothing
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
         raise ValueError(f"method={config.method} adapts the modules of target_modules, which is empty: name the "
-                         f"layers to adapt; linear layers in this model: {linear}")
+                         f"layers to adapt; linear layers in this model: {linear()}")
     for target in targets:
         if not any(module_matches(name, target) for name in names):
-            linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
             raise ValueError(f"no module matches {target!r} of target_modules {config.target_modules}; linear "
-                             f"layers in this model: {linear}")
+                             f"layers in this model: {linear()}")
     for target in config.trainable_modules:
         if not any(module_matches(name, target) for name in names):
             raise ValueError(f"trainable module {target!r} not found in the model")
