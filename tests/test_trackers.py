@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -268,6 +269,19 @@ def test_an_mlflow_server_out_of_reach_fails_the_start_without_minutes_of_retrie
     assert seen.pop()["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
     start_trackers(Recording(), ["tensorboard"], {}, tmp_path)
     assert seen.pop() == dict.fromkeys(MLFLOW_START_LIMITS) | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
+
+
+def test_an_mlflow_server_out_of_reach_fails_the_start_with_one_line_and_no_retry_lines(tmp_path, tiny_model,
+                                                                                         sentiment_dir) -> None:
+    """urllib3 printed a `Retrying (Retry(total=1, ...))` line for each retry of the start before kasa's error line
+    (walk AR)."""
+    pytest.importorskip("mlflow")
+    env = {**ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9/"}
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run", "trainer.epochs=1",
+                                                   "logging.trackers=[mlflow]"), env=env)
+    assert_one_line_error(result, "cannot start the mlflow tracker")
+    assert "Retrying" not in result.stdout + result.stderr, result.stdout
+    assert logging.getLogger("urllib3.connectionpool").level == logging.NOTSET  # the run's own logging keeps them
 
 
 def test_a_tracker_error_does_not_print_the_password_of_a_tracking_uri(tmp_path, tiny_model, sentiment_dir) -> None:

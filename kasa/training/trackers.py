@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ from kasa.run_dir import TENSORBOARD_DIR, TRACKERS_FILE, WANDB_DIR, sweep_record
 PROJECT = "kasa"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # MLflow retries a server it cannot reach 7 times, its pauses doubling (about 5 minutes), before it says so: a start
-# tries twice and waits 20 s for an answer instead, unless these are set; the run's own logging keeps MLflow's
+# tries twice and waits 20 s for an answer instead, unless these are set; the run's own logging keeps MLflow's defaults
 MLFLOW_START_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 RESUMABLE = ("wandb", "mlflow", "tensorboard")  # tracker runs a later session continues: by id, TensorBoard's by
 # its folder (relative to the run directory), which already holds the run's hyperparameters
@@ -86,7 +87,7 @@ def start_trackers(accelerator: Accelerator, names: list[str], config: dict[str,
         mlflow["tags"] = {"kasa.sweep": str(sweep)}
     written_before = tracker_files(out)
     try:
-        with _environment_defaults(MLFLOW_START_LIMITS if "mlflow" in names else {}):
+        with _environment_defaults(MLFLOW_START_LIMITS if "mlflow" in names else {}), _quiet_retries():
             accelerator.init_trackers(PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
         for tracker in accelerator.trackers:  # none on the other processes
             if tracker.name not in resumed_ids:
@@ -126,6 +127,19 @@ def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """urllib3's warning for each retry of a tracker's server held back within the block: a start that cannot reach
+    the server ends in one error line that says so, and the retries before it printed one line each."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tracker_files(out: Path) -> set[Path]:
