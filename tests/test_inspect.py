@@ -209,3 +209,40 @@ def test_off_a_terminal_the_modules_are_counted_a_line_each(tiny_model, sentimen
     assert len(counted) == 4 and counted[-1].startswith("each module truncated alone: 4/4 ")
     inspect.run(inspect_args(tiny_model, sentiment_dir, tmp_path / "quiet", "logging.progress=false"))
     assert "each module truncated alone" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, init, lacking_rank", [
+    ("kasa", "normal", 3), ("kasa", "principal", 3), ("kasa", "minor", 0), ("pissa", "normal", 0),
+    ("svd_lora", "normal", 3)])
+def test_the_damage_columns_describe_what_the_module_lacks_as_training_starts(method, init, lacking_rank) -> None:
+    """An adapter that starts with removed triplets (KaSA's init=principal, the principal part; init=minor with
+    k = r, the minor part; PiSSA, its principal part) holds them, as the loss columns see: the output change and the
+    removed directions counted all of them (walk AV: a 65% output change beside an unchanged loss)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kasa.adapters import AdapterConfig, adapted_layers, apply_adapters
+    from kasa.training.damage import _input_statistics, untruncated
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    originals = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if n.endswith("q_proj")}
+    apply_adapters(model, AdapterConfig(method=method, init=init, rank=3, alpha=6.0, target_modules=["q_proj"],
+                                        svd_cache_dir=None))
+    layers = dict(adapted_layers(model))
+    (name, layer), = layers.items()
+    inputs = []
+    layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0].reshape(-1, 32).double()))
+    batch = {"input_ids": torch.randint(0, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    with torch.no_grad():
+        start = model.model.layers[0].self_attn.q_proj(torch.eye(32)).T.double()  # W_start, as training starts
+        with untruncated(list(layers.values())):
+            energy, uniform, change = _input_statistics(model, layers, [batch], lambda b: b)[name]
+    x, w0 = inputs[-1], originals[name]
+    assert uniform == pytest.approx(lacking_rank / 32)
+    assert change == pytest.approx(float((x @ (start - w0).T).norm() / (x @ w0.T).norm()), rel=1e-4, abs=1e-6)
+    if lacking_rank == 0:
+        assert energy == 0 and change < 1e-6
+    else:  # the r smallest right singular directions of W0
+        minor = torch.linalg.svd(w0).Vh[-lacking_rank:].T
+        assert energy == pytest.approx(float((x @ minor).square().sum() / x.square().sum()), rel=1e-6)

@@ -3,7 +3,9 @@ adapted module truncated and with each module truncated alone, and per module th
 lies along the removed directions (against a uniform spread) and the relative change of its output.
 
 "Truncated" is the model as training starts (truncated base, adapters at their initial values); "not truncated"
-is the module's original weight W0 with its adapter switched off."""
+is the module's original weight W0 with its adapter switched off. So the removed directions and the output change
+are those of what the module lacks as training starts: an adapter that starts with some of the removed triplets
+(PiSSA, MiLoRA, KaSA's `init=principal` or `init=minor`) holds them, and they do not count."""
 
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from kasa.training.calibration import Batch, mean_loss
 class ModuleDamage:
     name: str
     loss: float  # held-out loss with this module alone truncated
-    energy_share: float  # share of the input energy along the removed (right) directions
+    energy_share: float  # share of the input energy along the removed (right) directions that the adapter lacks
     uniform_share: float  # the same share if the energy were spread evenly over all directions
-    output_change: float  # ||W_removed x|| / ||W0 x|| over the held-out tokens (root of summed squares)
+    output_change: float  # ||(W_start - W0) x|| / ||W0 x|| over the held-out tokens (root of summed squares)
 
 
 def _set_truncated(layer: AdaptedLayer, truncated: bool) -> None:
@@ -80,12 +82,10 @@ def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer], batches
     """Per layer (energy share along the removed directions, uniform share, relative output change), from the
     non-padding tokens of `batches` as they reach the untruncated layers."""
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in layers}  # removed energy, energy, change, output
-    bases, removed, weights = {}, {}, {}
+    bases, changes, weights = {}, {}, {}
     for name, layer in layers.items():
-        right = torch.cat([block.removed_v for block in layer.adapters.values()], dim=1).double()
-        bases[name] = torch.linalg.qr(right).Q  # orthonormal basis of the removed input directions
-        removed[name] = layer.removed_weight().double()
         weights[name] = weight_matrix(layer.base_layer).detach().double()
+        bases[name], changes[name] = _lacking_at_start(layer, weights[name])
     mask: list[torch.Tensor] = []
 
     def hook(name: str):
@@ -95,7 +95,7 @@ def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer], batches
                 x.reshape(-1, x.shape[-1]).double()
             sums[name] += torch.stack([
                 (rows @ bases[name]).square().sum(), rows.square().sum(),
-                (rows @ removed[name].T).square().sum(), (rows @ weights[name].T).square().sum(),
+                (rows @ changes[name].T).square().sum(), (rows @ weights[name].T).square().sum(),
             ]).cpu()
         return record
 
@@ -112,3 +112,21 @@ def _input_statistics(model: nn.Module, layers: dict[str, AdaptedLayer], batches
         result[name] = (removed_energy / energy if energy else 0.0, bases[name].shape[1] / dim,
                         (change / output) ** 0.5 if output else 0.0)
     return result
+
+
+def _lacking_at_start(layer: AdaptedLayer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(orthonormal basis of the removed input directions that the adapters do not start with, W_start - W0), in
+    float64, for a layer computing with W0 (untruncated). A removed triplet (u, s, v) counts as held when the
+    adapter's starting update restores it: u^T dW = s v^T (u has orthonormal columns in both truncation bases), so
+    the share <u^T dW, v> / (s ||v||^2) is 1 for a triplet the adapter starts with (rounding aside) and 0 for one it
+    does not; 1/2 tells them apart in any dtype."""
+    lacking, change = [], torch.zeros_like(weight)
+    for name, block in layer.adapters.items():
+        start, stop = layer.slices[name]
+        u, s, v = (t.detach().double().to(weight.device) for t in (block.removed_u, block.removed_s, block.removed_v))
+        delta = block.delta_weight().detach().double().to(weight.device)
+        restored = ((u.T @ delta) * v.T).sum(1) / (s * v.square().sum(0)).clamp_min(torch.finfo(s.dtype).tiny)
+        lacking.append(v[:, restored < 0.5])
+        change[start:stop] = delta - (u * s) @ v.T
+    right = torch.cat(lacking, dim=1)
+    return torch.linalg.qr(right).Q, change
