@@ -437,13 +437,24 @@ def test_targets_and_ranks_are_checked_on_the_architecture_before_any_weight_loa
     preflight.check_model(cfg)
 
 
+@pytest.mark.parametrize("value", [2, 0.001, None, True, "q_proj", "hello world", "it's", ["a", "b c"], "null",
+                                   "1e-3", "/tmp/x-y/z.json", "a,b", "", [1, 2.5]])
+def test_a_refused_resume_names_the_runs_own_settings_as_overrides_that_set_them(value) -> None:
+    """The refusal said "drop those overrides" also where the change came from an override left off (walk AU: a
+    run trained with trainer.grad_accum=2, resumed without it): it now gives the run's own values as overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_override(preflight.as_override("trainer.x", value))
+    assert override.key_or_group == "trainer.x" and override.value() == value
+
+
 def test_resume_config_differences(tmp_path):
     saved = {"trainer": {"lr": 0.001, "epochs": 2, "save_every": 3}, "resume": None, "hydra_overrides": ["a=1"],
              "logging": {"progress": True}}
     now = {"trainer": {"lr": 0.5, "epochs": 2, "save_every": 5}, "resume": "auto", "hydra_overrides": ["b=2"],
            "logging": {"progress": False}}
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"trainer\.lr: 0\.001 -> 0\.5\): drop those overrides.*resume_allow_changes"):
+    with pytest.raises(ValueError, match=r"trainer\.lr: 0\.001 -> 0\.5\): resume with its own \(trainer\.lr=0\.001\), or pass resume_allow_changes"):
         preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=False)
     assert preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=True) == {
         "trainer.lr": (0.001, 0.5)}

@@ -23,6 +23,8 @@ import copy
 import functools
 import json
 import math
+import re
+import shlex
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -446,6 +448,16 @@ def _unused_method_settings(config: dict[str, Any]) -> set[str]:
         return set()
 
 
+def as_override(key: str, value: Any) -> str:
+    """`key=value` as a command-line override that sets that value: null, true / false, numbers and lists as JSON
+    (Hydra reads them so), a string as it is where Hydra reads it back as that string, else in quotes."""
+    if not isinstance(value, str):
+        return f"{key}={json.dumps(value)}"
+    if re.fullmatch(r"[A-Za-z_/.][\w/.:-]*", value) and value.lower() not in ("null", "true", "false"):
+        return f"{key}={value}"
+    return f"{key}='{value}'" if "'" not in value else f"{key}={json.dumps(value)}"
+
+
 def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
 
@@ -463,8 +475,10 @@ def check_resume_config(saved_config: Path, current: dict[str, Any], allow_chang
     differences = config_differences(saved, current)
     if differences and not allow_changes:
         raise ValueError(f"resuming {saved_config.parent} with settings that differ from its own "
-                         f"({describe_differences(differences)}): drop those overrides, or pass "
-                         "resume_allow_changes=true to continue with them (the change is recorded in config.json)")
+                         f"({describe_differences(differences)}): resume with its own "
+                         f"({' '.join(shlex.quote(as_override(key, old)) for key, (old, _) in differences.items())}), "
+                         "or pass resume_allow_changes=true to continue with these (the change is recorded in "
+                         "config.json)")
     return differences
 
 
