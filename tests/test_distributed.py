@@ -491,12 +491,16 @@ def test_a_launch_that_accelerate_runs_one_by_one_is_refused(monkeypatch):
     for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="accelerate launch started 2 processes, but Accelerate runs each of them "
-                                         "alone \\(NO\\): FSDP needs GPUs; without one, launch with "
-                                         "ACCELERATE_USE_CPU=1"):
+    # multi_gpu.json without ACCELERATE_USE_CPU: the message blamed FSDP and named the config used (walk AU)
+    with pytest.raises(ValueError, match="^accelerate launch started 2 processes with no GPU to run them on together: "
+                                         "Accelerate would run each of them alone; without a GPU, launch with "
+                                         "ACCELERATE_USE_CPU=1 and configs/accelerate/multi_gpu.json"):
         check_launch("NO", 1)
     assert check_launch("MULTI_CPU", 2) == []
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="^accelerate launch started 2 processes with an FSDP config, but FSDP needs "
+                                         "GPUs: Accelerate would run each"):
+        check_launch("NO", 1)
     assert check_launch("MULTI_CPU", 2) == ["warning: the launch's FSDP config is not in use: Accelerate runs "
                                                "MULTI_CPU (FSDP needs GPUs)"]
     assert check_launch("FSDP", 2) == []

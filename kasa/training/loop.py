@@ -146,15 +146,18 @@ def check_launch(engine: str, processes: int) -> list[str]:
     processes that Accelerate runs one by one (FSDP without a GPU: each would train alone, in the same folder) is
     refused; a DeepSpeed or FSDP config that Accelerate does not use is returned as a warning line."""
     launched = launch_rank()[1]
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if launched > 1 and processes == 1:
-        raise ValueError(f"accelerate launch started {launched} processes, but Accelerate runs each of them alone "
-                         f"({engine}): FSDP needs GPUs; without one, launch with ACCELERATE_USE_CPU=1 and "
-                         "configs/accelerate/multi_gpu.json (DDP), or a DeepSpeed config")
+        # a launch without ACCELERATE_USE_CPU on a machine without a GPU: Accelerate's DDP and FSDP both want one
+        launch = "an FSDP config, but FSDP needs GPUs:" if fsdp else "no GPU to run them on together:"
+        raise ValueError(f"accelerate launch started {launched} processes with {launch} Accelerate would run each of "
+                         "them alone; without a GPU, launch with ACCELERATE_USE_CPU=1 and "
+                         "configs/accelerate/multi_gpu.json (DDP over gloo), or with a DeepSpeed config")
     warnings = []
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and engine != "DEEPSPEED":
         warnings.append(f"warning: the launch's DeepSpeed config is not in use: Accelerate runs {engine} "
                         "(ACCELERATE_USE_CPU=1 turns DeepSpeed off; unset it to run DeepSpeed on its CPU accelerator)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and engine != "FSDP":
+    if fsdp and engine != "FSDP":
         warnings.append(f"warning: the launch's FSDP config is not in use: Accelerate runs {engine} (FSDP needs GPUs)")
     return warnings
 
