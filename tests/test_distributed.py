@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -344,6 +345,66 @@ def test_a_signal_as_training_starts_stops_every_rank_in_one_line(tmp_path):
     assert text.count("stopped by SIGTERM before training started: nothing was trained or saved") == 1, text[-3000:]
     assert "Connection closed by peer" not in text and "[rank1]: Traceback" not in text, text[-3000:]
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+ONE_RANK_FAILS_DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from kasa.training.loop import TrainingRecipe
+
+    train_epochs = TrainingRecipe.train_epochs
+
+    def one_rank_fails(self):
+        # As a disk that fills under rank 0 alone, or a rank killed: the other goes on to its next collective.
+        if self.accelerator.process_index == int(os.environ["FAILING_RANK"]):
+            if os.environ["FAILURE"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(28, "No space left on device (a stand-in)")
+        return train_epochs(self)
+
+    TrainingRecipe.train_epochs = one_rank_fails
+    from kasa.cli.train import main
+    sys.argv = ["kasa-train", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("failing_rank, failure", [(0, "error"), (1, "kill")])
+def test_a_rank_that_fails_alone_leaves_one_line_not_the_others_gloo_traceback(tmp_path, failing_rank, failure):
+    """A full disk under rank 0 during training: its one error line, then rank 1's failed barrier printed gloo's
+    "Connection closed by peer" traceback of ~70 lines; a rank killed with SIGKILL left the other's ~60 (walk AU).
+    The survivor's failed collective is one line of its own, naming the command that continues the run."""
+    from cli_helpers import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "model")
+    write_sentiment_data(tmp_path / "data")
+    driver, log, run = tmp_path / "driver.py", tmp_path / "run.log", tmp_path / "run"
+    driver.write_text(ONE_RANK_FAILS_DRIVER)
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.json"),
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", str(driver),
+              f"model.path={model}", f"task.data_dir={tmp_path / 'data'}", "trainer.epochs=1", "trainer.batch_size=4",
+              "trainer.max_length=16", "logging.progress=false", "method.svd_cache_dir=null", "method.rank=4",
+              f"hydra.run.dir={run}"]
+    env = {**ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "FAILING_RANK": str(failing_rank),
+           "FAILURE": failure}
+    process = _start(launch, env, log)
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"timed out after {TIMEOUT} s:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    assert process.returncode != 0
+    # (the launcher's own ChildFailedError report, a traceback of accelerate's, follows any failed rank)
+    assert not re.search(r"^\[rank\d\]:", text, re.MULTILINE), text[-3000:]  # a rank's traceback, line by line
+    errors = [line for line in text.splitlines() if "error:" in line]
+    if failure == "error":
+        assert errors and "No space left on device (a stand-in)" in errors[0], text[-3000:]
+    else:
+        assert len(errors) == 1 and "a collective operation with the launch's other processes failed" in errors[0]
+        assert "resume=auto" in errors[0], text[-3000:]
 
 
 @pytest.mark.parametrize("env, argv, expected", [

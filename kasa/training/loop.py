@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -102,7 +103,7 @@ from kasa.training.preflight import (
 )
 from kasa.training.run_lock import RunLock
 from kasa.training.schedule import build_scheduler
-from kasa.training.signals import StopSignals, TrainingInterrupted, raised_by_a_collective
+from kasa.training.signals import StopSignals, TrainingInterrupted, raised_by_a_collective, resume_command
 from kasa.training.trackers import (
     check_trackers,
     end_trackers,
@@ -139,6 +140,12 @@ def peak_memory_mib() -> dict[str, float]:
     if torch.cuda.is_available():
         peak["gpu"] = torch.cuda.max_memory_allocated() / 2**20
     return {k: round(v, 1) for k, v in peak.items()}
+
+
+def _collective_error(err: BaseException) -> str:
+    """The first sentence of a failed collective's error, without the source location gloo puts before it."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] or type(err).__name__
 
 
 def check_launch(engine: str, processes: int) -> list[str]:
@@ -575,10 +582,13 @@ class TrainingRecipe:
                 self.stop.checkpointable = True
                 return self.train_epochs()
             except BaseException as err:
-                # A process of a launch that was signalled, like every other, but whose collective failed: a process
-                # signalled before it could save had stopped at once and left this one without its peer.
-                peer_stopped = (isinstance(err, RuntimeError) and self.stop.received is not None
-                                and launch_rank()[1] > 1 and raised_by_a_collective(err))
+                # A process of a launch whose collective failed: its peer is gone. Signalled like every other, the
+                # peer was signalled before it could save and stopped at once: the same stop. Otherwise the peer
+                # stopped on an error of its own, which it reported, or was killed: one line here too, not gloo's
+                # traceback.
+                collective_failed = (isinstance(err, RuntimeError) and launch_rank()[1] > 1
+                                     and raised_by_a_collective(err))
+                peer_stopped = collective_failed and self.stop.received is not None
                 if getattr(self, "accelerator", None) is not None:  # the next job of a sweep starts its own
                     interrupted = peer_stopped or isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
                     end_trackers(self.accelerator, interrupted=interrupted)
@@ -587,6 +597,13 @@ class TrainingRecipe:
                     self.lock.release(discard_empty=sweep_record(self.out.parent) is None)
                 if peer_stopped:
                     raise TrainingInterrupted(self.stop.received) from err
+                if collective_failed:
+                    command = resume_command(sys.argv, self.out, launched=True)
+                    raise ValueError(f"a collective operation with the launch's other processes failed "
+                                     f"({_collective_error(err)}): "
+                                     "another process stopped (its error, if it had one, is above) or was killed; "
+                                     f"the run keeps its last checkpoint: fix the cause, then continue with: {command}"
+                                     ) from err
                 raise
             finally:
                 if getattr(self, "lock", None) is not None:
