@@ -407,6 +407,58 @@ def test_a_rank_that_fails_alone_leaves_one_line_not_the_others_gloo_traceback(t
         assert "resume=auto" in errors[0], text[-3000:]
 
 
+def test_the_settings_of_a_launch_s_processes_must_agree_but_node_local_ones():
+    """Two nodes started with other overrides (walk AU: batch 8 on one, 4 on the other) trained until a collective
+    of mismatched sizes aborted one rank with gloo's "Received data size doesn't match", leaving a run folder."""
+    from kasa.training.preflight import check_same_settings
+
+    config = {"trainer": {"batch_size": 8, "lr": 0.1, "save_every": 10}, "model": {"path": "/a"},
+              "task": {"data_dir": "/d"}, "hydra_overrides": ["trainer.batch_size=8"]}
+    local = {**config, "model": {"path": "/node1/copy"}, "task": {"data_dir": "/node1/d"}, "hydra_overrides": []}
+    check_same_settings([config, local, config])
+    other = {**config, "trainer": {"batch_size": 4, "lr": 0.1, "save_every": 20}}
+    with pytest.raises(ValueError, match=r"^the launch's processes were started with different settings "
+                                         r"\(trainer\.batch_size: 8 on rank 0, 4 on rank 2, trainer\.save_every: 10 "
+                                         r"on rank 0, 20 on rank 2\): start every process with the same") as err:
+        check_same_settings([config, config, other])
+    assert err.value.every_rank_alike  # rank 0 alone reports it
+
+
+OTHER_OVERRIDES_DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    from kasa.cli.train import main
+    sys.argv = ["kasa-train", *sys.argv[1:], *(["trainer.batch_size=2"] if os.environ["RANK"] == "1" else [])]
+    main()
+    """
+)
+
+
+def test_a_launch_whose_processes_hold_other_settings_is_refused_in_one_line(tmp_path):
+    from cli_helpers import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "model")
+    write_sentiment_data(tmp_path / "data")
+    driver, log, run = tmp_path / "driver.py", tmp_path / "run.log", tmp_path / "run"
+    driver.write_text(OTHER_OVERRIDES_DRIVER)
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.json"),
+              "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", str(driver),
+              f"model.path={model}", f"task.data_dir={tmp_path / 'data'}", "trainer.epochs=1", "trainer.batch_size=4",
+              "trainer.max_length=16", "logging.progress=false", "method.svd_cache_dir=null", "method.rank=4",
+              f"hydra.run.dir={run}"]
+    process = _start(launch, {**ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, log)
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"timed out after {TIMEOUT} s:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert process.returncode != 0 and len(errors) == 1, text[-3000:]
+    assert "trainer.batch_size: 4 on rank 0, 2 on rank 1" in errors[0] and not run.exists(), text[-3000:]
+
+
 @pytest.mark.parametrize("env, argv, expected", [
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["recipe=demo"], "needs hydra.run.dir"),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ["--multirun", "seed=0,1", "hydra.run.dir=x"], "sweep_launch.py"),

@@ -29,7 +29,13 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -99,6 +105,7 @@ from kasa.training.preflight import (
     check_config_values,
     check_not_a_sweep,
     check_run_start,
+    check_same_settings,
     ignored_precision_warning,
 )
 from kasa.training.run_lock import RunLock
@@ -343,6 +350,8 @@ class TrainingRecipe:
         folder, what it holds, the checkpoint to resume from, the model's size without a GPU), then clean what
         interrupted writes left behind."""
         check_config_values(self.cfg)
+        if self.accelerator.num_processes > 1:
+            check_same_settings(gather_object([self.resolved_config]))
         check_not_a_sweep(self.out)
         self.lock = RunLock(self.out).acquire() if self.main else None
         if self.main and self.out.is_dir():  # a checkpoint that a kill left moved aside, back before one is chosen

@@ -483,6 +483,31 @@ def check_resume_config(saved_config: Path, current: dict[str, Any], allow_chang
 
 
 
+# Settings that the processes of a multi-node launch may hold differently: where each node finds its own copy of
+# the model and data, its SVD cache and calibration memory, and whether it draws progress bars (rank 0 alone does).
+NODE_LOCAL_SETTINGS = frozenset({"model.path", "task.data_dir", "method.svd_cache_dir",
+                                 "method.calibration_memory_gib", "logging.progress"})
+
+
+def check_same_settings(configs: list[dict[str, Any]]) -> None:
+    """The resolved configs of a launch's processes (rank order) must agree, node-local settings aside: processes
+    started with other overrides (a multi-node launch typed twice) would train different runs in lockstep until a
+    collective of mismatched sizes aborts one of them."""
+    first = dotted_settings(configs[0])
+    for rank, config in enumerate(configs[1:], start=1):
+        other = dotted_settings(config)
+        differing = [key for key in sorted(first.keys() | other.keys()) if first.get(key) != other.get(key)
+                     and key not in NODE_LOCAL_SETTINGS and key.split(".")[0] != OVERRIDES_KEY]
+        if differing:
+            shown = ", ".join(f"{key}: {first.get(key)!r} on rank 0, {other.get(key)!r} on rank {rank}"
+                              for key in differing[:3])
+            more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+            err = ValueError(f"the launch's processes were started with different settings ({shown}{more}): start "
+                             "every process with the same recipe and overrides")
+            err.every_rank_alike = True  # every process compares the same gathered configs
+            raise err
+
+
 @dataclass
 class RunStart:
     """How a run starts: fresh, from a checkpoint, or not at all (`resume=auto` on a run that already finished)."""
