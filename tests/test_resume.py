@@ -455,3 +455,29 @@ def test_a_damaged_optimizer_schedule_or_rng_file_is_skipped_by_resume_auto(unin
     assert f"skipping {newest.name}: cannot read checkpoint {newest}" in resumed.stderr
     assert f"resumed from {older}" in resumed.stderr
     assert metrics(run_dir) == metrics(uninterrupted)
+
+
+def test_a_resume_with_changed_optimiser_settings_trains_with_them(tmp_path, tiny_model, sentiment_dir):
+    """resume_allow_changes=true recorded a new trainer.lr, weight_decay or max_steps and trained on with the
+    checkpoint's: its learning rates, weight decay and schedule length came back with the optimiser's moments
+    (walk AW: steps 5-8 at the old schedule's 2e-4 ... 5e-5, a max_steps resume's first step at lr 0). The changed
+    settings now apply from the resumed step: the steps after it train as a fresh run of the new settings would."""
+    changed = ["trainer.lr=1e-2", "trainer.weight_decay=0.5", "trainer.max_steps=11"]
+    first = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "a", "trainer.lr=4e-4",
+                                                        "trainer.keep_checkpoints=10"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "b", *changed),
+                      f"resume={tmp_path / 'a' / 'checkpoints' / 'step-00000003'}", "resume_allow_changes=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fresh = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "c", *changed))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+    def rates(run: str) -> dict[int, float]:
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+
+    after = {step: lr for step, lr in rates("c").items() if step > 3}
+    assert len(after) == 8 and {step: rates("b")[step] for step in after} == after
+    latest = max((tmp_path / "b" / "checkpoints").glob("step-*"))
+    groups = torch.load(latest / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {group["weight_decay"] for group in groups} == {0.5}

@@ -44,6 +44,9 @@ RNG_FILE = "rng.safetensors"
 ALLOCATOR_FILE = "adalora_allocator.pt"  # AdaLoRA's rank allocator (importance averages, rank pattern), AdaLoRA only
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint of its ZeRO optimizer partitions, in place of OPTIMIZER_FILE
 DEEPSPEED_TAG = "state"
+# What kasa's config sets in each optimiser group (trainer.lr, head_lr, weight_decay; initial_lr is the schedule's
+# copy of lr): a resume takes these from the config, the moments and the step count from the checkpoint
+CONFIGURED_GROUP_SETTINGS = ("lr", "initial_lr", "weight_decay")
 
 
 @dataclass
@@ -289,6 +292,8 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
     process calls it. The RNG states are put back later, by `epoch_batches`."""
     deepspeed = _uses_deepspeed(accelerator)
     needed = check_same_engine(directory, accelerator)
+    schedule = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper holds the LambdaLR
+    configured = [{key: group[key] for key in CONFIGURED_GROUP_SETTINGS} for group in schedule.optimizer.param_groups]
     try:
         if deepspeed:
             model.load_checkpoint(str(needed), tag=DEEPSPEED_TAG, load_module_strict=False,
@@ -305,7 +310,23 @@ def restore_training_state(directory: Path, accelerator: Accelerator, model: nn.
     except (RuntimeError, ValueError, KeyError, AssertionError) as err:  # DeepSpeed asserts what it cannot read
         raise ValueError(f"checkpoint {directory} cannot be resumed ({str(err).splitlines()[0][:200]}): it is damaged "
                          "or was written by another setup; resume from another one (resume=<checkpoint dir>)") from err
+    _follow_the_config(schedule, configured)
     return TrainState.of_checkpoint(directory)
+
+
+def _follow_the_config(schedule: Any, configured: list[dict[str, float]]) -> None:
+    """The loaded optimiser and schedule states brought back the checkpoint's learning rate and weight decay with
+    its moments and step count: the config's (`configured`, read from the groups as this run built them) go back
+    in, and the learning rate of the step under way is the schedule's, as this run defines it (its length, warmup
+    and decay), at the checkpoint's step. For a resume with the run's own settings that changes nothing (the same
+    floats, the same product); with changed ones (resume_allow_changes=true) they apply from the resumed step."""
+    for group, values in zip(schedule.optimizer.param_groups, configured):
+        group.update(values)
+    schedule.base_lrs = [group["initial_lr"] for group in schedule.optimizer.param_groups]
+    schedule._last_lr = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs,
+                                                                                    schedule.lr_lambdas)]
+    for group, lr in zip(schedule.optimizer.param_groups, schedule._last_lr):
+        group["lr"] = lr
 
 
 def check_same_engine(directory: Path, accelerator: Accelerator) -> Path:
