@@ -13,8 +13,10 @@ outside the launcher: this script is that outer loop.
         recipe=glue/roberta_base_cola method.beta=1e-4,1e-3 method.gamma=1e-4,1e-3 seed=0,1,2
 
 Every `key=v1,v2,...` argument is a sweep axis (commas inside [...], {...}, (...) or quotes do not split, so
-`model.target_modules=[query,value]` is one value); `key=value` is passed to every job. The grid is the product of
-the axes in the order given, the last one varying fastest (the order of Hydra's multirun), and job i runs with
+`model.target_modules=[query,value]` is one value); `key=value` is passed to every job. A recipe's own sweep (its
+`hydra.sweeper.params`, which `kasa-train --multirun` runs: the ablation/ and sweeps/ recipes) gives the first axes,
+and a key given here replaces its values, in its place. The grid is the product of the axes in that order, the last
+one varying fastest (the order of Hydra's multirun), and job i runs with
 `hydra.run.dir=<sweep dir>/<i>`. Written into the sweep directory: sweep_jobs.json (each job's overrides, command,
 exit status and seconds, updated as jobs finish) and, from kasa.analysis.sweep.summarize_sweep, sweep_summary.md,
 sweep_summary.csv and the beta x gamma heatmap.
@@ -83,10 +85,11 @@ def split_values(value: str) -> list[str]:
     return values
 
 
-def build_grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
-    """(fixed overrides, one override list per job) from the command-line overrides."""
-    fixed: list[str] = []
-    axes: list[list[str]] = []
+def build_grid(overrides: list[str], recipe_axes: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(fixed overrides, one override list per job) from the recipe's sweep (`recipe_axes`: its
+    hydra.sweeper.params, which --multirun sweeps) and the command-line overrides, as Hydra's multirun combines
+    them: the recipe's axes first, a key given on the command line replacing the recipe's values in their place."""
+    grid = {key: split_values(value) for key, value in (recipe_axes or {}).items()}
     for item in overrides:
         if item.startswith("-"):
             raise ValueError(f"{item!r}: options go before the overrides, and --multirun/-m is not used here")
@@ -95,13 +98,23 @@ def build_grid(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
         key, value = item.split("=", 1)
         if key.lstrip("+~") in RESERVED:
             raise ValueError(f"{key} is set by the sweep launcher (use --sweep-dir)")
-        values = split_values(value)
-        if len(values) == 1:
-            fixed.append(item)
-        else:
-            axes.append([f"{key}={v}" for v in values])
+        grid[key] = split_values(value)
+    fixed = [f"{key}={values[0]}" for key, values in grid.items() if len(values) == 1]
+    axes = [[f"{key}={v}" for v in values] for key, values in grid.items() if len(values) > 1]
     jobs = [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
     return fixed, jobs
+
+
+def recipe_axes_of(overrides: list[str]) -> dict[str, str]:
+    """The sweep that the recipe of these overrides declares, read from the config of the grid's first job; none
+    where that config does not compose (check_jobs then reports why, one line)."""
+    from kasa.cli.common import recipe_sweep_axes
+
+    fixed, jobs = build_grid(overrides)
+    try:
+        return recipe_sweep_axes(fixed + jobs[0])
+    except Exception:  # noqa: BLE001 - Hydra's composition errors, reported by check_jobs on the same config
+        return {}
 
 
 def check_jobs(fixed: list[str], jobs: list[list[str]], sweep_dir: Path) -> list[int]:
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        fixed, jobs = build_grid(args.overrides)
+        fixed, jobs = build_grid(args.overrides, recipe_axes_of(args.overrides))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

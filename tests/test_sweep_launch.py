@@ -44,6 +44,22 @@ def test_sweep_grid_splits_only_top_level_commas():
             sweep.build_grid(bad)
 
 
+def test_the_grid_takes_the_recipes_own_sweep_as_multirun_does():
+    """A recipe's hydra.sweeper.params (the ablation's 5 methods x 5 seeds, the sweeps/ recipes' grids) were ignored:
+    one KaSA job where `kasa-train --multirun` runs 25 (walk AW). Its axes come first; a key given on the command
+    line replaces the recipe's values in their place."""
+    sweep = _sweep_module()
+    axes = sweep.recipe_axes_of(["recipe=ablation/roberta_base_cola", "seed=0,1"])
+    assert axes == {"method": "lora,svd_lora,kasa_sv,kasa_l2,kasa", "seed": "0,1,2,3,4"}
+    fixed, jobs = sweep.build_grid(["recipe=ablation/roberta_base_cola", "seed=0,1"], axes)
+    assert fixed == ["recipe=ablation/roberta_base_cola"] and len(jobs) == 10
+    assert jobs[:3] == [["method=lora", "seed=0"], ["method=lora", "seed=1"], ["method=svd_lora", "seed=0"]]
+    assert sweep.build_grid(["recipe=r", "seed=3"], axes) == (["seed=3", "recipe=r"], [
+        [f"method={m}"] for m in ("lora", "svd_lora", "kasa_sv", "kasa_l2", "kasa")])
+    assert sweep.recipe_axes_of(["recipe=glue/roberta_base_cola"]) == {}
+    assert sweep.recipe_axes_of(["recipe=no/such/recipe"]) == {}  # check_jobs says why, in one line
+
+
 def test_sweep_launch_runs_each_job_and_summarizes(tmp_path, capfd, monkeypatch):
     """The script runs in this process (its checks and loop), each job in a process of its own."""
     sweep = _sweep_module()

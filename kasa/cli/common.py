@@ -377,19 +377,34 @@ def compose_resolved(overrides: list[str], output_dir: str = "unused") -> dict[s
     """The resolved config (kasa.config.resolve) that kasa-train would record in config.json with these overrides,
     its `hydra_overrides` aside: what a run's saved settings are compared with (scripts/sweep_launch.py checks its
     jobs' folders with it). Not validated: `compose_run` is."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from kasa.config import resolve
+
+    cfg = _compose_with_hydra(overrides, output_dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return resolve(cfg)
+
+
+def recipe_sweep_axes(overrides: list[str]) -> dict[str, str]:
+    """The sweep a recipe declares for `kasa-train --multirun` (its `hydra.sweeper.params`: key -> "v1,v2,..."),
+    in the config these overrides compose."""
+    params = _compose_with_hydra(overrides, "unused").hydra.sweeper.get("params") or {}
+    return {str(key): str(value) for key, value in params.items()}
+
+
+def _compose_with_hydra(overrides: list[str], output_dir: str):
+    """The config kasa-train composes with these overrides, Hydra's own section included and set as the current
+    one (${hydra:runtime.choices.recipe} resolves from it)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_module("kasa.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*default_to_demo(overrides), f"output_dir={output_dir}"],
                       return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.choices.recipe} resolves from it
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return resolve(cfg)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
