@@ -290,7 +290,8 @@ def _check_task(run: RunConfig) -> None:
     if task.kind not in TASK_KIND_NAMES:
         raise ValueError(f"unknown task.kind {task.kind!r}; choose one of: {', '.join(TASK_KIND_NAMES)}")
     computed = task_metrics(task.kind, task.num_labels, task.eval_sets)
-    if task.metric not in computed:
+    # (a num_labels below 1 computes nothing: check_config_values refuses it, naming it, not the metric)
+    if task.metric not in computed and task.num_labels >= 1:
         raise ValueError(f"task.metric={task.metric} is not computed by a {task.kind} task"
                          f"{' with num_labels ' + str(task.num_labels) if task.kind == 'glue' else ''}: choose one "
                          f"of {', '.join(computed)}")

@@ -50,6 +50,7 @@ from kasa.tasks.models import VOCABULARY_FILES
         (["~trainer.lr"], ["~trainer.lr: kasa's settings cannot be removed, only set: write trainer.lr=<value>"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),
+        (["task.num_labels=0"], ["task.num_labels=0 is not allowed"]),  # blamed task.metric (walk AW)
         # decoding settings failed at the first evaluation, after training
         (["task.generation.do_sample=true", "task.generation.temperature=0"], ["task.generation.temperature=0.0"]),
         (["task.generation.top_p=2"], ["task.generation.top_p=2.0", "(0, 1]"]),
