@@ -71,6 +71,14 @@ def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
     assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
 
 
+def test_an_added_unknown_method_key_lists_only_the_keys_that_can_be_set(tiny_model, sentiment_dir, tmp_path):
+    """+method.foo=1 listed target_modules, fused_modules and trainable_modules among the valid keys, which are then
+    refused as following the model (walk AW)."""
+    result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run"), "+method.foo=1")
+    assert_one_line_error(result, "unknown key method.foo", "valid keys under method: method, rank")
+    assert "target_modules" not in result.stderr and "trainable_modules" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("override", ["trainer.lr=-1", "model.dtype=float8", "model.attn_implementation=flash"])
 def test_a_refused_value_leaves_no_run_directory(tiny_model, sentiment_dir, tmp_path, override):
     """Checked before kasa locks or writes the folder; Hydra has created it, empty, by then, and it goes, with the

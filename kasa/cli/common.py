@@ -174,9 +174,9 @@ def describe_error(err: Exception, own_keys: Sequence[str] = ()) -> str:
         if key and isinstance(err, ValidationError):
             return _wrong_value(key, err)
         if key and isinstance(err, ConfigKeyError):
-            return _unknown_key(key, RunConfig, own_keys)
+            return _unknown_key(key, run_schema(), own_keys)
         parent = key.rsplit(".", 1)[0] if key and "." in key else None
-        valid = _schema_fields(parent, RunConfig) if parent else None
+        valid = _schema_fields(parent, run_schema()) if parent else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""
         return f"invalid config{f' at {key}' if key else ''}: {message}{hint}"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
