@@ -50,6 +50,8 @@ from kasa.tasks.models import VOCABULARY_FILES
         (["~trainer.lr"], ["~trainer.lr: kasa's settings cannot be removed, only set: write trainer.lr=<value>"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),
+        (["recipe=null"], ["a config group (recipe, model, task, method) takes the name of one of its options, not "
+                           "null"]),  # Hydra's "must be a string or a list. Got NoneType" (walk AW)
         (["task.num_labels=0"], ["task.num_labels=0 is not allowed"]),  # blamed task.metric (walk AW)
         # decoding settings failed at the first evaluation, after training
         (["task.generation.do_sample=true", "task.generation.temperature=0"], ["task.generation.temperature=0.0"]),

@@ -179,6 +179,9 @@ def describe_error(err: Exception, own_keys: Sequence[str] = ()) -> str:
         valid = _schema_fields(parent, run_schema()) if parent else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""
         return f"invalid config{f' at {key}' if key else ''}: {message}{hint}"
+    if str(err).startswith("Config group override must be a string or a list"):  # Hydra's, for recipe=null
+        return ("a config group (recipe, model, task, method) takes the name of one of its options, not null: leave "
+                "the override out for no recipe or the default option, or name one, e.g. model=minilm_l6")
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
