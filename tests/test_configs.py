@@ -489,3 +489,13 @@ def test_a_key_of_a_free_mapping_without_its_plus_says_to_add_one():
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: unknown key method.peft_options.init_r: method.peft_options holds keys of your own, which an override "
         "adds with a + (+method.peft_options.init_r=...)"], result.stderr[-2000:]
+
+
+def test_version_is_kasa_s(capsys, monkeypatch):
+    """`kasa-train --version` printed Hydra's version (Hydra 1.3.8), the flag being Hydra's (walk AW)."""
+    from kasa import __version__
+    from kasa.cli.train import main
+
+    monkeypatch.setattr("sys.argv", ["kasa-train", "--version"])
+    main()
+    assert capsys.readouterr().out == f"kasa {__version__}\n"

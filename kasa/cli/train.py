@@ -215,6 +215,11 @@ def _check_flags_first(args: list[str]) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--version"]:  # Hydra's own flag printed Hydra's version
+        from kasa import __version__
+
+        print(f"kasa {__version__}")
+        return
     _prepare_multiprocess_launch(sys.argv)
     _check_flags_first(sys.argv[1:])
     if "--hydra-help" not in sys.argv:  # the help of Hydra's own config, which has no recipe to choose
