@@ -482,7 +482,6 @@ def check_resume_config(saved_config: Path, current: dict[str, Any], allow_chang
     return differences
 
 
-
 # Settings that the processes of a multi-node launch may hold differently: where each node finds its own copy of
 # the model and data, its SVD cache and calibration memory, and whether it draws progress bars (rank 0 alone does).
 NODE_LOCAL_SETTINGS = frozenset({"model.path", "task.data_dir", "method.svd_cache_dir",
