@@ -345,7 +345,8 @@ def test_method_files_cover_methods():
 
 def test_no_argument_trains_the_demo_recipe(hydra_initialised, tmp_path):
     for args, recipe in (([], "demo"), (["method=lora", "seed=1"], "demo"), (["--multirun", "seed=0,1"], "demo"),
-                         (["task=glue/cola"], None), (["recipe=glue/roberta_base_rte"], None)):
+                         (["task=glue/cola"], None), (["recipe=glue/roberta_base_rte"], None),
+                         (["~recipe", "trainer.epochs=1"], None)):  # recorded recipe=demo, unused (walk AW)
         assert (default_to_demo(args)[-1:] == ["recipe=demo"]) == (recipe == "demo"), args
     run = _validate(_compose(["recipe=demo", "method=lora"], tmp_path))
     demo = OmegaConf.load(RECIPES / "demo.yaml")

@@ -362,7 +362,8 @@ def default_to_demo(args: list[str]) -> list[str]:
     chosen: the bare command is the offline demo. A model and a task without a recipe keep the trainer's own
     defaults (no recipe's values leak into them)."""
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    if {override_key(a) for a in overrides} & {"recipe", "model", "task"}:
+    removed = [a for a in args if a.startswith("~")]  # `~recipe`: no recipe, chosen (recipe=demo after it was used)
+    if {override_key(a) for a in overrides + removed} & {"recipe", "model", "task"}:
         return args
     # after the overrides, or before flags given alone, where no flag takes it for its value (`kasa-train --info`)
     return [*args, "recipe=demo"] if overrides else ["recipe=demo", *args]
