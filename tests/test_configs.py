@@ -480,6 +480,17 @@ def test_cfg_without_its_value_is_one_line(args):
         "kasa-train --cfg job recipe=glue/roberta_base_cola"], result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args", [["--cfg", "jobb", "recipe=demo"], ["-c", "alll"]])
+def test_cfg_with_an_unknown_part_is_one_line(args):
+    """argparse printed its 7-line usage block for --cfg jobb (walk AW)."""
+    from cli_helpers import run_cli
+
+    result = run_cli("kasa.cli.train", *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --cfg {args[1]}: the part of the config to print is job, hydra or all, e.g. kasa-train --cfg job "
+        "recipe=glue/roberta_base_cola"], result.stderr[-2000:]
+
+
 def test_a_key_of_a_free_mapping_without_its_plus_says_to_add_one():
     """method.peft_options holds the user's own keys (AdaLoRA's init_r): Hydra adds them with a +; the bare
     `unknown key` gave no way on."""

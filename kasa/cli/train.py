@@ -206,6 +206,10 @@ def _check_flags_first(args: list[str]) -> None:
     if any(a in ("--cfg", "-c") for a in args[first_override - 1:first_override]):
         fail(f"{args[first_override - 1]} needs the part of the config to print, job, hydra or all, before the "
              "overrides: e.g. kasa-train --cfg job recipe=glue/roberta_base_cola")
+    part = next((args[i + 1] for i, a in enumerate(args[:first_override - 1]) if a in ("--cfg", "-c")), None)
+    if part is not None and part not in ("job", "hydra", "all"):  # argparse's 7-line usage block said so
+        fail(f"--cfg {part}: the part of the config to print is job, hydra or all, e.g. kasa-train --cfg job "
+             "recipe=glue/roberta_base_cola")
     late = next((a for a in args[first_override:] if a.startswith("-")), None)
     if late is not None:
         moved = [late, *(a for a in args if a != late)] if late in ("--multirun", "-m") else None
