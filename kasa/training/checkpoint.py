@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from kasa.adapters import save_adapter
 from kasa.adapters.io import adapter_state, check_removed_components, fill_adapter, full_adapter_state, save_tensors
@@ -319,7 +320,10 @@ def _follow_the_config(schedule: Any, configured: list[dict[str, float]]) -> Non
     its moments and step count: the config's (`configured`, read from the groups as this run built them) go back
     in, and the learning rate of the step under way is the schedule's, as this run defines it (its length, warmup
     and decay), at the checkpoint's step. For a resume with the run's own settings that changes nothing (the same
-    floats, the same product); with changed ones (resume_allow_changes=true) they apply from the resumed step."""
+    floats, the same product); with changed ones (resume_allow_changes=true) they apply from the resumed step.
+    Only kasa's own schedule (build_scheduler's LambdaLR) is known this way: another keeps its loaded state."""
+    if not isinstance(schedule, LambdaLR):
+        return
     for group, values in zip(schedule.optimizer.param_groups, configured):
         group.update(values)
     schedule.base_lrs = [group["initial_lr"] for group in schedule.optimizer.param_groups]
