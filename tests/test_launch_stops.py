@@ -114,9 +114,13 @@ def test_a_rank_that_fails_alone_leaves_one_line_not_the_others_gloo_traceback(t
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     if failure == "error":
         assert errors and "No space left on device (a stand-in)" in errors[0], text[-3000:]
-    else:
-        assert len(errors) == 1 and "a collective operation with the launch's other processes failed" in errors[0]
-        assert "resume=auto" in errors[0], text[-3000:]
+        return
+    # the survivor's collective fails at once, unless the launcher, seeing the killed rank, stops it first: then it is
+    # the launcher's stop signal that it meets (on a loaded machine, often)
+    stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(errors) + len(stopped) == 1, text[-3000:]
+    assert stopped or ("a collective operation with the launch's other processes failed" in errors[0]
+                       and "resume=auto" in errors[0]), text[-3000:]
 
 
 def test_the_settings_of_a_launch_s_processes_must_agree_but_node_local_ones():
