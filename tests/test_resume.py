@@ -481,3 +481,25 @@ def test_a_resume_with_changed_optimiser_settings_trains_with_them(tmp_path, tin
     latest = max((tmp_path / "b" / "checkpoints").glob("step-*"))
     groups = torch.load(latest / "optimizer.pt", weights_only=True)["param_groups"]
     assert {group["weight_decay"] for group in groups} == {0.5}
+
+
+def test_a_resume_at_or_past_the_end_of_a_shortened_schedule(tmp_path, tiny_model, sentiment_dir):
+    """trainer.max_steps lowered to the checkpoint's step (mid-epoch): the run ended without evaluating ("ended
+    without an evaluation: no summary written", its folder left with config.json); lowered below it: the same
+    (walk AX). At the step, the epoch ends there and is evaluated, as in a fresh run; below it, one line before
+    anything is written."""
+    args = checkpointed_args(tiny_model, sentiment_dir, tmp_path / "a", "trainer.keep_checkpoints=10")
+    assert run_cli("kasa.cli.train", *args).returncode == 0
+    checkpoints = tmp_path / "a" / "checkpoints"
+    at_end = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "b",
+                                                          "trainer.max_steps=3"),
+                     f"resume={checkpoints / 'step-00000003'}", "resume_allow_changes=true")
+    assert at_end.returncode == 0, at_end.stderr[-3000:]
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and len(summary["eval_history"]) == 1
+    past = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, tmp_path / "c",
+                                                        "trainer.max_steps=4"),
+                   f"resume={checkpoints / 'step-00000006'}", "resume_allow_changes=true")
+    assert_one_line_error(past, "has trained 6 steps, more than the 4 of this run's schedule",
+                          after_the_model_loaded=True)
+    assert not (tmp_path / "c" / "config.json").exists()

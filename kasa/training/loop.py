@@ -559,6 +559,10 @@ class TrainingRecipe:
         """Optimiser, schedule and counters from `checkpoint`; this run's logs lose what was written after it. (Its
         weights went in before `prepare`, its RNG states go back in `epoch_batches`.)"""
         self.state = restore_training_state(checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler)
+        if self.state.step > self.total_steps:  # a schedule made shorter under resume_allow_changes
+            raise ValueError(f"checkpoint {checkpoint} has trained {self.state.step} steps, more than the "
+                             f"{self.total_steps} of this run's schedule (trainer.max_steps, trainer.epochs): raise "
+                             "them, or resume from an earlier checkpoint")
         if self.resumes_own_run():  # another run's logs stay where they are: this folder's start from the checkpoint
             self.tracked_until = self.metrics_log.last_position()  # the records the trackers have had
             for log, size in ((self.metrics_log, self.state.metrics_size),
@@ -622,6 +626,12 @@ class TrainingRecipe:
         start, self.off_step_seconds = time.perf_counter(), 0.0
         self.progress = self.console.progress(self.total_steps, self.epochs, completed=self.state.step)
         try:
+            if self.state.pending_evaluation is None and self.state.batches_in_epoch and \
+                    self.state.step >= self.total_steps:
+                # resumed at the last step of a schedule made shorter (resume_allow_changes: trainer.max_steps or
+                # epochs) part way through an epoch: that epoch ends here and is evaluated, as in a fresh run
+                self.state.pending_evaluation = self.state.epoch
+                self.state.epoch, self.state.batches_in_epoch = self.state.epoch + 1, 0
             if self.state.pending_evaluation is not None:  # resumed after a failed evaluation: that one first,
                 # from the RNG states that it met in the run (an evaluation draws from them), and the next epoch
                 # from those it leaves, as if it had not failed
