@@ -448,6 +448,17 @@ def test_a_refused_resume_names_the_runs_own_settings_as_overrides_that_set_them
     assert override.key_or_group == "trainer.x" and override.value() == value
 
 
+def test_a_refused_resume_suggests_the_model_s_settings_not_the_method_s_copies(tmp_path):
+    """method.target_modules (a copy of model.target_modules) was suggested too, and kasa-train refuses it as
+    following the model (walk AX)."""
+    saved = {"model": {"target_modules": ["query"]}, "method": {"target_modules": ["query"], "rank": 4}}
+    now = {"model": {"target_modules": ["query", "value"]}, "method": {"target_modules": ["query", "value"],
+                                                                       "rank": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"resume with its own \(method\.rank=4 'model\.target_modules=\[\"query\"\]'\), or"):
+        preflight.check_resume_config(tmp_path / "config.json", now, allow_changes=False)
+
+
 def test_resume_config_differences(tmp_path):
     saved = {"trainer": {"lr": 0.001, "epochs": 2, "save_every": 3}, "resume": None, "hydra_overrides": ["a=1"],
              "logging": {"progress": True}}
