@@ -152,7 +152,7 @@ def peak_memory_mib() -> dict[str, float]:
 def _collective_error(err: BaseException) -> str:
     """The first sentence of a failed collective's error, without the source location gloo puts before it."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())
-    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] or type(err).__name__
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".") or type(err).__name__
 
 
 def check_launch(engine: str, processes: int) -> list[str]:
