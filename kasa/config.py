@@ -218,6 +218,13 @@ def run_schema() -> type:
     return _dataclass_without(RunConfig, "RunSchema", set(), replace={"method": method, "output_dir": Optional[str]})
 
 
+def follows_the_model(key: str) -> bool:
+    """Whether a dotted key is the method's copy of a model setting (method.target_modules from
+    model.target_modules): an override sets the model's, and composition refuses the copy's (model_module_error)."""
+    section, _, name = key.partition(".")
+    return section == "method" and name in MODEL_MODULES
+
+
 def model_module_error(key: str) -> str:
     """The message for `method.<key>` where key is one of MODEL_MODULES."""
     return f"method.{key} follows the model: set model.{MODEL_MODULES[key]}=... instead"

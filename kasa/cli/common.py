@@ -21,7 +21,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 import kasa
-from kasa.config import MODEL_MODULES, RunConfig, launch_rank, model_module_error, register_schema, run_schema
+from kasa.config import (
+    MODEL_MODULES,
+    RunConfig,
+    follows_the_model,
+    launch_rank,
+    model_module_error,
+    register_schema,
+    run_schema,
+)
 from kasa.hub import offline_without_hub
 from kasa.run_dir import time_stamp
 
@@ -124,9 +132,8 @@ def _describe_hydra(err: HydraException, own_keys: Sequence[str]) -> str:
     if key and "does not support deletion" in str(err.__cause__):  # ~key on one of the schema's keys
         return f"~{key}: kasa's settings cannot be removed, only set: write {key}=<value> (null where it may be unset)"
     if key:
-        parent, _, leaf = key.rpartition(".")
-        if parent == "method" and leaf in MODEL_MODULES:
-            return model_module_error(leaf)
+        if follows_the_model(key):
+            return model_module_error(key.partition(".")[2])
         return _unknown_key(key, run_schema(), own_keys)
     return first
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kasa.config import MODEL_MODULES, RunConfig, dotted_settings, is_bookkeeping
+from kasa.config import RunConfig, dotted_settings, follows_the_model, is_bookkeeping
 from kasa.run_dir import (
     ADAPTER_WEIGHTS_FILE,
     CHECKPOINTS_DIR,
@@ -458,13 +458,6 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}='{value}'" if "'" not in value else f"{key}={json.dumps(value)}"
 
 
-def _follows_the_model(key: str) -> bool:
-    """A method setting that the run copies from the model's (method.target_modules from model.target_modules): an
-    override sets the model's, and kasa-train refuses the copy's."""
-    section, _, name = key.partition(".")
-    return section == "method" and name in MODEL_MODULES
-
-
 def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
 
@@ -482,7 +475,7 @@ def check_resume_config(saved_config: Path, current: dict[str, Any], allow_chang
     differences = config_differences(saved, current)
     if differences and not allow_changes:
         own = " ".join(shlex.quote(as_override(key, old)) for key, (old, _) in differences.items()
-                       if not _follows_the_model(key))
+                       if not follows_the_model(key))
         raise ValueError(f"resuming {saved_config.parent} with settings that differ from its own "
                          f"({describe_differences(differences)}): resume with its own ({own}), "
                          "or pass resume_allow_changes=true to continue with these (the change is recorded in "
