@@ -420,6 +420,71 @@ def test_the_auxiliary_loss_graph_holds_no_copy_of_the_adapters():
     assert held and all(t.dim() < 3 or t.shape[1] == t.shape[2] == 4 for t in held)  # r x r Grams, dSigma, norms
 
 
+def group_views(model) -> list:
+    """For each group of blocks of one shape: the stacked view of their dU, dSigma and dV^T parameters (None where
+    they do not lie one after another in one storage)."""
+    from kasa.adapters.kasa import stacked_view
+
+    groups: dict = {}
+    for _, block in kasa.kasa_blocks(model):
+        groups.setdefault((block.n, block.m), []).append(block)
+    return [stacked_view([getattr(b, kind) for b in blocks])
+            for blocks in groups.values() for kind in ("delta_u", "delta_sigma", "delta_v")]
+
+
+def test_the_batched_terms_read_the_parameters_in_place_and_the_optimizer_moves_them():
+    """In one process the first auxiliary loss makes each group's parameters views of one tensor, so later steps
+    stack no copies of them; AdamW, built before that, still updates the very parameters the model computes with."""
+    beta, gamma = 0.3, 0.7
+    model = kasa_model(beta=beta, gamma=gamma)
+    assert not any(view is not None for view in group_views(model))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        kasa.aux_loss(model).total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    views = group_views(model)
+    assert all(view is not None for view in views)
+    before = [view.clone() for view in views]
+    kasa.aux_loss(model).total.backward()
+    optimizer.step()
+    assert all(not torch.equal(view, old) for view, old in zip(group_views(model), before))
+    blocks = [b for _, b in kasa.kasa_blocks(model)]
+    expected = sum(beta * l2 + gamma * l3 for l2, l3 in (expected_terms(b, "paper") for b in blocks)) / len(blocks)
+    torch.testing.assert_close(kasa.aux_loss(model).total.double(), expected, atol=0, rtol=1e-5)
+
+
+def test_parameters_moved_after_packing_are_packed_again():
+    """`.to()` gives every parameter memory of its own: the terms stay right, and the next loss packs them again."""
+    model = kasa_model(beta=0.3, gamma=0.7)
+    kasa.aux_loss(model)
+    model.double()
+    assert all(view is None for view in group_views(model))
+    blocks = [b for _, b in kasa.kasa_blocks(model)]
+    expected = sum(0.3 * l2 + 0.7 * l3 for l2, l3 in (expected_terms(b, "paper") for b in blocks)) / len(blocks)
+    total = kasa.aux_loss(model).total
+    assert total.dtype == torch.float64
+    torch.testing.assert_close(total, expected, atol=0, rtol=1e-10)
+    assert all(view is not None and view.dtype == torch.float64 for view in group_views(model))
+
+
+def test_adapters_applied_again_get_the_auxiliary_loss_of_their_own_blocks():
+    """The loss's block list is kept with the model's adapters: one unloaded and applied again (the same config
+    object) regularises the new blocks, not the old ones."""
+    config = kasa.AdapterConfig(rank=4, beta=0.3, gamma=0.7, target_modules=AUX_TARGETS)
+    model = kasa.apply_adapters(build_roberta(), config)
+    old = [b for _, b in kasa.kasa_blocks(model)]
+    kasa.aux_loss(model)
+    kasa.merge_and_unload(model, merge=False)
+    kasa.apply_adapters(model, config)
+    randomize_adapters(model, scale=0.3)
+    kasa.aux_loss(model).total.backward()
+    new = [b for _, b in kasa.kasa_blocks(model)]
+    assert not {id(b) for b in new} & {id(b) for b in old}
+    assert all(b.delta_u.grad is not None and b.delta_u.grad.abs().sum() > 0 for b in new)
+    assert all(b.delta_u.grad is None for b in old)
+
+
 def test_the_terms_are_computed_in_the_parameters_dtype_under_autocast_and_on_the_meta_device():
     """Under torch.distributed a block computes its terms inside forward, where autocast may be on: they stay float32
     and their backward runs; kasa-estimate traces models on the meta device."""

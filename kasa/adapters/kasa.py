@@ -128,7 +128,8 @@ def aux_loss_needs_forward() -> bool:
 def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regularization]:
     """Every block's terms as vectors whose entry j belongs to blocks[order[j]], and `order`: a block's record from
     the forward pass (read and cleared), or else computed as `KasaBlock.regularization` does, from a few batched ops
-    per group of blocks of one shape instead of a dozen ops per block."""
+    per group of blocks of one shape instead of a dozen ops per block. In a single process those blocks' parameters
+    are first packed (`pack_parameters`), so that the batched ops read them in place."""
     recorded = [i for i, block in enumerate(blocks) if block.last_regularization is not None]
     groups: dict[tuple, list[int]] = {}
     for i, block in enumerate(blocks):
@@ -140,11 +141,48 @@ def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regulari
         parts.append(Regularization(*map(torch.stack, zip(*(blocks[i].last_regularization for i in recorded)))))
         for i in recorded:
             blocks[i].last_regularization = None
-    for (n, m, _, authors, _, _), members in groups.items():
-        params = [p for i in members for p in (blocks[i].delta_u, blocks[i].delta_sigma, blocks[i].delta_v)]
+    pack = not aux_loss_needs_forward()  # never under torch.distributed: its wrappers own the parameters' memory
+    for (n, m, _, authors, device, _), members in groups.items():
+        kinds = [[blocks[i].delta_u for i in members], [blocks[i].delta_sigma for i in members],
+                 [blocks[i].delta_v for i in members]]
+        if pack and device.type != "meta":
+            for params in kinds:
+                if stacked_view(params) is None:
+                    pack_parameters(params)
+        params = [p for block in zip(*kinds) for p in block]
         parts.append(_GroupRegularization.apply(n, m, authors, *params))
     order = recorded + [i for members in groups.values() for i in members]
     return order, Regularization(*map(torch.cat, zip(*parts)))
+
+
+def pack_parameters(params: list[nn.Parameter]) -> None:
+    """Make `params` (one shape, dtype and device) views of one new tensor, one after another, so that
+    `stacked_view` finds them stacked in place: the batched terms then read every block's factors where they are,
+    instead of stacking copies of them in forward and again in backward. Done again whenever
+    something gave them memory of their own (`.to()`, a deepcopy); the parameters keep their identity, so the
+    optimizer and its state follow."""
+    with torch.no_grad():
+        stacked = torch.stack([p.detach() for p in params])
+        for param, row in zip(params, stacked):
+            param.data = row
+
+
+def stacked_view(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """`params` (one shape and dtype) as one G x shape tensor over their own memory, when they lie one after another
+    in one storage (as `pack_parameters` leaves them), else None."""
+    first = params[0]
+    nbytes, start = first.numel() * first.element_size(), first.data_ptr()
+    storage = first.untyped_storage()
+    fits = storage.nbytes() - first.storage_offset() * first.element_size() >= len(params) * nbytes
+    if not fits or not all(p.is_contiguous() and p.data_ptr() == start + i * nbytes for i, p in enumerate(params)):
+        return None
+    return first.new_empty(0).set_(storage, first.storage_offset(), (len(params), *first.shape))
+
+
+def _stacked(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The G x shape stack of `params`: in place where `pack_parameters` left them, else a copy."""
+    stacked = stacked_view(list(params))
+    return torch.stack(params) if stacked is None else stacked
 
 
 def weighted_total(blocks: list[KasaBlock], terms: Regularization) -> torch.Tensor:
@@ -169,7 +207,7 @@ class _GroupRegularization(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n: int, m: int, authors: bool, *params: torch.Tensor):
-        delta_u, delta_sigma, delta_v = (torch.stack(params[i::3]) for i in range(3))  # G x n x r, G x r, G x r x m
+        delta_u, delta_sigma, delta_v = (_stacked(params[i::3]) for i in range(3))  # G x n x r, G x r, G x r x m
         device = delta_u.device.type  # autocast off where it exists (not on the meta device of kasa-estimate's tracing)
         with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             r = delta_sigma.shape[1]
@@ -194,7 +232,7 @@ class _GroupRegularization(torch.autograd.Function):
         tiny = torch.finfo(l3_u.dtype).tiny  # a zero norm has a zero matrix under it: gradient 0, not 0/0
         grad_sigma = 2 * delta_sigma * grad_l2[:, None]
         # the factor scales the r x r matrices, not the n x r products: one pass less over the gradients' memory
-        grad_u = torch.stack(factors[:blocks]) @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
-        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ torch.stack(factors[blocks:])
+        grad_u = _stacked(factors[:blocks]) @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
+        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ _stacked(factors[blocks:])
         grads = [g for block in zip(grad_u.unbind(), grad_sigma.unbind(), grad_v.unbind()) for g in block]
         return None, None, None, *grads

@@ -28,6 +28,13 @@ from kasa.adapters.quantized import (
 )
 from kasa.adapters.truncation import singular_components
 
+BLOCKS_ATTRIBUTE = "kasa_regularized_blocks"  # (config, [(name, KasaBlock)]): _regularized_blocks' list
+
+
+def _set_config(model: nn.Module, config: AdapterConfig | None) -> None:
+    """Mark `model` as adapted with `config` (None: no longer adapted), dropping the block list kept for the old."""
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    model.__dict__.pop(BLOCKS_ATTRIBUTE, None)
 
 
 def module_matches(module_name: str, target: str) -> bool:
@@ -134,7 +141,7 @@ def _adapt(model: nn.Module, config: AdapterConfig, initialise: bool,
     if config.method == "bitfit" and not any(param.requires_grad for param in model.parameters()):
         raise ValueError("method=bitfit trains the model's bias terms, and this model has none (nor a trained head): "
                          "choose another method, e.g. method=lora")
-    setattr(model, CONFIG_ATTRIBUTE, config)
+    _set_config(model, config)
 
 
 def target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, tuple[nn.Module, list[str] | None]]:
@@ -340,6 +347,19 @@ def kasa_blocks(model: nn.Module) -> Iterator[tuple[str, KasaBlock]]:
                 yield (name if part == "weight" else f"{name}.{part}"), block
 
 
+def _regularized_blocks(model: nn.Module) -> list[tuple[str, KasaBlock]]:
+    """The model's KaSA blocks that have a regulariser, in its order: found once per set of adapters and kept beside
+    its config (walking SmolLM2's ~2,000 modules costs ~5 ms a step); a wrapper (DDP, torch.compile) is walked."""
+    config = model.__dict__.get(CONFIG_ATTRIBUTE)
+    kept = model.__dict__.get(BLOCKS_ATTRIBUTE)
+    if config is not None and kept is not None and kept[0] is config:
+        return kept[1]
+    blocks = [(name, block) for name, block in kasa_blocks(model) if block.beta or block.gamma]
+    if config is not None:
+        model.__dict__[BLOCKS_ATTRIBUTE] = (config, blocks)
+    return blocks
+
+
 def aux_loss(model: nn.Module) -> AuxLoss | None:
     """KaSA's auxiliary loss of the model's current adapters (None for methods without one): call it before the
     training forward pass in a single process, after it under torch.distributed (`aux_loss_needs_forward`).
@@ -352,7 +372,7 @@ def aux_loss(model: nn.Module) -> AuxLoss | None:
     tuner = peft_baselines.tuner_of(model)
     if tuner is not None:
         return peft_baselines.aux_loss(tuner)
-    blocks = [(name, block) for name, block in kasa_blocks(model) if block.beta or block.gamma]
+    blocks = _regularized_blocks(model)
     if not blocks:
         return None
     order, terms = batched_regularization([block for _, block in blocks])
@@ -384,7 +404,7 @@ def merge_and_unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if peft_baselines.tuner_of(model) is not None:
         _restore_heads(model)
         peft_baselines.merge_and_unload(model, merge)
-        setattr(model, CONFIG_ATTRIBUTE, None)
+        _set_config(model, None)
         return model
     layers = list(adapted_layers(model))
     if merge:  # first: a base that cannot take the update (a quantized one) refuses before anything changed
@@ -394,7 +414,7 @@ def merge_and_unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
-    setattr(model, CONFIG_ATTRIBUTE, None)
+    _set_config(model, None)
     return model
 
 
