@@ -485,6 +485,41 @@ def test_adapters_applied_again_get_the_auxiliary_loss_of_their_own_blocks():
     assert all(b.delta_u.grad is None for b in old)
 
 
+def test_a_first_auxiliary_loss_under_inference_mode_leaves_the_model_trainable():
+    """Reading the regulariser's value under torch.inference_mode (an evaluation before training) packs nothing:
+    packed there, the parameters would become inference tensors, which no backward can use."""
+    model = kasa_model(beta=0.3, gamma=0.7)
+    with torch.inference_mode():
+        kasa.aux_loss(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    (model(torch.randint(0, 100, (2, 8))).logits.sum() + kasa.aux_loss(model).total).backward()
+    assert all(view is not None for view in group_views(model))
+
+
+def test_the_auxiliary_loss_follows_a_block_whose_beta_and_gamma_change():
+    """The kept list holds every KaSA block; which of them are regularised is read at each call."""
+    model = kasa_model(beta=0.3, gamma=0.7)
+    kasa.aux_loss(model)
+    blocks = [b for _, b in kasa.kasa_blocks(model)]
+    blocks[0].beta = blocks[0].gamma = 0.0
+    expected = sum(0.3 * l2 + 0.7 * l3 for l2, l3 in (expected_terms(b, "paper") for b in blocks[1:]))
+    aux = kasa.aux_loss(model)
+    assert len(aux.names) == len(blocks) - 1
+    torch.testing.assert_close(aux.total.double(), expected / (len(blocks) - 1), atol=0, rtol=1e-5)
+
+
+def test_a_parameter_changed_between_the_terms_and_their_backward_is_caught():
+    """The terms' backward reads the parameters saved for it, so autograd refuses one changed in place since."""
+    model = kasa_model(beta=0.3, gamma=0.7)
+    kasa.aux_loss(model)
+    aux = kasa.aux_loss(model)
+    with torch.no_grad():
+        next(kasa.kasa_blocks(model))[1].delta_sigma.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        aux.total.backward()
+
+
 def test_the_terms_are_computed_in_the_parameters_dtype_under_autocast_and_on_the_meta_device():
     """Under torch.distributed a block computes its terms inside forward, where autocast may be on: they stay float32
     and their backward runs; kasa-estimate traces models on the meta device."""

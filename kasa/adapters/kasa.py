@@ -141,7 +141,9 @@ def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regulari
         parts.append(Regularization(*map(torch.stack, zip(*(blocks[i].last_regularization for i in recorded)))))
         for i in recorded:
             blocks[i].last_regularization = None
-    pack = not aux_loss_needs_forward()  # never under torch.distributed: its wrappers own the parameters' memory
+    # Not under torch.distributed (its wrappers own the parameters' memory), inference mode (the parameters would
+    # become inference tensors) or torch.compile's tracing (which guards on where each parameter lies).
+    pack = not (aux_loss_needs_forward() or torch.is_inference_mode_enabled() or torch.compiler.is_compiling())
     for (n, m, _, authors, device, _), members in groups.items():
         kinds = [[blocks[i].delta_u for i in members], [blocks[i].delta_sigma for i in members],
                  [blocks[i].delta_v for i in members]]
@@ -171,6 +173,8 @@ def stacked_view(params: list[torch.Tensor]) -> torch.Tensor | None:
     """`params` (one shape and dtype) as one G x shape tensor over their own memory, when they lie one after another
     in one storage (as `pack_parameters` leaves them), else None."""
     first = params[0]
+    if torch.compiler.is_compiling():
+        return None
     nbytes, start = first.numel() * first.element_size(), first.data_ptr()
     storage = first.untyped_storage()
     fits = storage.nbytes() - first.storage_offset() * first.element_size() >= len(params) * nbytes
@@ -220,19 +224,21 @@ class _GroupRegularization(torch.autograd.Function):
                 # ||A^T A - I_m||_F^2 = ||A A^T - I_r||_F^2 + (m - r) for any r x m matrix A.
                 squares_u, squares_v = squares_u + (n - r), squares_v + (m - r)
             l3_u, l3_v = squares_u.sqrt(), squares_v.sqrt()
-        # The parameters themselves, not the stacked copies: the loop computes this before the model's forward pass,
-        # so that its backward runs last, and copies of every adapter's dU and dV would be held all through the step
-        ctx.save_for_backward(delta_sigma, off_u, off_v, l3_u, l3_v, *params[0::3], *params[2::3])
+        # The parameters themselves, not stacked copies or views: the loop computes this before the model's forward
+        # pass, so that its backward runs last, and copies of every adapter's dU and dV would be held all through the
+        # step; and autograd checks a saved parameter for changes in place before backward, a view over it not.
+        ctx.save_for_backward(off_u, off_v, l3_u, l3_v, *params[0::3], *params[1::3], *params[2::3])
         return delta_sigma.square().sum(1), l3_u, l3_v
 
     @staticmethod
     def backward(ctx, grad_l2: torch.Tensor, grad_l3_u: torch.Tensor, grad_l3_v: torch.Tensor):
-        delta_sigma, off_u, off_v, l3_u, l3_v, *factors = ctx.saved_tensors
-        blocks = len(delta_sigma)
+        off_u, off_v, l3_u, l3_v, *params = ctx.saved_tensors
+        blocks = len(l3_u)
+        delta_u, delta_sigma, delta_v = (_stacked(params[i * blocks:(i + 1) * blocks]) for i in range(3))
         tiny = torch.finfo(l3_u.dtype).tiny  # a zero norm has a zero matrix under it: gradient 0, not 0/0
         grad_sigma = 2 * delta_sigma * grad_l2[:, None]
         # the factor scales the r x r matrices, not the n x r products: one pass less over the gradients' memory
-        grad_u = _stacked(factors[:blocks]) @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
-        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ _stacked(factors[blocks:])
+        grad_u = delta_u @ (off_u * (2 * grad_l3_u / l3_u.clamp_min(tiny))[:, None, None])
+        grad_v = (off_v * (2 * grad_l3_v / l3_v.clamp_min(tiny))[:, None, None]) @ delta_v
         grads = [g for block in zip(grad_u.unbind(), grad_sigma.unbind(), grad_v.unbind()) for g in block]
         return None, None, None, *grads
