@@ -165,11 +165,11 @@ def bench_steps(base: nn.Module, task: CausalLMTask, batch: dict, steps: int) ->
     copies of the model, built in a rotating order, and starts with one untimed round (the copies' first steps
     create their gradients and AdamW states)."""
     times: dict[str, list[float]] = {m: [] for m in STEP_METHODS}
-    for block in range(max(1, steps // ROUNDS_PER_COPY)):
+    for block, first in enumerate(range(0, steps, ROUNDS_PER_COPY)):
         shift = block % len(STEP_METHODS)
         methods = STEP_METHODS[shift:] + STEP_METHODS[:shift]
         trainers = {m: Trainer(*adapted(base, m), task) for m in methods}
-        for round_ in range(1 + min(ROUNDS_PER_COPY, steps)):
+        for round_ in range(1 + min(ROUNDS_PER_COPY, steps - first)):
             for i in range(len(methods)):
                 method = methods[(round_ + i) % len(methods)]
                 seconds = trainers[method].step(batch)

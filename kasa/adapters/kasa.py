@@ -16,7 +16,7 @@ import itertools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,12 +169,12 @@ def pack_parameters(params: list[nn.Parameter]) -> None:
             param.data = row
 
 
-def stacked_view(params: list[torch.Tensor]) -> torch.Tensor | None:
+def stacked_view(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """`params` (one shape and dtype) as one G x shape tensor over their own memory, when they lie one after another
     in one storage (as `pack_parameters` leaves them), else None."""
-    first = params[0]
     if torch.compiler.is_compiling():
         return None
+    first = params[0]
     nbytes, start = first.numel() * first.element_size(), first.data_ptr()
     storage = first.untyped_storage()
     fits = storage.nbytes() - first.storage_offset() * first.element_size() >= len(params) * nbytes
@@ -185,7 +185,7 @@ def stacked_view(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _stacked(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The G x shape stack of `params`: in place where `pack_parameters` left them, else a copy."""
-    stacked = stacked_view(list(params))
+    stacked = stacked_view(params)
     return torch.stack(params) if stacked is None else stacked
 
 

@@ -28,7 +28,7 @@ from kasa.adapters.quantized import (
 )
 from kasa.adapters.truncation import singular_components
 
-BLOCKS_ATTRIBUTE = "kasa_blocks"  # (config, [(name, KasaBlock)]): the list _regularized_blocks keeps
+BLOCKS_ATTRIBUTE = "kasa_blocks"  # [(name, KasaBlock)]: the list _regularized_blocks keeps
 
 
 def _set_config(model: nn.Module, config: AdapterConfig | None) -> None:
@@ -349,15 +349,15 @@ def kasa_blocks(model: nn.Module) -> Iterator[tuple[str, KasaBlock]]:
 
 def _regularized_blocks(model: nn.Module) -> list[tuple[str, KasaBlock]]:
     """The model's KaSA blocks that have a regulariser, in its order. The walk over its modules (~5 ms a step for
-    SmolLM2's ~2,000) is done once per set of adapters and kept beside their config; a wrapper (DDP, torch.compile)
-    is walked each time. Which blocks have a regulariser is read each time: a block's beta and gamma may change."""
-    config = model.__dict__.get(CONFIG_ATTRIBUTE)
-    kept = model.__dict__.get(BLOCKS_ATTRIBUTE)
-    if config is None or kept is None or kept[0] is not config:
-        kept = (config, list(kasa_blocks(model)))
-        if config is not None:
-            model.__dict__[BLOCKS_ATTRIBUTE] = kept
-    return [(name, block) for name, block in kept[1] if block.beta or block.gamma]
+    SmolLM2's ~2,000) is done once per set of adapters and kept until `_set_config` marks another; a wrapper (DDP,
+    torch.compile) is walked each time. Which blocks have a regulariser is read each time: a block's beta and gamma
+    may change."""
+    blocks = model.__dict__.get(BLOCKS_ATTRIBUTE)
+    if blocks is None:
+        blocks = list(kasa_blocks(model))
+        if model.__dict__.get(CONFIG_ATTRIBUTE) is not None:
+            model.__dict__[BLOCKS_ATTRIBUTE] = blocks
+    return [(name, block) for name, block in blocks if block.beta or block.gamma]
 
 
 def aux_loss(model: nn.Module) -> AuxLoss | None:
