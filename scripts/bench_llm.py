@@ -21,7 +21,7 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
 3. Peak memory of a KaSA step (two steps, the first creating the AdamW state, gradient checkpointing on, batch of
    padded examples) on the float32 base, the bfloat16 base and the nf4 base (`model.quantization=nf4`) computing in
    float32 (`nf4_memory_ratio`) and in bfloat16 as QLoRA and the 24 GB recipes do (`nf4_bf16_memory_ratio`), each in a
-   fresh process: the model's tensors (parameters and buffers, counted exactly) plus the growth of the resident
+   fresh process: the model's tensors (parameters, buffers and bitsandbytes' quantization state, counted exactly) plus the growth of the resident
    memory (Linux VmHWM, reset after loading) during the steps, with glibc's mmap threshold fixed so that freed memory
    leaves the process at once: the CPU's counterpart of torch.cuda.max_memory_allocated. The process's peak above its
    memory before loading (which also counts the libraries and buffers loading left behind) is reported beside it, and
@@ -72,7 +72,7 @@ from kasa.tasks.causal_lm import CausalLMTask, PadCollator, training_dataset  # 
 from kasa.tasks.lm_loss import loss_positions  # noqa: E402
 from kasa.tasks.models import enable_checkpointing, load_causal_lm, load_tokenizer  # noqa: E402
 from bench_timing import paired_ratio, paired_ratio_interval  # noqa: E402
-from tensor_peak import storage_bytes, tensor_peak_bytes  # noqa: E402
+from tensor_peak import model_storages, tensor_peak_bytes  # noqa: E402
 from kasa.training.loop import build_optimizer  # noqa: E402
 from kasa.cli.parser import ArgumentParser  # noqa: E402
 
@@ -244,7 +244,7 @@ def worker_memory(dtype: str, quantization: str | None, data: Path) -> dict[str,
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what loading (GGUF parsing, float copies) freed leaves the process
     loaded = resident_kib("VmRSS")
-    storages = storage_bytes([*model.parameters(), *model.buffers()])  # tied weights counted once
+    storages = model_storages(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     for _ in range(2):
         trainer.step(batch)

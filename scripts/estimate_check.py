@@ -6,7 +6,7 @@ Each process loads the model and applies the adapters exactly as kasa-train does
 to the system, resets the kernel's peak-resident counter (/proc/self/clear_refs), then runs a few AdamW steps on
 real batches. Three measures: `measured_mib` = peak resident memory during the steps minus the resident memory
 before the model loaded (interpreter and libraries, which a GPU's allocator never sees); `measured_tensors_mib` = the
-model's tensors (parameters and buffers, counted exactly) plus the growth of resident memory from just before the
+model's tensors (parameters, buffers and bitsandbytes' quantization state, counted exactly) plus the growth of resident memory from just before the
 first step to the peak, which leaves out what loading the model left in the process besides its tensors (the
 modules transformers imports, the tokenizer, the data, parsing buffers) but keeps what the first steps add that no
 tensor owns (library code paged in, freed heap memory glibc keeps: 70-80 MiB for MiniLM); `exact_tensors_mib` = the
@@ -67,7 +67,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     from kasa.estimate import estimate_memory, loss_share_of
     from kasa.tasks import build_task
     from kasa.training.loop import build_optimizer
-    from tensor_peak import tensor_peak_bytes
+    from tensor_peak import model_storages, tensor_peak_bytes
 
     cfg = compose_run(overrides)
     torch.manual_seed(0)
@@ -86,8 +86,7 @@ def measure_one(overrides: list[str], steps: int) -> dict[str, float]:
     model.train()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give loading's freed memory back before the peak is reset
     loaded = resident_mib("VmRSS")
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers()]}  # tied weights counted once
+    storages = model_storages(model)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     def step(batch: dict[str, torch.Tensor]) -> None:
         extra = aux_loss(model)  # before the forward pass, as kasa's loop computes it

@@ -44,11 +44,28 @@ def storage_bytes(tensors: list[torch.Tensor]) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # shared storage once
 
 
+def _attached_tensors(holder: object) -> list[torch.Tensor]:
+    """Tensors that bitsandbytes hangs on a parameter rather than registering: a 4-bit weight's QuantState (absmax,
+    code, and the nested state of double quantization) and an 8-bit weight's row scales (SCB)."""
+    found = []
+    for value in vars(holder).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif type(value).__name__ == "QuantState":
+            found += _attached_tensors(value)
+    return found
+
+
+def model_storages(model: torch.nn.Module) -> dict[int, int]:
+    """The bytes of each storage the model holds: parameters, buffers and quantization state, tied weights once."""
+    params = list(model.parameters())
+    return storage_bytes([*params, *model.buffers(), *(t for p in params for t in _attached_tensors(p))])
+
+
 def tensor_peak_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], object]) -> int:
     """The model's tensors and the optimizer's states plus the most that `step()`'s own tensors hold at once."""
-    existing = storage_bytes([*model.parameters(), *model.buffers(),
-                              *(t for state in optimizer.state.values() for t in state.values()
-                                if isinstance(t, torch.Tensor))])
+    existing = model_storages(model) | storage_bytes([t for state in optimizer.state.values() for t in state.values()
+                                                      if isinstance(t, torch.Tensor)])
     with LiveTensorBytes(set(existing)) as tensors:
         step()
     return sum(existing.values()) + tensors.peak

@@ -42,6 +42,21 @@ def test_live_tensor_bytes_follows_allocations_and_frees() -> None:
     assert tensors.bytes == 0
 
 
+def test_model_storages_count_the_quantization_state_bitsandbytes_hangs_on_a_weight() -> None:
+    pytest.importorskip("bitsandbytes")
+    from kasa.adapters.quantized import quantize_base, quantized_bytes
+
+    tensors = script("tensor_peak")
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Linear(128, 64)).requires_grad_(False)
+    quantize_base(model, "nf4")
+    counted = sum(tensors.model_storages(model).values())
+    biases = (128 + 64) * 4
+    registered = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()])
+    # the 4-bit values are a parameter; their absmax, the nested absmax and scale and the 4-bit code table are not
+    assert counted - registered >= 128 * 256 // 64 + 64 * 128 // 64
+    assert counted >= quantized_bytes(128, 256, "nf4") + quantized_bytes(64, 128, "nf4") + biases
+
+
 def test_paired_ratio_cancels_the_machine_drift_that_a_ratio_of_medians_keeps() -> None:
     bench = bench_llm()
     # the machine slows by 40% in the middle of round 2, between the two methods' steps, and stays slow
