@@ -48,6 +48,10 @@ from kasa.tasks.models import VOCABULARY_FILES
         (["method.beta=-1"], ["beta must be >= 0"]),
         (["method.gamma=nan"], ["method.gamma must be >= 0 and finite, got nan"]),  # the loss was nan at step 1
         (["~trainer.lr"], ["~trainer.lr: kasa's settings cannot be removed, only set: write trainer.lr=<value>"]),
+        # a removed group leaves its mandatory name unset: named with the group's options (walk AW)
+        (["~model"], ["model.name has no value: choose a model with model=<option> (one of: ", "minilm_l6",
+                      "or set it with model.name=<value>"]),
+        (["~task"], ["task.name has no value: choose a task with task=<option> (one of: ", "glue/cola"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),
         (["recipe=null"], ["a config group (recipe, model, task, method) takes the name of one of its options, not "
@@ -70,6 +74,7 @@ def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
     run_dir = tmp_path / "run"
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), *overrides)
     assert_one_line_error(result, *fragments)
+    assert "Warning" not in result.stderr, result.stderr
     assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
 
 
@@ -79,6 +84,16 @@ def test_an_added_unknown_method_key_lists_only_the_keys_that_can_be_set(tiny_mo
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, tmp_path / "run"), "+method.foo=1")
     assert_one_line_error(result, "unknown key method.foo", "valid keys under method: method, rank")
     assert "target_modules" not in result.stderr and "trainable_modules" not in result.stderr, result.stderr
+
+
+def test_a_removed_task_that_names_the_default_run_folder_is_one_line(tiny_model, sentiment_dir, tmp_path, monkeypatch):
+    """The default run folder's name reads ${task.name}: Hydra's callback met the unset name first and printed its
+    own warning, with the key it was resolving, before kasa's line."""
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in train_args(tiny_model, sentiment_dir, tmp_path / "run") if not a.startswith("hydra.run.dir=")]
+    result = run_cli("kasa.cli.train", *args, "~task")
+    assert_one_line_error(result, "task.name has no value: choose a task with task=<option>")
+    assert "Warning" not in result.stderr and list(tmp_path.iterdir()) == [], result.stderr
 
 
 @pytest.mark.parametrize("override", ["trainer.lr=-1", "model.dtype=float8", "model.attn_implementation=flash"])

@@ -9,6 +9,7 @@ import errno
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import time
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 import kasa
 from kasa.config import (
@@ -153,6 +154,14 @@ def _unknown_key(key: str, schema: type, own_keys: Sequence[str]) -> str:
     return f"unknown key {key}{guess}; valid keys{f' under {parent}' if parent else ''}: {', '.join(valid)}"
 
 
+def _unset_key(key: str) -> str:
+    """A setting that must have a value and has none: the config group that sets it, when there is one, or the key."""
+    group = key.partition(".")[0]
+    options = _config_options(group) if "." in key else []
+    choose = f"choose a {group} with {group}=<option> (one of: {', '.join(options)}), or " if options else ""
+    return f"{key} has no value: {choose}set it with {key}=<value>"
+
+
 def _describe_os_error(err: OSError) -> str:
     """A file system error from the OS (it names a path): what could not be done where, and what to do."""
     where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
@@ -182,6 +191,10 @@ def describe_error(err: Exception, own_keys: Sequence[str] = ()) -> str:
             return _wrong_value(key, err)
         if key and isinstance(err, ConfigKeyError):
             return _unknown_key(key, run_schema(), own_keys)
+        if key and isinstance(err, MissingMandatoryValue):  # e.g. `~model` removed the group that sets model.name
+            return _unset_key(key)
+        if unset := re.search(r"Missing mandatory value: ([\w.]+)", message):  # read by an interpolation (~task)
+            return _unset_key(unset.group(1))
         parent = key.rsplit(".", 1)[0] if key and "." in key else None
         valid = _schema_fields(parent, run_schema()) if parent else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""

@@ -131,7 +131,11 @@ class TrainCallback(Callback):
     (markdown, CSV, beta x gamma heatmap) and report the jobs that failed."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        CREATED_PARENTS[:] = [parent for parent in Path(config.hydra.run.dir).parents if not parent.exists()]
+        try:  # the folder's name reads ${task.name}, unset after `~task`: exit here, as below (not Hydra's warning)
+            run_dir = Path(config.hydra.run.dir)
+        except USER_ERRORS as err:
+            fail(describe_error(err))
+        CREATED_PARENTS[:] = [parent for parent in run_dir.parents if not parent.exists()]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         FAILED_SWEEP_JOBS.clear()
