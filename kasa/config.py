@@ -41,15 +41,16 @@ logs): kasa-eval and kasa-export, which read a saved checkpoint, refuse them as 
 
 def is_bookkeeping(key: str) -> bool:
     """Whether a dotted config key is one of BOOKKEEPING_SETTINGS or under one."""
-    return _under(key, BOOKKEEPING_SETTINGS)
+    return is_under(key, BOOKKEEPING_SETTINGS)
 
 
 def is_training_only(key: str) -> bool:
     """Whether a dotted config key is one of TRAINING_ONLY_SETTINGS or under one."""
-    return _under(key, TRAINING_ONLY_SETTINGS)
+    return is_under(key, TRAINING_ONLY_SETTINGS)
 
 
-def _under(key: str, settings: tuple[str, ...]) -> bool:
+def is_under(key: str, settings: tuple[str, ...]) -> bool:
+    """Whether a dotted config key is one of `settings` or under one (trainer.lr is under trainer)."""
     return any(key == setting or key.startswith(f"{setting}.") for setting in settings)
 
 

@@ -266,14 +266,19 @@ def test_checkpoint_from_another_base_model(finished_run, tmp_path):
                                    "it takes a list, e.g. 'task.text_fields=[sentence]'"]),
     # an unknown key said as composition says it, kasa-eval's own keys (split, ...) among the valid ones
     ("task.no_such_key=1", ["unknown key task.no_such_key; valid keys under task: name"]),
+    # only the keys it takes: not the training-only ones nor the method (walk AW), which it would refuse
     ("splt=test", ["unknown key splt (did you mean split?); valid keys: checkpoint, which, split, merge, batch_size, "
-                   "model, task"]),
+                   "model, task, trainer, logging, seed"]),
+    ("trainer.lrr=1", ["unknown key trainer.lrr; valid keys under trainer: eval_batch_size, max_length, precision, "
+                       "allow_cpu"]),
     # a config group, which only composition can swap (it was a traceback, exit 1)
     ("model=roberta_base", ["model=roberta_base would replace the saved run's whole model settings",
                             "override single settings instead", "or train a run with model=roberta_base"]),
 ])
 def test_kasa_eval_override_of_the_saved_config(finished_run, override, fragments):
-    assert_one_line_error(run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override), *fragments)
+    result = run_cli("kasa.cli.evaluate", f"checkpoint={finished_run}", override)
+    assert_one_line_error(result, *fragments)
+    assert not any(key in result.stderr for key in ("method", "output_dir", "resume", "recipe", "lr,")), result.stderr
 
 
 @pytest.mark.parametrize("override", ["method.rank=2", "method=lora", "model.target_modules=[query,key]",

@@ -25,7 +25,9 @@ import kasa
 from kasa.config import (
     MODEL_MODULES,
     RunConfig,
+    dotted_settings,
     follows_the_model,
+    is_under,
     launch_rank,
     model_module_error,
     register_schema,
@@ -139,12 +141,18 @@ def _describe_hydra(err: HydraException, own_keys: Sequence[str]) -> str:
     return first
 
 
-def _unknown_key(key: str, schema: type, own_keys: Sequence[str]) -> str:
+def _unknown_key(key: str, schema: type, own_keys: Sequence[str],
+                 accepted: Callable[[str], bool] | None = None) -> str:
     """A key that is not there, said alike by every command: the valid key closest to it, when one is close, and the
-    valid keys where it stands (at the top, the command's own keys, e.g. kasa-eval's split, then the run config's)."""
+    valid keys where it stands (at the top, the command's own keys, e.g. kasa-eval's split, then the run config's).
+    `accepted`: which of the run config's dotted settings the command takes (a command that reads a saved run refuses
+    the training-only ones): the others are neither listed nor guessed."""
     parent, _, leaf = key.rpartition(".")
-    valid = (_schema_fields(parent, schema) if parent
-             else list(dict.fromkeys([*own_keys, *(f.name for f in dataclasses.fields(schema))])))
+    valid = _valid_keys(parent, schema, own_keys, accepted)
+    if parent and valid == [] and accepted is not None:  # nothing under it can be set here (kasa-export's trainer.*)
+        section = parent.partition(".")[0]
+        return (f"unknown key {key}: nothing under {section} can be set here; valid keys: "
+                f"{', '.join(_valid_keys('', schema, own_keys, accepted) or [])}")
     if not valid and parent and _is_mapping(parent, schema):  # e.g. method.peft_options: keys of the user's own
         return f"unknown key {key}: {parent} holds keys of your own, which an override adds with a + (+{key}=...)"
     if not valid:
@@ -152,6 +160,18 @@ def _unknown_key(key: str, schema: type, own_keys: Sequence[str]) -> str:
     close = difflib.get_close_matches(leaf, valid, n=1)
     guess = f" (did you mean {parent}{'.' if parent else ''}{close[0]}?)" if close else ""
     return f"unknown key {key}{guess}; valid keys{f' under {parent}' if parent else ''}: {', '.join(valid)}"
+
+
+def _valid_keys(parent: str, schema: type, own_keys: Sequence[str],
+                accepted: Callable[[str], bool] | None) -> list[str] | None:
+    """The keys that can be set under `parent` ("" for the top, where the command's own keys come first)."""
+    valid = (_schema_fields(parent, schema) if parent
+             else list(dict.fromkeys([*own_keys, *(f.name for f in dataclasses.fields(schema))])))
+    if not valid or accepted is None:
+        return valid
+    settings = [k for k in dotted_settings(dataclasses.asdict(schema())) if accepted(k)]
+    return [name for name in valid if (not parent and name in own_keys)
+            or any(is_under(s, (f"{parent}.{name}" if parent else name,)) for s in settings)]
 
 
 def _unset_key(key: str) -> str:
@@ -336,11 +356,11 @@ def override_key(override: str) -> str:
 
 
 def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str = "",
-                      reads: tuple[str, ...] | None = None) -> RunConfig:
+                      reads: tuple[str, ...] | None = None, own_keys: Sequence[str] = ()) -> RunConfig:
     """A run's saved config with `overrides` (kasa-eval, kasa-export), its values checked as kasa-train checks them.
     A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's. An
     override that only training reads, or outside the config sections `reads` (None: all), is refused, saying that it
-    would change nothing of `what_it_changes`."""
+    would change nothing of `what_it_changes`; a misspelt key lists the command's `own_keys` and the settings it takes."""
     from kasa.config import is_training_only
     from kasa.run_dir import CONFIG_FILE, load_run_config
     from kasa.training.preflight import check_config_values
@@ -355,17 +375,27 @@ def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str 
                          f"{describe_error(err)}") from err
     if not overrides:
         return saved
+    adapter_modules = tuple(f"model.{name}" for name in MODEL_MODULES.values())  # the adapter's, set on the model
+
+    def refused(key: str) -> bool:
+        return (is_training_only(key) or is_under(key, ("method", *adapter_modules))
+                or (reads is not None and key.split(".")[0] not in reads))
+
     for override in overrides:  # they would be recorded as changing what is measured, and change nothing
         key = override_key(override)
         if is_training_only(key):  # accepted, they were recorded as changes and did nothing (output_dir=...)
             raise ValueError(f"{override}: only training reads {key}, so it would change nothing {what_it_changes}: "
                              "leave it out")
-        adapter_modules = tuple(f"model.{name}" for name in MODEL_MODULES.values())  # the adapter's, set on the model
-        if key in ("method", *adapter_modules) or key.startswith(("method.", *(f"{m}." for m in adapter_modules))):
+        if is_under(key, ("method", *adapter_modules)):
             raise ValueError(f"{override}: the adapter is rebuilt as it was trained, from the checkpoint's "
                              f"adapter_config.json, so the method's settings and {', '.join(adapter_modules)} cannot "
                              "be overridden here: leave it out (another adapter needs a run of its own)")
-    run_cfg = load_run_config(run_dir, overrides)  # first: a misspelt key is said as one
+    try:  # first: a misspelt key is said as one, with the keys that can be set here
+        run_cfg = load_run_config(run_dir, overrides)
+    except ConfigKeyError as err:
+        if not getattr(err, "full_key", None):
+            raise
+        raise ValueError(_unknown_key(err.full_key, run_schema(), own_keys, accepted=lambda key: not refused(key)))
     unread = [o for o in overrides if reads is not None and override_key(o).split(".")[0] not in reads]
     if unread:
         sections = " and ".join(f"{section}.*" for section in reads)

@@ -97,7 +97,7 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         key = "trainer.eval_batch_size" if kind == "glue" else "task.generation.batch_size"
         overrides.append(f"{key}={args['batch_size']}")
     run_cfg = load_saved_config(run_dir, overrides, "kasa-eval measures (its outputs go beside the checkpoint and "
-                                "under <run>/evaluations/)")
+                                "under <run>/evaluations/)", own_keys=OWN_KEYS)
     if merge and launch_rank()[0] == 0:
         from kasa.adapters.quantized import merge_note
 

@@ -125,7 +125,8 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
     # the task's settings and the head come from the run; evaluation and the seed play no part in an export
-    run_cfg = load_saved_config(run_dir, overrides, "kasa-export writes (the folder goes to output=)", reads=("model",))
+    run_cfg = load_saved_config(run_dir, overrides, "kasa-export writes (the folder goes to output=)", reads=("model",),
+                                own_keys=OWN_KEYS)
     trained_over = load_saved_config(run_dir, []).model.quantization if overrides else run_cfg.model.quantization
     if run_cfg.model.quantization != trained_over:
         print(f"warning: the run trained over a {trained_over or 'float'} base, exported here for the "
