@@ -571,6 +571,30 @@ def test_methods_without_aux_loss(method):
     assert kasa.aux_loss(model) is None
 
 
+def test_a_record_from_an_earlier_step_is_not_read_under_torch_distributed(roberta_inputs, monkeypatch):
+    """Under torch.distributed the blocks record their terms in forward. Called before the forward pass (against
+    aux_loss_needs_forward), aux_loss read the previous step's records, whose graph the optimizer step had changed
+    under them: backward failed with autograd's in-place error (walk AS). A record older than the parameters' last
+    change is now dropped and the terms computed from the parameters, so both orders train alike."""
+    from kasa.adapters import kasa as kasa_block
+
+    monkeypatch.setattr(kasa_block, "aux_loss_needs_forward", lambda: True)
+    trained = {}
+    for order in ("after", "before"):
+        model = kasa_model(beta=0.3, gamma=0.7).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            aux = kasa.aux_loss(model) if order == "before" else None
+            logits = model(**roberta_inputs).logits
+            aux = aux or kasa.aux_loss(model)
+            (logits.square().mean() + aux.total).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        trained[order] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for after, before in zip(*trained.values()):
+        torch.testing.assert_close(before, after, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("distributed", [False, True])
 def test_aux_loss_from_forward_records_or_batched_equals_each_blocks_terms(roberta_inputs, monkeypatch, distributed):
     """Under torch.distributed a training forward records each block's terms (FSDP / ZeRO-3 hold the full parameters

@@ -72,6 +72,7 @@ class KasaBlock(RemovedComponents):
         self.delta_sigma = nn.Parameter(torch.zeros(r))
         self.delta_v = nn.Parameter(torch.zeros(r, m))
         self.last_regularization: Regularization | None = None
+        self.recorded_versions: tuple[tuple[int, int], ...] = ()  # the parameters' (id, version) at that record
 
     @torch.no_grad()
     def initialise(self, weight: torch.Tensor, decompose: Decompose) -> None:
@@ -99,12 +100,26 @@ class KasaBlock(RemovedComponents):
             # Computed here, inside forward, because that is when FSDP / ZeRO-3 hold the full parameters. A single
             # process computes every block's terms at once, before forward, instead (batched_regularization): the
             # dozen small ops per block and step would cost ~5% of a step with hundreds of blocks.
-            self.last_regularization = self.regularization()
+            self.last_regularization, self.recorded_versions = self.regularization(), self.parameter_versions()
         return F.linear(F.linear(h, self.delta_v) * (self.delta_sigma * self.scaling), self.delta_u)
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right), left @ right = dW: n x r and r x m."""
         return self.delta_u * (self.delta_sigma * self.scaling), self.delta_v
+
+    def parameter_versions(self) -> tuple[tuple[int, int], ...]:
+        """dU's, dSigma's and dV's identity and autograd's counter of in-place changes (an optimizer step moves it)."""
+        return tuple((id(p), p._version) for p in (self.delta_u, self.delta_sigma, self.delta_v))
+
+    def current_record(self) -> Regularization | None:
+        """The terms this block's forward pass recorded, taken (cleared), unless the same parameters changed since: a
+        record left from an earlier step (aux_loss called before the forward pass, or a reentrant checkpoint's
+        recomputation in backward) holds old values whose graph the optimizer step has invalidated. Under FSDP the
+        forward pass sees other parameter objects (the gathered ones) than the module holds after it: trusted."""
+        record, self.last_regularization = self.last_regularization, None
+        now = self.parameter_versions()
+        stale = any(rid == nid and rv != nv for (rid, rv), (nid, nv) in zip(self.recorded_versions, now))
+        return None if stale else record
 
     def delta_weight(self) -> torch.Tensor:
         left, right = self.delta_factors()
@@ -127,20 +142,19 @@ def aux_loss_needs_forward() -> bool:
 
 def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regularization]:
     """Every block's terms as vectors whose entry j belongs to blocks[order[j]], and `order`: a block's record from
-    the forward pass (read and cleared), or else computed as `KasaBlock.regularization` does, from a few batched ops
+    this step's forward pass (read and cleared; `KasaBlock.current_record`), or else computed as `KasaBlock.regularization` does, from a few batched ops
     per group of blocks of one shape instead of a dozen ops per block. In a single process those blocks' parameters
     are first packed (`pack_parameters`), so that the batched ops read them in place."""
-    recorded = [i for i, block in enumerate(blocks) if block.last_regularization is not None]
+    records = [block.current_record() for block in blocks]
+    recorded = [i for i, record in enumerate(records) if record is not None]
     groups: dict[tuple, list[int]] = {}
     for i, block in enumerate(blocks):
-        if block.last_regularization is None:
+        if records[i] is None:
             key = (block.n, block.m, block.r, block.authors_orth_form, block.delta_u.device, block.delta_u.dtype)
             groups.setdefault(key, []).append(i)
     parts = []
     if recorded:
-        parts.append(Regularization(*map(torch.stack, zip(*(blocks[i].last_regularization for i in recorded)))))
-        for i in recorded:
-            blocks[i].last_regularization = None
+        parts.append(Regularization(*map(torch.stack, zip(*(records[i] for i in recorded)))))
     # Not under torch.distributed (its wrappers own the parameters' memory), inference mode (the parameters would
     # become inference tensors) or torch.compile's tracing (which guards on where each parameter lies).
     pack = not (aux_loss_needs_forward() or torch.is_inference_mode_enabled() or torch.compiler.is_compiling())
