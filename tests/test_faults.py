@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -378,6 +379,17 @@ def test_resume_checkpoint_checks(tmp_path):
     with pytest.raises(ValueError, match="tensor layer.adapters.sigma holds NaN or inf"):
         preflight.check_resume_checkpoint(ckpt)
     save_file({"layer.adapters.sigma": torch.ones(2)}, str(ckpt / "adapter_model.safetensors"))
+    preflight.check_resume_checkpoint(ckpt)
+    # a hand-edited state: its fields would be copied into the resumed run's records (summary.json's
+    # truncation_loss) unchecked (walk AR)
+    for state, reason in [({"step": "3"}, 'field step is "3", not a whole number'),
+                          ({"truncation_loss": {"base": 1.0, "truncated": "high"}}, "field truncation_loss is"),
+                          ({"truncation_loss": {"base": 1.0}}, "truncation_loss has keys ['base'], not base and"),
+                          ([], "holds list, not the training state's fields")]:
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            preflight.check_resume_checkpoint(ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 3, "best": 0.5, "truncation_loss": None}))
     preflight.check_resume_checkpoint(ckpt)
 
 

@@ -21,6 +21,8 @@ import math
 import os
 import random
 import shutil
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -100,13 +102,50 @@ class TrainState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrainState":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The state from trainer_state.json's fields, each checked against its type (a hand-edited or damaged file
+        fails here, before a resume copies a field into the run's records), and the truncation measurement's keys."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{STATE_FILE} holds {type(data).__name__}, not the training state's fields")
+        kinds = typing.get_type_hints(cls)
+        known = {k: v for k, v in data.items() if k in kinds}
+        for key, value in known.items():
+            if not _conforms(value, kinds[key]):
+                raise ValueError(f"{STATE_FILE} field {key} is {json.dumps(value)[:60]}, not {_type_name(kinds[key])}")
+        measured = known.get("truncation_loss")
+        if measured is not None and set(measured) != {"base", "truncated"}:
+            raise ValueError(f"{STATE_FILE} field truncation_loss has keys {sorted(measured)}, not base and truncated")
+        return cls(**known)
 
     @classmethod
     def of_checkpoint(cls, directory: Path) -> "TrainState":
         """The state a resumable checkpoint saved."""
         return cls.from_json(json.loads((directory / STATE_FILE).read_text()))
+
+
+def _conforms(value: Any, kind: Any) -> bool:
+    """Whether a JSON value is of a TrainState field's type (int, float, str, their lists, dicts and optionals)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind in (int, float):  # a whole number where one counts; JSON's 1.0 is a float, its true is not a number
+        numeric = (int,) if kind is int else (int, float)
+        return isinstance(value, numeric) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _conforms(v, args[1]) for k, v in value.items())
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", type(None): "null"}
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(kind))
+    return names.get(kind) or {list: "a list", dict: "a mapping"}.get(typing.get_origin(kind), str(kind))
 
 
 def records_truncation(directory: Path) -> bool:

@@ -238,7 +238,14 @@ def check_resume_checkpoint(directory: Path) -> None:
     from safetensors.torch import load_file
 
     from kasa.adapters.io import refuse_non_finite
-    from kasa.training.checkpoint import ALLOCATOR_FILE, DEEPSPEED_DIR, OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE
+    from kasa.training.checkpoint import (
+        ALLOCATOR_FILE,
+        DEEPSPEED_DIR,
+        OPTIMIZER_FILE,
+        RNG_FILE,
+        SCHEDULER_FILE,
+        TrainState,
+    )
 
     if not directory.is_dir():
         raise FileNotFoundError(f"resume={directory}: no such checkpoint directory")
@@ -250,7 +257,7 @@ def check_resume_checkpoint(directory: Path) -> None:
     if not deepspeed.is_dir() and not archives[0].is_file():
         raise ValueError(f"checkpoint {directory} is incomplete ({OPTIMIZER_FILE} missing): resume from another one")
     try:
-        json.loads((directory / STATE_FILE).read_text())
+        TrainState.of_checkpoint(directory)  # its fields' types too: a resume copies them into the run's records
         tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
         load_file(str(directory / RNG_FILE))
         torch.load(directory / SCHEDULER_FILE, weights_only=True)
