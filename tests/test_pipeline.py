@@ -168,6 +168,27 @@ def test_kasa_eval_of_a_step_checkpoint_on_other_data_keeps_apart(uninterrupted:
     assert report["overrides"] == [] and report["eval_data"] == recorded and report["output_dir"] == str(step)
 
 
+def test_kasa_eval_of_a_step_checkpoint_reports_the_evaluation_at_its_step(uninterrupted: Path, tmp_path):
+    """A step checkpoint saved after an evaluation at its own step (an epoch's end) holds that evaluation in its
+    history: kasa-eval printed no training score for it, as if it had none (walk BA); a mid-epoch one has none."""
+    run_dir = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    metric = read_config(run_dir)["task"]["metric"]
+    kinds = set()
+    for step in sorted((run_dir / "checkpoints").glob("step-*")):
+        state = json.loads((step / "trainer_state.json").read_text())
+        evaluated = [r for r in state["history"] if r["step"] == state["step"]]
+        kinds.add(bool(evaluated))
+        result = run_cli("kasa.cli.evaluate", f"checkpoint={step}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        if evaluated:
+            assert report["reported_in_training"] == evaluated[-1][metric] == pytest.approx(report["score"])
+            assert f"{metric} reported by the training run for this checkpoint" in result.stdout
+        else:
+            assert "reported_in_training" not in report and "reported by the training run" not in result.stdout
+    assert kinds == {True, False}
+
+
 @pytest.mark.parametrize("argument, recorded", [("split=test", True), ("task.eval_split=test", True),
                                                 ("split=test", False)])
 def test_kasa_eval_of_another_split_reports_no_training_score(classification_run: Path, sentiment_dir, tmp_path,

@@ -128,13 +128,13 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     changed = sorted(o for o in overrides if not o.startswith(NEUTRAL_OVERRIDES)  # a value the run had is no change
                      and not is_bookkeeping(override_key(o))  # logging.progress, trainer.allow_cpu: the same scores
                      and resolved.get(override_key(o)) != saved.get(override_key(o)))
-    same_split = split == split_evaluated_in_training(run_dir, state)
+    in_training = score_in_training(run_dir, state, task.metric)
     # what the training run evaluated (best/, last/) or would evaluate (a step checkpoint) on that split: other files
     # in task.data_dir, or edited ones, are another evaluation (checkpoints from before it was recorded: not compared)
     trained_on = state.get("eval_data")
     if split == state.get("split", state.get("eval_split")) and trained_on not in (None, fingerprint):
         changed.append(f"evaluated data {fingerprint[:12]} (the training run's: {trained_on[:12]})")
-    reported = state.get("score") if not changed and same_split else None
+    reported = in_training[1] if in_training and not changed and split == in_training[0] else None
     name = split_label(split)  # a split given as a file's path names a file here, not a path
     label = f"{name}-{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}" if changed else name
     # The outputs are written where a save cannot replace them, and copied beside the weights at the end. Judging
@@ -155,13 +155,19 @@ def evaluate_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
             remove_if_empty(folder)
 
 
-def split_evaluated_in_training(run_dir: Path, state: dict[str, Any]) -> str | None:
-    """The split the training run evaluated the checkpoint with this state on: recorded beside its score (a resume
-    may have changed task.eval_split), or, in checkpoints saved before it was, the run's saved task.eval_split
-    (kasa-eval's own overrides aside); None for a checkpoint with no score."""
-    if "score" not in state:
-        return None
-    return state.get("split") or read_config(run_dir).get("task", {}).get("eval_split")
+def score_in_training(run_dir: Path, state: dict[str, Any], metric: str) -> tuple[str, float] | None:
+    """The split the training run evaluated the checkpoint with this state on, and the score it reported: best/ and
+    last/ record them (the split, in checkpoints saved before it was recorded, is the run's saved task.eval_split,
+    kasa-eval's own overrides aside); a step checkpoint saved after an evaluation at its own step holds that
+    evaluation, the last of its history. None for a checkpoint that was not evaluated as it is."""
+    if "score" in state:
+        return state.get("split") or read_config(run_dir).get("task", {}).get("eval_split"), state["score"]
+    history = state.get("history") or [{}]
+    last = history[-1] if isinstance(history[-1], dict) else {}
+    evaluated_here = state.get("step") is not None and last.get("step") == state["step"]
+    if evaluated_here and isinstance(last.get(metric), (int, float)):
+        return last.get("split") or state.get("eval_split"), last[metric]
+    return None
 
 
 def evaluate_staged(task: Task, accelerator: Accelerator, checkpoint: Path, version: tuple[int, ...] | None,
