@@ -280,9 +280,18 @@ def validate(cfg: Any) -> RunConfig:
     """Check a composed or saved config against RunConfig before any work: unknown keys, wrong types and values,
     a metric that the task does not compute, a setting that the task ignores."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
+    data = resolve(cfg)
+    # OmegaConf's marker of a missing value, given by the user (trainer.lr=???), survives resolving as a string, and
+    # the merge below would take the schema's default in its place: say it, as for the settings with no default
+    for key, value in dotted_settings(data).items():
+        if value == "???":
+            missing = MissingMandatoryValue(f"Missing mandatory value: {key}")
+            missing.full_key = key
+            raise missing
     try:
-        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolve(cfg)))
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
     except ValueError as err:  # AdapterConfig's own checks name its fields (beta, rank): in a run they are method.*
         if str(err).split(" ", 1)[0] in {f.name for f in dataclasses.fields(AdapterConfig)}:
             raise ValueError(f"method.{err}") from err

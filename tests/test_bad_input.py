@@ -52,6 +52,11 @@ from kasa.tasks.models import VOCABULARY_FILES
         (["~model"], ["model.name has no value: choose a model with model=<option> (one of: ", "minilm_l6",
                       "or set it with model.name=<value>"]),
         (["~task"], ["task.name has no value: choose a task with task=<option> (one of: ", "glue/cola"]),
+        # OmegaConf's missing marker on a setting with a default: the run took the default and recorded "???" (walk AZ)
+        (["trainer.lr=???"], ["trainer.lr has no value: set it with trainer.lr=<value>"]),
+        (["method.method=???"], ["method.method has no value: choose a method with method=<option> (one of: "]),
+        # an interpolation that fails names what it read, not the keys beside the value (walk AZ)
+        (["method.rank=${task.nope}"], ["invalid config at method.rank: Interpolation key 'task.nope' not found"]),
         (["method.alpha=0"], ["alpha must be > 0"]),  # trained nothing
         (["seed=-1"], ["seed=-1 is not allowed"]),
         (["recipe=null"], ["a config group (recipe, model, task, method) takes the name of one of its options, not "
@@ -75,6 +80,8 @@ def test_bad_config(tiny_model, sentiment_dir, tmp_path, overrides, fragments):
     result = run_cli("kasa.cli.train", *train_args(tiny_model, sentiment_dir, run_dir), *overrides)
     assert_one_line_error(result, *fragments)
     assert "Warning" not in result.stderr, result.stderr
+    if "$" in overrides[0]:
+        assert "valid keys" not in result.stderr, result.stderr
     assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
 
 
@@ -86,13 +93,22 @@ def test_an_added_unknown_method_key_lists_only_the_keys_that_can_be_set(tiny_mo
     assert "target_modules" not in result.stderr and "trainable_modules" not in result.stderr, result.stderr
 
 
-def test_a_removed_task_that_names_the_default_run_folder_is_one_line(tiny_model, sentiment_dir, tmp_path, monkeypatch):
-    """The default run folder's name reads ${task.name}: Hydra's callback met the unset name first and printed its
-    own warning, with the key it was resolving, before kasa's line."""
+@pytest.mark.parametrize("sweep, removed, fragment", [
+    ([], "~task", "task.name has no value: choose a task with task=<option>"),
+    (["--multirun"], "~task", "task.name has no value: choose a task with task=<option>"),
+    # the sweep's check set each job's default folder over the user's output_dir=???: the job failed after the sweep
+    # began, leaving its folder and a resume command that failed again (walk AZ)
+    (["--multirun"], "output_dir=???", "sweep job #0 (): output_dir has no value: set it with output_dir=<value>; no "
+                                       "job has run"),
+])
+def test_a_setting_with_no_value_stops_the_start_in_one_line(tiny_model, sentiment_dir, tmp_path, monkeypatch, sweep,
+                                                             removed, fragment):
+    """The default run and sweep folders' names read ${task.name}: Hydra's callbacks met the unset name first and
+    printed their own warning, with the key they were resolving, before kasa's line."""
     monkeypatch.chdir(tmp_path)
     args = [a for a in train_args(tiny_model, sentiment_dir, tmp_path / "run") if not a.startswith("hydra.run.dir=")]
-    result = run_cli("kasa.cli.train", *args, "~task")
-    assert_one_line_error(result, "task.name has no value: choose a task with task=<option>")
+    result = run_cli("kasa.cli.train", *sweep, *args, removed)
+    assert_one_line_error(result, fragment)
     assert "Warning" not in result.stderr and list(tmp_path.iterdir()) == [], result.stderr
 
 

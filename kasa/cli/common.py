@@ -19,7 +19,13 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 import kasa
 from kasa.config import (
@@ -175,10 +181,10 @@ def _valid_keys(parent: str, schema: type, own_keys: Sequence[str],
 
 
 def _unset_key(key: str) -> str:
-    """A setting that must have a value and has none: the config group that sets it, when there is one, or the key."""
-    group = key.partition(".")[0]
-    options = _config_options(group) if "." in key else []
-    choose = f"choose a {group} with {group}=<option> (one of: {', '.join(options)}), or " if options else ""
+    """A setting that must have a value and has none: for the key that names a config group's option (model.name
+    after `~model`), the group's options too."""
+    group = {"model.name": "model", "task.name": "task", "method.method": "method"}.get(key)
+    choose = f"choose a {group} with {group}=<option> (one of: {', '.join(_config_options(group))}), or " if group else ""
     return f"{key} has no value: {choose}set it with {key}=<value>"
 
 
@@ -216,7 +222,9 @@ def describe_error(err: Exception, own_keys: Sequence[str] = ()) -> str:
         if unset := re.search(r"Missing mandatory value: ([\w.]+)", message):  # read by an interpolation (~task)
             return _unset_key(unset.group(1))
         parent = key.rsplit(".", 1)[0] if key and "." in key else None
-        valid = _schema_fields(parent, run_schema()) if parent else None
+        # the keys beside a value whose interpolation failed are not the fix: the message names what it read
+        interpolation = isinstance(err, InterpolationResolutionError)
+        valid = _schema_fields(parent, run_schema()) if parent and not interpolation else None
         hint = f"; valid keys under {parent}: {', '.join(valid)}" if valid else ""
         return f"invalid config{f' at {key}' if key else ''}: {message}{hint}"
     if str(err).startswith("Config group override must be a string or a list"):  # Hydra's, for recipe=null

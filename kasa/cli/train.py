@@ -139,7 +139,10 @@ class TrainCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         FAILED_SWEEP_JOBS.clear()
-        SWEEP_DIR[:] = [Path(config.hydra.sweep.dir)]
+        try:  # its default name reads ${task.name}, unset after `~task`: exit here, as below (not Hydra's warning)
+            SWEEP_DIR[:] = [Path(config.hydra.sweep.dir)]
+        except USER_ERRORS as err:
+            fail(describe_error(err))
         # Hydra resolves the folder again in each job's config, where ${task.name} is that job's: the jobs of a sweep
         # over tasks went to a folder per task and the summary to a third. Pinned here as the user would pin it.
         with flag_override(config, "readonly", False), open_dict(config):
@@ -165,7 +168,8 @@ class TrainCallback(Callback):
                 job_config = loader.load_sweep_config(config, list(job_overrides))
                 HydraConfig.instance().set_config(job_config)  # ${hydra:runtime.choices.recipe} resolves from it
                 with open_dict(job_config):
-                    job_config.output_dir = str(Path(config.hydra.sweep.dir) / str(number))  # the default subdir
+                    if not OmegaConf.is_missing(job_config, "output_dir"):  # output_dir=??? is said by validate
+                        job_config.output_dir = str(Path(config.hydra.sweep.dir) / str(number))  # the default subdir
                     del job_config["hydra"]
                 resolved = resolve(job_config)
                 job_cfg = validate(resolved)
