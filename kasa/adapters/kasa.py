@@ -142,9 +142,10 @@ def aux_loss_needs_forward() -> bool:
 
 def batched_regularization(blocks: list[KasaBlock]) -> tuple[list[int], Regularization]:
     """Every block's terms as vectors whose entry j belongs to blocks[order[j]], and `order`: a block's record from
-    this step's forward pass (read and cleared; `KasaBlock.current_record`), or else computed as `KasaBlock.regularization` does, from a few batched ops
-    per group of blocks of one shape instead of a dozen ops per block. In a single process those blocks' parameters
-    are first packed (`pack_parameters`), so that the batched ops read them in place."""
+    this step's forward pass (read and cleared; `KasaBlock.current_record`), or else computed as
+    `KasaBlock.regularization` does, from a few batched ops per group of blocks of one shape instead of a dozen ops
+    per block. In a single process those blocks' parameters are first packed (`pack_parameters`), so that the batched
+    ops read them in place."""
     records = [block.current_record() for block in blocks]
     recorded = [i for i, record in enumerate(records) if record is not None]
     groups: dict[tuple, list[int]] = {}

@@ -184,7 +184,8 @@ def _unset_key(key: str) -> str:
     """A setting that must have a value and has none: for the key that names a config group's option (model.name
     after `~model`), the group's options too."""
     group = {"model.name": "model", "task.name": "task", "method.method": "method"}.get(key)
-    choose = f"choose a {group} with {group}=<option> (one of: {', '.join(_config_options(group))}), or " if group else ""
+    options = ", ".join(_config_options(group)) if group else ""
+    choose = f"choose a {group} with {group}=<option> (one of: {options}), or " if group else ""
     return f"{key} has no value: {choose}set it with {key}=<value>"
 
 
@@ -368,7 +369,8 @@ def load_saved_config(run_dir: Path, overrides: list[str], what_it_changes: str 
     """A run's saved config with `overrides` (kasa-eval, kasa-export), its values checked as kasa-train checks them.
     A fault in the saved file itself (edited by hand, or damaged) is said as the file's, not as an argument's. An
     override that only training reads, or outside the config sections `reads` (None: all), is refused, saying that it
-    would change nothing of `what_it_changes`; a misspelt key lists the command's `own_keys` and the settings it takes."""
+    would change nothing of `what_it_changes`; a misspelt key lists the command's `own_keys` and the settings it
+    takes."""
     from kasa.config import is_training_only
     from kasa.run_dir import CONFIG_FILE, load_run_config
     from kasa.training.preflight import check_config_values
