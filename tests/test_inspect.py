@@ -144,6 +144,7 @@ def test_activation_basis_report(tiny_model, sentiment_dir, tmp_path):
     (["held_out=0"], "held_out=0 is not allowed: pass a number of examples >= 1"),
     (["method.svd_device=gpu0"], "method.svd_device=gpu0 is not a device"),
     (["recipe=glue/nonexistent"], "nonexistent"),
+    (["~task"], "task.name has no value: choose a task with task=<option> (one of: "),  # walk AZ
     (["threshhold=0.1"], "unknown key threshhold (did you mean threshold?); valid keys: threshold, held_out, output_dir, "
                          "model, task"),
     (["output_dir=INPUT/train.tsv/report"], "cannot be made: INPUT/train.tsv is a file, not a folder; choose another"),

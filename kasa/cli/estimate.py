@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return
-    bad = [a for a in argv if "=" not in a]
+    bad = [a for a in argv if "=" not in a and not a.startswith("~")]  # ~group removes a config group, as kasa-train
     if bad:
         fail(f"arguments must be key=value, got {bad[0]!r}: e.g. kasa-estimate recipe=commonsense/llama3_8b "
              "gpu_memory=24GiB")

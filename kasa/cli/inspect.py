@@ -229,7 +229,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     overrides = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep:
+        if not sep and not key.startswith("~"):  # ~group removes a config group, as in kasa-train
             raise ValueError(f"arguments are key=value, got {arg!r}: e.g. kasa-inspect recipe=glue/roberta_base_cola")
         if key not in own:
             overrides.append(arg)
