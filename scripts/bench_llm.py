@@ -21,9 +21,10 @@ q, k, v, o, gate, up and down projections with r 16, alpha 32, no dropout.
 3. Peak memory of a KaSA step (two steps, the first creating the AdamW state, gradient checkpointing on, batch of
    padded examples) on the float32 base, the bfloat16 base and the nf4 base (`model.quantization=nf4`) computing in
    float32 (`nf4_memory_ratio`) and in bfloat16 as QLoRA and the 24 GB recipes do (`nf4_bf16_memory_ratio`), each in a
-   fresh process: the model's tensors (parameters, buffers and bitsandbytes' quantization state, counted exactly) plus the growth of the resident
-   memory (Linux VmHWM, reset after loading) during the steps, with glibc's mmap threshold fixed so that freed memory
-   leaves the process at once: the CPU's counterpart of torch.cuda.max_memory_allocated. The process's peak above its
+   fresh process: the model's tensors (parameters, buffers and bitsandbytes' quantization state, counted exactly)
+   plus the growth of the resident memory (Linux VmHWM, reset after loading) during the steps, with glibc's mmap
+   threshold fixed so that freed memory leaves the process at once: the CPU's counterpart of
+   torch.cuda.max_memory_allocated. The process's peak above its
    memory before loading (which also counts the libraries and buffers loading left behind) is reported beside it, and
    so is the tensors' own peak in a third step (`tensor_peak_memory_mib`): the model's tensors and the AdamW states
    plus the most bytes that the step's live tensors held at once, followed op by op; resident memory also holds what

@@ -6,18 +6,18 @@ Each process loads the model and applies the adapters exactly as kasa-train does
 to the system, resets the kernel's peak-resident counter (/proc/self/clear_refs), then runs a few AdamW steps on
 real batches. Three measures: `measured_mib` = peak resident memory during the steps minus the resident memory
 before the model loaded (interpreter and libraries, which a GPU's allocator never sees); `measured_tensors_mib` = the
-model's tensors (parameters, buffers and bitsandbytes' quantization state, counted exactly) plus the growth of resident memory from just before the
-first step to the peak, which leaves out what loading the model left in the process besides its tensors (the
-modules transformers imports, the tokenizer, the data, parsing buffers) but keeps what the first steps add that no
-tensor owns (library code paged in, freed heap memory glibc keeps: 70-80 MiB for MiniLM); `exact_tensors_mib` = the
-model's tensors and the AdamW states plus the most that one more step's own tensors hold at once, followed op by op
-(scripts/tensor_peak.py), the largest over the batches: the CPU's counterpart of torch.cuda.max_memory_allocated,
-and what the estimate models. `relative_error` is against it, `resident_relative_error` against the second. Loading is
-left out on purpose: a quantized base is loaded in float and quantized layer by layer, on the CPU when a GPU is the
-target. Every row of the runs below is
-max_length tokens long (max_length is below the examples' lengths), as the estimate assumes; the estimate is given
-the share of the columns that carry the causal-LM loss in these batches (`loss_share`). Last line: one JSON object
-with the relative errors and the nf4 / float32 and nf4 / bfloat16 ratios.
+model's tensors (parameters, buffers and bitsandbytes' quantization state, counted exactly) plus the growth of
+resident memory from just before the first step to the peak, which leaves out what loading the model left in the
+process besides its tensors (the modules transformers imports, the tokenizer, the data, parsing buffers) but keeps
+what the first steps add that no tensor owns (library code paged in, freed heap memory glibc keeps: 70-80 MiB for
+MiniLM); `exact_tensors_mib` = the model's tensors and the AdamW states plus the most that one more step's own
+tensors hold at once, followed op by op (scripts/tensor_peak.py), the largest over the batches: the CPU's counterpart
+of torch.cuda.max_memory_allocated, and what the estimate models. `relative_error` is against it,
+`resident_relative_error` against the second. Loading is left out on purpose: a quantized base is loaded in float and
+quantized layer by layer, on the CPU when a GPU is the target. Every row of the runs below is max_length tokens long
+(max_length is below the examples' lengths), as the estimate assumes; the estimate is given the share of the columns
+that carry the causal-LM loss in these batches (`loss_share`). Last line: one JSON object with the relative errors
+and the nf4 / float32 and nf4 / bfloat16 ratios.
 
     python scripts/estimate_check.py [--steps 3]
 """

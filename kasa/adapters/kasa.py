@@ -117,6 +117,8 @@ class KasaBlock(RemovedComponents):
         recomputation in backward) holds old values whose graph the optimizer step has invalidated. Under FSDP the
         forward pass sees other parameter objects (the gathered ones) than the module holds after it: trusted."""
         record, self.last_regularization = self.last_regularization, None
+        if record is None:  # a single process records nothing: no versions to read for each block at each step
+            return None
         now = self.parameter_versions()
         stale = any(rid == nid and rv != nv for (rid, rv), (nid, nv) in zip(self.recorded_versions, now))
         return None if stale else record

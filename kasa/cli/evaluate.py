@@ -162,8 +162,8 @@ def score_in_training(run_dir: Path, state: dict[str, Any], metric: str) -> tupl
     evaluation, the last of its history. None for a checkpoint that was not evaluated as it is."""
     if "score" in state:
         return state.get("split") or read_config(run_dir).get("task", {}).get("eval_split"), state["score"]
-    history = state.get("history") or [{}]
-    last = history[-1] if isinstance(history[-1], dict) else {}
+    history = state.get("history") or []
+    last = history[-1] if history and isinstance(history[-1], dict) else {}
     evaluated_here = state.get("step") is not None and last.get("step") == state["step"]
     if evaluated_here and isinstance(last.get(metric), (int, float)):
         return last.get("split") or state.get("eval_split"), last[metric]
