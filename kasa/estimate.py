@@ -67,9 +67,9 @@ def load_architecture(model_cfg) -> Any:
 
     from kasa.tasks.models import check_model_folder
 
+    kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}  # a GGUF repo has no config.json
     if model_cfg.path:
         check_model_folder(model_cfg)  # as kasa-train says it, not as transformers' message about a bad Hub repo id
-        kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
         try:
             return AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
         except (OSError, ValueError) as err:
@@ -80,7 +80,7 @@ def load_architecture(model_cfg) -> Any:
         data = json.loads(shipped.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
     try:
-        return AutoConfig.from_pretrained(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     except OSError as err:
         raise ValueError(f"cannot read the architecture of {model_cfg.name!r} ({str(err).splitlines()[0]}): "
                          "pass model.path=<folder with its config.json>") from err

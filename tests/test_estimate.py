@@ -34,6 +34,20 @@ def test_shipped_architectures_have_the_published_sizes(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == KNOWN_TOTALS[name]
 
 
+def test_a_hub_gguf_repo_is_read_from_its_gguf_header(monkeypatch) -> None:
+    """A Hub GGUF repo has no config.json: the architecture comes from the file model.gguf_file names, as kasa-train
+    loads it (it was asked for the repo's config.json, and kasa-estimate failed where kasa-train would run)."""
+    asked = {}
+
+    def from_pretrained(name, **kwargs):
+        asked.update(kwargs, name=name)
+        return transformers.LlamaConfig()
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    estimate.load_architecture(ModelConfig(name="some-org/Some-Model-GGUF", gguf_file="model-f16.gguf"))
+    assert asked["name"] == "some-org/Some-Model-GGUF" and asked["gguf_file"] == "model-f16.gguf"
+
+
 def tiny_run(tmp_path, **model) -> RunConfig:
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
