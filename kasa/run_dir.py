@@ -197,6 +197,16 @@ def _running(pid: int) -> bool:
     return True
 
 
+def resumable_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete resumable checkpoints of a run, oldest first. Here, not with the checkpoints' code, because it needs no
+    torch: kasa-train asks it after a stop signal that may have cut torch's import short (which cannot run twice)."""
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
 def analysis_outputs(folder: Path) -> list[Path]:
     """The files of kasa-plot and kasa-compare in `folder` (see ABLATION_FIGURE): what a replaced run's analyses
     left."""

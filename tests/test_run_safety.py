@@ -605,6 +605,42 @@ def test_a_signal_inside_a_library_that_catches_exception_still_stops(tiny_model
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_signal_that_cuts_torchs_import_short_stops_in_one_line(uninterrupted, tiny_model, sentiment_dir, tmp_path,
+                                                                  monkeypatch, resumed):
+    """Ctrl-C about 1.5 s into kasa-train lands in torch's first import (the config check's): the stop's handling then
+    imported kasa's checkpoint code, which imports torch again, and a torch whose import was cut short cannot be
+    imported again in that process ("Only a single TORCH_LIBRARY can be used to register the namespace prims"): a
+    123-line traceback and exit 1. Here the config check is stopped, and importing torch's side of kasa fails after."""
+    import signal
+    import time
+
+    from kasa.training import preflight
+
+    run_dir = tmp_path / "run"
+    if resumed:  # an interrupted run: its checkpoints, no summary
+        shutil.copytree(uninterrupted, run_dir)
+        (run_dir / "summary.json").unlink()
+
+    def stopped_in_torchs_import(cfg) -> None:
+        for module in [name for name in sys.modules if name == "torch" or name.startswith("kasa.training.")]:
+            monkeypatch.setitem(sys.modules, module, None)  # import torch, or what imports it: ImportError
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler interrupts it
+
+    monkeypatch.setattr(preflight, "check_config_values", stopped_in_torchs_import)
+    result = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
+    monkeypatch.undo()
+    lines = result.stderr.strip().splitlines()
+    if resumed:
+        assert result.returncode == 75 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith("stopped by SIGINT before training started (nothing new to save); continue with:")
+    else:
+        assert (result.returncode, lines) == (130, ["stopped by SIGINT before training started: nothing was trained "
+                                                    "or saved"]), result.stderr[-3000:]
+        assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("sweep", [False, True])
 def test_a_signal_after_the_run_finished_changes_nothing(uninterrupted, tiny_model, sentiment_dir, tmp_path,
                                                          monkeypatch, sweep):

@@ -36,7 +36,7 @@ from kasa.cli.common import (
     run_reporting_errors,
 )
 from kasa.config import launch_rank, resolve, validate
-from kasa.run_dir import remove_if_empty
+from kasa.run_dir import remove_if_empty, resumable_checkpoints
 from kasa.training.preflight import check_finished_run, check_not_a_run, check_sweep_job
 from kasa.training.signals import (
     INTERRUPTED_EXIT,
@@ -92,8 +92,6 @@ def _run(cfg: DictConfig) -> float:
             best = train(run_cfg, resolved, hydra_files)["best"]
         except TrainingInterrupted as err:  # a stop signal stops a whole sweep too
             ignore_stop_signals()
-            from kasa.training.checkpoint import resumable_checkpoints
-
             if err.checkpoint is None and sweep_dir is None and not resumable_checkpoints(run_dir):
                 _stopped_before_training(err.signum)  # while a fresh run loaded: 75 would say "saved, resume me"
             if launch_rank()[0] == 0:  # one line for a launch of several processes, not one each

@@ -38,7 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from kasa.adapters import save_adapter
 from kasa.adapters.io import adapter_state, check_removed_components, fill_adapter, full_adapter_state, save_tensors
 from kasa.adapters.peft_baselines import allocator_state, load_allocator_state
-from kasa.run_dir import ADAPTER_WEIGHTS_FILE, CHECKPOINTS_DIR, STATE_FILE, STEP_DIR, write_atomically, write_json
+from kasa.run_dir import ADAPTER_WEIGHTS_FILE, STATE_FILE, resumable_checkpoints, write_atomically, write_json
 from kasa.tasks.models import inner_model
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -454,15 +454,6 @@ def check_same_data(directory: Path, fingerprint: str, allow_changes: bool) -> d
                          "setting changed): resume on the same data, or pass resume_allow_changes=true to go on "
                          "with these (recorded in config.json)")
     return {"training data (fingerprint)": (saved[:12], fingerprint[:12])}
-
-
-def resumable_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete resumable checkpoints of a run, oldest first."""
-    root = run_dir / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

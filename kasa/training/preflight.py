@@ -45,6 +45,7 @@ from kasa.run_dir import (
     holds_a_run,
     is_checkpoint_of,
     read_config,
+    resumable_checkpoints,
     run_record,
     sweep_record,
 )
@@ -551,8 +552,6 @@ def find_resume(cfg: RunConfig, out: Path, say: Callable[[str], None]) -> RunSta
     """What `out` holds, short of a finished run (`check_finished_run`), decides how the run starts: `resume=auto`
     takes the newest checkpoint that reads back whole and finite (`say` names the ones it skips), and refuses to
     start afresh over checkpoints it could not use."""
-    from kasa.training.checkpoint import resumable_checkpoints
-
     if cfg.resume not in (None, "auto"):
         checkpoint = Path(cfg.resume)
         check_resume_checkpoint(checkpoint)
