@@ -252,6 +252,25 @@ def test_signal_before_training_stops_at_once():
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the old handler is back
 
 
+
+def test_ctrl_c_in_kasa_eval_export_or_estimate_is_one_line(tmp_path):
+    """Ctrl-C in kasa-eval, kasa-export, kasa-estimate (any command but kasa-train, which saves first) printed
+    Python's KeyboardInterrupt traceback, 25-46 lines; a write it cut short leaves nothing (write_atomically)."""
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from kasa.cli.common import run_reporting_errors
+        from kasa.run_dir import write_atomically
+
+        def interrupted(tmp):
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+
+        run_reporting_errors(lambda: write_atomically(Path({str(tmp_path / "out.json")!r}), interrupted))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "stopped by SIGINT (Ctrl-C)\n")
+    assert list(tmp_path.iterdir()) == []
+
 def test_resume_command_pins_the_run_or_sweep_dir_and_adds_resume_auto(monkeypatch):
     argv = ["kasa-train", "recipe=glue/roberta_base_cola", "trainer.lr=1e-3", "overwrite=true"]
     assert resume_command(argv, Path("/runs/a b")) == (

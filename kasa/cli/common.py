@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import re
+import signal
 import sys
 import time
 import typing
@@ -306,14 +307,20 @@ def fail(message: str, every_rank_alike: bool = False) -> NoReturn:
 
 
 def run_reporting_errors(function: Callable[[], Any], own_keys: Sequence[str] = ()) -> Any:
-    """Run `function`; a user error becomes one line on stderr and exit status 2 (KASA_DEBUG=1: full traceback).
-    `own_keys`: the command's own `key=value` arguments (see describe_error)."""
+    """Run `function`; a user error becomes one line on stderr and exit status 2, Ctrl-C one line and 130, where
+    Python printed its KeyboardInterrupt traceback (KASA_DEBUG=1: full traceback). kasa-train stops on its own
+    terms (kasa.training.signals). `own_keys`: the command's own `key=value` arguments (see describe_error)."""
     try:
         return function()
     except USER_ERRORS as err:
         if os.environ.get("KASA_DEBUG"):
             raise
         fail(describe_error(err, own_keys), every_rank_alike=getattr(err, "every_rank_alike", False))
+    except KeyboardInterrupt:
+        if os.environ.get("KASA_DEBUG"):
+            raise
+        print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def key_value_arguments(argv: list[str] | None, usage: str, required: tuple[str, ...], example: str) -> dict[str, str]:
