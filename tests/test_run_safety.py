@@ -373,20 +373,24 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
 
 
 
-def test_a_log_cut_short_before_a_resume_is_not_padded(uninterrupted, tiny_model, sentiment_dir, tmp_path):
+@pytest.mark.parametrize("mid_line", [False, True])
+def test_a_log_cut_short_before_a_resume_is_not_padded(uninterrupted, tiny_model, sentiment_dir, tmp_path, mid_line):
     """metrics.jsonl holding less than at the checkpoint (edited, or cut by a full disk): truncating it to the
-    checkpoint's offset padded it with zero bytes, which no JSON-lines reader takes."""
+    checkpoint's offset padded it with zero bytes, which no JSON-lines reader takes; cut inside a line, the resumed
+    run's first record ran on in that line (walk CB), lost to every reader."""
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
     (run_dir / "summary.json").unlink()  # unfinished: killed after its last checkpoint
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
-    metrics.write_text("".join(lines[: len(lines) // 2]))
+    half = len(lines) // 2
+    metrics.write_text("".join(lines[:half]) + (lines[half][:20] if mid_line else ""))
     resumed = run_cli("kasa.cli.train", *checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"warning: {metrics} holds less than when step-" in resumed.stderr
     assert b"\0" not in metrics.read_bytes()
-    assert all(json.loads(line) for line in metrics.read_text().splitlines())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[:half] == [json.loads(line) for line in lines[:half]] and records[-1]["type"] == "eval"
 
 
 def test_another_runs_checkpoint_continues_only_in_a_folder_without_a_run_of_its_own(

@@ -495,11 +495,17 @@ class MetricsLog:
 
     def truncate(self, size: int) -> bool:
         """Drop what was logged after a checkpoint, so a resumed run writes the same file as an uninterrupted one.
-        False, and the log left as it is, when it holds less than at the checkpoint (deleted or cut short since):
-        truncating would pad it with zero bytes up to `size`."""
+        False when it holds less than at the checkpoint (deleted or cut short since): truncating would pad it with
+        zero bytes up to `size`; a line cut in half there is dropped, so that the next record starts a line of its
+        own instead of running on in the broken one, where no reader would find it."""
         if not self.enabled:
             return True
         if self.size() < size:
+            if self.path.exists():
+                data = self.path.read_bytes()
+                if data and not data.endswith(b"\n"):
+                    with self.path.open("r+b") as f:
+                        f.truncate(data.rfind(b"\n") + 1)
             return False
         if self.path.exists():
             with self.path.open("r+") as f:
