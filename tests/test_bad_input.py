@@ -69,6 +69,10 @@ from kasa.tasks.models import VOCABULARY_FILES
                                     "trainer.group_by_length=true"]),  # a GLUE task ignored it
         (["method.rank=64"], ["must be < min(n, m)"]),
         (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
+        # a model of another kind under the default model group's BERT head (walk CA): it named no fix
+        (["model.head_modules=[score]"], ["no module matches 'score' of trainable_modules ['score']",
+                                          "its top-level modules: ['bert', 'dropout', 'classifier']",
+                                          "model.head_modules=[]"]),
         (["model.dtype=float8"], ["unknown model.dtype 'float8'", "float32, bfloat16, float16"]),
         (["model.attn_implementation=flash"], ["unknown model.attn_implementation 'flash'", "sdpa"]),
         pytest.param(["model.attn_implementation=flash_attention_2"], ["needs a CUDA GPU and the flash-attn package"],
