@@ -435,7 +435,12 @@ def parse_memory(text: str) -> int:
                 size = float(value[: -len(unit)])
             except ValueError:
                 break
-            if size > 0 and math.isfinite(size):
-                return int(size * units[unit])
-            raise ValueError(f"gpu_memory={text!r} is not allowed: the size must be a number > 0, e.g. gpu_memory=24GiB")
+            if not (size > 0 and math.isfinite(size)):
+                raise ValueError(f"gpu_memory={text!r} is not allowed: the size must be a number > 0, e.g. "
+                                 "gpu_memory=24GiB")
+            if size * units[unit] <= RESERVE_BYTES:  # nothing would be left for the run
+                raise ValueError(f"gpu_memory={text!r} is not allowed: the size must exceed the "
+                                 f"{RESERVE_BYTES / GIB:g} GiB that the verdict keeps for the CUDA context, e.g. "
+                                 "gpu_memory=24GiB")
+            return int(size * units[unit])
     raise ValueError(f"gpu_memory={text!r} is not a memory size: write e.g. gpu_memory=24GiB or gpu_memory=80GB")

@@ -221,6 +221,8 @@ def test_the_command_answers_offline_for_a_recipe(capsys) -> None:
     (["gpu_memory=lots"], "gpu_memory='lots' is not a memory size"),
     (["gpu_memory=-3GiB"], "gpu_memory='-3GiB' is not allowed: the size must be a number > 0"),  # was judged
     (["gpu_memory=0GB"], "gpu_memory='0GB' is not allowed: the size must be a number > 0"),
+    (["gpu_memory=0.5GiB"], "gpu_memory='0.5GiB' is not allowed: the size must exceed the 1 GiB that the verdict "
+                            "keeps for the CUDA context"),  # judged "does NOT fit", exit 0, on a negative budget
     # as kasa-train refuses them (were a traceback, a failed trace, or "fits")
     (["trainer.batch_size=-1"], "trainer.batch_size=-1 is not allowed: it must be an integer >= 1"),
     (["trainer.max_length=0"], "trainer.max_length=0 is not allowed: it must be an integer >= 1"),
