@@ -251,6 +251,18 @@ def test_an_export_for_another_base_than_the_trained_one_says_so_and_records_it(
     assert record["overrides"] == ["model.quantization=nf4"] and record["trained_quantization"] is None
 
 
+
+def test_a_refused_export_for_another_base_is_its_error_line_alone(trained_run, tmp_path):
+    """The warning about exporting for another base than the trained one came before the checks, so a refused
+    export printed it, naming a kasa_export.json that was never written, and then its error (walk CA)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (kasa[quant])")
+    _, run_dir = trained_run
+    result = run_cli("kasa.cli.export", f"checkpoint={run_dir}", f"output={tmp_path / 'out'}", "format=peft",
+                     "model.quantization=nf4")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
 @pytest.mark.parametrize("command", ["kasa.cli.evaluate", "kasa.cli.export"])
 def test_an_export_folder_given_as_the_checkpoint_says_what_it_is(tmp_path, command):
     """A PEFT export holds kasa's adapter file names: it was taken for a checkpoint outside a run."""

@@ -128,16 +128,10 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     run_cfg = load_saved_config(run_dir, overrides, "kasa-export writes (the folder goes to output=)", reads=("model",),
                                 own_keys=OWN_KEYS)
     trained_over = load_saved_config(run_dir, []).model.quantization if overrides else run_cfg.model.quantization
-    if run_cfg.model.quantization != trained_over:
-        print(f"warning: the run trained over a {trained_over or 'float'} base, exported here for the "
-              f"{run_cfg.model.quantization or 'float'} model: its outputs differ from the trained model's by the "
-              "quantization's rounding (recorded in kasa_export.json)", file=sys.stderr)
     version = checkpoint_version(checkpoint)  # a run still training may save over it while it is read
     meta = read_adapter_config(checkpoint)  # a clear error for a foreign or corrupt checkpoint, before any loading
     if fmt == "peft":
         check_peft_expressible(AdapterConfig.from_dict(meta["config"]), run_cfg.model.quantization)
-    elif warning := merge_note(run_cfg.model.quantization):
-        print(warning, file=sys.stderr)
 
     task = build_task(run_cfg)
     tokenizer, model = task.load_model()
@@ -174,6 +168,13 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
         "versions": software_versions(),
     }
     check_checkpoint_unchanged(checkpoint, version, "kasa-export read it")  # the record matches the weights
+    # said once every check has passed: a refused export is its one error line
+    if run_cfg.model.quantization != trained_over:
+        print(f"warning: the run trained over a {trained_over or 'float'} base, exported here for the "
+              f"{run_cfg.model.quantization or 'float'} model: its outputs differ from the trained model's by the "
+              "quantization's rounding (recorded in kasa_export.json)", file=sys.stderr)
+    if fmt == "merged" and (warning := merge_note(run_cfg.model.quantization)):
+        print(warning, file=sys.stderr)
 
     def fill(tmp: Path) -> None:
         if fmt == "merged":
