@@ -73,10 +73,10 @@ def check_peft_expressible(config: AdapterConfig, quantization: str | None) -> N
         )
     if quantization is not None:
         raise ValueError(
-            f"format=peft needs a float base: this run trained over model.quantization={quantization}, and PEFT's KaSA "
-            "would run as plain LoRA on bitsandbytes layers. Use format=merged (the dequantized base, merged), or "
-            "add model.quantization=null to export the adapter for the float model, as QLoRA adapters are used "
-            "(its outputs then differ from the trained model's by the quantization's rounding)"
+            f"format=peft needs a float base, and this export's is model.quantization={quantization}, over which "
+            "PEFT's KaSA would run as plain LoRA on bitsandbytes layers. Use format=merged (the dequantized base, "
+            "merged), or model.quantization=null to export the adapter for the float model, as QLoRA adapters are "
+            "used (a run trained over a quantized base then differs from it by the quantization's rounding)"
         )
     if config.init == "principal":
         raise ValueError(
