@@ -82,6 +82,10 @@ def test_singular_values_need_kasa(tmp_path):
         plots.singular_values(tmp_path)
     with pytest.raises(FileNotFoundError):
         plots.singular_values(tmp_path / "nowhere")
+    weights = checkpoint / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated: safetensors' own error, a traceback (walk CB)
+    with pytest.raises(ValueError, match=f"cannot read {weights} .*: the checkpoint is missing or truncated"):
+        plots.singular_values(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

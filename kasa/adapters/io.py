@@ -139,16 +139,23 @@ def read_adapter_config(directory: str | Path) -> dict:
     return meta
 
 
+def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter weights a checkpoint folder holds, finite, or one error naming the file."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, FileNotFoundError, OSError) as err:
+        raise ValueError(f"cannot read {path} ({err}): the checkpoint is missing or truncated") from err
+    refuse_non_finite(tensors, path)
+    return tensors
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Apply the adapter saved in `directory` to a freshly loaded base `model` (in place) and return it."""
     directory = Path(directory)
     meta = read_adapter_config(directory)
     config = AdapterConfig.from_dict(meta["config"])
-    try:
-        tensors = load_file(str(directory / WEIGHTS_FILE))
-    except (SafetensorError, FileNotFoundError, OSError) as err:
-        raise ValueError(f"cannot read {directory / WEIGHTS_FILE} ({err}): the checkpoint is missing or truncated") from err
-    refuse_non_finite(tensors, directory / WEIGHTS_FILE)
+    tensors = read_adapter_tensors(directory)
     with unchanged_on_error(model):  # the model as it was given, so that the right adapter can be loaded onto it
         apply_adapters(model, config, initialise=False)
         # AdaLoRA's ranknum, a constant that half-precision runs saved as trained before kasa froze it: not loaded

@@ -154,10 +154,10 @@ def singular_values(path: str | Path, which: str | None = None,
                     out_dir: str | Path | None = None) -> dict[str, Any]:
     """Figure 4: heatmaps of the learned dSigma (raw parameter values; the update is scaled by alpha / r on top), one
     per adapted matrix type, layer index on x and position on y."""
-    from safetensors.torch import load_file
+    from kasa.adapters.io import read_adapter_tensors
 
     checkpoint, run_dir = find_checkpoint(Path(path), which)
-    tensors = load_file(str(checkpoint / ADAPTER_WEIGHTS_FILE))
+    tensors = read_adapter_tensors(checkpoint)
     sigmas: dict[str, np.ndarray] = {}
     for key, tensor in tensors.items():
         if key.endswith(".delta_sigma") and ".adapters." in key:
