@@ -73,7 +73,7 @@ def test_singular_values_of_fused_parts_and_last_fallback(tmp_path):
     assert (tmp_path / "run" / "singular_values_last.png").is_file()
 
 
-def test_singular_values_need_kasa(tmp_path):
+def test_singular_values_need_kasa(tmp_path, caplog):
     checkpoint = tmp_path / "checkpoints" / "best"
     checkpoint.mkdir(parents=True)
     save_file({"bert.encoder.layer.0.attention.self.query.adapters.weight.lora_a": torch.zeros(2, 4)},
@@ -86,6 +86,8 @@ def test_singular_values_need_kasa(tmp_path):
     weights.write_bytes(weights.read_bytes()[:40])  # truncated: safetensors' own error, a traceback (walk CB)
     with pytest.raises(ValueError, match=f"cannot read {weights} .*: the checkpoint is missing or truncated"):
         plots.singular_values(tmp_path)
+    assert plots.plot_run(tmp_path) == {}  # of a whole run: the other plots, and a warning for this one
+    assert [r.levelname for r in caplog.records if "no singular-value plot: cannot read" in r.message] == ["WARNING"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

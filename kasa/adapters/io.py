@@ -139,13 +139,17 @@ def read_adapter_config(directory: str | Path) -> dict:
     return meta
 
 
+class UnreadableAdapter(ValueError):
+    """A checkpoint's adapter file that is missing, truncated or damaged."""
+
+
 def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """The adapter weights a checkpoint folder holds, finite, or one error naming the file."""
     path = Path(directory) / WEIGHTS_FILE
     try:
         tensors = load_file(str(path))
     except (SafetensorError, FileNotFoundError, OSError) as err:
-        raise ValueError(f"cannot read {path} ({err}): the checkpoint is missing or truncated") from err
+        raise UnreadableAdapter(f"cannot read {path} ({err}): the checkpoint is missing or truncated") from err
     refuse_non_finite(tensors, path)
     return tensors
 

@@ -530,8 +530,14 @@ def plot_run(run_dir: str | Path, layer: int | None = None, which: str | None = 
             if layer is not None:  # a layer asked for by name that the run did not log: say so
                 raise
             log.info("no regularisation plot: %s", err)
+    from kasa.adapters.io import UnreadableAdapter
+
     try:
         done["singular_values"] = singular_values(run_dir, which, out_dir)
+    except UnreadableAdapter as err:  # a KaSA run's checkpoint, damaged: the other plot stands, this one is said
+        if which is not None:
+            raise
+        log.warning("no singular-value plot: %s", err)
     except (FileNotFoundError, ValueError) as err:
         if which is not None:  # figure 4's checkpoint asked for by name: say why it cannot be drawn
             raise
