@@ -373,6 +373,25 @@ def test_a_resume_on_other_training_data_is_refused_unless_allowed(uninterrupted
 
 
 
+def test_a_resume_without_its_config_is_refused_and_allowed_writes_it_again(uninterrupted, tiny_model, sentiment_dir,
+                                                                            tmp_path):
+    """A run whose config.json was deleted resumed with any settings, unrecorded, and finished without config.json,
+    which kasa-eval and kasa-export need (walk CB)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "summary.json").unlink()  # unfinished: killed after its last checkpoint
+    (run_dir / "config.json").unlink()
+    args = checkpointed_args(tiny_model, sentiment_dir, run_dir, "resume=auto")
+    refused = run_cli("kasa.cli.train", *args, "trainer.lr=1e-2")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: {run_dir / 'config.json'} is missing: cannot tell whether this resume changes settings; put it "
+        "back, or pass resume_allow_changes=true to continue with these settings (written to it again)")
+    allowed = run_cli("kasa.cli.train", *args, "resume_allow_changes=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["trainer"]["lr"] == json.loads((uninterrupted / "config.json").read_text())["trainer"]["lr"]
+
+
 @pytest.mark.parametrize("mid_line", [False, True])
 def test_a_log_cut_short_before_a_resume_is_not_padded(uninterrupted, tiny_model, sentiment_dir, tmp_path, mid_line):
     """metrics.jsonl holding less than at the checkpoint (edited, or cut by a full disk): truncating it to the

@@ -370,7 +370,7 @@ class TrainingRecipe:
         """config.json and .hydra/ for a fresh start; a resume keeps the run's record, unless settings changed
         (resume_allow_changes=true), which config.json then lists under `resumed_with_changes`."""
         changes = self.start.config_changes
-        if self.resumes_own_run() and not changes:
+        if self.resumes_own_run() and not changes and (self.out / CONFIG_FILE).is_file():
             return
         config = dict(self.resolved_config)
         if changes:  # the changes of the checkpoint's run so far, this one's or the one continued here

@@ -470,11 +470,16 @@ def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
 
 
-def check_resume_config(saved_config: Path, current: dict[str, Any], allow_changes: bool) -> dict[str, tuple[Any, Any]]:
+def check_resume_config(saved_config: Path, current: dict[str, Any], allow_changes: bool,
+                        own_run: bool = False) -> dict[str, tuple[Any, Any]]:
     """Refuse to continue a run with settings other than its own (the result would match neither), unless
-    `resume_allow_changes=true`; returns the differences so that the run can record them."""
-    if not saved_config.is_file():
-        return {}
+    `resume_allow_changes=true`; returns the differences so that the run can record them. `own_run`: the checkpoint
+    is the output folder's own, whose config.json must be there (a checkpoint kept outside a run has none)."""
+    if not saved_config.is_file():  # deleted from the run: the resume could change any setting unseen (walk CB)
+        if allow_changes or not own_run:
+            return {}
+        raise ValueError(f"{saved_config} is missing: cannot tell whether this resume changes settings; put it back, "
+                         "or pass resume_allow_changes=true to continue with these settings (written to it again)")
     try:
         saved = json.loads(saved_config.read_text())
     except ValueError as err:
@@ -589,7 +594,7 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
     start = find_resume(cfg, out, say)
     if start.resume_from is not None:  # the settings of the run the checkpoint belongs to, this one's or another's
         start.config_changes = check_resume_config(checkpoint_run(start.resume_from) / CONFIG_FILE, resolved_config,
-                                                   cfg.resume_allow_changes)
+                                                   cfg.resume_allow_changes, is_checkpoint_of(start.resume_from, out))
     check_model_files(cfg)
     adapted = check_model(cfg)
     if adapted is not None:
