@@ -24,7 +24,7 @@ from typing import Any
 
 from kasa.cli.common import compose_run, quiet_libraries, run_reporting_errors
 from kasa.config import RunConfig
-from kasa.run_dir import check_can_make, time_stamp
+from kasa.run_dir import check_can_make, time_stamp, write_atomically, write_json
 
 REPORT = "truncation_report"
 OWN_KEYS = ("threshold", "held_out", "output_dir")  # besides the run config's keys
@@ -183,14 +183,10 @@ def _summary_lines(report: dict[str, Any], out: Path) -> list[str]:
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
-    from kasa.training.checkpoint import write_json
-
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{REPORT}.json", report)
     text = "# Truncation damage\n\n" + "\n\n".join(_summary_lines(report, out)[:-1]) + "\n\n" + _table(report) + "\n"
-    tmp = out / f".{REPORT}.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / f"{REPORT}.md")
+    write_atomically(out / f"{REPORT}.md", lambda tmp: tmp.write_text(text))
     _plot(report, out / f"{REPORT}.png")
 
 
@@ -217,10 +213,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                  f"{report['base_loss']:.3f} -> {report['truncated_loss']:.3f} with all truncated")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run(argv: list[str]) -> dict[str, Any]:
