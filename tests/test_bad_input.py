@@ -69,6 +69,9 @@ from kasa.tasks.models import VOCABULARY_FILES
                                     "trainer.group_by_length=true"]),  # a GLUE task ignored it
         (["method.rank=64"], ["must be < min(n, m)"]),
         (["model.target_modules=[nope]"], ["no module matches", "linear layers in this model"]),
+        # a longer row failed with a tensor-size traceback after the model had loaded (walk CB)
+        (["trainer.max_length=65"], ["trainer.max_length=65 is more than the 64 positions that",
+                                     "(bert.embeddings.position_embeddings): set trainer.max_length=64 or less"]),
         # a model of another kind under the default model group's BERT head (walk CA): it named no fix
         (["model.head_modules=[score]"], ["no module matches 'score' of trainable_modules ['score']",
                                           "its top-level modules: ['bert', 'dropout', 'classifier']",

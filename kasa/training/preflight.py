@@ -349,12 +349,32 @@ def check_model(cfg: RunConfig) -> Any:
                          "on a CPU it would take hours to days; run on a GPU, or pass trainer.allow_cpu=true to "
                          "proceed anyway")
     check_new_head_trains(cfg, model, _checkpoint_config(cfg))
+    check_positions(cfg, model)
     if cfg.method.uses_peft:  # PEFT's methods check their targets themselves, on the loaded model
         return None
     from kasa.adapters import apply_adapters
 
     apply_adapters(model, cfg.method, initialise=False)
     return model
+
+
+def check_positions(cfg: RunConfig, model: Any) -> None:
+    """trainer.max_length within the positions of a model that learned absolute ones (BERT's and RoBERTa's 512,
+    GPT-2's 1024): a longer row failed with a tensor-size error after the model had loaded (walk CB). Models with
+    rotary or relative positions (LLaMA, DeBERTa-v3) have no such table and no limit here."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in ("position_embeddings", "wpe"):
+            # RoBERTa's positions start after its padding index
+            limit = module.num_embeddings - (0 if module.padding_idx is None else module.padding_idx + 1)
+            if cfg.trainer.max_length > limit:
+                from kasa.tasks.models import model_source
+
+                raise ValueError(f"trainer.max_length={cfg.trainer.max_length} is more than the {limit} positions "
+                                 f"that {model_source(cfg.model)} has learned ({name}): set trainer.max_length={limit} "
+                                 "or less")
+            return
 
 
 def check_new_head_trains(cfg: RunConfig, model: Any, checkpoint_config: Any) -> None:
