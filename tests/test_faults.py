@@ -84,6 +84,25 @@ def test_a_failed_write_in_a_library_error_is_one_line(tmp_path, monkeypatch, er
                                                 "checkpoint is kept)")
 
 
+
+def test_a_file_system_error_is_advised_in_the_command_s_own_terms():
+    """kasa-compare and kasa-plot on a read-only folder advised hydra.run.dir=..., kasa-train's option (walk CB);
+    a full disk under kasa-eval advised resume=auto."""
+    import errno
+
+    from kasa.cli.common import describe_error
+
+    read_only = OSError(errno.EROFS, "Read-only file system", "runs/x/comparison.md")
+    assert describe_error(read_only) == ("Read-only file system: runs/x/comparison.md: check its permissions, or "
+                                         "choose another folder (e.g. hydra.run.dir=...)")
+    assert describe_error(read_only, output_option="--out <folder>") == (
+        "Read-only file system: runs/x/comparison.md: check its permissions, or choose another folder (e.g. --out "
+        "<folder>)")
+    full = OSError(errno.ENOSPC, "No space left on device", "runs/x/evaluations/best/result.json")
+    assert describe_error(full, output_option="") == ("no space left on the device of "
+                                                      "runs/x/evaluations/best/result.json: free space, then run the "
+                                                      "command again")
+
 def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     first = RunLock(tmp_path / "run").acquire()
     with pytest.raises(RunDirLocked, match=rf"in use by another kasa run \(pid {os.getpid()} on .*: wait for it to "

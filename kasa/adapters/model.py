@@ -266,10 +266,10 @@ def _check_names(model: nn.Module, config: AdapterConfig) -> None:
                              f"layers in this model: {linear()}")
     for target in config.trainable_modules:
         if not any(module_matches(name, target) for name in names):
-            raise ValueError(f"no module matches {target!r} of trainable_modules {config.trainable_modules} (kasa-train's "
-                             "model.head_modules, the head trained fully besides the adapters): name this model's "
-                             f"head (its top-level modules: {[n for n, _ in model.named_children()]}), or train none "
-                             "with model.head_modules=[]")
+            raise ValueError(f"no module matches {target!r} of trainable_modules {config.trainable_modules} "
+                             "(kasa-train's model.head_modules, the head trained fully besides the adapters): name "
+                             f"this model's head (its top-level modules: {[n for n, _ in model.named_children()]}), "
+                             "or train none with model.head_modules=[]")
 
 
 def _unfreeze(model: nn.Module, names: list[str]) -> None:

@@ -190,28 +190,35 @@ def _unset_key(key: str) -> str:
     return f"{key} has no value: {choose}set it with {key}=<value>"
 
 
-def _describe_os_error(err: OSError) -> str:
-    """A file system error from the OS (it names a path): what could not be done where, and what to do."""
+TRAIN_OUTPUT = "hydra.run.dir=..."
+"""kasa-train's option for another output folder: its file system errors are advised with it and with resume=auto."""
+
+
+def _describe_os_error(err: OSError, output_option: str = TRAIN_OUTPUT) -> str:
+    """A file system error from the OS (it names a path): what could not be done where, and what to do.
+    `output_option`: how the command is given another output folder (kasa-train's default; "" for none)."""
     where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    then = ("continue with resume=auto (every complete checkpoint is kept)" if output_option == TRAIN_OUTPUT
+            else "run the command again")
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device of {where}: free space, then continue with resume=auto (every "
-                "complete checkpoint is kept)")
+        return f"no space left on the device of {where}: free space, then {then}"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{err.strerror}: {where}: check its permissions, or choose another folder (e.g. hydra.run.dir=...)"
+        other = f", or choose another folder (e.g. {output_option})" if output_option else ""
+        return f"{err.strerror}: {where}: check its permissions{other}"
     if err.errno in (errno.EFBIG, errno.EIO):
         limit = " (a file size limit: ulimit -f)" if err.errno == errno.EFBIG else ""
-        return (f"cannot write {where}: {err.strerror}{limit}; fix the cause, then continue with resume=auto (every "
-                "complete checkpoint is kept)")
+        return f"cannot write {where}: {err.strerror}{limit}; fix the cause, then {then}"
     return f"{err.strerror}: {where}"
 
 
-def describe_error(err: Exception, own_keys: Sequence[str] = ()) -> str:
+def describe_error(err: Exception, own_keys: Sequence[str] = (), output_option: str = TRAIN_OUTPUT) -> str:
     """A user error (one of USER_ERRORS) as the one line that `error: ` starts; `own_keys` are the command's own
-    `key=value` arguments besides the run config's, which an unknown key is matched against too."""
+    `key=value` arguments besides the run config's, which an unknown key is matched against too; `output_option`
+    see _describe_os_error."""
     if isinstance(err, HydraException):
         return _describe_hydra(err, own_keys)
     if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
-        return _describe_os_error(err)
+        return _describe_os_error(err, output_option)
     if isinstance(err, OmegaConfBaseException):  # an override of a saved run's config (kasa-eval, kasa-export)
         message = str(err).splitlines()[0]
         key = getattr(err, "full_key", None)
@@ -306,16 +313,18 @@ def fail(message: str, every_rank_alike: bool = False) -> NoReturn:
     sys.exit(2)
 
 
-def run_reporting_errors(function: Callable[[], Any], own_keys: Sequence[str] = ()) -> Any:
+def run_reporting_errors(function: Callable[[], Any], own_keys: Sequence[str] = (),
+                         output_option: str = TRAIN_OUTPUT) -> Any:
     """Run `function`; a user error becomes one line on stderr and exit status 2, Ctrl-C one line and 130, where
     Python printed its KeyboardInterrupt traceback (KASA_DEBUG=1: full traceback). kasa-train stops on its own
-    terms (kasa.training.signals). `own_keys`: the command's own `key=value` arguments (see describe_error)."""
+    terms (kasa.training.signals). `own_keys`, `output_option`: see describe_error."""
     try:
         return function()
     except USER_ERRORS as err:
         if os.environ.get("KASA_DEBUG"):
             raise
-        fail(describe_error(err, own_keys), every_rank_alike=getattr(err, "every_rank_alike", False))
+        fail(describe_error(err, own_keys, output_option),
+             every_rank_alike=getattr(err, "every_rank_alike", False))
     except KeyboardInterrupt:
         if os.environ.get("KASA_DEBUG"):
             raise

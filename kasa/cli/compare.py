@@ -49,14 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kasa.analysis.compare import compare, to_markdown
 
     table, files = run_reporting_errors(
-        lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by, args.all_metrics))
+        lambda: compare(args.dirs, args.out, args.metric_scale, args.decimals, args.by, args.all_metrics),
+        output_option="--out <folder>")
     print(to_markdown(table, args.dirs), end="")
     written = list(files.values())
     if args.plots:
         from kasa.analysis.plots import plot_sweep, written_files
 
         out = files["markdown"].parent
-        done = run_reporting_errors(lambda: plot_sweep(args.dirs, out, args.metric_scale))
+        done = run_reporting_errors(lambda: plot_sweep(args.dirs, out, args.metric_scale),
+                                    output_option="--out <folder>")
         written += written_files(done)
         if not done:
             print("\nno plot: the runs hold no ablation (an intermediate rung of the ladder), no method at two ranks "

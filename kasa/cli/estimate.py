@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         fail(f"arguments must be key=value, got {bad[0]!r}: e.g. kasa-estimate recipe=commonsense/llama3_8b "
              "gpu_memory=24GiB")
-    result = run_reporting_errors(lambda: run(argv), OWN_KEYS)
+    result = run_reporting_errors(lambda: run(argv), OWN_KEYS, output_option="")
     print(json.dumps(result))
 
 

@@ -261,7 +261,7 @@ def _remove_staged(staged: Path, names: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = key_value_arguments(argv, __doc__, ("checkpoint",), "kasa-eval checkpoint=runs/<run dir>")
-    result = run_reporting_errors(lambda: evaluate_checkpoint(args), OWN_KEYS)
+    result = run_reporting_errors(lambda: evaluate_checkpoint(args), OWN_KEYS, output_option="")
     if launch_rank()[0] != 0:  # under `accelerate launch`: the result once, not once per process
         return
     print(f"{result['split']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))

@@ -207,7 +207,7 @@ def export_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = key_value_arguments(argv, __doc__, ("checkpoint", "output"),
                                "kasa-export checkpoint=runs/<run dir> output=exports/<name>")
-    result = run_reporting_errors(lambda: export_checkpoint(args), OWN_KEYS)
+    result = run_reporting_errors(lambda: export_checkpoint(args), OWN_KEYS, output_option="output=...")
     print(f"exported {result['format']} model to {result['output']}")
     print(f"load it with: {result['load_with']}")
     if result["note"]:

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip())
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's composition errors are raised, and reported in one line
-    report = run_reporting_errors(lambda: run(argv), OWN_KEYS)
+    report = run_reporting_errors(lambda: run(argv), OWN_KEYS, output_option="output_dir=...")
     print(_table(report))
     for line in _summary_lines(report, Path(report["output_dir"])):
         print(line)

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         from kasa.run_dir import output_folder
 
-        run_reporting_errors(lambda: output_folder(args.out, create=False))
+        run_reporting_errors(lambda: output_folder(args.out, create=False), output_option="--out <folder>")
 
     from kasa.analysis.compare import collect_runs
 
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             done[kind] = getattr(plots, kind)(runs, out, args.metric_scale)
         return done
 
-    done = run_reporting_errors(draw)
+    done = run_reporting_errors(draw, output_option="--out <folder>")
     if not done:
         hints = _ablation_hint(runs) + _heatmap_hint(args.dirs)
         print("error: nothing to plot: no KaSA checkpoint or regularization.jsonl (a run), or no ablation / rank / "

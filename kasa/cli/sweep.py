@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kasa.analysis.sweep import summarize_sweep
     from kasa.cli.common import run_reporting_errors
 
-    path = run_reporting_errors(lambda: summarize_sweep(args.sweep_dir))
+    path = run_reporting_errors(lambda: summarize_sweep(args.sweep_dir), output_option="")
     print(path.read_text(), end="")
     print(f"\nwritten: {path}")
     return 0
