@@ -481,7 +481,7 @@ def test_the_disk_check_counts_the_checkpoints_a_run_already_holds(tiny_model, t
     from kasa.training import preflight
 
     cfg = RunConfig()
-    cfg.model.path = str(tiny_model)
+    cfg.model.path, cfg.trainer.max_length = str(tiny_model), 16  # the tiny model has 64 positions
     model = preflight.check_model(cfg)
     need = preflight.checkpoint_bytes(model, 2)["total"]
     held = tmp_path / "checkpoints" / "step-00000003"
@@ -526,6 +526,7 @@ def test_the_checkpoint_estimate_sizes_trained_weights_in_the_run_dtype(tiny_mod
         for dtype in ("float32", "bfloat16"):
             cfg = RunConfig()
             cfg.model.path, cfg.model.dtype, cfg.method.method = str(tiny_model), dtype, method
+            cfg.trainer.max_length = 16  # the tiny model has 64 positions
             model = check_model(cfg)
             sizes[method, dtype] = checkpoint_bytes(model, 1)["total"]
             trained[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
