@@ -516,6 +516,18 @@ def check_resume_config(saved_config: Path, current: dict[str, Any], allow_chang
     return differences
 
 
+def check_schedule_reaches(cfg: RunConfig, checkpoint: Path) -> None:
+    """A trainer.max_steps below the checkpoint's step (resume_allow_changes=true) is refused before the model loads
+    (the loop refused it after loading and decomposing); a schedule cut short by fewer epochs needs the data's size
+    and is refused by the loop's resume."""
+    from kasa.training.checkpoint import TrainState
+
+    step = TrainState.of_checkpoint(checkpoint).step
+    if cfg.trainer.max_steps is not None and step > cfg.trainer.max_steps:
+        raise ValueError(f"checkpoint {checkpoint} has trained {step} steps, more than the {cfg.trainer.max_steps} of "
+                         "this run's schedule (trainer.max_steps): raise it, or resume from an earlier checkpoint")
+
+
 # Settings that the processes of a multi-node launch may hold differently: where each node finds its own copy of
 # the model and data, its SVD cache and calibration memory, and whether it draws progress bars (rank 0 alone does).
 NODE_LOCAL_SETTINGS = frozenset({"model.path", "task.data_dir", "method.svd_cache_dir",
@@ -615,6 +627,7 @@ def check_run_start(cfg: RunConfig, out: Path, resolved_config: dict[str, Any],
     if start.resume_from is not None:  # the settings of the run the checkpoint belongs to, this one's or another's
         start.config_changes = check_resume_config(checkpoint_run(start.resume_from) / CONFIG_FILE, resolved_config,
                                                    cfg.resume_allow_changes, is_checkpoint_of(start.resume_from, out))
+        check_schedule_reaches(cfg, start.resume_from)
     check_model_files(cfg)
     adapted = check_model(cfg)
     if adapted is not None:
