@@ -534,14 +534,12 @@ def plot_run(run_dir: str | Path, layer: int | None = None, which: str | None = 
 
     try:
         done["singular_values"] = singular_values(run_dir, which, out_dir)
-    except UnreadableAdapter as err:  # a KaSA run's checkpoint, damaged: the other plot stands, this one is said
-        if which is not None:
-            raise
-        log.warning("no singular-value plot: %s", err)
     except (FileNotFoundError, ValueError) as err:
         if which is not None:  # figure 4's checkpoint asked for by name: say why it cannot be drawn
             raise
-        log.info("no singular-value plot: %s", err)
+        # a damaged checkpoint is said (the other plot stands); a run without one, or not of KaSA, is not an error
+        log.log(logging.WARNING if isinstance(err, UnreadableAdapter) else logging.INFO, "no singular-value plot: %s",
+                err)
     return done
 
 
